@@ -1,0 +1,320 @@
+//! Dev PKI for Accord: country root CAs, SPIFFE-named certificates, organisation keys and the
+//! directory files that list their public halves.
+//!
+//! For demos and tests only: keys are generated in-process and written unencrypted with
+//! owner-only permissions. A real deployment uses the national CA (see `certs/README.md`).
+//!
+//! Layout written by [`DevPki::write`], one folder per country:
+//! ```text
+//! <root>/<cc>/ca.pem                     country root certificate (trust anchor)
+//! <root>/<cc>/ca.key                     root private key (PKCS#8 PEM)
+//! <root>/<cc>/directory.json             the country's directory (accord.v1.Directory, JSON)
+//! <root>/<cc>/gateway/{cert,key}.pem     gateway TLS certificate and key
+//! <root>/<cc>/gateway/keys.json          gateway receipt signing key
+//! <root>/<cc>/orgs/<org>/{cert,key}.pem  organisation client certificate and key
+//! <root>/<cc>/orgs/<org>/keys.json       organisation signing and encryption keys
+//! ```
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use accord_proto::crypto::hpke::RecipientKey;
+use accord_proto::crypto::{self, SigningKey};
+use accord_proto::ids::{CountryCode, Role, SpiffeId};
+use accord_proto::keyfile::KeyFile;
+use accord_proto::pb;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// Why the dev PKI could not be made or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertsError {
+    /// Certificate generation failed.
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// A key could not be generated.
+    #[error("key generation: {0}")]
+    Crypto(#[from] crypto::CryptoError),
+    /// An id is not a valid SPIFFE id.
+    #[error("identity: {0}")]
+    Id(#[from] accord_proto::ids::IdError),
+    /// Writing a file failed.
+    #[error("writing {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// How long dev certificates and keys stay valid.
+const VALIDITY_DAYS: i64 = 365;
+
+fn validity(params: &mut CertificateParams) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(VALIDITY_DAYS);
+}
+
+/// A country's root certificate authority.
+#[derive(Debug)]
+pub struct CountryCa {
+    country: CountryCode,
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A certificate and its private key, both PEM.
+pub struct IssuedCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for IssuedCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedCert").finish_non_exhaustive()
+    }
+}
+
+impl CountryCa {
+    /// A fresh self-signed root for `country`.
+    pub fn new(country: &CountryCode) -> Result<Self, CertsError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CountryName, country.as_str().to_uppercase());
+        dn.push(DnType::CommonName, format!("Accord {country} root CA (dev)"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        validity(&mut params);
+        let key = KeyPair::generate()?;
+        Ok(Self {
+            country: country.clone(),
+            issuer: CertifiedIssuer::self_signed(params, key)?,
+        })
+    }
+
+    pub fn country(&self) -> &CountryCode {
+        &self.country
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// Issues a certificate naming `id` in a URI SAN. Gateways get server and client auth
+    /// (they listen and dial peers); organisations get client auth only.
+    pub fn issue(&self, id: &SpiffeId) -> Result<IssuedCert, CertsError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, id.to_string());
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = match id.role() {
+            Role::Gateway => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            Role::Org => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        };
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// One country of a dev PKI: its gateway's name and its organisations.
+#[derive(Clone, Debug)]
+pub struct CountrySpec {
+    pub country: CountryCode,
+    pub gateway: String,
+    pub orgs: Vec<String>,
+}
+
+/// Where [`DevPki::write`] put one country's files.
+#[derive(Clone, Debug)]
+pub struct CountryFiles {
+    pub dir: PathBuf,
+    pub gateway_id: SpiffeId,
+}
+
+impl CountryFiles {
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    pub fn directory(&self) -> PathBuf {
+        self.dir.join("directory.json")
+    }
+    pub fn gateway_dir(&self) -> PathBuf {
+        self.dir.join("gateway")
+    }
+    pub fn org_dir(&self, org: &str) -> PathBuf {
+        self.dir.join("orgs").join(org)
+    }
+}
+
+/// Writes a complete dev PKI: roots, certificates, keys and directories.
+#[derive(Debug)]
+pub struct DevPki;
+
+impl DevPki {
+    /// Generates every country of `spec` under `root`; `now_ms` starts key validity.
+    pub fn write(
+        root: &Path,
+        spec: &[CountrySpec],
+        now_ms: i64,
+    ) -> Result<Vec<CountryFiles>, CertsError> {
+        spec.iter()
+            .map(|c| write_country(root, c, now_ms))
+            .collect()
+    }
+}
+
+fn public_key(key_id: &str, pk: [u8; 32], now_ms: i64) -> pb::PublicKey {
+    const DAY_MS: i64 = 86_400_000;
+    pb::PublicKey {
+        key_id: key_id.to_owned(),
+        public_key: pk.to_vec(),
+        not_before_ms: now_ms - DAY_MS,
+        not_after_ms: now_ms + VALIDITY_DAYS * DAY_MS,
+    }
+}
+
+fn write_country(root: &Path, c: &CountrySpec, now_ms: i64) -> Result<CountryFiles, CertsError> {
+    let dir = root.join(c.country.as_str());
+    let ca = CountryCa::new(&c.country)?;
+    write_file(&dir.join("ca.pem"), ca.cert_pem().as_bytes(), false)?;
+    write_file(&dir.join("ca.key"), ca.key_pem().as_bytes(), true)?;
+
+    let gateway_id = SpiffeId::new(c.country.clone(), Role::Gateway, &c.gateway)?;
+    let gw_dir = dir.join("gateway");
+    write_identity(&gw_dir, &ca.issue(&gateway_id)?)?;
+    let gw_key = SigningKey::generate(format!("{}-{}-receipt-1", c.country, c.gateway))?;
+    let gw_entry = pb::GatewayEntry {
+        id: gateway_id.to_string(),
+        signing_keys: vec![public_key(gw_key.key_id(), gw_key.public_key(), now_ms)],
+    };
+    let gw_keys = KeyFile {
+        owner: gateway_id.to_string(),
+        signing: gw_key,
+        encryption: None,
+    };
+    write_file(&gw_dir.join("keys.json"), gw_keys.to_json().as_bytes(), true)?;
+
+    let mut orgs = Vec::new();
+    for org in &c.orgs {
+        let id = SpiffeId::new(c.country.clone(), Role::Org, org)?;
+        let org_dir = dir.join("orgs").join(org);
+        write_identity(&org_dir, &ca.issue(&id)?)?;
+        let signing = SigningKey::generate(format!("{}-{org}-sig-1", c.country))?;
+        let enc_id = format!("{}-{org}-enc-1", c.country);
+        let enc = RecipientKey::from_bytes(crypto::random()?);
+        orgs.push(pb::OrgEntry {
+            id: id.to_string(),
+            name: org.clone(),
+            signing_keys: vec![public_key(signing.key_id(), signing.public_key(), now_ms)],
+            encryption_keys: vec![public_key(&enc_id, enc.public_key(), now_ms)],
+        });
+        let keys = KeyFile {
+            owner: id.to_string(),
+            signing,
+            encryption: Some((enc_id, enc)),
+        };
+        write_file(&org_dir.join("keys.json"), keys.to_json().as_bytes(), true)?;
+    }
+    let directory = pb::Directory {
+        country: c.country.to_string(),
+        version: 1,
+        orgs,
+        gateways: vec![gw_entry],
+    };
+    let json = serde_json::to_vec_pretty(&directory).map_err(|e| CertsError::Io {
+        path: dir.join("directory.json"),
+        source: e.into(),
+    })?;
+    write_file(&dir.join("directory.json"), &json, false)?;
+    Ok(CountryFiles { dir, gateway_id })
+}
+
+fn write_identity(dir: &Path, cert: &IssuedCert) -> Result<(), CertsError> {
+    write_file(&dir.join("cert.pem"), cert.cert_pem.as_bytes(), false)?;
+    write_file(&dir.join("key.pem"), cert.key_pem.as_bytes(), true)
+}
+
+/// Writes `bytes` to `path`, creating parents; secrets are created owner-only (0600).
+pub fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), CertsError> {
+    let io = |source| CertsError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(io)?;
+    }
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let _ = secret;
+    let mut f = opts.open(path).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dev_pki_has_every_file_and_a_valid_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = [CountrySpec {
+            country: "vn".parse().unwrap(),
+            gateway: "hanoi".into(),
+            orgs: vec!["c02".into()],
+        }];
+        let files = DevPki::write(tmp.path(), &spec, 1_750_000_000_000).unwrap();
+        let vn = &files[0];
+        for p in [
+            vn.ca(),
+            vn.directory(),
+            vn.gateway_dir().join("cert.pem"),
+            vn.gateway_dir().join("keys.json"),
+            vn.org_dir("c02").join("key.pem"),
+            vn.org_dir("c02").join("keys.json"),
+        ] {
+            assert!(p.exists(), "{}", p.display());
+        }
+        let dir: pb::Directory =
+            serde_json::from_slice(&fs::read(vn.directory()).unwrap()).unwrap();
+        accord_proto::directory::Directories::new([dir]).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(vn.org_dir("c02").join("keys.json"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "key file readable by others");
+        }
+    }
+}

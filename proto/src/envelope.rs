@@ -1,0 +1,355 @@
+//! Envelope v1: sealing, verification and opening. Byte layout in `proto/ENVELOPE.md`.
+//!
+//! ```text
+//! info        = "accord/v1/body" ‖ message_id(16)
+//! aad         = header bytes (as serialized once by the sender)
+//! commitment  = HPKE Export("accord/v1/commit", 32)
+//! signed      = "accord/v1/envelope" ‖ u64be(len(header)) ‖ header ‖ SHA-256(ciphertext)
+//! hash        = SHA-256(u64be(len(h)) ‖ h ‖ u64be(len(ct)) ‖ ct ‖ u64be(len(sig)) ‖ sig)
+//! ```
+//!
+//! Types carry the state: a [`SealedEnvelope`] is bytes off the wire (size-checked); it becomes
+//! a [`VerifiedEnvelope`] only through [`SealedEnvelope::verify`], which checks the header,
+//! the sender's key in the directory and the signature. The header bytes are never re-encoded.
+
+use prost::Message;
+
+use crate::crypto::hpke::{self, RecipientKey};
+use crate::crypto::{self, ct_eq, len_be, Domain, SigningKey};
+use crate::directory::Directories;
+use crate::ids::{EnvelopeHash, MessageId, OrgId};
+use crate::pb;
+use crate::UnixMillis;
+
+const INFO_PREFIX: &[u8] = b"accord/v1/body";
+const COMMIT_CONTEXT: &[u8] = b"accord/v1/commit";
+const COMMITMENT_LEN: usize = 32;
+const SIGNATURE_LEN: usize = 64;
+
+/// How far in the future a sender's `created_at` may be, for clocks that drift.
+pub const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
+
+/// Size limits applied before any parsing or cryptography.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_header: usize,
+    pub max_ciphertext: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header: 4 * 1024,
+            max_ciphertext: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why an envelope is refused. [`EnvelopeError::reason`] gives the wire reason code.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EnvelopeError {
+    /// Header, ciphertext or signature exceeds the limits.
+    #[error("envelope too large: {0}")]
+    TooLarge(&'static str),
+    /// The header is not a valid v1 header.
+    #[error("malformed envelope: {0}")]
+    Malformed(String),
+    /// The sender or its key is not in the directory, or the key was not valid at creation.
+    #[error("unknown sender key: {0}")]
+    UnknownSender(String),
+    /// The recipient or its key is not in the directory.
+    #[error("unknown recipient key: {0}")]
+    UnknownRecipient(String),
+    /// The signature does not verify under the sender's key.
+    #[error("sender signature does not verify")]
+    BadSignature,
+    /// `now` is at or past `expires_at`.
+    #[error("envelope expired")]
+    Expired,
+    /// `created_at` is further in the future than the allowed clock skew.
+    #[error("envelope created in the future (clock skew)")]
+    ClockSkew,
+    /// The ciphertext does not open under this recipient key, or was altered.
+    #[error("ciphertext does not open with this key")]
+    OpenFailed,
+    /// The HPKE key commitment in the header does not match the opened context.
+    #[error("key commitment mismatch")]
+    CommitmentMismatch,
+    /// Sealing failed (bad recipient key or randomness).
+    #[error("sealing failed: {0}")]
+    Seal(String),
+}
+
+impl EnvelopeError {
+    /// The reason code carried by rejected receipts, log entries and statuses.
+    pub fn reason(&self) -> pb::RejectReason {
+        use pb::RejectReason as R;
+        match self {
+            EnvelopeError::TooLarge(_) => R::TooLarge,
+            EnvelopeError::Malformed(_) | EnvelopeError::Seal(_) => R::Malformed,
+            EnvelopeError::UnknownSender(_) => R::UnknownSender,
+            EnvelopeError::UnknownRecipient(_) => R::UnknownRecipient,
+            EnvelopeError::BadSignature
+            | EnvelopeError::OpenFailed
+            | EnvelopeError::CommitmentMismatch => R::BadSignature,
+            EnvelopeError::Expired => R::Expired,
+            EnvelopeError::ClockSkew => R::ClockSkew,
+        }
+    }
+}
+
+fn malformed(what: impl Into<String>) -> EnvelopeError {
+    EnvelopeError::Malformed(what.into())
+}
+
+/// The sender's header bytes. Obtained only from a sealed envelope; never re-encoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeaderBytes(Vec<u8>);
+
+impl HeaderBytes {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// An envelope as received: size-checked, not yet verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealedEnvelope {
+    header: HeaderBytes,
+    ciphertext: Vec<u8>,
+    signature: Vec<u8>,
+}
+
+impl SealedEnvelope {
+    /// Takes an envelope off the wire, refusing oversize parts before anything else.
+    pub fn from_wire(env: pb::Envelope, limits: &Limits) -> Result<Self, EnvelopeError> {
+        if env.header.len() > limits.max_header {
+            return Err(EnvelopeError::TooLarge("header"));
+        }
+        if env.ciphertext.len() > limits.max_ciphertext {
+            return Err(EnvelopeError::TooLarge("ciphertext"));
+        }
+        if env.signature.len() != SIGNATURE_LEN {
+            return Err(malformed("signature must be 64 bytes"));
+        }
+        Ok(Self {
+            header: HeaderBytes(env.header),
+            ciphertext: env.ciphertext,
+            signature: env.signature,
+        })
+    }
+
+    pub fn to_wire(&self) -> pb::Envelope {
+        pb::Envelope {
+            header: self.header.0.clone(),
+            ciphertext: self.ciphertext.clone(),
+            signature: self.signature.clone(),
+        }
+    }
+
+    /// SHA-256 over the length-prefixed parts: the envelope's id for receipts and the log.
+    pub fn hash(&self) -> EnvelopeHash {
+        let (h, c, s) = (&self.header.0, &self.ciphertext, &self.signature);
+        EnvelopeHash(crypto::sha256(&[
+            &len_be(h),
+            h,
+            &len_be(c),
+            c,
+            &len_be(s),
+            s,
+        ]))
+    }
+
+    /// Checks header, sender key (valid at `created_at`), signature, expiry and clock skew.
+    pub fn verify(
+        self,
+        directories: &Directories,
+        now: UnixMillis,
+    ) -> Result<VerifiedEnvelope, EnvelopeError> {
+        let header = ParsedHeader::decode(&self.header)?;
+        let sender_key = directories
+            .signing_key(
+                header.sender.spiffe(),
+                &header.raw.sender_key_id,
+                header.raw.created_at_ms,
+            )
+            .map_err(|e| EnvelopeError::UnknownSender(e.to_string()))?;
+        crypto::verify(
+            &sender_key,
+            Domain::Envelope,
+            &[
+                &len_be(self.header.as_bytes()),
+                self.header.as_bytes(),
+                &crypto::sha256(&[&self.ciphertext]),
+            ],
+            &self.signature,
+        )
+        .map_err(|_| EnvelopeError::BadSignature)?;
+        if header.raw.created_at_ms > now.saturating_add(MAX_CLOCK_SKEW_MS) {
+            return Err(EnvelopeError::ClockSkew);
+        }
+        if now >= header.raw.expires_at_ms {
+            return Err(EnvelopeError::Expired);
+        }
+        let hash = self.hash();
+        Ok(VerifiedEnvelope {
+            sealed: self,
+            header,
+            hash,
+        })
+    }
+}
+
+/// A header decoded from the sender's bytes, with its ids parsed.
+#[derive(Clone, Debug, PartialEq)]
+struct ParsedHeader {
+    raw: pb::Header,
+    id: MessageId,
+    sender: OrgId,
+    recipient: OrgId,
+}
+
+impl ParsedHeader {
+    fn decode(bytes: &HeaderBytes) -> Result<Self, EnvelopeError> {
+        let raw = pb::Header::decode(bytes.as_bytes()).map_err(|_| malformed("header"))?;
+        let id = MessageId::from_slice(&raw.message_id).map_err(|_| malformed("message_id"))?;
+        let sender: OrgId = raw.sender_org.parse().map_err(|_| malformed("sender_org"))?;
+        let recipient: OrgId = raw
+            .recipient_org
+            .parse()
+            .map_err(|_| malformed("recipient_org"))?;
+        if pb::Kind::try_from(raw.kind).unwrap_or(pb::Kind::Unspecified) == pb::Kind::Unspecified {
+            return Err(malformed("kind"));
+        }
+        if pb::Priority::try_from(raw.priority).is_err() {
+            return Err(malformed("priority"));
+        }
+        if raw.hpke_enc.len() != hpke::N_ENC {
+            return Err(malformed("hpke_enc"));
+        }
+        if raw.key_commitment.len() != COMMITMENT_LEN {
+            return Err(malformed("key_commitment"));
+        }
+        if !raw.in_reply_to.is_empty() && MessageId::from_slice(&raw.in_reply_to).is_err() {
+            return Err(malformed("in_reply_to"));
+        }
+        if raw.expires_at_ms <= raw.created_at_ms {
+            return Err(malformed("expires_at before created_at"));
+        }
+        if raw.case_ref.is_empty() || raw.case_ref.len() > 128 {
+            return Err(malformed("case_ref"));
+        }
+        if raw.sender_key_id.is_empty() || raw.recipient_key_id.is_empty() {
+            return Err(malformed("key ids"));
+        }
+        Ok(Self {
+            raw,
+            id,
+            sender,
+            recipient,
+        })
+    }
+}
+
+/// An envelope whose sender signature verified against the directory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VerifiedEnvelope {
+    sealed: SealedEnvelope,
+    header: ParsedHeader,
+    hash: EnvelopeHash,
+}
+
+impl VerifiedEnvelope {
+    pub fn id(&self) -> MessageId {
+        self.header.id
+    }
+    pub fn hash(&self) -> EnvelopeHash {
+        self.hash
+    }
+    pub fn sender(&self) -> &OrgId {
+        &self.header.sender
+    }
+    pub fn recipient(&self) -> &OrgId {
+        &self.header.recipient
+    }
+    /// The decoded header, for reading fields. Never re-encode it.
+    pub fn header(&self) -> &pb::Header {
+        &self.header.raw
+    }
+    pub fn kind(&self) -> pb::Kind {
+        pb::Kind::try_from(self.header.raw.kind).unwrap_or(pb::Kind::Unspecified)
+    }
+    pub fn priority(&self) -> pb::Priority {
+        pb::Priority::try_from(self.header.raw.priority).unwrap_or(pb::Priority::Unspecified)
+    }
+    pub fn expires_at(&self) -> UnixMillis {
+        self.header.raw.expires_at_ms
+    }
+    pub fn sealed(&self) -> &SealedEnvelope {
+        &self.sealed
+    }
+    pub fn to_wire(&self) -> pb::Envelope {
+        self.sealed.to_wire()
+    }
+
+    /// Opens the body with the recipient's X25519 key, checking the key commitment first.
+    pub fn open(&self, key: &RecipientKey) -> Result<pb::Body, EnvelopeError> {
+        let info = [INFO_PREFIX, self.header.id.as_bytes()].concat();
+        let mut ctx = hpke::setup_base_recipient(&self.header.raw.hpke_enc, key, &info)
+            .map_err(|_| EnvelopeError::OpenFailed)?;
+        let commitment = ctx
+            .export(COMMIT_CONTEXT, COMMITMENT_LEN)
+            .map_err(|_| EnvelopeError::OpenFailed)?;
+        if !ct_eq(&commitment, &self.header.raw.key_commitment) {
+            return Err(EnvelopeError::CommitmentMismatch);
+        }
+        let plaintext = ctx
+            .open(self.sealed.header.as_bytes(), &self.sealed.ciphertext)
+            .map_err(|_| EnvelopeError::OpenFailed)?;
+        pb::Body::decode(plaintext.as_slice()).map_err(|_| malformed("body"))
+    }
+}
+
+/// Seals `body` for the recipient and signs it.
+///
+/// `header` carries every field but `sender_key_id`, `hpke_enc` and `key_commitment`, which
+/// this fills in. `ikm_e` is the ephemeral key's randomness: 32 fresh random bytes in
+/// production ([`crypto::random`]), fixed bytes for known-answer vectors.
+pub fn seal(
+    mut header: pb::Header,
+    body: &pb::Body,
+    recipient_key: &[u8; 32],
+    signer: &SigningKey,
+    ikm_e: &[u8; 32],
+) -> Result<SealedEnvelope, EnvelopeError> {
+    let id = MessageId::from_slice(&header.message_id).map_err(|_| malformed("message_id"))?;
+    let info = [INFO_PREFIX, id.as_bytes()].concat();
+    let (enc, mut ctx) = hpke::setup_base_sender(recipient_key, &info, ikm_e)
+        .map_err(|e| EnvelopeError::Seal(e.to_string()))?;
+    header.sender_key_id = signer.key_id().to_owned();
+    header.hpke_enc = enc.to_vec();
+    header.key_commitment = ctx
+        .export(COMMIT_CONTEXT, COMMITMENT_LEN)
+        .map_err(|e| EnvelopeError::Seal(e.to_string()))?;
+    let header_bytes = header.encode_to_vec();
+    let ciphertext = ctx
+        .seal(&header_bytes, &body.encode_to_vec())
+        .map_err(|e| EnvelopeError::Seal(e.to_string()))?;
+    let signature = signer.sign(
+        Domain::Envelope,
+        &[
+            &len_be(&header_bytes),
+            &header_bytes,
+            &crypto::sha256(&[&ciphertext]),
+        ],
+    );
+    Ok(SealedEnvelope {
+        header: HeaderBytes(header_bytes),
+        ciphertext,
+        signature: signature.to_vec(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,264 @@
+use super::*;
+use crate::crypto::hpke::RecipientKey;
+
+pub(crate) struct Fixture {
+    pub sender: SigningKey,
+    pub recipient: RecipientKey,
+    pub directories: Directories,
+}
+
+const NOW: i64 = 1_750_000_000_000;
+
+fn fixture() -> Fixture {
+    let sender = SigningKey::from_seed("vn-c02-sig-1", [1; 32]).unwrap();
+    let recipient = RecipientKey::from_bytes([2; 32]);
+    let key = |id: &str, pk: [u8; 32]| pb::PublicKey {
+        key_id: id.into(),
+        public_key: pk.to_vec(),
+        not_before_ms: 0,
+        not_after_ms: i64::MAX,
+    };
+    let vn = pb::Directory {
+        country: "vn".into(),
+        version: 1,
+        orgs: vec![pb::OrgEntry {
+            id: "spiffe://vn.accord/org/c02".into(),
+            name: "C02".into(),
+            signing_keys: vec![key("vn-c02-sig-1", sender.public_key())],
+            encryption_keys: vec![],
+        }],
+        gateways: vec![],
+    };
+    let kh = pb::Directory {
+        country: "kh".into(),
+        version: 1,
+        orgs: vec![pb::OrgEntry {
+            id: "spiffe://kh.accord/org/ahtd".into(),
+            name: "AHTD".into(),
+            signing_keys: vec![],
+            encryption_keys: vec![key("kh-ahtd-enc-1", recipient.public_key())],
+        }],
+        gateways: vec![],
+    };
+    Fixture {
+        sender,
+        recipient,
+        directories: Directories::new([vn, kh]).unwrap(),
+    }
+}
+
+fn header() -> pb::Header {
+    pb::Header {
+        message_id: MessageId::new_v7(NOW as u64, [5; 10]).as_bytes().to_vec(),
+        kind: pb::Kind::Alert as i32,
+        case_ref: "VN-KH-2026-0001".into(),
+        sender_org: "spiffe://vn.accord/org/c02".into(),
+        recipient_org: "spiffe://kh.accord/org/ahtd".into(),
+        recipient_key_id: "kh-ahtd-enc-1".into(),
+        created_at_ms: NOW,
+        expires_at_ms: NOW + 3_600_000,
+        priority: pb::Priority::Urgent as i32,
+        handling_code: "H0".into(),
+        ..Default::default()
+    }
+}
+
+fn body() -> pb::Body {
+    pb::Body {
+        form: Some(pb::body::Form::Alert(pb::Alert {
+            what: "group of 5 crossing".into(),
+            r#where: "Moc Bai - Bavet".into(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn sealed(f: &Fixture) -> SealedEnvelope {
+    seal(
+        header(),
+        &body(),
+        &f.recipient.public_key(),
+        &f.sender,
+        &[4; 32],
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_sealed_envelope_verifies_and_opens_to_its_body() {
+    let f = fixture();
+    let env = sealed(&f).verify(&f.directories, NOW).unwrap();
+    assert_eq!(env.sender().to_string(), "spiffe://vn.accord/org/c02");
+    assert_eq!(env.open(&f.recipient).unwrap(), body());
+}
+
+#[test]
+fn the_hash_covers_every_part_with_length_prefixes() {
+    let f = fixture();
+    let s = sealed(&f);
+    let w = s.to_wire();
+    let manual = crypto::sha256(&[
+        &len_be(&w.header),
+        &w.header,
+        &len_be(&w.ciphertext),
+        &w.ciphertext,
+        &len_be(&w.signature),
+        &w.signature,
+    ]);
+    assert_eq!(s.hash().0, manual);
+}
+
+#[test]
+fn any_flipped_byte_of_header_ciphertext_or_signature_is_refused() {
+    let f = fixture();
+    let wire = sealed(&f).to_wire();
+    let lens = [wire.header.len(), wire.ciphertext.len(), wire.signature.len()];
+    for (part, len) in lens.into_iter().enumerate() {
+        for i in 0..len {
+            let mut t = wire.clone();
+            let bytes = match part {
+                0 => &mut t.header,
+                1 => &mut t.ciphertext,
+                _ => &mut t.signature,
+            };
+            bytes[i] ^= 0x01;
+            let res = SealedEnvelope::from_wire(t, &Limits::default())
+                .and_then(|s| s.verify(&f.directories, NOW));
+            assert!(res.is_err(), "part {part} byte {i} accepted");
+        }
+    }
+}
+
+#[test]
+fn the_wrong_recipient_key_cannot_open() {
+    let f = fixture();
+    let env = sealed(&f).verify(&f.directories, NOW).unwrap();
+    let wrong = RecipientKey::from_bytes([3; 32]);
+    assert_eq!(env.open(&wrong), Err(EnvelopeError::CommitmentMismatch));
+}
+
+#[test]
+fn a_commitment_mismatch_is_refused_even_when_signed() {
+    // A sender who signs a header whose commitment does not match the HPKE context
+    // (e.g. to open differently for different keys) is caught on open.
+    let f = fixture();
+    let mut h = header();
+    let id = MessageId::from_slice(&h.message_id).unwrap();
+    let info = [INFO_PREFIX, id.as_bytes()].concat();
+    let (enc, mut ctx) =
+        hpke::setup_base_sender(&f.recipient.public_key(), &info, &[4; 32]).unwrap();
+    h.sender_key_id = f.sender.key_id().into();
+    h.hpke_enc = enc.to_vec();
+    h.key_commitment = vec![0xee; 32];
+    let hb = h.encode_to_vec();
+    let ct = ctx.seal(&hb, &body().encode_to_vec()).unwrap();
+    let sig = f.sender.sign(
+        Domain::Envelope,
+        &[&len_be(&hb), &hb, &crypto::sha256(&[&ct])],
+    );
+    let wire = pb::Envelope {
+        header: hb,
+        ciphertext: ct,
+        signature: sig.to_vec(),
+    };
+    let env = SealedEnvelope::from_wire(wire, &Limits::default())
+        .unwrap()
+        .verify(&f.directories, NOW)
+        .unwrap();
+    assert_eq!(env.open(&f.recipient), Err(EnvelopeError::CommitmentMismatch));
+}
+
+#[test]
+fn expired_and_future_envelopes_are_refused() {
+    let f = fixture();
+    assert_eq!(
+        sealed(&f).verify(&f.directories, NOW + 3_600_000),
+        Err(EnvelopeError::Expired)
+    );
+    assert_eq!(
+        sealed(&f).verify(&f.directories, NOW - MAX_CLOCK_SKEW_MS - 1),
+        Err(EnvelopeError::ClockSkew)
+    );
+}
+
+#[test]
+fn a_signature_by_an_unlisted_key_is_refused() {
+    let f = fixture();
+    let rogue = SigningKey::from_seed("vn-c02-sig-1", [7; 32]).unwrap();
+    let s = seal(header(), &body(), &f.recipient.public_key(), &rogue, &[4; 32]).unwrap();
+    assert_eq!(
+        s.verify(&f.directories, NOW),
+        Err(EnvelopeError::BadSignature)
+    );
+    let unknown = SigningKey::from_seed("vn-c02-sig-9", [1; 32]).unwrap();
+    let s = seal(header(), &body(), &f.recipient.public_key(), &unknown, &[4; 32]).unwrap();
+    assert!(matches!(
+        s.verify(&f.directories, NOW),
+        Err(EnvelopeError::UnknownSender(_))
+    ));
+}
+
+#[test]
+fn oversize_parts_are_refused_before_parsing() {
+    let f = fixture();
+    let mut wire = sealed(&f).to_wire();
+    let limits = Limits {
+        max_header: 4096,
+        max_ciphertext: 16,
+    };
+    assert_eq!(
+        SealedEnvelope::from_wire(wire.clone(), &limits),
+        Err(EnvelopeError::TooLarge("ciphertext"))
+    );
+    wire.header = vec![0; 5000];
+    assert_eq!(
+        SealedEnvelope::from_wire(wire, &Limits::default()),
+        Err(EnvelopeError::TooLarge("header"))
+    );
+}
+
+#[test]
+fn malformed_headers_are_refused() {
+    let f = fixture();
+    let bad_headers = [
+        pb::Header {
+            message_id: vec![1; 16],
+            ..header()
+        },
+        pb::Header {
+            sender_org: "spiffe://vn.accord/gateway/hanoi".into(),
+            ..header()
+        },
+        pb::Header {
+            kind: 0,
+            ..header()
+        },
+        pb::Header {
+            expires_at_ms: NOW - 1,
+            ..header()
+        },
+        pb::Header {
+            case_ref: String::new(),
+            ..header()
+        },
+    ];
+    for h in bad_headers {
+        let res = seal(h, &body(), &f.recipient.public_key(), &f.sender, &[4; 32])
+            .and_then(|s| s.verify(&f.directories, NOW));
+        assert!(
+            matches!(res, Err(EnvelopeError::Malformed(_))),
+            "{res:?}"
+        );
+    }
+    let garbage = pb::Envelope {
+        header: vec![0xff; 40],
+        ciphertext: vec![],
+        signature: vec![0; 64],
+    };
+    assert!(matches!(
+        SealedEnvelope::from_wire(garbage, &Limits::default())
+            .unwrap()
+            .verify(&f.directories, NOW),
+        Err(EnvelopeError::Malformed(_))
+    ));
+}
