@@ -1,0 +1,216 @@
+//! A local network of countries, each with a gateway on loopback, a dev PKI and organisations:
+//! what `accord demo` runs and what the end-to-end tests build on.
+//!
+//! ```no_run
+//! # async fn f() -> anyhow::Result<()> {
+//! let net = accord_client::localnet::LocalNet::builder()
+//!     .country("vn", "hanoi", &["c02"])
+//!     .country("kh", "phnom-penh", &["ahtd"])
+//!     .start()
+//!     .await?;
+//! let mut c02 = net.client("vn", "c02").await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use accord_certs::{CountryFiles, CountrySpec, DevPki};
+use accord_gateway::config::Config;
+use accord_gateway::pipeline::system_clock;
+use accord_gateway::server::{self, RunningGateway};
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::org::{GatewayAddress, OrgClient};
+
+/// Builds a [`LocalNet`].
+#[derive(Debug, Default)]
+pub struct Builder {
+    countries: Vec<CountrySpec>,
+    dir: Option<PathBuf>,
+}
+
+impl Builder {
+    pub fn country(mut self, cc: &str, gateway: &str, orgs: &[&str]) -> Self {
+        self.countries.push(CountrySpec {
+            country: cc.parse().expect("test country codes are valid"),
+            gateway: gateway.to_owned(),
+            orgs: orgs.iter().map(|o| o.to_string()).collect(),
+        });
+        self
+    }
+
+    /// Keep files under `dir` instead of a fresh temporary directory.
+    pub fn dir(mut self, dir: &Path) -> Self {
+        self.dir = Some(dir.to_owned());
+        self
+    }
+
+    /// Writes the PKI and configurations, binds every listener, starts every gateway.
+    pub async fn start(self) -> anyhow::Result<LocalNet> {
+        accord_gateway::tls::install_default_provider();
+        let (tmp, root) = match self.dir {
+            Some(d) => (None, d),
+            None => {
+                let t = tempfile::tempdir()?;
+                let p = t.path().to_owned();
+                (Some(t), p)
+            }
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+        let files = DevPki::write(&root.join("pki"), &self.countries, now)?;
+        let mut countries = BTreeMap::new();
+        for (spec, files) in self.countries.iter().zip(files) {
+            let client = TcpListener::bind("127.0.0.1:0").await?;
+            let peer = TcpListener::bind("127.0.0.1:0").await?;
+            let addrs = (client.local_addr()?, peer.local_addr()?);
+            countries.insert(
+                spec.country.to_string(),
+                Country { files, addrs, listeners: Some((client, peer)), gateway: None, config: None },
+            );
+        }
+        let mut net = LocalNet { root, _tmp: tmp, countries };
+        let names: Vec<String> = net.countries.keys().cloned().collect();
+        for cc in &names {
+            let config = net.write_config(cc)?;
+            let c = net.countries.get_mut(cc).context("country")?;
+            c.config = Some(config);
+        }
+        for cc in &names {
+            net.start_gateway(cc).await?;
+        }
+        Ok(net)
+    }
+}
+
+#[derive(Debug)]
+struct Country {
+    files: CountryFiles,
+    addrs: (SocketAddr, SocketAddr),
+    listeners: Option<(TcpListener, TcpListener)>,
+    gateway: Option<RunningGateway>,
+    config: Option<Config>,
+}
+
+/// Running gateways of several countries on loopback, with their dev PKI.
+#[derive(Debug)]
+pub struct LocalNet {
+    root: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    countries: BTreeMap<String, Country>,
+}
+
+impl LocalNet {
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn country(&self, cc: &str) -> anyhow::Result<&Country> {
+        self.countries.get(cc).with_context(|| format!("no country {cc} in this net"))
+    }
+
+    /// The gateway configuration file of `cc` (written as TOML, as an operator would).
+    pub fn config_path(&self, cc: &str) -> PathBuf {
+        self.root.join(format!("{cc}-gateway.toml"))
+    }
+
+    fn write_config(&self, cc: &str) -> anyhow::Result<Config> {
+        let me = self.country(cc)?;
+        let pki = self.root.join("pki");
+        let mut toml = format!(
+            "identity = \"{id}\"\ndata_dir = \"data/{cc}\"\nclient_listen = \"{c}\"\npeer_listen = \"{p}\"\n\
+             receipt_key = \"pki/{cc}/gateway/keys.json\"\ndirectories = [{dirs}]\n\n\
+             [tls]\nroot = \"pki/{cc}/ca.pem\"\ncert = \"pki/{cc}/gateway/cert.pem\"\nkey = \"pki/{cc}/gateway/key.pem\"\n\n\
+             [forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 1000\n",
+            id = me.files.gateway_id,
+            c = me.addrs.0,
+            p = me.addrs.1,
+            dirs = self.countries.keys().map(|k| format!("\"pki/{k}/directory.json\"")).collect::<Vec<_>>().join(", "),
+        );
+        for (other, c) in &self.countries {
+            if other != cc {
+                toml.push_str(&format!(
+                    "\n[[peers]]\ngateway = \"{}\"\naddress = \"{}\"\nroot = \"pki/{other}/ca.pem\"\n",
+                    c.files.gateway_id, c.addrs.1
+                ));
+            }
+        }
+        let _ = pki;
+        let path = self.config_path(cc);
+        std::fs::write(&path, toml)?;
+        Ok(Config::load(&path)?)
+    }
+
+    /// Starts (or restarts) the gateway of `cc` on its original addresses.
+    pub async fn start_gateway(&mut self, cc: &str) -> anyhow::Result<()> {
+        let c = self.countries.get_mut(cc).with_context(|| format!("no country {cc}"))?;
+        anyhow::ensure!(c.gateway.is_none(), "gateway {cc} already running");
+        let (client, peer) = match c.listeners.take() {
+            Some(l) => l,
+            None => (bind_again(c.addrs.0).await?, bind_again(c.addrs.1).await?),
+        };
+        let config = c.config.as_ref().context("config")?;
+        c.gateway = Some(server::start(config, client, peer, system_clock()).await?);
+        Ok(())
+    }
+
+    /// Stops the gateway of `cc`, closing its store; its addresses stay reserved for a restart.
+    pub async fn stop_gateway(&mut self, cc: &str) -> anyhow::Result<()> {
+        let c = self.countries.get_mut(cc).with_context(|| format!("no country {cc}"))?;
+        if let Some(g) = c.gateway.take() {
+            g.shutdown().await;
+        }
+        Ok(())
+    }
+
+    pub fn gateway(&self, cc: &str) -> anyhow::Result<&RunningGateway> {
+        self.country(cc)?.gateway.as_ref().with_context(|| format!("gateway {cc} is stopped"))
+    }
+
+    /// How a client of `cc` reaches its gateway.
+    pub fn gateway_address(&self, cc: &str) -> anyhow::Result<GatewayAddress> {
+        let c = self.country(cc)?;
+        Ok(GatewayAddress { addr: c.addrs.0, id: c.files.gateway_id.clone(), root: c.files.ca() })
+    }
+
+    pub fn org_dir(&self, cc: &str, org: &str) -> anyhow::Result<PathBuf> {
+        Ok(self.country(cc)?.files.org_dir(org))
+    }
+
+    pub fn org_id(&self, cc: &str, org: &str) -> anyhow::Result<accord_proto::ids::OrgId> {
+        Ok(format!("spiffe://{cc}.accord/org/{org}").parse()?)
+    }
+
+    /// Connects organisation `org` of `cc` to its gateway.
+    pub async fn client(&self, cc: &str, org: &str) -> anyhow::Result<OrgClient> {
+        let dir = self.org_dir(cc, org)?;
+        Ok(OrgClient::connect(&dir, &self.gateway_address(cc)?).await?)
+    }
+
+    /// Stops every gateway.
+    pub async fn shutdown(mut self) {
+        let names: Vec<String> = self.countries.keys().cloned().collect();
+        for cc in names {
+            let _ = self.stop_gateway(&cc).await;
+        }
+    }
+}
+
+/// Rebinds a port just released by a stopped gateway (the OS may take a moment).
+async fn bind_again(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let mut last = None;
+    for _ in 0..50 {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Err(last.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("bind {addr}")))
+}

@@ -1,0 +1,170 @@
+//! `accord`: the command-line client. One library call per subcommand.
+use std::path::PathBuf;
+
+use accord_client::org::{furthest_stage, GatewayAddress, OrgClient, SendOptions};
+use accord_proto::pb;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "accord", version, about = "Accord client: send, receive and follow sealed case messages")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Who we are and which gateway we talk to.
+#[derive(Args)]
+struct Session {
+    /// Organisation folder with cert.pem, key.pem and keys.json (as `accord certs dev` writes).
+    #[arg(long)]
+    org: PathBuf,
+    /// The gateway's client address, host:port.
+    #[arg(long)]
+    gateway: std::net::SocketAddr,
+    /// The gateway's SPIFFE id, e.g. spiffe://vn.accord/gateway/hanoi.
+    #[arg(long)]
+    gateway_id: String,
+    /// The country root CA that vouches for the gateway.
+    #[arg(long)]
+    root: PathBuf,
+}
+
+impl Session {
+    async fn connect(&self) -> anyhow::Result<OrgClient> {
+        let gw = GatewayAddress { addr: self.gateway, id: self.gateway_id.parse()?, root: self.root.clone() };
+        Ok(OrgClient::connect(&self.org, &gw).await?)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a local two-country exchange (VN and KH gateways on loopback) and show every receipt.
+    Demo,
+    /// Make a dev PKI: roots, gateway and organisation certificates, keys and directories.
+    Certs {
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// A country as cc:gateway:org1,org2 (repeatable), e.g. vn:hanoi:c02,tayninh-police
+        #[arg(long = "country", required = true)]
+        countries: Vec<String>,
+    },
+    /// Send a form (proto3 JSON of accord.v1.Body, see examples/forms/) to an organisation.
+    Send {
+        #[command(flatten)]
+        session: Session,
+        /// Recipient, e.g. spiffe://kh.accord/org/ahtd
+        #[arg(long)]
+        to: String,
+        /// Case reference.
+        #[arg(long)]
+        case: String,
+        /// routine, urgent or flash.
+        #[arg(long, default_value = "routine")]
+        priority: String,
+        form: PathBuf,
+    },
+    /// Fetch, verify and open waiting messages; with --ack, acknowledge each one.
+    Fetch {
+        #[command(flatten)]
+        session: Session,
+        #[arg(long)]
+        ack: bool,
+    },
+    /// Show a message's chain of receipts.
+    Status {
+        #[command(flatten)]
+        session: Session,
+        message_id: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    accord_gateway::tls::install_default_provider();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Demo => accord_client::demo::run(&mut std::io::stdout()).await,
+        Command::Certs { out, countries } => {
+            let spec = countries
+                .iter()
+                .map(|c| {
+                    let mut parts = c.splitn(3, ':');
+                    let (cc, gw, orgs) = (parts.next(), parts.next(), parts.next());
+                    match (cc, gw, orgs) {
+                        (Some(cc), Some(gw), Some(orgs)) => Ok(accord_certs::CountrySpec {
+                            country: cc.parse()?,
+                            gateway: gw.to_owned(),
+                            orgs: orgs.split(',').map(str::to_owned).collect(),
+                        }),
+                        _ => anyhow::bail!("--country {c:?}: expected cc:gateway:org1,org2"),
+                    }
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+            for f in accord_certs::DevPki::write(&out, &spec, now)? {
+                println!("{}: {}", f.gateway_id, f.dir.display());
+            }
+            Ok(())
+        }
+        Command::Send { session, to, case, priority, form } => {
+            let mut client = session.connect().await?;
+            let json = std::fs::read_to_string(&form).with_context(|| format!("reading {}", form.display()))?;
+            let body = accord_client::demo::parse_form(&json).with_context(|| form.display().to_string())?;
+            let mut opts = SendOptions::new(&case);
+            opts.priority = match priority.as_str() {
+                "routine" => pb::Priority::Routine,
+                "urgent" => pb::Priority::Urgent,
+                "flash" => pb::Priority::Flash,
+                other => anyhow::bail!("--priority {other:?}: use routine, urgent or flash"),
+            };
+            let sent = client.send(&to.parse()?, &body, &opts).await?;
+            println!("accepted {} envelope {} log #{}", sent.id, sent.hash, sent.accepted.body.log_index);
+            Ok(())
+        }
+        Command::Fetch { session, ack } => {
+            let mut client = session.connect().await?;
+            for opened in client.fetch(64).await? {
+                println!(
+                    "{} {:?} from {} case {}",
+                    opened.envelope.id(),
+                    opened.envelope.kind(),
+                    opened.envelope.sender(),
+                    opened.envelope.header().case_ref
+                );
+                println!("{}", serde_json::to_string_pretty(&opened.body)?);
+                if ack {
+                    client.ack(&opened).await?;
+                    println!("acknowledged");
+                }
+            }
+            Ok(())
+        }
+        Command::Status { session, message_id } => {
+            let mut client = session.connect().await?;
+            let (hash, chain) = client.status(&message_id.parse()?).await?;
+            println!("{message_id} envelope {hash}: {:?}", furthest_stage(&chain));
+            for r in chain {
+                println!("  {:?} by {} at {} log #{}", r.stage(), r.signer, r.body.at_ms, r.body.log_index);
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! One organisation's session with its gateway.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use accord_gateway::tls::{self, CountryRoots, Credentials};
+use accord_proto::directory::Directories;
+use accord_proto::envelope::{self, Limits, SealedEnvelope, VerifiedEnvelope};
+use accord_proto::ids::{EnvelopeHash, MessageId, OrgId, SpiffeId};
+use accord_proto::keyfile::KeyFile;
+use accord_proto::pb::{self, exchange_client::ExchangeClient, Stage};
+use accord_proto::receipt::{self, VerifiedReceipt};
+use accord_proto::{crypto, forms};
+use futures::{Stream, StreamExt};
+use tonic::transport::Channel;
+
+/// What went wrong on the client side; each says what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Certificates or keys could not be loaded.
+    #[error("credentials: {0}")]
+    Credentials(String),
+    /// The gateway refused the call or could not be reached.
+    #[error("gateway said {}: {}", .0.code(), .0.message())]
+    Gateway(#[from] tonic::Status),
+    /// The form does not satisfy its rules.
+    #[error("form: {0}")]
+    Form(#[from] forms::FormError),
+    /// An envelope or receipt from the gateway did not verify.
+    #[error("verification: {0}")]
+    Verify(String),
+    /// The directory has no usable key for the recipient.
+    #[error("directory: {0}")]
+    Directory(#[from] accord_proto::directory::DirectoryError),
+}
+
+/// How to send one message.
+#[derive(Clone, Debug)]
+pub struct SendOptions {
+    pub case_ref: String,
+    pub priority: pb::Priority,
+    pub ttl_ms: i64,
+    pub in_reply_to: Option<MessageId>,
+    pub handling_code: String,
+}
+
+impl SendOptions {
+    pub fn new(case_ref: &str) -> Self {
+        Self {
+            case_ref: case_ref.to_owned(),
+            priority: pb::Priority::Routine,
+            ttl_ms: 7 * 24 * 3_600_000,
+            in_reply_to: None,
+            handling_code: "H0".into(),
+        }
+    }
+}
+
+/// A message this organisation sent, with the gateway's accepted receipt.
+#[derive(Clone, Debug)]
+pub struct Sent {
+    pub id: MessageId,
+    pub hash: EnvelopeHash,
+    pub accepted: VerifiedReceipt,
+}
+
+/// A message received, verified and opened.
+#[derive(Debug)]
+pub struct Opened {
+    pub envelope: VerifiedEnvelope,
+    pub body: pb::Body,
+}
+
+/// Where the gateway is and how to recognise it.
+#[derive(Clone, Debug)]
+pub struct GatewayAddress {
+    pub addr: SocketAddr,
+    pub id: SpiffeId,
+    pub root: std::path::PathBuf,
+}
+
+/// An organisation connected to its gateway.
+#[derive(Debug)]
+pub struct OrgClient {
+    pub id: OrgId,
+    keys: KeyFile,
+    exchange: ExchangeClient<Channel>,
+    directories: Directories,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl OrgClient {
+    /// Connects with the dev layout of `accord-certs`: `org_dir/{cert.pem,key.pem,keys.json}`.
+    pub async fn connect(org_dir: &Path, gateway: &GatewayAddress) -> Result<Self, ClientError> {
+        let cred = |e: String| ClientError::Credentials(format!("{}: {e}", org_dir.display()));
+        let creds = Credentials::load(&org_dir.join("cert.pem"), &org_dir.join("key.pem"))
+            .map_err(|e| cred(e.to_string()))?;
+        let id: OrgId = creds.id.clone().try_into().map_err(|e: accord_proto::ids::IdError| cred(e.to_string()))?;
+        let keys = accord_gateway::server::load_key_file(&org_dir.join("keys.json")).map_err(cred)?;
+        if keys.owner != id.to_string() {
+            return Err(cred(format!("keys.json belongs to {}, the certificate to {id}", keys.owner)));
+        }
+        let mut roots = CountryRoots::default();
+        roots
+            .add(gateway.id.country().clone(), &gateway.root)
+            .map_err(|e| cred(e.to_string()))?;
+        let config = tls::client_config(&creds, roots, gateway.id.clone()).map_err(|e| cred(e.to_string()))?;
+        let mut exchange = ExchangeClient::new(tls::channel(gateway.addr, config))
+            .max_decoding_message_size(64 << 20);
+        let dirs = exchange
+            .get_directory(pb::GetDirectoryRequest {})
+            .await?
+            .into_inner()
+            .directories;
+        let directories = Directories::new(dirs).map_err(|e| ClientError::Verify(e.to_string()))?;
+        Ok(Self { id, keys, exchange, directories })
+    }
+
+    pub fn directories(&self) -> &Directories {
+        &self.directories
+    }
+
+    /// Seals `body` for `recipient`, signs it, submits it, and checks the accepted receipt.
+    pub async fn send(&mut self, recipient: &OrgId, body: &pb::Body, opts: &SendOptions) -> Result<Sent, ClientError> {
+        let form = body.form.as_ref().ok_or_else(|| forms::FormError { path: "form".into(), problem: "required" })?;
+        let kind = forms::kind_of(form);
+        forms::check(kind, body)?;
+        let now = now_ms();
+        let (key_id, pk) = self.directories.current_encryption_key(recipient, now)?;
+        let id = MessageId::new_v7(now as u64, crypto::random().map_err(|e| ClientError::Verify(e.to_string()))?);
+        let header = pb::Header {
+            message_id: id.as_bytes().to_vec(),
+            kind: kind as i32,
+            case_ref: opts.case_ref.clone(),
+            sender_org: self.id.to_string(),
+            sender_key_id: String::new(),
+            recipient_org: recipient.to_string(),
+            recipient_key_id: key_id,
+            created_at_ms: now,
+            expires_at_ms: now + opts.ttl_ms,
+            priority: opts.priority as i32,
+            in_reply_to: opts.in_reply_to.map(|i| i.as_bytes().to_vec()).unwrap_or_default(),
+            handling_code: opts.handling_code.clone(),
+            hpke_enc: vec![],
+            key_commitment: vec![],
+        };
+        let ikm_e = crypto::random().map_err(|e| ClientError::Verify(e.to_string()))?;
+        let sealed = envelope::seal(header, body, &pk, &self.keys.signing, &ikm_e)
+            .map_err(|e| ClientError::Verify(e.to_string()))?;
+        let hash = sealed.hash();
+        let accepted = self
+            .exchange
+            .submit(pb::SubmitRequest { envelope: Some(sealed.to_wire()) })
+            .await?
+            .into_inner()
+            .accepted
+            .ok_or_else(|| ClientError::Verify("gateway answered without a receipt".into()))?;
+        let accepted = self.check_receipt(&accepted, &hash, &id)?;
+        Ok(Sent { id, hash, accepted })
+    }
+
+    fn check_receipt(&self, r: &pb::Receipt, hash: &EnvelopeHash, id: &MessageId) -> Result<VerifiedReceipt, ClientError> {
+        let v = receipt::verify(r, &self.directories).map_err(|e| ClientError::Verify(e.to_string()))?;
+        if &v.envelope_hash != hash || &v.message_id != id {
+            return Err(ClientError::Verify("receipt is for another envelope".into()));
+        }
+        Ok(v)
+    }
+
+    fn open(&self, item: pb::InboxItem) -> Result<Opened, ClientError> {
+        let wire = item.envelope.ok_or_else(|| ClientError::Verify("inbox item without envelope".into()))?;
+        let sealed = SealedEnvelope::from_wire(wire, &Limits::default()).map_err(|e| ClientError::Verify(e.to_string()))?;
+        // Verified at submission time by the gateways; here against its own creation time,
+        // since a message may wait in the inbox.
+        let created = pb_created_at(&sealed)?;
+        let envelope = sealed.verify(&self.directories, created).map_err(|e| ClientError::Verify(e.to_string()))?;
+        if envelope.recipient() != &self.id {
+            return Err(ClientError::Verify(format!("envelope addressed to {}, not to us", envelope.recipient())));
+        }
+        let (key_id, key) = self.keys.encryption_key().map_err(|e| ClientError::Credentials(e.to_string()))?;
+        if key_id != envelope.header().recipient_key_id {
+            return Err(ClientError::Credentials(format!(
+                "envelope sealed to key {}, we hold {key_id}",
+                envelope.header().recipient_key_id
+            )));
+        }
+        let body = envelope.open(key).map_err(|e| ClientError::Verify(e.to_string()))?;
+        forms::check(envelope.kind(), &body)?;
+        Ok(Opened { envelope, body })
+    }
+
+    /// Fetches, verifies and opens up to `max` waiting envelopes.
+    pub async fn fetch(&mut self, max: u32) -> Result<Vec<Opened>, ClientError> {
+        let items = self.exchange.fetch(pb::FetchRequest { max }).await?.into_inner().items;
+        items.into_iter().map(|i| self.open(i)).collect()
+    }
+
+    /// The inbox as a live stream of opened envelopes.
+    pub async fn subscribe(&mut self) -> Result<impl Stream<Item = Result<Opened, ClientError>> + '_, ClientError> {
+        let stream = self.exchange.clone().subscribe(pb::SubscribeRequest {}).await?.into_inner();
+        let this = &*self;
+        Ok(stream.map(move |item| this.open(item?)))
+    }
+
+    /// Acknowledges an opened envelope with a delivered receipt signed by this organisation.
+    pub async fn ack(&mut self, opened: &Opened) -> Result<pb::Receipt, ClientError> {
+        let body = pb::ReceiptBody {
+            envelope_hash: opened.envelope.hash().0.to_vec(),
+            message_id: opened.envelope.id().as_bytes().to_vec(),
+            stage: Stage::Delivered as i32,
+            signer: self.id.to_string(),
+            signer_key_id: self.keys.signing.key_id().to_owned(),
+            at_ms: now_ms(),
+            log_index: 0,
+            reason: 0,
+        };
+        let r = receipt::sign(&body, &self.keys.signing);
+        self.exchange.ack(pb::AckRequest { delivered: Some(r.clone()) }).await?;
+        Ok(r)
+    }
+
+    /// Every receipt of a message we sent or received, each verified.
+    pub async fn status(&mut self, id: &MessageId) -> Result<(EnvelopeHash, Vec<VerifiedReceipt>), ClientError> {
+        let resp = self
+            .exchange
+            .status(pb::StatusRequest { message_id: id.as_bytes().to_vec() })
+            .await?
+            .into_inner();
+        let hash = EnvelopeHash::from_slice(&resp.envelope_hash).map_err(|e| ClientError::Verify(e.to_string()))?;
+        let receipts = resp
+            .receipts
+            .iter()
+            .map(|r| self.check_receipt(r, &hash, id))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((hash, receipts))
+    }
+
+    /// Raw access for tests that must send what a well-behaved client would not.
+    pub fn exchange(&mut self) -> &mut ExchangeClient<Channel> {
+        &mut self.exchange
+    }
+
+    pub fn keys(&self) -> &KeyFile {
+        &self.keys
+    }
+}
+
+fn pb_created_at(sealed: &SealedEnvelope) -> Result<i64, ClientError> {
+    use prost::Message;
+    pb::Header::decode(sealed.to_wire().header.as_slice())
+        .map(|h| h.created_at_ms)
+        .map_err(|_| ClientError::Verify("malformed header".into()))
+}
+
+/// The highest stage a chain of receipts reached, for display.
+pub fn furthest_stage(receipts: &[VerifiedReceipt]) -> Stage {
+    let rank = |s: Stage| match s {
+        Stage::Unspecified => 0,
+        Stage::Accepted => 1,
+        Stage::Received => 2,
+        Stage::Delivered => 3,
+        Stage::Rejected => 4,
+    };
+    receipts.iter().map(|r| r.stage()).max_by_key(|s| rank(*s)).unwrap_or(Stage::Unspecified)
+}

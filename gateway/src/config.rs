@@ -1,0 +1,318 @@
+//! Gateway configuration: TOML, unknown keys refused, paths relative to the file, and every
+//! problem reported at once with the file and key it concerns.
+//!
+//! ```toml
+//! identity = "spiffe://vn.accord/gateway/hanoi"   # must match the TLS certificate's SAN
+//! data_dir = "data/vn"                             # the embedded store
+//! client_listen = "127.0.0.1:7443"                 # mTLS, organisations of this country
+//! peer_listen = "127.0.0.1:7444"                   # mTLS, peer gateways
+//!
+//! [tls]
+//! root = "vn/ca.pem"                               # this country's root CA
+//! cert = "vn/gateway/cert.pem"
+//! key = "vn/gateway/key.pem"
+//!
+//! receipt_key = "vn/gateway/keys.json"             # Ed25519 key that signs receipts
+//! directories = ["vn/directory.json", "kh/directory.json"]
+//!
+//! [[peers]]
+//! gateway = "spiffe://kh.accord/gateway/phnom-penh"
+//! address = "127.0.0.1:8444"
+//! root = "kh/ca.pem"
+//!
+//! [limits]                                         # all optional
+//! max_ciphertext_bytes = 4194304
+//! queue_quota_bytes = 10737418240
+//! store_cache_bytes = 67108864
+//!
+//! [forwarder]                                      # all optional
+//! batch = 64
+//! initial_backoff_ms = 200
+//! max_backoff_ms = 30000
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use accord_proto::ids::{Role, SpiffeId};
+use serde::Deserialize;
+
+/// Why a configuration was refused: every problem found, each naming its file and key.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {}", problems.join("; "))]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    identity: String,
+    data_dir: PathBuf,
+    client_listen: String,
+    peer_listen: String,
+    tls: RawTls,
+    receipt_key: PathBuf,
+    directories: Vec<PathBuf>,
+    #[serde(default)]
+    peers: Vec<RawPeer>,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    forwarder: ForwarderConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    root: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    gateway: String,
+    address: String,
+    root: PathBuf,
+}
+
+/// Size and space limits.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest ciphertext accepted in an envelope.
+    pub max_ciphertext_bytes: usize,
+    /// Disk the store may use before submissions are refused with RESOURCE_EXHAUSTED.
+    pub queue_quota_bytes: u64,
+    /// sled page cache size.
+    pub store_cache_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_ciphertext_bytes: 4 << 20,
+            queue_quota_bytes: 10 << 30,
+            store_cache_bytes: 64 << 20,
+        }
+    }
+}
+
+/// How outboxes drain towards peers.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwarderConfig {
+    /// Most items sent in one Deliver call.
+    pub batch: usize,
+    /// First retry delay after a failure; doubles up to `max_backoff_ms`, with jitter.
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+impl Default for ForwarderConfig {
+    fn default() -> Self {
+        Self {
+            batch: 64,
+            initial_backoff_ms: 200,
+            max_backoff_ms: 30_000,
+        }
+    }
+}
+
+/// A peer gateway: who it is, where it listens, which root vouches for it.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    pub gateway: SpiffeId,
+    pub address: SocketAddr,
+    pub root: PathBuf,
+}
+
+/// A checked configuration with absolute paths.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub identity: SpiffeId,
+    pub data_dir: PathBuf,
+    pub client_listen: SocketAddr,
+    pub peer_listen: SocketAddr,
+    pub tls_root: PathBuf,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub receipt_key: PathBuf,
+    pub directories: Vec<PathBuf>,
+    pub peers: Vec<PeerConfig>,
+    pub limits: Limits,
+    pub forwarder: ForwarderConfig,
+}
+
+impl Config {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            problems: vec![format!("cannot read: {e}")],
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Checks TOML `text` as if read from `path` (relative paths resolve from its folder).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.clone(),
+            problems: vec![e.to_string()],
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let abs = |p: &Path| base.join(p);
+        let mut problems = Vec::new();
+        let must_exist = |problems: &mut Vec<String>, key: &str, p: &Path| {
+            if !p.exists() {
+                problems.push(format!("{key}: {} does not exist", p.display()));
+            }
+        };
+        let tls_root = abs(&raw.tls.root);
+        let tls_cert = abs(&raw.tls.cert);
+        let tls_key = abs(&raw.tls.key);
+        let receipt_key = abs(&raw.receipt_key);
+        must_exist(&mut problems, "tls.root", &tls_root);
+        must_exist(&mut problems, "tls.cert", &tls_cert);
+        must_exist(&mut problems, "tls.key", &tls_key);
+        must_exist(&mut problems, "receipt_key", &receipt_key);
+        let directories: Vec<_> = raw.directories.iter().map(|p| abs(p)).collect();
+        for (i, d) in directories.iter().enumerate() {
+            must_exist(&mut problems, &format!("directories[{i}]"), d);
+        }
+        let mut peers = Vec::new();
+        for (i, p) in raw.peers.iter().enumerate() {
+            let root = abs(&p.root);
+            must_exist(&mut problems, &format!("peers[{i}].root"), &root);
+            let gateway = p.gateway.parse::<SpiffeId>();
+            let address = p.address.parse::<SocketAddr>();
+            match (&gateway, &address) {
+                (Ok(g), Ok(a)) if g.role() == Role::Gateway => peers.push(PeerConfig {
+                    gateway: g.clone(),
+                    address: *a,
+                    root,
+                }),
+                _ => {
+                    if !matches!(&gateway, Ok(g) if g.role() == Role::Gateway) {
+                        problems.push(format!(
+                            "peers[{i}].gateway: {:?} is not spiffe://<cc>.accord/gateway/<name>",
+                            p.gateway
+                        ));
+                    }
+                    if address.is_err() {
+                        problems.push(format!(
+                            "peers[{i}].address: {:?} is not host:port",
+                            p.address
+                        ));
+                    }
+                }
+            }
+        }
+        let identity = match raw.identity.parse::<SpiffeId>() {
+            Ok(id) if id.role() == Role::Gateway => Some(id),
+            _ => {
+                problems.push(format!(
+                    "identity: {:?} is not spiffe://<cc>.accord/gateway/<name>",
+                    raw.identity
+                ));
+                None
+            }
+        };
+        if let Some(id) = &identity {
+            for (i, p) in peers.iter().enumerate() {
+                if p.gateway.country() == id.country() {
+                    problems.push(format!("peers[{i}].gateway: a peer must be another country"));
+                }
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, p) in peers.iter().enumerate() {
+            if !seen.insert(p.gateway.country().clone()) {
+                problems.push(format!("peers[{i}].gateway: a second peer for one country"));
+            }
+        }
+        let client_listen = parse_addr("client_listen", &raw.client_listen, &mut problems);
+        let peer_listen = parse_addr("peer_listen", &raw.peer_listen, &mut problems);
+        if raw.forwarder.batch == 0 {
+            problems.push("forwarder.batch: must be at least 1".into());
+        }
+        if raw.forwarder.initial_backoff_ms == 0
+            || raw.forwarder.max_backoff_ms < raw.forwarder.initial_backoff_ms
+        {
+            problems.push(
+                "forwarder: need 0 < initial_backoff_ms <= max_backoff_ms".into(),
+            );
+        }
+        match (identity, client_listen, peer_listen) {
+            (Some(identity), Some(client_listen), Some(peer_listen)) if problems.is_empty() => {
+                Ok(Config {
+                    identity,
+                    data_dir: abs(&raw.data_dir),
+                    client_listen,
+                    peer_listen,
+                    tls_root,
+                    tls_cert,
+                    tls_key,
+                    receipt_key,
+                    directories,
+                    peers,
+                    limits: raw.limits,
+                    forwarder: raw.forwarder,
+                })
+            }
+            _ => Err(ConfigError { file, problems }),
+        }
+    }
+}
+
+fn parse_addr(key: &str, value: &str, problems: &mut Vec<String>) -> Option<SocketAddr> {
+    match value.parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            problems.push(format!("{key}: {value:?} is not host:port"));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let err = Config::parse("identity = 'x'\nidentiy = 'y'", Path::new("/x/gw.toml"))
+            .unwrap_err();
+        assert!(err.to_string().contains("identiy"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+identity = "spiffe://vn.accord/org/c02"
+data_dir = "d"
+client_listen = "nope"
+peer_listen = "127.0.0.1:0"
+receipt_key = "missing.json"
+directories = []
+[tls]
+root = "r.pem"
+cert = "c.pem"
+key = "k.pem"
+[[peers]]
+gateway = "spiffe://kh.accord/gateway/pp"
+address = "bad"
+root = "kh.pem"
+"#;
+        let err = Config::parse(text, Path::new("/nonexistent/gw.toml")).unwrap_err();
+        let s = err.to_string();
+        for key in ["identity", "client_listen", "tls.root", "receipt_key", "peers[0].address", "peers[0].root"] {
+            assert!(s.contains(key), "{key} missing from: {s}");
+        }
+        assert!(s.starts_with("/nonexistent/gw.toml"));
+    }
+}

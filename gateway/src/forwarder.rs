@@ -1,0 +1,292 @@
+//! Drains one peer's outbox over the peer link: batches in priority order, retries with
+//! exponential backoff and full jitter, and never drops an entry before the peer answered
+//! it. The receiving side is idempotent by message id, so a batch resent after a lost answer
+//! delivers nothing twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use accord_proto::ids::{EnvelopeHash, MessageId, SpiffeId};
+use accord_proto::pb::{self, peer_link_client::PeerLinkClient, LogEvent, Stage};
+use accord_proto::receipt;
+use prost::Message;
+use tokio::sync::watch;
+
+use crate::config::ForwarderConfig;
+use crate::pipeline::{Pipeline, PipelineError};
+use crate::store::{Op, Queue, QueueEntry, QueueKey, StoreError, Tx};
+
+/// Why a batch could not be delivered; decides how the forwarder retries.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ForwardError {
+    /// The peer is unreachable or answered with a transient status: back off and retry.
+    #[error("peer unavailable: {0}")]
+    Unavailable(String),
+    /// Our own store failed: back off and retry.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Delay before retry number `attempt` (0-based): `min(max, initial·2^attempt)`, scaled by
+/// `jitter` in [0, 1] into its upper half, so retries of many gateways spread out.
+pub fn backoff(cfg: &ForwarderConfig, attempt: u32, jitter: f64) -> Duration {
+    let exp = cfg
+        .initial_backoff_ms
+        .saturating_mul(1u64 << attempt.min(30))
+        .min(cfg.max_backoff_ms);
+    let jitter = jitter.clamp(0.0, 1.0);
+    Duration::from_millis(exp / 2 + ((exp / 2) as f64 * jitter) as u64)
+}
+
+fn jitter() -> f64 {
+    accord_proto::crypto::random::<2>()
+        .map(|b| u16::from_be_bytes(b) as f64 / u16::MAX as f64)
+        .unwrap_or(0.5)
+}
+
+/// Runs until `shutdown` turns true.
+pub async fn run(
+    pipeline: Arc<Pipeline>,
+    peer: SpiffeId,
+    mut client: PeerLinkClient<tonic::transport::Channel>,
+    cfg: ForwarderConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let queue = Queue::Outbox(peer.country().clone());
+    let signal = pipeline.outbox_signal(peer.country());
+    let mut attempt = 0u32;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let notified = signal.notified();
+        let delay = match drain_once(&pipeline, &peer, &queue, &mut client, cfg.batch).await {
+            Ok(0) => {
+                attempt = 0;
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            Ok(_) => {
+                attempt = 0;
+                continue;
+            }
+            Err(e) => {
+                let d = backoff(&cfg, attempt, jitter());
+                tracing::warn!(peer = %peer, error = %e, retry_in_ms = d.as_millis() as u64, "forwarding failed");
+                attempt = attempt.saturating_add(1);
+                d
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// Sends one batch; returns how many entries it settled.
+async fn drain_once(
+    pipeline: &Arc<Pipeline>,
+    peer: &SpiffeId,
+    queue: &Queue,
+    client: &mut PeerLinkClient<tonic::transport::Channel>,
+    batch: usize,
+) -> Result<usize, ForwardError> {
+    let entries = pipeline.store.queue(queue, batch)?;
+    if entries.is_empty() {
+        return Ok(0);
+    }
+    let now = pipeline.now();
+    let mut sent = Vec::new();
+    let mut items = Vec::new();
+    for (key, entry) in entries {
+        let id = MessageId::from_slice(&entry.message_id)
+            .map_err(|_| StoreError::Corrupt("outbox entry".into()))?;
+        let item = match &entry.receipt {
+            Some(r) => pb::peer_item::Item::Receipt(r.clone()),
+            None => {
+                let msg = pipeline.store.message(&id)?;
+                let Some(msg) = msg else {
+                    settle(pipeline, key, &entry, vec![]).await?;
+                    continue;
+                };
+                if now >= msg.expires_at_ms {
+                    expire_unsent(pipeline, key, &entry, id, &msg.envelope_hash).await?;
+                    continue;
+                }
+                let Some(env) = msg.envelope else { continue };
+                pb::peer_item::Item::Envelope(env)
+            }
+        };
+        items.push(pb::PeerItem { item: Some(item) });
+        sent.push((key, entry, id));
+    }
+    if items.is_empty() {
+        return Ok(1);
+    }
+    let response = client
+        .deliver(pb::DeliverRequest { items })
+        .await
+        .map_err(|s| ForwardError::Unavailable(format!("{:?}: {}", s.code(), s.message())))?
+        .into_inner();
+    if response.results.len() != sent.len() {
+        return Err(ForwardError::Unavailable("peer answered a different number of items".into()));
+    }
+    let mut settled = 0;
+    for ((key, entry, id), result) in sent.into_iter().zip(response.results) {
+        if !result.retry_reason.is_empty() {
+            tracing::info!(peer = %peer, message_id = %id, reason = %result.retry_reason, "peer asks to retry");
+            continue;
+        }
+        let mut ops = vec![];
+        if entry.receipt.is_none() {
+            let Some(r) = result.receipt else {
+                tracing::error!(peer = %peer, message_id = %id, "peer refused an envelope without a receipt; dropping from outbox");
+                settle(pipeline, key, &entry, vec![]).await?;
+                settled += 1;
+                continue;
+            };
+            match check_peer_receipt(pipeline, peer, &id, &r) {
+                Ok(event) => {
+                    let v = receipt::verify(&r, &pipeline.directories).ok();
+                    ops.push(Op::PutReceipt(id, r.clone()));
+                    ops.push(Op::Log(
+                        pb::LogEntry {
+                            event: event as i32,
+                            message_id: id.as_bytes().to_vec(),
+                            envelope_hash: v.map(|v| v.envelope_hash.0.to_vec()).unwrap_or_default(),
+                            actor: peer.to_string(),
+                            at_ms: pipeline.now(),
+                            reason: 0,
+                            receipt_hash: receipt::receipt_hash(&r).to_vec(),
+                        }
+                        .encode_to_vec(),
+                    ));
+                }
+                Err(e) => {
+                    // Keep the entry: a peer answering with a bad receipt is a fault to fix,
+                    // not a reason to lose the message.
+                    tracing::error!(peer = %peer, message_id = %id, error = %e, "peer answered with a receipt that does not verify");
+                    return Err(ForwardError::Unavailable(format!("bad receipt from peer: {e}")));
+                }
+            }
+        }
+        settle(pipeline, key, &entry, ops).await?;
+        settled += 1;
+    }
+    Ok(settled)
+}
+
+fn check_peer_receipt(
+    pipeline: &Pipeline,
+    peer: &SpiffeId,
+    id: &MessageId,
+    r: &pb::Receipt,
+) -> Result<LogEvent, PipelineError> {
+    let v = receipt::verify(r, &pipeline.directories)?;
+    let stored = pipeline.store.message(id)?.ok_or(PipelineError::NotFound)?;
+    if &v.signer != peer || v.message_id != *id || v.envelope_hash.0 != stored.envelope_hash.as_slice() {
+        return Err(PipelineError::BadReceipt("receipt does not name this message and peer".into()));
+    }
+    match v.stage() {
+        Stage::Received => Ok(LogEvent::Forwarded),
+        Stage::Rejected => Ok(LogEvent::Rejected),
+        other => Err(PipelineError::BadReceipt(format!("unexpected stage {other:?}"))),
+    }
+}
+
+/// Removes a settled entry together with whatever records its outcome.
+async fn settle(
+    pipeline: &Pipeline,
+    key: QueueKey,
+    entry: &QueueEntry,
+    mut ops: Vec<Op>,
+) -> Result<(), StoreError> {
+    let queue_op = match (&entry.receipt, MessageId::from_slice(&entry.message_id)) {
+        (None, Ok(id)) => Op::RemoveMessage(Queue::Outbox(peer_country(&key)?), id),
+        _ => Op::Dequeue(key),
+    };
+    ops.push(queue_op);
+    pipeline.store.commit(Tx { ops, receipts: None }).await?;
+    Ok(())
+}
+
+fn peer_country(key: &QueueKey) -> Result<accord_proto::ids::CountryCode, StoreError> {
+    // Queue keys start with b"qo:<cc>\0"; only outbox keys reach here.
+    std::str::from_utf8(key.0.get(3..5).ok_or_else(|| StoreError::Corrupt("queue key".into()))?)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| StoreError::Corrupt("queue key".into()))
+}
+
+/// An envelope that expired before it left: its sender gets a rejected receipt from us.
+async fn expire_unsent(
+    pipeline: &Arc<Pipeline>,
+    key: QueueKey,
+    entry: &QueueEntry,
+    id: MessageId,
+    hash: &[u8],
+) -> Result<(), StoreError> {
+    let hash = EnvelopeHash::from_slice(hash).map_err(|_| StoreError::Corrupt(id.to_string()))?;
+    let at = pipeline.now();
+    let me = pipeline.clone();
+    let maker = Box::new(move |index| {
+        let body = pb::ReceiptBody {
+            envelope_hash: hash.0.to_vec(),
+            message_id: id.as_bytes().to_vec(),
+            stage: Stage::Rejected as i32,
+            signer: me.identity.to_string(),
+            signer_key_id: me.receipt_key.key_id().to_owned(),
+            at_ms: at,
+            log_index: index,
+            reason: pb::RejectReason::Expired as i32,
+        };
+        vec![(id, receipt::sign(&body, &me.receipt_key))]
+    });
+    let log = Op::Log(
+        pb::LogEntry {
+            event: LogEvent::Expired as i32,
+            message_id: id.as_bytes().to_vec(),
+            envelope_hash: hash.0.to_vec(),
+            actor: pipeline.identity.to_string(),
+            at_ms: at,
+            reason: pb::RejectReason::Expired as i32,
+            receipt_hash: vec![],
+        }
+        .encode_to_vec(),
+    );
+    let queue_op = match &entry.receipt {
+        None => Op::RemoveMessage(Queue::Outbox(peer_country(&key)?), id),
+        Some(_) => Op::Dequeue(key),
+    };
+    pipeline
+        .store
+        .commit(Tx { ops: vec![log, queue_op], receipts: Some(maker) })
+        .await?;
+    tracing::info!(message_id = %id, "expired before forwarding");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_exponentially_within_bounds() {
+        let cfg = ForwarderConfig { batch: 1, initial_backoff_ms: 100, max_backoff_ms: 5_000 };
+        for attempt in 0..40 {
+            for j in [0.0, 0.3, 1.0] {
+                let d = backoff(&cfg, attempt, j).as_millis() as u64;
+                let cap = (100u64 << attempt.min(30)).min(5_000);
+                assert!(d >= cap / 2 && d <= cap, "attempt {attempt} jitter {j}: {d}");
+            }
+        }
+        assert_eq!(backoff(&cfg, 0, 1.0).as_millis(), 100);
+        assert_eq!(backoff(&cfg, 20, 1.0).as_millis(), 5_000);
+    }
+}

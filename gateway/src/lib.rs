@@ -1,0 +1,24 @@
+//! The Accord gateway: relays sealed, signed envelopes between organisations and peer
+//! gateways over mutual TLS, through a durable store-and-forward queue.
+//!
+//! A gateway never holds the keys that open envelopes: it verifies signatures, routes by the
+//! recipient's country, stores durably, and signs receipts.
+//!
+//! Module map:
+//! - [`config`]: the TOML configuration, checked at start.
+//! - [`tls`]: rustls policy (ring, TLS 1.3 only), SPIFFE identities, per-country roots.
+//! - [`listener`]: TLS accept loops that hand tonic verified identities.
+//! - [`pipeline`]: submit, receive from peer, ack, inbox, status; one transaction each.
+//! - [`store`]: the storage trait and its sled implementation (group commit + fdatasync).
+//! - [`forwarder`]: drains each peer's outbox with retries, backoff and jitter.
+//! - [`service`]: gRPC services (exchange, peer link) and error-to-status mapping.
+//! - [`server`]: assembles and runs a gateway on given listeners.
+
+pub mod config;
+pub mod forwarder;
+pub mod listener;
+pub mod pipeline;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod tls;

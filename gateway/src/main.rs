@@ -1,0 +1,77 @@
+//! `accord-gateway`: runs a gateway from a TOML file, or checks one.
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "accord-gateway", version, about = "Accord gateway: mTLS store-and-forward relay of sealed envelopes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway described by CONFIG until SIGINT or SIGTERM.
+    Run { config: PathBuf },
+    /// Check CONFIG and exit 0 if it is valid, 64 if not.
+    CheckConfig { config: PathBuf },
+}
+
+fn main() -> std::process::ExitCode {
+    accord_gateway::tls::install_default_provider();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match accord_gateway::config::Config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::ExitCode::from(64)
+            }
+        },
+        Command::Run { config } => match run(config) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+#[tokio::main]
+async fn run(path: PathBuf) -> anyhow::Result<()> {
+    let config = accord_gateway::config::Config::load(&path)?;
+    let client = tokio::net::TcpListener::bind(config.client_listen)
+        .await
+        .with_context(|| format!("binding client_listen {}", config.client_listen))?;
+    let peer = tokio::net::TcpListener::bind(config.peer_listen)
+        .await
+        .with_context(|| format!("binding peer_listen {}", config.peer_listen))?;
+    let gateway = accord_gateway::server::start(
+        &config,
+        client,
+        peer,
+        accord_gateway::pipeline::system_clock(),
+    )
+    .await
+    .with_context(|| format!("starting the gateway of {}", path.display()))?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    gateway.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,575 @@
+//! One pipeline per envelope: authenticate (done by the listener) → authorise → verify
+//! signature and limits → append to the log → store durably → answer with a signed receipt.
+//!
+//! Every state change is one [`Tx`]: the message, its queue entry, its log entries and the
+//! receipt proving them are committed together, and nothing is answered before the commit
+//! is on disk. Refusals are logged too, with the reason that the caller receives.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use accord_proto::crypto::SigningKey;
+use accord_proto::directory::Directories;
+use accord_proto::envelope::{EnvelopeError, Limits, SealedEnvelope, VerifiedEnvelope};
+use accord_proto::ids::{CountryCode, EnvelopeHash, MessageId, OrgId, Role, SpiffeId};
+use accord_proto::log::LogIndex;
+use accord_proto::pb::{self, LogEvent, RejectReason, Stage};
+use accord_proto::receipt::{self, ReceiptError, VerifiedReceipt};
+use prost::Message;
+use tokio::sync::Notify;
+
+use crate::store::{
+    Op, Queue, QueueEntry, Store, StoreError, StoredMessage, Tx, TxOutcome,
+};
+
+/// Why the pipeline refused or failed a request. [`crate::service`] maps it to a status.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// The envelope broke a rule of the wire contract; the reason is logged and returned.
+    #[error("{reason:?}: {detail}")]
+    Refused {
+        reason: RejectReason,
+        detail: String,
+    },
+    /// The caller may not do this (e.g. submit as another organisation).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A different envelope already uses this message id.
+    #[error("message id already used by a different envelope")]
+    Conflict,
+    /// No such message for this caller.
+    #[error("not found")]
+    NotFound,
+    /// A receipt did not verify or does not fit its message.
+    #[error("bad receipt: {0}")]
+    BadReceipt(String),
+    /// The store is over its disk quota: the queue holds what it has and refuses more.
+    #[error("queue full: the store is over its disk quota; retry later")]
+    QuotaFull,
+    /// The store failed: our fault, never the caller's.
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl From<EnvelopeError> for PipelineError {
+    fn from(e: EnvelopeError) -> Self {
+        PipelineError::Refused {
+            reason: e.reason(),
+            detail: e.to_string(),
+        }
+    }
+}
+
+impl From<ReceiptError> for PipelineError {
+    fn from(e: ReceiptError) -> Self {
+        PipelineError::BadReceipt(e.to_string())
+    }
+}
+
+/// A clock in Unix milliseconds; tests pass their own.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    })
+}
+
+/// Wake-ups for forwarders (per peer country) and subscribers (per organisation).
+#[derive(Debug, Default)]
+pub struct Signals {
+    map: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+impl Signals {
+    pub fn get(&self, key: &str) -> Arc<Notify> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(key.to_owned()).or_default().clone()
+    }
+    fn wake(&self, key: &str) {
+        self.get(key).notify_waiters();
+        self.get(key).notify_one();
+    }
+}
+
+/// Everything the pipeline needs; shared by the services and the forwarders.
+pub struct Pipeline {
+    pub identity: SpiffeId,
+    pub store: Arc<dyn Store>,
+    pub directories: Directories,
+    pub receipt_key: SigningKey,
+    pub limits: Limits,
+    pub quota_bytes: u64,
+    pub peers: Vec<CountryCode>,
+    pub clock: Clock,
+    pub signals: Signals,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+fn entry(event: LogEvent, id: Option<&MessageId>, hash: &EnvelopeHash, actor: &str, at: i64) -> Op {
+    Op::Log(
+        pb::LogEntry {
+            event: event as i32,
+            message_id: id.map(|i| i.as_bytes().to_vec()).unwrap_or_default(),
+            envelope_hash: hash.0.to_vec(),
+            actor: actor.to_owned(),
+            at_ms: at,
+            reason: 0,
+            receipt_hash: vec![],
+        }
+        .encode_to_vec(),
+    )
+}
+
+fn receipt_entry(event: LogEvent, r: &VerifiedReceipt, at: i64) -> Op {
+    Op::Log(
+        pb::LogEntry {
+            event: event as i32,
+            message_id: r.message_id.as_bytes().to_vec(),
+            envelope_hash: r.envelope_hash.0.to_vec(),
+            actor: r.signer.to_string(),
+            at_ms: at,
+            reason: r.body.reason,
+            receipt_hash: receipt::receipt_hash(&r.wire).to_vec(),
+        }
+        .encode_to_vec(),
+    )
+}
+
+impl Pipeline {
+    pub fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    pub fn country(&self) -> &CountryCode {
+        self.identity.country()
+    }
+
+    fn outbox_key(cc: &CountryCode) -> String {
+        format!("outbox:{cc}")
+    }
+
+    /// Notified when the outbox towards `cc` has new entries.
+    pub fn outbox_signal(&self, cc: &CountryCode) -> Arc<Notify> {
+        self.signals.get(&Self::outbox_key(cc))
+    }
+
+    /// Notified when `org`'s inbox has new entries.
+    pub fn inbox_signal(&self, org: &OrgId) -> Arc<Notify> {
+        self.signals.get(&format!("inbox:{org}"))
+    }
+
+    fn make_receipt(
+        &self,
+        stage: Stage,
+        id: MessageId,
+        hash: EnvelopeHash,
+        at: i64,
+        index: LogIndex,
+        reason: RejectReason,
+    ) -> pb::Receipt {
+        receipt::sign(
+            &pb::ReceiptBody {
+                envelope_hash: hash.0.to_vec(),
+                message_id: id.as_bytes().to_vec(),
+                stage: stage as i32,
+                signer: self.identity.to_string(),
+                signer_key_id: self.receipt_key.key_id().to_owned(),
+                at_ms: at,
+                log_index: index,
+                reason: reason as i32,
+            },
+            &self.receipt_key,
+        )
+    }
+
+    /// Commits a transaction whose receipt is signed by this gateway once the log index of
+    /// the `nth` log entry of the transaction is known.
+    /// `stages` lists each receipt to sign with the position of its log entry in `ops`;
+    /// the first one is returned.
+    async fn commit_with_receipt(
+        self: &Arc<Self>,
+        ops: Vec<Op>,
+        stages: &[(Stage, u64)],
+        id: MessageId,
+        hash: EnvelopeHash,
+        reason: RejectReason,
+    ) -> Result<Result<pb::Receipt, MessageId>, PipelineError> {
+        let at = self.now();
+        let me = self.clone();
+        let slot = Arc::new(Mutex::new(None));
+        let out = slot.clone();
+        let stages = stages.to_vec();
+        let maker = Box::new(move |first: LogIndex| {
+            let receipts: Vec<_> = stages
+                .iter()
+                .map(|&(stage, nth)| (id, me.make_receipt(stage, id, hash, at, first + nth, reason)))
+                .collect();
+            *out.lock().unwrap_or_else(|p| p.into_inner()) = receipts.first().map(|r| r.1.clone());
+            receipts
+        });
+        match self.store.commit(Tx { ops, receipts: Some(maker) }).await? {
+            TxOutcome::Exists(id) => Ok(Err(id)),
+            TxOutcome::Committed { .. } => {
+                let r = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                r.map(Ok).ok_or_else(|| {
+                    PipelineError::Store(StoreError::Engine("receipt not made".into()))
+                })
+            }
+        }
+    }
+
+    /// The stored receipt of `stage` signed by this gateway, for idempotent answers.
+    fn own_receipt(&self, id: &MessageId, stage: Stage) -> Result<Option<pb::Receipt>, PipelineError> {
+        let me = self.identity.to_string();
+        for r in self.store.receipts(id)? {
+            if let Ok(body) = pb::ReceiptBody::decode(r.body.as_slice()) {
+                if body.stage == stage as i32 && body.signer == me {
+                    return Ok(Some(r));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The answer to a repeated envelope: the same receipt if it is the same envelope.
+    async fn repeat(&self, id: &MessageId, hash: &EnvelopeHash, stage: Stage) -> Result<pb::Receipt, PipelineError> {
+        let stored = self.store.message(id)?.ok_or(PipelineError::NotFound)?;
+        if stored.envelope_hash != hash.0 {
+            return Err(PipelineError::Conflict);
+        }
+        // What we read may be applied but not yet synced: wait for the next group commit.
+        self.store.commit(Tx::default()).await?;
+        self.own_receipt(id, stage)?
+            .ok_or_else(|| PipelineError::Store(StoreError::Corrupt(id.to_string())))
+    }
+
+    fn check_quota(&self) -> Result<(), PipelineError> {
+        if self.store.disk_usage()? > self.quota_bytes {
+            tracing::warn!(quota = self.quota_bytes, "store over quota; refusing new envelopes");
+            return Err(PipelineError::QuotaFull);
+        }
+        Ok(())
+    }
+
+    /// Logs a refused envelope (hash and id only) and passes the error on.
+    async fn refuse(&self, caller: &SpiffeId, sealed: Option<&SealedEnvelope>, err: PipelineError) -> PipelineError {
+        let reason = match &err {
+            PipelineError::Refused { reason, .. } => *reason,
+            PipelineError::PermissionDenied(_) => RejectReason::SenderMismatch,
+            PipelineError::Conflict => RejectReason::Conflict,
+            _ => return err,
+        };
+        let hash = sealed.map(|s| s.hash().0.to_vec()).unwrap_or_default();
+        tracing::info!(caller = %caller, envelope_hash = %hex_or_none(&hash), ?reason, "envelope refused");
+        let entry = pb::LogEntry {
+            event: LogEvent::Rejected as i32,
+            message_id: vec![],
+            envelope_hash: hash,
+            actor: caller.to_string(),
+            at_ms: self.now(),
+            reason: reason as i32,
+            receipt_hash: vec![],
+        };
+        let tx = Tx { ops: vec![Op::Log(entry.encode_to_vec())], receipts: None };
+        if let Err(e) = self.store.commit(tx).await {
+            tracing::error!(error = %e, "could not log a refusal");
+        }
+        err
+    }
+
+    /// Client submit: the caller must be the envelope's sender. Answers the accepted receipt.
+    pub async fn submit(self: &Arc<Self>, caller: &SpiffeId, env: pb::Envelope) -> Result<pb::Receipt, PipelineError> {
+        let sealed = match SealedEnvelope::from_wire(env, &self.limits) {
+            Ok(s) => s,
+            Err(e) => return Err(self.refuse(caller, None, e.into()).await),
+        };
+        match self.check_submit(caller, sealed.clone()) {
+            Ok(v) => self.accept(v).await,
+            Err(e) => Err(self.refuse(caller, Some(&sealed), e).await),
+        }
+    }
+
+    fn check_submit(&self, caller: &SpiffeId, sealed: SealedEnvelope) -> Result<(VerifiedEnvelope, Queue), PipelineError> {
+        let now = self.now();
+        if caller.role() != Role::Org || caller.country() != self.country() {
+            return Err(PipelineError::PermissionDenied(format!("{caller} may not submit here")));
+        }
+        let env = sealed.verify(&self.directories, now)?;
+        if env.sender().spiffe() != caller {
+            return Err(PipelineError::PermissionDenied(format!(
+                "certificate names {caller} but the envelope's sender is {}",
+                env.sender()
+            )));
+        }
+        self.check_recipient(&env)?;
+        let cc = env.recipient().country();
+        let queue = if cc == self.country() {
+            Queue::Inbox(env.recipient().clone())
+        } else if self.peers.contains(cc) {
+            Queue::Outbox(cc.clone())
+        } else {
+            return Err(PipelineError::Refused {
+                reason: RejectReason::NoRoute,
+                detail: format!("no peer gateway for country {cc}"),
+            });
+        };
+        Ok((env, queue))
+    }
+
+    fn check_recipient(&self, env: &VerifiedEnvelope) -> Result<(), PipelineError> {
+        let h = env.header();
+        self.directories
+            .encryption_key(env.recipient(), &h.recipient_key_id, h.created_at_ms)
+            .map(|_| ())
+            .map_err(|e| PipelineError::Refused {
+                reason: RejectReason::UnknownRecipient,
+                detail: e.to_string(),
+            })
+    }
+
+    async fn accept(self: &Arc<Self>, (env, queue): (VerifiedEnvelope, Queue)) -> Result<pb::Receipt, PipelineError> {
+        let (id, hash) = (env.id(), env.hash());
+        let span = tracing::info_span!("submit", message_id = %id, envelope_hash = %hash);
+        let _g = span.enter();
+        if self.store.message(&id)?.is_some() {
+            return self.repeat(&id, &hash, Stage::Accepted).await;
+        }
+        self.check_quota()?;
+        let now = self.now();
+        let local = matches!(queue, Queue::Inbox(_));
+        let signal = match &queue {
+            Queue::Outbox(cc) => Self::outbox_key(cc),
+            Queue::Inbox(org) => format!("inbox:{org}"),
+        };
+        let ops = vec![
+            Op::InsertMessage(id, stored(&env, now)),
+            Op::Enqueue(queue, env.priority(), QueueEntry { message_id: id.as_bytes().to_vec(), receipt: None }),
+            entry(LogEvent::Submitted, Some(&id), &hash, &env.sender().to_string(), now),
+            entry(LogEvent::Accepted, Some(&id), &hash, &self.identity.to_string(), now),
+        ];
+        let mut ops = ops;
+        if local {
+            ops.push(entry(LogEvent::Received, Some(&id), &hash, &self.identity.to_string(), now));
+        }
+        // Same-country exchange: this gateway is also the receiving one.
+        let stages: &[(Stage, u64)] = if local {
+            &[(Stage::Accepted, 1), (Stage::Received, 2)]
+        } else {
+            &[(Stage::Accepted, 1)]
+        };
+        let receipt = match self.commit_with_receipt(ops, stages, id, hash, RejectReason::Unspecified).await? {
+            Ok(r) => r,
+            Err(_) => return self.repeat(&id, &hash, Stage::Accepted).await,
+        };
+        tracing::info!("accepted");
+        self.signals.wake(&signal);
+        Ok(receipt)
+    }
+
+    /// An envelope from a peer gateway. Answers a received receipt, or a rejected one.
+    pub async fn receive(self: &Arc<Self>, peer: &SpiffeId, env: pb::Envelope) -> Result<pb::Receipt, PipelineError> {
+        let sealed = SealedEnvelope::from_wire(env, &self.limits)?;
+        let hash = sealed.hash();
+        let verified = sealed.clone().verify(&self.directories, self.now());
+        let env = match verified {
+            Ok(env) => env,
+            Err(e) => return self.reject_from_peer(peer, &sealed, hash, e.reason()).await,
+        };
+        let (id, sender, recipient) = (env.id(), env.sender().clone(), env.recipient().clone());
+        let span = tracing::info_span!("receive", message_id = %id, envelope_hash = %hash, peer = %peer);
+        let _g = span.enter();
+        if sender.country() != peer.country() {
+            return self.reject_from_peer(peer, &sealed, hash, RejectReason::SenderMismatch).await;
+        }
+        if recipient.country() != self.country() {
+            return self.reject_from_peer(peer, &sealed, hash, RejectReason::NoRoute).await;
+        }
+        if let Err(PipelineError::Refused { reason, .. }) = self.check_recipient(&env) {
+            return self.reject_from_peer(peer, &sealed, hash, reason).await;
+        }
+        if self.store.message(&id)?.is_some() {
+            return match self.repeat(&id, &hash, Stage::Received).await {
+                Err(PipelineError::Conflict) => {
+                    self.reject_from_peer(peer, &sealed, hash, RejectReason::Conflict).await
+                }
+                other => other,
+            };
+        }
+        self.check_quota()?;
+        let now = self.now();
+        let ops = vec![
+            Op::InsertMessage(id, stored(&env, now)),
+            Op::Enqueue(Queue::Inbox(recipient.clone()), env.priority(), QueueEntry { message_id: id.as_bytes().to_vec(), receipt: None }),
+            entry(LogEvent::Received, Some(&id), &hash, &peer.to_string(), now),
+        ];
+        let receipt = match self.commit_with_receipt(ops, &[(Stage::Received, 0)], id, hash, RejectReason::Unspecified).await? {
+            Ok(r) => r,
+            Err(_) => return self.repeat(&id, &hash, Stage::Received).await,
+        };
+        tracing::info!("received into inbox");
+        self.inbox_signal(&recipient).notify_waiters();
+        Ok(receipt)
+    }
+
+    async fn reject_from_peer(self: &Arc<Self>, peer: &SpiffeId, sealed: &SealedEnvelope, hash: EnvelopeHash, reason: RejectReason) -> Result<pb::Receipt, PipelineError> {
+        // A rejected receipt needs the message id; without a parseable one, refuse outright.
+        let id = pb::Header::decode(sealed.to_wire().header.as_slice())
+            .ok()
+            .and_then(|h| MessageId::from_slice(&h.message_id).ok())
+            .ok_or(PipelineError::Refused { reason, detail: "envelope from peer refused".into() })?;
+        tracing::warn!(message_id = %id, envelope_hash = %hash, peer = %peer, ?reason, "envelope from peer rejected");
+        let ops = vec![Op::Log(pb::LogEntry {
+            event: LogEvent::Rejected as i32,
+            message_id: id.as_bytes().to_vec(),
+            envelope_hash: hash.0.to_vec(),
+            actor: peer.to_string(),
+            at_ms: self.now(),
+            reason: reason as i32,
+            receipt_hash: vec![],
+        }.encode_to_vec())];
+        match self.commit_with_receipt(ops, &[(Stage::Rejected, 0)], id, hash, reason).await? {
+            Ok(r) => Ok(r),
+            Err(_) => Err(PipelineError::Conflict),
+        }
+    }
+
+    /// A receipt travelling back from a peer (delivered, or rejected at delivery).
+    pub async fn receive_receipt(self: &Arc<Self>, peer: &SpiffeId, r: &pb::Receipt) -> Result<(), PipelineError> {
+        let v = receipt::verify(r, &self.directories)?;
+        let stored = self.store.message(&v.message_id)?.ok_or(PipelineError::NotFound)?;
+        if stored.envelope_hash != v.envelope_hash.0 {
+            return Err(PipelineError::BadReceipt("envelope hash does not match the message".into()));
+        }
+        let signer_ok = match v.stage() {
+            Stage::Delivered => v.signer.to_string() == stored.recipient_org,
+            Stage::Rejected => &v.signer == peer,
+            _ => false,
+        };
+        if !signer_ok || v.signer.country() != peer.country() {
+            return Err(PipelineError::BadReceipt(format!("{:?} receipt from {} does not fit", v.stage(), v.signer)));
+        }
+        let ops = vec![Op::PutReceipt(v.message_id, r.clone()), receipt_entry(LogEvent::Receipt, &v, self.now())];
+        self.store.commit(Tx { ops, receipts: None }).await?;
+        tracing::info!(message_id = %v.message_id, stage = ?v.stage(), "receipt from peer stored");
+        Ok(())
+    }
+
+    /// The recipient acknowledges with a delivered receipt it signed.
+    pub async fn ack(self: &Arc<Self>, caller: &SpiffeId, r: &pb::Receipt) -> Result<(), PipelineError> {
+        let v = receipt::verify(r, &self.directories)?;
+        if v.stage() != Stage::Delivered || &v.signer != caller {
+            return Err(PipelineError::PermissionDenied("only the recipient's own delivered receipt acknowledges".into()));
+        }
+        let stored = self.store.message(&v.message_id)?.ok_or(PipelineError::NotFound)?;
+        if stored.recipient_org != caller.to_string() {
+            return Err(PipelineError::NotFound);
+        }
+        if stored.envelope_hash != v.envelope_hash.0 {
+            return Err(PipelineError::BadReceipt("envelope hash does not match the message".into()));
+        }
+        let org: OrgId = caller.clone().try_into().map_err(|_| PipelineError::NotFound)?;
+        let sender: OrgId = stored.sender_org.parse().map_err(|_| StoreError::Corrupt(v.message_id.to_string()))?;
+        let mut ops = vec![
+            Op::RemoveMessage(Queue::Inbox(org), v.message_id),
+            Op::PutReceipt(v.message_id, r.clone()),
+            receipt_entry(LogEvent::Delivered, &v, self.now()),
+        ];
+        let remote = sender.country() != self.country();
+        if remote {
+            ops.push(Op::Enqueue(Queue::Outbox(sender.country().clone()), pb::Priority::Urgent, QueueEntry { message_id: v.message_id.as_bytes().to_vec(), receipt: Some(r.clone()) }));
+        }
+        self.store.commit(Tx { ops, receipts: None }).await?;
+        tracing::info!(message_id = %v.message_id, "delivered");
+        if remote {
+            self.signals.wake(&Self::outbox_key(sender.country()));
+        }
+        Ok(())
+    }
+
+    /// Up to `max` envelopes waiting for `caller`, oldest first within priority. Expired
+    /// ones are taken out and answered to their sender with a rejected receipt instead.
+    pub async fn inbox(self: &Arc<Self>, caller: &SpiffeId, max: usize) -> Result<Vec<pb::InboxItem>, PipelineError> {
+        let org: OrgId = caller.clone().try_into().map_err(|_| PipelineError::PermissionDenied("only organisations have inboxes".into()))?;
+        let now = self.now();
+        let mut items = Vec::new();
+        for (_, entry) in self.store.queue(&Queue::Inbox(org.clone()), max)? {
+            let id = MessageId::from_slice(&entry.message_id).map_err(|_| StoreError::Corrupt("inbox".into()))?;
+            let Some(msg) = self.store.message(&id)? else { continue };
+            if now >= msg.expires_at_ms {
+                self.expire(&org, id, &msg).await?;
+                continue;
+            }
+            items.push(pb::InboxItem {
+                envelope: msg.envelope,
+                envelope_hash: msg.envelope_hash,
+                received: self.own_receipt(&id, Stage::Received)?,
+            });
+        }
+        Ok(items)
+    }
+
+    async fn expire(self: &Arc<Self>, org: &OrgId, id: MessageId, msg: &StoredMessage) -> Result<(), PipelineError> {
+        let hash = EnvelopeHash::from_slice(&msg.envelope_hash).map_err(|_| StoreError::Corrupt(id.to_string()))?;
+        let sender: OrgId = msg.sender_org.parse().map_err(|_| StoreError::Corrupt(id.to_string()))?;
+        let now = self.now();
+        let at = now;
+        let me = self.clone();
+        let cc = sender.country().clone();
+        let remote = &cc != self.country();
+        let ops = vec![
+            Op::RemoveMessage(Queue::Inbox(org.clone()), id),
+            entry(LogEvent::Expired, Some(&id), &hash, &self.identity.to_string(), now),
+        ];
+        let maker = Box::new(move |index: LogIndex| {
+            let r = me.make_receipt(Stage::Rejected, id, hash, at, index, RejectReason::Expired);
+            vec![(id, r)]
+        });
+        self.store.commit(Tx { ops, receipts: Some(maker) }).await?;
+        tracing::info!(message_id = %id, "expired before delivery");
+        if remote {
+            if let Some(r) = self.own_receipt(&id, Stage::Rejected)? {
+                let entry = QueueEntry { message_id: id.as_bytes().to_vec(), receipt: Some(r) };
+                self.store.commit(Tx { ops: vec![Op::Enqueue(Queue::Outbox(cc.clone()), pb::Priority::Urgent, entry)], receipts: None }).await?;
+                self.signals.wake(&Self::outbox_key(&cc));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every receipt of a message the caller sent or received.
+    pub fn status(&self, caller: &SpiffeId, id: &MessageId) -> Result<pb::StatusResponse, PipelineError> {
+        let msg = self.store.message(id)?.ok_or(PipelineError::NotFound)?;
+        let me = caller.to_string();
+        if msg.sender_org != me && msg.recipient_org != me {
+            return Err(PipelineError::NotFound);
+        }
+        Ok(pb::StatusResponse { envelope_hash: msg.envelope_hash, receipts: self.store.receipts(id)? })
+    }
+}
+
+fn stored(env: &VerifiedEnvelope, now: i64) -> StoredMessage {
+    StoredMessage {
+        envelope: Some(env.to_wire()),
+        envelope_hash: env.hash().0.to_vec(),
+        sender_org: env.sender().to_string(),
+        recipient_org: env.recipient().to_string(),
+        stored_at_ms: now,
+        expires_at_ms: env.expires_at(),
+    }
+}
+
+fn hex_or_none(b: &[u8]) -> String {
+    if b.is_empty() { "-".into() } else { b.iter().map(|x| format!("{x:02x}")).collect() }
+}

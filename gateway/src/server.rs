@@ -1,0 +1,209 @@
+//! Assembles a gateway from its configuration and runs it until shutdown.
+//!
+//! Listeners are passed in (bound by the caller), so tests start real gateways on
+//! `127.0.0.1:0` and the binary binds the configured addresses.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use accord_proto::directory::Directories;
+use accord_proto::envelope::Limits;
+use accord_proto::ids::Role;
+use accord_proto::keyfile::KeyFile;
+use accord_proto::pb::{exchange_server::ExchangeServer, peer_link_client::PeerLinkClient, peer_link_server::PeerLinkServer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::pipeline::{Clock, Pipeline, Signals};
+use crate::service::{ExchangeService, PeerLinkService};
+use crate::store::sled::SledStore;
+use crate::tls::{self, Admission, CountryRoots, Credentials};
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// TLS material is missing, unreadable, or does not name this gateway.
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// The certificate names another identity than `identity` in the configuration.
+    #[error("the certificate names {cert} but the configuration says identity = {config}")]
+    IdentityMismatch { cert: String, config: String },
+    /// A directory file is unreadable or invalid.
+    #[error("directory {path}: {problem}")]
+    Directory { path: String, problem: String },
+    /// The receipt key file is unreadable or invalid.
+    #[error("receipt key {path}: {problem}")]
+    ReceiptKey { path: String, problem: String },
+    /// The store could not be opened.
+    #[error("store at {path}: {source}")]
+    Store { path: String, source: crate::store::StoreError },
+}
+
+/// Reads every directory file (JSON `accord.v1.Directory`) into one checked set.
+pub fn load_directories(paths: &[std::path::PathBuf]) -> Result<Directories, StartError> {
+    let mut dirs = Vec::new();
+    for p in paths {
+        let err = |problem: String| StartError::Directory { path: p.display().to_string(), problem };
+        let bytes = std::fs::read(p).map_err(|e| err(e.to_string()))?;
+        dirs.push(serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?);
+    }
+    Directories::new(dirs).map_err(|e| StartError::Directory { path: "(all)".into(), problem: e.to_string() })
+}
+
+/// Reads a private key file, refusing one that others may read.
+pub fn load_key_file(path: &std::path::Path) -> Result<KeyFile, String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).map_err(|e| e.to_string())?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(format!("permissions {:o} let others read it; chmod 600 it", mode & 0o777));
+        }
+    }
+    let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| e.to_string())?);
+    KeyFile::from_json(&bytes).map_err(|e| e.to_string())
+}
+
+/// A running gateway: where it listens, and how to stop it.
+#[derive(Debug)]
+pub struct RunningGateway {
+    pub client_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    pub pipeline: Arc<Pipeline>,
+    shutdown: watch::Sender<bool>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl RunningGateway {
+    /// Stops listening, lets in-flight calls finish, and closes the store.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Resolves when shutdown was requested (e.g. by a signal handler holding a sender).
+    pub fn shutdown_handle(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+}
+
+/// Starts a gateway on the given listeners.
+pub async fn start(
+    config: &Config,
+    client_listener: TcpListener,
+    peer_listener: TcpListener,
+    clock: Clock,
+) -> Result<RunningGateway, StartError> {
+    let creds = Credentials::load(&config.tls_cert, &config.tls_key)?;
+    if creds.id != config.identity {
+        return Err(StartError::IdentityMismatch { cert: creds.id.to_string(), config: config.identity.to_string() });
+    }
+    let country = config.identity.country().clone();
+    let mut own_roots = CountryRoots::default();
+    own_roots.add(country.clone(), &config.tls_root)?;
+    let mut peer_roots = CountryRoots::default();
+    for p in &config.peers {
+        peer_roots.add(p.gateway.country().clone(), &p.root)?;
+    }
+    let directories = load_directories(&config.directories)?;
+    let keys = load_key_file(&config.receipt_key).map_err(|problem| StartError::ReceiptKey {
+        path: config.receipt_key.display().to_string(),
+        problem,
+    })?;
+    let store = SledStore::open(&config.data_dir, config.limits.store_cache_bytes).map_err(|source| StartError::Store {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let pipeline = Arc::new(Pipeline {
+        identity: config.identity.clone(),
+        store: Arc::new(store),
+        directories,
+        receipt_key: keys.signing,
+        limits: Limits { max_ciphertext: config.limits.max_ciphertext_bytes, ..Limits::default() },
+        quota_bytes: config.limits.queue_quota_bytes,
+        peers: config.peers.iter().map(|p| p.gateway.country().clone()).collect(),
+        clock,
+        signals: Signals::default(),
+    });
+
+    let client_tls = tls::server_config(&creds, own_roots, Admission { role: Role::Org, countries: vec![country.clone()] })?;
+    let peer_tls = tls::server_config(
+        &creds,
+        peer_roots.clone(),
+        Admission { role: Role::Gateway, countries: config.peers.iter().map(|p| p.gateway.country().clone()).collect() },
+    )?;
+    let client_addr = client_listener.local_addr().map_err(|e| tls::TlsError::Pem { path: "client_listen".into(), problem: e.to_string() })?;
+    let peer_addr = peer_listener.local_addr().map_err(|e| tls::TlsError::Pem { path: "peer_listen".into(), problem: e.to_string() })?;
+
+    let (shutdown, _) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ExchangeServer<ExchangeService>>().await;
+    health.set_serving::<PeerLinkServer<PeerLinkService>>().await;
+
+    let stop = wait_for(shutdown.subscribe());
+    let exchange = ExchangeServer::new(ExchangeService { pipeline: pipeline.clone() })
+        .max_decoding_message_size(config.limits.max_ciphertext_bytes + 64 * 1024);
+    let health_c = health_service.clone();
+    let incoming = crate::listener::incoming(client_listener, client_tls, "client");
+    tasks.spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(health_c)
+            .add_service(exchange)
+            .serve_with_incoming_shutdown(incoming, stop)
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "client listener failed");
+        }
+    });
+
+    let stop = wait_for(shutdown.subscribe());
+    let peer_link = PeerLinkServer::new(PeerLinkService { pipeline: pipeline.clone() })
+        .max_decoding_message_size(crate::service::MAX_BATCH * (config.limits.max_ciphertext_bytes + 64 * 1024));
+    let incoming = crate::listener::incoming(peer_listener, peer_tls, "peer");
+    tasks.spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(peer_link)
+            .serve_with_incoming_shutdown(incoming, stop)
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "peer listener failed");
+        }
+    });
+
+    for peer in &config.peers {
+        let mut roots = CountryRoots::default();
+        roots.add(peer.gateway.country().clone(), &peer.root)?;
+        let tls_config = tls::client_config(&creds, roots, peer.gateway.clone())?;
+        let channel = tls::channel(peer.address, tls_config);
+        let client = PeerLinkClient::new(channel).max_decoding_message_size(64 << 20);
+        tasks.spawn(crate::forwarder::run(
+            pipeline.clone(),
+            peer.gateway.clone(),
+            client,
+            config.forwarder.clone(),
+            shutdown.subscribe(),
+        ));
+    }
+
+    tracing::info!(
+        identity = %config.identity,
+        %client_addr,
+        %peer_addr,
+        peers = config.peers.len(),
+        data_dir = %config.data_dir.display(),
+        "gateway ready"
+    );
+    Ok(RunningGateway { client_addr, peer_addr, pipeline, shutdown, tasks })
+}
+
+async fn wait_for(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! gRPC services: they only convert, call the pipeline, and map errors to statuses.
+//!
+//! Errors are classified by who caused them: the caller (INVALID_ARGUMENT,
+//! PERMISSION_DENIED, ALREADY_EXISTS, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED)
+//! or us (INTERNAL with a generic message; the detail goes to the log).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use accord_proto::ids::MessageId;
+use accord_proto::pb::{self, exchange_server::Exchange, peer_link_server::PeerLink, RejectReason};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::listener::PeerIdentity;
+use crate::pipeline::{Pipeline, PipelineError};
+
+/// Largest batch a client may fetch, or a peer deliver, in one call.
+pub const MAX_BATCH: usize = 256;
+
+impl From<PipelineError> for Status {
+    fn from(e: PipelineError) -> Self {
+        match e {
+            PipelineError::Refused { reason, detail } => {
+                let code = match reason {
+                    RejectReason::TooLarge => tonic::Code::ResourceExhausted,
+                    RejectReason::SenderMismatch => tonic::Code::PermissionDenied,
+                    RejectReason::NoRoute => tonic::Code::FailedPrecondition,
+                    RejectReason::Conflict => tonic::Code::AlreadyExists,
+                    _ => tonic::Code::InvalidArgument,
+                };
+                Status::new(code, format!("envelope refused ({}): {detail}", reason.as_str_name()))
+            }
+            PipelineError::PermissionDenied(m) => Status::permission_denied(m),
+            PipelineError::Conflict => {
+                Status::already_exists("this message id is already used by a different envelope")
+            }
+            PipelineError::NotFound => Status::not_found("no such message for this caller"),
+            PipelineError::BadReceipt(m) => Status::invalid_argument(format!("receipt refused: {m}")),
+            PipelineError::QuotaFull => Status::resource_exhausted(
+                "the gateway's queue is full (disk quota); retry later",
+            ),
+            PipelineError::Store(err) => {
+                tracing::error!(error = %err, "store failure");
+                Status::internal("internal storage error; the request was not accepted")
+            }
+        }
+    }
+}
+
+fn identity<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
+    req.extensions()
+        .get::<PeerIdentity>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no verified client certificate"))
+}
+
+/// The client-facing exchange.
+#[derive(Debug, Clone)]
+pub struct ExchangeService {
+    pub pipeline: Arc<Pipeline>,
+}
+
+type InboxStream = Pin<Box<dyn Stream<Item = Result<pb::InboxItem, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Exchange for ExchangeService {
+    async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
+        let who = identity(&req)?;
+        let env = req.into_inner().envelope.ok_or_else(|| Status::invalid_argument("envelope is required"))?;
+        let accepted = self.pipeline.submit(&who.id, env).await?;
+        Ok(Response::new(pb::SubmitResponse { accepted: Some(accepted) }))
+    }
+
+    async fn fetch(&self, req: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
+        let who = identity(&req)?;
+        let max = (req.into_inner().max as usize).clamp(1, MAX_BATCH);
+        let items = self.pipeline.inbox(&who.id, max).await?;
+        Ok(Response::new(pb::FetchResponse { items }))
+    }
+
+    type SubscribeStream = InboxStream;
+
+    async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<InboxStream>, Status> {
+        let who = identity(&req)?;
+        let org = who.id.clone().try_into().map_err(|_| Status::permission_denied("only organisations have inboxes"))?;
+        let pipeline = self.pipeline.clone();
+        let signal = pipeline.inbox_signal(&org);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            // Each subscription sends an envelope once; acked ones leave the inbox.
+            let mut sent = std::collections::HashSet::new();
+            loop {
+                let notified = signal.notified();
+                let items = match pipeline.inbox(&who.id, MAX_BATCH).await {
+                    Ok(items) => items,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                let current: std::collections::HashSet<_> = items.iter().map(|i| i.envelope_hash.clone()).collect();
+                sent.retain(|h| current.contains(h));
+                for item in items {
+                    if sent.insert(item.envelope_hash.clone()) && tx.send(Ok(item)).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
+        let who = identity(&req)?;
+        let r = req.into_inner().delivered.ok_or_else(|| Status::invalid_argument("delivered receipt is required"))?;
+        self.pipeline.ack(&who.id, &r).await?;
+        Ok(Response::new(pb::AckResponse {}))
+    }
+
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let who = identity(&req)?;
+        let id = MessageId::from_slice(&req.into_inner().message_id)
+            .map_err(|_| Status::invalid_argument("message_id must be 16 bytes of a UUIDv7"))?;
+        Ok(Response::new(self.pipeline.status(&who.id, &id)?))
+    }
+
+    async fn get_directory(&self, req: Request<pb::GetDirectoryRequest>) -> Result<Response<pb::GetDirectoryResponse>, Status> {
+        identity(&req)?;
+        Ok(Response::new(pb::GetDirectoryResponse { directories: self.pipeline.directories.to_wire() }))
+    }
+}
+
+/// The gateway-to-gateway link.
+#[derive(Debug, Clone)]
+pub struct PeerLinkService {
+    pub pipeline: Arc<Pipeline>,
+}
+
+#[tonic::async_trait]
+impl PeerLink for PeerLinkService {
+    async fn deliver(&self, req: Request<pb::DeliverRequest>) -> Result<Response<pb::DeliverResponse>, Status> {
+        let who = identity(&req)?;
+        let items = req.into_inner().items;
+        if items.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!("at most {MAX_BATCH} items per call")));
+        }
+        let mut results = Vec::with_capacity(items.len());
+        // Items are handled concurrently so one batch shares group commits.
+        let futures = items.into_iter().map(|item| {
+            let pipeline = self.pipeline.clone();
+            let peer = who.id.clone();
+            async move {
+                match item.item {
+                    Some(pb::peer_item::Item::Envelope(env)) => match pipeline.receive(&peer, env).await {
+                        Ok(r) => pb::PeerResult { receipt: Some(r), retry_reason: String::new() },
+                        Err(PipelineError::QuotaFull) => pb::PeerResult { receipt: None, retry_reason: "quota full".into() },
+                        Err(PipelineError::Store(e)) => {
+                            tracing::error!(error = %e, "store failure on peer delivery");
+                            pb::PeerResult { receipt: None, retry_reason: "storage error".into() }
+                        }
+                        Err(e) => {
+                            tracing::warn!(peer = %peer, error = %e, "peer envelope refused without receipt");
+                            pb::PeerResult { receipt: None, retry_reason: String::new() }
+                        }
+                    },
+                    Some(pb::peer_item::Item::Receipt(r)) => match pipeline.receive_receipt(&peer, &r).await {
+                        Ok(()) => pb::PeerResult::default(),
+                        Err(PipelineError::Store(_)) | Err(PipelineError::QuotaFull) => {
+                            pb::PeerResult { receipt: None, retry_reason: "storage error".into() }
+                        }
+                        Err(e) => {
+                            tracing::warn!(peer = %peer, error = %e, "receipt from peer refused");
+                            pb::PeerResult::default()
+                        }
+                    },
+                    None => pb::PeerResult::default(),
+                }
+            }
+        });
+        results.extend(futures::future::join_all(futures).await);
+        Ok(Response::new(pb::DeliverResponse { results }))
+    }
+}

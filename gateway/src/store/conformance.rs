@@ -1,0 +1,122 @@
+//! One conformance suite for every [`Store`] backend: atomicity of inserts, queue order,
+//! log indexes, receipts, and that a reopened store holds everything acknowledged.
+
+use std::path::Path;
+
+use accord_proto::ids::MessageId;
+use accord_proto::pb;
+
+use super::*;
+
+fn msg(n: u8) -> (MessageId, StoredMessage) {
+    let id = MessageId::new_v7(1_000 + n as u64, [n; 10]);
+    let m = StoredMessage {
+        envelope: Some(pb::Envelope {
+            header: vec![n; 10],
+            ciphertext: vec![n; 2000],
+            signature: vec![n; 64],
+        }),
+        envelope_hash: vec![n; 32],
+        sender_org: "spiffe://vn.accord/org/c02".into(),
+        recipient_org: "spiffe://kh.accord/org/ahtd".into(),
+        stored_at_ms: n as i64,
+    };
+    (id, m)
+}
+
+pub(crate) async fn run<S: Store>(dir: &Path, open: impl Fn(&Path) -> S) {
+    let kh = Queue::Outbox("kh".parse().unwrap());
+    let (id1, m1) = msg(1);
+    let (id2, m2) = msg(2);
+    let (id3, m3) = msg(3);
+    {
+        let store = open(dir);
+        let entry = |id: &MessageId| QueueEntry {
+            message_id: id.as_bytes().to_vec(),
+            receipt: None,
+        };
+        let tx = |id: MessageId, m: StoredMessage, prio| Tx {
+            ops: vec![
+                Op::InsertMessage(id, m),
+                Op::Enqueue(kh.clone(), prio, entry(&id)),
+                Op::Log(id.as_bytes().to_vec()),
+            ],
+            receipts: Some(Box::new(move |index| {
+                vec![(
+                    id,
+                    pb::Receipt {
+                        body: index.to_be_bytes().to_vec(),
+                        signature: vec![],
+                    },
+                )]
+            })),
+        };
+        let r1 = store.commit(tx(id1, m1.clone(), pb::Priority::Routine));
+        let r2 = store.commit(tx(id2, m2.clone(), pb::Priority::Routine));
+        let r3 = store.commit(tx(id3, m3.clone(), pb::Priority::Flash));
+        let (r1, r2, r3) = (r1.await.unwrap(), r2.await.unwrap(), r3.await.unwrap());
+        assert_eq!(r1, TxOutcome::Committed { first_log_index: Some(0) });
+        assert_eq!(r2, TxOutcome::Committed { first_log_index: Some(1) });
+        assert_eq!(r3, TxOutcome::Committed { first_log_index: Some(2) });
+
+        // A second insert of the same id changes nothing, not even the queue or log.
+        let dup = store.commit(tx(id1, m1.clone(), pb::Priority::Flash)).await.unwrap();
+        assert_eq!(dup, TxOutcome::Exists(id1));
+        assert_eq!(store.log_size().unwrap(), 3);
+        assert_eq!(store.queue(&kh, 10).unwrap().len(), 3);
+
+        // The receipt made inside the commit carries the log index it was given.
+        let receipts = store.receipts(&id2).unwrap();
+        assert_eq!(receipts.len(), 1);
+        assert_eq!(receipts[0].body, 1u64.to_be_bytes());
+        // An identical receipt is stored once.
+        store
+            .commit(Tx {
+                ops: vec![Op::PutReceipt(id2, receipts[0].clone())],
+                receipts: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.receipts(&id2).unwrap().len(), 1);
+    }
+    // Reopen: everything acknowledged is there, queue order is priority then arrival.
+    let store = open(dir);
+    assert_eq!(store.message(&id1).unwrap(), Some(m1));
+    assert_eq!(store.log_size().unwrap(), 3);
+    assert_eq!(store.log_entry(1).unwrap(), Some(id2.as_bytes().to_vec()));
+    let q = store.queue(&kh, 10).unwrap();
+    let order: Vec<_> = q.iter().map(|(_, e)| e.message_id.clone()).collect();
+    assert_eq!(
+        order,
+        vec![
+            id3.as_bytes().to_vec(),
+            id1.as_bytes().to_vec(),
+            id2.as_bytes().to_vec()
+        ]
+    );
+    // Dequeue removes exactly one entry; appends after reopen continue the log.
+    let next = store
+        .commit(Tx {
+            ops: vec![Op::Dequeue(q[0].0.clone()), Op::Log(b"after".to_vec())],
+            receipts: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(next, TxOutcome::Committed { first_log_index: Some(3) });
+    assert_eq!(store.queue(&kh, 10).unwrap().len(), 2);
+    // A message's entry can be removed by id, once; the rest of the queue stays.
+    for _ in 0..2 {
+        store
+            .commit(Tx {
+                ops: vec![Op::RemoveMessage(kh.clone(), id1)],
+                receipts: None,
+            })
+            .await
+            .unwrap();
+    }
+    let left = store.queue(&kh, 10).unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].1.message_id, id2.as_bytes().to_vec());
+    assert!(store.queue(&Queue::Inbox("spiffe://kh.accord/org/ahtd".parse().unwrap()), 10).unwrap().is_empty());
+    assert!(store.disk_usage().unwrap() > 0);
+}

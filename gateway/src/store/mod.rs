@@ -1,0 +1,145 @@
+//! The durable store behind the pipeline: messages by id, receipts, per-peer outboxes,
+//! per-organisation inboxes and the non-repudiation log.
+//!
+//! [`Store`] knows nothing of sled; `sled.rs` implements it. Its contract:
+//! - [`Store::commit`] applies a [`Tx`] atomically and resolves only after the whole
+//!   transaction is on disk (fsync/fdatasync), so nothing acknowledged is lost on a power
+//!   cut. Implementations group-commit: one sync covers every transaction waiting for it.
+//! - Log indexes are assigned in commit order, without gaps.
+//! - A transaction that inserts a message whose id is already stored is not applied and
+//!   resolves to [`TxOutcome::Exists`]: that is how "exactly once into an inbox" holds under
+//!   concurrent duplicates.
+
+pub mod sled;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use accord_proto::ids::{CountryCode, MessageId, OrgId};
+use accord_proto::log::LogIndex;
+use accord_proto::pb;
+
+/// Why the store failed. Every variant is the gateway's fault, never the caller's.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The underlying engine failed.
+    #[error("storage engine: {0}")]
+    Engine(String),
+    /// Syncing to disk failed; the store refuses further writes.
+    #[error("sync to disk failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// A stored record does not decode: the disk or the engine corrupted it.
+    #[error("corrupt record under {0}")]
+    Corrupt(String),
+    /// The committer is gone (the store was shut down or poisoned by an earlier I/O error).
+    #[error("store is closed")]
+    Closed,
+}
+
+/// A queue: the outbox towards one peer country, or one organisation's inbox.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Queue {
+    Outbox(CountryCode),
+    Inbox(OrgId),
+}
+
+/// Position of an entry in a queue, from [`Store::queue`]; used to remove it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueKey(pub Vec<u8>);
+
+/// What a queue entry holds: a stored message, or a receipt travelling to a peer.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct QueueEntry {
+    #[prost(bytes = "vec", tag = "1")]
+    pub message_id: Vec<u8>,
+    #[prost(message, optional, tag = "2")]
+    pub receipt: Option<pb::Receipt>,
+}
+
+/// A message as this gateway keeps it: the sender's bytes, untouched, and its hash.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredMessage {
+    #[prost(message, optional, tag = "1")]
+    pub envelope: Option<pb::Envelope>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub envelope_hash: Vec<u8>,
+    #[prost(string, tag = "3")]
+    pub sender_org: String,
+    #[prost(string, tag = "4")]
+    pub recipient_org: String,
+    #[prost(int64, tag = "5")]
+    pub stored_at_ms: i64,
+    #[prost(int64, tag = "6")]
+    pub expires_at_ms: i64,
+}
+
+/// One change inside a transaction.
+#[derive(Debug)]
+pub enum Op {
+    /// Stores a message; the whole transaction is refused if the id exists.
+    InsertMessage(MessageId, StoredMessage),
+    /// Adds a receipt to a message's chain (idempotent on identical receipts).
+    PutReceipt(MessageId, pb::Receipt),
+    /// Appends to a queue, ordered by priority (higher first) then arrival.
+    Enqueue(Queue, pb::Priority, QueueEntry),
+    /// Removes a queue entry (idempotent).
+    Dequeue(QueueKey),
+    /// Removes a message's entry from a queue without knowing its key (idempotent).
+    RemoveMessage(Queue, MessageId),
+    /// Appends an encoded `pb::LogEntry` to the log.
+    Log(Vec<u8>),
+}
+
+/// Makes the receipts of a transaction once its first log index is known. Runs inside the
+/// commit, so a receipt is stored in the same durable batch as the event it proves.
+pub type ReceiptMaker = Box<dyn FnOnce(LogIndex) -> Vec<(MessageId, pb::Receipt)> + Send>;
+
+/// An atomic set of changes.
+#[derive(Default)]
+pub struct Tx {
+    pub ops: Vec<Op>,
+    pub receipts: Option<ReceiptMaker>,
+}
+
+impl std::fmt::Debug for Tx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tx")
+            .field("ops", &self.ops.len())
+            .field("receipts", &self.receipts.is_some())
+            .finish()
+    }
+}
+
+/// What a commit did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TxOutcome {
+    /// Applied and on disk; the index of its first log entry, if it had any.
+    Committed { first_log_index: Option<LogIndex> },
+    /// Not applied: a message it inserts already exists.
+    Exists(MessageId),
+}
+
+/// Resolves once the transaction is durable.
+pub type Commit = Pin<Box<dyn Future<Output = Result<TxOutcome, StoreError>> + Send>>;
+
+/// The storage engine contract (module docs).
+pub trait Store: Send + Sync + 'static {
+    /// Applies `tx` atomically; resolves after it is on disk.
+    fn commit(&self, tx: Tx) -> Commit;
+    fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError>;
+    /// Every receipt stored for a message, in the order they were stored.
+    fn receipts(&self, id: &MessageId) -> Result<Vec<pb::Receipt>, StoreError>;
+    /// Up to `limit` entries of a queue, highest priority first, then oldest first.
+    fn queue(&self, queue: &Queue, limit: usize)
+        -> Result<Vec<(QueueKey, QueueEntry)>, StoreError>;
+    /// Number of log entries.
+    fn log_size(&self) -> Result<u64, StoreError>;
+    /// One encoded log entry.
+    fn log_entry(&self, index: LogIndex) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Bytes the store occupies on disk, for the quota.
+    fn disk_usage(&self) -> Result<u64, StoreError>;
+}
+
+#[cfg(test)]
+pub(crate) mod conformance;
