@@ -316,3 +316,21 @@ root = "kh.pem"
         assert!(s.starts_with("/nonexistent/gw.toml"));
     }
 }
+
+#[cfg(test)]
+mod deploy_example {
+    use super::*;
+
+    #[test]
+    fn the_deploy_example_config_has_only_missing_file_problems() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/vn-gateway.toml"));
+        match Config::load(path) {
+            Ok(_) => {}
+            Err(e) => {
+                for p in &e.problems {
+                    assert!(p.ends_with("does not exist"), "unexpected problem: {p}");
+                }
+            }
+        }
+    }
+}
