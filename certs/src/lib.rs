@@ -84,7 +84,10 @@ impl CountryCa {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CountryName, country.as_str().to_uppercase());
-        dn.push(DnType::CommonName, format!("Accord {country} root CA (dev)"));
+        dn.push(
+            DnType::CommonName,
+            format!("Accord {country} root CA (dev)"),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
@@ -216,7 +219,11 @@ fn write_country(root: &Path, c: &CountrySpec, now_ms: i64) -> Result<CountryFil
         signing: gw_key,
         encryption: None,
     };
-    write_file(&gw_dir.join("keys.json"), gw_keys.to_json().as_bytes(), true)?;
+    write_file(
+        &gw_dir.join("keys.json"),
+        gw_keys.to_json().as_bytes(),
+        true,
+    )?;
 
     let mut orgs = Vec::new();
     for org in &c.orgs {

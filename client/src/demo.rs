@@ -12,11 +12,23 @@ use crate::org::{furthest_stage, OrgClient, SendOptions, Sent};
 
 /// The example forms shipped under `examples/forms/`, by kind.
 pub const EXAMPLE_FORMS: [(&str, &str); 5] = [
-    ("suspect-notice", include_str!("../../examples/forms/suspect-notice.json")),
-    ("wanted-person-transfer", include_str!("../../examples/forms/wanted-person-transfer.json")),
-    ("victim-identification", include_str!("../../examples/forms/victim-identification.json")),
+    (
+        "suspect-notice",
+        include_str!("../../examples/forms/suspect-notice.json"),
+    ),
+    (
+        "wanted-person-transfer",
+        include_str!("../../examples/forms/wanted-person-transfer.json"),
+    ),
+    (
+        "victim-identification",
+        include_str!("../../examples/forms/victim-identification.json"),
+    ),
     ("alert", include_str!("../../examples/forms/alert.json")),
-    ("correspondence", include_str!("../../examples/forms/correspondence.json")),
+    (
+        "correspondence",
+        include_str!("../../examples/forms/correspondence.json"),
+    ),
 ];
 
 /// Parses a form file (proto3 JSON of `accord.v1.Body`).
@@ -26,7 +38,10 @@ pub fn parse_form(json: &str) -> anyhow::Result<pb::Body> {
 
 /// Runs the demo, writing its account to `out`.
 pub async fn run(out: &mut (impl Write + Send)) -> anyhow::Result<()> {
-    writeln!(out, "Starting a VN and a KH gateway on loopback with a fresh dev PKI...")?;
+    writeln!(
+        out,
+        "Starting a VN and a KH gateway on loopback with a fresh dev PKI..."
+    )?;
     let net = LocalNet::builder()
         .country("vn", "hanoi", &["c02", "tayninh-police"])
         .country("kh", "phnom-penh", &["ahtd", "svayrieng-police"])
@@ -34,7 +49,11 @@ pub async fn run(out: &mut (impl Write + Send)) -> anyhow::Result<()> {
         .await?;
     for cc in ["vn", "kh"] {
         let g = net.gateway(cc)?;
-        writeln!(out, "  {} clients on {}, peers on {}", g.pipeline.identity, g.client_addr, g.peer_addr)?;
+        writeln!(
+            out,
+            "  {} clients on {}, peers on {}",
+            g.pipeline.identity, g.client_addr, g.peer_addr
+        )?;
     }
     let mut vn = net.client("vn", "c02").await?;
     let mut kh = net.client("kh", "ahtd").await?;
@@ -45,9 +64,19 @@ pub async fn run(out: &mut (impl Write + Send)) -> anyhow::Result<()> {
         if *kind == "alert" {
             opts.priority = pb::Priority::Flash;
         }
-        for (from, to, label) in [(&mut vn, net.org_id("kh", "ahtd")?, "VN C02 -> KH AHTD"), (&mut kh, net.org_id("vn", "c02")?, "KH AHTD -> VN C02")] {
-            let s = from.send(&to, &body, &opts).await.with_context(|| format!("sending {kind}"))?;
-            writeln!(out, "sent {kind:<24} {label}  id {}  accepted (log #{})", s.id, s.accepted.body.log_index)?;
+        for (from, to, label) in [
+            (&mut vn, net.org_id("kh", "ahtd")?, "VN C02 -> KH AHTD"),
+            (&mut kh, net.org_id("vn", "c02")?, "KH AHTD -> VN C02"),
+        ] {
+            let s = from
+                .send(&to, &body, &opts)
+                .await
+                .with_context(|| format!("sending {kind}"))?;
+            writeln!(
+                out,
+                "sent {kind:<24} {label}  id {}  accepted (log #{})",
+                s.id, s.accepted.body.log_index
+            )?;
             sent.push((label, kind.to_string(), s));
         }
     }
@@ -55,13 +84,27 @@ pub async fn run(out: &mut (impl Write + Send)) -> anyhow::Result<()> {
     for (client, name) in [(&mut kh, "KH AHTD"), (&mut vn, "VN C02")] {
         receive_all(client, name, 4, out).await?;
     }
-    writeln!(out, "\nDelivery chains, as each sender sees them (every receipt verified):")?;
+    writeln!(
+        out,
+        "\nDelivery chains, as each sender sees them (every receipt verified):"
+    )?;
     for (label, kind, s) in &sent {
-        let client = if label.starts_with("VN") { &mut vn } else { &mut kh };
+        let client = if label.starts_with("VN") {
+            &mut vn
+        } else {
+            &mut kh
+        };
         let chain = wait_delivered(client, s).await?;
         writeln!(out, "{kind} {label} {}", s.id)?;
         for r in &chain {
-            writeln!(out, "    {:<10} signed by {:<40} at {} log #{}", format!("{:?}", r.stage()), r.signer.to_string(), r.body.at_ms, r.body.log_index)?;
+            writeln!(
+                out,
+                "    {:<10} signed by {:<40} at {} log #{}",
+                format!("{:?}", r.stage()),
+                r.signer.to_string(),
+                r.body.at_ms,
+                r.body.log_index
+            )?;
         }
     }
     writeln!(out, "\nAll {} messages delivered.", sent.len())?;
@@ -69,12 +112,23 @@ pub async fn run(out: &mut (impl Write + Send)) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn receive_all(client: &mut OrgClient, name: &str, want: usize, out: &mut (impl Write + Send)) -> anyhow::Result<()> {
+async fn receive_all(
+    client: &mut OrgClient,
+    name: &str,
+    want: usize,
+    out: &mut (impl Write + Send),
+) -> anyhow::Result<()> {
     let mut got = 0;
     for _ in 0..200 {
         for opened in client.fetch(16).await? {
             let kind = opened.envelope.kind();
-            writeln!(out, "  {name} opened {:?} {} from {}", kind, opened.envelope.id(), opened.envelope.sender())?;
+            writeln!(
+                out,
+                "  {name} opened {:?} {} from {}",
+                kind,
+                opened.envelope.id(),
+                opened.envelope.sender()
+            )?;
             client.ack(&opened).await?;
             got += 1;
         }
@@ -86,7 +140,10 @@ async fn receive_all(client: &mut OrgClient, name: &str, want: usize, out: &mut 
     anyhow::bail!("{name} received {got} of {want} messages in time")
 }
 
-async fn wait_delivered(client: &mut OrgClient, s: &Sent) -> anyhow::Result<Vec<accord_proto::receipt::VerifiedReceipt>> {
+async fn wait_delivered(
+    client: &mut OrgClient,
+    s: &Sent,
+) -> anyhow::Result<Vec<accord_proto::receipt::VerifiedReceipt>> {
     for _ in 0..200 {
         let (_, chain) = client.status(&s.id).await?;
         if furthest_stage(&chain) == pb::Stage::Delivered {

@@ -59,7 +59,9 @@ impl Builder {
                 (Some(t), p)
             }
         };
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as i64;
         let files = DevPki::write(&root.join("pki"), &self.countries, now)?;
         let mut countries = BTreeMap::new();
         for (spec, files) in self.countries.iter().zip(files) {
@@ -68,10 +70,20 @@ impl Builder {
             let addrs = (client.local_addr()?, peer.local_addr()?);
             countries.insert(
                 spec.country.to_string(),
-                Country { files, addrs, listeners: Some((client, peer)), gateway: None, config: None },
+                Country {
+                    files,
+                    addrs,
+                    listeners: Some((client, peer)),
+                    gateway: None,
+                    config: None,
+                },
             );
         }
-        let mut net = LocalNet { root, _tmp: tmp, countries };
+        let mut net = LocalNet {
+            root,
+            _tmp: tmp,
+            countries,
+        };
         let names: Vec<String> = net.countries.keys().cloned().collect();
         for cc in &names {
             let config = net.write_config(cc)?;
@@ -112,7 +124,9 @@ impl LocalNet {
     }
 
     fn country(&self, cc: &str) -> anyhow::Result<&Country> {
-        self.countries.get(cc).with_context(|| format!("no country {cc} in this net"))
+        self.countries
+            .get(cc)
+            .with_context(|| format!("no country {cc} in this net"))
     }
 
     /// The gateway configuration file of `cc` (written as TOML, as an operator would).
@@ -149,7 +163,10 @@ impl LocalNet {
 
     /// Starts (or restarts) the gateway of `cc` on its original addresses.
     pub async fn start_gateway(&mut self, cc: &str) -> anyhow::Result<()> {
-        let c = self.countries.get_mut(cc).with_context(|| format!("no country {cc}"))?;
+        let c = self
+            .countries
+            .get_mut(cc)
+            .with_context(|| format!("no country {cc}"))?;
         anyhow::ensure!(c.gateway.is_none(), "gateway {cc} already running");
         let (client, peer) = match c.listeners.take() {
             Some(l) => l,
@@ -162,7 +179,10 @@ impl LocalNet {
 
     /// Stops the gateway of `cc`, closing its store; its addresses stay reserved for a restart.
     pub async fn stop_gateway(&mut self, cc: &str) -> anyhow::Result<()> {
-        let c = self.countries.get_mut(cc).with_context(|| format!("no country {cc}"))?;
+        let c = self
+            .countries
+            .get_mut(cc)
+            .with_context(|| format!("no country {cc}"))?;
         if let Some(g) = c.gateway.take() {
             g.shutdown().await;
         }
@@ -170,13 +190,20 @@ impl LocalNet {
     }
 
     pub fn gateway(&self, cc: &str) -> anyhow::Result<&RunningGateway> {
-        self.country(cc)?.gateway.as_ref().with_context(|| format!("gateway {cc} is stopped"))
+        self.country(cc)?
+            .gateway
+            .as_ref()
+            .with_context(|| format!("gateway {cc} is stopped"))
     }
 
     /// How a client of `cc` reaches its gateway.
     pub fn gateway_address(&self, cc: &str) -> anyhow::Result<GatewayAddress> {
         let c = self.country(cc)?;
-        Ok(GatewayAddress { addr: c.addrs.0, id: c.files.gateway_id.clone(), root: c.files.ca() })
+        Ok(GatewayAddress {
+            addr: c.addrs.0,
+            id: c.files.gateway_id.clone(),
+            root: c.files.ca(),
+        })
     }
 
     pub fn org_dir(&self, cc: &str, org: &str) -> anyhow::Result<PathBuf> {
@@ -212,5 +239,7 @@ async fn bind_again(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    Err(last.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("bind {addr}")))
+    Err(last
+        .map(anyhow::Error::from)
+        .unwrap_or_else(|| anyhow::anyhow!("bind {addr}")))
 }

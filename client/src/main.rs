@@ -7,7 +7,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "accord", version, about = "Accord client: send, receive and follow sealed case messages")]
+#[command(
+    name = "accord",
+    version,
+    about = "Accord client: send, receive and follow sealed case messages"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,7 +36,11 @@ struct Session {
 
 impl Session {
     async fn connect(&self) -> anyhow::Result<OrgClient> {
-        let gw = GatewayAddress { addr: self.gateway, id: self.gateway_id.parse()?, root: self.root.clone() };
+        let gw = GatewayAddress {
+            addr: self.gateway,
+            id: self.gateway_id.parse()?,
+            root: self.root.clone(),
+        };
         Ok(OrgClient::connect(&self.org, &gw).await?)
     }
 }
@@ -118,16 +126,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis() as i64;
             for f in accord_certs::DevPki::write(&out, &spec, now)? {
                 println!("{}: {}", f.gateway_id, f.dir.display());
             }
             Ok(())
         }
-        Command::Send { session, to, case, priority, form } => {
+        Command::Send {
+            session,
+            to,
+            case,
+            priority,
+            form,
+        } => {
             let mut client = session.connect().await?;
-            let json = std::fs::read_to_string(&form).with_context(|| format!("reading {}", form.display()))?;
-            let body = accord_client::demo::parse_form(&json).with_context(|| form.display().to_string())?;
+            let json = std::fs::read_to_string(&form)
+                .with_context(|| format!("reading {}", form.display()))?;
+            let body = accord_client::demo::parse_form(&json)
+                .with_context(|| form.display().to_string())?;
             let mut opts = SendOptions::new(&case);
             opts.priority = match priority.as_str() {
                 "routine" => pb::Priority::Routine,
@@ -136,7 +154,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 other => anyhow::bail!("--priority {other:?}: use routine, urgent or flash"),
             };
             let sent = client.send(&to.parse()?, &body, &opts).await?;
-            println!("accepted {} envelope {} log #{}", sent.id, sent.hash, sent.accepted.body.log_index);
+            println!(
+                "accepted {} envelope {} log #{}",
+                sent.id, sent.hash, sent.accepted.body.log_index
+            );
             Ok(())
         }
         Command::Fetch { session, ack } => {
@@ -157,12 +178,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Status { session, message_id } => {
+        Command::Status {
+            session,
+            message_id,
+        } => {
             let mut client = session.connect().await?;
             let (hash, chain) = client.status(&message_id.parse()?).await?;
             println!("{message_id} envelope {hash}: {:?}", furthest_stage(&chain));
             for r in chain {
-                println!("  {:?} by {} at {} log #{}", r.stage(), r.signer, r.body.at_ms, r.body.log_index);
+                println!(
+                    "  {:?} by {} at {} log #{}",
+                    r.stage(),
+                    r.signer,
+                    r.body.at_ms,
+                    r.body.log_index
+                );
             }
             Ok(())
         }

@@ -102,16 +102,25 @@ impl OrgClient {
         let cred = |e: String| ClientError::Credentials(format!("{}: {e}", org_dir.display()));
         let creds = Credentials::load(&org_dir.join("cert.pem"), &org_dir.join("key.pem"))
             .map_err(|e| cred(e.to_string()))?;
-        let id: OrgId = creds.id.clone().try_into().map_err(|e: accord_proto::ids::IdError| cred(e.to_string()))?;
-        let keys = accord_gateway::server::load_key_file(&org_dir.join("keys.json")).map_err(cred)?;
+        let id: OrgId = creds
+            .id
+            .clone()
+            .try_into()
+            .map_err(|e: accord_proto::ids::IdError| cred(e.to_string()))?;
+        let keys =
+            accord_gateway::server::load_key_file(&org_dir.join("keys.json")).map_err(cred)?;
         if keys.owner != id.to_string() {
-            return Err(cred(format!("keys.json belongs to {}, the certificate to {id}", keys.owner)));
+            return Err(cred(format!(
+                "keys.json belongs to {}, the certificate to {id}",
+                keys.owner
+            )));
         }
         let mut roots = CountryRoots::default();
         roots
             .add(gateway.id.country().clone(), &gateway.root)
             .map_err(|e| cred(e.to_string()))?;
-        let config = tls::client_config(&creds, roots, gateway.id.clone()).map_err(|e| cred(e.to_string()))?;
+        let config = tls::client_config(&creds, roots, gateway.id.clone())
+            .map_err(|e| cred(e.to_string()))?;
         let mut exchange = ExchangeClient::new(tls::channel(gateway.addr, config))
             .max_decoding_message_size(64 << 20);
         let dirs = exchange
@@ -120,7 +129,12 @@ impl OrgClient {
             .into_inner()
             .directories;
         let directories = Directories::new(dirs).map_err(|e| ClientError::Verify(e.to_string()))?;
-        Ok(Self { id, keys, exchange, directories })
+        Ok(Self {
+            id,
+            keys,
+            exchange,
+            directories,
+        })
     }
 
     pub fn directories(&self) -> &Directories {
@@ -128,13 +142,24 @@ impl OrgClient {
     }
 
     /// Seals `body` for `recipient`, signs it, submits it, and checks the accepted receipt.
-    pub async fn send(&mut self, recipient: &OrgId, body: &pb::Body, opts: &SendOptions) -> Result<Sent, ClientError> {
-        let form = body.form.as_ref().ok_or_else(|| forms::FormError { path: "form".into(), problem: "required" })?;
+    pub async fn send(
+        &mut self,
+        recipient: &OrgId,
+        body: &pb::Body,
+        opts: &SendOptions,
+    ) -> Result<Sent, ClientError> {
+        let form = body.form.as_ref().ok_or_else(|| forms::FormError {
+            path: "form".into(),
+            problem: "required",
+        })?;
         let kind = forms::kind_of(form);
         forms::check(kind, body)?;
         let now = now_ms();
         let (key_id, pk) = self.directories.current_encryption_key(recipient, now)?;
-        let id = MessageId::new_v7(now as u64, crypto::random().map_err(|e| ClientError::Verify(e.to_string()))?);
+        let id = MessageId::new_v7(
+            now as u64,
+            crypto::random().map_err(|e| ClientError::Verify(e.to_string()))?,
+        );
         let header = pb::Header {
             message_id: id.as_bytes().to_vec(),
             kind: kind as i32,
@@ -146,7 +171,10 @@ impl OrgClient {
             created_at_ms: now,
             expires_at_ms: now + opts.ttl_ms,
             priority: opts.priority as i32,
-            in_reply_to: opts.in_reply_to.map(|i| i.as_bytes().to_vec()).unwrap_or_default(),
+            in_reply_to: opts
+                .in_reply_to
+                .map(|i| i.as_bytes().to_vec())
+                .unwrap_or_default(),
             handling_code: opts.handling_code.clone(),
             hpke_enc: vec![],
             key_commitment: vec![],
@@ -157,7 +185,9 @@ impl OrgClient {
         let hash = sealed.hash();
         let accepted = self
             .exchange
-            .submit(pb::SubmitRequest { envelope: Some(sealed.to_wire()) })
+            .submit(pb::SubmitRequest {
+                envelope: Some(sealed.to_wire()),
+            })
             .await?
             .into_inner()
             .accepted
@@ -166,45 +196,78 @@ impl OrgClient {
         Ok(Sent { id, hash, accepted })
     }
 
-    fn check_receipt(&self, r: &pb::Receipt, hash: &EnvelopeHash, id: &MessageId) -> Result<VerifiedReceipt, ClientError> {
-        let v = receipt::verify(r, &self.directories).map_err(|e| ClientError::Verify(e.to_string()))?;
+    fn check_receipt(
+        &self,
+        r: &pb::Receipt,
+        hash: &EnvelopeHash,
+        id: &MessageId,
+    ) -> Result<VerifiedReceipt, ClientError> {
+        let v = receipt::verify(r, &self.directories)
+            .map_err(|e| ClientError::Verify(e.to_string()))?;
         if &v.envelope_hash != hash || &v.message_id != id {
-            return Err(ClientError::Verify("receipt is for another envelope".into()));
+            return Err(ClientError::Verify(
+                "receipt is for another envelope".into(),
+            ));
         }
         Ok(v)
     }
 
     fn open(&self, item: pb::InboxItem) -> Result<Opened, ClientError> {
-        let wire = item.envelope.ok_or_else(|| ClientError::Verify("inbox item without envelope".into()))?;
-        let sealed = SealedEnvelope::from_wire(wire, &Limits::default()).map_err(|e| ClientError::Verify(e.to_string()))?;
+        let wire = item
+            .envelope
+            .ok_or_else(|| ClientError::Verify("inbox item without envelope".into()))?;
+        let sealed = SealedEnvelope::from_wire(wire, &Limits::default())
+            .map_err(|e| ClientError::Verify(e.to_string()))?;
         // Verified at submission time by the gateways; here against its own creation time,
         // since a message may wait in the inbox.
         let created = pb_created_at(&sealed)?;
-        let envelope = sealed.verify(&self.directories, created).map_err(|e| ClientError::Verify(e.to_string()))?;
+        let envelope = sealed
+            .verify(&self.directories, created)
+            .map_err(|e| ClientError::Verify(e.to_string()))?;
         if envelope.recipient() != &self.id {
-            return Err(ClientError::Verify(format!("envelope addressed to {}, not to us", envelope.recipient())));
+            return Err(ClientError::Verify(format!(
+                "envelope addressed to {}, not to us",
+                envelope.recipient()
+            )));
         }
-        let (key_id, key) = self.keys.encryption_key().map_err(|e| ClientError::Credentials(e.to_string()))?;
+        let (key_id, key) = self
+            .keys
+            .encryption_key()
+            .map_err(|e| ClientError::Credentials(e.to_string()))?;
         if key_id != envelope.header().recipient_key_id {
             return Err(ClientError::Credentials(format!(
                 "envelope sealed to key {}, we hold {key_id}",
                 envelope.header().recipient_key_id
             )));
         }
-        let body = envelope.open(key).map_err(|e| ClientError::Verify(e.to_string()))?;
+        let body = envelope
+            .open(key)
+            .map_err(|e| ClientError::Verify(e.to_string()))?;
         forms::check(envelope.kind(), &body)?;
         Ok(Opened { envelope, body })
     }
 
     /// Fetches, verifies and opens up to `max` waiting envelopes.
     pub async fn fetch(&mut self, max: u32) -> Result<Vec<Opened>, ClientError> {
-        let items = self.exchange.fetch(pb::FetchRequest { max }).await?.into_inner().items;
+        let items = self
+            .exchange
+            .fetch(pb::FetchRequest { max })
+            .await?
+            .into_inner()
+            .items;
         items.into_iter().map(|i| self.open(i)).collect()
     }
 
     /// The inbox as a live stream of opened envelopes.
-    pub async fn subscribe(&mut self) -> Result<impl Stream<Item = Result<Opened, ClientError>> + '_, ClientError> {
-        let stream = self.exchange.clone().subscribe(pb::SubscribeRequest {}).await?.into_inner();
+    pub async fn subscribe(
+        &mut self,
+    ) -> Result<impl Stream<Item = Result<Opened, ClientError>> + '_, ClientError> {
+        let stream = self
+            .exchange
+            .clone()
+            .subscribe(pb::SubscribeRequest {})
+            .await?
+            .into_inner();
         let this = &*self;
         Ok(stream.map(move |item| this.open(item?)))
     }
@@ -222,18 +285,28 @@ impl OrgClient {
             reason: 0,
         };
         let r = receipt::sign(&body, &self.keys.signing);
-        self.exchange.ack(pb::AckRequest { delivered: Some(r.clone()) }).await?;
+        self.exchange
+            .ack(pb::AckRequest {
+                delivered: Some(r.clone()),
+            })
+            .await?;
         Ok(r)
     }
 
     /// Every receipt of a message we sent or received, each verified.
-    pub async fn status(&mut self, id: &MessageId) -> Result<(EnvelopeHash, Vec<VerifiedReceipt>), ClientError> {
+    pub async fn status(
+        &mut self,
+        id: &MessageId,
+    ) -> Result<(EnvelopeHash, Vec<VerifiedReceipt>), ClientError> {
         let resp = self
             .exchange
-            .status(pb::StatusRequest { message_id: id.as_bytes().to_vec() })
+            .status(pb::StatusRequest {
+                message_id: id.as_bytes().to_vec(),
+            })
             .await?
             .into_inner();
-        let hash = EnvelopeHash::from_slice(&resp.envelope_hash).map_err(|e| ClientError::Verify(e.to_string()))?;
+        let hash = EnvelopeHash::from_slice(&resp.envelope_hash)
+            .map_err(|e| ClientError::Verify(e.to_string()))?;
         let receipts = resp
             .receipts
             .iter()
@@ -268,5 +341,9 @@ pub fn furthest_stage(receipts: &[VerifiedReceipt]) -> Stage {
         Stage::Delivered => 3,
         Stage::Rejected => 4,
     };
-    receipts.iter().map(|r| r.stage()).max_by_key(|s| rank(*s)).unwrap_or(Stage::Unspecified)
+    receipts
+        .iter()
+        .map(|r| r.stage())
+        .max_by_key(|s| rank(*s))
+        .unwrap_or(Stage::Unspecified)
 }

@@ -225,7 +225,9 @@ impl Config {
         if let Some(id) = &identity {
             for (i, p) in peers.iter().enumerate() {
                 if p.gateway.country() == id.country() {
-                    problems.push(format!("peers[{i}].gateway: a peer must be another country"));
+                    problems.push(format!(
+                        "peers[{i}].gateway: a peer must be another country"
+                    ));
                 }
             }
         }
@@ -243,9 +245,7 @@ impl Config {
         if raw.forwarder.initial_backoff_ms == 0
             || raw.forwarder.max_backoff_ms < raw.forwarder.initial_backoff_ms
         {
-            problems.push(
-                "forwarder: need 0 < initial_backoff_ms <= max_backoff_ms".into(),
-            );
+            problems.push("forwarder: need 0 < initial_backoff_ms <= max_backoff_ms".into());
         }
         match (identity, client_listen, peer_listen) {
             (Some(identity), Some(client_listen), Some(peer_listen)) if problems.is_empty() => {
@@ -285,8 +285,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused_with_their_name() {
-        let err = Config::parse("identity = 'x'\nidentiy = 'y'", Path::new("/x/gw.toml"))
-            .unwrap_err();
+        let err =
+            Config::parse("identity = 'x'\nidentiy = 'y'", Path::new("/x/gw.toml")).unwrap_err();
         assert!(err.to_string().contains("identiy"), "{err}");
     }
 
@@ -310,7 +310,14 @@ root = "kh.pem"
 "#;
         let err = Config::parse(text, Path::new("/nonexistent/gw.toml")).unwrap_err();
         let s = err.to_string();
-        for key in ["identity", "client_listen", "tls.root", "receipt_key", "peers[0].address", "peers[0].root"] {
+        for key in [
+            "identity",
+            "client_listen",
+            "tls.root",
+            "receipt_key",
+            "peers[0].address",
+            "peers[0].root",
+        ] {
             assert!(s.contains(key), "{key} missing from: {s}");
         }
         assert!(s.starts_with("/nonexistent/gw.toml"));
@@ -323,7 +330,10 @@ mod deploy_example {
 
     #[test]
     fn the_deploy_example_config_has_only_missing_file_problems() {
-        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/vn-gateway.toml"));
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/vn-gateway.toml"
+        ));
         match Config::load(path) {
             Ok(_) => {}
             Err(e) => {

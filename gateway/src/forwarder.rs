@@ -135,7 +135,9 @@ async fn drain_once(
         .map_err(|s| ForwardError::Unavailable(format!("{:?}: {}", s.code(), s.message())))?
         .into_inner();
     if response.results.len() != sent.len() {
-        return Err(ForwardError::Unavailable("peer answered a different number of items".into()));
+        return Err(ForwardError::Unavailable(
+            "peer answered a different number of items".into(),
+        ));
     }
     let mut settled = 0;
     for ((key, entry, id), result) in sent.into_iter().zip(response.results) {
@@ -159,7 +161,9 @@ async fn drain_once(
                         pb::LogEntry {
                             event: event as i32,
                             message_id: id.as_bytes().to_vec(),
-                            envelope_hash: v.map(|v| v.envelope_hash.0.to_vec()).unwrap_or_default(),
+                            envelope_hash: v
+                                .map(|v| v.envelope_hash.0.to_vec())
+                                .unwrap_or_default(),
                             actor: peer.to_string(),
                             at_ms: pipeline.now(),
                             reason: 0,
@@ -172,7 +176,9 @@ async fn drain_once(
                     // Keep the entry: a peer answering with a bad receipt is a fault to fix,
                     // not a reason to lose the message.
                     tracing::error!(peer = %peer, message_id = %id, error = %e, "peer answered with a receipt that does not verify");
-                    return Err(ForwardError::Unavailable(format!("bad receipt from peer: {e}")));
+                    return Err(ForwardError::Unavailable(format!(
+                        "bad receipt from peer: {e}"
+                    )));
                 }
             }
         }
@@ -190,13 +196,20 @@ fn check_peer_receipt(
 ) -> Result<LogEvent, PipelineError> {
     let v = receipt::verify(r, &pipeline.directories)?;
     let stored = pipeline.store.message(id)?.ok_or(PipelineError::NotFound)?;
-    if &v.signer != peer || v.message_id != *id || v.envelope_hash.0 != stored.envelope_hash.as_slice() {
-        return Err(PipelineError::BadReceipt("receipt does not name this message and peer".into()));
+    if &v.signer != peer
+        || v.message_id != *id
+        || v.envelope_hash.0 != stored.envelope_hash.as_slice()
+    {
+        return Err(PipelineError::BadReceipt(
+            "receipt does not name this message and peer".into(),
+        ));
     }
     match v.stage() {
         Stage::Received => Ok(LogEvent::Forwarded),
         Stage::Rejected => Ok(LogEvent::Rejected),
-        other => Err(PipelineError::BadReceipt(format!("unexpected stage {other:?}"))),
+        other => Err(PipelineError::BadReceipt(format!(
+            "unexpected stage {other:?}"
+        ))),
     }
 }
 
@@ -212,16 +225,26 @@ async fn settle(
         _ => Op::Dequeue(key),
     };
     ops.push(queue_op);
-    pipeline.store.commit(Tx { ops, receipts: None }).await?;
+    pipeline
+        .store
+        .commit(Tx {
+            ops,
+            receipts: None,
+        })
+        .await?;
     Ok(())
 }
 
 fn peer_country(key: &QueueKey) -> Result<accord_proto::ids::CountryCode, StoreError> {
     // Queue keys start with b"qo:<cc>\0"; only outbox keys reach here.
-    std::str::from_utf8(key.0.get(3..5).ok_or_else(|| StoreError::Corrupt("queue key".into()))?)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| StoreError::Corrupt("queue key".into()))
+    std::str::from_utf8(
+        key.0
+            .get(3..5)
+            .ok_or_else(|| StoreError::Corrupt("queue key".into()))?,
+    )
+    .ok()
+    .and_then(|s| s.parse().ok())
+    .ok_or_else(|| StoreError::Corrupt("queue key".into()))
 }
 
 /// An envelope that expired before it left: its sender gets a rejected receipt from us.
@@ -266,7 +289,10 @@ async fn expire_unsent(
     };
     pipeline
         .store
-        .commit(Tx { ops: vec![log, queue_op], receipts: Some(maker) })
+        .commit(Tx {
+            ops: vec![log, queue_op],
+            receipts: Some(maker),
+        })
         .await?;
     tracing::info!(message_id = %id, "expired before forwarding");
     Ok(())
@@ -278,12 +304,19 @@ mod tests {
 
     #[test]
     fn backoff_grows_exponentially_within_bounds() {
-        let cfg = ForwarderConfig { batch: 1, initial_backoff_ms: 100, max_backoff_ms: 5_000 };
+        let cfg = ForwarderConfig {
+            batch: 1,
+            initial_backoff_ms: 100,
+            max_backoff_ms: 5_000,
+        };
         for attempt in 0..40 {
             for j in [0.0, 0.3, 1.0] {
                 let d = backoff(&cfg, attempt, j).as_millis() as u64;
                 let cap = (100u64 << attempt.min(30)).min(5_000);
-                assert!(d >= cap / 2 && d <= cap, "attempt {attempt} jitter {j}: {d}");
+                assert!(
+                    d >= cap / 2 && d <= cap,
+                    "attempt {attempt} jitter {j}: {d}"
+                );
             }
         }
         assert_eq!(backoff(&cfg, 0, 1.0).as_millis(), 100);

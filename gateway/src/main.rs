@@ -5,7 +5,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "accord-gateway", version, about = "Accord gateway: mTLS store-and-forward relay of sealed envelopes")]
+#[command(
+    name = "accord-gateway",
+    version,
+    about = "Accord gateway: mTLS store-and-forward relay of sealed envelopes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -18,9 +18,7 @@ use accord_proto::receipt::{self, ReceiptError, VerifiedReceipt};
 use prost::Message;
 use tokio::sync::Notify;
 
-use crate::store::{
-    Op, Queue, QueueEntry, Store, StoreError, StoredMessage, Tx, TxOutcome,
-};
+use crate::store::{Op, Queue, QueueEntry, Store, StoreError, StoredMessage, Tx, TxOutcome};
 
 /// Why the pipeline refused or failed a request. [`crate::service`] maps it to a status.
 #[derive(Debug, thiserror::Error)]
@@ -214,12 +212,24 @@ impl Pipeline {
         let maker = Box::new(move |first: LogIndex| {
             let receipts: Vec<_> = stages
                 .iter()
-                .map(|&(stage, nth)| (id, me.make_receipt(stage, id, hash, at, first + nth, reason)))
+                .map(|&(stage, nth)| {
+                    (
+                        id,
+                        me.make_receipt(stage, id, hash, at, first + nth, reason),
+                    )
+                })
                 .collect();
             *out.lock().unwrap_or_else(|p| p.into_inner()) = receipts.first().map(|r| r.1.clone());
             receipts
         });
-        match self.store.commit(Tx { ops, receipts: Some(maker) }).await? {
+        match self
+            .store
+            .commit(Tx {
+                ops,
+                receipts: Some(maker),
+            })
+            .await?
+        {
             TxOutcome::Exists(id) => Ok(Err(id)),
             TxOutcome::Committed { .. } => {
                 let r = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -231,7 +241,11 @@ impl Pipeline {
     }
 
     /// The stored receipt of `stage` signed by this gateway, for idempotent answers.
-    fn own_receipt(&self, id: &MessageId, stage: Stage) -> Result<Option<pb::Receipt>, PipelineError> {
+    fn own_receipt(
+        &self,
+        id: &MessageId,
+        stage: Stage,
+    ) -> Result<Option<pb::Receipt>, PipelineError> {
         let me = self.identity.to_string();
         for r in self.store.receipts(id)? {
             if let Ok(body) = pb::ReceiptBody::decode(r.body.as_slice()) {
@@ -244,7 +258,12 @@ impl Pipeline {
     }
 
     /// The answer to a repeated envelope: the same receipt if it is the same envelope.
-    async fn repeat(&self, id: &MessageId, hash: &EnvelopeHash, stage: Stage) -> Result<pb::Receipt, PipelineError> {
+    async fn repeat(
+        &self,
+        id: &MessageId,
+        hash: &EnvelopeHash,
+        stage: Stage,
+    ) -> Result<pb::Receipt, PipelineError> {
         let stored = self.store.message(id)?.ok_or(PipelineError::NotFound)?;
         if stored.envelope_hash != hash.0 {
             return Err(PipelineError::Conflict);
@@ -257,14 +276,22 @@ impl Pipeline {
 
     fn check_quota(&self) -> Result<(), PipelineError> {
         if self.store.disk_usage()? > self.quota_bytes {
-            tracing::warn!(quota = self.quota_bytes, "store over quota; refusing new envelopes");
+            tracing::warn!(
+                quota = self.quota_bytes,
+                "store over quota; refusing new envelopes"
+            );
             return Err(PipelineError::QuotaFull);
         }
         Ok(())
     }
 
     /// Logs a refused envelope (hash and id only) and passes the error on.
-    async fn refuse(&self, caller: &SpiffeId, sealed: Option<&SealedEnvelope>, err: PipelineError) -> PipelineError {
+    async fn refuse(
+        &self,
+        caller: &SpiffeId,
+        sealed: Option<&SealedEnvelope>,
+        err: PipelineError,
+    ) -> PipelineError {
         let reason = match &err {
             PipelineError::Refused { reason, .. } => *reason,
             PipelineError::PermissionDenied(_) => RejectReason::SenderMismatch,
@@ -282,7 +309,10 @@ impl Pipeline {
             reason: reason as i32,
             receipt_hash: vec![],
         };
-        let tx = Tx { ops: vec![Op::Log(entry.encode_to_vec())], receipts: None };
+        let tx = Tx {
+            ops: vec![Op::Log(entry.encode_to_vec())],
+            receipts: None,
+        };
         if let Err(e) = self.store.commit(tx).await {
             tracing::error!(error = %e, "could not log a refusal");
         }
@@ -290,7 +320,11 @@ impl Pipeline {
     }
 
     /// Client submit: the caller must be the envelope's sender. Answers the accepted receipt.
-    pub async fn submit(self: &Arc<Self>, caller: &SpiffeId, env: pb::Envelope) -> Result<pb::Receipt, PipelineError> {
+    pub async fn submit(
+        self: &Arc<Self>,
+        caller: &SpiffeId,
+        env: pb::Envelope,
+    ) -> Result<pb::Receipt, PipelineError> {
         let sealed = match SealedEnvelope::from_wire(env, &self.limits) {
             Ok(s) => s,
             Err(e) => return Err(self.refuse(caller, None, e.into()).await),
@@ -301,10 +335,16 @@ impl Pipeline {
         }
     }
 
-    fn check_submit(&self, caller: &SpiffeId, sealed: SealedEnvelope) -> Result<(VerifiedEnvelope, Queue), PipelineError> {
+    fn check_submit(
+        &self,
+        caller: &SpiffeId,
+        sealed: SealedEnvelope,
+    ) -> Result<(VerifiedEnvelope, Queue), PipelineError> {
         let now = self.now();
         if caller.role() != Role::Org || caller.country() != self.country() {
-            return Err(PipelineError::PermissionDenied(format!("{caller} may not submit here")));
+            return Err(PipelineError::PermissionDenied(format!(
+                "{caller} may not submit here"
+            )));
         }
         let env = sealed.verify(&self.directories, now)?;
         if env.sender().spiffe() != caller {
@@ -339,7 +379,10 @@ impl Pipeline {
             })
     }
 
-    async fn accept(self: &Arc<Self>, (env, queue): (VerifiedEnvelope, Queue)) -> Result<pb::Receipt, PipelineError> {
+    async fn accept(
+        self: &Arc<Self>,
+        (env, queue): (VerifiedEnvelope, Queue),
+    ) -> Result<pb::Receipt, PipelineError> {
         let (id, hash) = (env.id(), env.hash());
         let span = tracing::info_span!("submit", message_id = %id, envelope_hash = %hash);
         let _g = span.enter();
@@ -355,13 +398,38 @@ impl Pipeline {
         };
         let ops = vec![
             Op::InsertMessage(id, stored(&env, now)),
-            Op::Enqueue(queue, env.priority(), QueueEntry { message_id: id.as_bytes().to_vec(), receipt: None }),
-            entry(LogEvent::Submitted, Some(&id), &hash, &env.sender().to_string(), now),
-            entry(LogEvent::Accepted, Some(&id), &hash, &self.identity.to_string(), now),
+            Op::Enqueue(
+                queue,
+                env.priority(),
+                QueueEntry {
+                    message_id: id.as_bytes().to_vec(),
+                    receipt: None,
+                },
+            ),
+            entry(
+                LogEvent::Submitted,
+                Some(&id),
+                &hash,
+                &env.sender().to_string(),
+                now,
+            ),
+            entry(
+                LogEvent::Accepted,
+                Some(&id),
+                &hash,
+                &self.identity.to_string(),
+                now,
+            ),
         ];
         let mut ops = ops;
         if local {
-            ops.push(entry(LogEvent::Received, Some(&id), &hash, &self.identity.to_string(), now));
+            ops.push(entry(
+                LogEvent::Received,
+                Some(&id),
+                &hash,
+                &self.identity.to_string(),
+                now,
+            ));
         }
         // Same-country exchange: this gateway is also the receiving one.
         let stages: &[(Stage, u64)] = if local {
@@ -369,7 +437,10 @@ impl Pipeline {
         } else {
             &[(Stage::Accepted, 1)]
         };
-        let receipt = match self.commit_with_receipt(ops, stages, id, hash, RejectReason::Unspecified).await? {
+        let receipt = match self
+            .commit_with_receipt(ops, stages, id, hash, RejectReason::Unspecified)
+            .await?
+        {
             Ok(r) => r,
             Err(_) => return self.repeat(&id, &hash, Stage::Accepted).await,
         };
@@ -379,7 +450,11 @@ impl Pipeline {
     }
 
     /// An envelope from a peer gateway. Answers a received receipt, or a rejected one.
-    pub async fn receive(self: &Arc<Self>, peer: &SpiffeId, env: pb::Envelope) -> Result<pb::Receipt, PipelineError> {
+    pub async fn receive(
+        self: &Arc<Self>,
+        peer: &SpiffeId,
+        env: pb::Envelope,
+    ) -> Result<pb::Receipt, PipelineError> {
         let sealed = SealedEnvelope::from_wire(env, &self.limits)?;
         let hash = sealed.hash();
         let verified = sealed.clone().verify(&self.directories, self.now());
@@ -388,13 +463,18 @@ impl Pipeline {
             Err(e) => return self.reject_from_peer(peer, &sealed, hash, e.reason()).await,
         };
         let (id, sender, recipient) = (env.id(), env.sender().clone(), env.recipient().clone());
-        let span = tracing::info_span!("receive", message_id = %id, envelope_hash = %hash, peer = %peer);
+        let span =
+            tracing::info_span!("receive", message_id = %id, envelope_hash = %hash, peer = %peer);
         let _g = span.enter();
         if sender.country() != peer.country() {
-            return self.reject_from_peer(peer, &sealed, hash, RejectReason::SenderMismatch).await;
+            return self
+                .reject_from_peer(peer, &sealed, hash, RejectReason::SenderMismatch)
+                .await;
         }
         if recipient.country() != self.country() {
-            return self.reject_from_peer(peer, &sealed, hash, RejectReason::NoRoute).await;
+            return self
+                .reject_from_peer(peer, &sealed, hash, RejectReason::NoRoute)
+                .await;
         }
         if let Err(PipelineError::Refused { reason, .. }) = self.check_recipient(&env) {
             return self.reject_from_peer(peer, &sealed, hash, reason).await;
@@ -402,7 +482,8 @@ impl Pipeline {
         if self.store.message(&id)?.is_some() {
             return match self.repeat(&id, &hash, Stage::Received).await {
                 Err(PipelineError::Conflict) => {
-                    self.reject_from_peer(peer, &sealed, hash, RejectReason::Conflict).await
+                    self.reject_from_peer(peer, &sealed, hash, RejectReason::Conflict)
+                        .await
                 }
                 other => other,
             };
@@ -411,10 +492,26 @@ impl Pipeline {
         let now = self.now();
         let ops = vec![
             Op::InsertMessage(id, stored(&env, now)),
-            Op::Enqueue(Queue::Inbox(recipient.clone()), env.priority(), QueueEntry { message_id: id.as_bytes().to_vec(), receipt: None }),
+            Op::Enqueue(
+                Queue::Inbox(recipient.clone()),
+                env.priority(),
+                QueueEntry {
+                    message_id: id.as_bytes().to_vec(),
+                    receipt: None,
+                },
+            ),
             entry(LogEvent::Received, Some(&id), &hash, &peer.to_string(), now),
         ];
-        let receipt = match self.commit_with_receipt(ops, &[(Stage::Received, 0)], id, hash, RejectReason::Unspecified).await? {
+        let receipt = match self
+            .commit_with_receipt(
+                ops,
+                &[(Stage::Received, 0)],
+                id,
+                hash,
+                RejectReason::Unspecified,
+            )
+            .await?
+        {
             Ok(r) => r,
             Err(_) => return self.repeat(&id, &hash, Stage::Received).await,
         };
@@ -423,34 +520,58 @@ impl Pipeline {
         Ok(receipt)
     }
 
-    async fn reject_from_peer(self: &Arc<Self>, peer: &SpiffeId, sealed: &SealedEnvelope, hash: EnvelopeHash, reason: RejectReason) -> Result<pb::Receipt, PipelineError> {
+    async fn reject_from_peer(
+        self: &Arc<Self>,
+        peer: &SpiffeId,
+        sealed: &SealedEnvelope,
+        hash: EnvelopeHash,
+        reason: RejectReason,
+    ) -> Result<pb::Receipt, PipelineError> {
         // A rejected receipt needs the message id; without a parseable one, refuse outright.
         let id = pb::Header::decode(sealed.to_wire().header.as_slice())
             .ok()
             .and_then(|h| MessageId::from_slice(&h.message_id).ok())
-            .ok_or(PipelineError::Refused { reason, detail: "envelope from peer refused".into() })?;
+            .ok_or(PipelineError::Refused {
+                reason,
+                detail: "envelope from peer refused".into(),
+            })?;
         tracing::warn!(message_id = %id, envelope_hash = %hash, peer = %peer, ?reason, "envelope from peer rejected");
-        let ops = vec![Op::Log(pb::LogEntry {
-            event: LogEvent::Rejected as i32,
-            message_id: id.as_bytes().to_vec(),
-            envelope_hash: hash.0.to_vec(),
-            actor: peer.to_string(),
-            at_ms: self.now(),
-            reason: reason as i32,
-            receipt_hash: vec![],
-        }.encode_to_vec())];
-        match self.commit_with_receipt(ops, &[(Stage::Rejected, 0)], id, hash, reason).await? {
+        let ops = vec![Op::Log(
+            pb::LogEntry {
+                event: LogEvent::Rejected as i32,
+                message_id: id.as_bytes().to_vec(),
+                envelope_hash: hash.0.to_vec(),
+                actor: peer.to_string(),
+                at_ms: self.now(),
+                reason: reason as i32,
+                receipt_hash: vec![],
+            }
+            .encode_to_vec(),
+        )];
+        match self
+            .commit_with_receipt(ops, &[(Stage::Rejected, 0)], id, hash, reason)
+            .await?
+        {
             Ok(r) => Ok(r),
             Err(_) => Err(PipelineError::Conflict),
         }
     }
 
     /// A receipt travelling back from a peer (delivered, or rejected at delivery).
-    pub async fn receive_receipt(self: &Arc<Self>, peer: &SpiffeId, r: &pb::Receipt) -> Result<(), PipelineError> {
+    pub async fn receive_receipt(
+        self: &Arc<Self>,
+        peer: &SpiffeId,
+        r: &pb::Receipt,
+    ) -> Result<(), PipelineError> {
         let v = receipt::verify(r, &self.directories)?;
-        let stored = self.store.message(&v.message_id)?.ok_or(PipelineError::NotFound)?;
+        let stored = self
+            .store
+            .message(&v.message_id)?
+            .ok_or(PipelineError::NotFound)?;
         if stored.envelope_hash != v.envelope_hash.0 {
-            return Err(PipelineError::BadReceipt("envelope hash does not match the message".into()));
+            return Err(PipelineError::BadReceipt(
+                "envelope hash does not match the message".into(),
+            ));
         }
         let signer_ok = match v.stage() {
             Stage::Delivered => v.signer.to_string() == stored.recipient_org,
@@ -458,29 +579,58 @@ impl Pipeline {
             _ => false,
         };
         if !signer_ok || v.signer.country() != peer.country() {
-            return Err(PipelineError::BadReceipt(format!("{:?} receipt from {} does not fit", v.stage(), v.signer)));
+            return Err(PipelineError::BadReceipt(format!(
+                "{:?} receipt from {} does not fit",
+                v.stage(),
+                v.signer
+            )));
         }
-        let ops = vec![Op::PutReceipt(v.message_id, r.clone()), receipt_entry(LogEvent::Receipt, &v, self.now())];
-        self.store.commit(Tx { ops, receipts: None }).await?;
+        let ops = vec![
+            Op::PutReceipt(v.message_id, r.clone()),
+            receipt_entry(LogEvent::Receipt, &v, self.now()),
+        ];
+        self.store
+            .commit(Tx {
+                ops,
+                receipts: None,
+            })
+            .await?;
         tracing::info!(message_id = %v.message_id, stage = ?v.stage(), "receipt from peer stored");
         Ok(())
     }
 
     /// The recipient acknowledges with a delivered receipt it signed.
-    pub async fn ack(self: &Arc<Self>, caller: &SpiffeId, r: &pb::Receipt) -> Result<(), PipelineError> {
+    pub async fn ack(
+        self: &Arc<Self>,
+        caller: &SpiffeId,
+        r: &pb::Receipt,
+    ) -> Result<(), PipelineError> {
         let v = receipt::verify(r, &self.directories)?;
         if v.stage() != Stage::Delivered || &v.signer != caller {
-            return Err(PipelineError::PermissionDenied("only the recipient's own delivered receipt acknowledges".into()));
+            return Err(PipelineError::PermissionDenied(
+                "only the recipient's own delivered receipt acknowledges".into(),
+            ));
         }
-        let stored = self.store.message(&v.message_id)?.ok_or(PipelineError::NotFound)?;
+        let stored = self
+            .store
+            .message(&v.message_id)?
+            .ok_or(PipelineError::NotFound)?;
         if stored.recipient_org != caller.to_string() {
             return Err(PipelineError::NotFound);
         }
         if stored.envelope_hash != v.envelope_hash.0 {
-            return Err(PipelineError::BadReceipt("envelope hash does not match the message".into()));
+            return Err(PipelineError::BadReceipt(
+                "envelope hash does not match the message".into(),
+            ));
         }
-        let org: OrgId = caller.clone().try_into().map_err(|_| PipelineError::NotFound)?;
-        let sender: OrgId = stored.sender_org.parse().map_err(|_| StoreError::Corrupt(v.message_id.to_string()))?;
+        let org: OrgId = caller
+            .clone()
+            .try_into()
+            .map_err(|_| PipelineError::NotFound)?;
+        let sender: OrgId = stored
+            .sender_org
+            .parse()
+            .map_err(|_| StoreError::Corrupt(v.message_id.to_string()))?;
         let mut ops = vec![
             Op::RemoveMessage(Queue::Inbox(org), v.message_id),
             Op::PutReceipt(v.message_id, r.clone()),
@@ -488,9 +638,21 @@ impl Pipeline {
         ];
         let remote = sender.country() != self.country();
         if remote {
-            ops.push(Op::Enqueue(Queue::Outbox(sender.country().clone()), pb::Priority::Urgent, QueueEntry { message_id: v.message_id.as_bytes().to_vec(), receipt: Some(r.clone()) }));
+            ops.push(Op::Enqueue(
+                Queue::Outbox(sender.country().clone()),
+                pb::Priority::Urgent,
+                QueueEntry {
+                    message_id: v.message_id.as_bytes().to_vec(),
+                    receipt: Some(r.clone()),
+                },
+            ));
         }
-        self.store.commit(Tx { ops, receipts: None }).await?;
+        self.store
+            .commit(Tx {
+                ops,
+                receipts: None,
+            })
+            .await?;
         tracing::info!(message_id = %v.message_id, "delivered");
         if remote {
             self.signals.wake(&Self::outbox_key(sender.country()));
@@ -500,13 +662,22 @@ impl Pipeline {
 
     /// Up to `max` envelopes waiting for `caller`, oldest first within priority. Expired
     /// ones are taken out and answered to their sender with a rejected receipt instead.
-    pub async fn inbox(self: &Arc<Self>, caller: &SpiffeId, max: usize) -> Result<Vec<pb::InboxItem>, PipelineError> {
-        let org: OrgId = caller.clone().try_into().map_err(|_| PipelineError::PermissionDenied("only organisations have inboxes".into()))?;
+    pub async fn inbox(
+        self: &Arc<Self>,
+        caller: &SpiffeId,
+        max: usize,
+    ) -> Result<Vec<pb::InboxItem>, PipelineError> {
+        let org: OrgId = caller.clone().try_into().map_err(|_| {
+            PipelineError::PermissionDenied("only organisations have inboxes".into())
+        })?;
         let now = self.now();
         let mut items = Vec::new();
         for (_, entry) in self.store.queue(&Queue::Inbox(org.clone()), max)? {
-            let id = MessageId::from_slice(&entry.message_id).map_err(|_| StoreError::Corrupt("inbox".into()))?;
-            let Some(msg) = self.store.message(&id)? else { continue };
+            let id = MessageId::from_slice(&entry.message_id)
+                .map_err(|_| StoreError::Corrupt("inbox".into()))?;
+            let Some(msg) = self.store.message(&id)? else {
+                continue;
+            };
             if now >= msg.expires_at_ms {
                 self.expire(&org, id, &msg).await?;
                 continue;
@@ -520,9 +691,18 @@ impl Pipeline {
         Ok(items)
     }
 
-    async fn expire(self: &Arc<Self>, org: &OrgId, id: MessageId, msg: &StoredMessage) -> Result<(), PipelineError> {
-        let hash = EnvelopeHash::from_slice(&msg.envelope_hash).map_err(|_| StoreError::Corrupt(id.to_string()))?;
-        let sender: OrgId = msg.sender_org.parse().map_err(|_| StoreError::Corrupt(id.to_string()))?;
+    async fn expire(
+        self: &Arc<Self>,
+        org: &OrgId,
+        id: MessageId,
+        msg: &StoredMessage,
+    ) -> Result<(), PipelineError> {
+        let hash = EnvelopeHash::from_slice(&msg.envelope_hash)
+            .map_err(|_| StoreError::Corrupt(id.to_string()))?;
+        let sender: OrgId = msg
+            .sender_org
+            .parse()
+            .map_err(|_| StoreError::Corrupt(id.to_string()))?;
         let now = self.now();
         let at = now;
         let me = self.clone();
@@ -530,18 +710,41 @@ impl Pipeline {
         let remote = &cc != self.country();
         let ops = vec![
             Op::RemoveMessage(Queue::Inbox(org.clone()), id),
-            entry(LogEvent::Expired, Some(&id), &hash, &self.identity.to_string(), now),
+            entry(
+                LogEvent::Expired,
+                Some(&id),
+                &hash,
+                &self.identity.to_string(),
+                now,
+            ),
         ];
         let maker = Box::new(move |index: LogIndex| {
             let r = me.make_receipt(Stage::Rejected, id, hash, at, index, RejectReason::Expired);
             vec![(id, r)]
         });
-        self.store.commit(Tx { ops, receipts: Some(maker) }).await?;
+        self.store
+            .commit(Tx {
+                ops,
+                receipts: Some(maker),
+            })
+            .await?;
         tracing::info!(message_id = %id, "expired before delivery");
         if remote {
             if let Some(r) = self.own_receipt(&id, Stage::Rejected)? {
-                let entry = QueueEntry { message_id: id.as_bytes().to_vec(), receipt: Some(r) };
-                self.store.commit(Tx { ops: vec![Op::Enqueue(Queue::Outbox(cc.clone()), pb::Priority::Urgent, entry)], receipts: None }).await?;
+                let entry = QueueEntry {
+                    message_id: id.as_bytes().to_vec(),
+                    receipt: Some(r),
+                };
+                self.store
+                    .commit(Tx {
+                        ops: vec![Op::Enqueue(
+                            Queue::Outbox(cc.clone()),
+                            pb::Priority::Urgent,
+                            entry,
+                        )],
+                        receipts: None,
+                    })
+                    .await?;
                 self.signals.wake(&Self::outbox_key(&cc));
             }
         }
@@ -549,13 +752,20 @@ impl Pipeline {
     }
 
     /// Every receipt of a message the caller sent or received.
-    pub fn status(&self, caller: &SpiffeId, id: &MessageId) -> Result<pb::StatusResponse, PipelineError> {
+    pub fn status(
+        &self,
+        caller: &SpiffeId,
+        id: &MessageId,
+    ) -> Result<pb::StatusResponse, PipelineError> {
         let msg = self.store.message(id)?.ok_or(PipelineError::NotFound)?;
         let me = caller.to_string();
         if msg.sender_org != me && msg.recipient_org != me {
             return Err(PipelineError::NotFound);
         }
-        Ok(pb::StatusResponse { envelope_hash: msg.envelope_hash, receipts: self.store.receipts(id)? })
+        Ok(pb::StatusResponse {
+            envelope_hash: msg.envelope_hash,
+            receipts: self.store.receipts(id)?,
+        })
     }
 }
 
@@ -571,5 +781,9 @@ fn stored(env: &VerifiedEnvelope, now: i64) -> StoredMessage {
 }
 
 fn hex_or_none(b: &[u8]) -> String {
-    if b.is_empty() { "-".into() } else { b.iter().map(|x| format!("{x:02x}")).collect() }
+    if b.is_empty() {
+        "-".into()
+    } else {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
 }

@@ -10,7 +10,10 @@ use accord_proto::directory::Directories;
 use accord_proto::envelope::Limits;
 use accord_proto::ids::Role;
 use accord_proto::keyfile::KeyFile;
-use accord_proto::pb::{exchange_server::ExchangeServer, peer_link_client::PeerLinkClient, peer_link_server::PeerLinkServer};
+use accord_proto::pb::{
+    exchange_server::ExchangeServer, peer_link_client::PeerLinkClient,
+    peer_link_server::PeerLinkServer,
+};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -38,18 +41,27 @@ pub enum StartError {
     ReceiptKey { path: String, problem: String },
     /// The store could not be opened.
     #[error("store at {path}: {source}")]
-    Store { path: String, source: crate::store::StoreError },
+    Store {
+        path: String,
+        source: crate::store::StoreError,
+    },
 }
 
 /// Reads every directory file (JSON `accord.v1.Directory`) into one checked set.
 pub fn load_directories(paths: &[std::path::PathBuf]) -> Result<Directories, StartError> {
     let mut dirs = Vec::new();
     for p in paths {
-        let err = |problem: String| StartError::Directory { path: p.display().to_string(), problem };
+        let err = |problem: String| StartError::Directory {
+            path: p.display().to_string(),
+            problem,
+        };
         let bytes = std::fs::read(p).map_err(|e| err(e.to_string()))?;
         dirs.push(serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?);
     }
-    Directories::new(dirs).map_err(|e| StartError::Directory { path: "(all)".into(), problem: e.to_string() })
+    Directories::new(dirs).map_err(|e| StartError::Directory {
+        path: "(all)".into(),
+        problem: e.to_string(),
+    })
 }
 
 /// Reads a private key file, refusing one that others may read.
@@ -57,9 +69,15 @@ pub fn load_key_file(path: &std::path::Path) -> Result<KeyFile, String> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path).map_err(|e| e.to_string())?.permissions().mode();
+        let mode = std::fs::metadata(path)
+            .map_err(|e| e.to_string())?
+            .permissions()
+            .mode();
         if mode & 0o077 != 0 {
-            return Err(format!("permissions {:o} let others read it; chmod 600 it", mode & 0o777));
+            return Err(format!(
+                "permissions {:o} let others read it; chmod 600 it",
+                mode & 0o777
+            ));
         }
     }
     let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| e.to_string())?);
@@ -98,7 +116,10 @@ pub async fn start(
 ) -> Result<RunningGateway, StartError> {
     let creds = Credentials::load(&config.tls_cert, &config.tls_key)?;
     if creds.id != config.identity {
-        return Err(StartError::IdentityMismatch { cert: creds.id.to_string(), config: config.identity.to_string() });
+        return Err(StartError::IdentityMismatch {
+            cert: creds.id.to_string(),
+            config: config.identity.to_string(),
+        });
     }
     let country = config.identity.country().clone();
     let mut own_roots = CountryRoots::default();
@@ -112,40 +133,78 @@ pub async fn start(
         path: config.receipt_key.display().to_string(),
         problem,
     })?;
-    let store = SledStore::open(&config.data_dir, config.limits.store_cache_bytes).map_err(|source| StartError::Store {
-        path: config.data_dir.display().to_string(),
-        source,
-    })?;
+    let store =
+        SledStore::open(&config.data_dir, config.limits.store_cache_bytes).map_err(|source| {
+            StartError::Store {
+                path: config.data_dir.display().to_string(),
+                source,
+            }
+        })?;
     let pipeline = Arc::new(Pipeline {
         identity: config.identity.clone(),
         store: Arc::new(store),
         directories,
         receipt_key: keys.signing,
-        limits: Limits { max_ciphertext: config.limits.max_ciphertext_bytes, ..Limits::default() },
+        limits: Limits {
+            max_ciphertext: config.limits.max_ciphertext_bytes,
+            ..Limits::default()
+        },
         quota_bytes: config.limits.queue_quota_bytes,
-        peers: config.peers.iter().map(|p| p.gateway.country().clone()).collect(),
+        peers: config
+            .peers
+            .iter()
+            .map(|p| p.gateway.country().clone())
+            .collect(),
         clock,
         signals: Signals::default(),
     });
 
-    let client_tls = tls::server_config(&creds, own_roots, Admission { role: Role::Org, countries: vec![country.clone()] })?;
+    let client_tls = tls::server_config(
+        &creds,
+        own_roots,
+        Admission {
+            role: Role::Org,
+            countries: vec![country.clone()],
+        },
+    )?;
     let peer_tls = tls::server_config(
         &creds,
         peer_roots.clone(),
-        Admission { role: Role::Gateway, countries: config.peers.iter().map(|p| p.gateway.country().clone()).collect() },
+        Admission {
+            role: Role::Gateway,
+            countries: config
+                .peers
+                .iter()
+                .map(|p| p.gateway.country().clone())
+                .collect(),
+        },
     )?;
-    let client_addr = client_listener.local_addr().map_err(|e| tls::TlsError::Pem { path: "client_listen".into(), problem: e.to_string() })?;
-    let peer_addr = peer_listener.local_addr().map_err(|e| tls::TlsError::Pem { path: "peer_listen".into(), problem: e.to_string() })?;
+    let client_addr = client_listener
+        .local_addr()
+        .map_err(|e| tls::TlsError::Pem {
+            path: "client_listen".into(),
+            problem: e.to_string(),
+        })?;
+    let peer_addr = peer_listener.local_addr().map_err(|e| tls::TlsError::Pem {
+        path: "peer_listen".into(),
+        problem: e.to_string(),
+    })?;
 
     let (shutdown, _) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<ExchangeServer<ExchangeService>>().await;
-    health.set_serving::<PeerLinkServer<PeerLinkService>>().await;
+    health
+        .set_serving::<ExchangeServer<ExchangeService>>()
+        .await;
+    health
+        .set_serving::<PeerLinkServer<PeerLinkService>>()
+        .await;
 
     let stop = wait_for(shutdown.subscribe());
-    let exchange = ExchangeServer::new(ExchangeService { pipeline: pipeline.clone() })
-        .max_decoding_message_size(config.limits.max_ciphertext_bytes + 64 * 1024);
+    let exchange = ExchangeServer::new(ExchangeService {
+        pipeline: pipeline.clone(),
+    })
+    .max_decoding_message_size(config.limits.max_ciphertext_bytes + 64 * 1024);
     let health_c = health_service.clone();
     let incoming = crate::listener::incoming(client_listener, client_tls, "client");
     tasks.spawn(async move {
@@ -160,8 +219,12 @@ pub async fn start(
     });
 
     let stop = wait_for(shutdown.subscribe());
-    let peer_link = PeerLinkServer::new(PeerLinkService { pipeline: pipeline.clone() })
-        .max_decoding_message_size(crate::service::MAX_BATCH * (config.limits.max_ciphertext_bytes + 64 * 1024));
+    let peer_link = PeerLinkServer::new(PeerLinkService {
+        pipeline: pipeline.clone(),
+    })
+    .max_decoding_message_size(
+        crate::service::MAX_BATCH * (config.limits.max_ciphertext_bytes + 64 * 1024),
+    );
     let incoming = crate::listener::incoming(peer_listener, peer_tls, "peer");
     tasks.spawn(async move {
         let result = tonic::transport::Server::builder()
@@ -197,7 +260,13 @@ pub async fn start(
         data_dir = %config.data_dir.display(),
         "gateway ready"
     );
-    Ok(RunningGateway { client_addr, peer_addr, pipeline, shutdown, tasks })
+    Ok(RunningGateway {
+        client_addr,
+        peer_addr,
+        pipeline,
+        shutdown,
+        tasks,
+    })
 }
 
 async fn wait_for(mut rx: watch::Receiver<bool>) {

@@ -30,17 +30,22 @@ impl From<PipelineError> for Status {
                     RejectReason::Conflict => tonic::Code::AlreadyExists,
                     _ => tonic::Code::InvalidArgument,
                 };
-                Status::new(code, format!("envelope refused ({}): {detail}", reason.as_str_name()))
+                Status::new(
+                    code,
+                    format!("envelope refused ({}): {detail}", reason.as_str_name()),
+                )
             }
             PipelineError::PermissionDenied(m) => Status::permission_denied(m),
             PipelineError::Conflict => {
                 Status::already_exists("this message id is already used by a different envelope")
             }
             PipelineError::NotFound => Status::not_found("no such message for this caller"),
-            PipelineError::BadReceipt(m) => Status::invalid_argument(format!("receipt refused: {m}")),
-            PipelineError::QuotaFull => Status::resource_exhausted(
-                "the gateway's queue is full (disk quota); retry later",
-            ),
+            PipelineError::BadReceipt(m) => {
+                Status::invalid_argument(format!("receipt refused: {m}"))
+            }
+            PipelineError::QuotaFull => {
+                Status::resource_exhausted("the gateway's queue is full (disk quota); retry later")
+            }
             PipelineError::Store(err) => {
                 tracing::error!(error = %err, "store failure");
                 Status::internal("internal storage error; the request was not accepted")
@@ -66,14 +71,25 @@ type InboxStream = Pin<Box<dyn Stream<Item = Result<pb::InboxItem, Status>> + Se
 
 #[tonic::async_trait]
 impl Exchange for ExchangeService {
-    async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
+    async fn submit(
+        &self,
+        req: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
         let who = identity(&req)?;
-        let env = req.into_inner().envelope.ok_or_else(|| Status::invalid_argument("envelope is required"))?;
+        let env = req
+            .into_inner()
+            .envelope
+            .ok_or_else(|| Status::invalid_argument("envelope is required"))?;
         let accepted = self.pipeline.submit(&who.id, env).await?;
-        Ok(Response::new(pb::SubmitResponse { accepted: Some(accepted) }))
+        Ok(Response::new(pb::SubmitResponse {
+            accepted: Some(accepted),
+        }))
     }
 
-    async fn fetch(&self, req: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
+    async fn fetch(
+        &self,
+        req: Request<pb::FetchRequest>,
+    ) -> Result<Response<pb::FetchResponse>, Status> {
         let who = identity(&req)?;
         let max = (req.into_inner().max as usize).clamp(1, MAX_BATCH);
         let items = self.pipeline.inbox(&who.id, max).await?;
@@ -82,9 +98,16 @@ impl Exchange for ExchangeService {
 
     type SubscribeStream = InboxStream;
 
-    async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<InboxStream>, Status> {
+    async fn subscribe(
+        &self,
+        req: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<InboxStream>, Status> {
         let who = identity(&req)?;
-        let org = who.id.clone().try_into().map_err(|_| Status::permission_denied("only organisations have inboxes"))?;
+        let org = who
+            .id
+            .clone()
+            .try_into()
+            .map_err(|_| Status::permission_denied("only organisations have inboxes"))?;
         let pipeline = self.pipeline.clone();
         let signal = pipeline.inbox_signal(&org);
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -100,7 +123,8 @@ impl Exchange for ExchangeService {
                         return;
                     }
                 };
-                let current: std::collections::HashSet<_> = items.iter().map(|i| i.envelope_hash.clone()).collect();
+                let current: std::collections::HashSet<_> =
+                    items.iter().map(|i| i.envelope_hash.clone()).collect();
                 sent.retain(|h| current.contains(h));
                 for item in items {
                     if sent.insert(item.envelope_hash.clone()) && tx.send(Ok(item)).await.is_err() {
@@ -114,26 +138,39 @@ impl Exchange for ExchangeService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
         let who = identity(&req)?;
-        let r = req.into_inner().delivered.ok_or_else(|| Status::invalid_argument("delivered receipt is required"))?;
+        let r = req
+            .into_inner()
+            .delivered
+            .ok_or_else(|| Status::invalid_argument("delivered receipt is required"))?;
         self.pipeline.ack(&who.id, &r).await?;
         Ok(Response::new(pb::AckResponse {}))
     }
 
-    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         let who = identity(&req)?;
         let id = MessageId::from_slice(&req.into_inner().message_id)
             .map_err(|_| Status::invalid_argument("message_id must be 16 bytes of a UUIDv7"))?;
         Ok(Response::new(self.pipeline.status(&who.id, &id)?))
     }
 
-    async fn get_directory(&self, req: Request<pb::GetDirectoryRequest>) -> Result<Response<pb::GetDirectoryResponse>, Status> {
+    async fn get_directory(
+        &self,
+        req: Request<pb::GetDirectoryRequest>,
+    ) -> Result<Response<pb::GetDirectoryResponse>, Status> {
         identity(&req)?;
-        Ok(Response::new(pb::GetDirectoryResponse { directories: self.pipeline.directories.to_wire() }))
+        Ok(Response::new(pb::GetDirectoryResponse {
+            directories: self.pipeline.directories.to_wire(),
+        }))
     }
 }
 
@@ -145,11 +182,16 @@ pub struct PeerLinkService {
 
 #[tonic::async_trait]
 impl PeerLink for PeerLinkService {
-    async fn deliver(&self, req: Request<pb::DeliverRequest>) -> Result<Response<pb::DeliverResponse>, Status> {
+    async fn deliver(
+        &self,
+        req: Request<pb::DeliverRequest>,
+    ) -> Result<Response<pb::DeliverResponse>, Status> {
         let who = identity(&req)?;
         let items = req.into_inner().items;
         if items.len() > MAX_BATCH {
-            return Err(Status::invalid_argument(format!("at most {MAX_BATCH} items per call")));
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} items per call"
+            )));
         }
         let mut results = Vec::with_capacity(items.len());
         // Items are handled concurrently so one batch shares group commits.

@@ -214,7 +214,10 @@ impl ParsedHeader {
     fn decode(bytes: &HeaderBytes) -> Result<Self, EnvelopeError> {
         let raw = pb::Header::decode(bytes.as_bytes()).map_err(|_| malformed("header"))?;
         let id = MessageId::from_slice(&raw.message_id).map_err(|_| malformed("message_id"))?;
-        let sender: OrgId = raw.sender_org.parse().map_err(|_| malformed("sender_org"))?;
+        let sender: OrgId = raw
+            .sender_org
+            .parse()
+            .map_err(|_| malformed("sender_org"))?;
         let recipient: OrgId = raw
             .recipient_org
             .parse()

@@ -45,7 +45,10 @@ fn required(path: &str, value: &str) -> Result<(), FormError> {
 
 fn person(path: &str, p: Option<&pb::Person>) -> Result<(), FormError> {
     let p = p.ok_or_else(|| fail(path, "required"))?;
-    let name = p.name.as_ref().ok_or_else(|| fail(&format!("{path}.name"), "required"))?;
+    let name = p
+        .name
+        .as_ref()
+        .ok_or_else(|| fail(&format!("{path}.name"), "required"))?;
     if [&name.vietnamese, &name.khmer, &name.latin]
         .iter()
         .all(|n| n.trim().is_empty())
@@ -107,7 +110,10 @@ mod tests {
             })),
         };
         assert!(check(pb::Kind::Alert, &body).is_ok());
-        assert_eq!(check(pb::Kind::SuspectNotice, &body).unwrap_err().path, "form");
+        assert_eq!(
+            check(pb::Kind::SuspectNotice, &body).unwrap_err().path,
+            "form"
+        );
     }
 
     #[test]

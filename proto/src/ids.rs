@@ -301,7 +301,10 @@ mod tests {
         assert_eq!(MessageId::from_slice(id.as_bytes()).unwrap(), id);
         // A v4 UUID is not a message id.
         let v4 = uuid::Builder::from_random_bytes([1; 16]).into_uuid();
-        assert_eq!(MessageId::from_slice(v4.as_bytes()), Err(IdError::MessageId));
+        assert_eq!(
+            MessageId::from_slice(v4.as_bytes()),
+            Err(IdError::MessageId)
+        );
         assert_eq!(MessageId::from_slice(&[0; 15]), Err(IdError::MessageId));
     }
 

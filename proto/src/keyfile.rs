@@ -127,7 +127,13 @@ mod tests {
 
     #[test]
     fn short_keys_and_unknown_fields_are_refused() {
-        assert!(KeyFile::from_json(br#"{"owner":"x","signing_key_id":"s","signing_seed":"AAAA"}"#).is_err());
-        assert!(KeyFile::from_json(br#"{"owner":"x","signing_key_id":"s","signing_seed":"AAAA","extra":1}"#).is_err());
+        assert!(
+            KeyFile::from_json(br#"{"owner":"x","signing_key_id":"s","signing_seed":"AAAA"}"#)
+                .is_err()
+        );
+        assert!(KeyFile::from_json(
+            br#"{"owner":"x","signing_key_id":"s","signing_seed":"AAAA","extra":1}"#
+        )
+        .is_err());
     }
 }

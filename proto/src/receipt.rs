@@ -60,7 +60,12 @@ impl VerifiedReceipt {
 
 /// SHA-256 of a receipt's body and signature, for log entries.
 pub fn receipt_hash(r: &pb::Receipt) -> [u8; 32] {
-    crypto::sha256(&[&len_be(&r.body), &r.body, &len_be(&r.signature), &r.signature])
+    crypto::sha256(&[
+        &len_be(&r.body),
+        &r.body,
+        &len_be(&r.signature),
+        &r.signature,
+    ])
 }
 
 /// Verifies a receipt's signature and that its stage fits its signer's role.
@@ -77,8 +82,8 @@ pub fn verify(
         .map_err(|_| ReceiptError::Malformed("signer"))?;
     let envelope_hash = EnvelopeHash::from_slice(&body.envelope_hash)
         .map_err(|_| ReceiptError::Malformed("envelope_hash"))?;
-    let message_id =
-        MessageId::from_slice(&body.message_id).map_err(|_| ReceiptError::Malformed("message_id"))?;
+    let message_id = MessageId::from_slice(&body.message_id)
+        .map_err(|_| ReceiptError::Malformed("message_id"))?;
     let role_ok = match stage {
         pb::Stage::Unspecified => false,
         pb::Stage::Delivered => signer.role() == Role::Org,

@@ -12,6 +12,8 @@
 //!   signatures, envelope hashes and receipt hashes; and the HPKE layer, driven with `info`,
 //!   `aad` and exporter context built here, gives the same `enc`, commitment and ciphertext.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 

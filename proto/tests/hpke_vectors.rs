@@ -1,6 +1,8 @@
 //! RFC 9180 test vectors (base mode, DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / AES-256-GCM)
 //! and negative tests for the HPKE module.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use accord_proto::crypto::hpke::{
     setup_base_recipient, setup_base_sender, HpkeError, RecipientKey, N_ENC,
 };

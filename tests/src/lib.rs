@@ -6,8 +6,8 @@ pub use accord_client::localnet::LocalNet as TestNet;
 
 use std::time::Duration;
 
-use accord_client::org::OrgClient;
 use accord_client::org::Opened;
+use accord_client::org::OrgClient;
 
 /// Fetches until `want` envelopes arrived (or fails after ~10 s), acknowledging none.
 pub async fn fetch_n(client: &mut OrgClient, want: usize) -> anyhow::Result<Vec<Opened>> {
@@ -25,10 +25,12 @@ pub async fn fetch_n(client: &mut OrgClient, want: usize) -> anyhow::Result<Vec<
 /// An alert form, for tests that do not care about the kind.
 pub fn alert(what: &str) -> accord_proto::pb::Body {
     accord_proto::pb::Body {
-        form: Some(accord_proto::pb::body::Form::Alert(accord_proto::pb::Alert {
-            what: what.into(),
-            r#where: "Xa Mát – Trapeang Phlong".into(),
-            ..Default::default()
-        })),
+        form: Some(accord_proto::pb::body::Form::Alert(
+            accord_proto::pb::Alert {
+                what: what.into(),
+                r#where: "Xa Mát – Trapeang Phlong".into(),
+                ..Default::default()
+            },
+        )),
     }
 }

@@ -1,5 +1,7 @@
 //! End-to-end: real gateways, mTLS, sled on disk, through the client library.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -16,7 +18,11 @@ async fn two_countries() -> TestNet {
         .unwrap()
 }
 
-async fn wait_stage(client: &mut accord_client::org::OrgClient, id: &accord_proto::ids::MessageId, stage: Stage) -> Vec<accord_proto::receipt::VerifiedReceipt> {
+async fn wait_stage(
+    client: &mut accord_client::org::OrgClient,
+    id: &accord_proto::ids::MessageId,
+    stage: Stage,
+) -> Vec<accord_proto::receipt::VerifiedReceipt> {
     for _ in 0..300 {
         let (_, chain) = client.status(id).await.unwrap();
         if furthest_stage(&chain) == stage {
@@ -33,8 +39,17 @@ async fn the_demo_delivers_every_kind_in_both_directions() {
     accord_client::demo::run(&mut out).await.unwrap();
     let text = String::from_utf8(out).unwrap();
     assert!(text.contains("All 8 messages delivered."), "{text}");
-    for kind in ["SuspectNotice", "WantedPersonTransfer", "VictimIdentification", "Alert"] {
-        assert_eq!(text.matches(&format!("opened {kind} ")).count(), 2, "{kind}: {text}");
+    for kind in [
+        "SuspectNotice",
+        "WantedPersonTransfer",
+        "VictimIdentification",
+        "Alert",
+    ] {
+        assert_eq!(
+            text.matches(&format!("opened {kind} ")).count(),
+            2,
+            "{kind}: {text}"
+        );
     }
 }
 
@@ -44,7 +59,14 @@ async fn a_message_opens_to_what_was_sent_and_its_chain_is_complete() {
     let mut vn = net.client("vn", "c02").await.unwrap();
     let mut kh = net.client("kh", "ahtd").await.unwrap();
     let body = accord_client::demo::parse_form(accord_client::demo::EXAMPLE_FORMS[2].1).unwrap();
-    let sent = vn.send(&net.org_id("kh", "ahtd").unwrap(), &body, &SendOptions::new("VN-KH-1")).await.unwrap();
+    let sent = vn
+        .send(
+            &net.org_id("kh", "ahtd").unwrap(),
+            &body,
+            &SendOptions::new("VN-KH-1"),
+        )
+        .await
+        .unwrap();
     assert_eq!(sent.accepted.stage(), Stage::Accepted);
     let got = fetch_n(&mut kh, 1).await.unwrap();
     assert_eq!(got[0].body, body);
@@ -72,8 +94,22 @@ async fn three_countries_are_routed_by_the_recipients_country() {
     let mut vn = net.client("vn", "c02").await.unwrap();
     let mut kh = net.client("kh", "ahtd").await.unwrap();
     let mut la = net.client("la", "dcp").await.unwrap();
-    let to_kh = vn.send(&net.org_id("kh", "ahtd").unwrap(), &alert("to kh"), &SendOptions::new("C1")).await.unwrap();
-    let to_la = vn.send(&net.org_id("la", "dcp").unwrap(), &alert("to la"), &SendOptions::new("C1")).await.unwrap();
+    let to_kh = vn
+        .send(
+            &net.org_id("kh", "ahtd").unwrap(),
+            &alert("to kh"),
+            &SendOptions::new("C1"),
+        )
+        .await
+        .unwrap();
+    let to_la = vn
+        .send(
+            &net.org_id("la", "dcp").unwrap(),
+            &alert("to la"),
+            &SendOptions::new("C1"),
+        )
+        .await
+        .unwrap();
     let kh_got = fetch_n(&mut kh, 1).await.unwrap();
     let la_got = fetch_n(&mut la, 1).await.unwrap();
     assert_eq!(kh_got.len(), 1);
@@ -91,11 +127,20 @@ async fn a_peer_down_queues_and_delivers_when_it_returns() {
     let to = net.org_id("kh", "ahtd").unwrap();
     let mut ids = Vec::new();
     for i in 0..5 {
-        ids.push(vn.send(&to, &alert(&format!("queued {i}")), &SendOptions::new("C2")).await.unwrap().id);
+        ids.push(
+            vn.send(&to, &alert(&format!("queued {i}")), &SendOptions::new("C2"))
+                .await
+                .unwrap()
+                .id,
+        );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, chain) = vn.status(&ids[0]).await.unwrap();
-    assert_eq!(furthest_stage(&chain), Stage::Accepted, "nothing can be received while KH is down");
+    assert_eq!(
+        furthest_stage(&chain),
+        Stage::Accepted,
+        "nothing can be received while KH is down"
+    );
     net.start_gateway("kh").await.unwrap();
     let mut kh = net.client("kh", "ahtd").await.unwrap();
     let got = fetch_n(&mut kh, 5).await.unwrap();
@@ -112,7 +157,12 @@ async fn restarting_either_gateway_mid_flow_loses_nothing_and_delivers_nothing_t
     {
         let mut vn = net.client("vn", "c02").await.unwrap();
         for i in 0..20 {
-            ids.insert(vn.send(&to, &alert(&format!("m{i}")), &SendOptions::new("C3")).await.unwrap().id);
+            ids.insert(
+                vn.send(&to, &alert(&format!("m{i}")), &SendOptions::new("C3"))
+                    .await
+                    .unwrap()
+                    .id,
+            );
         }
     }
     // Restart both while forwarding is under way.
@@ -123,7 +173,12 @@ async fn restarting_either_gateway_mid_flow_loses_nothing_and_delivers_nothing_t
     {
         let mut vn = net.client("vn", "c02").await.unwrap();
         for i in 20..30 {
-            ids.insert(vn.send(&to, &alert(&format!("m{i}")), &SendOptions::new("C3")).await.unwrap().id);
+            ids.insert(
+                vn.send(&to, &alert(&format!("m{i}")), &SendOptions::new("C3"))
+                    .await
+                    .unwrap()
+                    .id,
+            );
         }
     }
     let mut kh = net.client("kh", "ahtd").await.unwrap();
@@ -144,7 +199,14 @@ async fn restarting_either_gateway_mid_flow_loses_nothing_and_delivers_nothing_t
 async fn a_duplicate_submit_is_idempotent_and_returns_the_same_receipt() {
     let net = two_countries().await;
     let mut vn = net.client("vn", "c02").await.unwrap();
-    let sent = vn.send(&net.org_id("kh", "ahtd").unwrap(), &alert("once"), &SendOptions::new("C4")).await.unwrap();
+    let sent = vn
+        .send(
+            &net.org_id("kh", "ahtd").unwrap(),
+            &alert("once"),
+            &SendOptions::new("C4"),
+        )
+        .await
+        .unwrap();
     let mut kh = net.client("kh", "ahtd").await.unwrap();
     let got = fetch_n(&mut kh, 1).await.unwrap();
     // Submit the very same envelope again, twice.
@@ -152,7 +214,9 @@ async fn a_duplicate_submit_is_idempotent_and_returns_the_same_receipt() {
     for _ in 0..2 {
         let again = vn
             .exchange()
-            .submit(pb::SubmitRequest { envelope: Some(wire.clone()) })
+            .submit(pb::SubmitRequest {
+                envelope: Some(wire.clone()),
+            })
             .await
             .unwrap()
             .into_inner()
@@ -161,7 +225,11 @@ async fn a_duplicate_submit_is_idempotent_and_returns_the_same_receipt() {
         assert_eq!(again, sent.accepted.wire);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(kh.fetch(10).await.unwrap().len(), 1, "no second copy in the inbox");
+    assert_eq!(
+        kh.fetch(10).await.unwrap().len(),
+        1,
+        "no second copy in the inbox"
+    );
     net.shutdown().await;
 }
 
@@ -169,15 +237,33 @@ async fn a_duplicate_submit_is_idempotent_and_returns_the_same_receipt() {
 async fn the_same_message_id_with_different_bytes_is_refused() {
     let net = two_countries().await;
     let mut vn = net.client("vn", "c02").await.unwrap();
-    vn.send(&net.org_id("kh", "ahtd").unwrap(), &alert("first"), &SendOptions::new("C5")).await.unwrap();
+    vn.send(
+        &net.org_id("kh", "ahtd").unwrap(),
+        &alert("first"),
+        &SendOptions::new("C5"),
+    )
+    .await
+    .unwrap();
     let mut kh = net.client("kh", "ahtd").await.unwrap();
     let got = fetch_n(&mut kh, 1).await.unwrap();
     // Re-seal a different body under the same header fields (same message id).
     let mut header = got[0].envelope.header().clone();
     header.case_ref = "C5-changed".into();
-    let pk = vn.directories().current_encryption_key(&net.org_id("kh", "ahtd").unwrap(), header.created_at_ms).unwrap().1;
-    let sealed = accord_proto::envelope::seal(header, &alert("second"), &pk, &vn.keys().signing, &[9; 32]).unwrap();
-    let err = vn.exchange().submit(pb::SubmitRequest { envelope: Some(sealed.to_wire()) }).await.unwrap_err();
+    let pk = vn
+        .directories()
+        .current_encryption_key(&net.org_id("kh", "ahtd").unwrap(), header.created_at_ms)
+        .unwrap()
+        .1;
+    let sealed =
+        accord_proto::envelope::seal(header, &alert("second"), &pk, &vn.keys().signing, &[9; 32])
+            .unwrap();
+    let err = vn
+        .exchange()
+        .submit(pb::SubmitRequest {
+            envelope: Some(sealed.to_wire()),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err}");
     net.shutdown().await;
 }

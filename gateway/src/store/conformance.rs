@@ -20,6 +20,7 @@ fn msg(n: u8) -> (MessageId, StoredMessage) {
         sender_org: "spiffe://vn.accord/org/c02".into(),
         recipient_org: "spiffe://kh.accord/org/ahtd".into(),
         stored_at_ms: n as i64,
+        expires_at_ms: i64::MAX,
     };
     (id, m)
 }
@@ -55,12 +56,30 @@ pub(crate) async fn run<S: Store>(dir: &Path, open: impl Fn(&Path) -> S) {
         let r2 = store.commit(tx(id2, m2.clone(), pb::Priority::Routine));
         let r3 = store.commit(tx(id3, m3.clone(), pb::Priority::Flash));
         let (r1, r2, r3) = (r1.await.unwrap(), r2.await.unwrap(), r3.await.unwrap());
-        assert_eq!(r1, TxOutcome::Committed { first_log_index: Some(0) });
-        assert_eq!(r2, TxOutcome::Committed { first_log_index: Some(1) });
-        assert_eq!(r3, TxOutcome::Committed { first_log_index: Some(2) });
+        assert_eq!(
+            r1,
+            TxOutcome::Committed {
+                first_log_index: Some(0)
+            }
+        );
+        assert_eq!(
+            r2,
+            TxOutcome::Committed {
+                first_log_index: Some(1)
+            }
+        );
+        assert_eq!(
+            r3,
+            TxOutcome::Committed {
+                first_log_index: Some(2)
+            }
+        );
 
         // A second insert of the same id changes nothing, not even the queue or log.
-        let dup = store.commit(tx(id1, m1.clone(), pb::Priority::Flash)).await.unwrap();
+        let dup = store
+            .commit(tx(id1, m1.clone(), pb::Priority::Flash))
+            .await
+            .unwrap();
         assert_eq!(dup, TxOutcome::Exists(id1));
         assert_eq!(store.log_size().unwrap(), 3);
         assert_eq!(store.queue(&kh, 10).unwrap().len(), 3);
@@ -102,7 +121,12 @@ pub(crate) async fn run<S: Store>(dir: &Path, open: impl Fn(&Path) -> S) {
         })
         .await
         .unwrap();
-    assert_eq!(next, TxOutcome::Committed { first_log_index: Some(3) });
+    assert_eq!(
+        next,
+        TxOutcome::Committed {
+            first_log_index: Some(3)
+        }
+    );
     assert_eq!(store.queue(&kh, 10).unwrap().len(), 2);
     // A message's entry can be removed by id, once; the rest of the queue stays.
     for _ in 0..2 {
@@ -117,6 +141,12 @@ pub(crate) async fn run<S: Store>(dir: &Path, open: impl Fn(&Path) -> S) {
     let left = store.queue(&kh, 10).unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].1.message_id, id2.as_bytes().to_vec());
-    assert!(store.queue(&Queue::Inbox("spiffe://kh.accord/org/ahtd".parse().unwrap()), 10).unwrap().is_empty());
+    assert!(store
+        .queue(
+            &Queue::Inbox("spiffe://kh.accord/org/ahtd".parse().unwrap()),
+            10
+        )
+        .unwrap()
+        .is_empty());
     assert!(store.disk_usage().unwrap() > 0);
 }

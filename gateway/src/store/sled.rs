@@ -59,7 +59,9 @@ pub struct SledStore {
 
 impl std::fmt::Debug for SledStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SledStore").field("path", &self.path).finish()
+        f.debug_struct("SledStore")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -111,11 +113,9 @@ impl Drop for SledStore {
 fn read_meta(db: &sled::Db, key: &[u8]) -> Result<u64, StoreError> {
     match db.get(key)? {
         None => Ok(0),
-        Some(v) => Ok(u64::from_be_bytes(
-            v.as_ref()
-                .try_into()
-                .map_err(|_| StoreError::Corrupt(String::from_utf8_lossy(key).into()))?,
-        )),
+        Some(v) => Ok(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
+            StoreError::Corrupt(String::from_utf8_lossy(key).into())
+        })?)),
     }
 }
 
@@ -208,9 +208,7 @@ impl Committer {
         if let (Some(maker), Some(index)) = (tx.receipts, first_log_index) {
             receipt_ops = maker(index);
         }
-        let receipts = receipt_ops
-            .into_iter()
-            .map(|(id, r)| Op::PutReceipt(id, r));
+        let receipts = receipt_ops.into_iter().map(|(id, r)| Op::PutReceipt(id, r));
         for op in tx.ops.into_iter().chain(receipts) {
             match op {
                 Op::InsertMessage(id, msg) => {
@@ -327,7 +325,9 @@ impl Store for SledStore {
     fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError> {
         self.db
             .get(message_key(id))?
-            .map(|v| StoredMessage::decode(v.as_ref()).map_err(|_| StoreError::Corrupt(id.to_string())))
+            .map(|v| {
+                StoredMessage::decode(v.as_ref()).map_err(|_| StoreError::Corrupt(id.to_string()))
+            })
             .transpose()
     }
 

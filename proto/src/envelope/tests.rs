@@ -112,7 +112,11 @@ fn the_hash_covers_every_part_with_length_prefixes() {
 fn any_flipped_byte_of_header_ciphertext_or_signature_is_refused() {
     let f = fixture();
     let wire = sealed(&f).to_wire();
-    let lens = [wire.header.len(), wire.ciphertext.len(), wire.signature.len()];
+    let lens = [
+        wire.header.len(),
+        wire.ciphertext.len(),
+        wire.signature.len(),
+    ];
     for (part, len) in lens.into_iter().enumerate() {
         for i in 0..len {
             let mut t = wire.clone();
@@ -165,7 +169,10 @@ fn a_commitment_mismatch_is_refused_even_when_signed() {
         .unwrap()
         .verify(&f.directories, NOW)
         .unwrap();
-    assert_eq!(env.open(&f.recipient), Err(EnvelopeError::CommitmentMismatch));
+    assert_eq!(
+        env.open(&f.recipient),
+        Err(EnvelopeError::CommitmentMismatch)
+    );
 }
 
 #[test]
@@ -185,13 +192,27 @@ fn expired_and_future_envelopes_are_refused() {
 fn a_signature_by_an_unlisted_key_is_refused() {
     let f = fixture();
     let rogue = SigningKey::from_seed("vn-c02-sig-1", [7; 32]).unwrap();
-    let s = seal(header(), &body(), &f.recipient.public_key(), &rogue, &[4; 32]).unwrap();
+    let s = seal(
+        header(),
+        &body(),
+        &f.recipient.public_key(),
+        &rogue,
+        &[4; 32],
+    )
+    .unwrap();
     assert_eq!(
         s.verify(&f.directories, NOW),
         Err(EnvelopeError::BadSignature)
     );
     let unknown = SigningKey::from_seed("vn-c02-sig-9", [1; 32]).unwrap();
-    let s = seal(header(), &body(), &f.recipient.public_key(), &unknown, &[4; 32]).unwrap();
+    let s = seal(
+        header(),
+        &body(),
+        &f.recipient.public_key(),
+        &unknown,
+        &[4; 32],
+    )
+    .unwrap();
     assert!(matches!(
         s.verify(&f.directories, NOW),
         Err(EnvelopeError::UnknownSender(_))
@@ -245,10 +266,7 @@ fn malformed_headers_are_refused() {
     for h in bad_headers {
         let res = seal(h, &body(), &f.recipient.public_key(), &f.sender, &[4; 32])
             .and_then(|s| s.verify(&f.directories, NOW));
-        assert!(
-            matches!(res, Err(EnvelopeError::Malformed(_))),
-            "{res:?}"
-        );
+        assert!(matches!(res, Err(EnvelopeError::Malformed(_))), "{res:?}");
     }
     let garbage = pb::Envelope {
         header: vec![0xff; 40],
