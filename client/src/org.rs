@@ -179,8 +179,7 @@ impl OrgClient {
             hpke_enc: vec![],
             key_commitment: vec![],
         };
-        let ikm_e = crypto::random().map_err(|e| ClientError::Verify(e.to_string()))?;
-        let sealed = envelope::seal(header, body, &pk, &self.keys.signing, &ikm_e)
+        let sealed = envelope::seal(header, body, &pk, &self.keys.signing)
             .map_err(|e| ClientError::Verify(e.to_string()))?;
         let hash = sealed.hash();
         let accepted = self

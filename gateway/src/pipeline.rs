@@ -353,7 +353,6 @@ impl Pipeline {
                 env.sender()
             )));
         }
-        self.check_recipient(&env)?;
         let cc = env.recipient().country();
         let queue = if cc == self.country() {
             Queue::Inbox(env.recipient().clone())
@@ -366,17 +365,6 @@ impl Pipeline {
             });
         };
         Ok((env, queue))
-    }
-
-    fn check_recipient(&self, env: &VerifiedEnvelope) -> Result<(), PipelineError> {
-        let h = env.header();
-        self.directories
-            .encryption_key(env.recipient(), &h.recipient_key_id, h.created_at_ms)
-            .map(|_| ())
-            .map_err(|e| PipelineError::Refused {
-                reason: RejectReason::UnknownRecipient,
-                detail: e.to_string(),
-            })
     }
 
     async fn accept(
@@ -475,9 +463,6 @@ impl Pipeline {
             return self
                 .reject_from_peer(peer, &sealed, hash, RejectReason::NoRoute)
                 .await;
-        }
-        if let Err(PipelineError::Refused { reason, .. }) = self.check_recipient(&env) {
-            return self.reject_from_peer(peer, &sealed, hash, reason).await;
         }
         if self.store.message(&id)?.is_some() {
             return match self.repeat(&id, &hash, Stage::Received).await {

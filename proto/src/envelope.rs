@@ -29,6 +29,11 @@ const SIGNATURE_LEN: usize = 64;
 /// How far in the future a sender's `created_at` may be, for clocks that drift.
 pub const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
 
+/// Longest `expires_at - created_at`. With expiry checked against `now`, this bounds how far
+/// back a sender can date an envelope, so a key past its validity cannot sign new ones by
+/// backdating them into its old window.
+pub const MAX_LIFETIME_MS: i64 = 31 * 24 * 3_600_000;
+
 /// Size limits applied before any parsing or cryptography.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -168,6 +173,13 @@ impl SealedEnvelope {
         now: UnixMillis,
     ) -> Result<VerifiedEnvelope, EnvelopeError> {
         let header = ParsedHeader::decode(&self.header)?;
+        directories
+            .encryption_key(
+                &header.recipient,
+                &header.raw.recipient_key_id,
+                header.raw.created_at_ms,
+            )
+            .map_err(|e| EnvelopeError::UnknownRecipient(e.to_string()))?;
         let sender_key = directories
             .signing_key(
                 header.sender.spiffe(),
@@ -213,6 +225,11 @@ struct ParsedHeader {
 impl ParsedHeader {
     fn decode(bytes: &HeaderBytes) -> Result<Self, EnvelopeError> {
         let raw = pb::Header::decode(bytes.as_bytes()).map_err(|_| malformed("header"))?;
+        // One header, one reading: protobuf would accept duplicate or unknown fields that
+        // another decoder could read differently, so only the canonical encoding passes.
+        if raw.encode_to_vec() != bytes.as_bytes() {
+            return Err(malformed("header is not canonically encoded"));
+        }
         let id = MessageId::from_slice(&raw.message_id).map_err(|_| malformed("message_id"))?;
         let sender: OrgId = raw
             .sender_org
@@ -225,7 +242,9 @@ impl ParsedHeader {
         if pb::Kind::try_from(raw.kind).unwrap_or(pb::Kind::Unspecified) == pb::Kind::Unspecified {
             return Err(malformed("kind"));
         }
-        if pb::Priority::try_from(raw.priority).is_err() {
+        if pb::Priority::try_from(raw.priority).unwrap_or(pb::Priority::Unspecified)
+            == pb::Priority::Unspecified
+        {
             return Err(malformed("priority"));
         }
         if raw.hpke_enc.len() != hpke::N_ENC {
@@ -239,6 +258,9 @@ impl ParsedHeader {
         }
         if raw.expires_at_ms <= raw.created_at_ms {
             return Err(malformed("expires_at before created_at"));
+        }
+        if raw.expires_at_ms - raw.created_at_ms > MAX_LIFETIME_MS {
+            return Err(malformed("lifetime longer than MAX_LIFETIME_MS"));
         }
         if raw.case_ref.is_empty() || raw.case_ref.len() > 128 {
             return Err(malformed("case_ref"));
@@ -256,11 +278,21 @@ impl ParsedHeader {
 }
 
 /// An envelope whose sender signature verified against the directory.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct VerifiedEnvelope {
     sealed: SealedEnvelope,
     header: ParsedHeader,
     hash: EnvelopeHash,
+}
+
+/// Ids and hashes only: case references and handling codes stay out of logs.
+impl std::fmt::Debug for VerifiedEnvelope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifiedEnvelope")
+            .field("id", &self.header.id)
+            .field("hash", &self.hash)
+            .finish_non_exhaustive()
+    }
 }
 
 impl VerifiedEnvelope {
@@ -314,12 +346,24 @@ impl VerifiedEnvelope {
     }
 }
 
-/// Seals `body` for the recipient and signs it.
+/// Seals `body` for the recipient and signs it, with a fresh ephemeral key.
 ///
 /// `header` carries every field but `sender_key_id`, `hpke_enc` and `key_commitment`, which
-/// this fills in. `ikm_e` is the ephemeral key's randomness: 32 fresh random bytes in
-/// production ([`crypto::random`]), fixed bytes for known-answer vectors.
+/// this fills in.
 pub fn seal(
+    header: pb::Header,
+    body: &pb::Body,
+    recipient_key: &[u8; 32],
+    signer: &SigningKey,
+) -> Result<SealedEnvelope, EnvelopeError> {
+    let ikm_e = crypto::random().map_err(|e| EnvelopeError::Seal(e.to_string()))?;
+    seal_with_ephemeral_ikm(header, body, recipient_key, signer, &ikm_e)
+}
+
+/// [`seal`] with caller-chosen ephemeral randomness, for known-answer vectors only.
+///
+/// Dangerous: the same `ikm_e` with the same message id reuses the AES-GCM key and nonce.
+pub fn seal_with_ephemeral_ikm(
     mut header: pb::Header,
     body: &pb::Body,
     recipient_key: &[u8; 32],

@@ -84,6 +84,12 @@ pub fn verify(
         .map_err(|_| ReceiptError::Malformed("envelope_hash"))?;
     let message_id = MessageId::from_slice(&body.message_id)
         .map_err(|_| ReceiptError::Malformed("message_id"))?;
+    // A reason exactly on rejected receipts, and a known one.
+    let reason =
+        pb::RejectReason::try_from(body.reason).map_err(|_| ReceiptError::Malformed("reason"))?;
+    if (stage == pb::Stage::Rejected) != (reason != pb::RejectReason::Unspecified) {
+        return Err(ReceiptError::Malformed("reason"));
+    }
     let role_ok = match stage {
         pb::Stage::Unspecified => false,
         pb::Stage::Delivered => signer.role() == Role::Org,
@@ -172,6 +178,28 @@ mod tests {
             t.signature[i] ^= 1;
             assert_eq!(verify(&t, &dir), Err(ReceiptError::BadSignature));
         }
+    }
+
+    #[test]
+    fn a_rejected_receipt_needs_a_reason_and_only_it_may_have_one() {
+        let (key, dir, mut body) = setup();
+        body.reason = pb::RejectReason::Expired as i32;
+        assert_eq!(
+            verify(&sign(&body, &key), &dir),
+            Err(ReceiptError::Malformed("reason"))
+        );
+        body.stage = pb::Stage::Rejected as i32;
+        assert!(verify(&sign(&body, &key), &dir).is_ok());
+        body.reason = 0;
+        assert_eq!(
+            verify(&sign(&body, &key), &dir),
+            Err(ReceiptError::Malformed("reason"))
+        );
+        body.reason = 999;
+        assert_eq!(
+            verify(&sign(&body, &key), &dir),
+            Err(ReceiptError::Malformed("reason"))
+        );
     }
 
     #[test]

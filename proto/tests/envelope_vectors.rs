@@ -20,7 +20,9 @@ use std::sync::OnceLock;
 use accord_proto::crypto::hpke::{self, RecipientKey};
 use accord_proto::crypto::SigningKey;
 use accord_proto::directory::Directories;
-use accord_proto::envelope::{seal, EnvelopeError, Limits, SealedEnvelope, MAX_CLOCK_SKEW_MS};
+use accord_proto::envelope::{
+    seal_with_ephemeral_ikm, EnvelopeError, Limits, SealedEnvelope, MAX_CLOCK_SKEW_MS,
+};
 use accord_proto::ids::{MessageId, Role, SpiffeId};
 use accord_proto::{forms, pb, receipt};
 use prost::Message;
@@ -697,7 +699,9 @@ fn build(name: &str, description: &str, input: &CaseInput, r_in: &ReceiptInput) 
     );
     let ikm_e = array32(&input.ikm_e);
 
-    let sealed = seal(h.to_pb(), &body, &recipient.public_key(), &signer, &ikm_e).expect("seal");
+    let sealed =
+        seal_with_ephemeral_ikm(h.to_pb(), &body, &recipient.public_key(), &signer, &ikm_e)
+            .expect("seal");
     let wire = sealed.to_wire();
     let header = pb::Header::decode(wire.header.as_slice()).expect("sealed header decodes");
     let hash = sealed.hash();

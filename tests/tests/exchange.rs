@@ -255,8 +255,7 @@ async fn the_same_message_id_with_different_bytes_is_refused() {
         .unwrap()
         .1;
     let sealed =
-        accord_proto::envelope::seal(header, &alert("second"), &pk, &vn.keys().signing, &[9; 32])
-            .unwrap();
+        accord_proto::envelope::seal(header, &alert("second"), &pk, &vn.keys().signing).unwrap();
     let err = vn
         .exchange()
         .submit(pb::SubmitRequest {

@@ -41,8 +41,7 @@ async fn a_client_cannot_submit_as_another_organisation() {
         ..Default::default()
     };
     let sealed =
-        accord_proto::envelope::seal(header, &alert("spoof"), &pk, &c02.keys().signing, &[3; 32])
-            .unwrap();
+        accord_proto::envelope::seal(header, &alert("spoof"), &pk, &c02.keys().signing).unwrap();
     let err = hotline
         .exchange()
         .submit(pb::SubmitRequest {

@@ -74,7 +74,7 @@ fn body() -> pb::Body {
 }
 
 fn sealed(f: &Fixture) -> SealedEnvelope {
-    seal(
+    seal_with_ephemeral_ikm(
         header(),
         &body(),
         &f.recipient.public_key(),
@@ -192,7 +192,7 @@ fn expired_and_future_envelopes_are_refused() {
 fn a_signature_by_an_unlisted_key_is_refused() {
     let f = fixture();
     let rogue = SigningKey::from_seed("vn-c02-sig-1", [7; 32]).unwrap();
-    let s = seal(
+    let s = seal_with_ephemeral_ikm(
         header(),
         &body(),
         &f.recipient.public_key(),
@@ -205,7 +205,7 @@ fn a_signature_by_an_unlisted_key_is_refused() {
         Err(EnvelopeError::BadSignature)
     );
     let unknown = SigningKey::from_seed("vn-c02-sig-9", [1; 32]).unwrap();
-    let s = seal(
+    let s = seal_with_ephemeral_ikm(
         header(),
         &body(),
         &f.recipient.public_key(),
@@ -264,8 +264,9 @@ fn malformed_headers_are_refused() {
         },
     ];
     for h in bad_headers {
-        let res = seal(h, &body(), &f.recipient.public_key(), &f.sender, &[4; 32])
-            .and_then(|s| s.verify(&f.directories, NOW));
+        let res =
+            seal_with_ephemeral_ikm(h, &body(), &f.recipient.public_key(), &f.sender, &[4; 32])
+                .and_then(|s| s.verify(&f.directories, NOW));
         assert!(matches!(res, Err(EnvelopeError::Malformed(_))), "{res:?}");
     }
     let garbage = pb::Envelope {
@@ -279,4 +280,94 @@ fn malformed_headers_are_refused() {
             .verify(&f.directories, NOW),
         Err(EnvelopeError::Malformed(_))
     ));
+}
+
+#[test]
+fn a_misaddressed_envelope_is_refused() {
+    let f = fixture();
+    for (org, key) in [
+        ("spiffe://zz.accord/org/nobody", "kh-ahtd-enc-1"),
+        ("spiffe://kh.accord/org/ahtd", "kh-ahtd-enc-9"),
+    ] {
+        let h = pb::Header {
+            recipient_org: org.into(),
+            recipient_key_id: key.into(),
+            ..header()
+        };
+        let s = seal_with_ephemeral_ikm(h, &body(), &f.recipient.public_key(), &f.sender, &[4; 32])
+            .unwrap();
+        assert!(matches!(
+            s.verify(&f.directories, NOW),
+            Err(EnvelopeError::UnknownRecipient(_))
+        ));
+    }
+}
+
+#[test]
+fn a_header_with_duplicate_or_unknown_fields_is_refused_though_signed() {
+    let f = fixture();
+    let good = sealed(&f).to_wire();
+    // Field 3 (case_ref) again, then an unknown field 99: prost would accept both.
+    let mut extra = good.header.clone();
+    extra.extend_from_slice(&[0x1a, 0x05, b'O', b'T', b'H', b'E', b'R']);
+    let mut unknown = good.header.clone();
+    unknown.extend_from_slice(&[0x98, 0x06, 0x01]);
+    for header in [extra, unknown] {
+        let sig = f.sender.sign(
+            Domain::Envelope,
+            &[
+                &len_be(&header),
+                &header,
+                &crypto::sha256(&[&good.ciphertext]),
+            ],
+        );
+        let wire = pb::Envelope {
+            header,
+            ciphertext: good.ciphertext.clone(),
+            signature: sig.to_vec(),
+        };
+        let res = SealedEnvelope::from_wire(wire, &Limits::default())
+            .unwrap()
+            .verify(&f.directories, NOW);
+        assert!(matches!(res, Err(EnvelopeError::Malformed(_))), "{res:?}");
+    }
+}
+
+#[test]
+fn a_backdated_envelope_with_a_long_lifetime_is_refused() {
+    let f = fixture();
+    let h = pb::Header {
+        created_at_ms: NOW - 400 * 86_400_000,
+        expires_at_ms: NOW + 86_400_000,
+        ..header()
+    };
+    let s = seal_with_ephemeral_ikm(h, &body(), &f.recipient.public_key(), &f.sender, &[4; 32])
+        .unwrap();
+    assert!(matches!(
+        s.verify(&f.directories, NOW),
+        Err(EnvelopeError::Malformed(_))
+    ));
+}
+
+#[test]
+fn seal_draws_a_fresh_ephemeral_key_each_time() {
+    let f = fixture();
+    let pk = f.recipient.public_key();
+    let a = seal(header(), &body(), &pk, &f.sender).unwrap().to_wire();
+    let b = seal(header(), &body(), &pk, &f.sender).unwrap().to_wire();
+    assert_ne!(
+        a.header, b.header,
+        "same enc twice would reuse the AES-GCM nonce"
+    );
+}
+
+#[test]
+fn debug_output_shows_ids_and_hashes_not_case_data() {
+    let f = fixture();
+    let env = sealed(&f).verify(&f.directories, NOW).unwrap();
+    let dbg = format!("{env:?}");
+    assert!(
+        !dbg.contains("VN-KH-2026-0001") && !dbg.contains("c02"),
+        "{dbg}"
+    );
 }
