@@ -36,6 +36,12 @@ pub enum Domain {
     Envelope,
     /// Gateway or organisation signature over a receipt body.
     Receipt,
+    /// C2SP signed-note signature by a gateway's log key. The spec fixes the message (the
+    /// note text itself), so the prefix is empty; separation comes from the log key signing
+    /// nothing else and from the note key id binding the signature type (0x01).
+    SignedNote,
+    /// C2SP tlog-cosignature by a witness key: the spec's `cosignature/v1` header line.
+    Cosignature,
 }
 
 impl Domain {
@@ -43,6 +49,8 @@ impl Domain {
         match self {
             Domain::Envelope => b"accord/v1/envelope",
             Domain::Receipt => b"accord/v1/receipt",
+            Domain::SignedNote => b"",
+            Domain::Cosignature => b"cosignature/v1\n",
         }
     }
 }
@@ -188,6 +196,23 @@ mod tests {
             verify(&other.public_key(), Domain::Envelope, &[b"abc"], &sig),
             Err(CryptoError::BadSignature)
         );
+    }
+
+    #[test]
+    fn no_accord_domain_prefix_extends_another() {
+        let all = [
+            Domain::Envelope,
+            Domain::Receipt,
+            Domain::SignedNote,
+            Domain::Cosignature,
+        ];
+        for a in all {
+            for b in all {
+                if a != b && !a.prefix().is_empty() && !b.prefix().is_empty() {
+                    assert!(!b.prefix().starts_with(a.prefix()), "{a:?} / {b:?}");
+                }
+            }
+        }
     }
 
     #[test]
