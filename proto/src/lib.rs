@@ -13,6 +13,8 @@
 //! - [`keyfile`]: the JSON layout of private key files.
 //! - [`forms`]: checks that a body's form matches its kind and carries its required fields.
 //! - [`log`]: non-repudiation log entries and RFC 6962 leaf hashing.
+//! - [`merkle`]: RFC 9162 tree roots, inclusion and consistency proofs.
+//! - [`note`]: C2SP signed notes, `tlog-checkpoint` checkpoints and `tlog-cosignature`.
 //!
 //! Non-goals: transport, storage, policy beyond the envelope's own rules.
 
@@ -23,6 +25,8 @@ pub mod forms;
 pub mod ids;
 pub mod keyfile;
 pub mod log;
+pub mod merkle;
+pub mod note;
 pub mod receipt;
 
 /// Generated protobuf types (`accord.v1`) with proto3-JSON serde impls, and service stubs.
