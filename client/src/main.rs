@@ -80,12 +80,34 @@ enum Command {
         #[arg(long)]
         ack: bool,
     },
+    /// Watch the inbox live (server stream): print each message as it arrives; with --ack,
+    /// acknowledge each one. Stops after --count messages, or runs until interrupted.
+    Watch {
+        #[command(flatten)]
+        session: Session,
+        #[arg(long)]
+        ack: bool,
+        #[arg(long)]
+        count: Option<usize>,
+    },
     /// Show a message's chain of receipts.
     Status {
         #[command(flatten)]
         session: Session,
         message_id: String,
     },
+}
+
+fn print_opened(opened: &accord_client::org::Opened) -> anyhow::Result<()> {
+    println!(
+        "{} {:?} from {} case {}",
+        opened.envelope.id(),
+        opened.envelope.kind(),
+        opened.envelope.sender(),
+        opened.envelope.header().case_ref
+    );
+    println!("{}", serde_json::to_string_pretty(&opened.body)?);
+    Ok(())
 }
 
 #[tokio::main]
@@ -163,17 +185,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fetch { session, ack } => {
             let mut client = session.connect().await?;
             for opened in client.fetch(64).await? {
-                println!(
-                    "{} {:?} from {} case {}",
-                    opened.envelope.id(),
-                    opened.envelope.kind(),
-                    opened.envelope.sender(),
-                    opened.envelope.header().case_ref
-                );
-                println!("{}", serde_json::to_string_pretty(&opened.body)?);
+                print_opened(&opened)?;
                 if ack {
                     client.ack(&opened).await?;
                     println!("acknowledged");
+                }
+            }
+            Ok(())
+        }
+        Command::Watch {
+            session,
+            ack,
+            count,
+        } => {
+            use futures::StreamExt;
+            let mut client = session.connect().await?;
+            let mut stream = std::pin::pin!(client.subscribe().await?);
+            eprintln!(
+                "watching the inbox of {} (Ctrl-C to stop)",
+                session.org.display()
+            );
+            let mut seen = 0;
+            while let Some(opened) = stream.next().await {
+                let opened = opened?;
+                print_opened(&opened)?;
+                if ack {
+                    client.ack(&opened).await?;
+                    println!("acknowledged {}", opened.envelope.id());
+                }
+                seen += 1;
+                if count.is_some_and(|c| seen >= c) {
+                    break;
                 }
             }
             Ok(())

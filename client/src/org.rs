@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use accord_gateway::tls::{self, CountryRoots, Credentials};
 use accord_proto::directory::Directories;
@@ -84,8 +85,15 @@ pub struct GatewayAddress {
 #[derive(Debug)]
 pub struct OrgClient {
     pub id: OrgId,
-    keys: KeyFile,
+    opener: Arc<Opener>,
     exchange: ExchangeClient<Channel>,
+}
+
+/// What verifying and opening an inbox item needs; shared with live subscriptions.
+#[derive(Debug)]
+struct Opener {
+    id: OrgId,
+    keys: KeyFile,
     directories: Directories,
 }
 
@@ -129,16 +137,20 @@ impl OrgClient {
             .into_inner()
             .directories;
         let directories = Directories::new(dirs).map_err(|e| ClientError::Verify(e.to_string()))?;
+        let opener = Arc::new(Opener {
+            id: id.clone(),
+            keys,
+            directories,
+        });
         Ok(Self {
             id,
-            keys,
+            opener,
             exchange,
-            directories,
         })
     }
 
     pub fn directories(&self) -> &Directories {
-        &self.directories
+        &self.opener.directories
     }
 
     /// Seals `body` for `recipient`, signs it, submits it, and checks the accepted receipt.
@@ -155,7 +167,10 @@ impl OrgClient {
         let kind = forms::kind_of(form);
         forms::check(kind, body)?;
         let now = now_ms();
-        let (key_id, pk) = self.directories.current_encryption_key(recipient, now)?;
+        let (key_id, pk) = self
+            .opener
+            .directories
+            .current_encryption_key(recipient, now)?;
         let id = MessageId::new_v7(
             now as u64,
             crypto::random().map_err(|e| ClientError::Verify(e.to_string()))?,
@@ -179,7 +194,7 @@ impl OrgClient {
             hpke_enc: vec![],
             key_commitment: vec![],
         };
-        let sealed = envelope::seal(header, body, &pk, &self.keys.signing)
+        let sealed = envelope::seal(header, body, &pk, &self.opener.keys.signing)
             .map_err(|e| ClientError::Verify(e.to_string()))?;
         let hash = sealed.hash();
         let accepted = self
@@ -201,7 +216,7 @@ impl OrgClient {
         hash: &EnvelopeHash,
         id: &MessageId,
     ) -> Result<VerifiedReceipt, ClientError> {
-        let v = receipt::verify(r, &self.directories)
+        let v = receipt::verify(r, &self.opener.directories)
             .map_err(|e| ClientError::Verify(e.to_string()))?;
         if &v.envelope_hash != hash || &v.message_id != id {
             return Err(ClientError::Verify(
@@ -209,41 +224,6 @@ impl OrgClient {
             ));
         }
         Ok(v)
-    }
-
-    fn open(&self, item: pb::InboxItem) -> Result<Opened, ClientError> {
-        let wire = item
-            .envelope
-            .ok_or_else(|| ClientError::Verify("inbox item without envelope".into()))?;
-        let sealed = SealedEnvelope::from_wire(wire, &Limits::default())
-            .map_err(|e| ClientError::Verify(e.to_string()))?;
-        // Verified at submission time by the gateways; here against its own creation time,
-        // since a message may wait in the inbox.
-        let created = pb_created_at(&sealed)?;
-        let envelope = sealed
-            .verify(&self.directories, created)
-            .map_err(|e| ClientError::Verify(e.to_string()))?;
-        if envelope.recipient() != &self.id {
-            return Err(ClientError::Verify(format!(
-                "envelope addressed to {}, not to us",
-                envelope.recipient()
-            )));
-        }
-        let (key_id, key) = self
-            .keys
-            .encryption_key()
-            .map_err(|e| ClientError::Credentials(e.to_string()))?;
-        if key_id != envelope.header().recipient_key_id {
-            return Err(ClientError::Credentials(format!(
-                "envelope sealed to key {}, we hold {key_id}",
-                envelope.header().recipient_key_id
-            )));
-        }
-        let body = envelope
-            .open(key)
-            .map_err(|e| ClientError::Verify(e.to_string()))?;
-        forms::check(envelope.kind(), &body)?;
-        Ok(Opened { envelope, body })
     }
 
     /// Fetches, verifies and opens up to `max` waiting envelopes.
@@ -254,21 +234,22 @@ impl OrgClient {
             .await?
             .into_inner()
             .items;
-        items.into_iter().map(|i| self.open(i)).collect()
+        items.into_iter().map(|i| self.opener.open(i)).collect()
     }
 
-    /// The inbox as a live stream of opened envelopes.
+    /// The inbox as a live stream of opened envelopes: what is waiting, then what arrives.
+    /// The stream is independent of `self`, so messages can be acknowledged as they come.
     pub async fn subscribe(
         &mut self,
-    ) -> Result<impl Stream<Item = Result<Opened, ClientError>> + '_, ClientError> {
+    ) -> Result<impl Stream<Item = Result<Opened, ClientError>> + Send + 'static, ClientError> {
         let stream = self
             .exchange
             .clone()
             .subscribe(pb::SubscribeRequest {})
             .await?
             .into_inner();
-        let this = &*self;
-        Ok(stream.map(move |item| this.open(item?)))
+        let opener = self.opener.clone();
+        Ok(stream.map(move |item| opener.open(item?)))
     }
 
     /// Acknowledges an opened envelope with a delivered receipt signed by this organisation.
@@ -278,12 +259,12 @@ impl OrgClient {
             message_id: opened.envelope.id().as_bytes().to_vec(),
             stage: Stage::Delivered as i32,
             signer: self.id.to_string(),
-            signer_key_id: self.keys.signing.key_id().to_owned(),
+            signer_key_id: self.opener.keys.signing.key_id().to_owned(),
             at_ms: now_ms(),
             log_index: 0,
             reason: 0,
         };
-        let r = receipt::sign(&body, &self.keys.signing);
+        let r = receipt::sign(&body, &self.opener.keys.signing);
         self.exchange
             .ack(pb::AckRequest {
                 delivered: Some(r.clone()),
@@ -320,7 +301,44 @@ impl OrgClient {
     }
 
     pub fn keys(&self) -> &KeyFile {
-        &self.keys
+        &self.opener.keys
+    }
+}
+
+impl Opener {
+    fn open(&self, item: pb::InboxItem) -> Result<Opened, ClientError> {
+        let wire = item
+            .envelope
+            .ok_or_else(|| ClientError::Verify("inbox item without envelope".into()))?;
+        let sealed = SealedEnvelope::from_wire(wire, &Limits::default())
+            .map_err(|e| ClientError::Verify(e.to_string()))?;
+        // Verified at submission time by the gateways; here against its own creation time,
+        // since a message may wait in the inbox.
+        let created = pb_created_at(&sealed)?;
+        let envelope = sealed
+            .verify(&self.directories, created)
+            .map_err(|e| ClientError::Verify(e.to_string()))?;
+        if envelope.recipient() != &self.id {
+            return Err(ClientError::Verify(format!(
+                "envelope addressed to {}, not to us",
+                envelope.recipient()
+            )));
+        }
+        let (key_id, key) = self
+            .keys
+            .encryption_key()
+            .map_err(|e| ClientError::Credentials(e.to_string()))?;
+        if key_id != envelope.header().recipient_key_id {
+            return Err(ClientError::Credentials(format!(
+                "envelope sealed to key {}, we hold {key_id}",
+                envelope.header().recipient_key_id
+            )));
+        }
+        let body = envelope
+            .open(key)
+            .map_err(|e| ClientError::Verify(e.to_string()))?;
+        forms::check(envelope.kind(), &body)?;
+        Ok(Opened { envelope, body })
     }
 }
 

@@ -203,6 +203,7 @@ pub async fn start(
     let stop = wait_for(shutdown.subscribe());
     let exchange = ExchangeServer::new(ExchangeService {
         pipeline: pipeline.clone(),
+        shutdown: shutdown.subscribe(),
     })
     .max_decoding_message_size(config.limits.max_ciphertext_bytes + 64 * 1024);
     let health_c = health_service.clone();

@@ -65,6 +65,9 @@ fn identity<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
 #[derive(Debug, Clone)]
 pub struct ExchangeService {
     pub pipeline: Arc<Pipeline>,
+    /// Turns true when the gateway stops: live subscriptions end, so graceful shutdown,
+    /// which waits for open streams, cannot hang on a watching client.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 type InboxStream = Pin<Box<dyn Stream<Item = Result<pb::InboxItem, Status>> + Send>>;
@@ -111,6 +114,7 @@ impl Exchange for ExchangeService {
         let pipeline = self.pipeline.clone();
         let signal = pipeline.inbox_signal(&org);
         let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             // Each subscription sends an envelope once; acked ones leave the inbox.
             let mut sent = std::collections::HashSet::new();
@@ -135,6 +139,13 @@ impl Exchange for ExchangeService {
                     _ = notified => {}
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                     _ = tx.closed() => return,
+                    changed = shutdown.changed() => {
+                        let stopping = changed.is_err() || *shutdown.borrow();
+                        if stopping {
+                            let _ = tx.send(Err(Status::unavailable("gateway shutting down; subscribe again"))).await;
+                            return;
+                        }
+                    }
                 }
             }
         });

@@ -266,3 +266,51 @@ async fn the_same_message_id_with_different_bytes_is_refused() {
     assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err}");
     net.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_gets_waiting_and_new_messages_live_and_can_ack_as_they_come() {
+    use futures::StreamExt;
+    let net = two_countries().await;
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    let to = net.org_id("kh", "ahtd").unwrap();
+    let first = vn
+        .send(&to, &alert("waiting"), &SendOptions::new("C6"))
+        .await
+        .unwrap();
+    let mut kh = net.client("kh", "ahtd").await.unwrap();
+    let mut stream = std::pin::pin!(kh.subscribe().await.unwrap());
+    let got = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.envelope.id(), first.id);
+    kh.ack(&got).await.unwrap();
+    // A message sent after subscribing arrives on the same stream, once.
+    let second = vn
+        .send(
+            &to,
+            &alert("live"),
+            &SendOptions {
+                priority: pb::Priority::Flash,
+                ..SendOptions::new("C6")
+            },
+        )
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.envelope.id(), second.id);
+    kh.ack(&got).await.unwrap();
+    wait_stage(&mut vn, &second.id, Stage::Delivered).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), stream.next())
+            .await
+            .is_err(),
+        "nothing else, nothing twice"
+    );
+    net.shutdown().await;
+}
