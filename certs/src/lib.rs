@@ -11,6 +11,8 @@
 //! <root>/<cc>/directory.json             the country's directory (accord.v1.Directory, JSON)
 //! <root>/<cc>/gateway/{cert,key}.pem     gateway TLS certificate and key
 //! <root>/<cc>/gateway/keys.json          gateway receipt signing key
+//! <root>/<cc>/gateway/log-key.json       gateway log key (signs checkpoints)
+//! <root>/<cc>/gateway/witness-key.json   gateway witness key (cosigns peers' checkpoints)
 //! <root>/<cc>/orgs/<org>/{cert,key}.pem  organisation client certificate and key
 //! <root>/<cc>/orgs/<org>/keys.json       organisation signing and encryption keys
 //! ```
@@ -23,7 +25,7 @@ use accord_proto::crypto::hpke::RecipientKey;
 use accord_proto::crypto::{self, SigningKey};
 use accord_proto::ids::{CountryCode, Role, SpiffeId};
 use accord_proto::keyfile::KeyFile;
-use accord_proto::pb;
+use accord_proto::{note, pb};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
@@ -39,6 +41,9 @@ pub enum CertsError {
     /// A key could not be generated.
     #[error("key generation: {0}")]
     Crypto(#[from] crypto::CryptoError),
+    /// A checkpoint key could not be named.
+    #[error("log key: {0}")]
+    Note(#[from] note::NoteError),
     /// An id is not a valid SPIFFE id.
     #[error("identity: {0}")]
     Id(#[from] accord_proto::ids::IdError),
@@ -144,6 +149,9 @@ impl CountryCa {
 }
 
 /// One country of a dev PKI: its gateway's name and its organisations.
+///
+/// An organisation is `name` or `name:role` (`focal_point`, the default, `hotline` or
+/// `auditor`); the role goes into the directory.
 #[derive(Clone, Debug)]
 pub struct CountrySpec {
     pub country: CountryCode,
@@ -210,9 +218,26 @@ fn write_country(root: &Path, c: &CountrySpec, now_ms: i64) -> Result<CountryFil
     let gw_dir = dir.join("gateway");
     write_identity(&gw_dir, &ca.issue(&gateway_id)?)?;
     let gw_key = SigningKey::generate(format!("{}-{}-receipt-1", c.country, c.gateway))?;
+    let origin = format!("accord.{}/{}", c.country, c.gateway);
+    let log_key = SigningKey::generate(format!("{}-{}-log-1", c.country, c.gateway))?;
+    let witness_key = SigningKey::generate(format!("{}-{}-witness-1", c.country, c.gateway))?;
+    let log_verifier = note::NoteVerifier::from_public_key(&origin, log_key.public_key())?;
+    let witness_verifier =
+        note::CosignatureVerifier::from_public_key(&origin, witness_key.public_key())?;
+    for (file, key) in [("log-key.json", log_key), ("witness-key.json", witness_key)] {
+        let kf = KeyFile {
+            owner: gateway_id.to_string(),
+            signing: key,
+            encryption: None,
+        };
+        write_file(&gw_dir.join(file), kf.to_json().as_bytes(), true)?;
+    }
     let gw_entry = pb::GatewayEntry {
         id: gateway_id.to_string(),
         signing_keys: vec![public_key(gw_key.key_id(), gw_key.public_key(), now_ms)],
+        log_origin: origin,
+        log_verifier_key: log_verifier.to_string(),
+        witness_verifier_key: witness_verifier.to_string(),
     };
     let gw_keys = KeyFile {
         owner: gateway_id.to_string(),
@@ -226,7 +251,11 @@ fn write_country(root: &Path, c: &CountrySpec, now_ms: i64) -> Result<CountryFil
     )?;
 
     let mut orgs = Vec::new();
-    for org in &c.orgs {
+    for spec in &c.orgs {
+        let (org, role) = spec
+            .split_once(':')
+            .unwrap_or((spec.as_str(), "focal_point"));
+        let org = &org.to_owned();
         let id = SpiffeId::new(c.country.clone(), Role::Org, org)?;
         let org_dir = dir.join("orgs").join(org);
         write_identity(&org_dir, &ca.issue(&id)?)?;
@@ -238,6 +267,7 @@ fn write_country(root: &Path, c: &CountrySpec, now_ms: i64) -> Result<CountryFil
             name: org.clone(),
             signing_keys: vec![public_key(signing.key_id(), signing.public_key(), now_ms)],
             encryption_keys: vec![public_key(&enc_id, enc.public_key(), now_ms)],
+            roles: vec![role.to_owned()],
         });
         let keys = KeyFile {
             owner: id.to_string(),

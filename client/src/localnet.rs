@@ -139,9 +139,10 @@ impl LocalNet {
         let pki = self.root.join("pki");
         let mut toml = format!(
             "identity = \"{id}\"\ndata_dir = \"data/{cc}\"\nclient_listen = \"{c}\"\npeer_listen = \"{p}\"\n\
-             receipt_key = \"pki/{cc}/gateway/keys.json\"\ndirectories = [{dirs}]\n\n\
+             receipt_key = \"pki/{cc}/gateway/keys.json\"\nlog_key = \"pki/{cc}/gateway/log-key.json\"\n\
+             witness_key = \"pki/{cc}/gateway/witness-key.json\"\ndirectories = [{dirs}]\n\n\
              [tls]\nroot = \"pki/{cc}/ca.pem\"\ncert = \"pki/{cc}/gateway/cert.pem\"\nkey = \"pki/{cc}/gateway/key.pem\"\n\n\
-             [forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 1000\n",
+             [forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 1000\n\n[log]\ncheckpoint_interval_ms = 200\n",
             id = me.files.gateway_id,
             c = me.addrs.0,
             p = me.addrs.1,
@@ -194,6 +195,12 @@ impl LocalNet {
             .gateway
             .as_ref()
             .with_context(|| format!("gateway {cc} is stopped"))
+    }
+
+    /// The store folder of `cc`'s gateway.
+    pub fn data_dir(&self, cc: &str) -> anyhow::Result<PathBuf> {
+        let c = self.country(cc)?;
+        Ok(c.config.as_ref().context("config")?.data_dir.clone())
     }
 
     /// How a client of `cc` reaches its gateway.

@@ -87,6 +87,7 @@ pub struct OrgClient {
     pub id: OrgId,
     opener: Arc<Opener>,
     exchange: ExchangeClient<Channel>,
+    channel: Channel,
 }
 
 /// What verifying and opening an inbox item needs; shared with live subscriptions.
@@ -129,8 +130,8 @@ impl OrgClient {
             .map_err(|e| cred(e.to_string()))?;
         let config = tls::client_config(&creds, roots, gateway.id.clone())
             .map_err(|e| cred(e.to_string()))?;
-        let mut exchange = ExchangeClient::new(tls::channel(gateway.addr, config))
-            .max_decoding_message_size(64 << 20);
+        let channel = tls::channel(gateway.addr, config);
+        let mut exchange = ExchangeClient::new(channel.clone()).max_decoding_message_size(64 << 20);
         let dirs = exchange
             .get_directory(pb::GetDirectoryRequest {})
             .await?
@@ -146,6 +147,7 @@ impl OrgClient {
             id,
             opener,
             exchange,
+            channel,
         })
     }
 
@@ -293,6 +295,12 @@ impl OrgClient {
             .map(|r| self.check_receipt(r, &hash, id))
             .collect::<Result<Vec<_>, _>>()?;
         Ok((hash, receipts))
+    }
+
+    /// The audit service on the same connection (auditor organisations only).
+    pub fn audit(&self) -> pb::audit_client::AuditClient<Channel> {
+        pb::audit_client::AuditClient::new(self.channel.clone())
+            .max_decoding_message_size(256 << 20)
     }
 
     /// Raw access for tests that must send what a well-behaved client would not.

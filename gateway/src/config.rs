@@ -13,6 +13,8 @@
 //! key = "vn/gateway/key.pem"
 //!
 //! receipt_key = "vn/gateway/keys.json"             # Ed25519 key that signs receipts
+//! log_key = "vn/gateway/log-key.json"              # Ed25519 key that signs checkpoints
+//! witness_key = "vn/gateway/witness-key.json"      # Ed25519 key that cosigns peers' checkpoints
 //! directories = ["vn/directory.json", "kh/directory.json"]
 //!
 //! [[peers]]
@@ -24,6 +26,9 @@
 //! max_ciphertext_bytes = 4194304
 //! queue_quota_bytes = 10737418240
 //! store_cache_bytes = 67108864
+//!
+//! [log]                                            # optional
+//! checkpoint_interval_ms = 1000                    # publish and have peers cosign this often
 //!
 //! [forwarder]                                      # all optional
 //! batch = 64
@@ -54,9 +59,13 @@ struct Raw {
     peer_listen: String,
     tls: RawTls,
     receipt_key: PathBuf,
+    log_key: PathBuf,
+    witness_key: PathBuf,
     directories: Vec<PathBuf>,
     #[serde(default)]
     peers: Vec<RawPeer>,
+    #[serde(default)]
+    log: LogConfig,
     #[serde(default)]
     limits: Limits,
     #[serde(default)]
@@ -101,6 +110,22 @@ impl Default for Limits {
     }
 }
 
+/// The transparency log.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// How often a new checkpoint is published and sent to every peer to cosign.
+    pub checkpoint_interval_ms: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_interval_ms: 1000,
+        }
+    }
+}
+
 /// How outboxes drain towards peers.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -141,8 +166,11 @@ pub struct Config {
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     pub receipt_key: PathBuf,
+    pub log_key: PathBuf,
+    pub witness_key: PathBuf,
     pub directories: Vec<PathBuf>,
     pub peers: Vec<PeerConfig>,
+    pub log: LogConfig,
     pub limits: Limits,
     pub forwarder: ForwarderConfig,
 }
@@ -180,6 +208,13 @@ impl Config {
         must_exist(&mut problems, "tls.cert", &tls_cert);
         must_exist(&mut problems, "tls.key", &tls_key);
         must_exist(&mut problems, "receipt_key", &receipt_key);
+        let log_key = abs(&raw.log_key);
+        let witness_key = abs(&raw.witness_key);
+        must_exist(&mut problems, "log_key", &log_key);
+        must_exist(&mut problems, "witness_key", &witness_key);
+        if raw.log.checkpoint_interval_ms == 0 {
+            problems.push("log.checkpoint_interval_ms: must be at least 1".into());
+        }
         let directories: Vec<_> = raw.directories.iter().map(|p| abs(p)).collect();
         for (i, d) in directories.iter().enumerate() {
             must_exist(&mut problems, &format!("directories[{i}]"), d);
@@ -258,8 +293,11 @@ impl Config {
                     tls_cert,
                     tls_key,
                     receipt_key,
+                    log_key,
+                    witness_key,
                     directories,
                     peers,
+                    log: raw.log,
                     limits: raw.limits,
                     forwarder: raw.forwarder,
                 })
@@ -298,6 +336,8 @@ data_dir = "d"
 client_listen = "nope"
 peer_listen = "127.0.0.1:0"
 receipt_key = "missing.json"
+log_key = "log.json"
+witness_key = "witness.json"
 directories = []
 [tls]
 root = "r.pem"

@@ -12,6 +12,7 @@
 //! - [`store`]: the storage trait and its sled implementation (group commit + fdatasync).
 //! - [`forwarder`]: drains each peer's outbox with retries, backoff and jitter.
 //! - [`service`]: gRPC services (exchange, peer link) and error-to-status mapping.
+//! - [`transparency`]: checkpoints, witnessing of peers, proofs and evidence bundles.
 //! - [`server`]: assembles and runs a gateway on given listeners.
 
 pub mod config;
@@ -22,3 +23,4 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod tls;
+pub mod transparency;

@@ -45,6 +45,15 @@ pub enum PipelineError {
     /// The store is over its disk quota: the queue holds what it has and refuses more.
     #[error("queue full: the store is over its disk quota; retry later")]
     QuotaFull,
+    /// The request's arguments are out of range (e.g. a proof for a size beyond the log).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// A peer's checkpoint contradicts one this gateway cosigned (witness alarm).
+    #[error("inconsistent checkpoint: {0}")]
+    Inconsistent(String),
+    /// A peer needed for the answer could not be reached; retry later.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// The store failed: our fault, never the caller's.
     #[error("storage: {0}")]
     Store(#[from] StoreError),
@@ -105,6 +114,17 @@ pub struct Pipeline {
     pub peers: Vec<CountryCode>,
     pub clock: Clock,
     pub signals: Signals,
+    /// Log, checkpoint and witness keys.
+    pub log_keys: crate::transparency::LogKeys,
+    /// Serialises checkpoint publication.
+    pub checkpoint_lock: tokio::sync::Mutex<()>,
+    /// How many inconsistent peer checkpoints this gateway refused.
+    pub witness_alarms: std::sync::atomic::AtomicU64,
+    /// Peer links, for requests that need a peer's answer (evidence).
+    pub peer_clients: HashMap<
+        CountryCode,
+        accord_proto::pb::peer_link_client::PeerLinkClient<tonic::transport::Channel>,
+    >,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -341,7 +361,10 @@ impl Pipeline {
         sealed: SealedEnvelope,
     ) -> Result<(VerifiedEnvelope, Queue), PipelineError> {
         let now = self.now();
-        if caller.role() != Role::Org || caller.country() != self.country() {
+        if caller.role() != Role::Org
+            || caller.country() != self.country()
+            || self.is_auditor(caller)
+        {
             return Err(PipelineError::PermissionDenied(format!(
                 "{caller} may not submit here"
             )));
@@ -584,6 +607,19 @@ impl Pipeline {
         Ok(())
     }
 
+    /// The organisation whose inbox `caller` may read: itself, unless it is an auditor.
+    pub fn inbox_owner(&self, caller: &SpiffeId) -> Result<OrgId, PipelineError> {
+        if self.is_auditor(caller) {
+            return Err(PipelineError::PermissionDenied(
+                "auditors have no inbox".into(),
+            ));
+        }
+        caller
+            .clone()
+            .try_into()
+            .map_err(|_| PipelineError::PermissionDenied("only organisations have inboxes".into()))
+    }
+
     /// The recipient acknowledges with a delivered receipt it signed.
     pub async fn ack(
         self: &Arc<Self>,
@@ -652,9 +688,7 @@ impl Pipeline {
         caller: &SpiffeId,
         max: usize,
     ) -> Result<Vec<pb::InboxItem>, PipelineError> {
-        let org: OrgId = caller.clone().try_into().map_err(|_| {
-            PipelineError::PermissionDenied("only organisations have inboxes".into())
-        })?;
+        let org = self.inbox_owner(caller)?;
         let now = self.now();
         let mut items = Vec::new();
         for (_, entry) in self.store.queue(&Queue::Inbox(org.clone()), max)? {

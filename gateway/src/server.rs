@@ -36,9 +36,9 @@ pub enum StartError {
     /// A directory file is unreadable or invalid.
     #[error("directory {path}: {problem}")]
     Directory { path: String, problem: String },
-    /// The receipt key file is unreadable or invalid.
-    #[error("receipt key {path}: {problem}")]
-    ReceiptKey { path: String, problem: String },
+    /// A key file (receipt, log or witness key) is unreadable or invalid.
+    #[error("key file {path}: {problem}")]
+    Key { path: String, problem: String },
     /// The store could not be opened.
     #[error("store at {path}: {source}")]
     Store {
@@ -129,10 +129,34 @@ pub async fn start(
         peer_roots.add(p.gateway.country().clone(), &p.root)?;
     }
     let directories = load_directories(&config.directories)?;
-    let keys = load_key_file(&config.receipt_key).map_err(|problem| StartError::ReceiptKey {
-        path: config.receipt_key.display().to_string(),
-        problem,
-    })?;
+    let key = |path: &std::path::Path| {
+        load_key_file(path).map_err(|problem| StartError::Key {
+            path: path.display().to_string(),
+            problem,
+        })
+    };
+    let keys = key(&config.receipt_key)?;
+    let origin = crate::transparency::origin(&config.identity);
+    let note_err = |e: accord_proto::note::NoteError| StartError::Key {
+        path: config.log_key.display().to_string(),
+        problem: e.to_string(),
+    };
+    let log_keys = crate::transparency::LogKeys {
+        signer: accord_proto::note::NoteSigner::new(&origin, key(&config.log_key)?.signing)
+            .map_err(note_err)?,
+        cosigner: accord_proto::note::Cosigner::new(&origin, key(&config.witness_key)?.signing)
+            .map_err(note_err)?,
+        origin,
+    };
+    let mut peer_clients = std::collections::HashMap::new();
+    for peer in &config.peers {
+        let mut roots = CountryRoots::default();
+        roots.add(peer.gateway.country().clone(), &peer.root)?;
+        let tls_config = tls::client_config(&creds, roots, peer.gateway.clone())?;
+        let channel = tls::channel(peer.address, tls_config);
+        let client = PeerLinkClient::new(channel).max_decoding_message_size(64 << 20);
+        peer_clients.insert(peer.gateway.country().clone(), client);
+    }
     let store =
         SledStore::open(&config.data_dir, config.limits.store_cache_bytes).map_err(|source| {
             StartError::Store {
@@ -157,6 +181,10 @@ pub async fn start(
             .collect(),
         clock,
         signals: Signals::default(),
+        log_keys,
+        checkpoint_lock: tokio::sync::Mutex::new(()),
+        witness_alarms: std::sync::atomic::AtomicU64::new(0),
+        peer_clients,
     });
 
     let client_tls = tls::server_config(
@@ -206,12 +234,17 @@ pub async fn start(
         shutdown: shutdown.subscribe(),
     })
     .max_decoding_message_size(config.limits.max_ciphertext_bytes + 64 * 1024);
+    let audit = accord_proto::pb::audit_server::AuditServer::new(crate::service::AuditService {
+        pipeline: pipeline.clone(),
+    })
+    .max_encoding_message_size(256 << 20);
     let health_c = health_service.clone();
     let incoming = crate::listener::incoming(client_listener, client_tls, "client");
     tasks.spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(health_c)
             .add_service(exchange)
+            .add_service(audit)
             .serve_with_incoming_shutdown(incoming, stop)
             .await;
         if let Err(e) = result {
@@ -239,16 +272,23 @@ pub async fn start(
     });
 
     for peer in &config.peers {
-        let mut roots = CountryRoots::default();
-        roots.add(peer.gateway.country().clone(), &peer.root)?;
-        let tls_config = tls::client_config(&creds, roots, peer.gateway.clone())?;
-        let channel = tls::channel(peer.address, tls_config);
-        let client = PeerLinkClient::new(channel).max_decoding_message_size(64 << 20);
+        let client = pipeline
+            .peer_clients
+            .get(peer.gateway.country())
+            .cloned()
+            .ok_or_else(|| tls::TlsError::NoIdentity("peer client".into()))?;
         tasks.spawn(crate::forwarder::run(
             pipeline.clone(),
             peer.gateway.clone(),
-            client,
+            client.clone(),
             config.forwarder.clone(),
+            shutdown.subscribe(),
+        ));
+        tasks.spawn(crate::transparency::witness_loop(
+            pipeline.clone(),
+            peer.gateway.clone(),
+            client,
+            std::time::Duration::from_millis(config.log.checkpoint_interval_ms),
             shutdown.subscribe(),
         ));
     }

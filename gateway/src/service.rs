@@ -46,6 +46,9 @@ impl From<PipelineError> for Status {
             PipelineError::QuotaFull => {
                 Status::resource_exhausted("the gateway's queue is full (disk quota); retry later")
             }
+            PipelineError::BadRequest(m) => Status::invalid_argument(m),
+            PipelineError::Inconsistent(m) => Status::failed_precondition(m),
+            PipelineError::Unavailable(m) => Status::unavailable(m),
             PipelineError::Store(err) => {
                 tracing::error!(error = %err, "store failure");
                 Status::internal("internal storage error; the request was not accepted")
@@ -106,11 +109,7 @@ impl Exchange for ExchangeService {
         req: Request<pb::SubscribeRequest>,
     ) -> Result<Response<InboxStream>, Status> {
         let who = identity(&req)?;
-        let org = who
-            .id
-            .clone()
-            .try_into()
-            .map_err(|_| Status::permission_denied("only organisations have inboxes"))?;
+        let org = self.pipeline.inbox_owner(&who.id)?;
         let pipeline = self.pipeline.clone();
         let signal = pipeline.inbox_signal(&org);
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -239,5 +238,126 @@ impl PeerLink for PeerLinkService {
         });
         results.extend(futures::future::join_all(futures).await);
         Ok(Response::new(pb::DeliverResponse { results }))
+    }
+
+    async fn witness(
+        &self,
+        req: Request<pb::WitnessRequest>,
+    ) -> Result<Response<pb::WitnessResponse>, Status> {
+        let who = identity(&req)?;
+        Ok(Response::new(
+            self.pipeline.witness(&who.id, req.into_inner()).await?,
+        ))
+    }
+
+    async fn prove_events(
+        &self,
+        req: Request<pb::ProveEventsRequest>,
+    ) -> Result<Response<pb::ProveEventsResponse>, Status> {
+        let who = identity(&req)?;
+        let id = MessageId::from_slice(&req.into_inner().message_id)
+            .map_err(|_| Status::invalid_argument("message_id must be 16 bytes of a UUIDv7"))?;
+        // A peer may ask only about messages to or from its own country.
+        let msg = self
+            .pipeline
+            .store
+            .message(&id)
+            .map_err(PipelineError::from)?
+            .ok_or_else(|| Status::not_found("no such message"))?;
+        let cc = who.id.country().to_string();
+        let involved = [&msg.sender_org, &msg.recipient_org]
+            .iter()
+            .any(|o| o.starts_with(&format!("spiffe://{cc}.accord/")));
+        if !involved {
+            return Err(Status::not_found("no such message"));
+        }
+        let events = self.pipeline.prove_events(&id, who.id.country())?;
+        Ok(Response::new(pb::ProveEventsResponse { events }))
+    }
+}
+
+/// The audit service: auditors only, never plaintext.
+#[derive(Debug, Clone)]
+pub struct AuditService {
+    pub pipeline: Arc<Pipeline>,
+}
+
+impl AuditService {
+    fn auditor<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let who = identity(req)?;
+        if !self.pipeline.is_auditor(&who.id) {
+            return Err(Status::permission_denied(format!(
+                "{} does not have the auditor role",
+                who.id
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Most log entries one GetEntries call returns.
+pub const MAX_ENTRIES: u64 = 1000;
+
+#[tonic::async_trait]
+impl pb::audit_server::Audit for AuditService {
+    async fn get_checkpoint(
+        &self,
+        req: Request<pb::GetCheckpointRequest>,
+    ) -> Result<Response<pb::GetCheckpointResponse>, Status> {
+        self.auditor(&req)?;
+        let checkpoint = match self.pipeline.latest_checkpoint()? {
+            Some(c) => c,
+            None => self.pipeline.publish_checkpoint().await?.1,
+        };
+        Ok(Response::new(pb::GetCheckpointResponse { checkpoint }))
+    }
+
+    async fn get_entries(
+        &self,
+        req: Request<pb::GetEntriesRequest>,
+    ) -> Result<Response<pb::GetEntriesResponse>, Status> {
+        self.auditor(&req)?;
+        let r = req.into_inner();
+        if r.end < r.start || r.end - r.start > MAX_ENTRIES {
+            return Err(Status::invalid_argument(format!(
+                "need start <= end and at most {MAX_ENTRIES} entries"
+            )));
+        }
+        let entries = self.pipeline.entries(r.start, r.end)?;
+        Ok(Response::new(pb::GetEntriesResponse { entries }))
+    }
+
+    async fn get_inclusion_proof(
+        &self,
+        req: Request<pb::GetInclusionProofRequest>,
+    ) -> Result<Response<pb::ProofResponse>, Status> {
+        self.auditor(&req)?;
+        let r = req.into_inner();
+        let proof = self.pipeline.inclusion_proof(r.index, r.tree_size)?;
+        Ok(Response::new(pb::ProofResponse {
+            proof: proof.iter().map(|h| h.to_vec()).collect(),
+        }))
+    }
+
+    async fn get_consistency_proof(
+        &self,
+        req: Request<pb::GetConsistencyProofRequest>,
+    ) -> Result<Response<pb::ProofResponse>, Status> {
+        self.auditor(&req)?;
+        let r = req.into_inner();
+        let proof = self.pipeline.consistency_proof(r.size1, r.size2)?;
+        Ok(Response::new(pb::ProofResponse {
+            proof: proof.iter().map(|h| h.to_vec()).collect(),
+        }))
+    }
+
+    async fn get_evidence(
+        &self,
+        req: Request<pb::GetEvidenceRequest>,
+    ) -> Result<Response<pb::EvidenceBundle>, Status> {
+        self.auditor(&req)?;
+        let id = MessageId::from_slice(&req.into_inner().message_id)
+            .map_err(|_| Status::invalid_argument("message_id must be 16 bytes of a UUIDv7"))?;
+        Ok(Response::new(self.pipeline.evidence(&id).await?))
     }
 }

@@ -207,6 +207,7 @@ mod tests {
                 name: "C02".into(),
                 signing_keys: vec![key("s1", 0, 100), key("s2", 90, 200)],
                 encryption_keys: vec![key("e1", 0, 100), key("e2", 90, 200)],
+                roles: vec![],
             }],
             gateways: vec![],
         }

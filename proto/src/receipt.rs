@@ -140,6 +140,7 @@ mod tests {
                     not_before_ms: 0,
                     not_after_ms: i64::MAX,
                 }],
+                ..Default::default()
             }],
         };
         let body = pb::ReceiptBody {

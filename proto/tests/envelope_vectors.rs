@@ -843,6 +843,7 @@ fn add_party(
                         name: id.name().to_owned(),
                         signing_keys: vec![],
                         encryption_keys: vec![],
+                        roles: vec![],
                     });
                     dir.orgs.len() - 1
                 }
@@ -858,6 +859,7 @@ fn add_party(
                     dir.gateways.push(pb::GatewayEntry {
                         id: party.to_owned(),
                         signing_keys: vec![],
+                        ..Default::default()
                     });
                     dir.gateways.len() - 1
                 }

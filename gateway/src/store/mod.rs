@@ -9,6 +9,9 @@
 //! - A transaction that inserts a message whose id is already stored is not applied and
 //!   resolves to [`TxOutcome::Exists`]: that is how "exactly once into an inbox" holds under
 //!   concurrent duplicates.
+//! - Each log entry (`pb::LogEntry` bytes) is stored with the RFC 6962 tree nodes it
+//!   completes (O(log n) per append, [`accord_proto::merkle::completed_nodes`]) and indexed by
+//!   its message id, in the same atomic batch, so the tree is never behind the log.
 
 pub mod sled;
 
@@ -89,6 +92,8 @@ pub enum Op {
     RemoveMessage(Queue, MessageId),
     /// Appends an encoded `pb::LogEntry` to the log.
     Log(Vec<u8>),
+    /// Sets a small metadata record (checkpoints, witness state).
+    PutMeta(String, Vec<u8>),
 }
 
 /// Makes the receipts of a transaction once its first log index is known. Runs inside the
@@ -139,6 +144,12 @@ pub trait Store: Send + Sync + 'static {
     fn log_entry(&self, index: LogIndex) -> Result<Option<Vec<u8>>, StoreError>;
     /// Bytes the store occupies on disk, for the quota.
     fn disk_usage(&self) -> Result<u64, StoreError>;
+    /// The stored hash of the perfect subtree at (`level`, `index`) of the log's tree.
+    fn log_node(&self, level: u32, index: u64) -> Result<Option<[u8; 32]>, StoreError>;
+    /// Indexes of the log entries that name a message, ascending.
+    fn message_events(&self, id: &MessageId) -> Result<Vec<LogIndex>, StoreError>;
+    /// A metadata record set by [`Op::PutMeta`].
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
 #[cfg(test)]

@@ -14,6 +14,9 @@
 //! q ‖ queue name ‖ 0x00 ‖ 255-priority ‖ seq(8)   QueueEntry
 //! x ‖ queue name ‖ 0x00 ‖ id(16)     key of that message's queue entry (for RemoveMessage)
 //! l ‖ index(8)                       pb::LogEntry bytes
+//! n ‖ level(1) ‖ index(8)            RFC 6962 perfect-subtree hash (level 0: leaf hashes)
+//! e ‖ id(16) ‖ index(8)              the log entry `index` names message `id`
+//! k ‖ name                           metadata (checkpoints, witness state)
 //! s ‖ "log" / "seq"                  next log index / next sequence number
 //! ```
 
@@ -24,8 +27,11 @@ use std::sync::mpsc;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
+use std::collections::HashMap;
+
 use accord_proto::ids::MessageId;
-use accord_proto::pb;
+use accord_proto::merkle::{self, Hash, NodeSource, ProofError};
+use accord_proto::{log, pb};
 use prost::Message;
 use tokio::sync::oneshot;
 
@@ -150,6 +156,46 @@ fn queue_index_key(queue: &Queue, id: &[u8]) -> Vec<u8> {
     key
 }
 
+fn node_key(level: u32, index: u64) -> [u8; 10] {
+    let mut k = [b'n'; 10];
+    k[1] = level as u8;
+    k[2..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn event_key(id: &MessageId, index: u64) -> Vec<u8> {
+    [b"e".as_slice(), id.as_bytes(), &index.to_be_bytes()].concat()
+}
+
+fn meta_key(name: &str) -> Vec<u8> {
+    [b"k".as_slice(), name.as_bytes()].concat()
+}
+
+/// Tree nodes as the batch under construction will leave them: its own first, then disk.
+struct PendingNodes<'a> {
+    db: &'a sled::Db,
+    fresh: &'a HashMap<(u32, u64), Hash>,
+}
+
+impl NodeSource for PendingNodes<'_> {
+    fn node(&self, level: u32, index: u64) -> Result<Hash, ProofError> {
+        if let Some(h) = self.fresh.get(&(level, index)) {
+            return Ok(*h);
+        }
+        read_node(self.db, level, index)
+    }
+}
+
+fn read_node(db: &sled::Db, level: u32, index: u64) -> Result<Hash, ProofError> {
+    let v = db
+        .get(node_key(level, index))
+        .map_err(|e| ProofError::Storage(e.to_string()))?
+        .ok_or(ProofError::MissingNode { level, index })?;
+    v.as_ref()
+        .try_into()
+        .map_err(|_| ProofError::Storage("corrupt tree node".into()))
+}
+
 fn log_key(index: u64) -> [u8; 9] {
     let mut k = [b'l'; 9];
     k[1..].copy_from_slice(&index.to_be_bytes());
@@ -209,6 +255,7 @@ impl Committer {
             receipt_ops = maker(index);
         }
         let receipts = receipt_ops.into_iter().map(|(id, r)| Op::PutReceipt(id, r));
+        let mut fresh_nodes = HashMap::new();
         for op in tx.ops.into_iter().chain(receipts) {
             match op {
                 Op::InsertMessage(id, msg) => {
@@ -252,9 +299,26 @@ impl Committer {
                     batch.remove(index);
                 }
                 Op::Log(entry) => {
+                    let source = PendingNodes {
+                        db: &self.db,
+                        fresh: &fresh_nodes,
+                    };
+                    let nodes = merkle::completed_nodes(&source, next_log, log::leaf_hash(&entry))
+                        .map_err(|e| StoreError::Engine(format!("log tree: {e}")))?;
+                    for (level, index, hash) in nodes {
+                        batch.insert(&node_key(level, index)[..], &hash[..]);
+                        fresh_nodes.insert((level, index), hash);
+                    }
+                    let message = pb::LogEntry::decode(entry.as_slice())
+                        .ok()
+                        .and_then(|e| MessageId::from_slice(&e.message_id).ok());
+                    if let Some(id) = message {
+                        batch.insert(event_key(&id, next_log), &[][..]);
+                    }
                     batch.insert(&log_key(next_log)[..], entry);
                     next_log += 1;
                 }
+                Op::PutMeta(name, value) => batch.insert(meta_key(&name), value),
             }
         }
         batch.insert(META_LOG, &next_log.to_be_bytes()[..]);
@@ -368,6 +432,33 @@ impl Store for SledStore {
 
     fn disk_usage(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()?)
+    }
+
+    fn log_node(&self, level: u32, index: u64) -> Result<Option<Hash>, StoreError> {
+        match read_node(&self.db, level, index) {
+            Ok(h) => Ok(Some(h)),
+            Err(ProofError::MissingNode { .. }) => Ok(None),
+            Err(e) => Err(StoreError::Engine(e.to_string())),
+        }
+    }
+
+    fn message_events(&self, id: &MessageId) -> Result<Vec<u64>, StoreError> {
+        let prefix = [b"e".as_slice(), id.as_bytes()].concat();
+        self.db
+            .scan_prefix(&prefix)
+            .keys()
+            .map(|k| {
+                let k = k?;
+                let tail: [u8; 8] = k[prefix.len()..]
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("event index".into()))?;
+                Ok(u64::from_be_bytes(tail))
+            })
+            .collect()
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get(meta_key(key))?.map(|v| v.to_vec()))
     }
 }
 

@@ -26,6 +26,7 @@ fn fixture() -> Fixture {
             name: "C02".into(),
             signing_keys: vec![key("vn-c02-sig-1", sender.public_key())],
             encryption_keys: vec![],
+            roles: vec![],
         }],
         gateways: vec![],
     };
@@ -37,6 +38,7 @@ fn fixture() -> Fixture {
             name: "AHTD".into(),
             signing_keys: vec![],
             encryption_keys: vec![key("kh-ahtd-enc-1", recipient.public_key())],
+            roles: vec![],
         }],
         gateways: vec![],
     };

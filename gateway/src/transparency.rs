@@ -1,0 +1,489 @@
+//! This gateway's transparency log and its witnessing of peers (DESIGN.md,
+//! "Non-repudiation log").
+//!
+//! - Checkpoints: C2SP `tlog-checkpoint` bodies signed as C2SP signed notes with the log key,
+//!   origin `accord.<cc>/<gateway-name>`, published on an interval and on demand, stored by
+//!   size with the cosignatures peers return.
+//! - Witnessing: each gateway sends its new checkpoints with a consistency proof to each peer,
+//!   which checks it against the last one it cosigned, persists it, cosigns it
+//!   (`tlog-cosignature`) and answers the line. An inconsistent checkpoint is refused and
+//!   raised as an alarm: a WITNESS_ALARM log entry, an error log line, and a counter.
+//! - Proofs and evidence: inclusion and consistency proofs from stored tree nodes; the events
+//!   of one message proven against a checkpoint the other side cosigned.
+//!
+//! Metadata keys: `checkpoint/latest` (u64be size), `checkpoint/<size>` (note text with
+//! cosignatures), `cosigned-by/<cc>` (u64be size of our newest checkpoint cosigned by `cc`),
+//! `witnessed/<cc>` (the newest checkpoint note of peer `cc` that we cosigned).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use accord_proto::ids::{CountryCode, MessageId, SpiffeId};
+use accord_proto::merkle::{self, Hash, NodeSource, ProofError};
+use accord_proto::note::{self, Checkpoint, CosignatureVerifier, NoteVerifier};
+use accord_proto::pb::{self, peer_link_client::PeerLinkClient, LogEvent};
+use prost::Message;
+use tokio::sync::watch;
+
+use crate::pipeline::{Pipeline, PipelineError};
+use crate::store::{Op, Store, StoreError, Tx};
+
+/// The keys of this gateway's log: checkpoints are signed by `signer` under `origin`, peers'
+/// checkpoints cosigned by `cosigner` (a separate key: C2SP asks one key per signature type).
+#[derive(Debug)]
+pub struct LogKeys {
+    pub origin: String,
+    pub signer: note::NoteSigner,
+    pub cosigner: note::Cosigner,
+}
+
+/// The log tree as the store holds it.
+pub struct StoreTree<'a>(pub &'a dyn Store);
+
+impl std::fmt::Debug for StoreTree<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreTree")
+    }
+}
+
+impl NodeSource for StoreTree<'_> {
+    fn node(&self, level: u32, index: u64) -> Result<Hash, ProofError> {
+        self.0
+            .log_node(level, index)
+            .map_err(|e| ProofError::Storage(e.to_string()))?
+            .ok_or(ProofError::MissingNode { level, index })
+    }
+}
+
+fn proof_error(e: ProofError) -> PipelineError {
+    match e {
+        ProofError::Storage(s) => PipelineError::Store(StoreError::Engine(s)),
+        other => PipelineError::BadRequest(other.to_string()),
+    }
+}
+
+fn note_error(e: note::NoteError) -> PipelineError {
+    PipelineError::Store(StoreError::Engine(format!("checkpoint note: {e}")))
+}
+
+fn u64_meta(v: Option<Vec<u8>>) -> u64 {
+    v.and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+/// The checkpoint origin of a gateway: `accord.<cc>/<gateway-name>`.
+pub fn origin(gateway: &SpiffeId) -> String {
+    format!("accord.{}/{}", gateway.country(), gateway.name())
+}
+
+impl Pipeline {
+    fn gateway_entry(&self, id: &SpiffeId) -> Option<pb::GatewayEntry> {
+        let want = id.to_string();
+        self.directories
+            .to_wire()
+            .into_iter()
+            .filter(|d| d.country == id.country().as_str())
+            .flat_map(|d| d.gateways)
+            .find(|g| g.id == want)
+    }
+
+    /// The newest checkpoint with every cosignature received so far.
+    pub fn latest_checkpoint(&self) -> Result<Option<String>, PipelineError> {
+        let size = self.store.meta("checkpoint/latest")?;
+        match size {
+            None => Ok(None),
+            Some(_) => self.checkpoint_at(u64_meta(size)),
+        }
+    }
+
+    pub fn checkpoint_at(&self, size: u64) -> Result<Option<String>, PipelineError> {
+        Ok(self
+            .store
+            .meta(&format!("checkpoint/{size}"))?
+            .and_then(|b| String::from_utf8(b).ok()))
+    }
+
+    /// Signs and stores a checkpoint of the current log if it grew; returns the newest.
+    pub async fn publish_checkpoint(&self) -> Result<(u64, String), PipelineError> {
+        let _one_at_a_time = self.checkpoint_lock.lock().await;
+        let size = self.store.log_size()?;
+        let latest = u64_meta(self.store.meta("checkpoint/latest")?);
+        if latest == size {
+            if let Some(note) = self.checkpoint_at(size)? {
+                return Ok((size, note));
+            }
+        }
+        let root = merkle::root(&StoreTree(self.store.as_ref()), size).map_err(proof_error)?;
+        let body = Checkpoint {
+            origin: self.log_keys.origin.clone(),
+            size,
+            root,
+            extensions: vec![],
+        }
+        .to_body();
+        let note = self.log_keys.signer.sign(&body).map_err(note_error)?;
+        let ops = vec![
+            Op::PutMeta(format!("checkpoint/{size}"), note.clone().into_bytes()),
+            Op::PutMeta("checkpoint/latest".into(), size.to_be_bytes().to_vec()),
+        ];
+        self.store
+            .commit(Tx {
+                ops,
+                receipts: None,
+            })
+            .await?;
+        tracing::debug!(size, root = %hex(&root), "checkpoint published");
+        Ok((size, note))
+    }
+
+    pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, PipelineError> {
+        self.check_size(size)?;
+        merkle::inclusion_proof(&StoreTree(self.store.as_ref()), index, size).map_err(proof_error)
+    }
+
+    pub fn consistency_proof(&self, size1: u64, size2: u64) -> Result<Vec<Hash>, PipelineError> {
+        self.check_size(size2)?;
+        merkle::consistency_proof(&StoreTree(self.store.as_ref()), size1, size2)
+            .map_err(proof_error)
+    }
+
+    fn check_size(&self, size: u64) -> Result<(), PipelineError> {
+        let have = self.store.log_size()?;
+        if size > have {
+            return Err(PipelineError::BadRequest(format!(
+                "tree size {size} is beyond the log's {have} entries"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Log entries `[start, end)`.
+    pub fn entries(&self, start: u64, end: u64) -> Result<Vec<Vec<u8>>, PipelineError> {
+        self.check_size(end)?;
+        (start..end)
+            .map(|i| {
+                self.store
+                    .log_entry(i)?
+                    .ok_or_else(|| PipelineError::Store(StoreError::Corrupt(format!("log {i}"))))
+            })
+            .collect()
+    }
+
+    /// Witness side: checks a peer's checkpoint against the last one we cosigned, then
+    /// persists and cosigns it.
+    pub async fn witness(
+        &self,
+        peer: &SpiffeId,
+        req: pb::WitnessRequest,
+    ) -> Result<pb::WitnessResponse, PipelineError> {
+        let entry = self.gateway_entry(peer).ok_or_else(|| {
+            PipelineError::PermissionDenied(format!("{peer} is not in the directory"))
+        })?;
+        let verifier: NoteVerifier = entry
+            .log_verifier_key
+            .parse()
+            .map_err(|e| PipelineError::BadRequest(format!("peer log key in directory: {e}")))?;
+        let opened = note::open(&req.checkpoint, &[verifier])
+            .map_err(|e| PipelineError::BadRequest(format!("checkpoint note: {e}")))?;
+        let cp = Checkpoint::parse(&opened.body)
+            .map_err(|e| PipelineError::BadRequest(format!("checkpoint: {e}")))?;
+        if cp.origin != entry.log_origin {
+            return Err(PipelineError::BadRequest(format!(
+                "checkpoint origin {:?} is not {:?}",
+                cp.origin, entry.log_origin
+            )));
+        }
+        let cc = peer.country();
+        let key = format!("witnessed/{cc}");
+        let last = match self.store.meta(&key)? {
+            None => None,
+            Some(b) => {
+                let text = String::from_utf8(b)
+                    .map_err(|_| PipelineError::Store(StoreError::Corrupt(key.clone())))?;
+                let body = text.split("\n\n").next().unwrap_or_default().to_owned() + "\n";
+                Some(Checkpoint::parse(&body).map_err(note_error)?)
+            }
+        };
+        let (last_size, last_root) = last
+            .as_ref()
+            .map(|c| (c.size, c.root))
+            .unwrap_or((0, [0; 32]));
+        if req.old_size != last_size {
+            return Ok(pb::WitnessResponse {
+                cosignature: String::new(),
+                known_size: last_size,
+            });
+        }
+        let consistent = if last_size == 0 {
+            true
+        } else if cp.size < last_size {
+            false
+        } else if cp.size == last_size {
+            cp.root == last_root
+        } else {
+            let proof: Result<Vec<Hash>, _> = req
+                .consistency_proof
+                .iter()
+                .map(|p| p.as_slice().try_into())
+                .collect();
+            match proof {
+                Ok(proof) => {
+                    merkle::verify_consistency(last_size, cp.size, &last_root, &cp.root, &proof)
+                        .is_ok()
+                }
+                Err(_) => false,
+            }
+        };
+        if !consistent {
+            self.raise_witness_alarm(peer, last_size, cp.size).await;
+            return Err(PipelineError::Inconsistent(format!(
+                "checkpoint of size {} is not consistent with the size {last_size} we cosigned",
+                cp.size
+            )));
+        }
+        let now_s = (self.now() / 1000).max(0) as u64;
+        let line = self
+            .log_keys
+            .cosigner
+            .cosign(&opened.body, now_s)
+            .map_err(note_error)?;
+        // Persist before answering: what we cosigned is what we will hold the peer to.
+        let ops = vec![Op::PutMeta(key, req.checkpoint.clone().into_bytes())];
+        self.store
+            .commit(Tx {
+                ops,
+                receipts: None,
+            })
+            .await?;
+        tracing::debug!(peer = %peer, size = cp.size, "cosigned peer checkpoint");
+        Ok(pb::WitnessResponse {
+            cosignature: line,
+            known_size: 0,
+        })
+    }
+
+    async fn raise_witness_alarm(&self, peer: &SpiffeId, cosigned: u64, shown: u64) {
+        self.witness_alarms.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            peer = %peer,
+            cosigned_size = cosigned,
+            shown_size = shown,
+            "WITNESS ALARM: peer showed a checkpoint inconsistent with one we cosigned"
+        );
+        let entry = pb::LogEntry {
+            event: LogEvent::WitnessAlarm as i32,
+            message_id: vec![],
+            envelope_hash: vec![],
+            actor: peer.to_string(),
+            at_ms: self.now(),
+            reason: 0,
+            receipt_hash: vec![],
+        };
+        let tx = Tx {
+            ops: vec![Op::Log(entry.encode_to_vec())],
+            receipts: None,
+        };
+        if let Err(e) = self.store.commit(tx).await {
+            tracing::error!(error = %e, "could not log the witness alarm");
+        }
+    }
+
+    /// Sends our newest checkpoint to `peer` for cosigning; stores the cosignature.
+    pub async fn request_cosignature(
+        &self,
+        peer: &SpiffeId,
+        client: &mut PeerLinkClient<tonic::transport::Channel>,
+    ) -> Result<(), PipelineError> {
+        let (size, note_text) = self.publish_checkpoint().await?;
+        let cc = peer.country();
+        let done_key = format!("cosigned-by/{cc}");
+        let mut old = u64_meta(self.store.meta(&done_key)?);
+        if size == 0 || size == old {
+            return Ok(());
+        }
+        for _ in 0..2 {
+            let proof = if old == 0 || old > size {
+                vec![]
+            } else {
+                self.consistency_proof(old, size)?
+            };
+            let resp = client
+                .witness(pb::WitnessRequest {
+                    old_size: old,
+                    consistency_proof: proof.iter().map(|h| h.to_vec()).collect(),
+                    checkpoint: note_text.clone(),
+                })
+                .await
+                .map_err(|s| {
+                    PipelineError::Unavailable(format!("{:?}: {}", s.code(), s.message()))
+                })?
+                .into_inner();
+            if resp.cosignature.is_empty() {
+                // The witness holds another size than we thought: prove from that one.
+                old = resp.known_size;
+                continue;
+            }
+            let entry = self.gateway_entry(peer).ok_or_else(|| {
+                PipelineError::PermissionDenied(format!("{peer} not in directory"))
+            })?;
+            let witness: CosignatureVerifier = entry
+                .witness_verifier_key
+                .parse()
+                .map_err(|e| PipelineError::BadRequest(format!("peer witness key: {e}")))?;
+            let body = note_text
+                .split("\n\n")
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+                + "\n";
+            witness
+                .verify_line(&body, &resp.cosignature)
+                .map_err(|e| PipelineError::BadRequest(format!("cosignature from {peer}: {e}")))?;
+            let current = self.checkpoint_at(size)?.unwrap_or(note_text.clone());
+            let cosigned =
+                note::add_signatures(&current, &[resp.cosignature]).map_err(note_error)?;
+            let ops = vec![
+                Op::PutMeta(format!("checkpoint/{size}"), cosigned.into_bytes()),
+                Op::PutMeta(done_key, size.to_be_bytes().to_vec()),
+            ];
+            self.store
+                .commit(Tx {
+                    ops,
+                    receipts: None,
+                })
+                .await?;
+            tracing::debug!(peer = %peer, size, "checkpoint cosigned by peer");
+            return Ok(());
+        }
+        Err(PipelineError::Unavailable(
+            "witness keeps reporting another size".into(),
+        ))
+    }
+
+    /// Our log's entries about `id`, each with an inclusion proof to our newest checkpoint
+    /// that `witness` (a peer country, or ours for same-country messages) cosigned.
+    pub fn prove_events(
+        &self,
+        id: &MessageId,
+        witness: &CountryCode,
+    ) -> Result<Vec<pb::LoggedEvent>, PipelineError> {
+        let size = if witness == self.country() {
+            u64_meta(self.store.meta("checkpoint/latest")?)
+        } else {
+            u64_meta(self.store.meta(&format!("cosigned-by/{witness}"))?)
+        };
+        let Some(checkpoint) = self.checkpoint_at(size)? else {
+            return Ok(vec![]);
+        };
+        let mut events = Vec::new();
+        for index in self.store.message_events(id)? {
+            if index >= size {
+                continue; // not yet under a cosigned checkpoint; ask again later
+            }
+            let entry = self
+                .store
+                .log_entry(index)?
+                .ok_or_else(|| PipelineError::Store(StoreError::Corrupt(format!("log {index}"))))?;
+            events.push(pb::LoggedEvent {
+                gateway: self.identity.to_string(),
+                index,
+                entry,
+                tree_size: size,
+                inclusion_proof: self
+                    .inclusion_proof(index, size)?
+                    .iter()
+                    .map(|h| h.to_vec())
+                    .collect(),
+                checkpoint: checkpoint.clone(),
+            });
+        }
+        Ok(events)
+    }
+
+    /// Everything an auditor needs about one message: envelope, receipts, and the events of
+    /// both gateways' logs proven against checkpoints the other side cosigned.
+    pub async fn evidence(&self, id: &MessageId) -> Result<pb::EvidenceBundle, PipelineError> {
+        let msg = self.store.message(id)?.ok_or(PipelineError::NotFound)?;
+        let sender: accord_proto::ids::OrgId = msg
+            .sender_org
+            .parse()
+            .map_err(|_| StoreError::Corrupt(id.to_string()))?;
+        let recipient: accord_proto::ids::OrgId = msg
+            .recipient_org
+            .parse()
+            .map_err(|_| StoreError::Corrupt(id.to_string()))?;
+        let other = if sender.country() == self.country() {
+            recipient.country().clone()
+        } else {
+            sender.country().clone()
+        };
+        let mut events = self.prove_events(id, &other)?;
+        if &other != self.country() {
+            let mut client =
+                self.peer_clients.get(&other).cloned().ok_or_else(|| {
+                    PipelineError::Unavailable(format!("no peer link to {other}"))
+                })?;
+            let theirs = client
+                .prove_events(pb::ProveEventsRequest {
+                    message_id: id.as_bytes().to_vec(),
+                })
+                .await
+                .map_err(|s| PipelineError::Unavailable(format!("peer {other}: {}", s.message())))?
+                .into_inner()
+                .events;
+            events.extend(theirs);
+        }
+        let countries = [sender.country().as_str(), recipient.country().as_str()];
+        let directories = self
+            .directories
+            .to_wire()
+            .into_iter()
+            .filter(|d| countries.contains(&d.country.as_str()))
+            .collect();
+        Ok(pb::EvidenceBundle {
+            version: 1,
+            envelope: msg.envelope,
+            receipts: self.store.receipts(id)?,
+            events,
+            directories,
+        })
+    }
+
+    /// Whether the directory gives `id` the auditor role.
+    pub fn is_auditor(&self, id: &SpiffeId) -> bool {
+        let Ok(org) = accord_proto::ids::OrgId::try_from(id.clone()) else {
+            return false;
+        };
+        self.directories
+            .org(&org)
+            .is_some_and(|o| o.roles.iter().any(|r| r == "auditor"))
+    }
+}
+
+/// Publishes checkpoints and has each one cosigned by `peer`, every `interval`.
+pub async fn witness_loop(
+    pipeline: Arc<Pipeline>,
+    peer: SpiffeId,
+    mut client: PeerLinkClient<tonic::transport::Channel>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        if let Err(e) = pipeline.request_cosignature(&peer, &mut client).await {
+            tracing::warn!(peer = %peer, error = %e, "checkpoint not cosigned this round");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
