@@ -53,7 +53,7 @@ async fn cosigned_checkpoint(
             .unwrap()
             .into_inner()
             .checkpoint;
-        let opened = note::open(&text, &[log_key.clone()]).unwrap();
+        let opened = note::open(&text, std::slice::from_ref(&log_key)).unwrap();
         let cp = Checkpoint::parse(&opened.body).unwrap();
         assert_eq!(cp.origin, own.log_origin);
         if cp.size >= min_size && witness.verify_opened(&opened).is_ok() {
