@@ -305,10 +305,10 @@ impl pb::audit_server::Audit for AuditService {
         req: Request<pb::GetCheckpointRequest>,
     ) -> Result<Response<pb::GetCheckpointResponse>, Status> {
         self.auditor(&req)?;
-        let checkpoint = match self.pipeline.latest_checkpoint()? {
-            Some(c) => c,
-            None => self.pipeline.publish_checkpoint().await?.1,
-        };
+        // On demand: a fresh checkpoint if the log grew, with the cosignatures gathered so far
+        // for the newest one otherwise.
+        let (size, fresh) = self.pipeline.publish_checkpoint().await?;
+        let checkpoint = self.pipeline.checkpoint_at(size)?.unwrap_or(fresh);
         Ok(Response::new(pb::GetCheckpointResponse { checkpoint }))
     }
 

@@ -89,15 +89,7 @@ impl Pipeline {
             .find(|g| g.id == want)
     }
 
-    /// The newest checkpoint with every cosignature received so far.
-    pub fn latest_checkpoint(&self) -> Result<Option<String>, PipelineError> {
-        let size = self.store.meta("checkpoint/latest")?;
-        match size {
-            None => Ok(None),
-            Some(_) => self.checkpoint_at(u64_meta(size)),
-        }
-    }
-
+    /// The checkpoint of `size`, with every cosignature received so far.
     pub fn checkpoint_at(&self, size: u64) -> Result<Option<String>, PipelineError> {
         Ok(self
             .store

@@ -16,7 +16,7 @@ use accord_gateway::tls::{self, CountryRoots, Credentials};
 use accord_proto::envelope;
 use accord_proto::ids::{MessageId, SpiffeId};
 use accord_proto::keyfile::KeyFile;
-use accord_proto::pb::{self, exchange_client::ExchangeClient};
+use accord_proto::pb::{self, audit_client::AuditClient, exchange_client::ExchangeClient};
 use tonic::transport::Channel;
 
 fn now() -> i64 {
@@ -68,7 +68,7 @@ fn spawn(config: &Path) -> Child {
         .unwrap()
 }
 
-async fn connect(root: &Path, cc: &str, org: &str, gw: &Country) -> ExchangeClient<Channel> {
+fn channel(root: &Path, cc: &str, org: &str, gw: &Country) -> Channel {
     let dir = root.join("pki").join(cc).join("orgs").join(org);
     let creds = Credentials::load(&dir.join("cert.pem"), &dir.join("key.pem")).unwrap();
     let mut roots = CountryRoots::default();
@@ -79,7 +79,11 @@ async fn connect(root: &Path, cc: &str, org: &str, gw: &Country) -> ExchangeClie
         )
         .unwrap();
     let config = tls::client_config(&creds, roots, gw.gateway.clone()).unwrap();
-    let mut client = ExchangeClient::new(tls::channel(gw.client, config));
+    tls::channel(gw.client, config)
+}
+
+async fn connect(root: &Path, cc: &str, org: &str, gw: &Country) -> ExchangeClient<Channel> {
+    let mut client = ExchangeClient::new(channel(root, cc, org, gw));
     // Wait for the process to listen.
     for _ in 0..100 {
         if client
@@ -103,7 +107,7 @@ async fn nothing_acknowledged_is_lost_when_the_gateway_is_killed_with_sigkill() 
         CountrySpec {
             country: "vn".parse().unwrap(),
             gateway: "hanoi".into(),
-            orgs: vec!["c02".into()],
+            orgs: vec!["c02".into(), "inspectorate:auditor".into()],
         },
         CountrySpec {
             country: "kh".parse().unwrap(),
@@ -166,6 +170,7 @@ async fn nothing_acknowledged_is_lost_when_the_gateway_is_killed_with_sigkill() 
             .to_wire()
     };
     let mut acknowledged = HashSet::new();
+    let mut checkpoint_before = None;
     for phase in 0..2u32 {
         let mut in_flight = tokio::task::JoinSet::new();
         // Phase 2 is large enough to still be in flight when the kill lands.
@@ -204,6 +209,8 @@ async fn nothing_acknowledged_is_lost_when_the_gateway_is_killed_with_sigkill() 
                 100,
                 "phase 1 must be fully acknowledged"
             );
+            let mut audit = AuditClient::new(channel(root, "vn", "inspectorate", &vn));
+            checkpoint_before = Some(checkpoint(&mut audit).await);
         }
     }
     vn_proc.wait().unwrap();
@@ -230,6 +237,28 @@ async fn nothing_acknowledged_is_lost_when_the_gateway_is_killed_with_sigkill() 
             .into_inner();
         assert!(!status.receipts.is_empty(), "{id} lost its receipt");
     }
+    // The log survived too: the checkpoint from before the kill is consistent with a fresh
+    // one, which covers the events of everything acknowledged since.
+    let (size1, root1) = checkpoint_before.unwrap();
+    let mut audit = AuditClient::new(channel(root, "vn", "inspectorate", &vn));
+    let (size2, root2) = checkpoint(&mut audit).await;
+    let since = acknowledged.len() as u64 - 100;
+    assert!(
+        size2 >= size1 + 2 * since,
+        "log lost entries: {size1} -> {size2}"
+    );
+    let proof: Vec<[u8; 32]> = audit
+        .get_consistency_proof(pb::GetConsistencyProofRequest { size1, size2 })
+        .await
+        .unwrap()
+        .into_inner()
+        .proof
+        .iter()
+        .map(|p| p.as_slice().try_into().unwrap())
+        .collect();
+    accord_proto::merkle::verify_consistency(size1, size2, &root1, &root2, &proof).unwrap();
+    println!("log grew from {size1} to {size2} entries, consistently");
+
     // Bring KH up: everything acknowledged arrives, exactly once.
     let mut kh_proc = spawn(&kh_cfg);
     let mut kh_client = connect(root, "kh", "ahtd", &kh).await;
@@ -285,3 +314,16 @@ async fn nothing_acknowledged_is_lost_when_the_gateway_is_killed_with_sigkill() 
 }
 
 use prost::Message as _;
+
+/// The gateway's checkpoint now (published on demand).
+async fn checkpoint(audit: &mut AuditClient<Channel>) -> (u64, [u8; 32]) {
+    let text = audit
+        .get_checkpoint(pb::GetCheckpointRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoint;
+    let body = text.split("\n\n").next().unwrap().to_owned() + "\n";
+    let cp = accord_proto::note::Checkpoint::parse(&body).unwrap();
+    (cp.size, cp.root)
+}

@@ -314,3 +314,36 @@ async fn a_subscriber_gets_waiting_and_new_messages_live_and_can_ack_as_they_com
     );
     net.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_that_expires_in_the_queue_is_not_delivered_and_its_sender_gets_a_rejected_receipt(
+) {
+    let mut net = two_countries().await;
+    net.stop_gateway("kh").await.unwrap();
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    let to = net.org_id("kh", "ahtd").unwrap();
+    let short = SendOptions {
+        ttl_ms: 300,
+        ..SendOptions::new("C11")
+    };
+    let doomed = vn.send(&to, &alert("too late"), &short).await.unwrap();
+    let kept = vn
+        .send(&to, &alert("in time"), &SendOptions::new("C11"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    net.start_gateway("kh").await.unwrap();
+    let chain = wait_stage(&mut vn, &doomed.id, Stage::Rejected).await;
+    let rejected = chain.iter().find(|r| r.stage() == Stage::Rejected).unwrap();
+    assert_eq!(rejected.body.reason, pb::RejectReason::Expired as i32);
+    let mut kh = net.client("kh", "ahtd").await.unwrap();
+    let got = fetch_n(&mut kh, 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got: Vec<_> = got.iter().map(|o| o.envelope.id()).collect();
+    assert_eq!(
+        got,
+        vec![kept.id],
+        "the expired envelope is never delivered"
+    );
+    net.shutdown().await;
+}
