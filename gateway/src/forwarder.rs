@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use accord_proto::ids::{EnvelopeHash, MessageId, SpiffeId};
+use accord_proto::ids::{MessageId, SpiffeId};
 use accord_proto::pb::{self, peer_link_client::PeerLinkClient, LogEvent, Stage};
 use accord_proto::receipt;
 use prost::Message;
@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::config::ForwarderConfig;
 use crate::pipeline::{Pipeline, PipelineError};
-use crate::store::{Op, Queue, QueueEntry, QueueKey, StoreError, Tx};
+use crate::store::{Op, Queue, QueueEntry, QueueKey, StoreError, StoredMessage, Tx};
 
 /// Why a batch could not be delivered; decides how the forwarder retries.
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +116,7 @@ async fn drain_once(
                     continue;
                 };
                 if now >= msg.expires_at_ms {
-                    expire_unsent(pipeline, key, &entry, id, &msg.envelope_hash).await?;
+                    expire_unsent(pipeline, key, id, &msg).await?;
                     continue;
                 }
                 let Some(env) = msg.envelope else { continue };
@@ -251,49 +251,14 @@ fn peer_country(key: &QueueKey) -> Result<accord_proto::ids::CountryCode, StoreE
 async fn expire_unsent(
     pipeline: &Arc<Pipeline>,
     key: QueueKey,
-    entry: &QueueEntry,
     id: MessageId,
-    hash: &[u8],
-) -> Result<(), StoreError> {
-    let hash = EnvelopeHash::from_slice(hash).map_err(|_| StoreError::Corrupt(id.to_string()))?;
-    let at = pipeline.now();
-    let me = pipeline.clone();
-    let maker = Box::new(move |index| {
-        let body = pb::ReceiptBody {
-            envelope_hash: hash.0.to_vec(),
-            message_id: id.as_bytes().to_vec(),
-            stage: Stage::Rejected as i32,
-            signer: me.identity.to_string(),
-            signer_key_id: me.receipt_key.key_id().to_owned(),
-            at_ms: at,
-            log_index: index,
-            reason: pb::RejectReason::Expired as i32,
-        };
-        vec![(id, receipt::sign(&body, &me.receipt_key))]
-    });
-    let log = Op::Log(
-        pb::LogEntry {
-            event: LogEvent::Expired as i32,
-            message_id: id.as_bytes().to_vec(),
-            envelope_hash: hash.0.to_vec(),
-            actor: pipeline.identity.to_string(),
-            at_ms: at,
-            reason: pb::RejectReason::Expired as i32,
-            receipt_hash: vec![],
-        }
-        .encode_to_vec(),
-    );
-    let queue_op = match &entry.receipt {
-        None => Op::RemoveMessage(Queue::Outbox(peer_country(&key)?), id),
-        Some(_) => Op::Dequeue(key),
-    };
-    pipeline
-        .store
-        .commit(Tx {
-            ops: vec![log, queue_op],
-            receipts: Some(maker),
-        })
-        .await?;
+    msg: &StoredMessage,
+) -> Result<(), ForwardError> {
+    let dequeue = Op::RemoveMessage(Queue::Outbox(peer_country(&key)?), id);
+    let tx = pipeline
+        .expiry(id, msg, dequeue)
+        .map_err(|e| ForwardError::Store(StoreError::Engine(e.to_string())))?;
+    pipeline.store.commit(tx).await?;
     tracing::info!(message_id = %id, "expired before forwarding");
     Ok(())
 }

@@ -241,6 +241,9 @@ impl Pipeline {
                 .collect();
             *out.lock().unwrap_or_else(|p| p.into_inner()) = receipts.first().map(|r| r.1.clone());
             receipts
+                .into_iter()
+                .map(|(id, r)| Op::PutReceipt(id, r))
+                .collect()
         });
         match self
             .store
@@ -716,58 +719,59 @@ impl Pipeline {
         id: MessageId,
         msg: &StoredMessage,
     ) -> Result<(), PipelineError> {
-        let hash = EnvelopeHash::from_slice(&msg.envelope_hash)
-            .map_err(|_| StoreError::Corrupt(id.to_string()))?;
-        let sender: OrgId = msg
-            .sender_org
-            .parse()
-            .map_err(|_| StoreError::Corrupt(id.to_string()))?;
-        let now = self.now();
-        let at = now;
+        let tx = self.expiry(id, msg, Op::RemoveMessage(Queue::Inbox(org.clone()), id))?;
+        self.store.commit(tx).await?;
+        tracing::info!(message_id = %id, "expired before delivery");
+        // The rejected receipt waits in the outbox towards the sender's country.
+        if let Ok(sender) = msg.sender_org.parse::<OrgId>() {
+            self.signals.wake(&Self::outbox_key(sender.country()));
+        }
+        Ok(())
+    }
+
+    /// The one transaction that retires an expired envelope from a queue: an EXPIRED log
+    /// entry, a REJECTED(EXPIRED) receipt naming it, and, when the sender is abroad, that
+    /// receipt's entry in the outbox towards the sender's country, all in one durable batch.
+    pub(crate) fn expiry(
+        self: &Arc<Self>,
+        id: MessageId,
+        msg: &StoredMessage,
+        dequeue: Op,
+    ) -> Result<Tx, PipelineError> {
+        let corrupt = || StoreError::Corrupt(id.to_string());
+        let hash = EnvelopeHash::from_slice(&msg.envelope_hash).map_err(|_| corrupt())?;
+        let sender: OrgId = msg.sender_org.parse().map_err(|_| corrupt())?;
+        let at = self.now();
+        let log = Op::Log(
+            pb::LogEntry {
+                event: LogEvent::Expired as i32,
+                message_id: id.as_bytes().to_vec(),
+                envelope_hash: hash.0.to_vec(),
+                actor: self.identity.to_string(),
+                at_ms: at,
+                reason: RejectReason::Expired as i32,
+                receipt_hash: vec![],
+            }
+            .encode_to_vec(),
+        );
         let me = self.clone();
-        let cc = sender.country().clone();
-        let remote = &cc != self.country();
-        let ops = vec![
-            Op::RemoveMessage(Queue::Inbox(org.clone()), id),
-            entry(
-                LogEvent::Expired,
-                Some(&id),
-                &hash,
-                &self.identity.to_string(),
-                now,
-            ),
-        ];
+        let abroad = (sender.country() != self.country()).then(|| sender.country().clone());
         let maker = Box::new(move |index: LogIndex| {
             let r = me.make_receipt(Stage::Rejected, id, hash, at, index, RejectReason::Expired);
-            vec![(id, r)]
-        });
-        self.store
-            .commit(Tx {
-                ops,
-                receipts: Some(maker),
-            })
-            .await?;
-        tracing::info!(message_id = %id, "expired before delivery");
-        if remote {
-            if let Some(r) = self.own_receipt(&id, Stage::Rejected)? {
-                let entry = QueueEntry {
+            let mut ops = vec![Op::PutReceipt(id, r.clone())];
+            if let Some(cc) = abroad {
+                let back = QueueEntry {
                     message_id: id.as_bytes().to_vec(),
                     receipt: Some(r),
                 };
-                self.store
-                    .commit(Tx {
-                        ops: vec![Op::Enqueue(
-                            Queue::Outbox(cc.clone()),
-                            pb::Priority::Urgent,
-                            entry,
-                        )],
-                        receipts: None,
-                    })
-                    .await?;
-                self.signals.wake(&Self::outbox_key(&cc));
+                ops.push(Op::Enqueue(Queue::Outbox(cc), pb::Priority::Urgent, back));
             }
-        }
-        Ok(())
+            ops
+        });
+        Ok(Tx {
+            ops: vec![dequeue, log],
+            receipts: Some(maker),
+        })
     }
 
     /// Every receipt of a message the caller sent or received.

@@ -369,6 +369,18 @@ impl Pipeline {
         let Some(checkpoint) = self.checkpoint_at(size)? else {
             return Ok(vec![]);
         };
+        // Only the signatures an auditor of this exchange can check: our log key and the
+        // witness of the other party's country (cosigners are named by their origin).
+        let mut names = vec![self.log_keys.origin.clone()];
+        names.extend(
+            self.directories
+                .to_wire()
+                .into_iter()
+                .filter(|d| d.country == witness.as_str())
+                .flat_map(|d| d.gateways)
+                .map(|g| g.log_origin),
+        );
+        let checkpoint = only_signatures_by(&checkpoint, &names);
         let mut events = Vec::new();
         for index in self.store.message_events(id)? {
             if index >= size {
@@ -476,6 +488,41 @@ pub async fn witness_loop(
     }
 }
 
+/// The signed note `note` keeping only the signature lines of the named keys.
+fn only_signatures_by(note: &str, names: &[String]) -> String {
+    let Some(split) = note.rfind("\n\n") else {
+        return note.to_owned();
+    };
+    let (body, lines) = (&note[..split + 1], &note[split + 2..]);
+    let mut out = format!("{body}\n");
+    for line in lines.lines() {
+        let name = line.strip_prefix("— ").and_then(|l| l.split(' ').next());
+        if name.is_some_and(|n| names.iter().any(|k| k == n)) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_named_signature_lines_are_kept() {
+        let note = "accord.vn/hanoi\n3\nAAAA\n\n— accord.vn/hanoi AAA=\n— accord.la/vientiane BBB=\n— accord.kh/phnom-penh CCC=\n";
+        let kept = only_signatures_by(
+            note,
+            &["accord.vn/hanoi".into(), "accord.kh/phnom-penh".into()],
+        );
+        assert_eq!(
+            kept,
+            "accord.vn/hanoi\n3\nAAAA\n\n— accord.vn/hanoi AAA=\n— accord.kh/phnom-penh CCC=\n"
+        );
+    }
 }

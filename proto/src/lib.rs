@@ -8,6 +8,7 @@
 //! - [`ids`]: newtypes for identities and ids (`SpiffeId`, `OrgId`, `MessageId`, ...).
 //! - [`crypto`]: every `ring` call, domain-separated signing, HPKE (RFC 9180).
 //! - [`envelope`]: sealing, verification and opening of envelopes (byte layout in `ENVELOPE.md`).
+//! - [`evidence`]: offline verification of evidence bundles (format in `EVIDENCE.md`).
 //! - [`receipt`]: signed receipts for each stage of a message's delivery chain.
 //! - [`directory`]: organisations' and gateways' public keys per country.
 //! - [`keyfile`]: the JSON layout of private key files.
@@ -21,6 +22,7 @@
 pub mod crypto;
 pub mod directory;
 pub mod envelope;
+pub mod evidence;
 pub mod forms;
 pub mod ids;
 pub mod keyfile;

@@ -43,7 +43,7 @@ pub(crate) async fn run<S: Store>(dir: &Path, open: impl Fn(&Path) -> S) {
                 Op::Log(id.as_bytes().to_vec()),
             ],
             receipts: Some(Box::new(move |index| {
-                vec![(
+                vec![Op::PutReceipt(
                     id,
                     pb::Receipt {
                         body: index.to_be_bytes().to_vec(),

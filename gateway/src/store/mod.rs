@@ -96,9 +96,10 @@ pub enum Op {
     PutMeta(String, Vec<u8>),
 }
 
-/// Makes the receipts of a transaction once its first log index is known. Runs inside the
-/// commit, so a receipt is stored in the same durable batch as the event it proves.
-pub type ReceiptMaker = Box<dyn FnOnce(LogIndex) -> Vec<(MessageId, pb::Receipt)> + Send>;
+/// Makes the ops that depend on a transaction's first log index (receipts that name it, and
+/// queue entries carrying them). Runs inside the commit, so a receipt is stored in the same
+/// durable batch as the event it proves.
+pub type ReceiptMaker = Box<dyn FnOnce(LogIndex) -> Vec<Op> + Send>;
 
 /// An atomic set of changes.
 #[derive(Default)]

@@ -254,7 +254,7 @@ impl Committer {
         if let (Some(maker), Some(index)) = (tx.receipts, first_log_index) {
             receipt_ops = maker(index);
         }
-        let receipts = receipt_ops.into_iter().map(|(id, r)| Op::PutReceipt(id, r));
+        let receipts = receipt_ops.into_iter();
         let mut fresh_nodes = HashMap::new();
         for op in tx.ops.into_iter().chain(receipts) {
             match op {
