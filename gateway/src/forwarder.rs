@@ -148,8 +148,17 @@ async fn drain_once(
         let mut ops = vec![];
         if entry.receipt.is_none() {
             let Some(r) = result.receipt else {
-                tracing::error!(peer = %peer, message_id = %id, "peer refused an envelope without a receipt; dropping from outbox");
-                settle(pipeline, key, &entry, vec![]).await?;
+                // Refused without a receipt: the sender must still learn how it ended.
+                tracing::error!(peer = %peer, message_id = %id, "peer refused an envelope without a receipt");
+                let Some(msg) = pipeline.store.message(&id)? else {
+                    settle(pipeline, key, &entry, vec![]).await?;
+                    continue;
+                };
+                let dequeue = Op::RemoveMessage(Queue::Outbox(peer.country().clone()), id);
+                let tx = pipeline
+                    .retire(id, &msg, pb::RejectReason::RefusedByPeer, dequeue)
+                    .map_err(|e| ForwardError::Store(StoreError::Engine(e.to_string())))?;
+                pipeline.store.commit(tx).await?;
                 settled += 1;
                 continue;
             };
@@ -256,7 +265,7 @@ async fn expire_unsent(
 ) -> Result<(), ForwardError> {
     let dequeue = Op::RemoveMessage(Queue::Outbox(peer_country(&key)?), id);
     let tx = pipeline
-        .expiry(id, msg, dequeue)
+        .retire(id, msg, pb::RejectReason::Expired, dequeue)
         .map_err(|e| ForwardError::Store(StoreError::Engine(e.to_string())))?;
     pipeline.store.commit(tx).await?;
     tracing::info!(message_id = %id, "expired before forwarding");

@@ -22,6 +22,8 @@ use tonic::transport::server::Connected;
 use crate::tls;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once per listener.
+const MAX_HANDSHAKES: usize = 256;
 
 /// Who is on the other end of a connection, as its verified certificate says.
 #[derive(Clone, Debug)]
@@ -88,6 +90,7 @@ pub fn incoming(
 ) -> ReceiverStream<io::Result<VerifiedConn>> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = mpsc::channel(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -102,8 +105,14 @@ pub fn incoming(
                 _ = tx.closed() => return,
             };
             let _ = tcp.set_nodelay(true);
+            // Bounded handshakes: a flood of slow TLS clients cannot exhaust the gateway.
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                tracing::warn!(listener = name, %remote, "too many handshakes in progress; dropped");
+                continue;
+            };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
                     .await
                 {

@@ -48,9 +48,10 @@ pub enum PipelineError {
     /// The request's arguments are out of range (e.g. a proof for a size beyond the log).
     #[error("bad request: {0}")]
     BadRequest(String),
-    /// A peer's checkpoint contradicts one this gateway cosigned (witness alarm).
-    #[error("inconsistent checkpoint: {0}")]
-    Inconsistent(String),
+    /// The request does not fit the current state (an inconsistent checkpoint shown to a
+    /// witness; an ack for a message that expired).
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
     /// A peer needed for the answer could not be reached; retry later.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -72,6 +73,19 @@ impl From<ReceiptError> for PipelineError {
     fn from(e: ReceiptError) -> Self {
         PipelineError::BadReceipt(e.to_string())
     }
+}
+
+/// Most envelope bytes one fetch returns (at least one envelope, whatever its size).
+const MAX_FETCH_BYTES: usize = 16 << 20;
+
+/// Whether a receipt signed in a commit is stored under its message id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Keep {
+    /// Stored: the message is ours and the receipt belongs to its chain.
+    Stored,
+    /// Only answered: a refusal of bytes that may reuse another message's id must not join
+    /// that message's chain (the log entry records the refusal).
+    AnswerOnly,
 }
 
 /// A clock in Unix milliseconds; tests pass their own.
@@ -116,8 +130,10 @@ pub struct Pipeline {
     pub signals: Signals,
     /// Log, checkpoint and witness keys.
     pub log_keys: crate::transparency::LogKeys,
-    /// Serialises checkpoint publication.
+    /// Serialises checkpoint publication and updates of stored checkpoint notes.
     pub checkpoint_lock: tokio::sync::Mutex<()>,
+    /// Serialises witness decisions (read, check, persist, cosign).
+    pub witness_lock: tokio::sync::Mutex<()>,
     /// How many inconsistent peer checkpoints this gateway refused.
     pub witness_alarms: std::sync::atomic::AtomicU64,
     /// Peer links, for requests that need a peer's answer (evidence).
@@ -215,7 +231,7 @@ impl Pipeline {
     /// Commits a transaction whose receipt is signed by this gateway once the log index of
     /// the `nth` log entry of the transaction is known.
     /// `stages` lists each receipt to sign with the position of its log entry in `ops`;
-    /// the first one is returned.
+    /// the first one is returned, and with [`Keep::Stored`] all are stored with the message.
     async fn commit_with_receipt(
         self: &Arc<Self>,
         ops: Vec<Op>,
@@ -223,6 +239,7 @@ impl Pipeline {
         id: MessageId,
         hash: EnvelopeHash,
         reason: RejectReason,
+        keep: Keep,
     ) -> Result<Result<pb::Receipt, MessageId>, PipelineError> {
         let at = self.now();
         let me = self.clone();
@@ -240,10 +257,13 @@ impl Pipeline {
                 })
                 .collect();
             *out.lock().unwrap_or_else(|p| p.into_inner()) = receipts.first().map(|r| r.1.clone());
-            receipts
-                .into_iter()
-                .map(|(id, r)| Op::PutReceipt(id, r))
-                .collect()
+            match keep {
+                Keep::Stored => receipts
+                    .into_iter()
+                    .map(|(id, r)| Op::PutReceipt(id, r))
+                    .collect(),
+                Keep::AnswerOnly => vec![],
+            }
         });
         match self
             .store
@@ -270,9 +290,15 @@ impl Pipeline {
         stage: Stage,
     ) -> Result<Option<pb::Receipt>, PipelineError> {
         let me = self.identity.to_string();
+        let Some(msg) = self.store.message(id)? else {
+            return Ok(None);
+        };
         for r in self.store.receipts(id)? {
             if let Ok(body) = pb::ReceiptBody::decode(r.body.as_slice()) {
-                if body.stage == stage as i32 && body.signer == me {
+                if body.stage == stage as i32
+                    && body.signer == me
+                    && body.envelope_hash == msg.envelope_hash
+                {
                     return Ok(Some(r));
                 }
             }
@@ -291,8 +317,8 @@ impl Pipeline {
         if stored.envelope_hash != hash.0 {
             return Err(PipelineError::Conflict);
         }
-        // What we read may be applied but not yet synced: wait for the next group commit.
-        self.store.commit(Tx::default()).await?;
+        // What we read may be applied but not yet synced.
+        self.store.barrier().await?;
         self.own_receipt(id, stage)?
             .ok_or_else(|| PipelineError::Store(StoreError::Corrupt(id.to_string())))
     }
@@ -452,7 +478,14 @@ impl Pipeline {
             &[(Stage::Accepted, 1)]
         };
         let receipt = match self
-            .commit_with_receipt(ops, stages, id, hash, RejectReason::Unspecified)
+            .commit_with_receipt(
+                ops,
+                stages,
+                id,
+                hash,
+                RejectReason::Unspecified,
+                Keep::Stored,
+            )
             .await?
         {
             Ok(r) => r,
@@ -520,6 +553,7 @@ impl Pipeline {
                 id,
                 hash,
                 RejectReason::Unspecified,
+                Keep::Stored,
             )
             .await?
         {
@@ -560,7 +594,14 @@ impl Pipeline {
             .encode_to_vec(),
         )];
         match self
-            .commit_with_receipt(ops, &[(Stage::Rejected, 0)], id, hash, reason)
+            .commit_with_receipt(
+                ops,
+                &[(Stage::Rejected, 0)],
+                id,
+                hash,
+                reason,
+                Keep::AnswerOnly,
+            )
             .await?
         {
             Ok(r) => Ok(r),
@@ -584,17 +625,26 @@ impl Pipeline {
                 "envelope hash does not match the message".into(),
             ));
         }
+        // Only the peer that received the message (or its recipient organisation) can say
+        // how its delivery ended.
+        let recipient_here = stored
+            .recipient_org
+            .parse::<OrgId>()
+            .is_ok_and(|r| r.country() == peer.country());
         let signer_ok = match v.stage() {
             Stage::Delivered => v.signer.to_string() == stored.recipient_org,
             Stage::Rejected => &v.signer == peer,
             _ => false,
         };
-        if !signer_ok || v.signer.country() != peer.country() {
+        if !recipient_here || !signer_ok || v.signer.country() != peer.country() {
             return Err(PipelineError::BadReceipt(format!(
                 "{:?} receipt from {} does not fit",
                 v.stage(),
                 v.signer
             )));
+        }
+        if self.store.receipts(&v.message_id)?.contains(r) {
+            return Ok(()); // a resent receipt: stored and logged once
         }
         let ops = vec![
             Op::PutReceipt(v.message_id, r.clone()),
@@ -608,6 +658,26 @@ impl Pipeline {
             .await?;
         tracing::info!(message_id = %v.message_id, stage = ?v.stage(), "receipt from peer stored");
         Ok(())
+    }
+
+    /// How the message's delivery ended, if it did: DELIVERED or REJECTED.
+    fn final_stage(
+        &self,
+        id: &MessageId,
+        stored: &StoredMessage,
+    ) -> Result<Option<Stage>, PipelineError> {
+        for r in self.store.receipts(id)? {
+            let Ok(body) = pb::ReceiptBody::decode(r.body.as_slice()) else {
+                continue;
+            };
+            if body.envelope_hash != stored.envelope_hash {
+                continue;
+            }
+            if let Ok(s @ (Stage::Delivered | Stage::Rejected)) = pb::Stage::try_from(body.stage) {
+                return Ok(Some(s));
+            }
+        }
+        Ok(None)
     }
 
     /// The organisation whose inbox `caller` may read: itself, unless it is an auditor.
@@ -646,6 +716,15 @@ impl Pipeline {
             return Err(PipelineError::BadReceipt(
                 "envelope hash does not match the message".into(),
             ));
+        }
+        match self.final_stage(&v.message_id, &stored)? {
+            Some(Stage::Delivered) => return Ok(()), // acknowledged before: nothing to redo
+            Some(_) => {
+                return Err(PipelineError::FailedPrecondition(
+                    "the message expired before delivery and was rejected".into(),
+                ))
+            }
+            None => {}
         }
         let org: OrgId = caller
             .clone()
@@ -692,8 +771,11 @@ impl Pipeline {
         max: usize,
     ) -> Result<Vec<pb::InboxItem>, PipelineError> {
         let org = self.inbox_owner(caller)?;
+        // Never hand out an envelope a power cut could take back (and the peer resend).
+        self.store.barrier().await?;
         let now = self.now();
         let mut items = Vec::new();
+        let mut bytes = 0;
         for (_, entry) in self.store.queue(&Queue::Inbox(org.clone()), max)? {
             let id = MessageId::from_slice(&entry.message_id)
                 .map_err(|_| StoreError::Corrupt("inbox".into()))?;
@@ -703,6 +785,12 @@ impl Pipeline {
             if now >= msg.expires_at_ms {
                 self.expire(&org, id, &msg).await?;
                 continue;
+            }
+            bytes += msg.envelope.as_ref().map_or(0, |e| {
+                e.header.len() + e.ciphertext.len() + e.signature.len()
+            });
+            if !items.is_empty() && bytes > MAX_FETCH_BYTES {
+                break; // the rest waits for the next fetch
             }
             items.push(pb::InboxItem {
                 envelope: msg.envelope,
@@ -719,7 +807,8 @@ impl Pipeline {
         id: MessageId,
         msg: &StoredMessage,
     ) -> Result<(), PipelineError> {
-        let tx = self.expiry(id, msg, Op::RemoveMessage(Queue::Inbox(org.clone()), id))?;
+        let dequeue = Op::RemoveMessage(Queue::Inbox(org.clone()), id);
+        let tx = self.retire(id, msg, RejectReason::Expired, dequeue)?;
         self.store.commit(tx).await?;
         tracing::info!(message_id = %id, "expired before delivery");
         // The rejected receipt waits in the outbox towards the sender's country.
@@ -729,13 +818,15 @@ impl Pipeline {
         Ok(())
     }
 
-    /// The one transaction that retires an expired envelope from a queue: an EXPIRED log
-    /// entry, a REJECTED(EXPIRED) receipt naming it, and, when the sender is abroad, that
-    /// receipt's entry in the outbox towards the sender's country, all in one durable batch.
-    pub(crate) fn expiry(
+    /// The one transaction that retires an envelope this gateway will not deliver (expired,
+    /// or refused by the peer): an EXPIRED or REJECTED log entry, a REJECTED receipt with
+    /// `reason` naming it, and, when the sender is abroad, that receipt's entry in the outbox
+    /// towards the sender's country, all in one durable batch.
+    pub(crate) fn retire(
         self: &Arc<Self>,
         id: MessageId,
         msg: &StoredMessage,
+        reason: RejectReason,
         dequeue: Op,
     ) -> Result<Tx, PipelineError> {
         let corrupt = || StoreError::Corrupt(id.to_string());
@@ -744,12 +835,16 @@ impl Pipeline {
         let at = self.now();
         let log = Op::Log(
             pb::LogEntry {
-                event: LogEvent::Expired as i32,
+                event: if reason == RejectReason::Expired {
+                    LogEvent::Expired
+                } else {
+                    LogEvent::Rejected
+                } as i32,
                 message_id: id.as_bytes().to_vec(),
                 envelope_hash: hash.0.to_vec(),
                 actor: self.identity.to_string(),
                 at_ms: at,
-                reason: RejectReason::Expired as i32,
+                reason: reason as i32,
                 receipt_hash: vec![],
             }
             .encode_to_vec(),
@@ -757,7 +852,7 @@ impl Pipeline {
         let me = self.clone();
         let abroad = (sender.country() != self.country()).then(|| sender.country().clone());
         let maker = Box::new(move |index: LogIndex| {
-            let r = me.make_receipt(Stage::Rejected, id, hash, at, index, RejectReason::Expired);
+            let r = me.make_receipt(Stage::Rejected, id, hash, at, index, reason);
             let mut ops = vec![Op::PutReceipt(id, r.clone())];
             if let Some(cc) = abroad {
                 let back = QueueEntry {
@@ -775,11 +870,12 @@ impl Pipeline {
     }
 
     /// Every receipt of a message the caller sent or received.
-    pub fn status(
+    pub async fn status(
         &self,
         caller: &SpiffeId,
         id: &MessageId,
     ) -> Result<pb::StatusResponse, PipelineError> {
+        self.store.barrier().await?;
         let msg = self.store.message(id)?.ok_or(PipelineError::NotFound)?;
         let me = caller.to_string();
         if msg.sender_org != me && msg.recipient_org != me {

@@ -183,14 +183,17 @@ pub async fn start(
         signals: Signals::default(),
         log_keys,
         checkpoint_lock: tokio::sync::Mutex::new(()),
+        witness_lock: tokio::sync::Mutex::new(()),
         witness_alarms: std::sync::atomic::AtomicU64::new(0),
         peer_clients,
     });
 
+    // Clients: organisations of this country. Peers: exactly the configured peer gateways;
+    // certificates are required to carry the EKU of their use (no EKU is no use).
     let client_tls = tls::server_config(
         &creds,
         own_roots,
-        Admission {
+        Admission::Any {
             role: Role::Org,
             countries: vec![country.clone()],
         },
@@ -198,14 +201,7 @@ pub async fn start(
     let peer_tls = tls::server_config(
         &creds,
         peer_roots.clone(),
-        Admission {
-            role: Role::Gateway,
-            countries: config
-                .peers
-                .iter()
-                .map(|p| p.gateway.country().clone())
-                .collect(),
-        },
+        Admission::Exactly(config.peers.iter().map(|p| p.gateway.clone()).collect()),
     )?;
     let client_addr = client_listener
         .local_addr()

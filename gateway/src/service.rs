@@ -47,7 +47,7 @@ impl From<PipelineError> for Status {
                 Status::resource_exhausted("the gateway's queue is full (disk quota); retry later")
             }
             PipelineError::BadRequest(m) => Status::invalid_argument(m),
-            PipelineError::Inconsistent(m) => Status::failed_precondition(m),
+            PipelineError::FailedPrecondition(m) => Status::failed_precondition(m),
             PipelineError::Unavailable(m) => Status::unavailable(m),
             PipelineError::Store(err) => {
                 tracing::error!(error = %err, "store failure");
@@ -170,7 +170,7 @@ impl Exchange for ExchangeService {
         let who = identity(&req)?;
         let id = MessageId::from_slice(&req.into_inner().message_id)
             .map_err(|_| Status::invalid_argument("message_id must be 16 bytes of a UUIDv7"))?;
-        Ok(Response::new(self.pipeline.status(&who.id, &id)?))
+        Ok(Response::new(self.pipeline.status(&who.id, &id).await?))
     }
 
     async fn get_directory(

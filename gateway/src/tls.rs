@@ -33,6 +33,11 @@ pub enum TlsError {
     NoIdentity(String),
 }
 
+/// id-kp-clientAuth (RFC 5280 §4.2.1.12), DER-encoded OID contents.
+const EKU_CLIENT_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02];
+/// id-kp-serverAuth.
+const EKU_SERVER_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01];
+
 /// The process-wide crypto provider: ring, never aws-lc-rs.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -150,9 +155,25 @@ fn webpki_error(e: webpki::Error) -> rustls::Error {
 
 /// Which identities a listener admits.
 #[derive(Clone, Debug)]
-pub struct Admission {
-    pub role: Role,
-    pub countries: Vec<CountryCode>,
+pub enum Admission {
+    /// Any holder of `role` from one of `countries` (the client listener: own organisations).
+    Any {
+        role: Role,
+        countries: Vec<CountryCode>,
+    },
+    /// Exactly these identities (the peer listener: the configured peer gateways).
+    Exactly(Vec<SpiffeId>),
+}
+
+impl Admission {
+    fn admits(&self, id: &SpiffeId) -> bool {
+        match self {
+            Admission::Any { role, countries } => {
+                id.role() == *role && countries.contains(id.country())
+            }
+            Admission::Exactly(ids) => ids.contains(id),
+        }
+    }
 }
 
 /// Server-side verifier: the client's chain must lead to the root of its own country, and
@@ -179,10 +200,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             end_entity,
             intermediates,
             now,
-            webpki::KeyUsage::client_auth(),
+            webpki::KeyUsage::required(EKU_CLIENT_AUTH),
             &self.algs,
         )?;
-        if id.role() != self.admission.role || !self.admission.countries.contains(id.country()) {
+        if !self.admission.admits(&id) {
             return Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
             ));
@@ -236,7 +257,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             end_entity,
             intermediates,
             now,
-            webpki::KeyUsage::server_auth(),
+            webpki::KeyUsage::required(EKU_SERVER_AUTH),
             &self.algs,
         )?;
         if id != self.expected {
@@ -353,4 +374,35 @@ pub fn channel(addr: SocketAddr, config: rustls::ClientConfig) -> tonic::transpo
         .connect_timeout(std::time::Duration::from_secs(5))
         .tcp_nodelay(true)
         .connect_with_connector_lazy(service)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peer_listener_admits_exactly_the_configured_gateways() {
+        let admission = Admission::Exactly(vec!["spiffe://kh.accord/gateway/phnom-penh"
+            .parse()
+            .unwrap()]);
+        assert!(admission.admits(&"spiffe://kh.accord/gateway/phnom-penh".parse().unwrap()));
+        for other in [
+            "spiffe://kh.accord/gateway/rogue",
+            "spiffe://kh.accord/org/phnom-penh",
+            "spiffe://la.accord/gateway/phnom-penh",
+        ] {
+            assert!(!admission.admits(&other.parse().unwrap()), "{other}");
+        }
+    }
+
+    #[test]
+    fn the_client_listener_admits_only_organisations_of_its_country() {
+        let admission = Admission::Any {
+            role: Role::Org,
+            countries: vec!["vn".parse().unwrap()],
+        };
+        assert!(admission.admits(&"spiffe://vn.accord/org/c02".parse().unwrap()));
+        assert!(!admission.admits(&"spiffe://vn.accord/gateway/hanoi".parse().unwrap()));
+        assert!(!admission.admits(&"spiffe://kh.accord/org/ahtd".parse().unwrap()));
+    }
 }

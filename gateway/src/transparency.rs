@@ -13,7 +13,7 @@
 //!
 //! Metadata keys: `checkpoint/latest` (u64be size), `checkpoint/<size>` (note text with
 //! cosignatures), `cosigned-by/<cc>` (u64be size of our newest checkpoint cosigned by `cc`),
-//! `witnessed/<cc>` (the newest checkpoint note of peer `cc` that we cosigned).
+//! `witnessed/<peer id>` (the newest checkpoint note of that peer gateway that we cosigned).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -187,8 +187,10 @@ impl Pipeline {
                 cp.origin, entry.log_origin
             )));
         }
-        let cc = peer.country();
-        let key = format!("witnessed/{cc}");
+        // One witness decision at a time: read, check and persist must not interleave, or two
+        // forks of one size could both be cosigned (a split view).
+        let _one_at_a_time = self.witness_lock.lock().await;
+        let key = format!("witnessed/{peer}");
         let last = match self.store.meta(&key)? {
             None => None,
             Some(b) => {
@@ -230,7 +232,7 @@ impl Pipeline {
         };
         if !consistent {
             self.raise_witness_alarm(peer, last_size, cp.size).await;
-            return Err(PipelineError::Inconsistent(format!(
+            return Err(PipelineError::FailedPrecondition(format!(
                 "checkpoint of size {} is not consistent with the size {last_size} we cosigned",
                 cp.size
             )));
@@ -333,6 +335,8 @@ impl Pipeline {
             witness
                 .verify_line(&body, &resp.cosignature)
                 .map_err(|e| PipelineError::BadRequest(format!("cosignature from {peer}: {e}")))?;
+            // Read-modify-write of the stored note: serialised with other peers' cosignatures.
+            let _one_at_a_time = self.checkpoint_lock.lock().await;
             let current = self.checkpoint_at(size)?.unwrap_or(note_text.clone());
             let cosigned =
                 note::add_signatures(&current, &[resp.cosignature]).map_err(note_error)?;

@@ -259,7 +259,11 @@ impl ParsedHeader {
         if raw.expires_at_ms <= raw.created_at_ms {
             return Err(malformed("expires_at before created_at"));
         }
-        if raw.expires_at_ms - raw.created_at_ms > MAX_LIFETIME_MS {
+        if raw
+            .expires_at_ms
+            .checked_sub(raw.created_at_ms)
+            .is_none_or(|lifetime| lifetime > MAX_LIFETIME_MS)
+        {
             return Err(malformed("lifetime longer than MAX_LIFETIME_MS"));
         }
         if raw.case_ref.is_empty() || raw.case_ref.len() > 128 {

@@ -6,6 +6,7 @@
 //!   transaction is on disk (fsync/fdatasync), so nothing acknowledged is lost on a power
 //!   cut. Implementations group-commit: one sync covers every transaction waiting for it.
 //! - Log indexes are assigned in commit order, without gaps.
+//! - Reads may see a transaction before its sync; [`Store::barrier`] waits it out.
 //! - A transaction that inserts a message whose id is already stored is not applied and
 //!   resolves to [`TxOutcome::Exists`]: that is how "exactly once into an inbox" holds under
 //!   concurrent duplicates.
@@ -133,6 +134,10 @@ pub type Commit = Pin<Box<dyn Future<Output = Result<TxOutcome, StoreError>> + S
 pub trait Store: Send + Sync + 'static {
     /// Applies `tx` atomically; resolves after it is on disk.
     fn commit(&self, tx: Tx) -> Commit;
+    /// Resolves once everything a reader can already see is on disk. Reads may observe a
+    /// transaction between its apply and its sync; an answer built from reads (a status, an
+    /// inbox) awaits this first, so it never shows what a power cut could take back.
+    fn barrier(&self) -> Commit;
     fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError>;
     /// Every receipt stored for a message, in the order they were stored.
     fn receipts(&self, id: &MessageId) -> Result<Vec<pb::Receipt>, StoreError>;

@@ -23,8 +23,9 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use std::collections::HashMap;
@@ -50,6 +51,13 @@ impl From<sled::Error> for StoreError {
     }
 }
 
+/// Group counters: a reader can see what `applied` counts; `synced` says what is durable.
+#[derive(Debug, Default)]
+struct Progress {
+    applied: AtomicU64,
+    synced: AtomicU64,
+}
+
 struct Pending {
     tx: Tx,
     reply: oneshot::Sender<Result<TxOutcome, StoreError>>,
@@ -58,6 +66,7 @@ struct Pending {
 /// The sled-backed store. Dropping it drains pending commits and closes the database.
 pub struct SledStore {
     db: sled::Db,
+    progress: Arc<Progress>,
     path: PathBuf,
     sender: Mutex<Option<mpsc::Sender<Pending>>>,
     committer: Mutex<Option<JoinHandle<()>>>,
@@ -84,7 +93,9 @@ impl SledStore {
         sync_dir(path)?;
         let log_file = File::open(path.join("db"))?;
         let (sender, receiver) = mpsc::channel();
+        let progress = Arc::new(Progress::default());
         let committer = Committer {
+            progress: progress.clone(),
             db: db.clone(),
             log_file,
             blob_dir: path.join("blobs"),
@@ -98,6 +109,7 @@ impl SledStore {
             .spawn(move || committer.run(receiver))?;
         Ok(Self {
             db,
+            progress,
             path: path.to_owned(),
             sender: Mutex::new(Some(sender)),
             committer: Mutex::new(Some(handle)),
@@ -203,6 +215,7 @@ fn log_key(index: u64) -> [u8; 9] {
 }
 
 struct Committer {
+    progress: Arc<Progress>,
     db: sled::Db,
     log_file: File,
     blob_dir: PathBuf,
@@ -223,11 +236,16 @@ impl Committer {
                     Err(_) => break,
                 }
             }
+            // Counted before applying: whatever a reader can see belongs to a counted group.
+            let generation = self.progress.applied.fetch_add(1, Ordering::SeqCst) + 1;
             let outcomes: Vec<_> = group
                 .iter_mut()
                 .map(|p| self.apply(std::mem::take(&mut p.tx)))
                 .collect();
             let synced = self.sync();
+            if synced.is_ok() {
+                self.progress.synced.store(generation, Ordering::SeqCst);
+            }
             for (p, outcome) in group.into_iter().zip(outcomes) {
                 let result = match (&synced, outcome) {
                     (Ok(()), outcome) => outcome,
@@ -384,6 +402,19 @@ impl Store for SledStore {
             }
             wait.await.map_err(|_| StoreError::Closed)?
         })
+    }
+
+    fn barrier(&self) -> Commit {
+        let seen = self.progress.applied.load(Ordering::SeqCst);
+        if self.progress.synced.load(Ordering::SeqCst) >= seen {
+            return Box::pin(async {
+                Ok(TxOutcome::Committed {
+                    first_log_index: None,
+                })
+            });
+        }
+        // The next group's sync covers every group applied before it.
+        self.commit(Tx::default())
     }
 
     fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError> {

@@ -1,0 +1,248 @@
+//! A peer gateway that misbehaves: the test holds KH's real gateway certificate and calls
+//! VN's peer link directly with what an honest KH gateway would never send.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::time::Duration;
+
+use accord_client::org::{furthest_stage, SendOptions};
+use accord_gateway::tls::{self, CountryRoots, Credentials};
+use accord_proto::pb::{self, peer_link_client::PeerLinkClient, Stage};
+use accord_tests::{alert, TestNet};
+use prost::Message as _;
+
+async fn net() -> TestNet {
+    TestNet::builder()
+        .country("vn", "hanoi", &["c02", "tayninh-police"])
+        .country("kh", "phnom-penh", &["ahtd"])
+        .start()
+        .await
+        .unwrap()
+}
+
+/// VN's peer link, dialled with KH's gateway credentials.
+fn as_kh_gateway(net: &TestNet) -> PeerLinkClient<tonic::transport::Channel> {
+    let pki = net.root().join("pki");
+    let creds = Credentials::load(
+        &pki.join("kh/gateway/cert.pem"),
+        &pki.join("kh/gateway/key.pem"),
+    )
+    .unwrap();
+    let mut roots = CountryRoots::default();
+    roots
+        .add("vn".parse().unwrap(), &pki.join("vn/ca.pem"))
+        .unwrap();
+    let config = tls::client_config(
+        &creds,
+        roots,
+        "spiffe://vn.accord/gateway/hanoi".parse().unwrap(),
+    )
+    .unwrap();
+    PeerLinkClient::new(tls::channel(net.gateway("vn").unwrap().peer_addr, config))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_inject_receipts_for_messages_it_never_handled_nor_replay_them_into_the_log()
+{
+    let net = net().await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let mut hotline = net.client("vn", "tayninh-police").await.unwrap();
+    // A VN-internal message: KH has nothing to say about it.
+    let local = c02
+        .send(
+            &net.org_id("vn", "tayninh-police").unwrap(),
+            &alert("internal"),
+            &SendOptions::new("P1"),
+        )
+        .await
+        .unwrap();
+    let got = accord_tests::fetch_n(&mut hotline, 1).await.unwrap();
+    let delivered = hotline.ack(&got[0]).await.unwrap();
+    // A REJECTED receipt genuinely signed by KH's gateway key, about that VN-internal message.
+    let kh_keys =
+        accord_gateway::server::load_key_file(&net.root().join("pki/kh/gateway/keys.json"))
+            .unwrap();
+    let forged_rejection = accord_proto::receipt::sign(
+        &pb::ReceiptBody {
+            envelope_hash: local.hash.0.to_vec(),
+            message_id: local.id.as_bytes().to_vec(),
+            stage: Stage::Rejected as i32,
+            signer: "spiffe://kh.accord/gateway/phnom-penh".into(),
+            signer_key_id: kh_keys.signing.key_id().into(),
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64,
+            log_index: 0,
+            reason: pb::RejectReason::Expired as i32,
+        },
+        &kh_keys.signing,
+    );
+    let mut kh = as_kh_gateway(&net);
+    let vn = net.gateway("vn").unwrap().pipeline.clone();
+    let before = vn.store.log_size().unwrap();
+    let replays =
+        std::iter::repeat_n(forged_rejection, 10).chain(std::iter::repeat_n(delivered, 10));
+    for r in replays {
+        let resp = kh
+            .deliver(pb::DeliverRequest {
+                items: vec![pb::PeerItem {
+                    item: Some(pb::peer_item::Item::Receipt(r)),
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resp.results.len(), 1);
+    }
+    assert_eq!(
+        vn.store.log_size().unwrap(),
+        before,
+        "refused receipts leave no trace but their refusal"
+    );
+    let (_, chain) = c02.status(&local.id).await.unwrap();
+    assert_eq!(
+        chain
+            .iter()
+            .filter(|r| r.stage() == Stage::Delivered)
+            .count(),
+        1
+    );
+    assert!(
+        chain.iter().all(|r| r.stage() != Stage::Rejected),
+        "a foreign rejection joined the chain"
+    );
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_delivered_receipt_is_stored_and_logged_once() {
+    let net = net().await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let mut ahtd = net.client("kh", "ahtd").await.unwrap();
+    let sent = c02
+        .send(
+            &net.org_id("kh", "ahtd").unwrap(),
+            &alert("once"),
+            &SendOptions::new("P2"),
+        )
+        .await
+        .unwrap();
+    let got = accord_tests::fetch_n(&mut ahtd, 1).await.unwrap();
+    let delivered = ahtd.ack(&got[0]).await.unwrap();
+    // Acking twice is harmless.
+    ahtd.ack(&got[0]).await.unwrap();
+    for _ in 0..200 {
+        let (_, chain) = c02.status(&sent.id).await.unwrap();
+        if furthest_stage(&chain) == Stage::Delivered {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let vn = net.gateway("vn").unwrap().pipeline.clone();
+    let events_before = vn.store.message_events(&sent.id).unwrap().len();
+    let mut kh = as_kh_gateway(&net);
+    for _ in 0..10 {
+        kh.deliver(pb::DeliverRequest {
+            items: vec![pb::PeerItem {
+                item: Some(pb::peer_item::Item::Receipt(delivered.clone())),
+            }],
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        vn.store.message_events(&sent.id).unwrap().len(),
+        events_before
+    );
+    let (_, chain) = c02.status(&sent.id).await.unwrap();
+    assert_eq!(
+        chain
+            .iter()
+            .filter(|r| r.stage() == Stage::Delivered)
+            .count(),
+        1
+    );
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_envelope_reusing_a_message_id_does_not_touch_that_messages_chain() {
+    let net = net().await;
+    let mut ahtd = net.client("kh", "ahtd").await.unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    // A real KH -> VN message, delivered.
+    let sent = ahtd
+        .send(
+            &net.org_id("vn", "c02").unwrap(),
+            &alert("real"),
+            &SendOptions::new("P3"),
+        )
+        .await
+        .unwrap();
+    let got = accord_tests::fetch_n(&mut c02, 1).await.unwrap();
+    // The "peer" replays its bytes with a flipped ciphertext byte under the same id.
+    let mut forged = got[0].envelope.to_wire();
+    forged.ciphertext[0] ^= 1;
+    let mut kh = as_kh_gateway(&net);
+    let resp = kh
+        .deliver(pb::DeliverRequest {
+            items: vec![pb::PeerItem {
+                item: Some(pb::peer_item::Item::Envelope(forged)),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rejected =
+        pb::ReceiptBody::decode(resp.results[0].receipt.as_ref().unwrap().body.as_slice()).unwrap();
+    assert_eq!(rejected.stage, Stage::Rejected as i32);
+    assert_eq!(rejected.reason, pb::RejectReason::BadSignature as i32);
+    // The genuine chain is untouched and still verifies for the sender.
+    for _ in 0..100 {
+        let (_, chain) = ahtd.status(&sent.id).await.unwrap();
+        if furthest_stage(&chain) == Stage::Received {
+            assert!(chain.iter().all(|r| r.stage() != Stage::Rejected));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c02.ack(&got[0]).await.unwrap();
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_relay_envelopes_of_another_country_or_for_another_country() {
+    let net = TestNet::builder()
+        .country("vn", "hanoi", &["c02"])
+        .country("kh", "phnom-penh", &["ahtd"])
+        .country("la", "vientiane", &["dcp"])
+        .start()
+        .await
+        .unwrap();
+    // A genuine LA -> VN envelope, which KH then tries to relay to VN as if it were its own.
+    let mut dcp = net.client("la", "dcp").await.unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    dcp.send(
+        &net.org_id("vn", "c02").unwrap(),
+        &alert("from la"),
+        &SendOptions::new("P4"),
+    )
+    .await
+    .unwrap();
+    let got = accord_tests::fetch_n(&mut c02, 1).await.unwrap();
+    let mut kh = as_kh_gateway(&net);
+    let resp = kh
+        .deliver(pb::DeliverRequest {
+            items: vec![pb::PeerItem {
+                item: Some(pb::peer_item::Item::Envelope(got[0].envelope.to_wire())),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let body =
+        pb::ReceiptBody::decode(resp.results[0].receipt.as_ref().unwrap().body.as_slice()).unwrap();
+    assert_eq!(body.reason, pb::RejectReason::SenderMismatch as i32);
+    net.shutdown().await;
+}
