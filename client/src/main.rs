@@ -90,6 +90,23 @@ enum Command {
         #[arg(long)]
         count: Option<usize>,
     },
+    /// Auditors: fetch a message's evidence bundle from the gateway and write it to a file.
+    AuditEvidence {
+        #[command(flatten)]
+        session: Session,
+        message_id: String,
+        /// Where to write the bundle (accord.v1.EvidenceBundle, binary protobuf).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Verify an evidence bundle offline against trusted directory files; prints each check
+    /// and its verdict, exits 1 if any fails.
+    Verify {
+        bundle: PathBuf,
+        /// A trusted directory file (accord.v1.Directory JSON); repeat for each country.
+        #[arg(long = "trust", required = true)]
+        trust: Vec<PathBuf>,
+    },
     /// Show a message's chain of receipts.
     Status {
         #[command(flatten)]
@@ -218,6 +235,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     break;
                 }
             }
+            Ok(())
+        }
+        Command::AuditEvidence {
+            session,
+            message_id,
+            out,
+        } => {
+            let client = session.connect().await?;
+            let bundle = client
+                .audit()
+                .get_evidence(pb::GetEvidenceRequest {
+                    message_id: message_id
+                        .parse::<accord_proto::ids::MessageId>()?
+                        .as_bytes()
+                        .to_vec(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("gateway said {}: {}", s.code(), s.message()))?
+                .into_inner();
+            std::fs::write(&out, prost::Message::encode_to_vec(&bundle))
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} ({} receipts, {} log events)",
+                out.display(),
+                bundle.receipts.len(),
+                bundle.events.len()
+            );
+            Ok(())
+        }
+        Command::Verify { bundle, trust } => {
+            let bytes =
+                std::fs::read(&bundle).with_context(|| format!("reading {}", bundle.display()))?;
+            let mut trusted = Vec::new();
+            for path in &trust {
+                let json =
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                let dir: pb::Directory = serde_json::from_slice(&json).with_context(|| {
+                    format!(
+                        "{} is not a directory (accord.v1.Directory JSON)",
+                        path.display()
+                    )
+                })?;
+                trusted.push(dir);
+            }
+            let report = accord_proto::evidence::verify_bundle(&bytes, &trusted);
+            print!("{report}");
+            anyhow::ensure!(report.ok(), "{} did not verify", bundle.display());
             Ok(())
         }
         Command::Status {

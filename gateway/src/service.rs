@@ -272,7 +272,12 @@ impl PeerLink for PeerLinkService {
             return Err(Status::not_found("no such message"));
         }
         let events = self.pipeline.prove_events(&id, who.id.country())?;
-        Ok(Response::new(pb::ProveEventsResponse { events }))
+        let receipts = self
+            .pipeline
+            .store
+            .receipts(&id)
+            .map_err(PipelineError::from)?;
+        Ok(Response::new(pb::ProveEventsResponse { events, receipts }))
     }
 }
 

@@ -428,6 +428,7 @@ impl Pipeline {
             sender.country().clone()
         };
         let mut events = self.prove_events(id, &other)?;
+        let mut receipts = self.store.receipts(id)?;
         if &other != self.country() {
             let mut client =
                 self.peer_clients.get(&other).cloned().ok_or_else(|| {
@@ -439,9 +440,14 @@ impl Pipeline {
                 })
                 .await
                 .map_err(|s| PipelineError::Unavailable(format!("peer {other}: {}", s.message())))?
-                .into_inner()
-                .events;
-            events.extend(theirs);
+                .into_inner();
+            events.extend(theirs.events);
+            // The other side holds the receipts it signed first (e.g. the sender's ACCEPTED).
+            for r in theirs.receipts {
+                if !receipts.contains(&r) {
+                    receipts.push(r);
+                }
+            }
         }
         let countries = [sender.country().as_str(), recipient.country().as_str()];
         let directories = self
@@ -453,7 +459,7 @@ impl Pipeline {
         Ok(pb::EvidenceBundle {
             version: 1,
             envelope: msg.envelope,
-            receipts: self.store.receipts(id)?,
+            receipts,
             events,
             directories,
         })

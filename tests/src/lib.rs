@@ -34,3 +34,41 @@ pub fn alert(what: &str) -> accord_proto::pb::Body {
         )),
     }
 }
+
+/// Fetches a message's evidence bundle through `auditor` until it verifies against the
+/// directory files of `net` (events join a bundle once a cosigned checkpoint covers them).
+pub async fn verified_evidence(
+    net: &TestNet,
+    auditor: &OrgClient,
+    id: &accord_proto::ids::MessageId,
+) -> anyhow::Result<Vec<u8>> {
+    let trusted = trusted_directories(net)?;
+    let mut last = String::new();
+    for _ in 0..200 {
+        let bundle = auditor
+            .audit()
+            .get_evidence(accord_proto::pb::GetEvidenceRequest {
+                message_id: id.as_bytes().to_vec(),
+            })
+            .await?
+            .into_inner();
+        let bytes = prost::Message::encode_to_vec(&bundle);
+        let report = accord_proto::evidence::verify_bundle(&bytes, &trusted);
+        if report.ok() {
+            return Ok(bytes);
+        }
+        last = report.to_string();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("evidence never verified; last report:\n{last}")
+}
+
+/// The directory files the dev PKI of `net` wrote: what an auditor trusts.
+pub fn trusted_directories(net: &TestNet) -> anyhow::Result<Vec<accord_proto::pb::Directory>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(net.root().join("pki"))? {
+        let path = entry?.path().join("directory.json");
+        out.push(serde_json::from_slice(&std::fs::read(path)?)?);
+    }
+    Ok(out)
+}
