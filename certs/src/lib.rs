@@ -8,7 +8,10 @@
 //! ```text
 //! <root>/<cc>/ca.pem                     country root certificate (trust anchor)
 //! <root>/<cc>/ca.key                     root private key (PKCS#8 PEM)
+//! <root>/directory-trust.json            every country's directory key (what to pin)
 //! <root>/<cc>/directory.json             the country's directory (accord.v1.Directory, JSON)
+//! <root>/<cc>/directory.signed.json      the same, signed (accord.v1.SignedDirectory, JSON)
+//! <root>/<cc>/directory-key.json         the country's directory signing key
 //! <root>/<cc>/gateway/{cert,key}.pem     gateway TLS certificate and key
 //! <root>/<cc>/gateway/keys.json          gateway receipt signing key
 //! <root>/<cc>/gateway/log-key.json       gateway log key (signs checkpoints)
@@ -150,8 +153,9 @@ impl CountryCa {
 
 /// One country of a dev PKI: its gateway's name and its organisations.
 ///
-/// An organisation is `name` or `name:role` (`focal_point`, the default, `hotline` or
-/// `auditor`); the role goes into the directory.
+/// An organisation is `name`, `name:role` or `name:role:province`; roles are
+/// `focal_point` (the default), `hotline` or `auditor`, and go into the directory with the
+/// province (for hotlines, e.g. `tayninh-police:hotline:tay-ninh`).
 #[derive(Clone, Debug)]
 pub struct CountrySpec {
     pub country: CountryCode,
@@ -173,6 +177,9 @@ impl CountryFiles {
     pub fn directory(&self) -> PathBuf {
         self.dir.join("directory.json")
     }
+    pub fn signed_directory(&self) -> PathBuf {
+        self.dir.join("directory.signed.json")
+    }
     pub fn gateway_dir(&self) -> PathBuf {
         self.dir.join("gateway")
     }
@@ -192,9 +199,20 @@ impl DevPki {
         spec: &[CountrySpec],
         now_ms: i64,
     ) -> Result<Vec<CountryFiles>, CertsError> {
-        spec.iter()
-            .map(|c| write_country(root, c, now_ms))
-            .collect()
+        let mut files = Vec::new();
+        let mut trust = Vec::new();
+        for c in spec {
+            let (f, t) = write_country(root, c, now_ms)?;
+            files.push(f);
+            trust.push(t);
+        }
+        write_json(&Self::trust_file(root), &trust)?;
+        Ok(files)
+    }
+
+    /// The pinned directory keys of every country written under `root`.
+    pub fn trust_file(root: &Path) -> PathBuf {
+        root.join("directory-trust.json")
     }
 }
 
@@ -208,7 +226,19 @@ fn public_key(key_id: &str, pk: [u8; 32], now_ms: i64) -> pb::PublicKey {
     }
 }
 
-fn write_country(root: &Path, c: &CountrySpec, now_ms: i64) -> Result<CountryFiles, CertsError> {
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), CertsError> {
+    let json = serde_json::to_vec_pretty(value).map_err(|e| CertsError::Io {
+        path: path.to_owned(),
+        source: e.into(),
+    })?;
+    write_file(path, &json, false)
+}
+
+fn write_country(
+    root: &Path,
+    c: &CountrySpec,
+    now_ms: i64,
+) -> Result<(CountryFiles, pb::DirectoryTrust), CertsError> {
     let dir = root.join(c.country.as_str());
     let ca = CountryCa::new(&c.country)?;
     write_file(&dir.join("ca.pem"), ca.cert_pem().as_bytes(), false)?;
@@ -252,10 +282,10 @@ fn write_country(root: &Path, c: &CountrySpec, now_ms: i64) -> Result<CountryFil
 
     let mut orgs = Vec::new();
     for spec in &c.orgs {
-        let (org, role) = spec
-            .split_once(':')
-            .unwrap_or((spec.as_str(), "focal_point"));
-        let org = &org.to_owned();
+        let mut parts = spec.splitn(3, ':');
+        let org = &parts.next().unwrap_or_default().to_owned();
+        let role = parts.next().unwrap_or("focal_point");
+        let province = parts.next().unwrap_or_default();
         let id = SpiffeId::new(c.country.clone(), Role::Org, org)?;
         let org_dir = dir.join("orgs").join(org);
         write_identity(&org_dir, &ca.issue(&id)?)?;
@@ -268,6 +298,7 @@ fn write_country(root: &Path, c: &CountrySpec, now_ms: i64) -> Result<CountryFil
             signing_keys: vec![public_key(signing.key_id(), signing.public_key(), now_ms)],
             encryption_keys: vec![public_key(&enc_id, enc.public_key(), now_ms)],
             roles: vec![role.to_owned()],
+            province: province.to_owned(),
         });
         let keys = KeyFile {
             owner: id.to_string(),
@@ -282,12 +313,29 @@ fn write_country(root: &Path, c: &CountrySpec, now_ms: i64) -> Result<CountryFil
         orgs,
         gateways: vec![gw_entry],
     };
-    let json = serde_json::to_vec_pretty(&directory).map_err(|e| CertsError::Io {
-        path: dir.join("directory.json"),
-        source: e.into(),
-    })?;
-    write_file(&dir.join("directory.json"), &json, false)?;
-    Ok(CountryFiles { dir, gateway_id })
+    write_json(&dir.join("directory.json"), &directory)?;
+    let directory_key = SigningKey::generate(format!("{}-directory-1", c.country))?;
+    let signed = accord_proto::directory::sign(&directory, &directory_key);
+    write_json(&dir.join("directory.signed.json"), &signed)?;
+    let trust = pb::DirectoryTrust {
+        country: c.country.to_string(),
+        keys: vec![public_key(
+            directory_key.key_id(),
+            directory_key.public_key(),
+            now_ms,
+        )],
+    };
+    let kf = KeyFile {
+        owner: format!("directory of {}", c.country),
+        signing: directory_key,
+        encryption: None,
+    };
+    write_file(
+        &dir.join("directory-key.json"),
+        kf.to_json().as_bytes(),
+        true,
+    )?;
+    Ok((CountryFiles { dir, gateway_id }, trust))
 }
 
 fn write_identity(dir: &Path, cert: &IssuedCert) -> Result<(), CertsError> {

@@ -140,13 +140,13 @@ impl LocalNet {
         let mut toml = format!(
             "identity = \"{id}\"\ndata_dir = \"data/{cc}\"\nclient_listen = \"{c}\"\npeer_listen = \"{p}\"\n\
              receipt_key = \"pki/{cc}/gateway/keys.json\"\nlog_key = \"pki/{cc}/gateway/log-key.json\"\n\
-             witness_key = \"pki/{cc}/gateway/witness-key.json\"\ndirectories = [{dirs}]\n\n\
+             witness_key = \"pki/{cc}/gateway/witness-key.json\"\ndirectory_trust = \"pki/directory-trust.json\"\ndirectories = [{dirs}]\n\n\
              [tls]\nroot = \"pki/{cc}/ca.pem\"\ncert = \"pki/{cc}/gateway/cert.pem\"\nkey = \"pki/{cc}/gateway/key.pem\"\n\n\
              [forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 1000\n\n[log]\ncheckpoint_interval_ms = 200\n",
             id = me.files.gateway_id,
             c = me.addrs.0,
             p = me.addrs.1,
-            dirs = self.countries.keys().map(|k| format!("\"pki/{k}/directory.json\"")).collect::<Vec<_>>().join(", "),
+            dirs = self.countries.keys().map(|k| format!("\"pki/{k}/directory.signed.json\"")).collect::<Vec<_>>().join(", "),
         );
         for (other, c) in &self.countries {
             if other != cc {
@@ -210,6 +210,7 @@ impl LocalNet {
             addr: c.addrs.0,
             id: c.files.gateway_id.clone(),
             root: c.files.ca(),
+            trust: accord_certs::DevPki::trust_file(&self.root.join("pki")),
         })
     }
 

@@ -32,6 +32,9 @@ struct Session {
     /// The country root CA that vouches for the gateway.
     #[arg(long)]
     root: PathBuf,
+    /// Pinned directory keys of every country (directory-trust.json of `accord certs`).
+    #[arg(long)]
+    trust: PathBuf,
 }
 
 impl Session {
@@ -40,6 +43,7 @@ impl Session {
             addr: self.gateway,
             id: self.gateway_id.parse()?,
             root: self.root.clone(),
+            trust: self.trust.clone(),
         };
         Ok(OrgClient::connect(&self.org, &gw).await?)
     }

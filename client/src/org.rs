@@ -73,12 +73,16 @@ pub struct Opened {
     pub body: pb::Body,
 }
 
-/// Where the gateway is and how to recognise it.
+/// Where the gateway is, how to recognise it, and which directory keys to trust.
 #[derive(Clone, Debug)]
 pub struct GatewayAddress {
     pub addr: SocketAddr,
     pub id: SpiffeId,
+    /// The country root that vouches for the gateway.
     pub root: std::path::PathBuf,
+    /// Pinned directory keys of every country (JSON array of `accord.v1.DirectoryTrust`):
+    /// the gateway serves directories, but only these keys make them trusted.
+    pub trust: std::path::PathBuf,
 }
 
 /// An organisation connected to its gateway.
@@ -137,7 +141,13 @@ impl OrgClient {
             .await?
             .into_inner()
             .directories;
-        let directories = Directories::new(dirs).map_err(|e| ClientError::Verify(e.to_string()))?;
+        let trust: Vec<pb::DirectoryTrust> = std::fs::read(&gateway.trust)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            .map_err(|e| cred(format!("directory trust {}: {e}", gateway.trust.display())))?;
+        // A gateway could otherwise swap a recipient's key and read what is sealed to it.
+        let directories = Directories::from_signed(dirs, &trust, now_ms())
+            .map_err(|e| ClientError::Verify(format!("directory from the gateway: {e}")))?;
         let opener = Arc::new(Opener {
             id: id.clone(),
             keys,

@@ -58,6 +58,8 @@ async fn accord_verify_prints_each_check_and_fails_on_a_tampered_bundle() {
                 "--root",
             ])
             .arg(&gw.root)
+            .arg("--trust")
+            .arg(&gw.trust)
             .arg(sent.id.to_string())
             .arg("--out")
             .arg(&out)

@@ -15,7 +15,8 @@
 //! receipt_key = "vn/gateway/keys.json"             # Ed25519 key that signs receipts
 //! log_key = "vn/gateway/log-key.json"              # Ed25519 key that signs checkpoints
 //! witness_key = "vn/gateway/witness-key.json"      # Ed25519 key that cosigns peers' checkpoints
-//! directories = ["vn/directory.json", "kh/directory.json"]
+//! directory_trust = "directory-trust.json"          # pinned directory keys of every country
+//! directories = ["vn/directory.signed.json", "kh/directory.signed.json"]
 //!
 //! [[peers]]
 //! gateway = "spiffe://kh.accord/gateway/phnom-penh"
@@ -61,6 +62,7 @@ struct Raw {
     receipt_key: PathBuf,
     log_key: PathBuf,
     witness_key: PathBuf,
+    directory_trust: PathBuf,
     directories: Vec<PathBuf>,
     #[serde(default)]
     peers: Vec<RawPeer>,
@@ -168,6 +170,7 @@ pub struct Config {
     pub receipt_key: PathBuf,
     pub log_key: PathBuf,
     pub witness_key: PathBuf,
+    pub directory_trust: PathBuf,
     pub directories: Vec<PathBuf>,
     pub peers: Vec<PeerConfig>,
     pub log: LogConfig,
@@ -212,6 +215,8 @@ impl Config {
         let witness_key = abs(&raw.witness_key);
         must_exist(&mut problems, "log_key", &log_key);
         must_exist(&mut problems, "witness_key", &witness_key);
+        let directory_trust = abs(&raw.directory_trust);
+        must_exist(&mut problems, "directory_trust", &directory_trust);
         if raw.log.checkpoint_interval_ms == 0 {
             problems.push("log.checkpoint_interval_ms: must be at least 1".into());
         }
@@ -295,6 +300,7 @@ impl Config {
                     receipt_key,
                     log_key,
                     witness_key,
+                    directory_trust,
                     directories,
                     peers,
                     log: raw.log,
@@ -338,6 +344,7 @@ peer_listen = "127.0.0.1:0"
 receipt_key = "missing.json"
 log_key = "log.json"
 witness_key = "witness.json"
+directory_trust = "trust.json"
 directories = []
 [tls]
 root = "r.pem"

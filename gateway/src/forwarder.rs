@@ -164,7 +164,7 @@ async fn drain_once(
             };
             match check_peer_receipt(pipeline, peer, &id, &r) {
                 Ok(event) => {
-                    let v = receipt::verify(&r, &pipeline.directories).ok();
+                    let v = receipt::verify(&r, &pipeline.directories()).ok();
                     ops.push(Op::PutReceipt(id, r.clone()));
                     ops.push(Op::Log(
                         pb::LogEntry {
@@ -203,7 +203,7 @@ fn check_peer_receipt(
     id: &MessageId,
     r: &pb::Receipt,
 ) -> Result<LogEvent, PipelineError> {
-    let v = receipt::verify(r, &pipeline.directories)?;
+    let v = receipt::verify(r, &pipeline.directories())?;
     let stored = pipeline.store.message(id)?.ok_or(PipelineError::NotFound)?;
     if &v.signer != peer
         || v.message_id != *id

@@ -121,7 +121,10 @@ impl Signals {
 pub struct Pipeline {
     pub identity: SpiffeId,
     pub store: Arc<dyn Store>,
-    pub directories: Directories,
+    /// The verified directories, replaced whole when a newer version arrives.
+    pub directories: std::sync::RwLock<Arc<Directories>>,
+    /// Pinned directory keys of every country.
+    pub directory_trust: Vec<pb::DirectoryTrust>,
     pub receipt_key: SigningKey,
     pub limits: Limits,
     pub quota_bytes: u64,
@@ -184,6 +187,62 @@ fn receipt_entry(event: LogEvent, r: &VerifiedReceipt, at: i64) -> Op {
 impl Pipeline {
     pub fn now(&self) -> i64 {
         (self.clock)()
+    }
+
+    /// The directories in force now.
+    pub fn directories(&self) -> Arc<Directories> {
+        self.directories
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Takes a peer's (or our operator's) signed directory of `country` if it verifies
+    /// against the pinned keys and is newer than the one held; logs the change.
+    pub async fn update_directory(
+        &self,
+        country: &CountryCode,
+        actor: &SpiffeId,
+        signed: pb::SignedDirectory,
+    ) -> Result<bool, PipelineError> {
+        let offered =
+            accord_proto::directory::verify_signed(&signed, &self.directory_trust, self.now())
+                .map_err(|e| PipelineError::BadRequest(e.to_string()))?;
+        if offered.country != country.as_str() {
+            return Err(PipelineError::PermissionDenied(format!(
+                "{actor} may only offer the directory of {country}"
+            )));
+        }
+        let digest = accord_proto::crypto::sha256(&[&signed.directory]);
+        let updated = {
+            let current = self.directories();
+            current
+                .with_update(signed, &self.directory_trust, self.now())
+                .map_err(|e| PipelineError::FailedPrecondition(e.to_string()))?
+        };
+        let Some(updated) = updated else {
+            return Ok(false);
+        };
+        let entry = pb::LogEntry {
+            event: LogEvent::DirectoryChange as i32,
+            message_id: vec![],
+            // For directory changes: SHA-256 of the new directory's bytes.
+            envelope_hash: digest.to_vec(),
+            actor: actor.to_string(),
+            at_ms: self.now(),
+            reason: 0,
+            receipt_hash: vec![],
+        };
+
+        self.store
+            .commit(Tx {
+                ops: vec![Op::Log(entry.encode_to_vec())],
+                receipts: None,
+            })
+            .await?;
+        *self.directories.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(updated);
+        tracing::info!(country = %country, version = offered.version, by = %actor, "directory updated");
+        Ok(true)
     }
 
     pub fn country(&self) -> &CountryCode {
@@ -398,7 +457,7 @@ impl Pipeline {
                 "{caller} may not submit here"
             )));
         }
-        let env = sealed.verify(&self.directories, now)?;
+        let env = sealed.verify(&self.directories(), now)?;
         if env.sender().spiffe() != caller {
             return Err(PipelineError::PermissionDenied(format!(
                 "certificate names {caller} but the envelope's sender is {}",
@@ -504,7 +563,7 @@ impl Pipeline {
     ) -> Result<pb::Receipt, PipelineError> {
         let sealed = SealedEnvelope::from_wire(env, &self.limits)?;
         let hash = sealed.hash();
-        let verified = sealed.clone().verify(&self.directories, self.now());
+        let verified = sealed.clone().verify(&self.directories(), self.now());
         let env = match verified {
             Ok(env) => env,
             Err(e) => return self.reject_from_peer(peer, &sealed, hash, e.reason()).await,
@@ -615,7 +674,7 @@ impl Pipeline {
         peer: &SpiffeId,
         r: &pb::Receipt,
     ) -> Result<(), PipelineError> {
-        let v = receipt::verify(r, &self.directories)?;
+        let v = receipt::verify(r, &self.directories())?;
         let stored = self
             .store
             .message(&v.message_id)?
@@ -699,7 +758,7 @@ impl Pipeline {
         caller: &SpiffeId,
         r: &pb::Receipt,
     ) -> Result<(), PipelineError> {
-        let v = receipt::verify(r, &self.directories)?;
+        let v = receipt::verify(r, &self.directories())?;
         if v.stage() != Stage::Delivered || &v.signer != caller {
             return Err(PipelineError::PermissionDenied(
                 "only the recipient's own delivered receipt acknowledges".into(),

@@ -11,7 +11,7 @@ use accord_proto::envelope::Limits;
 use accord_proto::ids::Role;
 use accord_proto::keyfile::KeyFile;
 use accord_proto::pb::{
-    exchange_server::ExchangeServer, peer_link_client::PeerLinkClient,
+    self as pb, exchange_server::ExchangeServer, peer_link_client::PeerLinkClient,
     peer_link_server::PeerLinkServer,
 };
 use tokio::net::TcpListener;
@@ -47,19 +47,37 @@ pub enum StartError {
     },
 }
 
-/// Reads every directory file (JSON `accord.v1.Directory`) into one checked set.
-pub fn load_directories(paths: &[std::path::PathBuf]) -> Result<Directories, StartError> {
-    let mut dirs = Vec::new();
+/// Reads the pinned directory keys (JSON array of `accord.v1.DirectoryTrust`).
+pub fn load_directory_trust(path: &std::path::Path) -> Result<Vec<pb::DirectoryTrust>, StartError> {
+    let err = |problem: String| StartError::Directory {
+        path: path.display().to_string(),
+        problem,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))
+}
+
+/// Reads every signed directory file (JSON `accord.v1.SignedDirectory`) and verifies each
+/// against the pinned keys of its country: an unsigned or wrongly signed one stops the start.
+pub fn load_directories(
+    paths: &[std::path::PathBuf],
+    trust: &[pb::DirectoryTrust],
+    now: i64,
+) -> Result<Directories, StartError> {
+    let mut signed = Vec::new();
     for p in paths {
         let err = |problem: String| StartError::Directory {
             path: p.display().to_string(),
             problem,
         };
         let bytes = std::fs::read(p).map_err(|e| err(e.to_string()))?;
-        dirs.push(serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?);
+        let one: pb::SignedDirectory =
+            serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?;
+        accord_proto::directory::verify_signed(&one, trust, now).map_err(|e| err(e.to_string()))?;
+        signed.push(one);
     }
-    Directories::new(dirs).map_err(|e| StartError::Directory {
-        path: "(all)".into(),
+    Directories::from_signed(signed, trust, now).map_err(|e| StartError::Directory {
+        path: "(all directories)".into(),
         problem: e.to_string(),
     })
 }
@@ -128,7 +146,8 @@ pub async fn start(
     for p in &config.peers {
         peer_roots.add(p.gateway.country().clone(), &p.root)?;
     }
-    let directories = load_directories(&config.directories)?;
+    let directory_trust = load_directory_trust(&config.directory_trust)?;
+    let directories = load_directories(&config.directories, &directory_trust, clock())?;
     let key = |path: &std::path::Path| {
         load_key_file(path).map_err(|problem| StartError::Key {
             path: path.display().to_string(),
@@ -167,7 +186,8 @@ pub async fn start(
     let pipeline = Arc::new(Pipeline {
         identity: config.identity.clone(),
         store: Arc::new(store),
-        directories,
+        directories: std::sync::RwLock::new(Arc::new(directories)),
+        directory_trust,
         receipt_key: keys.signing,
         limits: Limits {
             max_ciphertext: config.limits.max_ciphertext_bytes,

@@ -179,7 +179,7 @@ impl Exchange for ExchangeService {
     ) -> Result<Response<pb::GetDirectoryResponse>, Status> {
         identity(&req)?;
         Ok(Response::new(pb::GetDirectoryResponse {
-            directories: self.pipeline.directories.to_wire(),
+            directories: self.pipeline.directories().signed(),
         }))
     }
 }
@@ -238,6 +238,21 @@ impl PeerLink for PeerLinkService {
         });
         results.extend(futures::future::join_all(futures).await);
         Ok(Response::new(pb::DeliverResponse { results }))
+    }
+
+    async fn exchange_directories(
+        &self,
+        req: Request<pb::ExchangeDirectoriesRequest>,
+    ) -> Result<Response<pb::ExchangeDirectoriesResponse>, Status> {
+        let who = identity(&req)?;
+        if let Some(signed) = req.into_inner().own {
+            self.pipeline
+                .update_directory(who.id.country(), &who.id, signed)
+                .await?;
+        }
+        Ok(Response::new(pb::ExchangeDirectoriesResponse {
+            own: self.pipeline.own_signed_directory(),
+        }))
     }
 
     async fn witness(

@@ -81,7 +81,7 @@ pub fn origin(gateway: &SpiffeId) -> String {
 impl Pipeline {
     fn gateway_entry(&self, id: &SpiffeId) -> Option<pb::GatewayEntry> {
         let want = id.to_string();
-        self.directories
+        self.directories()
             .to_wire()
             .into_iter()
             .filter(|d| d.country == id.country().as_str())
@@ -377,7 +377,7 @@ impl Pipeline {
         // witness of the other party's country (cosigners are named by their origin).
         let mut names = vec![self.log_keys.origin.clone()];
         names.extend(
-            self.directories
+            self.directories()
                 .to_wire()
                 .into_iter()
                 .filter(|d| d.country == witness.as_str())
@@ -451,7 +451,7 @@ impl Pipeline {
         }
         let countries = [sender.country().as_str(), recipient.country().as_str()];
         let directories = self
-            .directories
+            .directories()
             .to_wire()
             .into_iter()
             .filter(|d| countries.contains(&d.country.as_str()))
@@ -470,13 +470,44 @@ impl Pipeline {
         let Ok(org) = accord_proto::ids::OrgId::try_from(id.clone()) else {
             return false;
         };
-        self.directories
+        self.directories()
             .org(&org)
             .is_some_and(|o| o.roles.iter().any(|r| r == "auditor"))
     }
 }
 
-/// Publishes checkpoints and has each one cosigned by `peer`, every `interval`.
+impl Pipeline {
+    /// Offers our country's signed directory to `peer` and takes its own in return.
+    pub async fn exchange_directories(
+        &self,
+        peer: &SpiffeId,
+        client: &mut PeerLinkClient<tonic::transport::Channel>,
+    ) -> Result<bool, PipelineError> {
+        let own = self.own_signed_directory();
+        let theirs = client
+            .exchange_directories(pb::ExchangeDirectoriesRequest { own })
+            .await
+            .map_err(|s| PipelineError::Unavailable(format!("{:?}: {}", s.code(), s.message())))?
+            .into_inner()
+            .own;
+        match theirs {
+            Some(signed) => self.update_directory(peer.country(), peer, signed).await,
+            None => Ok(false),
+        }
+    }
+
+    /// This country's signed directory as held now.
+    pub fn own_signed_directory(&self) -> Option<pb::SignedDirectory> {
+        use prost::Message;
+        self.directories().signed().into_iter().find(|s| {
+            pb::Directory::decode(s.directory.as_slice())
+                .is_ok_and(|d| d.country == self.country().as_str())
+        })
+    }
+}
+
+/// Publishes checkpoints and has each one cosigned by `peer`, every `interval`; exchanges
+/// directories with it on the same beat.
 pub async fn witness_loop(
     pipeline: Arc<Pipeline>,
     peer: SpiffeId,
@@ -487,6 +518,9 @@ pub async fn witness_loop(
     loop {
         if *shutdown.borrow() {
             return;
+        }
+        if let Err(e) = pipeline.exchange_directories(&peer, &mut client).await {
+            tracing::warn!(peer = %peer, error = %e, "directory exchange failed this round");
         }
         if let Err(e) = pipeline.request_cosignature(&peer, &mut client).await {
             tracing::warn!(peer = %peer, error = %e, "checkpoint not cosigned this round");

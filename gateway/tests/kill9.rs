@@ -46,7 +46,8 @@ fn write_config(root: &Path, me: &Country, other: &Country) -> PathBuf {
         "identity = \"{}\"\ndata_dir = \"data/{cc}\"\nclient_listen = \"{}\"\npeer_listen = \"{}\"\n\
          receipt_key = \"pki/{cc}/gateway/keys.json\"\n\
          log_key = \"pki/{cc}/gateway/log-key.json\"\nwitness_key = \"pki/{cc}/gateway/witness-key.json\"\n\
-         directories = [\"pki/vn/directory.json\", \"pki/kh/directory.json\"]\n\
+         directory_trust = \"pki/directory-trust.json\"\n\
+         directories = [\"pki/vn/directory.signed.json\", \"pki/kh/directory.signed.json\"]\n\
          [tls]\nroot = \"pki/{cc}/ca.pem\"\ncert = \"pki/{cc}/gateway/cert.pem\"\nkey = \"pki/{cc}/gateway/key.pem\"\n\
          [forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 500\n\
          [[peers]]\ngateway = \"{}\"\naddress = \"{}\"\nroot = \"pki/{oc}/ca.pem\"\n",

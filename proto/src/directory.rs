@@ -36,12 +36,82 @@ pub enum DirectoryError {
     /// A public key is not 32 bytes.
     #[error("key {0:?} is not 32 bytes")]
     BadKeyLength(String),
+    /// A signed directory does not decode, or its bytes are not canonical.
+    #[error("signed directory is malformed: {0}")]
+    Malformed(&'static str),
+    /// No trusted directory key of that country, valid now, has this key id.
+    #[error("no trusted directory key {key_id:?} for country {country}")]
+    UntrustedKey { country: String, key_id: String },
+    /// The directory's signature does not verify.
+    #[error("directory of {0} is not signed by its country's directory key")]
+    BadSignature(String),
+    /// A directory older than the one already held.
+    #[error("directory of {country} version {offered} is older than version {held}")]
+    Older {
+        country: String,
+        offered: u64,
+        held: u64,
+    },
+    /// Two different directories claim the same country and version.
+    #[error("a different directory of {country} with the same version {version}")]
+    SameVersionDiffers { country: String, version: u64 },
+}
+
+/// Signs a country's directory: `"accord/v1/directory" ‖ u64be(len) ‖ directory bytes`.
+pub fn sign(directory: &pb::Directory, key: &crate::crypto::SigningKey) -> pb::SignedDirectory {
+    use prost::Message;
+    let bytes = directory.encode_to_vec();
+    let signature = key.sign(
+        crate::crypto::Domain::Directory,
+        &[&crate::crypto::len_be(&bytes), &bytes],
+    );
+    pb::SignedDirectory {
+        directory: bytes,
+        key_id: key.key_id().to_owned(),
+        signature: signature.to_vec(),
+    }
+}
+
+/// Verifies a signed directory against the pinned directory keys of its country, valid at
+/// `now`; returns the directory.
+pub fn verify_signed(
+    signed: &pb::SignedDirectory,
+    trust: &[pb::DirectoryTrust],
+    now: UnixMillis,
+) -> Result<pb::Directory, DirectoryError> {
+    use prost::Message;
+    let dir = pb::Directory::decode(signed.directory.as_slice())
+        .map_err(|_| DirectoryError::Malformed("directory bytes"))?;
+    if dir.encode_to_vec() != signed.directory {
+        return Err(DirectoryError::Malformed(
+            "directory bytes are not canonical",
+        ));
+    }
+    let untrusted = || DirectoryError::UntrustedKey {
+        country: dir.country.clone(),
+        key_id: signed.key_id.clone(),
+    };
+    let key = trust
+        .iter()
+        .filter(|t| t.country == dir.country)
+        .flat_map(|t| &t.keys)
+        .find(|k| k.key_id == signed.key_id && valid_at(k, now))
+        .ok_or_else(untrusted)?;
+    crate::crypto::verify(
+        &key.public_key,
+        crate::crypto::Domain::Directory,
+        &[&crate::crypto::len_be(&signed.directory), &signed.directory],
+        &signed.signature,
+    )
+    .map_err(|_| DirectoryError::BadSignature(dir.country.clone()))?;
+    Ok(dir)
 }
 
 /// The directories of every country a gateway or client knows, checked on load.
 #[derive(Clone, Debug, Default)]
 pub struct Directories {
     countries: BTreeMap<CountryCode, pb::Directory>,
+    signed: BTreeMap<CountryCode, pb::SignedDirectory>,
 }
 
 impl Directories {
@@ -78,7 +148,68 @@ impl Directories {
                 return Err(DirectoryError::DuplicateCountry(cc.to_string()));
             }
         }
-        Ok(Self { countries })
+        Ok(Self {
+            countries,
+            signed: BTreeMap::new(),
+        })
+    }
+
+    /// Verifies every signed directory against the pinned keys and checks the result.
+    pub fn from_signed(
+        signed: impl IntoIterator<Item = pb::SignedDirectory>,
+        trust: &[pb::DirectoryTrust],
+        now: UnixMillis,
+    ) -> Result<Self, DirectoryError> {
+        let mut dirs = Vec::new();
+        let mut keep = BTreeMap::new();
+        for s in signed {
+            let dir = verify_signed(&s, trust, now)?;
+            keep.insert(dir.country.parse()?, s);
+            dirs.push(dir);
+        }
+        let mut out = Self::new(dirs)?;
+        out.signed = keep;
+        Ok(out)
+    }
+
+    /// The signed forms, for serving to clients and peers.
+    pub fn signed(&self) -> Vec<pb::SignedDirectory> {
+        self.signed.values().cloned().collect()
+    }
+
+    /// A copy with `signed` taking its country's place if it verifies and is newer. Returns
+    /// `None` when it is the version already held (identical), an error when it is older or
+    /// a different directory under the same version.
+    pub fn with_update(
+        &self,
+        signed: pb::SignedDirectory,
+        trust: &[pb::DirectoryTrust],
+        now: UnixMillis,
+    ) -> Result<Option<Self>, DirectoryError> {
+        let dir = verify_signed(&signed, trust, now)?;
+        let cc: CountryCode = dir.country.parse()?;
+        if let Some(held) = self.countries.get(&cc) {
+            if dir.version < held.version {
+                return Err(DirectoryError::Older {
+                    country: cc.to_string(),
+                    offered: dir.version,
+                    held: held.version,
+                });
+            }
+            if dir.version == held.version {
+                return if &dir == held {
+                    Ok(None)
+                } else {
+                    Err(DirectoryError::SameVersionDiffers {
+                        country: cc.to_string(),
+                        version: dir.version,
+                    })
+                };
+            }
+        }
+        let mut signed_all = self.signed.clone();
+        signed_all.insert(cc, signed);
+        Self::from_signed(signed_all.into_values(), trust, now).map(Some)
     }
 
     pub fn countries(&self) -> impl Iterator<Item = &CountryCode> {
@@ -208,6 +339,7 @@ mod tests {
                 signing_keys: vec![key("s1", 0, 100), key("s2", 90, 200)],
                 encryption_keys: vec![key("e1", 0, 100), key("e2", 90, 200)],
                 roles: vec![],
+                province: String::new(),
             }],
             gateways: vec![],
         }
@@ -233,6 +365,81 @@ mod tests {
         assert!(matches!(
             Directories::new([dir]),
             Err(DirectoryError::ForeignEntry { .. })
+        ));
+    }
+
+    fn trust(key: &crate::crypto::SigningKey) -> Vec<pb::DirectoryTrust> {
+        vec![pb::DirectoryTrust {
+            country: "vn".into(),
+            keys: vec![pb::PublicKey {
+                key_id: key.key_id().into(),
+                public_key: key.public_key().to_vec(),
+                not_before_ms: 0,
+                not_after_ms: 1000,
+            }],
+        }]
+    }
+
+    #[test]
+    fn a_signed_directory_verifies_only_with_its_countrys_pinned_key() {
+        let key = crate::crypto::SigningKey::from_seed("vn-dir-1", [5; 32]).unwrap();
+        let signed = sign(&vn(), &key);
+        assert_eq!(verify_signed(&signed, &trust(&key), 10).unwrap(), vn());
+        // Expired pin, other key, other country's pin, tampered bytes or signature.
+        assert!(matches!(
+            verify_signed(&signed, &trust(&key), 1000),
+            Err(DirectoryError::UntrustedKey { .. })
+        ));
+        let rogue = crate::crypto::SigningKey::from_seed("vn-dir-1", [6; 32]).unwrap();
+        assert!(matches!(
+            verify_signed(&sign(&vn(), &rogue), &trust(&key), 10),
+            Err(DirectoryError::BadSignature(_))
+        ));
+        let mut kh_trust = trust(&key);
+        kh_trust[0].country = "kh".into();
+        assert!(matches!(
+            verify_signed(&signed, &kh_trust, 10),
+            Err(DirectoryError::UntrustedKey { .. })
+        ));
+        for i in 0..signed.directory.len() {
+            let mut t = signed.clone();
+            t.directory[i] ^= 1;
+            assert!(verify_signed(&t, &trust(&key), 10).is_err(), "byte {i}");
+        }
+        let mut t = signed.clone();
+        t.signature[0] ^= 1;
+        assert!(verify_signed(&t, &trust(&key), 10).is_err());
+        let mut unsigned = signed;
+        unsigned.signature.clear();
+        assert!(verify_signed(&unsigned, &trust(&key), 10).is_err());
+    }
+
+    #[test]
+    fn only_a_newer_directory_version_replaces_the_held_one() {
+        let key = crate::crypto::SigningKey::from_seed("vn-dir-1", [5; 32]).unwrap();
+        let trust = trust(&key);
+        let v1 = Directories::from_signed([sign(&vn(), &key)], &trust, 10).unwrap();
+        let mut newer = vn();
+        newer.version = 2;
+        newer.orgs[0].name = "C02 renamed".into();
+        let v2 = v1
+            .with_update(sign(&newer, &key), &trust, 10)
+            .unwrap()
+            .unwrap();
+        assert_eq!(v2.to_wire()[0].version, 2);
+        assert!(v2
+            .with_update(sign(&newer, &key), &trust, 10)
+            .unwrap()
+            .is_none());
+        assert!(matches!(
+            v2.with_update(sign(&vn(), &key), &trust, 10),
+            Err(DirectoryError::Older { .. })
+        ));
+        let mut forked = newer.clone();
+        forked.orgs[0].name = "other".into();
+        assert!(matches!(
+            v2.with_update(sign(&forked, &key), &trust, 10),
+            Err(DirectoryError::SameVersionDiffers { .. })
         ));
     }
 

@@ -844,6 +844,7 @@ fn add_party(
                         signing_keys: vec![],
                         encryption_keys: vec![],
                         roles: vec![],
+                        province: String::new(),
                     });
                     dir.orgs.len() - 1
                 }

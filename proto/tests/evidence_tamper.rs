@@ -235,6 +235,7 @@ fn directories(
                     signing_keys: vec![key(c02.key_id(), c02.public_key())],
                     encryption_keys: vec![],
                     roles: vec!["focal_point".into()],
+                    province: String::new(),
                 },
                 pb::OrgEntry {
                     id: "spiffe://vn.accord/org/a03".into(),
@@ -242,6 +243,7 @@ fn directories(
                     signing_keys: vec![key(a03.key_id(), a03.public_key())],
                     encryption_keys: vec![key("vn-a03-enc-1", a03_enc.public_key())],
                     roles: vec!["focal_point".into()],
+                    province: String::new(),
                 },
             ],
             gateways: vec![vn.entry()],
@@ -258,6 +260,7 @@ fn directories(
                     RecipientKey::from_bytes([2; 32]).public_key(),
                 )],
                 roles: vec!["focal_point".into()],
+                province: String::new(),
             }],
             gateways: vec![kh.entry()],
         },

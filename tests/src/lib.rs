@@ -67,7 +67,11 @@ pub async fn verified_evidence(
 pub fn trusted_directories(net: &TestNet) -> anyhow::Result<Vec<accord_proto::pb::Directory>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(net.root().join("pki"))? {
-        let path = entry?.path().join("directory.json");
+        let country = entry?.path();
+        if !country.is_dir() {
+            continue;
+        }
+        let path = country.join("directory.json");
         out.push(serde_json::from_slice(&std::fs::read(path)?)?);
     }
     Ok(out)

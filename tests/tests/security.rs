@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use accord_client::org::{GatewayAddress, OrgClient, SendOptions};
+use accord_client::org::{OrgClient, SendOptions};
 use accord_proto::pb;
 use accord_tests::{alert, fetch_n, TestNet};
 
@@ -196,10 +196,5 @@ async fn an_unknown_recipient_is_refused() {
         .send(&nobody, &alert("x"), &SendOptions::new("C10"))
         .await
         .is_err());
-    let _ = GatewayAddress {
-        addr: net.gateway("vn").unwrap().client_addr,
-        id: "spiffe://vn.accord/gateway/hanoi".parse().unwrap(),
-        root: net.root().to_owned(),
-    };
     net.shutdown().await;
 }

@@ -36,6 +36,8 @@ pub enum Domain {
     Envelope,
     /// Gateway or organisation signature over a receipt body.
     Receipt,
+    /// A country's signature over its directory.
+    Directory,
     /// C2SP signed-note signature by a gateway's log key. The spec fixes the message (the
     /// note text itself), so the prefix is empty; separation comes from the log key signing
     /// nothing else and from the note key id binding the signature type (0x01).
@@ -49,6 +51,7 @@ impl Domain {
         match self {
             Domain::Envelope => b"accord/v1/envelope",
             Domain::Receipt => b"accord/v1/receipt",
+            Domain::Directory => b"accord/v1/directory",
             Domain::SignedNote => b"",
             Domain::Cosignature => b"cosignature/v1\n",
         }
@@ -203,6 +206,7 @@ mod tests {
         let all = [
             Domain::Envelope,
             Domain::Receipt,
+            Domain::Directory,
             Domain::SignedNote,
             Domain::Cosignature,
         ];

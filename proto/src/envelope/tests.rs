@@ -27,6 +27,7 @@ fn fixture() -> Fixture {
             signing_keys: vec![key("vn-c02-sig-1", sender.public_key())],
             encryption_keys: vec![],
             roles: vec![],
+            province: String::new(),
         }],
         gateways: vec![],
     };
@@ -39,6 +40,7 @@ fn fixture() -> Fixture {
             signing_keys: vec![],
             encryption_keys: vec![key("kh-ahtd-enc-1", recipient.public_key())],
             roles: vec![],
+            province: String::new(),
         }],
         gateways: vec![],
     };
