@@ -259,6 +259,7 @@ fn write_country(
             owner: gateway_id.to_string(),
             signing: key,
             encryption: None,
+            previous_encryption: vec![],
         };
         write_file(&gw_dir.join(file), kf.to_json().as_bytes(), true)?;
     }
@@ -273,6 +274,7 @@ fn write_country(
         owner: gateway_id.to_string(),
         signing: gw_key,
         encryption: None,
+        previous_encryption: vec![],
     };
     write_file(
         &gw_dir.join("keys.json"),
@@ -304,6 +306,7 @@ fn write_country(
             owner: id.to_string(),
             signing,
             encryption: Some((enc_id, enc)),
+            previous_encryption: vec![],
         };
         write_file(&org_dir.join("keys.json"), keys.to_json().as_bytes(), true)?;
     }
@@ -329,6 +332,7 @@ fn write_country(
         owner: format!("directory of {}", c.country),
         signing: directory_key,
         encryption: None,
+        previous_encryption: vec![],
     };
     write_file(
         &dir.join("directory-key.json"),

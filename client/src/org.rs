@@ -342,16 +342,13 @@ impl Opener {
                 envelope.recipient()
             )));
         }
-        let (key_id, key) = self
-            .keys
-            .encryption_key()
-            .map_err(|e| ClientError::Credentials(e.to_string()))?;
-        if key_id != envelope.header().recipient_key_id {
-            return Err(ClientError::Credentials(format!(
-                "envelope sealed to key {}, we hold {key_id}",
-                envelope.header().recipient_key_id
-            )));
-        }
+        // The key the header names: current, or kept from before a rotation.
+        let wanted = &envelope.header().recipient_key_id;
+        let key = self.keys.encryption_key_by_id(wanted).ok_or_else(|| {
+            ClientError::Credentials(format!(
+                "envelope sealed to key {wanted}, which this organisation's key file does not hold"
+            ))
+        })?;
         let body = envelope
             .open(key)
             .map_err(|e| ClientError::Verify(e.to_string()))?;

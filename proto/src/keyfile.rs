@@ -3,7 +3,13 @@
 //! ```json
 //! {"owner": "spiffe://vn.accord/org/c02",
 //!  "signing_key_id": "...", "signing_seed": "<base64 32 bytes>",
-//!  "encryption_key_id": "...", "encryption_secret": "<base64 32 bytes, orgs only>"}
+//!  "encryption_key_id": "...", "encryption_secret": "<base64 32 bytes, orgs only>",
+//!  "previous_encryption_keys": [{"key_id": "...", "secret": "<base64>"}]}
+//! ```
+//! `previous_encryption_keys` (optional) keeps rotated-out encryption keys, so envelopes
+//! sealed to them before a rotation still open. Signing keys need no such list: signatures
+//! are verified with public keys from the directory.
+//! ```text
 //! ```
 //! Parsing only: reading the file (and refusing loose permissions) is the caller's job.
 //! A signer backed by an HSM would replace this file, not the types it yields.
@@ -41,6 +47,15 @@ struct Raw {
     encryption_key_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     encryption_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    previous_encryption_keys: Vec<RawKey>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    key_id: String,
+    secret: String,
 }
 
 /// The private keys of one organisation or gateway.
@@ -49,6 +64,8 @@ pub struct KeyFile {
     pub owner: String,
     pub signing: SigningKey,
     pub encryption: Option<(String, RecipientKey)>,
+    /// Rotated-out encryption keys, still needed to open what was sealed to them.
+    pub previous_encryption: Vec<(String, RecipientKey)>,
 }
 
 fn key32(what: &'static str, b64: &str) -> Result<Zeroizing<[u8; 32]>, KeyFileError> {
@@ -76,10 +93,21 @@ impl KeyFile {
             (None, None) => None,
             _ => return Err(KeyFileError::Format("encryption key id without key".into())),
         };
+        let previous_encryption = raw
+            .previous_encryption_keys
+            .iter()
+            .map(|k| {
+                Ok((
+                    k.key_id.clone(),
+                    RecipientKey::from_bytes(*key32("previous secret", &k.secret)?),
+                ))
+            })
+            .collect::<Result<_, KeyFileError>>()?;
         Ok(Self {
             owner: raw.owner,
             signing,
             encryption,
+            previous_encryption,
         })
     }
 
@@ -93,9 +121,26 @@ impl KeyFile {
                 .encryption
                 .as_ref()
                 .map(|(_, k)| B64.encode(*k.to_secret_bytes())),
+            previous_encryption_keys: self
+                .previous_encryption
+                .iter()
+                .map(|(id, k)| RawKey {
+                    key_id: id.clone(),
+                    secret: B64.encode(*k.to_secret_bytes()),
+                })
+                .collect(),
         };
         // Serializing plain strings and optional strings cannot fail.
         Zeroizing::new(serde_json::to_string_pretty(&raw).unwrap_or_default())
+    }
+
+    /// The encryption key with this id, current or previous.
+    pub fn encryption_key_by_id(&self, key_id: &str) -> Option<&RecipientKey> {
+        self.encryption
+            .iter()
+            .chain(&self.previous_encryption)
+            .find(|(id, _)| id == key_id)
+            .map(|(_, k)| k)
     }
 
     pub fn encryption_key(&self) -> Result<(&str, &RecipientKey), KeyFileError> {
@@ -115,7 +160,8 @@ mod tests {
         let kf = KeyFile {
             owner: "spiffe://vn.accord/org/c02".into(),
             signing: SigningKey::from_seed("s1", [1; 32]).unwrap(),
-            encryption: Some(("e1".into(), RecipientKey::from_bytes([2; 32]))),
+            encryption: Some(("e2".into(), RecipientKey::from_bytes([2; 32]))),
+            previous_encryption: vec![("e1".into(), RecipientKey::from_bytes([3; 32]))],
         };
         let back = KeyFile::from_json(kf.to_json().as_bytes()).unwrap();
         assert_eq!(back.signing.public_key(), kf.signing.public_key());
@@ -123,6 +169,12 @@ mod tests {
             back.encryption_key().unwrap().1.public_key(),
             kf.encryption_key().unwrap().1.public_key()
         );
+        let old = back.encryption_key_by_id("e1").unwrap();
+        assert_eq!(
+            old.public_key(),
+            RecipientKey::from_bytes([3; 32]).public_key()
+        );
+        assert!(back.encryption_key_by_id("e9").is_none());
     }
 
     #[test]

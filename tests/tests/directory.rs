@@ -140,3 +140,144 @@ async fn a_newer_directory_reaches_the_peer_without_a_restart_and_an_older_one_i
     );
     net.shutdown().await;
 }
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotate_through_new_directories_and_envelopes_in_flight_under_the_old_keys_still_open()
+{
+    use accord_client::org::SendOptions;
+    use accord_proto::crypto::hpke::RecipientKey;
+    let mut net = net().await;
+    net.stop_gateway("kh").await.unwrap();
+    let ahtd_id = net.org_id("kh", "ahtd").unwrap();
+    let old = {
+        let mut c02 = net.client("vn", "c02").await.unwrap();
+        c02.send(
+            &ahtd_id,
+            &accord_tests::alert("sealed before the rotation"),
+            &SendOptions::new("K1"),
+        )
+        .await
+        .unwrap()
+    };
+    let rotation = now_ms();
+
+    // VN: C02 gets a new signing key; the old one is retired now (envelopes it signed
+    // before stay verifiable by its validity at signing time).
+    let c02_dir = net.org_dir("vn", "c02").unwrap();
+    let mut c02_keys = accord_gateway::server::load_key_file(&c02_dir.join("keys.json")).unwrap();
+    let s2 = SigningKey::generate("vn-c02-sig-2").unwrap();
+    let mut vn = plain(&net, "vn");
+    vn.version = 2;
+    let org = vn.orgs.iter_mut().find(|o| o.id.ends_with("/c02")).unwrap();
+    org.signing_keys[0].not_after_ms = rotation;
+    org.signing_keys.push(pb::PublicKey {
+        key_id: s2.key_id().into(),
+        public_key: s2.public_key().to_vec(),
+        not_before_ms: rotation - 1,
+        not_after_ms: rotation + 86_400_000,
+    });
+    let retired = std::mem::replace(&mut c02_keys.signing, s2);
+    accord_certs::write_file(
+        &c02_dir.join("keys.json"),
+        c02_keys.to_json().as_bytes(),
+        true,
+    )
+    .unwrap();
+
+    // KH: AHTD gets a new encryption key; the old one stays in its key file.
+    let ahtd_dir = net.org_dir("kh", "ahtd").unwrap();
+    let mut ahtd_keys = accord_gateway::server::load_key_file(&ahtd_dir.join("keys.json")).unwrap();
+    let e2 = RecipientKey::from_bytes(accord_proto::crypto::random().unwrap());
+    let mut kh = plain(&net, "kh");
+    kh.version = 2;
+    kh.orgs[0].encryption_keys.push(pb::PublicKey {
+        key_id: "kh-ahtd-enc-2".into(),
+        public_key: e2.public_key().to_vec(),
+        not_before_ms: rotation - 1,
+        not_after_ms: rotation + 86_400_000,
+    });
+    let e1 = ahtd_keys
+        .encryption
+        .replace(("kh-ahtd-enc-2".into(), e2))
+        .unwrap();
+    ahtd_keys.previous_encryption.push(e1);
+    accord_certs::write_file(
+        &ahtd_dir.join("keys.json"),
+        ahtd_keys.to_json().as_bytes(),
+        true,
+    )
+    .unwrap();
+
+    net.stop_gateway("vn").await.unwrap();
+    publish(&net, "vn", &vn, &directory_key(&net, "vn"));
+    publish(&net, "kh", &kh, &directory_key(&net, "kh"));
+    net.start_gateway("vn").await.unwrap();
+    net.start_gateway("kh").await.unwrap();
+
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let new = c02
+        .send(
+            &ahtd_id,
+            &accord_tests::alert("sealed after the rotation"),
+            &SendOptions::new("K1"),
+        )
+        .await
+        .unwrap();
+    let mut ahtd = net.client("kh", "ahtd").await.unwrap();
+    let got = accord_tests::fetch_n(&mut ahtd, 2).await.unwrap();
+    let by_id = |id| got.iter().find(|o| o.envelope.id() == id).unwrap();
+    assert_eq!(
+        by_id(old.id).envelope.header().recipient_key_id,
+        "kh-ahtd-enc-1"
+    );
+    assert_eq!(
+        by_id(old.id).envelope.header().sender_key_id,
+        "vn-c02-sig-1"
+    );
+    assert_eq!(
+        by_id(new.id).envelope.header().recipient_key_id,
+        "kh-ahtd-enc-2"
+    );
+    assert_eq!(
+        by_id(new.id).envelope.header().sender_key_id,
+        "vn-c02-sig-2"
+    );
+
+    // The retired key cannot sign anything new.
+    let (key_id, pk) = c02
+        .directories()
+        .current_encryption_key(&ahtd_id, now_ms())
+        .unwrap();
+    let header = pb::Header {
+        message_id: accord_proto::ids::MessageId::new_v7(now_ms() as u64, [4; 10])
+            .as_bytes()
+            .to_vec(),
+        kind: pb::Kind::Alert as i32,
+        case_ref: "K1".into(),
+        sender_org: c02.id.to_string(),
+        recipient_org: ahtd_id.to_string(),
+        recipient_key_id: key_id,
+        created_at_ms: now_ms(),
+        expires_at_ms: now_ms() + 60_000,
+        priority: pb::Priority::Routine as i32,
+        ..Default::default()
+    };
+    let stale =
+        accord_proto::envelope::seal(header, &accord_tests::alert("late"), &pk, &retired).unwrap();
+    let err = c02
+        .exchange()
+        .submit(pb::SubmitRequest {
+            envelope: Some(stale.to_wire()),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("UNKNOWN_SENDER"), "{err}");
+    net.shutdown().await;
+}
