@@ -25,11 +25,15 @@ use tokio::net::TcpListener;
 
 use crate::org::{GatewayAddress, OrgClient};
 
+/// The role policy gateways of a [`LocalNet`] enforce unless told otherwise.
+pub const DEFAULT_POLICY: &str = include_str!("../../deploy/policy.toml");
+
 /// Builds a [`LocalNet`].
 #[derive(Debug, Default)]
 pub struct Builder {
     countries: Vec<CountrySpec>,
     dir: Option<PathBuf>,
+    policies: BTreeMap<String, String>,
 }
 
 impl Builder {
@@ -39,6 +43,12 @@ impl Builder {
             gateway: gateway.to_owned(),
             orgs: orgs.iter().map(|o| o.to_string()).collect(),
         });
+        self
+    }
+
+    /// The role policy (TOML, as `deploy/policy.toml`) of `cc`'s gateway.
+    pub fn policy(mut self, cc: &str, toml: &str) -> Self {
+        self.policies.insert(cc.to_owned(), toml.to_owned());
         self
     }
 
@@ -78,6 +88,14 @@ impl Builder {
                     config: None,
                 },
             );
+        }
+        for spec in &self.countries {
+            let cc = spec.country.to_string();
+            let text = self
+                .policies
+                .get(&cc)
+                .map_or(DEFAULT_POLICY, String::as_str);
+            std::fs::write(root.join(format!("{cc}-policy.toml")), text)?;
         }
         let mut net = LocalNet {
             root,
@@ -140,7 +158,7 @@ impl LocalNet {
         let mut toml = format!(
             "identity = \"{id}\"\ndata_dir = \"data/{cc}\"\nclient_listen = \"{c}\"\npeer_listen = \"{p}\"\n\
              receipt_key = \"pki/{cc}/gateway/keys.json\"\nlog_key = \"pki/{cc}/gateway/log-key.json\"\n\
-             witness_key = \"pki/{cc}/gateway/witness-key.json\"\ndirectory_trust = \"pki/directory-trust.json\"\ndirectories = [{dirs}]\n\n\
+             witness_key = \"pki/{cc}/gateway/witness-key.json\"\ndirectory_trust = \"pki/directory-trust.json\"\npolicy = \"{cc}-policy.toml\"\ndirectories = [{dirs}]\n\n\
              [tls]\nroot = \"pki/{cc}/ca.pem\"\ncert = \"pki/{cc}/gateway/cert.pem\"\nkey = \"pki/{cc}/gateway/key.pem\"\n\n\
              [forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 1000\n\n[log]\ncheckpoint_interval_ms = 200\n",
             id = me.files.gateway_id,

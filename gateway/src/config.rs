@@ -16,6 +16,7 @@
 //! log_key = "vn/gateway/log-key.json"              # Ed25519 key that signs checkpoints
 //! witness_key = "vn/gateway/witness-key.json"      # Ed25519 key that cosigns peers' checkpoints
 //! directory_trust = "directory-trust.json"          # pinned directory keys of every country
+//! policy = "policy.toml"                           # role policy (deploy/policy.toml)
 //! directories = ["vn/directory.signed.json", "kh/directory.signed.json"]
 //!
 //! [[peers]]
@@ -63,6 +64,7 @@ struct Raw {
     log_key: PathBuf,
     witness_key: PathBuf,
     directory_trust: PathBuf,
+    policy: PathBuf,
     directories: Vec<PathBuf>,
     #[serde(default)]
     peers: Vec<RawPeer>,
@@ -171,6 +173,7 @@ pub struct Config {
     pub log_key: PathBuf,
     pub witness_key: PathBuf,
     pub directory_trust: PathBuf,
+    pub policy: PathBuf,
     pub directories: Vec<PathBuf>,
     pub peers: Vec<PeerConfig>,
     pub log: LogConfig,
@@ -217,6 +220,15 @@ impl Config {
         must_exist(&mut problems, "witness_key", &witness_key);
         let directory_trust = abs(&raw.directory_trust);
         must_exist(&mut problems, "directory_trust", &directory_trust);
+        let policy = abs(&raw.policy);
+        if policy.exists() {
+            // Checked at start like the rest: a bad policy stops the gateway.
+            if let Err(e) = crate::policy::Policy::load(&policy) {
+                problems.extend(e.problems.into_iter().map(|p| format!("policy: {p}")));
+            }
+        } else {
+            problems.push(format!("policy: {} does not exist", policy.display()));
+        }
         if raw.log.checkpoint_interval_ms == 0 {
             problems.push("log.checkpoint_interval_ms: must be at least 1".into());
         }
@@ -301,6 +313,7 @@ impl Config {
                     log_key,
                     witness_key,
                     directory_trust,
+                    policy,
                     directories,
                     peers,
                     log: raw.log,
@@ -345,6 +358,7 @@ receipt_key = "missing.json"
 log_key = "log.json"
 witness_key = "witness.json"
 directory_trust = "trust.json"
+policy = "policy.toml"
 directories = []
 [tls]
 root = "r.pem"

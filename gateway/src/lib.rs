@@ -8,6 +8,7 @@
 //! - [`config`]: the TOML configuration, checked at start.
 //! - [`tls`]: rustls policy (ring, TLS 1.3 only), SPIFFE identities, per-country roots.
 //! - [`listener`]: TLS accept loops that hand tonic verified identities.
+//! - [`policy`]: which role may send which kind to whom (checked at start, enforced twice).
 //! - [`pipeline`]: submit, receive from peer, ack, inbox, status; one transaction each.
 //! - [`store`]: the storage trait and its sled implementation (group commit + fdatasync).
 //! - [`forwarder`]: drains each peer's outbox with retries, backoff and jitter.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod forwarder;
 pub mod listener;
 pub mod pipeline;
+pub mod policy;
 pub mod server;
 pub mod service;
 pub mod store;

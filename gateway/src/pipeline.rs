@@ -125,6 +125,8 @@ pub struct Pipeline {
     pub directories: std::sync::RwLock<Arc<Directories>>,
     /// Pinned directory keys of every country.
     pub directory_trust: Vec<pb::DirectoryTrust>,
+    /// Which role may send which kind to whom.
+    pub policy: crate::policy::Policy,
     pub receipt_key: SigningKey,
     pub limits: Limits,
     pub quota_bytes: u64,
@@ -464,6 +466,7 @@ impl Pipeline {
                 env.sender()
             )));
         }
+        self.check_policy(&env)?;
         let cc = env.recipient().country();
         let queue = if cc == self.country() {
             Queue::Inbox(env.recipient().clone())
@@ -581,6 +584,10 @@ impl Pipeline {
             return self
                 .reject_from_peer(peer, &sealed, hash, RejectReason::NoRoute)
                 .await;
+        }
+        // Our policy applies to what arrives too, whatever the sender's side allowed.
+        if let Err(PipelineError::Refused { reason, .. }) = self.check_policy(&env) {
+            return self.reject_from_peer(peer, &sealed, hash, reason).await;
         }
         if self.store.message(&id)?.is_some() {
             return match self.repeat(&id, &hash, Stage::Received).await {
@@ -737,6 +744,36 @@ impl Pipeline {
             }
         }
         Ok(None)
+    }
+
+    /// The role policy's verdict on `env`, from both organisations' directory entries.
+    fn check_policy(&self, env: &VerifiedEnvelope) -> Result<(), PipelineError> {
+        let dirs = self.directories();
+        let refuse = |detail: String| PipelineError::Refused {
+            reason: RejectReason::Policy,
+            detail,
+        };
+        let sender = dirs
+            .org(env.sender())
+            .ok_or_else(|| refuse("the sender is not in the directory".into()))?;
+        let recipient = dirs
+            .org(env.recipient())
+            .ok_or_else(|| refuse("the recipient is not in the directory".into()))?;
+        self.policy
+            .authorize(
+                crate::policy::Party {
+                    org: env.sender(),
+                    roles: &sender.roles,
+                    province: &sender.province,
+                },
+                crate::policy::Party {
+                    org: env.recipient(),
+                    roles: &recipient.roles,
+                    province: &recipient.province,
+                },
+                env.kind(),
+            )
+            .map_err(refuse)
     }
 
     /// The organisation whose inbox `caller` may read: itself, unless it is an auditor.

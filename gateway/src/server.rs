@@ -147,6 +147,11 @@ pub async fn start(
         peer_roots.add(p.gateway.country().clone(), &p.root)?;
     }
     let directory_trust = load_directory_trust(&config.directory_trust)?;
+    let policy =
+        crate::policy::Policy::load(&config.policy).map_err(|e| StartError::Directory {
+            path: e.file.clone(),
+            problem: e.problems.join("; "),
+        })?;
     let directories = load_directories(&config.directories, &directory_trust, clock())?;
     let key = |path: &std::path::Path| {
         load_key_file(path).map_err(|problem| StartError::Key {
@@ -188,6 +193,7 @@ pub async fn start(
         store: Arc::new(store),
         directories: std::sync::RwLock::new(Arc::new(directories)),
         directory_trust,
+        policy,
         receipt_key: keys.signing,
         limits: Limits {
             max_ciphertext: config.limits.max_ciphertext_bytes,

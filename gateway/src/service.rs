@@ -25,7 +25,9 @@ impl From<PipelineError> for Status {
             PipelineError::Refused { reason, detail } => {
                 let code = match reason {
                     RejectReason::TooLarge => tonic::Code::ResourceExhausted,
-                    RejectReason::SenderMismatch => tonic::Code::PermissionDenied,
+                    RejectReason::SenderMismatch | RejectReason::Policy => {
+                        tonic::Code::PermissionDenied
+                    }
                     RejectReason::NoRoute => tonic::Code::FailedPrecondition,
                     RejectReason::Conflict => tonic::Code::AlreadyExists,
                     _ => tonic::Code::InvalidArgument,

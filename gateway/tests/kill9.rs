@@ -46,7 +46,7 @@ fn write_config(root: &Path, me: &Country, other: &Country) -> PathBuf {
         "identity = \"{}\"\ndata_dir = \"data/{cc}\"\nclient_listen = \"{}\"\npeer_listen = \"{}\"\n\
          receipt_key = \"pki/{cc}/gateway/keys.json\"\n\
          log_key = \"pki/{cc}/gateway/log-key.json\"\nwitness_key = \"pki/{cc}/gateway/witness-key.json\"\n\
-         directory_trust = \"pki/directory-trust.json\"\n\
+         directory_trust = \"pki/directory-trust.json\"\npolicy = \"policy.toml\"\n\
          directories = [\"pki/vn/directory.signed.json\", \"pki/kh/directory.signed.json\"]\n\
          [tls]\nroot = \"pki/{cc}/ca.pem\"\ncert = \"pki/{cc}/gateway/cert.pem\"\nkey = \"pki/{cc}/gateway/key.pem\"\n\
          [forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 500\n\
@@ -129,6 +129,11 @@ async fn nothing_acknowledged_is_lost_when_the_gateway_is_killed_with_sigkill() 
         client: free_addr(),
         peer: free_addr(),
     };
+    std::fs::write(
+        root.join("policy.toml"),
+        include_str!("../../deploy/policy.toml"),
+    )
+    .unwrap();
     let vn_cfg = write_config(root, &vn, &kh);
     let kh_cfg = write_config(root, &kh, &vn);
 

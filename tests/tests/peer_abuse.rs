@@ -11,8 +11,16 @@ use accord_proto::pb::{self, peer_link_client::PeerLinkClient, Stage};
 use accord_tests::{alert, TestNet};
 use prost::Message as _;
 
+/// The default policy plus domestic exchange between VN focal points, for a VN-internal
+/// message the peer has no business with.
+const WITH_DOMESTIC: &str = concat!(
+    include_str!("../../deploy/policy.toml"),
+    "\n[[allow]]\nfrom = \"focal_point\"\nto = [\"focal_point\"]\nkinds = [\"*\"]\nscope = \"domestic\"\n"
+);
+
 async fn net() -> TestNet {
     TestNet::builder()
+        .policy("vn", WITH_DOMESTIC)
         .country("vn", "hanoi", &["c02", "tayninh-police"])
         .country("kh", "phnom-penh", &["ahtd"])
         .start()
