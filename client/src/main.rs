@@ -20,7 +20,7 @@ struct Cli {
 /// Who we are and which gateway we talk to.
 #[derive(Args)]
 struct Session {
-    /// Organisation folder with cert.pem, key.pem and keys.json (as `accord certs dev` writes).
+    /// Organisation folder with cert.pem, key.pem and keys.json (as `accord certs` writes).
     #[arg(long)]
     org: PathBuf,
     /// The gateway's client address, host:port.

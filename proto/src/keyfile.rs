@@ -6,11 +6,11 @@
 //!  "encryption_key_id": "...", "encryption_secret": "<base64 32 bytes, orgs only>",
 //!  "previous_encryption_keys": [{"key_id": "...", "secret": "<base64>"}]}
 //! ```
+//!
 //! `previous_encryption_keys` (optional) keeps rotated-out encryption keys, so envelopes
 //! sealed to them before a rotation still open. Signing keys need no such list: signatures
 //! are verified with public keys from the directory.
-//! ```text
-//! ```
+//!
 //! Parsing only: reading the file (and refusing loose permissions) is the caller's job.
 //! A signer backed by an HSM would replace this file, not the types it yields.
 
@@ -58,6 +58,21 @@ struct RawKey {
     secret: String,
 }
 
+// The base64 forms of secrets are wiped like the secrets themselves.
+impl Drop for Raw {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.signing_seed.zeroize();
+        self.encryption_secret.zeroize();
+    }
+}
+
+impl Drop for RawKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.secret);
+    }
+}
+
 /// The private keys of one organisation or gateway.
 #[derive(Debug)]
 pub struct KeyFile {
@@ -80,15 +95,23 @@ fn key32(what: &'static str, b64: &str) -> Result<Zeroizing<[u8; 32]>, KeyFileEr
 
 impl KeyFile {
     pub fn from_json(bytes: &[u8]) -> Result<Self, KeyFileError> {
-        let raw: Raw =
-            serde_json::from_slice(bytes).map_err(|e| KeyFileError::Format(e.to_string()))?;
+        // serde's messages can quote the offending value, which may be key material: report
+        // only where and what kind of problem it is.
+        let raw: Raw = serde_json::from_slice(bytes).map_err(|e| {
+            KeyFileError::Format(format!(
+                "{:?} error at line {} column {}",
+                e.classify(),
+                e.line(),
+                e.column()
+            ))
+        })?;
         let seed = key32("signing_seed", &raw.signing_seed)?;
-        let signing = SigningKey::from_seed(raw.signing_key_id, *seed)
+        let signing = SigningKey::from_seed(raw.signing_key_id.clone(), *seed)
             .map_err(|_| KeyFileError::Key("signing_seed"))?;
-        let encryption = match (raw.encryption_key_id, raw.encryption_secret) {
+        let encryption = match (&raw.encryption_key_id, &raw.encryption_secret) {
             (Some(id), Some(secret)) => Some((
-                id,
-                RecipientKey::from_bytes(*key32("encryption_secret", &secret)?),
+                id.clone(),
+                RecipientKey::from_bytes(*key32("encryption_secret", secret)?),
             )),
             (None, None) => None,
             _ => return Err(KeyFileError::Format("encryption key id without key".into())),
@@ -104,7 +127,7 @@ impl KeyFile {
             })
             .collect::<Result<_, KeyFileError>>()?;
         Ok(Self {
-            owner: raw.owner,
+            owner: raw.owner.clone(),
             signing,
             encryption,
             previous_encryption,
@@ -175,6 +198,14 @@ mod tests {
             RecipientKey::from_bytes([3; 32]).public_key()
         );
         assert!(back.encryption_key_by_id("e9").is_none());
+    }
+
+    #[test]
+    fn a_malformed_key_file_error_never_quotes_its_contents() {
+        let bad = br#"{"owner":"x","signing_key_id":"s","signing_seed":"AAAA","previous_encryption_keys":"SECRET-MATERIAL-XYZ"}"#;
+        let err = KeyFile::from_json(bad).unwrap_err().to_string();
+        assert!(!err.contains("SECRET"), "{err}");
+        assert!(err.contains("line 1"), "{err}");
     }
 
     #[test]
