@@ -8,6 +8,7 @@
 //! ```text
 //! <root>/<cc>/ca.pem                     country root certificate (trust anchor)
 //! <root>/<cc>/ca.key                     root private key (PKCS#8 PEM)
+//! <root>/<cc>/crl.pem                    the root's CRL, empty at first (see [`revoke`])
 //! <root>/directory-trust.json            every country's directory key (what to pin)
 //! <root>/<cc>/directory.json             the country's directory (accord.v1.Directory, JSON)
 //! <root>/<cc>/directory.signed.json      the same, signed (accord.v1.SignedDirectory, JSON)
@@ -30,8 +31,9 @@ use accord_proto::ids::{CountryCode, Role, SpiffeId};
 use accord_proto::keyfile::KeyFile;
 use accord_proto::{note, pb};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
 
 /// Why the dev PKI could not be made or written.
@@ -50,6 +52,9 @@ pub enum CertsError {
     /// An id is not a valid SPIFFE id.
     #[error("identity: {0}")]
     Id(#[from] accord_proto::ids::IdError),
+    /// A certificate could not be parsed.
+    #[error("certificate: {0}")]
+    Parse(String),
     /// Writing a file failed.
     #[error("writing {path}: {source}")]
     Io {
@@ -65,6 +70,46 @@ fn validity(params: &mut CertificateParams) {
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);
     params.not_after = now + time::Duration::days(VALIDITY_DAYS);
+}
+
+/// A CRL signed by the CA of `ca_cert_pem`/`ca_key_pem` revoking `serials` (as returned by
+/// [`serial_of`]) as of `now`, valid for a year; PEM. With no serials it is an empty CRL.
+pub fn revoke(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    serials: &[Vec<u8>],
+    now: time::OffsetDateTime,
+) -> Result<String, CertsError> {
+    let key = KeyPair::from_pem(ca_key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, key)?;
+    let params = CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + time::Duration::days(VALIDITY_DAYS),
+        // Increases with time, so a newer CRL has a larger number.
+        crl_number: SerialNumber::from(now.unix_timestamp().max(0) as u64),
+        issuing_distribution_point: None,
+        revoked_certs: serials
+            .iter()
+            .map(|s| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(s),
+                revocation_time: now,
+                reason_code: Some(RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    Ok(params.signed_by(&issuer)?.pem()?)
+}
+
+/// The serial number of a PEM certificate, big-endian bytes as in the certificate.
+pub fn serial_of(cert_pem: &str) -> Result<Vec<u8>, CertsError> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .map_err(|e| CertsError::Parse(e.to_string()))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| CertsError::Parse(e.to_string()))?;
+    Ok(cert.raw_serial().to_vec())
 }
 
 /// A country's root certificate authority.
@@ -174,6 +219,9 @@ impl CountryFiles {
     pub fn ca(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }
+    pub fn crl(&self) -> PathBuf {
+        self.dir.join("crl.pem")
+    }
     pub fn directory(&self) -> PathBuf {
         self.dir.join("directory.json")
     }
@@ -243,6 +291,13 @@ fn write_country(
     let ca = CountryCa::new(&c.country)?;
     write_file(&dir.join("ca.pem"), ca.cert_pem().as_bytes(), false)?;
     write_file(&dir.join("ca.key"), ca.key_pem().as_bytes(), true)?;
+    let crl = revoke(
+        &ca.cert_pem(),
+        &ca.key_pem(),
+        &[],
+        time::OffsetDateTime::now_utc() - time::Duration::minutes(5),
+    )?;
+    write_file(&dir.join("crl.pem"), crl.as_bytes(), false)?;
 
     let gateway_id = SpiffeId::new(c.country.clone(), Role::Gateway, &c.gateway)?;
     let gw_dir = dir.join("gateway");
@@ -385,6 +440,7 @@ mod tests {
         let vn = &files[0];
         for p in [
             vn.ca(),
+            vn.crl(),
             vn.directory(),
             vn.gateway_dir().join("cert.pem"),
             vn.gateway_dir().join("keys.json"),

@@ -159,7 +159,7 @@ impl LocalNet {
             "identity = \"{id}\"\ndata_dir = \"data/{cc}\"\nclient_listen = \"{c}\"\npeer_listen = \"{p}\"\n\
              receipt_key = \"pki/{cc}/gateway/keys.json\"\nlog_key = \"pki/{cc}/gateway/log-key.json\"\n\
              witness_key = \"pki/{cc}/gateway/witness-key.json\"\ndirectory_trust = \"pki/directory-trust.json\"\npolicy = \"{cc}-policy.toml\"\ndirectories = [{dirs}]\n\n\
-             [tls]\nroot = \"pki/{cc}/ca.pem\"\ncert = \"pki/{cc}/gateway/cert.pem\"\nkey = \"pki/{cc}/gateway/key.pem\"\n\n\
+             [tls]\nroot = \"pki/{cc}/ca.pem\"\ncert = \"pki/{cc}/gateway/cert.pem\"\nkey = \"pki/{cc}/gateway/key.pem\"\ncrls = [\"pki/{cc}/crl.pem\"]\n\n\
              [forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 1000\n\n[log]\ncheckpoint_interval_ms = 200\n",
             id = me.files.gateway_id,
             c = me.addrs.0,
@@ -169,7 +169,7 @@ impl LocalNet {
         for (other, c) in &self.countries {
             if other != cc {
                 toml.push_str(&format!(
-                    "\n[[peers]]\ngateway = \"{}\"\naddress = \"{}\"\nroot = \"pki/{other}/ca.pem\"\n",
+                    "\n[[peers]]\ngateway = \"{}\"\naddress = \"{}\"\nroot = \"pki/{other}/ca.pem\"\ncrls = [\"pki/{other}/crl.pem\"]\n",
                     c.files.gateway_id, c.addrs.1
                 ));
             }

@@ -11,6 +11,9 @@
 //! root = "vn/ca.pem"                               # this country's root CA
 //! cert = "vn/gateway/cert.pem"
 //! key = "vn/gateway/key.pem"
+//! crls = ["vn/crl.pem"]                            # optional: CRLs of this country's root, for
+//!                                                  # the client listener; PEM, reloaded when
+//!                                                  # changed (polled every second)
 //!
 //! receipt_key = "vn/gateway/keys.json"             # Ed25519 key that signs receipts
 //! log_key = "vn/gateway/log-key.json"              # Ed25519 key that signs checkpoints
@@ -23,6 +26,7 @@
 //! gateway = "spiffe://kh.accord/gateway/phnom-penh"
 //! address = "127.0.0.1:8444"
 //! root = "kh/ca.pem"
+//! crls = ["kh/crl.pem"]                            # optional: CRLs of that peer's root
 //!
 //! [limits]                                         # all optional
 //! max_ciphertext_bytes = 4194304
@@ -82,6 +86,8 @@ struct RawTls {
     root: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    #[serde(default)]
+    crls: Vec<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,6 +96,8 @@ struct RawPeer {
     gateway: String,
     address: String,
     root: PathBuf,
+    #[serde(default)]
+    crls: Vec<PathBuf>,
 }
 
 /// Size and space limits.
@@ -157,6 +165,8 @@ pub struct PeerConfig {
     pub gateway: SpiffeId,
     pub address: SocketAddr,
     pub root: PathBuf,
+    /// CRLs of the peer's root (checked on both peer listener and dialer).
+    pub crls: Vec<PathBuf>,
 }
 
 /// A checked configuration with absolute paths.
@@ -169,6 +179,8 @@ pub struct Config {
     pub tls_root: PathBuf,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
+    /// CRLs of this country's root, for the client listener.
+    pub tls_crls: Vec<PathBuf>,
     pub receipt_key: PathBuf,
     pub log_key: PathBuf,
     pub witness_key: PathBuf,
@@ -213,6 +225,10 @@ impl Config {
         must_exist(&mut problems, "tls.root", &tls_root);
         must_exist(&mut problems, "tls.cert", &tls_cert);
         must_exist(&mut problems, "tls.key", &tls_key);
+        let tls_crls: Vec<_> = raw.tls.crls.iter().map(|p| abs(p)).collect();
+        for (i, c) in tls_crls.iter().enumerate() {
+            must_exist(&mut problems, &format!("tls.crls[{i}]"), c);
+        }
         must_exist(&mut problems, "receipt_key", &receipt_key);
         let log_key = abs(&raw.log_key);
         let witness_key = abs(&raw.witness_key);
@@ -240,6 +256,10 @@ impl Config {
         for (i, p) in raw.peers.iter().enumerate() {
             let root = abs(&p.root);
             must_exist(&mut problems, &format!("peers[{i}].root"), &root);
+            let crls: Vec<_> = p.crls.iter().map(|c| abs(c)).collect();
+            for (j, c) in crls.iter().enumerate() {
+                must_exist(&mut problems, &format!("peers[{i}].crls[{j}]"), c);
+            }
             let gateway = p.gateway.parse::<SpiffeId>();
             let address = p.address.parse::<SocketAddr>();
             match (&gateway, &address) {
@@ -247,6 +267,7 @@ impl Config {
                     gateway: g.clone(),
                     address: *a,
                     root,
+                    crls,
                 }),
                 _ => {
                     if !matches!(&gateway, Ok(g) if g.role() == Role::Gateway) {
@@ -309,6 +330,7 @@ impl Config {
                     tls_root,
                     tls_cert,
                     tls_key,
+                    tls_crls,
                     receipt_key,
                     log_key,
                     witness_key,
@@ -364,10 +386,12 @@ directories = []
 root = "r.pem"
 cert = "c.pem"
 key = "k.pem"
+crls = ["crl.pem"]
 [[peers]]
 gateway = "spiffe://kh.accord/gateway/pp"
 address = "bad"
 root = "kh.pem"
+crls = ["kh-crl.pem"]
 "#;
         let err = Config::parse(text, Path::new("/nonexistent/gw.toml")).unwrap_err();
         let s = err.to_string();
@@ -378,6 +402,8 @@ root = "kh.pem"
             "receipt_key",
             "peers[0].address",
             "peers[0].root",
+            "tls.crls[0]",
+            "peers[0].crls[0]",
         ] {
             assert!(s.contains(key), "{key} missing from: {s}");
         }

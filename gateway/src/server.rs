@@ -142,9 +142,11 @@ pub async fn start(
     let country = config.identity.country().clone();
     let mut own_roots = CountryRoots::default();
     own_roots.add(country.clone(), &config.tls_root)?;
+    own_roots.add_crls(country.clone(), &config.tls_crls)?;
     let mut peer_roots = CountryRoots::default();
     for p in &config.peers {
         peer_roots.add(p.gateway.country().clone(), &p.root)?;
+        peer_roots.add_crls(p.gateway.country().clone(), &p.crls)?;
     }
     let directory_trust = load_directory_trust(&config.directory_trust)?;
     let policy =
@@ -174,9 +176,9 @@ pub async fn start(
     };
     let mut peer_clients = std::collections::HashMap::new();
     for peer in &config.peers {
-        let mut roots = CountryRoots::default();
-        roots.add(peer.gateway.country().clone(), &peer.root)?;
-        let tls_config = tls::client_config(&creds, roots, peer.gateway.clone())?;
+        // The shared peer roots (with their CRLs): the verifier checks the chain against the
+        // root of the country the certificate names, then demands exactly `peer.gateway`.
+        let tls_config = tls::client_config(&creds, peer_roots.clone(), peer.gateway.clone())?;
         let channel = tls::channel(peer.address, tls_config);
         let client = PeerLinkClient::new(channel).max_decoding_message_size(64 << 20);
         peer_clients.insert(peer.gateway.country().clone(), client);
@@ -218,7 +220,7 @@ pub async fn start(
     // certificates are required to carry the EKU of their use (no EKU is no use).
     let client_tls = tls::server_config(
         &creds,
-        own_roots,
+        own_roots.clone(),
         Admission::Any {
             role: Role::Org,
             countries: vec![country.clone()],
@@ -293,6 +295,12 @@ pub async fn start(
         }
     });
 
+    tasks.spawn(reload_crls(
+        vec![own_roots, peer_roots],
+        CRL_POLL,
+        shutdown.subscribe(),
+    ));
+
     for peer in &config.peers {
         let client = pipeline
             .peer_clients
@@ -330,6 +338,65 @@ pub async fn start(
         shutdown,
         tasks,
     })
+}
+
+/// How often CRL files are checked for changes.
+const CRL_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A file's identity for change detection: modification time and length.
+fn stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Polls every CRL file of `roots` each `every` and reloads the CRLs of a country when one of
+/// its files changed. New handshakes use the new CRLs; open connections are left alone. A
+/// file that fails to read, parse or verify is logged and the previous CRLs stay in force.
+async fn reload_crls(
+    roots: Vec<CountryRoots>,
+    every: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut seen = std::collections::HashMap::new();
+    for r in &roots {
+        for (_, path) in r.crl_files() {
+            seen.insert(path.clone(), stamp(path));
+        }
+    }
+    if seen.is_empty() {
+        return;
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = wait_for(shutdown.clone()) => return,
+        }
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        for r in &roots {
+            let mut changed = std::collections::BTreeSet::new();
+            for (country, path) in r.crl_files() {
+                let now = stamp(path);
+                if seen.get(path) != Some(&now) {
+                    seen.insert(path.clone(), now);
+                    changed.insert(country.clone());
+                }
+            }
+            for country in changed {
+                match r.reload_crls(&country) {
+                    Ok(()) => tracing::info!(%country, "CRLs reloaded"),
+                    Err(e) => tracing::error!(
+                        %country,
+                        error = %e,
+                        "CRL reload refused; the previous CRLs stay in force"
+                    ),
+                }
+            }
+        }
+    }
 }
 
 async fn wait_for(mut rx: watch::Receiver<bool>) {

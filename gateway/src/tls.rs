@@ -5,10 +5,18 @@
 //! never vouch for a Vietnamese identity. The same check runs on both sides: the listeners
 //! verify clients and peer gateways ([`SpiffeClientVerifier`]), a dialer verifies the
 //! gateway it expects ([`SpiffeServerVerifier`]).
+//!
+//! Revocation: each country's root may come with CRLs ([`CountryRoots::add_crls`]), PEM
+//! files signed by that root (one signed by anything else is refused at load). Every chain
+//! is checked against the CRLs of its country; a revoked certificate fails the handshake
+//! with `CertificateError::Revoked`. The CRLs sit behind a lock shared by every clone of a
+//! [`CountryRoots`], so [`CountryRoots::reload_crls`] changes what new handshakes see
+//! without a restart (the gateway polls the files, see `server.rs`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use accord_proto::ids::{CountryCode, Role, SpiffeId};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -31,6 +39,9 @@ pub enum TlsError {
     /// A certificate has no single Accord SPIFFE URI SAN.
     #[error("certificate carries no valid Accord SPIFFE id: {0}")]
     NoIdentity(String),
+    /// A CRL file is unreadable, malformed, or not signed by its country's root.
+    #[error("CRL {path}: {problem}")]
+    Crl { path: String, problem: String },
 }
 
 /// id-kp-clientAuth (RFC 5280 §4.2.1.12), DER-encoded OID contents.
@@ -48,7 +59,7 @@ pub fn install_default_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-pub fn load_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let err = |problem: String| TlsError::Pem {
         path: path.display().to_string(),
         problem,
@@ -63,7 +74,7 @@ pub fn load_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>
     Ok(certs)
 }
 
-pub fn load_key(path: &std::path::Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem {
         path: path.display().to_string(),
         problem: e.to_string(),
@@ -92,14 +103,24 @@ pub fn spiffe_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
     }
 }
 
-/// Trust anchors per country: which root may vouch for which country's identities.
+/// Trust anchors per country: which root may vouch for which country's identities, and the
+/// CRLs each root has published.
+///
+/// Clones share the CRLs: a reload through one is seen by every verifier built from any.
 #[derive(Clone, Debug, Default)]
 pub struct CountryRoots {
     roots: BTreeMap<CountryCode, Vec<rustls_pki_types::TrustAnchor<'static>>>,
+    /// The root certificates themselves, to check CRL signatures against.
+    root_certs: BTreeMap<CountryCode, Vec<CertificateDer<'static>>>,
+    /// The CRL files of each country, as configured (reloaded from these paths).
+    crl_files: BTreeMap<CountryCode, Vec<PathBuf>>,
+    crls: Arc<RwLock<CrlTable>>,
 }
 
+type CrlTable = BTreeMap<CountryCode, Vec<webpki::CertRevocationList<'static>>>;
+
 impl CountryRoots {
-    pub fn add(&mut self, country: CountryCode, path: &std::path::Path) -> Result<(), TlsError> {
+    pub fn add(&mut self, country: CountryCode, path: &Path) -> Result<(), TlsError> {
         for cert in load_certs(path)? {
             let anchor = webpki::anchor_from_trusted_cert(&cert)
                 .map_err(|e| TlsError::Pem {
@@ -108,11 +129,105 @@ impl CountryRoots {
                 })?
                 .to_owned();
             self.roots.entry(country.clone()).or_default().push(anchor);
+            self.root_certs
+                .entry(country.clone())
+                .or_default()
+                .push(cert);
         }
         Ok(())
     }
 
-    /// Verifies `end_entity`'s chain to the root of the country its SPIFFE id names.
+    /// Adds CRL files for `country` (whose root must already be added) and loads them: a
+    /// file that is unreadable, malformed or not signed by that root is refused.
+    pub fn add_crls(&mut self, country: CountryCode, paths: &[PathBuf]) -> Result<(), TlsError> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let previous = self.crl_files.get(&country).cloned();
+        self.crl_files
+            .entry(country.clone())
+            .or_default()
+            .extend(paths.iter().cloned());
+        let result = self.reload_crls(&country);
+        if result.is_err() {
+            match previous {
+                Some(p) => self.crl_files.insert(country, p),
+                None => self.crl_files.remove(&country),
+            };
+        }
+        result
+    }
+
+    /// Every configured CRL file, with its country.
+    pub fn crl_files(&self) -> impl Iterator<Item = (&CountryCode, &PathBuf)> {
+        self.crl_files
+            .iter()
+            .flat_map(|(c, paths)| paths.iter().map(move |p| (c, p)))
+    }
+
+    /// Reads all CRL files of `country` again and puts them in force at once, for new
+    /// handshakes. On any error nothing changes: the previous CRLs stay in force.
+    pub fn reload_crls(&self, country: &CountryCode) -> Result<(), TlsError> {
+        let mut loaded = Vec::new();
+        for path in self.crl_files.get(country).into_iter().flatten() {
+            loaded.extend(self.load_crl_file(country, path)?);
+        }
+        let mut table = self.crls.write().unwrap_or_else(|e| e.into_inner());
+        table.insert(country.clone(), loaded);
+        Ok(())
+    }
+
+    fn load_crl_file(
+        &self,
+        country: &CountryCode,
+        path: &Path,
+    ) -> Result<Vec<webpki::CertRevocationList<'static>>, TlsError> {
+        let err = |problem: String| TlsError::Crl {
+            path: path.display().to_string(),
+            problem,
+        };
+        let ders = rustls_pki_types::CertificateRevocationListDer::pem_file_iter(path)
+            .map_err(|e| err(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| err(e.to_string()))?;
+        if ders.is_empty() {
+            return Err(err("no X509 CRL in file".into()));
+        }
+        let roots = self
+            .root_certs
+            .get(country)
+            .ok_or_else(|| err(format!("no root for {country}")))?;
+        let mut crls = Vec::new();
+        for der in ders {
+            let (_, parsed) = x509_parser::parse_x509_crl(der.as_ref())
+                .map_err(|e| err(format!("unparseable CRL: {e}")))?;
+            let signed_by_root = roots.iter().any(|root| {
+                x509_parser::parse_x509_certificate(root.as_ref()).is_ok_and(|(_, root)| {
+                    root.subject() == parsed.issuer()
+                        && parsed.verify_signature(root.public_key()).is_ok()
+                })
+            });
+            if !signed_by_root {
+                return Err(err(format!("not signed by the root of {country}")));
+            }
+            if let Some(next) = parsed.next_update() {
+                if next.timestamp() < UnixTime::now().as_secs() as i64 {
+                    tracing::warn!(
+                        path = %path.display(),
+                        next_update = %next,
+                        "CRL is past its next update; still applied, publish a fresh one"
+                    );
+                }
+            }
+            let owned = webpki::OwnedCertRevocationList::from_der(der.as_ref())
+                .map_err(|e| err(format!("refused by webpki: {e}")))?;
+            crls.push(webpki::CertRevocationList::from(owned));
+        }
+        Ok(crls)
+    }
+
+    /// Verifies `end_entity`'s chain to the root of the country its SPIFFE id names, and
+    /// checks every certificate of the chain against that country's CRLs.
     fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -135,8 +250,30 @@ impl CountryRoots {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|_| {
             rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
         })?;
-        cert.verify_for_usage(algs.all, anchors, intermediates, now, usage, None, None)
-            .map_err(webpki_error)?;
+        let table = self.crls.read().unwrap_or_else(|e| e.into_inner());
+        let crls: Vec<&webpki::CertRevocationList<'_>> =
+            table.get(id.country()).into_iter().flatten().collect();
+        // Whole chain; a certificate whose issuer published no CRL is not refused for that
+        // (Allow). Expiry of a CRL (next_update) is ignored: the files are distributed by the
+        // operator, not fetched, so a stale CRL still holds every revocation known when it
+        // was signed, and enforcing next_update would turn a late re-publication into an
+        // outage for every organisation of the country. Loading a stale CRL logs a warning.
+        let revocation = webpki::RevocationOptionsBuilder::new(&crls).ok().map(|b| {
+            b.with_depth(webpki::RevocationCheckDepth::Chain)
+                .with_status_policy(webpki::UnknownStatusPolicy::Allow)
+                .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
+                .build()
+        });
+        cert.verify_for_usage(
+            algs.all,
+            anchors,
+            intermediates,
+            now,
+            usage,
+            revocation,
+            None,
+        )
+        .map_err(webpki_error)?;
         Ok(id)
     }
 }
@@ -404,5 +541,87 @@ mod tests {
         assert!(admission.admits(&"spiffe://vn.accord/org/c02".parse().unwrap()));
         assert!(!admission.admits(&"spiffe://vn.accord/gateway/hanoi".parse().unwrap()));
         assert!(!admission.admits(&"spiffe://kh.accord/org/ahtd".parse().unwrap()));
+    }
+
+    fn dev_pki() -> (tempfile::TempDir, std::path::PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = ["vn", "kh"].map(|cc| accord_certs::CountrySpec {
+            country: cc.parse().unwrap(),
+            gateway: "gw".into(),
+            orgs: vec!["org".into()],
+        });
+        accord_certs::DevPki::write(tmp.path(), &spec, 1_750_000_000_000).unwrap();
+        let root = tmp.path().to_owned();
+        (tmp, root)
+    }
+
+    #[test]
+    fn a_crl_signed_by_another_root_is_refused_at_load() {
+        let (_tmp, pki) = dev_pki();
+        let vn: CountryCode = "vn".parse().unwrap();
+        let mut roots = CountryRoots::default();
+        roots.add(vn.clone(), &pki.join("vn/ca.pem")).unwrap();
+        let err = roots
+            .add_crls(vn.clone(), &[pki.join("kh/crl.pem")])
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("not signed by the root of vn"),
+            "{err}"
+        );
+        // Its own root's CRL is taken.
+        roots.add_crls(vn, &[pki.join("vn/crl.pem")]).unwrap();
+    }
+
+    #[test]
+    fn a_revoked_certificate_fails_verification_as_revoked_after_a_reload() {
+        let (_tmp, pki) = dev_pki();
+        let vn: CountryCode = "vn".parse().unwrap();
+        let mut roots = CountryRoots::default();
+        roots.add(vn.clone(), &pki.join("vn/ca.pem")).unwrap();
+        roots
+            .add_crls(vn.clone(), &[pki.join("vn/crl.pem")])
+            .unwrap();
+        let verifier_roots = roots.clone();
+        let cert = load_certs(&pki.join("vn/orgs/org/cert.pem")).unwrap();
+        let algs = provider().signature_verification_algorithms;
+        let verify = || {
+            verifier_roots.verify(
+                &cert[0],
+                &[],
+                UnixTime::now(),
+                webpki::KeyUsage::required(EKU_CLIENT_AUTH),
+                &algs,
+            )
+        };
+        verify().unwrap();
+
+        let read = |p: &str| std::fs::read_to_string(pki.join(p)).unwrap();
+        let serial = accord_certs::serial_of(&read("vn/orgs/org/cert.pem")).unwrap();
+        let now = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
+        let bad = accord_certs::revoke(
+            &read("kh/ca.pem"),
+            &read("kh/ca.key"),
+            std::slice::from_ref(&serial),
+            now,
+        )
+        .unwrap();
+        std::fs::write(pki.join("vn/crl.pem"), bad).unwrap();
+        assert!(roots.reload_crls(&vn).is_err());
+        verify().unwrap(); // the previous CRL stays in force
+
+        let crl =
+            accord_certs::revoke(&read("vn/ca.pem"), &read("vn/ca.key"), &[serial], now).unwrap();
+        std::fs::write(pki.join("vn/crl.pem"), crl).unwrap();
+        roots.reload_crls(&vn).unwrap();
+        assert!(
+            matches!(
+                verify(),
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Revoked
+                ))
+            ),
+            "{:?}",
+            verify()
+        );
     }
 }
