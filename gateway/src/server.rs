@@ -82,8 +82,8 @@ pub fn load_directories(
     })
 }
 
-/// Reads a private key file, refusing one that others may read.
-pub fn load_key_file(path: &std::path::Path) -> Result<KeyFile, String> {
+/// Refuses a private key file that anyone but its owner may read or write.
+pub fn check_owner_only(path: &std::path::Path) -> Result<(), String> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -98,6 +98,12 @@ pub fn load_key_file(path: &std::path::Path) -> Result<KeyFile, String> {
             ));
         }
     }
+    Ok(())
+}
+
+/// Reads a private key file, refusing one that others may read.
+pub fn load_key_file(path: &std::path::Path) -> Result<KeyFile, String> {
+    check_owner_only(path)?;
     let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| e.to_string())?);
     KeyFile::from_json(&bytes).map_err(|e| e.to_string())
 }

@@ -439,7 +439,12 @@ pub struct Credentials {
 }
 
 impl Credentials {
+    /// Loads a chain and its key; the key file must be owner-only, like every private key.
     pub fn load(cert: &std::path::Path, key: &std::path::Path) -> Result<Self, TlsError> {
+        crate::server::check_owner_only(key).map_err(|problem| TlsError::Pem {
+            path: key.display().to_string(),
+            problem,
+        })?;
         let chain = load_certs(cert)?;
         let id = spiffe_id(&chain[0])?;
         Ok(Self {
@@ -516,6 +521,18 @@ pub fn channel(addr: SocketAddr, config: rustls::ClientConfig) -> tonic::transpo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tls_key_readable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_tmp, root) = dev_pki();
+        let org = root.join("vn/orgs/org");
+        assert!(Credentials::load(&org.join("cert.pem"), &org.join("key.pem")).is_ok());
+        std::fs::set_permissions(org.join("key.pem"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        let err = Credentials::load(&org.join("cert.pem"), &org.join("key.pem")).unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
 
     #[test]
     fn the_peer_listener_admits_exactly_the_configured_gateways() {
