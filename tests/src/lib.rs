@@ -76,3 +76,38 @@ pub fn trusted_directories(net: &TestNet) -> anyhow::Result<Vec<accord_proto::pb
     }
     Ok(out)
 }
+
+/// `to`'s peer link, dialled with the real gateway credentials of `from`: for tests that act
+/// as a (misbehaving) peer gateway.
+pub fn peer_link_as(
+    net: &TestNet,
+    from: &str,
+    to: &str,
+) -> anyhow::Result<accord_proto::pb::peer_link_client::PeerLinkClient<tonic::transport::Channel>> {
+    use accord_gateway::tls::{self, CountryRoots, Credentials};
+    let pki = net.root().join("pki");
+    let creds = Credentials::load(
+        &pki.join(format!("{from}/gateway/cert.pem")),
+        &pki.join(format!("{from}/gateway/key.pem")),
+    )?;
+    let mut roots = CountryRoots::default();
+    roots.add(to.parse()?, &pki.join(format!("{to}/ca.pem")))?;
+    let gw = net.gateway_address(to)?;
+    let config = tls::client_config(&creds, roots, gw.id)?;
+    let channel = tls::channel(net.gateway(to)?.peer_addr, config);
+    Ok(accord_proto::pb::peer_link_client::PeerLinkClient::new(
+        channel,
+    ))
+}
+
+/// Proof hashes as the audit service sends them, as the verifier takes them.
+pub fn hashes(proof: &[Vec<u8>]) -> anyhow::Result<Vec<accord_proto::merkle::Hash>> {
+    proof
+        .iter()
+        .map(|p| {
+            p.as_slice()
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("a proof hash is not 32 bytes"))
+        })
+        .collect()
+}

@@ -6,8 +6,7 @@
 use std::time::Duration;
 
 use accord_client::org::{furthest_stage, SendOptions};
-use accord_gateway::tls::{self, CountryRoots, Credentials};
-use accord_proto::pb::{self, peer_link_client::PeerLinkClient, Stage};
+use accord_proto::pb::{self, Stage};
 use accord_tests::{alert, TestNet};
 use prost::Message as _;
 
@@ -26,27 +25,6 @@ async fn net() -> TestNet {
         .start()
         .await
         .unwrap()
-}
-
-/// VN's peer link, dialled with KH's gateway credentials.
-fn as_kh_gateway(net: &TestNet) -> PeerLinkClient<tonic::transport::Channel> {
-    let pki = net.root().join("pki");
-    let creds = Credentials::load(
-        &pki.join("kh/gateway/cert.pem"),
-        &pki.join("kh/gateway/key.pem"),
-    )
-    .unwrap();
-    let mut roots = CountryRoots::default();
-    roots
-        .add("vn".parse().unwrap(), &pki.join("vn/ca.pem"))
-        .unwrap();
-    let config = tls::client_config(
-        &creds,
-        roots,
-        "spiffe://vn.accord/gateway/hanoi".parse().unwrap(),
-    )
-    .unwrap();
-    PeerLinkClient::new(tls::channel(net.gateway("vn").unwrap().peer_addr, config))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +64,7 @@ async fn a_peer_cannot_inject_receipts_for_messages_it_never_handled_nor_replay_
         },
         &kh_keys.signing,
     );
-    let mut kh = as_kh_gateway(&net);
+    let mut kh = accord_tests::peer_link_as(&net, "kh", "vn").unwrap();
     let vn = net.gateway("vn").unwrap().pipeline.clone();
     let before = vn.store.log_size().unwrap();
     let replays =
@@ -149,7 +127,7 @@ async fn a_resent_delivered_receipt_is_stored_and_logged_once() {
     }
     let vn = net.gateway("vn").unwrap().pipeline.clone();
     let events_before = vn.store.message_events(&sent.id).unwrap().len();
-    let mut kh = as_kh_gateway(&net);
+    let mut kh = accord_tests::peer_link_as(&net, "kh", "vn").unwrap();
     for _ in 0..10 {
         kh.deliver(pb::DeliverRequest {
             items: vec![pb::PeerItem {
@@ -192,7 +170,7 @@ async fn a_bad_envelope_reusing_a_message_id_does_not_touch_that_messages_chain(
     // The "peer" replays its bytes with a flipped ciphertext byte under the same id.
     let mut forged = got[0].envelope.to_wire();
     forged.ciphertext[0] ^= 1;
-    let mut kh = as_kh_gateway(&net);
+    let mut kh = accord_tests::peer_link_as(&net, "kh", "vn").unwrap();
     let resp = kh
         .deliver(pb::DeliverRequest {
             items: vec![pb::PeerItem {
@@ -239,7 +217,7 @@ async fn a_peer_cannot_relay_envelopes_of_another_country_or_for_another_country
     .await
     .unwrap();
     let got = accord_tests::fetch_n(&mut c02, 1).await.unwrap();
-    let mut kh = as_kh_gateway(&net);
+    let mut kh = accord_tests::peer_link_as(&net, "kh", "vn").unwrap();
     let resp = kh
         .deliver(pb::DeliverRequest {
             items: vec![pb::PeerItem {

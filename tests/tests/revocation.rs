@@ -6,8 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use accord_gateway::tls::{self, CountryRoots, Credentials};
-use accord_proto::pb::{self, peer_link_client::PeerLinkClient};
+use accord_proto::pb;
 use accord_tests::TestNet;
 
 async fn net() -> TestNet {
@@ -68,38 +67,19 @@ async fn a_revoked_organisation_certificate_cannot_connect_once_its_crl_is_publi
     net.shutdown().await;
 }
 
-/// VN's peer link, dialled with KH's gateway credentials.
-fn as_kh_gateway(net: &TestNet) -> PeerLinkClient<tonic::transport::Channel> {
-    let pki = net.root().join("pki");
-    let creds = Credentials::load(
-        &pki.join("kh/gateway/cert.pem"),
-        &pki.join("kh/gateway/key.pem"),
-    )
-    .unwrap();
-    let mut roots = CountryRoots::default();
-    roots
-        .add("vn".parse().unwrap(), &pki.join("vn/ca.pem"))
-        .unwrap();
-    let config = tls::client_config(
-        &creds,
-        roots,
-        "spiffe://vn.accord/gateway/hanoi".parse().unwrap(),
-    )
-    .unwrap();
-    PeerLinkClient::new(tls::channel(net.gateway("vn").unwrap().peer_addr, config))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_peer_gateway_certificate_fails_the_peer_handshake() {
     let net = net().await;
-    as_kh_gateway(&net)
+    accord_tests::peer_link_as(&net, "kh", "vn")
+        .unwrap()
         .deliver(pb::DeliverRequest { items: vec![] })
         .await
         .unwrap();
     publish_crl(&net, "kh", &["gateway/cert.pem"]);
     tokio::time::sleep(RELOAD).await;
 
-    let err = as_kh_gateway(&net)
+    let err = accord_tests::peer_link_as(&net, "kh", "vn")
+        .unwrap()
         .deliver(pb::DeliverRequest { items: vec![] })
         .await
         .unwrap_err();

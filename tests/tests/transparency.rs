@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use accord_client::org::{OrgClient, SendOptions};
-use accord_proto::merkle::{self, Hash, MemoryTree};
+use accord_proto::merkle::{self, MemoryTree};
 use accord_proto::note::{self, Checkpoint, CosignatureVerifier, NoteVerifier};
 use accord_proto::pb;
 use accord_tests::{alert, fetch_n, TestNet};
@@ -116,7 +116,7 @@ async fn checkpoints_are_cosigned_by_the_peer_and_match_the_entries_independentl
 
     // Inclusion proof from the audit service verifies against the cosigned root.
     let index = sent.accepted.body.log_index;
-    let proof: Vec<Hash> = vn_auditor
+    let proof = vn_auditor
         .audit()
         .get_inclusion_proof(pb::GetInclusionProofRequest {
             index,
@@ -125,10 +125,8 @@ async fn checkpoints_are_cosigned_by_the_peer_and_match_the_entries_independentl
         .await
         .unwrap()
         .into_inner()
-        .proof
-        .iter()
-        .map(|p| p.as_slice().try_into().unwrap())
-        .collect();
+        .proof;
+    let proof = accord_tests::hashes(&proof).unwrap();
     merkle::verify_inclusion(
         &accord_proto::log::leaf_hash(&all[index as usize]),
         index,
@@ -147,7 +145,7 @@ async fn checkpoints_are_cosigned_by_the_peer_and_match_the_entries_independentl
     .await
     .unwrap();
     let (_, cp2) = cosigned_checkpoint(&vn_auditor, "vn", "kh", cp.size + 1).await;
-    let proof: Vec<Hash> = vn_auditor
+    let proof = vn_auditor
         .audit()
         .get_consistency_proof(pb::GetConsistencyProofRequest {
             size1: cp.size,
@@ -156,10 +154,8 @@ async fn checkpoints_are_cosigned_by_the_peer_and_match_the_entries_independentl
         .await
         .unwrap()
         .into_inner()
-        .proof
-        .iter()
-        .map(|p| p.as_slice().try_into().unwrap())
-        .collect();
+        .proof;
+    let proof = accord_tests::hashes(&proof).unwrap();
     merkle::verify_consistency(cp.size, cp2.size, &cp.root, &cp2.root, &proof).unwrap();
     // The KH side is witnessed by VN the same way.
     let kh_auditor = net.client("kh", "inspectorate").await.unwrap();
@@ -303,7 +299,7 @@ async fn after_a_restart_the_log_matches_its_last_checkpoint_and_appends_continu
     let auditor = net.client("vn", "inspectorate").await.unwrap();
     let (_, after) =
         cosigned_checkpoint(&auditor, "vn", "kh", sent.accepted.body.log_index + 1).await;
-    let proof: Vec<Hash> = auditor
+    let proof = auditor
         .audit()
         .get_consistency_proof(pb::GetConsistencyProofRequest {
             size1: before.size,
@@ -312,10 +308,8 @@ async fn after_a_restart_the_log_matches_its_last_checkpoint_and_appends_continu
         .await
         .unwrap()
         .into_inner()
-        .proof
-        .iter()
-        .map(|p| p.as_slice().try_into().unwrap())
-        .collect();
+        .proof;
+    let proof = accord_tests::hashes(&proof).unwrap();
     merkle::verify_consistency(before.size, after.size, &before.root, &after.root, &proof).unwrap();
     net.shutdown().await;
 }
