@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use accord_client::org::{furthest_stage, SendOptions};
+use accord_proto::crypto::SigningKey;
 use accord_proto::pb::{self, Stage};
 use accord_tests::{alert, TestNet};
 use prost::Message as _;
@@ -230,5 +231,95 @@ async fn a_peer_cannot_relay_envelopes_of_another_country_or_for_another_country
     let body =
         pb::ReceiptBody::decode(resp.results[0].receipt.as_ref().unwrap().body.as_slice()).unwrap();
     assert_eq!(body.reason, pb::RejectReason::SenderMismatch as i32);
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_can_neither_prove_others_messages_nor_witness_forged_notes_nor_offer_foreign_directories(
+) {
+    let net = TestNet::builder()
+        .country("vn", "hanoi", &["c02"])
+        .country("kh", "phnom-penh", &["ahtd"])
+        .country("la", "vientiane", &["dcp"])
+        .start()
+        .await
+        .unwrap();
+    // A VN <-> LA message: KH may not ask VN for its log entries.
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let sent = c02
+        .send(
+            &net.org_id("la", "dcp").unwrap(),
+            &alert("vn-la"),
+            &SendOptions::new("P5"),
+        )
+        .await
+        .unwrap();
+    let mut kh = accord_tests::peer_link_as(&net, "kh", "vn").unwrap();
+    let err = kh
+        .prove_events(pb::ProveEventsRequest {
+            message_id: sent.id.as_bytes().to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+
+    // A checkpoint note signed by some other key, under KH's origin: refused, nothing stored.
+    let rogue = accord_proto::note::NoteSigner::new(
+        "accord.kh/phnom-penh",
+        SigningKey::generate("x").unwrap(),
+    )
+    .unwrap();
+    let body = accord_proto::note::Checkpoint {
+        origin: "accord.kh/phnom-penh".into(),
+        size: 1,
+        root: [7; 32],
+        extensions: vec![],
+    }
+    .to_body();
+    let err = kh
+        .witness(pb::WitnessRequest {
+            old_size: 0,
+            consistency_proof: vec![],
+            checkpoint: rogue.sign(&body).unwrap(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+
+    // KH's real log key, but another gateway's origin: refused too.
+    let kh_log =
+        accord_gateway::server::load_key_file(&net.root().join("pki/kh/gateway/log-key.json"))
+            .unwrap();
+    let signer =
+        accord_proto::note::NoteSigner::new("accord.kh/phnom-penh", kh_log.signing).unwrap();
+    let other_origin = accord_proto::note::Checkpoint {
+        origin: "accord.kh/elsewhere".into(),
+        size: 1,
+        root: [7; 32],
+        extensions: vec![],
+    }
+    .to_body();
+    let err = kh
+        .witness(pb::WitnessRequest {
+            old_size: 0,
+            consistency_proof: vec![],
+            checkpoint: signer.sign(&other_origin).unwrap(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+
+    // KH offering LA's (genuine, signed) directory: only a country's own gateway may.
+    let la_signed: pb::SignedDirectory = serde_json::from_slice(
+        &std::fs::read(net.root().join("pki/la/directory.signed.json")).unwrap(),
+    )
+    .unwrap();
+    let err = kh
+        .exchange_directories(pb::ExchangeDirectoriesRequest {
+            own: Some(la_signed),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     net.shutdown().await;
 }
