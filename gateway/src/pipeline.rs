@@ -125,8 +125,8 @@ pub struct Pipeline {
     pub directories: std::sync::RwLock<Arc<Directories>>,
     /// Pinned directory keys of every country.
     pub directory_trust: Vec<pb::DirectoryTrust>,
-    /// Which role may send which kind to whom.
-    pub policy: crate::policy::Policy,
+    /// Which role may send which kind to whom; replaced whole when its file changes.
+    pub policy: std::sync::RwLock<Arc<crate::policy::Policy>>,
     pub receipt_key: SigningKey,
     pub limits: Limits,
     pub quota_bytes: u64,
@@ -189,6 +189,14 @@ fn receipt_entry(event: LogEvent, r: &VerifiedReceipt, at: i64) -> Op {
 impl Pipeline {
     pub fn now(&self) -> i64 {
         (self.clock)()
+    }
+
+    /// The role policy in force now.
+    pub fn policy(&self) -> Arc<crate::policy::Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The directories in force now.
@@ -759,7 +767,7 @@ impl Pipeline {
         let recipient = dirs
             .org(env.recipient())
             .ok_or_else(|| refuse("the recipient is not in the directory".into()))?;
-        self.policy
+        self.policy()
             .authorize(
                 crate::policy::Party {
                     org: env.sender(),

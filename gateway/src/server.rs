@@ -201,7 +201,7 @@ pub async fn start(
         store: Arc::new(store),
         directories: std::sync::RwLock::new(Arc::new(directories)),
         directory_trust,
-        policy,
+        policy: std::sync::RwLock::new(Arc::new(policy)),
         receipt_key: keys.signing,
         limits: Limits {
             max_ciphertext: config.limits.max_ciphertext_bytes,
@@ -301,8 +301,29 @@ pub async fn start(
         }
     });
 
+    // Baselines are taken now, not when the tasks first run: a file changed right after
+    // start must still count as a change.
+    let crl_files: Vec<_> = [&own_roots, &peer_roots]
+        .iter()
+        .flat_map(|r| r.crl_files().map(|(_, p)| p.clone()).collect::<Vec<_>>())
+        .collect();
     tasks.spawn(reload_crls(
         vec![own_roots, peer_roots],
+        stamps(&crl_files),
+        CRL_POLL,
+        shutdown.subscribe(),
+    ));
+    let watched: Vec<_> = config
+        .directories
+        .iter()
+        .chain([&config.policy])
+        .cloned()
+        .collect();
+    tasks.spawn(reload_policy_and_directories(
+        pipeline.clone(),
+        config.policy.clone(),
+        config.directories.clone(),
+        stamps(&watched),
         CRL_POLL,
         shutdown.subscribe(),
     ));
@@ -349,6 +370,12 @@ pub async fn start(
 /// How often CRL files are checked for changes.
 const CRL_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
+type Stamps = std::collections::HashMap<std::path::PathBuf, Option<(std::time::SystemTime, u64)>>;
+
+fn stamps(paths: &[std::path::PathBuf]) -> Stamps {
+    paths.iter().map(|p| (p.clone(), stamp(p))).collect()
+}
+
 /// A file's identity for change detection: modification time and length.
 fn stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
@@ -360,15 +387,10 @@ fn stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
 /// file that fails to read, parse or verify is logged and the previous CRLs stay in force.
 async fn reload_crls(
     roots: Vec<CountryRoots>,
+    mut seen: Stamps,
     every: std::time::Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut seen = std::collections::HashMap::new();
-    for r in &roots {
-        for (_, path) in r.crl_files() {
-            seen.insert(path.clone(), stamp(path));
-        }
-    }
     if seen.is_empty() {
         return;
     }
@@ -399,6 +421,82 @@ async fn reload_crls(
                         error = %e,
                         "CRL reload refused; the previous CRLs stay in force"
                     ),
+                }
+            }
+        }
+    }
+}
+
+/// Polls the policy file and the signed directory files each `every`. A changed policy that
+/// parses replaces the one in force for the next envelope; a changed directory that verifies
+/// under the pinned keys and is newer is taken (and logged) exactly as a peer's would be.
+/// Anything else is logged and what is in force stays. No connection is touched.
+async fn reload_policy_and_directories(
+    pipeline: Arc<Pipeline>,
+    policy: std::path::PathBuf,
+    directories: Vec<std::path::PathBuf>,
+    mut seen: Stamps,
+    every: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = wait_for(shutdown.clone()) => return,
+        }
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        let mut changed = |p: &std::path::PathBuf| {
+            let now = stamp(p);
+            seen.insert(p.clone(), now) != Some(now)
+        };
+        if changed(&policy) {
+            match crate::policy::Policy::load(&policy) {
+                Ok(p) => {
+                    *pipeline.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
+                    tracing::info!(file = %policy.display(), "policy reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "policy reload refused; the previous policy stays in force")
+                }
+            }
+        }
+        for path in &directories {
+            if !changed(path) {
+                continue;
+            }
+            let signed = std::fs::read(path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    serde_json::from_slice::<pb::SignedDirectory>(&b).map_err(|e| e.to_string())
+                })
+                .and_then(|s| {
+                    accord_proto::directory::verify_signed(
+                        &s,
+                        &pipeline.directory_trust,
+                        pipeline.now(),
+                    )
+                    .map(|d| (d, s))
+                    .map_err(|e| e.to_string())
+                });
+            let result = match signed {
+                Ok((dir, signed)) => match dir.country.parse() {
+                    Ok(cc) => pipeline
+                        .update_directory(&cc, &pipeline.identity, signed)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("{e}")),
+                },
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(true) => tracing::info!(file = %path.display(), "directory reloaded"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "directory reload refused; the held directory stays in force")
                 }
             }
         }
