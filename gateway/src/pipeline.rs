@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use accord_proto::crypto::SigningKey;
 use accord_proto::directory::Directories;
-use accord_proto::envelope::{EnvelopeError, Limits, SealedEnvelope, VerifiedEnvelope};
+use accord_proto::envelope::{
+    EnvelopeError, HeaderBytes, Limits, SealedEnvelope, VerifiedEnvelope,
+};
 use accord_proto::ids::{CountryCode, EnvelopeHash, MessageId, OrgId, Role, SpiffeId};
 use accord_proto::log::LogIndex;
 use accord_proto::pb::{self, LogEvent, RejectReason, Stage};
@@ -407,7 +409,7 @@ impl Pipeline {
     async fn refuse(
         &self,
         caller: &SpiffeId,
-        sealed: Option<&SealedEnvelope>,
+        hash: Option<EnvelopeHash>,
         err: PipelineError,
     ) -> PipelineError {
         let reason = match &err {
@@ -416,7 +418,7 @@ impl Pipeline {
             PipelineError::Conflict => RejectReason::Conflict,
             _ => return err,
         };
-        let hash = sealed.map(|s| s.hash().0.to_vec()).unwrap_or_default();
+        let hash = hash.map(|h| h.0.to_vec()).unwrap_or_default();
         tracing::info!(caller = %caller, envelope_hash = %hex_or_none(&hash), ?reason, "envelope refused");
         let entry = pb::LogEntry {
             event: LogEvent::Rejected as i32,
@@ -447,9 +449,10 @@ impl Pipeline {
             Ok(s) => s,
             Err(e) => return Err(self.refuse(caller, None, e.into()).await),
         };
-        match self.check_submit(caller, sealed.clone()) {
+        let hash = sealed.hash();
+        match self.check_submit(caller, sealed) {
             Ok(v) => self.accept(v).await,
-            Err(e) => Err(self.refuse(caller, Some(&sealed), e).await),
+            Err(e) => Err(self.refuse(caller, Some(hash), e).await),
         }
     }
 
@@ -573,11 +576,12 @@ impl Pipeline {
         env: pb::Envelope,
     ) -> Result<pb::Receipt, PipelineError> {
         let sealed = SealedEnvelope::from_wire(env, &self.limits)?;
+        // Only the header (at most 4 KiB) is kept to name a refusal, not the ciphertext.
+        let header = sealed.header().clone();
         let hash = sealed.hash();
-        let verified = sealed.clone().verify(&self.directories(), self.now());
-        let env = match verified {
+        let env = match sealed.verify(&self.directories(), self.now()) {
             Ok(env) => env,
-            Err(e) => return self.reject_from_peer(peer, &sealed, hash, e.reason()).await,
+            Err(e) => return self.reject_from_peer(peer, &header, hash, e.reason()).await,
         };
         let (id, sender, recipient) = (env.id(), env.sender().clone(), env.recipient().clone());
         let span =
@@ -585,22 +589,22 @@ impl Pipeline {
         let _g = span.enter();
         if sender.country() != peer.country() {
             return self
-                .reject_from_peer(peer, &sealed, hash, RejectReason::SenderMismatch)
+                .reject_from_peer(peer, &header, hash, RejectReason::SenderMismatch)
                 .await;
         }
         if recipient.country() != self.country() {
             return self
-                .reject_from_peer(peer, &sealed, hash, RejectReason::NoRoute)
+                .reject_from_peer(peer, &header, hash, RejectReason::NoRoute)
                 .await;
         }
         // Our policy applies to what arrives too, whatever the sender's side allowed.
         if let Err(PipelineError::Refused { reason, .. }) = self.check_policy(&env) {
-            return self.reject_from_peer(peer, &sealed, hash, reason).await;
+            return self.reject_from_peer(peer, &header, hash, reason).await;
         }
         if self.store.message(&id)?.is_some() {
             return match self.repeat(&id, &hash, Stage::Received).await {
                 Err(PipelineError::Conflict) => {
-                    self.reject_from_peer(peer, &sealed, hash, RejectReason::Conflict)
+                    self.reject_from_peer(peer, &header, hash, RejectReason::Conflict)
                         .await
                 }
                 other => other,
@@ -642,12 +646,12 @@ impl Pipeline {
     async fn reject_from_peer(
         self: &Arc<Self>,
         peer: &SpiffeId,
-        sealed: &SealedEnvelope,
+        header: &HeaderBytes,
         hash: EnvelopeHash,
         reason: RejectReason,
     ) -> Result<pb::Receipt, PipelineError> {
         // A rejected receipt needs the message id; without a parseable one, refuse outright.
-        let id = pb::Header::decode(sealed.to_wire().header.as_slice())
+        let id = pb::Header::decode(header.as_bytes())
             .ok()
             .and_then(|h| MessageId::from_slice(&h.message_id).ok())
             .ok_or(PipelineError::Refused {

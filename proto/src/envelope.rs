@@ -124,6 +124,8 @@ pub struct SealedEnvelope {
     header: HeaderBytes,
     ciphertext: Vec<u8>,
     signature: Vec<u8>,
+    /// Computed once on construction: every later use (receipts, log, dedupe) reads it.
+    hash: EnvelopeHash,
 }
 
 impl SealedEnvelope {
@@ -138,11 +140,34 @@ impl SealedEnvelope {
         if env.signature.len() != SIGNATURE_LEN {
             return Err(malformed("signature must be 64 bytes"));
         }
-        Ok(Self {
-            header: HeaderBytes(env.header),
-            ciphertext: env.ciphertext,
-            signature: env.signature,
-        })
+        Ok(Self::new(
+            HeaderBytes(env.header),
+            env.ciphertext,
+            env.signature,
+        ))
+    }
+
+    fn new(header: HeaderBytes, ciphertext: Vec<u8>, signature: Vec<u8>) -> Self {
+        let (h, c, s) = (&header.0, &ciphertext, &signature);
+        let hash = EnvelopeHash(crypto::sha256(&[
+            &len_be(h),
+            h,
+            &len_be(c),
+            c,
+            &len_be(s),
+            s,
+        ]));
+        Self {
+            header,
+            ciphertext,
+            signature,
+            hash,
+        }
+    }
+
+    /// The sender's header bytes, e.g. to name a refused envelope without keeping it whole.
+    pub fn header(&self) -> &HeaderBytes {
+        &self.header
     }
 
     pub fn to_wire(&self) -> pb::Envelope {
@@ -155,15 +180,7 @@ impl SealedEnvelope {
 
     /// SHA-256 over the length-prefixed parts: the envelope's id for receipts and the log.
     pub fn hash(&self) -> EnvelopeHash {
-        let (h, c, s) = (&self.header.0, &self.ciphertext, &self.signature);
-        EnvelopeHash(crypto::sha256(&[
-            &len_be(h),
-            h,
-            &len_be(c),
-            c,
-            &len_be(s),
-            s,
-        ]))
+        self.hash
     }
 
     /// Checks header, sender key (valid at `created_at`), signature, expiry and clock skew.
@@ -204,11 +221,10 @@ impl SealedEnvelope {
         if now >= header.raw.expires_at_ms {
             return Err(EnvelopeError::Expired);
         }
-        let hash = self.hash();
         Ok(VerifiedEnvelope {
+            hash: self.hash,
             sealed: self,
             header,
-            hash,
         })
     }
 }
@@ -395,11 +411,11 @@ pub fn seal_with_ephemeral_ikm(
             &crypto::sha256(&[&ciphertext]),
         ],
     );
-    Ok(SealedEnvelope {
-        header: HeaderBytes(header_bytes),
+    Ok(SealedEnvelope::new(
+        HeaderBytes(header_bytes),
         ciphertext,
-        signature: signature.to_vec(),
-    })
+        signature.to_vec(),
+    ))
 }
 
 #[cfg(test)]
