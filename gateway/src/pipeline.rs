@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use accord_proto::crypto::SigningKey;
-use accord_proto::directory::Directories;
+use accord_proto::directory::{Directories, DirectoryError};
 use accord_proto::envelope::{
     EnvelopeError, HeaderBytes, Limits, SealedEnvelope, VerifiedEnvelope,
 };
@@ -217,10 +217,9 @@ impl Pipeline {
         actor: &SpiffeId,
         signed: pb::SignedDirectory,
     ) -> Result<bool, PipelineError> {
-        let offered =
-            accord_proto::directory::verify_signed(&signed, &self.directory_trust, self.now())
-                .map_err(|e| PipelineError::BadRequest(e.to_string()))?;
-        if offered.country != country.as_str() {
+        let offered = accord_proto::directory::country_of(&signed)
+            .map_err(|e| PipelineError::BadRequest(e.to_string()))?;
+        if &offered != country {
             return Err(PipelineError::PermissionDenied(format!(
                 "{actor} may only offer the directory of {country}"
             )));
@@ -230,11 +229,22 @@ impl Pipeline {
             let current = self.directories();
             current
                 .with_update(signed, &self.directory_trust, self.now())
-                .map_err(|e| PipelineError::FailedPrecondition(e.to_string()))?
+                .map_err(|e| match e {
+                    // Genuine, but not newer than what we hold.
+                    DirectoryError::Older { .. } | DirectoryError::SameVersionDiffers { .. } => {
+                        PipelineError::FailedPrecondition(e.to_string())
+                    }
+                    _ => PipelineError::BadRequest(e.to_string()),
+                })?
         };
         let Some(updated) = updated else {
             return Ok(false);
         };
+        let version = updated
+            .to_wire()
+            .iter()
+            .find(|d| d.country == country.as_str())
+            .map_or(0, |d| d.version);
         let entry = pb::LogEntry {
             event: LogEvent::DirectoryChange as i32,
             message_id: vec![],
@@ -253,7 +263,7 @@ impl Pipeline {
             })
             .await?;
         *self.directories.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(updated);
-        tracing::info!(country = %country, version = offered.version, by = %actor, "directory updated");
+        tracing::info!(country = %country, version, by = %actor, "directory updated");
         Ok(true)
     }
 
