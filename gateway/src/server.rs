@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use accord_proto::directory::Directories;
 use accord_proto::envelope::Limits;
-use accord_proto::ids::Role;
+use accord_proto::ids::{CountryCode, Role};
 use accord_proto::keyfile::KeyFile;
 use accord_proto::pb::{
     self as pb, exchange_server::ExchangeServer, peer_link_client::PeerLinkClient,
@@ -57,6 +57,12 @@ pub fn load_directory_trust(path: &std::path::Path) -> Result<Vec<pb::DirectoryT
     serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))
 }
 
+/// Reads one signed directory file (JSON `accord.v1.SignedDirectory`), unverified.
+fn read_signed_directory(path: &std::path::Path) -> Result<pb::SignedDirectory, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+}
+
 /// Reads every signed directory file (JSON `accord.v1.SignedDirectory`) and verifies each
 /// against the pinned keys of its country: an unsigned or wrongly signed one stops the start.
 pub fn load_directories(
@@ -70,11 +76,7 @@ pub fn load_directories(
             path: p.display().to_string(),
             problem,
         };
-        let bytes = std::fs::read(p).map_err(|e| err(e.to_string()))?;
-        let one: pb::SignedDirectory =
-            serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?;
-        accord_proto::directory::verify_signed(&one, trust, now).map_err(|e| err(e.to_string()))?;
-        signed.push(one);
+        signed.push(read_signed_directory(p).map_err(err)?);
     }
     Directories::from_signed(signed, trust, now).map_err(|e| StartError::Directory {
         path: "(all directories)".into(),
@@ -301,30 +303,26 @@ pub async fn start(
         }
     });
 
-    // Baselines are taken now, not when the tasks first run: a file changed right after
-    // start must still count as a change.
-    let crl_files: Vec<_> = [&own_roots, &peer_roots]
-        .iter()
-        .flat_map(|r| r.crl_files().map(|(_, p)| p.clone()).collect::<Vec<_>>())
-        .collect();
-    tasks.spawn(reload_crls(
-        vec![own_roots, peer_roots],
-        stamps(&crl_files),
-        CRL_POLL,
-        shutdown.subscribe(),
-    ));
-    let watched: Vec<_> = config
-        .directories
-        .iter()
-        .chain([&config.policy])
-        .cloned()
-        .collect();
-    tasks.spawn(reload_policy_and_directories(
+    // One watcher for every file that takes effect without a restart. Baselines are taken
+    // now, not when the task first runs: a file changed right after start must count.
+    let roots = vec![own_roots, peer_roots];
+    let mut watched: Vec<(std::path::PathBuf, Watched)> = Vec::new();
+    for (i, r) in roots.iter().enumerate() {
+        for (cc, path) in r.crl_files() {
+            watched.push((path.clone(), Watched::Crls(i, cc.clone())));
+        }
+    }
+    watched.push((config.policy.clone(), Watched::Policy));
+    for path in &config.directories {
+        watched.push((path.clone(), Watched::Directory));
+    }
+    let seen = watched.iter().map(|(p, _)| (p.clone(), stamp(p))).collect();
+    tasks.spawn(reload_on_change(
         pipeline.clone(),
-        config.policy.clone(),
-        config.directories.clone(),
-        stamps(&watched),
-        CRL_POLL,
+        roots,
+        watched,
+        seen,
+        RELOAD_POLL,
         shutdown.subscribe(),
     ));
 
@@ -367,14 +365,10 @@ pub async fn start(
     })
 }
 
-/// How often CRL files are checked for changes.
-const CRL_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often reloadable files are checked for changes.
+const RELOAD_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 type Stamps = std::collections::HashMap<std::path::PathBuf, Option<(std::time::SystemTime, u64)>>;
-
-fn stamps(paths: &[std::path::PathBuf]) -> Stamps {
-    paths.iter().map(|p| (p.clone(), stamp(p))).collect()
-}
 
 /// A file's identity for change detection: modification time and length.
 fn stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
@@ -382,59 +376,28 @@ fn stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
     Some((meta.modified().ok()?, meta.len()))
 }
 
-/// Polls every CRL file of `roots` each `every` and reloads the CRLs of a country when one of
-/// its files changed. New handshakes use the new CRLs; open connections are left alone. A
-/// file that fails to read, parse or verify is logged and the previous CRLs stay in force.
-async fn reload_crls(
-    roots: Vec<CountryRoots>,
-    mut seen: Stamps,
-    every: std::time::Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    if seen.is_empty() {
-        return;
-    }
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = wait_for(shutdown.clone()) => return,
-        }
-        if *shutdown.borrow_and_update() {
-            return;
-        }
-        for r in &roots {
-            let mut changed = std::collections::BTreeSet::new();
-            for (country, path) in r.crl_files() {
-                let now = stamp(path);
-                if seen.get(path) != Some(&now) {
-                    seen.insert(path.clone(), now);
-                    changed.insert(country.clone());
-                }
-            }
-            for country in changed {
-                match r.reload_crls(&country) {
-                    Ok(()) => tracing::info!(%country, "CRLs reloaded"),
-                    Err(e) => tracing::error!(
-                        %country,
-                        error = %e,
-                        "CRL reload refused; the previous CRLs stay in force"
-                    ),
-                }
-            }
-        }
-    }
+/// What a watched file feeds when it changes.
+#[derive(Debug)]
+enum Watched {
+    /// The CRLs of a country, in the roots at this index.
+    Crls(usize, CountryCode),
+    /// The role policy.
+    Policy,
+    /// A signed directory.
+    Directory,
 }
 
-/// Polls the policy file and the signed directory files each `every`. A changed policy that
-/// parses replaces the one in force for the next envelope; a changed directory that verifies
-/// under the pinned keys and is newer is taken (and logged) exactly as a peer's would be.
-/// Anything else is logged and what is in force stays. No connection is touched.
-async fn reload_policy_and_directories(
+/// Polls the watched files each `every` and applies what changed:
+/// - CRLs: the country's CRLs are re-read and swapped in at once for new handshakes;
+/// - the policy: one that parses replaces the one in force for the next envelope;
+/// - a directory: one that verifies under the pinned keys and is newer is taken (and logged)
+///   exactly as a peer's would be.
+///
+/// Anything that fails is logged and what is in force stays. No connection is touched.
+async fn reload_on_change(
     pipeline: Arc<Pipeline>,
-    policy: std::path::PathBuf,
-    directories: Vec<std::path::PathBuf>,
+    roots: Vec<CountryRoots>,
+    watched: Vec<(std::path::PathBuf, Watched)>,
     mut seen: Stamps,
     every: std::time::Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -449,55 +412,56 @@ async fn reload_policy_and_directories(
         if *shutdown.borrow_and_update() {
             return;
         }
-        let mut changed = |p: &std::path::PathBuf| {
-            let now = stamp(p);
-            seen.insert(p.clone(), now) != Some(now)
-        };
-        if changed(&policy) {
-            match crate::policy::Policy::load(&policy) {
-                Ok(p) => {
-                    *pipeline.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
-                    tracing::info!(file = %policy.display(), "policy reloaded");
+        // Several CRL files of one country changing at once reload that country once.
+        let mut crls = std::collections::BTreeSet::new();
+        for (path, what) in &watched {
+            let now = stamp(path);
+            if seen.insert(path.clone(), now) == Some(now) {
+                continue;
+            }
+            match what {
+                Watched::Crls(i, cc) => {
+                    crls.insert((*i, cc.clone()));
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "policy reload refused; the previous policy stays in force")
+                Watched::Policy => match crate::policy::Policy::load(path) {
+                    Ok(p) => {
+                        *pipeline.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
+                        tracing::info!(file = %path.display(), "policy reloaded");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "policy reload refused; the previous policy stays in force")
+                    }
+                },
+                Watched::Directory => {
+                    let result = match read_signed_directory(path) {
+                        Ok(signed) => match accord_proto::directory::country_of(&signed) {
+                            Ok(cc) => pipeline
+                                .update_directory(&cc, &pipeline.identity, signed)
+                                .await
+                                .map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        },
+                        Err(e) => Err(e),
+                    };
+                    match result {
+                        Ok(true) => tracing::info!(file = %path.display(), "directory reloaded"),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::error!(file = %path.display(), error = %e, "directory reload refused; the held directory stays in force")
+                        }
+                    }
                 }
             }
         }
-        for path in &directories {
-            if !changed(path) {
-                continue;
-            }
-            let signed = std::fs::read(path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| {
-                    serde_json::from_slice::<pb::SignedDirectory>(&b).map_err(|e| e.to_string())
-                })
-                .and_then(|s| {
-                    accord_proto::directory::verify_signed(
-                        &s,
-                        &pipeline.directory_trust,
-                        pipeline.now(),
-                    )
-                    .map(|d| (d, s))
-                    .map_err(|e| e.to_string())
-                });
-            let result = match signed {
-                Ok((dir, signed)) => match dir.country.parse() {
-                    Ok(cc) => pipeline
-                        .update_directory(&cc, &pipeline.identity, signed)
-                        .await
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(format!("{e}")),
-                },
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(true) => tracing::info!(file = %path.display(), "directory reloaded"),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::error!(file = %path.display(), error = %e, "directory reload refused; the held directory stays in force")
-                }
+        for (i, country) in crls {
+            let Some(r) = roots.get(i) else { continue };
+            match r.reload_crls(&country) {
+                Ok(()) => tracing::info!(%country, "CRLs reloaded"),
+                Err(e) => tracing::error!(
+                    %country,
+                    error = %e,
+                    "CRL reload refused; the previous CRLs stay in force"
+                ),
             }
         }
     }
