@@ -56,12 +56,21 @@ pub async fn run(
     let queue = Queue::Outbox(peer.country().clone());
     let signal = pipeline.outbox_signal(peer.country());
     let mut attempt = 0u32;
+    let mut offered = None;
     loop {
         if *shutdown.borrow() {
             return;
         }
         let notified = signal.notified();
-        let delay = match drain_once(&pipeline, &peer, &queue, &mut client, cfg.batch).await {
+        let drained = drain_once(
+            &pipeline,
+            &peer,
+            &queue,
+            &mut client,
+            cfg.batch,
+            &mut offered,
+        );
+        let delay = match drained.await {
             Ok(0) => {
                 attempt = 0;
                 tokio::select! {
@@ -96,6 +105,7 @@ async fn drain_once(
     queue: &Queue,
     client: &mut PeerLinkClient<tonic::transport::Channel>,
     batch: usize,
+    offered: &mut Option<pb::SignedDirectory>,
 ) -> Result<usize, ForwardError> {
     let entries = pipeline.store.queue(queue, batch)?;
     if entries.is_empty() {
@@ -128,6 +138,17 @@ async fn drain_once(
     }
     if items.is_empty() {
         return Ok(1);
+    }
+    // Envelopes may be signed under keys of a directory version the peer has not seen yet
+    // (a rotation): offer it first, or the peer would reject them as UNKNOWN_SENDER for good.
+    let own = pipeline.own_signed_directory();
+    if own != *offered {
+        match pipeline.exchange_directories(peer, client).await {
+            Ok(_) => *offered = own,
+            Err(e) => {
+                tracing::warn!(peer = %peer, error = %e, "directory not exchanged before delivery")
+            }
+        }
     }
     let response = client
         .deliver(pb::DeliverRequest { items })
