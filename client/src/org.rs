@@ -379,3 +379,90 @@ pub fn furthest_stage(receipts: &[VerifiedReceipt]) -> Stage {
         .max_by_key(|s| rank(*s))
         .unwrap_or(Stage::Unspecified)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dev PKI with VN C02 and two KH organisations, and an opener for KH AHTD.
+    fn setup() -> (tempfile::TempDir, Opener, KeyFile, Directories) {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = [
+            accord_certs::CountrySpec {
+                country: "vn".parse().unwrap(),
+                gateway: "hanoi".into(),
+                orgs: vec!["c02".into()],
+            },
+            accord_certs::CountrySpec {
+                country: "kh".parse().unwrap(),
+                gateway: "phnom-penh".into(),
+                orgs: vec!["ahtd".into(), "other".into()],
+            },
+        ];
+        let files = accord_certs::DevPki::write(tmp.path(), &spec, now_ms()).unwrap();
+        let trust: Vec<pb::DirectoryTrust> = serde_json::from_slice(
+            &std::fs::read(accord_certs::DevPki::trust_file(tmp.path())).unwrap(),
+        )
+        .unwrap();
+        let signed = files.iter().map(|f| {
+            serde_json::from_slice::<pb::SignedDirectory>(
+                &std::fs::read(f.signed_directory()).unwrap(),
+            )
+            .unwrap()
+        });
+        let dirs = Directories::from_signed(signed, &trust, now_ms()).unwrap();
+        let key = |cc: usize, org: &str| {
+            accord_gateway::server::load_key_file(&files[cc].org_dir(org).join("keys.json"))
+                .unwrap()
+        };
+        let opener = Opener {
+            id: "spiffe://kh.accord/org/ahtd".parse().unwrap(),
+            keys: key(1, "ahtd"),
+            directories: dirs.clone(),
+        };
+        (tmp, opener, key(0, "c02"), dirs)
+    }
+
+    fn envelope_to(c02: &KeyFile, dirs: &Directories, to: &str) -> pb::InboxItem {
+        let to: OrgId = to.parse().unwrap();
+        let (current, pk) = dirs.current_encryption_key(&to, now_ms()).unwrap();
+        let header = pb::Header {
+            message_id: MessageId::new_v7(now_ms() as u64, [1; 10])
+                .as_bytes()
+                .to_vec(),
+            kind: pb::Kind::Alert as i32,
+            case_ref: "T1".into(),
+            sender_org: "spiffe://vn.accord/org/c02".into(),
+            recipient_org: to.to_string(),
+            recipient_key_id: current,
+            created_at_ms: now_ms(),
+            expires_at_ms: now_ms() + 60_000,
+            priority: pb::Priority::Routine as i32,
+            ..Default::default()
+        };
+        let body = pb::Body {
+            form: Some(pb::body::Form::Alert(pb::Alert {
+                what: "x".into(),
+                r#where: "y".into(),
+                ..Default::default()
+            })),
+        };
+        let sealed = envelope::seal(header, &body, &pk, &c02.signing).unwrap();
+        pb::InboxItem {
+            envelope: Some(sealed.to_wire()),
+            envelope_hash: sealed.hash().0.to_vec(),
+            received: None,
+        }
+    }
+
+    #[test]
+    fn a_client_opens_only_envelopes_addressed_to_it() {
+        let (_tmp, opener, c02, dirs) = setup();
+        let mine = envelope_to(&c02, &dirs, "spiffe://kh.accord/org/ahtd");
+        assert!(opener.open(mine).is_ok());
+        // A gateway handing us someone else's envelope: refused before any decryption.
+        let theirs = envelope_to(&c02, &dirs, "spiffe://kh.accord/org/other");
+        let err = opener.open(theirs).unwrap_err();
+        assert!(err.to_string().contains("not to us"), "{err}");
+    }
+}
