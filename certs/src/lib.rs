@@ -168,32 +168,48 @@ impl CountryCa {
         self.issuer.key().serialize_pem()
     }
 
-    /// Issues a certificate naming `id` in a URI SAN. Gateways get server and client auth
-    /// (they listen and dial peers); organisations get client auth only.
+    /// Issues a certificate naming `id` in a URI SAN (see [`issue_with`]).
     pub fn issue(&self, id: &SpiffeId) -> Result<IssuedCert, CertsError> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, id.to_string());
-        params.distinguished_name = dn;
-        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = match id.role() {
-            Role::Gateway => vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
-            Role::Org => vec![ExtendedKeyUsagePurpose::ClientAuth],
-        };
-        params.use_authority_key_identifier_extension = true;
-        validity(&mut params);
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedCert {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        issue_with(&self.issuer, id)
     }
+}
+
+/// Issues a fresh certificate and key for `id` from the CA of `ca_cert_pem`/`ca_key_pem`, as
+/// the root's operator does to renew a certificate (e.g. before the old one is revoked).
+pub fn reissue(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    id: &SpiffeId,
+) -> Result<IssuedCert, CertsError> {
+    let key = KeyPair::from_pem(ca_key_pem)?;
+    issue_with(&Issuer::from_ca_cert_pem(ca_cert_pem, key)?, id)
+}
+
+/// A certificate naming `id` in a URI SAN, with a new key. Gateways get server and client
+/// auth (they listen and dial peers); organisations get client auth only.
+fn issue_with(issuer: &Issuer<'_, KeyPair>, id: &SpiffeId) -> Result<IssuedCert, CertsError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, id.to_string());
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = match id.role() {
+        Role::Gateway => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+        Role::Org => vec![ExtendedKeyUsagePurpose::ClientAuth],
+    };
+    params.use_authority_key_identifier_extension = true;
+    validity(&mut params);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, issuer)?;
+    Ok(IssuedCert {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
 }
 
 /// One country of a dev PKI: its gateway's name and its organisations.
@@ -418,8 +434,16 @@ pub fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), CertsEr
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let _ = secret;
     let mut f = opts.open(path).map_err(io)?;
+    // The mode above applies only to a new file: an existing one is narrowed before the
+    // secret is in it.
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(io)?;
+    }
+    let _ = secret;
     f.write_all(bytes).map_err(io)?;
     f.sync_all().map_err(io)
 }
@@ -427,6 +451,18 @@ pub fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), CertsEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_written_over_a_readable_file_leaves_it_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("key.pem");
+        write_file(&path, b"public", false).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        write_file(&path, b"secret", true).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
+    }
 
     #[test]
     fn a_dev_pki_has_every_file_and_a_valid_directory() {
