@@ -151,6 +151,8 @@ pub async fn start(
     let mut own_roots = CountryRoots::default();
     own_roots.add(country.clone(), &config.tls_root)?;
     own_roots.add_crls(country.clone(), &config.tls_crls)?;
+    // Peers would refuse a certificate our own root does not accept: say so now.
+    creds.check(&own_roots)?;
     let mut peer_roots = CountryRoots::default();
     for p in &config.peers {
         peer_roots.add(p.gateway.country().clone(), &p.root)?;
@@ -307,6 +309,9 @@ pub async fn start(
     // now, not when the task first runs: a file changed right after start must count.
     let roots = vec![own_roots, peer_roots];
     let mut watched: Vec<(std::path::PathBuf, Watched)> = Vec::new();
+    for path in creds.files() {
+        watched.push((path.to_path_buf(), Watched::Credentials));
+    }
     for (i, r) in roots.iter().enumerate() {
         for (cc, path) in r.crl_files() {
             watched.push((path.clone(), Watched::Crls(i, cc.clone())));
@@ -319,6 +324,7 @@ pub async fn start(
     let seen = watched.iter().map(|(p, _)| (p.clone(), stamp(p))).collect();
     tasks.spawn(reload_on_change(
         pipeline.clone(),
+        creds,
         roots,
         watched,
         seen,
@@ -379,6 +385,8 @@ fn stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
 /// What a watched file feeds when it changes.
 #[derive(Debug)]
 enum Watched {
+    /// Our own certificate or its key (index 0 of the roots is our own country's).
+    Credentials,
     /// The CRLs of a country, in the roots at this index.
     Crls(usize, CountryCode),
     /// The role policy.
@@ -388,6 +396,8 @@ enum Watched {
 }
 
 /// Polls the watched files each `every` and applies what changed:
+/// - our certificate and key: a pair for the same identity that our own root accepts is
+///   presented from the next handshake on (listeners and peer dialers alike);
 /// - CRLs: the country's CRLs are re-read and swapped in at once for new handshakes;
 /// - the policy: one that parses replaces the one in force for the next envelope;
 /// - a directory: one that verifies under the pinned keys and is newer is taken (and logged)
@@ -396,6 +406,7 @@ enum Watched {
 /// Anything that fails is logged and what is in force stays. No connection is touched.
 async fn reload_on_change(
     pipeline: Arc<Pipeline>,
+    creds: Arc<Credentials>,
     roots: Vec<CountryRoots>,
     watched: Vec<(std::path::PathBuf, Watched)>,
     mut seen: Stamps,
@@ -414,12 +425,15 @@ async fn reload_on_change(
         }
         // Several CRL files of one country changing at once reload that country once.
         let mut crls = std::collections::BTreeSet::new();
+        // The certificate and its key are read together, once, if either changed.
+        let mut credentials = false;
         for (path, what) in &watched {
             let now = stamp(path);
             if seen.insert(path.clone(), now) == Some(now) {
                 continue;
             }
             match what {
+                Watched::Credentials => credentials = true,
                 Watched::Crls(i, cc) => {
                     crls.insert((*i, cc.clone()));
                 }
@@ -453,6 +467,7 @@ async fn reload_on_change(
                 }
             }
         }
+        // CRLs first: a renewed certificate is checked against the CRLs published with it.
         for (i, country) in crls {
             let Some(r) = roots.get(i) else { continue };
             match r.reload_crls(&country) {
@@ -461,6 +476,18 @@ async fn reload_on_change(
                     %country,
                     error = %e,
                     "CRL reload refused; the previous CRLs stay in force"
+                ),
+            }
+        }
+        if credentials {
+            let Some(own) = roots.first() else { continue };
+            match creds.reload(own) {
+                Ok(()) => tracing::info!(identity = %creds.id, "TLS certificate reloaded"),
+                // A certificate written before its key fails here and is retried when the
+                // key file changes.
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "TLS certificate reload refused; the certificate in force stays"
                 ),
             }
         }

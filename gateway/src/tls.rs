@@ -22,6 +22,7 @@ use accord_proto::ids::{CountryCode, Role, SpiffeId};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -42,6 +43,12 @@ pub enum TlsError {
     /// A CRL file is unreadable, malformed, or not signed by its country's root.
     #[error("CRL {path}: {problem}")]
     Crl { path: String, problem: String },
+    /// A renewed certificate names another identity than the one in force.
+    #[error("the new certificate names {now}, the one in force {was}: a process keeps its identity; restart to change it")]
+    IdentityChanged { was: String, now: String },
+    /// Our own certificate is not accepted by its country's root (chain, validity, CRL, EKU).
+    #[error("certificate refused: {0}")]
+    Refused(rustls::Error),
 }
 
 /// id-kp-clientAuth (RFC 5280 §4.2.1.12), DER-encoded OID contents.
@@ -430,34 +437,130 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-/// A certificate chain and key, with the identity the certificate names.
+/// The certificate chain and key this process presents, with the identity the certificate
+/// names; rustls asks it for the pair at every handshake, so [`Credentials::reload`] swaps
+/// in a renewed certificate for new handshakes while open connections keep theirs.
 #[derive(Debug)]
 pub struct Credentials {
     pub id: SpiffeId,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
 }
 
 impl Credentials {
-    /// Loads a chain and its key; the key file must be owner-only, like every private key.
-    pub fn load(cert: &std::path::Path, key: &std::path::Path) -> Result<Self, TlsError> {
+    /// Loads a chain and its key; the key file must be owner-only, like every private key,
+    /// and must hold the private half of the certificate's key.
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<Self>, TlsError> {
+        let (id, pair) = Self::read(cert, key)?;
+        Ok(Arc::new(Self {
+            id,
+            cert_file: cert.to_path_buf(),
+            key_file: key.to_path_buf(),
+            current: RwLock::new(Arc::new(pair)),
+        }))
+    }
+
+    fn read(cert: &Path, key: &Path) -> Result<(SpiffeId, CertifiedKey), TlsError> {
         crate::server::check_owner_only(key).map_err(|problem| TlsError::Pem {
             path: key.display().to_string(),
             problem,
         })?;
         let chain = load_certs(cert)?;
         let id = spiffe_id(&chain[0])?;
-        Ok(Self {
-            id,
-            chain,
-            key: load_key(key)?,
-        })
+        let pair = CertifiedKey::from_der(chain, load_key(key)?, &provider()).map_err(|e| {
+            TlsError::Pem {
+                path: key.display().to_string(),
+                problem: format!("not the key of the certificate in {}: {e}", cert.display()),
+            }
+        })?;
+        Ok((id, pair))
+    }
+
+    /// The certificate and key files, as loaded (and reloaded) from.
+    pub fn files(&self) -> [&Path; 2] {
+        [&self.cert_file, &self.key_file]
+    }
+
+    /// Reads the files again and, if they hold a certificate for the same identity that
+    /// `roots` accept now (chain, validity, CRLs, the EKUs of its role) and its own key,
+    /// presents it from the next handshake on. On any error nothing changes.
+    pub fn reload(&self, roots: &CountryRoots) -> Result<(), TlsError> {
+        let (id, pair) = Self::read(&self.cert_file, &self.key_file)?;
+        if id != self.id {
+            return Err(TlsError::IdentityChanged {
+                was: self.id.to_string(),
+                now: id.to_string(),
+            });
+        }
+        Self::accepted_by(&pair, &id, roots)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(pair);
+        Ok(())
+    }
+
+    /// Checks the certificate in force as a peer would: a gateway refuses to start with one
+    /// its own country's root does not accept, rather than fail every handshake later.
+    pub fn check(&self, roots: &CountryRoots) -> Result<(), TlsError> {
+        Self::accepted_by(&self.certified(), &self.id, roots)
+    }
+
+    /// Whether `roots` accept `pair` for every use of `id`'s role: a gateway listens and
+    /// dials (server and client auth), an organisation dials.
+    fn accepted_by(
+        pair: &CertifiedKey,
+        id: &SpiffeId,
+        roots: &CountryRoots,
+    ) -> Result<(), TlsError> {
+        let usages: &[&[u8]] = match id.role() {
+            Role::Gateway => &[EKU_SERVER_AUTH, EKU_CLIENT_AUTH],
+            Role::Org => &[EKU_CLIENT_AUTH],
+        };
+        let (end_entity, intermediates) = pair
+            .cert
+            .split_first()
+            .ok_or_else(|| TlsError::NoIdentity("empty certificate chain".into()))?;
+        let algs = provider().signature_verification_algorithms;
+        for usage in usages {
+            roots
+                .verify(
+                    end_entity,
+                    intermediates,
+                    UnixTime::now(),
+                    webpki::KeyUsage::required(usage),
+                    &algs,
+                )
+                .map_err(TlsError::Refused)?;
+        }
+        Ok(())
+    }
+
+    fn certified(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for Credentials {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.certified())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for Credentials {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.certified())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
 /// A listener's rustls config: TLS 1.3 only, client certificates required.
 pub fn server_config(
-    creds: &Credentials,
+    creds: &Arc<Credentials>,
     roots: CountryRoots,
     admission: Admission,
 ) -> Result<rustls::ServerConfig, TlsError> {
@@ -470,14 +573,14 @@ pub fn server_config(
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
-        .with_single_cert(creds.chain.clone(), creds.key.clone_key())?;
+        .with_cert_resolver(creds.clone());
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }
 
 /// A dialer's rustls config: TLS 1.3 only, presenting `creds`, expecting `expected`.
 pub fn client_config(
-    creds: &Credentials,
+    creds: &Arc<Credentials>,
     roots: CountryRoots,
     expected: SpiffeId,
 ) -> Result<rustls::ClientConfig, TlsError> {
@@ -491,7 +594,7 @@ pub fn client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())?;
+        .with_client_cert_resolver(creds.clone());
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }
@@ -640,5 +743,110 @@ mod tests {
             "{:?}",
             verify()
         );
+    }
+
+    /// A gateway's renewed credentials, issued by `ca` (a country folder of the dev PKI) for
+    /// `id`, written over the gateway's files; returns the new certificate's PEM.
+    fn renew(pki: &Path, ca: &str, id: &str, key: Option<&str>) -> String {
+        let read = |p: String| std::fs::read_to_string(pki.join(p)).unwrap();
+        let issued = accord_certs::reissue(
+            &read(format!("{ca}/ca.pem")),
+            &read(format!("{ca}/ca.key")),
+            &id.parse().unwrap(),
+        )
+        .unwrap();
+        let gw = pki.join("vn/gateway");
+        std::fs::write(gw.join("cert.pem"), &issued.cert_pem).unwrap();
+        let key_pem = key.map_or(issued.key_pem, str::to_owned);
+        accord_certs::write_file(&gw.join("key.pem"), key_pem.as_bytes(), true).unwrap();
+        issued.cert_pem
+    }
+
+    #[test]
+    fn renewed_credentials_are_presented_only_if_same_identity_own_key_and_accepted_by_the_root() {
+        let (_tmp, pki) = dev_pki();
+        let vn: CountryCode = "vn".parse().unwrap();
+        let gw = pki.join("vn/gateway");
+        let mut roots = CountryRoots::default();
+        roots.add(vn.clone(), &pki.join("vn/ca.pem")).unwrap();
+        roots
+            .add_crls(vn.clone(), &[pki.join("vn/crl.pem")])
+            .unwrap();
+        let creds = Credentials::load(&gw.join("cert.pem"), &gw.join("key.pem")).unwrap();
+        creds.check(&roots).unwrap();
+        let presented = || creds.certified().cert[0].to_vec();
+        let original = presented();
+        let original_key = std::fs::read_to_string(gw.join("key.pem")).unwrap();
+        let der = |pem: &str| {
+            CertificateDer::from_pem_slice(pem.as_bytes())
+                .unwrap()
+                .to_vec()
+        };
+
+        // Another identity of the same country: refused, the one in force stays.
+        renew(&pki, "vn", "spiffe://vn.accord/gateway/rogue", None);
+        let err = creds.reload(&roots).unwrap_err();
+        assert!(matches!(err, TlsError::IdentityChanged { .. }), "{err}");
+        // Our identity, issued by another country's root.
+        renew(&pki, "kh", "spiffe://vn.accord/gateway/gw", None);
+        let err = creds.reload(&roots).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TlsError::Refused(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::UnknownIssuer
+                ))
+            ),
+            "{err}"
+        );
+        // A new certificate next to the old key (written before its key, say).
+        renew(
+            &pki,
+            "vn",
+            "spiffe://vn.accord/gateway/gw",
+            Some(&original_key),
+        );
+        let err = creds.reload(&roots).unwrap_err();
+        assert!(
+            err.to_string().contains("not the key of the certificate"),
+            "{err}"
+        );
+        // A key others may read.
+        renew(&pki, "vn", "spiffe://vn.accord/gateway/gw", None);
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(gw.join("key.pem"), std::fs::Permissions::from_mode(0o640))
+                .unwrap();
+        }
+        assert!(creds.reload(&roots).is_err());
+        assert_eq!(presented(), original);
+
+        // A proper renewal is taken...
+        let renewed = renew(&pki, "vn", "spiffe://vn.accord/gateway/gw", None);
+        creds.reload(&roots).unwrap();
+        assert_eq!(presented(), der(&renewed));
+        // ...and a revoked one is not: the renewal in force stays.
+        let read = |p: &str| std::fs::read_to_string(pki.join(p)).unwrap();
+        let revoked = renew(&pki, "vn", "spiffe://vn.accord/gateway/gw", None);
+        let crl = accord_certs::revoke(
+            &read("vn/ca.pem"),
+            &read("vn/ca.key"),
+            &[accord_certs::serial_of(&revoked).unwrap()],
+            time::OffsetDateTime::now_utc() - time::Duration::minutes(1),
+        )
+        .unwrap();
+        std::fs::write(pki.join("vn/crl.pem"), crl).unwrap();
+        roots.reload_crls(&vn).unwrap();
+        let err = creds.reload(&roots).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TlsError::Refused(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Revoked
+                ))
+            ),
+            "{err}"
+        );
+        assert_eq!(presented(), der(&renewed));
     }
 }

@@ -1,5 +1,6 @@
-//! Hot reload: the policy and the directory files take effect without a restart (CRLs are
-//! covered in revocation.rs); a broken file leaves what is in force; open connections stay.
+//! Hot reload: the gateway's own certificate, the policy and the directory files take effect
+//! without a restart (CRLs are covered in revocation.rs); a broken file leaves what is in
+//! force; open connections stay.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -118,5 +119,104 @@ async fn a_newer_own_directory_file_is_taken_without_a_restart_and_reaches_the_p
     }
     assert_eq!(version("vn"), 2, "VN reloaded its own directory file");
     assert_eq!(version("kh"), 2, "and KH took it over the peer link");
+    net.shutdown().await;
+}
+
+/// The certificate the gateway of `cc` presents in a new handshake on its client listener,
+/// as seen by the organisation `org` of that country (DER).
+async fn presented_certificate(net: &TestNet, cc: &str, org: &str) -> Vec<u8> {
+    use accord_gateway::tls::{self, CountryRoots, Credentials};
+    let dir = net.org_dir(cc, org).unwrap();
+    let creds = Credentials::load(&dir.join("cert.pem"), &dir.join("key.pem")).unwrap();
+    let mut roots = CountryRoots::default();
+    roots
+        .add(
+            cc.parse().unwrap(),
+            &net.root().join(format!("pki/{cc}/ca.pem")),
+        )
+        .unwrap();
+    let config = tls::client_config(&creds, roots, net.gateway_address(cc).unwrap().id).unwrap();
+    let addr = net.gateway(cc).unwrap().client_addr;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
+            tcp,
+        )
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_gateway_certificate_is_used_without_a_restart_and_the_old_one_can_be_revoked() {
+    let mut net = net().await;
+    let pki = net.root().join("pki/vn");
+    let read = |p: &str| std::fs::read_to_string(pki.join(p)).unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let ahtd = net.org_id("kh", "ahtd").unwrap();
+    let c02_id = net.org_id("vn", "c02").unwrap();
+    let old_cert = read("gateway/cert.pem");
+    let old = presented_certificate(&net, "vn", "c02").await;
+
+    // The VN root renews the gateway's certificate; the operator puts the key in place,
+    // then the certificate, each by a rename.
+    let renewed = accord_certs::reissue(
+        &read("ca.pem"),
+        &read("ca.key"),
+        &net.gateway_address("vn").unwrap().id,
+    )
+    .unwrap();
+    let aside = pki.join("gateway/key.pem.new");
+    accord_certs::write_file(&aside, renewed.key_pem.as_bytes(), true).unwrap();
+    std::fs::rename(&aside, pki.join("gateway/key.pem")).unwrap();
+    rewrite(&pki.join("gateway/cert.pem"), &renewed.cert_pem);
+    let mut now = old.clone();
+    for _ in 0..60 {
+        now = presented_certificate(&net, "vn", "c02").await;
+        if now != old {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_ne!(now, old, "the renewed certificate was never presented");
+    let renewed_der: Vec<u8> = {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_slice(renewed.cert_pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    };
+    assert_eq!(now, renewed_der);
+
+    // The old certificate is revoked. KH, which checks VN's CRL, would now refuse any
+    // handshake in which VN still presented it.
+    let crl = accord_certs::revoke(
+        &read("ca.pem"),
+        &read("ca.key"),
+        &[accord_certs::serial_of(&old_cert).unwrap()],
+        time::OffsetDateTime::now_utc() - time::Duration::minutes(1),
+    )
+    .unwrap();
+    rewrite(&pki.join("crl.pem"), &crl);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+
+    // A KH restart makes both peer links handshake afresh: VN dials KH with its renewed
+    // client certificate, KH dials VN and checks its renewed server certificate. The alert
+    // is sent while KH is down, so it can only travel on a new connection; it is sent on the
+    // client connection opened before the renewal, which is still up.
+    net.stop_gateway("kh").await.unwrap();
+    c02.send(&ahtd, &alert("while KH restarts"), &SendOptions::new("R1"))
+        .await
+        .unwrap();
+    net.start_gateway("kh").await.unwrap();
+    let mut ahtd_client = net.client("kh", "ahtd").await.unwrap();
+    let got = accord_tests::fetch_n(&mut ahtd_client, 1).await.unwrap();
+    assert_eq!(got.len(), 1);
+    ahtd_client
+        .send(&c02_id, &alert("reply"), &SendOptions::new("R1"))
+        .await
+        .unwrap();
+    let back = accord_tests::fetch_n(&mut c02, 1).await.unwrap();
+    assert_eq!(back.len(), 1);
     net.shutdown().await;
 }
