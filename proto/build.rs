@@ -1,4 +1,4 @@
-//! Compiles `proto/accord/v1/*.proto` with protox (pure Rust, no system `protoc`), then
+//! Compiles `proto/accord/v1/*.proto` (and the bench echo) with protox (pure Rust, no system `protoc`), then
 //! generates prost types, tonic service stubs and pbjson serde impls from one descriptor set.
 use std::{env, fs, path::PathBuf};
 
@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/accord/v1/envelope.proto",
         "proto/accord/v1/forms.proto",
         "proto/accord/v1/services.proto",
+        "proto/accord/bench/v1/echo.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

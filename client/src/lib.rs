@@ -8,6 +8,7 @@
 //!   demo and the tests.
 //! - [`demo`]: the two-country demo behind `accord demo`.
 
+pub mod bench;
 pub mod demo;
 pub mod localnet;
 pub mod org;

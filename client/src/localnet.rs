@@ -60,6 +60,18 @@ impl Builder {
 
     /// Writes the PKI and configurations, binds every listener, starts every gateway.
     pub async fn start(self) -> anyhow::Result<LocalNet> {
+        let mut net = self.prepare().await?;
+        let names: Vec<String> = net.countries.keys().cloned().collect();
+        for cc in &names {
+            net.start_gateway(cc).await?;
+        }
+        Ok(net)
+    }
+
+    /// Writes the PKI and configurations and binds every listener (choosing the ports), but
+    /// starts no gateway: for running them here ([`LocalNet::start_gateway`]) or as processes
+    /// ([`LocalNet::release_listeners`], then `accord gateway CONFIG`).
+    pub async fn prepare(self) -> anyhow::Result<LocalNet> {
         accord_gateway::tls::install_default_provider();
         let (tmp, root) = match self.dir {
             Some(d) => (None, d),
@@ -107,9 +119,6 @@ impl Builder {
             let config = net.write_config(cc)?;
             let c = net.countries.get_mut(cc).context("country")?;
             c.config = Some(config);
-        }
-        for cc in &names {
-            net.start_gateway(cc).await?;
         }
         Ok(net)
     }
@@ -193,6 +202,16 @@ impl LocalNet {
         };
         let config = c.config.as_ref().context("config")?;
         c.gateway = Some(server::start(config, client, peer, system_clock()).await?);
+        Ok(())
+    }
+
+    /// Frees the addresses chosen for `cc`'s gateway, for a gateway process to bind them.
+    pub fn release_listeners(&mut self, cc: &str) -> anyhow::Result<()> {
+        let c = self
+            .countries
+            .get_mut(cc)
+            .with_context(|| format!("no country {cc}"))?;
+        c.listeners = None;
         Ok(())
     }
 

@@ -111,6 +111,35 @@ enum Command {
         #[arg(long = "trust", required = true)]
         trust: Vec<PathBuf>,
     },
+    /// Run a gateway from its TOML configuration until SIGINT or SIGTERM (the same as
+    /// `accord-gateway run CONFIG`).
+    Gateway { config: PathBuf },
+    /// Load-test two local gateways (separate processes, mutual TLS, fsynced stores) and
+    /// measure them against the transport, crypto and store limits of this machine.
+    Bench {
+        /// Concurrent senders, each with one submit in flight (1 to 1024).
+        #[arg(long, default_value_t = 16)]
+        senders: usize,
+        /// Size of each form before sealing, in bytes.
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        /// Messages in the timed phase.
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        /// Messages sent end to end before the timed phase.
+        #[arg(long, default_value_t = 500)]
+        warmup: usize,
+        /// Folder for the PKI, configurations, stores and gateway logs (default: a fresh
+        /// temporary folder, removed afterwards). Its disk is the one measured.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+        /// Print the report as one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a message's chain of receipts.
     Status {
         #[command(flatten)]
@@ -153,6 +182,38 @@ async fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo => accord_client::demo::run(&mut std::io::stdout()).await,
+        Command::Gateway { config } => {
+            let loaded = accord_gateway::config::Config::load(&config)?;
+            accord_gateway::server::run_until_signal(&loaded)
+                .await
+                .with_context(|| format!("running the gateway of {}", config.display()))
+        }
+        Command::Bench {
+            senders,
+            size,
+            count,
+            warmup,
+            dir,
+            timeout,
+            json,
+        } => {
+            let opts = accord_client::bench::Options {
+                senders,
+                body_bytes: size,
+                messages: count,
+                warmup,
+                dir,
+                gateway_exe: std::env::current_exe().context("locating this executable")?,
+                timeout: std::time::Duration::from_secs(timeout),
+            };
+            let report = accord_client::bench::run(&opts, &mut std::io::stderr()).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                accord_client::bench::print(&report, &mut std::io::stdout())?;
+            }
+            Ok(())
+        }
         Command::Certs { out, countries } => {
             let spec = countries
                 .iter()

@@ -85,8 +85,8 @@ pub struct GatewayAddress {
     pub trust: std::path::PathBuf,
 }
 
-/// An organisation connected to its gateway.
-#[derive(Debug)]
+/// An organisation connected to its gateway. Clones share the connection.
+#[derive(Clone, Debug)]
 pub struct OrgClient {
     pub id: OrgId,
     opener: Arc<Opener>,
@@ -172,6 +172,18 @@ impl OrgClient {
         body: &pb::Body,
         opts: &SendOptions,
     ) -> Result<Sent, ClientError> {
+        let sealed = self.seal(recipient, body, opts)?;
+        self.submit(&sealed).await
+    }
+
+    /// Checks `body`, seals it for `recipient`'s current key and signs it: an envelope
+    /// ready for [`OrgClient::submit`]. No I/O.
+    pub fn seal(
+        &self,
+        recipient: &OrgId,
+        body: &pb::Body,
+        opts: &SendOptions,
+    ) -> Result<SealedEnvelope, ClientError> {
         let form = body.form.as_ref().ok_or_else(|| forms::FormError {
             path: "form".into(),
             problem: "required",
@@ -206,7 +218,13 @@ impl OrgClient {
             hpke_enc: vec![],
             key_commitment: vec![],
         };
-        let sealed = envelope::seal(header, body, &pk, &self.opener.keys.signing)
+        envelope::seal(header, body, &pk, &self.opener.keys.signing)
+            .map_err(|e| ClientError::Verify(e.to_string()))
+    }
+
+    /// Submits a sealed envelope and checks the accepted receipt.
+    pub async fn submit(&mut self, sealed: &SealedEnvelope) -> Result<Sent, ClientError> {
+        let id = MessageId::from_slice(&header_of(sealed)?.message_id)
             .map_err(|e| ClientError::Verify(e.to_string()))?;
         let hash = sealed.hash();
         let accepted = self
@@ -332,7 +350,7 @@ impl Opener {
             .map_err(|e| ClientError::Verify(e.to_string()))?;
         // Verified at submission time by the gateways; here against its own creation time,
         // since a message may wait in the inbox.
-        let created = pb_created_at(&sealed)?;
+        let created = header_of(&sealed)?.created_at_ms;
         let envelope = sealed
             .verify(&self.directories, created)
             .map_err(|e| ClientError::Verify(e.to_string()))?;
@@ -357,10 +375,10 @@ impl Opener {
     }
 }
 
-fn pb_created_at(sealed: &SealedEnvelope) -> Result<i64, ClientError> {
+/// The header as the sender encoded it, decoded without verifying anything.
+fn header_of(sealed: &SealedEnvelope) -> Result<pb::Header, ClientError> {
     use prost::Message;
-    pb::Header::decode(sealed.to_wire().header.as_slice())
-        .map(|h| h.created_at_ms)
+    pb::Header::decode(sealed.header().as_bytes())
         .map_err(|_| ClientError::Verify("malformed header".into()))
 }
 

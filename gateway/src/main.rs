@@ -56,26 +56,7 @@ fn main() -> std::process::ExitCode {
 #[tokio::main]
 async fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = accord_gateway::config::Config::load(&path)?;
-    let client = tokio::net::TcpListener::bind(config.client_listen)
+    accord_gateway::server::run_until_signal(&config)
         .await
-        .with_context(|| format!("binding client_listen {}", config.client_listen))?;
-    let peer = tokio::net::TcpListener::bind(config.peer_listen)
-        .await
-        .with_context(|| format!("binding peer_listen {}", config.peer_listen))?;
-    let gateway = accord_gateway::server::start(
-        &config,
-        client,
-        peer,
-        accord_gateway::pipeline::system_clock(),
-    )
-    .await
-    .with_context(|| format!("starting the gateway of {}", path.display()))?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
-    gateway.shutdown().await;
-    Ok(())
+        .with_context(|| format!("running the gateway of {}", path.display()))
 }

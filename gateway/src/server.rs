@@ -45,6 +45,38 @@ pub enum StartError {
         path: String,
         source: crate::store::StoreError,
     },
+    /// A listen address could not be bound (in use, or not an address of this host).
+    #[error("binding {what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// The signal handlers could not be installed.
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Binds the configured listeners, runs the gateway until SIGINT or SIGTERM, then stops it
+/// cleanly (in-flight calls finish, the store is flushed): what `accord-gateway run` does.
+pub async fn run_until_signal(config: &Config) -> Result<(), StartError> {
+    let bind = |what: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { what, addr, source })
+    };
+    let client = bind("client_listen", config.client_listen).await?;
+    let peer = bind("peer_listen", config.peer_listen).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(StartError::Signals)?;
+    let gateway = start(config, client, peer, crate::pipeline::system_clock()).await?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    gateway.shutdown().await;
+    Ok(())
 }
 
 /// Reads the pinned directory keys (JSON array of `accord.v1.DirectoryTrust`).

@@ -38,5 +38,11 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/accord.v1.serde.rs"));
 }
 
+/// The bare echo service `accord bench` measures the transport limit with (`accord.bench.v1`).
+#[allow(missing_docs, clippy::all, missing_debug_implementations)]
+pub mod bench_pb {
+    include!(concat!(env!("OUT_DIR"), "/accord.bench.v1.rs"));
+}
+
 /// Milliseconds since the Unix epoch. The protocol never reads a clock: callers pass it.
 pub type UnixMillis = i64;

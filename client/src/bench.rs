@@ -1,0 +1,1065 @@
+//! `accord bench`: a load generator over two real gateways, with the limits it is measured
+//! against taken in the same run.
+//!
+//! The exchange: a VN and a KH gateway run as separate `accord gateway` processes, with mutual
+//! TLS and fsynced sled stores in the run folder (on the disk the folder is on). `senders`
+//! VN connections each submit envelopes one at a time (sealed and signed before the timed
+//! phase); one KH organisation subscribes, opens each envelope and acknowledges it with a
+//! signed delivered receipt. Measured: submit→accepted and submit→delivered-and-acked
+//! latencies and throughputs, CPU seconds per message of every process, peak RSS of each
+//! gateway, bytes on disk per message.
+//!
+//! The limits, in the same process and on the same machine, so that ratios hold on a noisy
+//! one:
+//! - transport: a bare tonic unary echo over the same mutual TLS, same bodies, same
+//!   concurrency ([`accord_proto::bench_pb`]);
+//! - crypto: the signatures, verifications, HPKE and hashing one message costs on its way
+//!   (the same `ring` build), turned into a ceiling for the machine's cores;
+//! - store: durable transactions per second on the same store, disk and concurrency.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use accord_gateway::store::{Store, Tx};
+use accord_proto::envelope::{Limits, SealedEnvelope};
+use accord_proto::ids::MessageId;
+use accord_proto::pb;
+use anyhow::Context;
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::localnet::LocalNet;
+use crate::org::{OrgClient, SendOptions};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Concurrent sender connections, each with one submit in flight.
+    pub senders: usize,
+    /// Encoded size of each form (`accord.v1.Body`) before sealing.
+    pub body_bytes: usize,
+    /// Messages in the timed phase.
+    pub messages: usize,
+    /// Messages sent end to end before the timed phase (connections, caches, log warm).
+    pub warmup: usize,
+    /// Where the PKI, configurations and stores go (a fresh temporary folder if `None`).
+    pub dir: Option<PathBuf>,
+    /// The executable that runs a gateway as `EXE gateway CONFIG` (normally `accord`).
+    pub gateway_exe: PathBuf,
+    /// Give up on the timed phase after this long.
+    pub timeout: Duration,
+}
+
+/// A throughput and its latency distribution.
+#[derive(Clone, Debug, Serialize)]
+pub struct Rate {
+    pub messages: usize,
+    pub seconds: f64,
+    pub throughput_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+}
+
+/// One process's share of the work in the timed phase.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessUse {
+    pub name: String,
+    pub cpu_seconds: f64,
+    pub cpu_us_per_message: f64,
+    /// Peak resident set over the process's life (VmHWM); `None` for the bench process,
+    /// whose peak includes presealing every envelope.
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// One stage of the per-message cryptographic work.
+#[derive(Clone, Debug, Serialize)]
+pub struct CryptoStage {
+    pub stage: String,
+    /// How many times one message goes through it, on all parties together.
+    pub times_per_message: u32,
+    pub us_each: f64,
+}
+
+/// The crypto ceiling.
+#[derive(Clone, Debug, Serialize)]
+pub struct CryptoLimit {
+    pub stages: Vec<CryptoStage>,
+    /// CPU time of the work in the timed path, per message.
+    pub us_per_message: f64,
+    pub cores: usize,
+    /// `cores` seconds of CPU divided by the per-message work.
+    pub ceiling_per_sec: f64,
+    /// Sealing and signing at the sender, done before the timed phase (not in the ceiling).
+    pub seal_us: f64,
+}
+
+/// The limits measured in the same run.
+#[derive(Clone, Debug, Serialize)]
+pub struct LimitFigures {
+    pub transport: Rate,
+    pub crypto: CryptoLimit,
+    pub store: Rate,
+}
+
+/// Accord's throughput as a fraction of each ceiling.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ratios {
+    pub end_to_end_vs_transport: f64,
+    pub end_to_end_vs_crypto: f64,
+    pub end_to_end_vs_store: f64,
+    pub submit_vs_transport: f64,
+    pub submit_vs_store: f64,
+    /// The ceiling Accord comes closest to.
+    pub nearest_limit: String,
+    /// The process that spends the most CPU per message.
+    pub busiest_process: String,
+}
+
+/// Everything one run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub senders: usize,
+    pub body_bytes: usize,
+    pub messages: usize,
+    /// Durable submit→accepted of envelopes sealed before the timed phase.
+    pub submit: Rate,
+    /// Submitted → delivered, opened and acknowledged by the recipient.
+    pub end_to_end: Rate,
+    pub processes: Vec<ProcessUse>,
+    pub disk_bytes_per_message: f64,
+    pub limits: LimitFigures,
+    pub ratios: Ratios,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu: String,
+    pub kernel: String,
+    pub run_dir_filesystem: String,
+}
+
+const SENDER_ORG: &str = "c02";
+const RECIPIENT_ORG: &str = "ahtd";
+
+/// Runs the benchmark, reporting progress on `progress`.
+pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        (1..=1024).contains(&opts.senders),
+        "--senders must be 1 to 1024"
+    );
+    anyhow::ensure!(
+        opts.messages >= opts.senders,
+        "--count must be at least --senders"
+    );
+    let mut builder = LocalNet::builder()
+        .country("vn", "hanoi", &[SENDER_ORG])
+        .country("kh", "phnom-penh", &[RECIPIENT_ORG]);
+    if let Some(dir) = &opts.dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        builder = builder.dir(dir);
+    }
+    let mut net = builder.prepare().await?;
+    let mut gateways = Vec::new();
+    for cc in ["vn", "kh"] {
+        net.release_listeners(cc)?;
+        gateways.push(GatewayProcess::spawn(&opts.gateway_exe, &net, cc)?);
+    }
+    let result = exchange(opts, &net, &gateways, progress).await;
+    for g in &mut gateways {
+        g.stop();
+    }
+    let (submit, end_to_end, cpu) = result?;
+    let bench_cpu = cpu.bench;
+    let per_msg = |cpu: f64| cpu / opts.messages as f64 * 1e6;
+    let mut processes = Vec::new();
+    for (g, cpu) in gateways.iter().zip(cpu.gateways) {
+        processes.push(ProcessUse {
+            name: format!("{}-gateway", g.country),
+            cpu_seconds: cpu,
+            cpu_us_per_message: per_msg(cpu),
+            peak_rss_mib: g.peak_rss_mib,
+        });
+    }
+    processes.push(ProcessUse {
+        name: "clients (bench process)".into(),
+        cpu_seconds: bench_cpu,
+        cpu_us_per_message: per_msg(bench_cpu),
+        peak_rss_mib: None,
+    });
+    let on_disk: u64 = ["vn", "kh"]
+        .iter()
+        .map(|cc| net.data_dir(cc).map(|d| dir_size(&d)))
+        .sum::<anyhow::Result<u64>>()?;
+    let disk_bytes_per_message = on_disk as f64 / (opts.messages + opts.warmup) as f64;
+
+    writeln!(progress, "limits: transport (bare mTLS echo)...")?;
+    let transport = transport_limit(opts, &net).await?;
+    writeln!(progress, "limits: crypto (per-message work)...")?;
+    let crypto = crypto_limit(opts.body_bytes, &net)?;
+    writeln!(progress, "limits: store (durable transactions)...")?;
+    let store = store_limit(opts, net.root()).await?;
+
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    let e2e = end_to_end.throughput_per_sec;
+    let fractions = [
+        ("transport", ratio(e2e, transport.throughput_per_sec)),
+        ("crypto", ratio(e2e, crypto.ceiling_per_sec)),
+        (
+            "store",
+            ratio(submit.throughput_per_sec, store.throughput_per_sec),
+        ),
+    ];
+    let nearest_limit = fractions
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or("none", |f| f.0)
+        .to_owned();
+    let busiest_process = processes
+        .iter()
+        .max_by(|a, b| a.cpu_us_per_message.total_cmp(&b.cpu_us_per_message))
+        .map_or_else(String::new, |p| p.name.clone());
+    let ratios = Ratios {
+        end_to_end_vs_transport: fractions[0].1,
+        end_to_end_vs_crypto: fractions[1].1,
+        end_to_end_vs_store: ratio(e2e, store.throughput_per_sec),
+        submit_vs_transport: ratio(submit.throughput_per_sec, transport.throughput_per_sec),
+        submit_vs_store: fractions[2].1,
+        nearest_limit,
+        busiest_process,
+    };
+    let report = Report {
+        machine: machine(net.root()),
+        senders: opts.senders,
+        body_bytes: opts.body_bytes,
+        messages: opts.messages,
+        submit,
+        end_to_end,
+        processes,
+        disk_bytes_per_message,
+        limits: LimitFigures {
+            transport,
+            crypto,
+            store,
+        },
+        ratios,
+    };
+    net.shutdown().await;
+    Ok(report)
+}
+
+/// CPU seconds spent in the timed phase.
+struct CpuUse {
+    gateways: Vec<f64>,
+    bench: f64,
+}
+
+/// Warm-up, then the timed phase.
+async fn exchange(
+    opts: &Options,
+    net: &LocalNet,
+    gateways: &[GatewayProcess],
+    progress: &mut (impl Write + Send),
+) -> anyhow::Result<(Rate, Rate, CpuUse)> {
+    writeln!(progress, "waiting for both gateways...")?;
+    let mut recipient = ready_client(net, "kh", RECIPIENT_ORG, gateways).await?;
+    let mut senders = Vec::new();
+    for _ in 0..opts.senders {
+        senders.push(ready_client(net, "vn", SENDER_ORG, gateways).await?);
+    }
+    let to = net.org_id("kh", RECIPIENT_ORG)?;
+    let body = body_of_size(opts.body_bytes);
+    let options = SendOptions::new("BENCH-1");
+
+    if opts.warmup > 0 {
+        writeln!(progress, "warm-up: {} messages end to end...", opts.warmup)?;
+        let warm = preseal(&senders, &to, &body, &options, opts.warmup)?;
+        timed_phase(&mut senders, &mut recipient, warm, opts.timeout).await?;
+    }
+    writeln!(
+        progress,
+        "sealing {} envelopes of {} bytes...",
+        opts.messages, opts.body_bytes
+    )?;
+    let batches = preseal(&senders, &to, &body, &options, opts.messages)?;
+    writeln!(
+        progress,
+        "timed phase: {} senders, {} messages...",
+        opts.senders, opts.messages
+    )?;
+    let before: Vec<f64> = gateways.iter().map(|g| cpu_seconds(g.pid)).collect();
+    let bench_before = cpu_seconds(std::process::id());
+    let (submit, e2e) = timed_phase(&mut senders, &mut recipient, batches, opts.timeout).await?;
+    let cpu = CpuUse {
+        gateways: gateways
+            .iter()
+            .zip(before)
+            .map(|(g, b)| cpu_seconds(g.pid) - b)
+            .collect(),
+        bench: cpu_seconds(std::process::id()) - bench_before,
+    };
+    Ok((submit, e2e, cpu))
+}
+
+/// A client of `org` whose gateway answers (the gateway process may still be starting).
+async fn ready_client(
+    net: &LocalNet,
+    cc: &str,
+    org: &str,
+    gateways: &[GatewayProcess],
+) -> anyhow::Result<OrgClient> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let last = match net.client(cc, org).await {
+            Ok(mut c) => match c.fetch(0).await {
+                Ok(_) => return Ok(c),
+                Err(e) => anyhow::Error::from(e),
+            },
+            Err(e) => e,
+        };
+        if let Some(g) = gateways.iter().find(|g| g.exited()) {
+            anyhow::bail!(
+                "the {} gateway exited; its log is {}",
+                g.country,
+                g.log.display()
+            );
+        }
+        if Instant::now() > deadline {
+            return Err(last.context(format!("the {cc} gateway did not answer within 30 s")));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `total` envelopes, sealed and signed, dealt round-robin to the senders.
+fn preseal(
+    senders: &[OrgClient],
+    to: &accord_proto::ids::OrgId,
+    body: &pb::Body,
+    options: &SendOptions,
+    total: usize,
+) -> anyhow::Result<Vec<Vec<SealedEnvelope>>> {
+    let mut batches: Vec<Vec<SealedEnvelope>> = vec![Vec::new(); senders.len()];
+    for i in 0..total {
+        let s = i % senders.len();
+        batches[s].push(senders[s].seal(to, body, options)?);
+    }
+    Ok(batches)
+}
+
+/// Submits every batch (one sender per batch, one envelope in flight each) while the
+/// recipient opens and acknowledges; returns submit→accepted and submit→acked figures.
+async fn timed_phase(
+    senders: &mut [OrgClient],
+    recipient: &mut OrgClient,
+    batches: Vec<Vec<SealedEnvelope>>,
+    timeout: Duration,
+) -> anyhow::Result<(Rate, Rate)> {
+    let total: usize = batches.iter().map(Vec::len).sum();
+    let submitted_at: Arc<Mutex<HashMap<MessageId, Instant>>> =
+        Arc::new(Mutex::new(HashMap::with_capacity(total)));
+    let mut inbox = recipient.subscribe().await?;
+    let start = Instant::now();
+
+    // Acknowledgements go out concurrently, as a busy recipient's would: each one is a
+    // durable write at the KH gateway.
+    let acker = recipient.clone();
+    let times = submitted_at.clone();
+    let receiving = tokio::spawn(async move {
+        let mut delivered = Vec::with_capacity(total);
+        let mut acks = futures::stream::FuturesUnordered::new();
+        let mut opened_count = 0;
+        while delivered.len() < total {
+            tokio::select! {
+                item = inbox.next(), if opened_count < total => {
+                    let opened = item.context("the inbox stream ended")??;
+                    opened_count += 1;
+                    let mut client = acker.clone();
+                    acks.push(async move {
+                        client.ack(&opened).await?;
+                        Ok::<_, anyhow::Error>((opened.envelope.id(), Instant::now()))
+                    });
+                }
+                Some(done) = acks.next() => {
+                    let (id, at) = done?;
+                    let sent = times
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&id)
+                        .copied();
+                    if let Some(sent) = sent {
+                        delivered.push((at, at - sent));
+                    }
+                }
+            }
+        }
+        Ok::<_, anyhow::Error>(delivered)
+    });
+
+    let mut sending = tokio::task::JoinSet::new();
+    for (client, batch) in senders.iter().cloned().zip(batches) {
+        let times = submitted_at.clone();
+        let mut client = client;
+        sending.spawn(async move {
+            let mut accepted = Vec::with_capacity(batch.len());
+            for sealed in batch {
+                let t0 = Instant::now();
+                let id = message_id(&sealed)?;
+                times
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id, t0);
+                client.submit(&sealed).await?;
+                let t1 = Instant::now();
+                accepted.push((t1, t1 - t0));
+            }
+            Ok::<_, anyhow::Error>(accepted)
+        });
+    }
+    let run = async {
+        let mut accepted = Vec::with_capacity(total);
+        while let Some(r) = sending.join_next().await {
+            accepted.extend(r??);
+        }
+        let delivered = receiving.await??;
+        Ok::<_, anyhow::Error>((accepted, delivered))
+    };
+    let (accepted, delivered) = tokio::time::timeout(timeout, run)
+        .await
+        .with_context(|| format!("the timed phase took longer than {timeout:?}"))??;
+    Ok((rate(start, &accepted), rate(start, &delivered)))
+}
+
+fn message_id(sealed: &SealedEnvelope) -> anyhow::Result<MessageId> {
+    use prost::Message;
+    let header = pb::Header::decode(sealed.header().as_bytes())?;
+    Ok(MessageId::from_slice(&header.message_id)?)
+}
+
+/// Throughput from `start` to the last completion, and the latency percentiles.
+fn rate(start: Instant, done: &[(Instant, Duration)]) -> Rate {
+    let end = done.iter().map(|d| d.0).max().unwrap_or(start);
+    let seconds = (end - start).as_secs_f64();
+    let mut lat: Vec<f64> = done.iter().map(|d| d.1.as_secs_f64() * 1e3).collect();
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let i = ((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len()) - 1;
+        lat[i]
+    };
+    Rate {
+        messages: done.len(),
+        seconds,
+        throughput_per_sec: if seconds > 0.0 {
+            done.len() as f64 / seconds
+        } else {
+            0.0
+        },
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        p999_ms: pct(0.999),
+    }
+}
+
+/// A form whose encoding is `size` bytes (or the smallest possible, if less): an alert up
+/// to the text limit, above it correspondence with one attachment.
+pub fn body_of_size(size: usize) -> pb::Body {
+    use prost::Message;
+    // Printable, incompressible enough: nothing in the path compresses anyway.
+    let filler = |n: usize| -> String {
+        (0..n)
+            .map(|i| char::from(b'a' + ((i * 7 + i / 26) % 26) as u8))
+            .collect()
+    };
+    let make = |n: usize| -> pb::Body {
+        if size <= 8 * 1024 {
+            pb::Body {
+                form: Some(pb::body::Form::Alert(pb::Alert {
+                    what: filler(n),
+                    r#where: "Mộc Bài – Bavet".into(),
+                    ..Default::default()
+                })),
+            }
+        } else {
+            pb::Body {
+                form: Some(pb::body::Form::Correspondence(pb::Correspondence {
+                    text: "bench".into(),
+                    attachments: vec![pb::Attachment {
+                        name: "scan.bin".into(),
+                        media_type: "application/octet-stream".into(),
+                        content: filler(n).into_bytes(),
+                    }],
+                })),
+            }
+        }
+    };
+    // Length prefixes grow with the content: converge on the exact size in a few steps.
+    let mut n = size;
+    for _ in 0..4 {
+        let len = make(n).encoded_len();
+        if len == size {
+            break;
+        }
+        n = (n + size).saturating_sub(len);
+    }
+    make(n)
+}
+
+/// A gateway running as its own process, so its CPU and memory are its own.
+struct GatewayProcess {
+    country: String,
+    child: std::process::Child,
+    pid: u32,
+    log: PathBuf,
+    peak_rss_mib: Option<f64>,
+}
+
+impl GatewayProcess {
+    fn spawn(exe: &Path, net: &LocalNet, cc: &str) -> anyhow::Result<Self> {
+        let log = net.root().join(format!("{cc}-gateway.log"));
+        let out = std::fs::File::create(&log)?;
+        let child = std::process::Command::new(exe)
+            .arg("gateway")
+            .arg(net.config_path(cc))
+            .env("RUST_LOG", "warn")
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {} gateway {}", exe.display(), cc))?;
+        Ok(Self {
+            country: cc.to_owned(),
+            pid: child.id(),
+            child,
+            log,
+            peak_rss_mib: None,
+        })
+    }
+
+    fn exited(&self) -> bool {
+        std::fs::metadata(format!("/proc/{}", self.pid)).is_err()
+            || proc_status(self.pid, "State:").is_some_and(|s| s.starts_with('Z'))
+    }
+
+    /// Reads the peak RSS, then stops the process with SIGTERM (a clean shutdown).
+    fn stop(&mut self) {
+        self.peak_rss_mib = proc_status(self.pid, "VmHWM:")
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map(|kib| kib / 1024.0);
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid.to_string())
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A field of `/proc/PID/status`.
+fn proc_status(pid: u32, field: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(|v| v.trim().to_owned())
+}
+
+/// User plus system CPU seconds of a process so far (`/proc/PID/stat`, in clock ticks of
+/// 1/100 s, the kernel's USER_HZ on Linux).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn machine(run_dir: &Path) -> Machine {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    Machine {
+        cores: cores(),
+        cpu,
+        kernel,
+        run_dir_filesystem: filesystem_of(run_dir),
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The filesystem type of the mount holding `path` (longest matching mount point).
+fn filesystem_of(path: &Path) -> String {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_dev, mount, fs) = (f.next()?, f.next()?, f.next()?);
+            path.starts_with(mount)
+                .then(|| (mount.len(), fs.to_owned()))
+        })
+        .max()
+        .map_or_else(|| "unknown".into(), |m| m.1)
+}
+
+/// The transport limit: a tonic unary echo over the same mutual TLS (the VN gateway's
+/// certificate on the server side, the sender organisation's on the client side), the same
+/// bodies and the same number of connections, each with one call in flight.
+async fn transport_limit(opts: &Options, net: &LocalNet) -> anyhow::Result<Rate> {
+    use accord_gateway::tls::{self, Admission, CountryRoots, Credentials};
+    use accord_proto::bench_pb::echo_client::EchoClient;
+    use accord_proto::bench_pb::echo_server::{Echo, EchoServer};
+    use accord_proto::bench_pb::Payload;
+
+    #[derive(Debug)]
+    struct Mirror;
+    #[tonic::async_trait]
+    impl Echo for Mirror {
+        async fn echo(
+            &self,
+            request: tonic::Request<Payload>,
+        ) -> Result<tonic::Response<Payload>, tonic::Status> {
+            Ok(tonic::Response::new(request.into_inner()))
+        }
+    }
+
+    let pki = net.root().join("pki");
+    let vn = "vn".parse()?;
+    let mut roots = CountryRoots::default();
+    roots.add(vn, &pki.join("vn/ca.pem"))?;
+    let gw = pki.join("vn/gateway");
+    let server_creds = Credentials::load(&gw.join("cert.pem"), &gw.join("key.pem"))?;
+    let server_tls = tls::server_config(
+        &server_creds,
+        roots.clone(),
+        Admission::Any {
+            role: accord_proto::ids::Role::Org,
+            countries: vec!["vn".parse()?],
+        },
+    )?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let incoming = accord_gateway::listener::incoming(listener, server_tls, "bench-echo");
+    let limit = opts.body_bytes + 64 * 1024;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                EchoServer::new(Mirror)
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit),
+            )
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            }),
+    );
+
+    let org = net.org_dir("vn", SENDER_ORG)?;
+    let client_creds = Credentials::load(&org.join("cert.pem"), &org.join("key.pem"))?;
+    let gateway_id = net.gateway_address("vn")?.id;
+    let data = vec![0x5a_u8; opts.body_bytes];
+    let per_sender = opts.messages.div_ceil(opts.senders);
+    let mut clients = Vec::new();
+    for _ in 0..opts.senders {
+        let config = tls::client_config(&client_creds, roots.clone(), gateway_id.clone())?;
+        let mut client = EchoClient::new(tls::channel(addr, config))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        // Connect and warm up outside the timed part, as the exchange's clients are.
+        client
+            .echo(Payload { data: data.clone() })
+            .await
+            .context("bench echo server")?;
+        clients.push(client);
+    }
+    let start = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for mut client in clients {
+        let data = data.clone();
+        calls.spawn(async move {
+            let mut done = Vec::with_capacity(per_sender);
+            for _ in 0..per_sender {
+                let t0 = Instant::now();
+                let reply = client.echo(Payload { data: data.clone() }).await?;
+                anyhow::ensure!(reply.get_ref().data.len() == data.len(), "short echo");
+                let t1 = Instant::now();
+                done.push((t1, t1 - t0));
+            }
+            Ok::<_, anyhow::Error>(done)
+        });
+    }
+    let mut done = Vec::new();
+    while let Some(r) = calls.join_next().await {
+        done.extend(r??);
+    }
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    Ok(rate(start, &done))
+}
+
+/// The crypto ceiling: each stage's cost measured here, single-threaded, with the same
+/// library code and `ring` build the gateways and clients use, weighted by how often one
+/// message passes through it between submit and acknowledgement.
+fn crypto_limit(body_bytes: usize, net: &LocalNet) -> anyhow::Result<CryptoLimit> {
+    use accord_proto::directory::Directories;
+    use accord_proto::receipt;
+
+    let pki = net.root().join("pki");
+    let load_keys = |p: PathBuf| -> anyhow::Result<accord_proto::keyfile::KeyFile> {
+        accord_gateway::server::load_key_file(&p).map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    let sender = load_keys(pki.join(format!("vn/orgs/{SENDER_ORG}/keys.json")))?;
+    let recipient = load_keys(pki.join(format!("kh/orgs/{RECIPIENT_ORG}/keys.json")))?;
+    let gateway = load_keys(pki.join("vn/gateway/keys.json"))?;
+    let trust = accord_gateway::server::load_directory_trust(&pki.join("directory-trust.json"))?;
+    let now = now_ms();
+    let directories = accord_gateway::server::load_directories(
+        &[
+            pki.join("vn/directory.signed.json"),
+            pki.join("kh/directory.signed.json"),
+        ],
+        &trust,
+        now,
+    )?;
+    let to = net.org_id("kh", RECIPIENT_ORG)?;
+    let (key_id, pk) = directories.current_encryption_key(&to, now)?;
+    let body = body_of_size(body_bytes);
+    let header = |id: u8| pb::Header {
+        message_id: MessageId::new_v7(now as u64, [id; 10]).as_bytes().to_vec(),
+        kind: pb::Kind::Alert as i32,
+        case_ref: "BENCH-1".into(),
+        sender_org: net
+            .org_id("vn", SENDER_ORG)
+            .map(|o| o.to_string())
+            .unwrap_or_default(),
+        recipient_org: to.to_string(),
+        recipient_key_id: key_id.clone(),
+        created_at_ms: now,
+        expires_at_ms: now + 3_600_000,
+        priority: pb::Priority::Routine as i32,
+        ..Default::default()
+    };
+    let seal = || accord_proto::envelope::seal(header(1), &body, &pk, &sender.signing);
+    let sealed = seal()?;
+    let wire = sealed.to_wire();
+    let verify = |d: &Directories| -> anyhow::Result<accord_proto::envelope::VerifiedEnvelope> {
+        Ok(SealedEnvelope::from_wire(wire.clone(), &Limits::default())?.verify(d, now)?)
+    };
+    let verified = verify(&directories)?;
+    let key = recipient
+        .encryption_key_by_id(&key_id)
+        .context("the recipient's key file lacks its current key")?;
+    let receipt_body = pb::ReceiptBody {
+        envelope_hash: sealed.hash().0.to_vec(),
+        message_id: verified.id().as_bytes().to_vec(),
+        stage: pb::Stage::Accepted as i32,
+        signer: "spiffe://vn.accord/gateway/hanoi".into(),
+        signer_key_id: gateway.signing.key_id().to_owned(),
+        at_ms: now,
+        log_index: 1,
+        reason: 0,
+    };
+    let signed = receipt::sign(&receipt_body, &gateway.signing);
+
+    // The copy of the wire envelope is part of what from_wire needs here; the gateways
+    // decode theirs off the connection instead, so it is measured and taken out.
+    let copy_us = time_us(|| {
+        std::hint::black_box(wire.clone());
+        Ok(())
+    })?;
+    let verify_us = time_us(|| verify(&directories).map(|_| ()))? - copy_us;
+    let stages = vec![
+        CryptoStage {
+            // VN gateway on submit, KH gateway on arrival, the recipient before opening;
+            // each includes hashing the envelope.
+            stage: "envelope verify (SHA-256 of the envelope, Ed25519)".into(),
+            times_per_message: 3,
+            us_each: verify_us.max(0.0),
+        },
+        CryptoStage {
+            stage: "HPKE open (X25519, HKDF, AES-256-GCM)".into(),
+            times_per_message: 1,
+            us_each: time_us(|| {
+                verified.open(key)?;
+                Ok(())
+            })?,
+        },
+        CryptoStage {
+            // accepted (VN), received (KH), delivered (recipient).
+            stage: "receipt sign (Ed25519)".into(),
+            times_per_message: 3,
+            us_each: time_us(|| {
+                std::hint::black_box(receipt::sign(&receipt_body, &gateway.signing));
+                Ok(())
+            })?,
+        },
+        CryptoStage {
+            // The sender checks accepted; VN checks received; KH and VN check delivered.
+            stage: "receipt verify (Ed25519)".into(),
+            times_per_message: 4,
+            us_each: time_us(|| {
+                receipt::verify(&signed, &directories)?;
+                Ok(())
+            })?,
+        },
+    ];
+    let us_per_message: f64 = stages
+        .iter()
+        .map(|s| s.us_each * f64::from(s.times_per_message))
+        .sum();
+    let seal_us = time_us(|| seal().map(|_| ()).map_err(Into::into))?;
+    let cores = cores();
+    Ok(CryptoLimit {
+        ceiling_per_sec: cores as f64 * 1e6 / us_per_message,
+        stages,
+        us_per_message,
+        cores,
+        seal_us,
+    })
+}
+
+/// Mean microseconds per call of `f`, over at least 0.2 s and 20 calls after a warm-up.
+fn time_us(mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    let start = Instant::now();
+    let mut n = 0u32;
+    while n < 20 || start.elapsed() < Duration::from_millis(200) {
+        f()?;
+        n += 1;
+    }
+    Ok(start.elapsed().as_secs_f64() * 1e6 / f64::from(n))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The store limit: durable transactions per second on a fresh store beside the gateways'
+/// (same disk), `senders` writers with one transaction in flight each, each storing a
+/// message of the bench's size and one log entry, the core of what a submit writes.
+async fn store_limit(opts: &Options, root: &Path) -> anyhow::Result<Rate> {
+    use accord_gateway::store::sled::SledStore;
+    use accord_gateway::store::{Op, StoredMessage};
+
+    let dir = root.join("store-limit");
+    let store = Arc::new(SledStore::open(&dir, 64 << 20)?);
+    let per_writer = opts.messages.div_ceil(opts.senders);
+    let envelope = pb::Envelope {
+        header: vec![1; 200],
+        ciphertext: vec![2; opts.body_bytes + 48],
+        signature: vec![3; 64],
+    };
+    let start = Instant::now();
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..opts.senders {
+        let store = store.clone();
+        let envelope = envelope.clone();
+        writers.spawn(async move {
+            let mut done = Vec::with_capacity(per_writer);
+            for i in 0..per_writer {
+                let mut random = [0u8; 10];
+                random[..2].copy_from_slice(&(w as u16).to_be_bytes());
+                random[2..].copy_from_slice(&(i as u64).to_be_bytes());
+                let id = MessageId::new_v7(now_ms() as u64, random);
+                let t0 = Instant::now();
+                let tx = Tx {
+                    ops: vec![
+                        Op::InsertMessage(
+                            id,
+                            StoredMessage {
+                                envelope: Some(envelope.clone()),
+                                envelope_hash: vec![4; 32],
+                                ..Default::default()
+                            },
+                        ),
+                        Op::Log(vec![5; 120]),
+                    ],
+                    receipts: None,
+                };
+                store.commit(tx).await?;
+                let t1 = Instant::now();
+                done.push((t1, t1 - t0));
+            }
+            Ok::<_, anyhow::Error>(done)
+        });
+    }
+    let mut done = Vec::new();
+    while let Some(r) = writers.join_next().await {
+        done.extend(r??);
+    }
+    let result = rate(start, &done);
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(result)
+}
+
+/// The report as a table.
+pub fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
+    let m = &report.machine;
+    writeln!(
+        out,
+        "accord bench: {} senders, {} B bodies, {} messages; {} cores ({}), run folder on {}",
+        report.senders, report.body_bytes, report.messages, m.cores, m.cpu, m.run_dir_filesystem
+    )?;
+    writeln!(
+        out,
+        "\n{:<34} {:>10} {:>9} {:>9} {:>9}",
+        "", "msg/s", "p50 ms", "p99 ms", "p99.9 ms"
+    )?;
+    let row = |out: &mut dyn Write, name: &str, r: &Rate| {
+        writeln!(
+            out,
+            "{:<34} {:>10.0} {:>9.2} {:>9.2} {:>9.2}",
+            name, r.throughput_per_sec, r.p50_ms, r.p99_ms, r.p999_ms
+        )
+    };
+    row(out, "submit -> accepted (durable)", &report.submit)?;
+    row(out, "submit -> delivered and acked", &report.end_to_end)?;
+    row(out, "limit: bare mTLS echo", &report.limits.transport)?;
+    row(out, "limit: store, durable tx", &report.limits.store)?;
+    let c = &report.limits.crypto;
+    writeln!(
+        out,
+        "{:<34} {:>10.0}   ({:.1} µs of crypto per message on {} cores)",
+        "limit: crypto ceiling", c.ceiling_per_sec, c.us_per_message, c.cores
+    )?;
+    for s in &c.stages {
+        writeln!(
+            out,
+            "    {:<44} {} x {:>8.1} µs",
+            s.stage, s.times_per_message, s.us_each
+        )?;
+    }
+    writeln!(
+        out,
+        "    {:<44}     {:>8.1} µs (sender, before the timed phase)",
+        "seal and sign", c.seal_us
+    )?;
+    writeln!(out, "\nCPU per message and memory")?;
+    for p in &report.processes {
+        let rss = p
+            .peak_rss_mib
+            .map_or_else(|| "-".to_owned(), |r| format!("{r:.0} MiB peak RSS"));
+        writeln!(
+            out,
+            "    {:<28} {:>8.0} µs CPU/msg  {:>7.2} CPU s   {}",
+            p.name, p.cpu_us_per_message, p.cpu_seconds, rss
+        )?;
+    }
+    writeln!(
+        out,
+        "    on disk (both gateways)      {:>8.0} bytes/msg",
+        report.disk_bytes_per_message
+    )?;
+    let r = &report.ratios;
+    writeln!(out, "\nend to end as a fraction of each ceiling")?;
+    writeln!(
+        out,
+        "    transport {:>6.1}%",
+        r.end_to_end_vs_transport * 100.0
+    )?;
+    writeln!(
+        out,
+        "    crypto    {:>6.1}%",
+        r.end_to_end_vs_crypto * 100.0
+    )?;
+    writeln!(out, "    store     {:>6.1}%", r.end_to_end_vs_store * 100.0)?;
+    writeln!(
+        out,
+        "submit as a fraction of: transport {:.1}%, store {:.1}%",
+        r.submit_vs_transport * 100.0,
+        r.submit_vs_store * 100.0
+    )?;
+    writeln!(
+        out,
+        "nearest ceiling: {}; most CPU per message: {}",
+        r.nearest_limit, r.busiest_process
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_have_the_size_asked_for() {
+        use prost::Message;
+        for size in [512, 1024, 8 * 1024, 64 * 1024, 1 << 20] {
+            assert_eq!(body_of_size(size).encoded_len(), size, "{size}");
+        }
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let start = Instant::now();
+        let done: Vec<(Instant, Duration)> = (1..=1000)
+            .map(|i| (start + Duration::from_secs(2), Duration::from_millis(i)))
+            .collect();
+        let r = rate(start, &done);
+        assert_eq!(r.p50_ms, 500.0);
+        assert_eq!(r.p99_ms, 990.0);
+        assert_eq!(r.p999_ms, 999.0);
+        assert!((r.throughput_per_sec - 500.0).abs() < 1e-9);
+    }
+}
