@@ -418,34 +418,45 @@ fn write_identity(dir: &Path, cert: &IssuedCert) -> Result<(), CertsError> {
     write_file(&dir.join("key.pem"), cert.key_pem.as_bytes(), true)
 }
 
-/// Writes `bytes` to `path`, creating parents; secrets are created owner-only (0600).
+/// Writes `bytes` to `path` by renaming a new file over it, creating parents; secrets are
+/// owner-only (0600) from their first byte.
 pub fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), CertsError> {
     let io = |source| CertsError::Io {
         path: path.to_owned(),
         source,
     };
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(io)?;
-    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(parent).map_err(io)?;
+    // A new file beside the target, renamed over it: the target is never half written, a
+    // file or symlink already there is replaced rather than written through, and a secret
+    // is never in a file that anyone else has open or may read.
+    let name = path
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = parent.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = fs::remove_file(&tmp);
     let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
-    if secret {
+    {
         use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path).map_err(io)?;
-    // The mode above applies only to a new file: an existing one is narrowed before the
-    // secret is in it.
-    #[cfg(unix)]
-    if secret {
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(fs::Permissions::from_mode(0o600))
-            .map_err(io)?;
+        opts.mode(if secret { 0o600 } else { 0o644 });
     }
     let _ = secret;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)
+    let written = (|| {
+        let mut f = opts.open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(parent)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written.map_err(io)
 }
 
 #[cfg(test)]
@@ -453,15 +464,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_secret_written_over_a_readable_file_leaves_it_owner_only() {
+    fn a_secret_written_over_a_readable_file_or_a_symlink_replaces_it_owner_only() {
         use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("key.pem");
         write_file(&path, b"public", false).unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        // A reader that opened the old file keeps seeing the old bytes, not the secret.
+        let mut held = fs::File::open(&path).unwrap();
         write_file(&path, b"secret", true).unwrap();
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{mode:o}");
+        assert_eq!(fs::read(&path).unwrap(), b"secret");
+        let mut old = String::new();
+        std::io::Read::read_to_string(&mut held, &mut old).unwrap();
+        assert_eq!(old, "public");
+
+        // A symlink at the target is replaced, its target left alone.
+        let elsewhere = tmp.path().join("elsewhere");
+        fs::write(&elsewhere, b"untouched").unwrap();
+        let link = tmp.path().join("link.pem");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        write_file(&link, b"secret", true).unwrap();
+        assert_eq!(fs::read(&elsewhere).unwrap(), b"untouched");
+        assert!(!fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(fs::read(&link).unwrap(), b"secret");
     }
 
     #[test]

@@ -117,28 +117,59 @@ pub fn load_directories(
 }
 
 /// Refuses a private key file that anyone but its owner may read or write.
-pub fn check_owner_only(path: &std::path::Path) -> Result<(), String> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)
-            .map_err(|e| e.to_string())?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            return Err(format!(
-                "permissions {:o} let others read it; chmod 600 it",
-                mode & 0o777
-            ));
-        }
+#[cfg(unix)]
+fn owner_only(meta: &std::fs::Metadata) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "permissions {:o} let others read it; chmod 600 it",
+            mode & 0o777
+        ));
     }
     Ok(())
 }
 
+#[cfg(not(unix))]
+fn owner_only(_: &std::fs::Metadata) -> Result<(), String> {
+    Ok(())
+}
+
+/// The largest key, certificate or key file read: a chain of a few certificates is a few KiB.
+const MAX_CREDENTIAL_FILE: u64 = 1 << 20;
+
+/// Reads a key or certificate file with one open: it must be a regular file of at most
+/// 1 MiB and, if `secret`, readable by its owner only, checked on the handle the bytes come
+/// from (a file swapped in between is not read). The bytes are wiped when dropped.
+pub fn read_credential_file(
+    path: &std::path::Path,
+    secret: bool,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > MAX_CREDENTIAL_FILE {
+        return Err(format!("larger than {MAX_CREDENTIAL_FILE} bytes"));
+    }
+    if secret {
+        owner_only(&meta)?;
+    }
+    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(meta.len() as usize));
+    file.take(MAX_CREDENTIAL_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_CREDENTIAL_FILE {
+        return Err(format!("larger than {MAX_CREDENTIAL_FILE} bytes"));
+    }
+    Ok(bytes)
+}
+
 /// Reads a private key file, refusing one that others may read.
 pub fn load_key_file(path: &std::path::Path) -> Result<KeyFile, String> {
-    check_owner_only(path)?;
-    let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| e.to_string())?);
+    let bytes = read_credential_file(path, true)?;
     KeyFile::from_json(&bytes).map_err(|e| e.to_string())
 }
 
@@ -406,12 +437,24 @@ pub async fn start(
 /// How often reloadable files are checked for changes.
 const RELOAD_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
-type Stamps = std::collections::HashMap<std::path::PathBuf, Option<(std::time::SystemTime, u64)>>;
+type Stamps = std::collections::HashMap<std::path::PathBuf, Option<Stamp>>;
 
-/// A file's identity for change detection: modification time and length.
-fn stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+/// What tells a changed file apart: modification time and length, and, since either can
+/// stay the same (`cp -p`, `rsync -t`, same-size keys, coarse timestamps), the inode, the
+/// status change time and the mode (a `chmod 600` after a refusal is a change too).
+type Stamp = (std::time::SystemTime, u64, u64, i64, i64, u32);
+
+fn stamp(path: &std::path::Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
+    Some((
+        meta.modified().ok()?,
+        meta.len(),
+        meta.ino(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+        meta.mode(),
+    ))
 }
 
 /// What a watched file feeds when it changes.
@@ -447,6 +490,7 @@ async fn reload_on_change(
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refused_credentials: Option<String> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -511,16 +555,26 @@ async fn reload_on_change(
                 ),
             }
         }
-        if credentials {
+        // A refused pair is tried again every tick until it is taken or replaced: it may
+        // become acceptable without its files changing (a clock catching up with its
+        // notBefore, say). The error is logged when it first appears or changes.
+        if credentials || refused_credentials.is_some() {
             let Some(own) = roots.first() else { continue };
             match creds.reload(own) {
-                Ok(()) => tracing::info!(identity = %creds.id, "TLS certificate reloaded"),
-                // A certificate written before its key fails here and is retried when the
-                // key file changes.
-                Err(e) => tracing::error!(
-                    error = %e,
-                    "TLS certificate reload refused; the certificate in force stays"
-                ),
+                Ok(()) => {
+                    refused_credentials = None;
+                    tracing::info!(identity = %creds.id, "TLS certificate reloaded");
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    if refused_credentials.as_ref() != Some(&e) {
+                        tracing::error!(
+                            error = %e,
+                            "TLS certificate reload refused; the certificate in force stays"
+                        );
+                    }
+                    refused_credentials = Some(e);
+                }
             }
         }
     }

@@ -51,6 +51,9 @@ pub enum TlsError {
     Refused(rustls::Error),
 }
 
+/// The longest certificate chain we present: end entity, intermediates (no root needed).
+const MAX_CHAIN: usize = 4;
+
 /// id-kp-clientAuth (RFC 5280 §4.2.1.12), DER-encoded OID contents.
 const EKU_CLIENT_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02];
 /// id-kp-serverAuth.
@@ -71,8 +74,8 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
         path: path.display().to_string(),
         problem,
     };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| err(e.to_string()))?
+    let bytes = crate::server::read_credential_file(path, false).map_err(err)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| err(e.to_string()))?;
     if certs.is_empty() {
@@ -81,11 +84,14 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
+/// Reads a TLS private key (PEM), which must be owner-only.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem {
+    let err = |problem: String| TlsError::Pem {
         path: path.display().to_string(),
-        problem: e.to_string(),
-    })
+        problem,
+    };
+    let bytes = crate::server::read_credential_file(path, true).map_err(err)?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| err(e.to_string()))
 }
 
 /// The one function that turns a certificate into an identity: exactly one URI SAN, which
@@ -462,17 +468,21 @@ impl Credentials {
     }
 
     fn read(cert: &Path, key: &Path) -> Result<(SpiffeId, CertifiedKey), TlsError> {
-        crate::server::check_owner_only(key).map_err(|problem| TlsError::Pem {
-            path: key.display().to_string(),
-            problem,
-        })?;
         let chain = load_certs(cert)?;
+        if chain.len() > MAX_CHAIN {
+            return Err(TlsError::Pem {
+                path: cert.display().to_string(),
+                problem: format!("more than {MAX_CHAIN} certificates"),
+            });
+        }
         let id = spiffe_id(&chain[0])?;
-        let pair = CertifiedKey::from_der(chain, load_key(key)?, &provider()).map_err(|e| {
-            TlsError::Pem {
-                path: key.display().to_string(),
-                problem: format!("not the key of the certificate in {}: {e}", cert.display()),
-            }
+        let signer = provider().key_provider.load_private_key(load_key(key)?)?;
+        let pair = CertifiedKey::new(chain, signer);
+        // Strict: a key whose public half cannot be compared (possible with other providers)
+        // is refused too, where rustls' from_der would let it pass.
+        pair.keys_match().map_err(|e| TlsError::Pem {
+            path: key.display().to_string(),
+            problem: format!("not the key of the certificate in {}: {e}", cert.display()),
         })?;
         Ok((id, pair))
     }
@@ -574,6 +584,10 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(creds.clone());
+    // No resumption: a resumed session skips the verifier, so a certificate revoked after
+    // the first handshake would still get in. Connections are long-lived gRPC channels.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }
@@ -595,6 +609,7 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(creds.clone());
+    config.resumption = rustls::client::Resumption::disabled();
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }
@@ -818,7 +833,29 @@ mod tests {
             std::fs::set_permissions(gw.join("key.pem"), std::fs::Permissions::from_mode(0o640))
                 .unwrap();
         }
-        assert!(creds.reload(&roots).is_err());
+        let err = creds.reload(&roots).unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        // Our identity from our root, but without one of the two uses a gateway needs.
+        for only in [
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ] {
+            let read = |p: &str| std::fs::read_to_string(pki.join(p)).unwrap();
+            let ca_key = rcgen::KeyPair::from_pem(&read("vn/ca.key")).unwrap();
+            let issuer = rcgen::Issuer::from_ca_cert_pem(&read("vn/ca.pem"), ca_key).unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.subject_alt_names = vec![rcgen::SanType::URI(
+                "spiffe://vn.accord/gateway/gw".try_into().unwrap(),
+            )];
+            params.extended_key_usages = vec![only.clone()];
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            std::fs::write(gw.join("cert.pem"), cert.pem()).unwrap();
+            accord_certs::write_file(&gw.join("key.pem"), key.serialize_pem().as_bytes(), true)
+                .unwrap();
+            let err = creds.reload(&roots).unwrap_err();
+            assert!(matches!(err, TlsError::Refused(_)), "{only:?}: {err}");
+        }
         assert_eq!(presented(), original);
 
         // A proper renewal is taken...

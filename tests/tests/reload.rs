@@ -159,18 +159,23 @@ async fn a_renewed_gateway_certificate_is_used_without_a_restart_and_the_old_one
     let old_cert = read("gateway/cert.pem");
     let old = presented_certificate(&net, "vn", "c02").await;
 
-    // The VN root renews the gateway's certificate; the operator puts the key in place,
-    // then the certificate, each by a rename.
+    // The VN root renews the gateway's certificate; the operator puts the certificate in
+    // place, then (a moment later, so the gateway sees the pair mismatched first) its key.
     let renewed = accord_certs::reissue(
         &read("ca.pem"),
         &read("ca.key"),
         &net.gateway_address("vn").unwrap().id,
     )
     .unwrap();
-    let aside = pki.join("gateway/key.pem.new");
-    accord_certs::write_file(&aside, renewed.key_pem.as_bytes(), true).unwrap();
-    std::fs::rename(&aside, pki.join("gateway/key.pem")).unwrap();
     rewrite(&pki.join("gateway/cert.pem"), &renewed.cert_pem);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(presented_certificate(&net, "vn", "c02").await, old);
+    accord_certs::write_file(
+        &pki.join("gateway/key.pem"),
+        renewed.key_pem.as_bytes(),
+        true,
+    )
+    .unwrap();
     let mut now = old.clone();
     for _ in 0..60 {
         now = presented_certificate(&net, "vn", "c02").await;

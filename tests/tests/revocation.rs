@@ -86,3 +86,13 @@ async fn a_revoked_peer_gateway_certificate_fails_the_peer_handshake() {
     assert!(refused_in_handshake(&format!("{err:?}")), "{err:?}");
     net.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_does_not_start_with_a_certificate_its_own_root_has_revoked() {
+    let mut net = net().await;
+    publish_crl(&net, "vn", &["gateway/cert.pem"]);
+    net.stop_gateway("vn").await.unwrap();
+    let err = net.start_gateway("vn").await.unwrap_err();
+    assert!(format!("{err:#}").contains("Revoked"), "{err:#}");
+    net.shutdown().await;
+}
