@@ -16,6 +16,9 @@
 //! - [`transparency`]: checkpoints, witnessing of peers, proofs and evidence bundles.
 //! - [`server`]: assembles and runs a gateway on given listeners.
 
+#[cfg(not(unix))]
+compile_error!("the Accord gateway runs on Unix: key file modes, signals and file stamps");
+
 pub mod config;
 pub mod forwarder;
 pub mod listener;

@@ -117,7 +117,6 @@ pub fn load_directories(
 }
 
 /// Refuses a private key file that anyone but its owner may read or write.
-#[cfg(unix)]
 fn owner_only(meta: &std::fs::Metadata) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let mode = meta.permissions().mode();
@@ -127,11 +126,6 @@ fn owner_only(meta: &std::fs::Metadata) -> Result<(), String> {
             mode & 0o777
         ));
     }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn owner_only(_: &std::fs::Metadata) -> Result<(), String> {
     Ok(())
 }
 
@@ -339,6 +333,8 @@ pub async fn start(
     let incoming = crate::listener::incoming(client_listener, client_tls, "client");
     tasks.spawn(async move {
         let result = tonic::transport::Server::builder()
+            .max_connection_age(MAX_CONNECTION_AGE)
+            .max_connection_age_grace(MAX_CONNECTION_AGE_GRACE)
             .add_service(health_c)
             .add_service(exchange)
             .add_service(audit)
@@ -359,6 +355,8 @@ pub async fn start(
     let incoming = crate::listener::incoming(peer_listener, peer_tls, "peer");
     tasks.spawn(async move {
         let result = tonic::transport::Server::builder()
+            .max_connection_age(MAX_CONNECTION_AGE)
+            .max_connection_age_grace(MAX_CONNECTION_AGE_GRACE)
             .add_service(health_service)
             .add_service(peer_link)
             .serve_with_incoming_shutdown(incoming, stop)
@@ -433,6 +431,13 @@ pub async fn start(
         tasks,
     })
 }
+
+/// How long a client or peer connection lives before the gateway asks it to reconnect
+/// (HTTP/2 GOAWAY: calls in flight finish, the channel dials again). A certificate revoked
+/// or a CRL published while a connection is open takes effect on it within this time.
+const MAX_CONNECTION_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+/// How long calls in flight (a subscription, say) may run on after that.
+const MAX_CONNECTION_AGE_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// How often reloadable files are checked for changes.
 const RELOAD_POLL: std::time::Duration = std::time::Duration::from_secs(1);
