@@ -160,7 +160,11 @@ async fn drain_once(
             "peer answered a different number of items".into(),
         ));
     }
+    // Every entry the peer answered is settled in one transaction: one durable commit per
+    // batch, not one per envelope.
     let mut settled = 0;
+    let mut batch_ops = Vec::new();
+    let mut fault = None;
     for ((key, entry, id), result) in sent.into_iter().zip(response.results) {
         if !result.retry_reason.is_empty() {
             tracing::info!(peer = %peer, message_id = %id, reason = %result.retry_reason, "peer asks to retry");
@@ -184,16 +188,13 @@ async fn drain_once(
                 continue;
             };
             match check_peer_receipt(pipeline, peer, &id, &r) {
-                Ok(event) => {
-                    let v = receipt::verify(&r, &pipeline.directories()).ok();
+                Ok((event, v)) => {
                     ops.push(Op::PutReceipt(id, r.clone()));
                     ops.push(Op::Log(
                         pb::LogEntry {
                             event: event as i32,
                             message_id: id.as_bytes().to_vec(),
-                            envelope_hash: v
-                                .map(|v| v.envelope_hash.0.to_vec())
-                                .unwrap_or_default(),
+                            envelope_hash: v.envelope_hash.0.to_vec(),
                             actor: peer.to_string(),
                             at_ms: pipeline.now(),
                             reason: 0,
@@ -206,16 +207,30 @@ async fn drain_once(
                     // Keep the entry: a peer answering with a bad receipt is a fault to fix,
                     // not a reason to lose the message.
                     tracing::error!(peer = %peer, message_id = %id, error = %e, "peer answered with a receipt that does not verify");
-                    return Err(ForwardError::Unavailable(format!(
+                    fault = Some(ForwardError::Unavailable(format!(
                         "bad receipt from peer: {e}"
                     )));
+                    break;
                 }
             }
         }
-        settle(pipeline, key, &entry, ops).await?;
+        batch_ops.extend(ops);
+        batch_ops.push(settle_op(key, &entry)?);
         settled += 1;
     }
-    Ok(settled)
+    if !batch_ops.is_empty() {
+        pipeline
+            .store
+            .commit(Tx {
+                ops: batch_ops,
+                receipts: None,
+            })
+            .await?;
+    }
+    match fault {
+        Some(e) => Err(e),
+        None => Ok(settled),
+    }
 }
 
 fn check_peer_receipt(
@@ -223,7 +238,7 @@ fn check_peer_receipt(
     peer: &SpiffeId,
     id: &MessageId,
     r: &pb::Receipt,
-) -> Result<LogEvent, PipelineError> {
+) -> Result<(LogEvent, receipt::VerifiedReceipt), PipelineError> {
     let v = receipt::verify(r, &pipeline.directories())?;
     let stored = pipeline.store.message(id)?.ok_or(PipelineError::NotFound)?;
     if &v.signer != peer
@@ -235,26 +250,32 @@ fn check_peer_receipt(
         ));
     }
     match v.stage() {
-        Stage::Received => Ok(LogEvent::Forwarded),
-        Stage::Rejected => Ok(LogEvent::Rejected),
+        Stage::Received => Ok((LogEvent::Forwarded, v)),
+        Stage::Rejected => Ok((LogEvent::Rejected, v)),
         other => Err(PipelineError::BadReceipt(format!(
             "unexpected stage {other:?}"
         ))),
     }
 }
 
-/// Removes a settled entry together with whatever records its outcome.
+/// The op that takes a settled entry off the outbox.
+fn settle_op(key: QueueKey, entry: &QueueEntry) -> Result<Op, StoreError> {
+    Ok(
+        match (&entry.receipt, MessageId::from_slice(&entry.message_id)) {
+            (None, Ok(id)) => Op::RemoveMessage(Queue::Outbox(peer_country(&key)?), id),
+            _ => Op::Dequeue(key),
+        },
+    )
+}
+
+/// Removes a settled entry together with whatever records its outcome, on its own.
 async fn settle(
     pipeline: &Pipeline,
     key: QueueKey,
     entry: &QueueEntry,
     mut ops: Vec<Op>,
 ) -> Result<(), StoreError> {
-    let queue_op = match (&entry.receipt, MessageId::from_slice(&entry.message_id)) {
-        (None, Ok(id)) => Op::RemoveMessage(Queue::Outbox(peer_country(&key)?), id),
-        _ => Op::Dequeue(key),
-    };
-    ops.push(queue_op);
+    ops.push(settle_op(key, entry)?);
     pipeline
         .store
         .commit(Tx {

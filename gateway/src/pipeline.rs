@@ -20,7 +20,9 @@ use accord_proto::receipt::{self, ReceiptError, VerifiedReceipt};
 use prost::Message;
 use tokio::sync::Notify;
 
-use crate::store::{Op, Queue, QueueEntry, Store, StoreError, StoredMessage, Tx, TxOutcome};
+use crate::store::{
+    Op, Queue, QueueEntry, QueueKey, Store, StoreError, StoredMessage, Tx, TxOutcome,
+};
 
 /// Why the pipeline refused or failed a request. [`crate::service`] maps it to a status.
 #[derive(Debug, thiserror::Error)]
@@ -888,13 +890,53 @@ impl Pipeline {
         caller: &SpiffeId,
         max: usize,
     ) -> Result<Vec<pb::InboxItem>, PipelineError> {
+        let items = self
+            .inbox_except(caller, max, &std::collections::HashSet::new())
+            .await?;
+        Ok(items.into_iter().map(|(_, item)| item).collect())
+    }
+
+    /// The queue keys of the first `max` entries of `caller`'s inbox.
+    pub fn inbox_keys(
+        &self,
+        caller: &SpiffeId,
+        max: usize,
+    ) -> Result<std::collections::HashSet<QueueKey>, PipelineError> {
+        let org = self.inbox_owner(caller)?;
+        Ok(self
+            .store
+            .queue(&Queue::Inbox(org), max)?
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect())
+    }
+
+    /// Up to `max` envelopes waiting for `caller` that are not among `seen` (queue keys a
+    /// live subscription already sent), in inbox order, with their keys. Entries in `seen`
+    /// are skipped before their messages are read, so a subscription with many envelopes
+    /// awaiting acknowledgement pays for the new ones only.
+    pub async fn inbox_except(
+        self: &Arc<Self>,
+        caller: &SpiffeId,
+        max: usize,
+        seen: &std::collections::HashSet<QueueKey>,
+    ) -> Result<Vec<(QueueKey, pb::InboxItem)>, PipelineError> {
         let org = self.inbox_owner(caller)?;
         // Never hand out an envelope a power cut could take back (and the peer resend).
         self.store.barrier().await?;
         let now = self.now();
         let mut items = Vec::new();
         let mut bytes = 0;
-        for (_, entry) in self.store.queue(&Queue::Inbox(org.clone()), max)? {
+        let entries = self
+            .store
+            .queue(&Queue::Inbox(org.clone()), seen.len() + max)?;
+        for (key, entry) in entries {
+            if seen.contains(&key) {
+                continue;
+            }
+            if items.len() == max {
+                break;
+            }
             let id = MessageId::from_slice(&entry.message_id)
                 .map_err(|_| StoreError::Corrupt("inbox".into()))?;
             let Some(msg) = self.store.message(&id)? else {
@@ -910,11 +952,14 @@ impl Pipeline {
             if !items.is_empty() && bytes > MAX_FETCH_BYTES {
                 break; // the rest waits for the next fetch
             }
-            items.push(pb::InboxItem {
-                envelope: msg.envelope,
-                envelope_hash: msg.envelope_hash,
-                received: self.own_receipt(&id, Stage::Received)?,
-            });
+            items.push((
+                key,
+                pb::InboxItem {
+                    envelope: msg.envelope,
+                    envelope_hash: msg.envelope_hash,
+                    received: self.own_receipt(&id, Stage::Received)?,
+                },
+            ));
         }
         Ok(items)
     }

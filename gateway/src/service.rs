@@ -19,6 +19,9 @@ use crate::pipeline::{Pipeline, PipelineError};
 /// Largest batch a client may fetch, or a peer deliver, in one call.
 pub const MAX_BATCH: usize = 256;
 
+/// Envelopes a subscription sends ahead of the subscriber's acknowledgements.
+pub const MAX_UNACKED: usize = 1024;
+
 impl From<PipelineError> for Status {
     fn from(e: PipelineError) -> Self {
         match e {
@@ -117,22 +120,32 @@ impl Exchange for ExchangeService {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            // Each subscription sends an envelope once; acked ones leave the inbox.
+            // Each subscription sends an envelope once (by queue key); acked ones leave the
+            // inbox and so the set. At most MAX_UNACKED are out unacknowledged at a time.
             let mut sent = std::collections::HashSet::new();
             loop {
                 let notified = signal.notified();
-                let items = match pipeline.inbox(&who.id, MAX_BATCH).await {
+                let room = MAX_UNACKED.saturating_sub(sent.len()).min(MAX_BATCH);
+                let items = match pipeline.inbox_except(&who.id, room, &sent).await {
                     Ok(items) => items,
                     Err(e) => {
                         let _ = tx.send(Err(e.into())).await;
                         return;
                     }
                 };
-                let current: std::collections::HashSet<_> =
-                    items.iter().map(|i| i.envelope_hash.clone()).collect();
-                sent.retain(|h| current.contains(h));
-                for item in items {
-                    if sent.insert(item.envelope_hash.clone()) && tx.send(Ok(item)).await.is_err() {
+                if room == 0 || items.len() < room {
+                    // Everything waiting was seen: forget what has left the inbox since.
+                    match pipeline.inbox_keys(&who.id, sent.len() + MAX_BATCH) {
+                        Ok(keys) => sent.retain(|k| keys.contains(k)),
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
+                    }
+                }
+                for (key, item) in items {
+                    sent.insert(key);
+                    if tx.send(Ok(item)).await.is_err() {
                         return;
                     }
                 }
