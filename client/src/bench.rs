@@ -954,6 +954,199 @@ async fn store_limit(opts: &Options, root: &Path) -> anyhow::Result<Rate> {
     Ok(result)
 }
 
+/// What the backlog scenario measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct BacklogReport {
+    pub machine: Machine,
+    pub senders: usize,
+    pub body_bytes: usize,
+    /// Envelopes accepted by VN while KH was down.
+    pub backlog: usize,
+    /// Durable submit→accepted while the backlog built up.
+    pub submit: Rate,
+    /// Peak RSS of the VN gateway holding the backlog.
+    pub vn_peak_rss_with_backlog_mib: f64,
+    /// VN's store on disk with the backlog.
+    pub vn_disk_mib: f64,
+    /// Entries in VN's log when it was restarted.
+    pub vn_log_entries: u64,
+    /// From starting the VN gateway process again to its first answered call.
+    pub restart_to_ready_ms: f64,
+    /// KH comes up: from then until the recipient has opened and acknowledged everything.
+    pub drain: Rate,
+    pub vn_peak_rss_after_drain_mib: Option<f64>,
+    pub kh_peak_rss_after_drain_mib: Option<f64>,
+}
+
+/// The backlog scenario: KH is down while VN accepts `backlog` envelopes (sealed as they
+/// go), then VN is restarted with the backlog in its store, then KH comes up and the
+/// recipient drains everything. Peak memory with the backlog, restart time, drain rate.
+pub async fn run_backlog(
+    opts: &Options,
+    backlog: usize,
+    progress: &mut (impl Write + Send),
+) -> anyhow::Result<BacklogReport> {
+    anyhow::ensure!(
+        backlog >= opts.senders,
+        "--backlog must be at least --senders"
+    );
+    let mut builder = LocalNet::builder()
+        .country("vn", "hanoi", &[SENDER_ORG])
+        .country("kh", "phnom-penh", &[RECIPIENT_ORG]);
+    if let Some(dir) = &opts.dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        builder = builder.dir(dir);
+    }
+    let mut net = builder.prepare().await?;
+    net.release_listeners("vn")?;
+    net.release_listeners("kh")?;
+    let mut vn = GatewayProcess::spawn(&opts.gateway_exe, &net, "vn")?;
+    writeln!(progress, "KH down; VN accepts {backlog} envelopes...")?;
+    let mut senders = Vec::new();
+    for _ in 0..opts.senders {
+        senders.push(ready_client(&net, "vn", SENDER_ORG, std::slice::from_ref(&vn)).await?);
+    }
+    let to = net.org_id("kh", RECIPIENT_ORG)?;
+    let body = body_of_size(opts.body_bytes);
+    let start = Instant::now();
+    let mut sending = tokio::task::JoinSet::new();
+    let per_sender = backlog.div_ceil(opts.senders);
+    for (i, client) in senders.into_iter().enumerate() {
+        let n = per_sender.min(backlog.saturating_sub(i * per_sender));
+        let (to, body) = (to.clone(), body.clone());
+        sending.spawn(async move {
+            let mut client = client;
+            let options = SendOptions::new("BENCH-BACKLOG");
+            let mut done = Vec::with_capacity(n);
+            for _ in 0..n {
+                let sealed = client.seal(&to, &body, &options)?;
+                let t0 = Instant::now();
+                client.submit(&sealed).await?;
+                let t1 = Instant::now();
+                done.push((t1, t1 - t0));
+            }
+            Ok::<_, anyhow::Error>(done)
+        });
+    }
+    let mut accepted = Vec::with_capacity(backlog);
+    let mut last_report = Instant::now();
+    while let Some(r) = sending.join_next().await {
+        accepted.extend(r??);
+        if last_report.elapsed() > Duration::from_secs(10) {
+            writeln!(progress, "  {} accepted", accepted.len())?;
+            last_report = Instant::now();
+        }
+    }
+    let submit = rate(start, &accepted);
+    let vn_peak = proc_status(vn.pid, "VmHWM:")
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0);
+    let vn_disk = dir_size(&net.data_dir("vn")?) as f64 / (1 << 20) as f64;
+
+    writeln!(progress, "restarting VN with the backlog...")?;
+    vn.stop();
+    let vn_log_entries = log_entries(&net.data_dir("vn")?)?;
+    let restarted = Instant::now();
+    let vn = GatewayProcess::spawn(&opts.gateway_exe, &net, "vn")?;
+    ready_client(&net, "vn", SENDER_ORG, std::slice::from_ref(&vn)).await?;
+    let restart_to_ready_ms = restarted.elapsed().as_secs_f64() * 1e3;
+
+    writeln!(progress, "KH up; draining {backlog} envelopes...")?;
+    let drain_start = Instant::now();
+    let kh = GatewayProcess::spawn(&opts.gateway_exe, &net, "kh")?;
+    let mut gateways = [vn, kh];
+    let mut recipient = ready_client(&net, "kh", RECIPIENT_ORG, &gateways).await?;
+    let mut inbox = recipient.subscribe().await?;
+    let mut acks = futures::stream::FuturesUnordered::new();
+    let mut delivered = Vec::with_capacity(backlog);
+    let mut opened = 0;
+    let drained = tokio::time::timeout(opts.timeout, async {
+        while delivered.len() < backlog {
+            tokio::select! {
+                item = inbox.next(), if opened < backlog => {
+                    let item = item.context("the inbox stream ended")??;
+                    opened += 1;
+                    let mut client = recipient.clone();
+                    acks.push(async move {
+                        client.ack(&item).await?;
+                        Ok::<_, anyhow::Error>(Instant::now())
+                    });
+                }
+                Some(done) = acks.next() => {
+                    let at = done?;
+                    delivered.push((at, at - drain_start));
+                }
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+    .await;
+    for g in &mut gateways {
+        g.stop();
+    }
+    let [vn, kh] = &gateways;
+    drained.with_context(|| format!("draining took longer than {:?}", opts.timeout))??;
+    let report = BacklogReport {
+        machine: machine(net.root()),
+        senders: opts.senders,
+        body_bytes: opts.body_bytes,
+        backlog,
+        submit,
+        vn_peak_rss_with_backlog_mib: vn_peak,
+        vn_disk_mib: vn_disk,
+        vn_log_entries,
+        restart_to_ready_ms,
+        drain: rate(drain_start, &delivered),
+        vn_peak_rss_after_drain_mib: vn.peak_rss_mib,
+        kh_peak_rss_after_drain_mib: kh.peak_rss_mib,
+    };
+    net.shutdown().await;
+    Ok(report)
+}
+
+/// The number of entries in the log of the (stopped) gateway whose store is at `data_dir`.
+fn log_entries(data_dir: &Path) -> anyhow::Result<u64> {
+    use accord_gateway::store::sled::SledStore;
+    let store = SledStore::open(data_dir, 8 << 20)?;
+    Ok(store.log_size()?)
+}
+
+/// The backlog report as a table.
+pub fn print_backlog(r: &BacklogReport, out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "accord bench --backlog: {} envelopes of {} B, {} senders; {} cores ({})",
+        r.backlog, r.body_bytes, r.senders, r.machine.cores, r.machine.cpu
+    )?;
+    writeln!(
+        out,
+        "  submit while the peer is down   {:>8.0} msg/s  p50 {:.2} ms  p99 {:.2} ms",
+        r.submit.throughput_per_sec, r.submit.p50_ms, r.submit.p99_ms
+    )?;
+    writeln!(
+        out,
+        "  VN peak RSS with the backlog    {:>8.1} MiB   store on disk {:.0} MiB",
+        r.vn_peak_rss_with_backlog_mib, r.vn_disk_mib
+    )?;
+    writeln!(
+        out,
+        "  VN restart to ready             {:>8.0} ms    ({} log entries, {} queued)",
+        r.restart_to_ready_ms, r.vn_log_entries, r.backlog
+    )?;
+    writeln!(
+        out,
+        "  drain after KH comes up         {:>8.0} msg/s  ({:.1} s for everything)",
+        r.drain.throughput_per_sec, r.drain.seconds
+    )?;
+    let mib = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.1} MiB"));
+    writeln!(
+        out,
+        "  peak RSS after the drain        VN {}, KH {}",
+        mib(r.vn_peak_rss_after_drain_mib),
+        mib(r.kh_peak_rss_after_drain_mib)
+    )
+}
+
 /// The report as a table.
 pub fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     let m = &report.machine;

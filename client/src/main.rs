@@ -136,6 +136,11 @@ enum Command {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 900)]
         timeout: u64,
+        /// Instead of the exchange: KH down while VN accepts this many envelopes, then VN
+        /// restarted with them, then KH up and everything drained (memory, restart time,
+        /// drain rate).
+        #[arg(long)]
+        backlog: Option<usize>,
         /// Print the report as one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -195,6 +200,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             warmup,
             dir,
             timeout,
+            backlog,
             json,
         } => {
             let opts = accord_client::bench::Options {
@@ -206,6 +212,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 gateway_exe: std::env::current_exe().context("locating this executable")?,
                 timeout: std::time::Duration::from_secs(timeout),
             };
+            if let Some(backlog) = backlog {
+                let report =
+                    accord_client::bench::run_backlog(&opts, backlog, &mut std::io::stderr())
+                        .await?;
+                if json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
+                    accord_client::bench::print_backlog(&report, &mut std::io::stdout())?;
+                }
+                return Ok(());
+            }
             let report = accord_client::bench::run(&opts, &mut std::io::stderr()).await?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);

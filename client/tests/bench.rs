@@ -1,0 +1,87 @@
+//! `accord bench` end to end: the real binary starts two gateway processes, drives them
+//! over mutual TLS with fsynced stores, measures the limits, and reports as JSON.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::process::Command;
+
+fn accord(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_accord"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "accord {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn positive(v: &serde_json::Value, path: &str) -> f64 {
+    let x = v
+        .pointer(path)
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or_else(|| panic!("{path} missing in {v}"));
+    assert!(x > 0.0, "{path} = {x}");
+    x
+}
+
+#[test]
+fn the_exchange_benchmark_delivers_every_message_and_reports_every_figure() {
+    let r = accord(&[
+        "bench",
+        "--senders",
+        "3",
+        "--count",
+        "90",
+        "--warmup",
+        "6",
+        "--size",
+        "2048",
+        "--json",
+    ]);
+    assert_eq!(r["messages"], 90);
+    assert_eq!(r["submit"]["messages"], 90, "every submit accepted");
+    assert_eq!(
+        r["end_to_end"]["messages"], 90,
+        "every message delivered and acked"
+    );
+    for path in [
+        "/submit/throughput_per_sec",
+        "/end_to_end/throughput_per_sec",
+        "/end_to_end/p99_ms",
+        "/limits/transport/throughput_per_sec",
+        "/limits/store/throughput_per_sec",
+        "/limits/crypto/ceiling_per_sec",
+        "/disk_bytes_per_message",
+    ] {
+        positive(&r, path);
+    }
+    // Delivery comes after acceptance.
+    assert!(positive(&r, "/end_to_end/p50_ms") >= positive(&r, "/submit/p50_ms"));
+    let processes = r["processes"].as_array().unwrap();
+    for gw in ["vn-gateway", "kh-gateway"] {
+        let p = processes.iter().find(|p| p["name"] == gw).unwrap();
+        assert!(p["peak_rss_mib"].as_f64().unwrap() > 1.0, "{p}");
+        assert!(p["cpu_seconds"].as_f64().unwrap() > 0.0, "{p}");
+    }
+    assert!(
+        ["transport", "crypto", "store"].contains(&r["ratios"]["nearest_limit"].as_str().unwrap())
+    );
+}
+
+#[test]
+fn the_backlog_benchmark_restarts_the_holder_and_drains_everything() {
+    let r = accord(&["bench", "--backlog", "60", "--senders", "2", "--json"]);
+    assert_eq!(r["backlog"], 60);
+    assert_eq!(r["submit"]["messages"], 60);
+    assert_eq!(
+        r["drain"]["messages"], 60,
+        "every envelope drained after the restart"
+    );
+    // Each accepted envelope is at least one log entry (accepted) at VN.
+    assert!(r["vn_log_entries"].as_u64().unwrap() >= 60, "{r}");
+    positive(&r, "/restart_to_ready_ms");
+    positive(&r, "/vn_peak_rss_with_backlog_mib");
+}
