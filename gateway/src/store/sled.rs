@@ -368,23 +368,41 @@ impl Committer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
-        let mut present = HashSet::new();
-        let mut new_files = false;
-        for entry in entries {
-            let entry = entry?;
-            let name = entry.file_name();
-            if !self.synced_blobs.contains(&name) {
-                File::open(entry.path())?.sync_data()?;
-                new_files = true;
-            }
-            present.insert(name);
-        }
-        if new_files {
+        let names = entries
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let (present, changed) = sync_new_files(&self.blob_dir, names, &self.synced_blobs)?;
+        if changed {
             sync_dir(&self.blob_dir)?;
         }
         self.synced_blobs = present;
         Ok(())
     }
+}
+
+/// `fdatasync`s the files `names` of `dir` that are not in `synced`; returns the names
+/// still there and whether the folder changed. sled deletes a blob once its page is
+/// rewritten, possibly after the folder was listed: such a file has nothing to keep and is
+/// skipped (it used to fail the sync and poison the store).
+fn sync_new_files(
+    dir: &Path,
+    names: Vec<std::ffi::OsString>,
+    synced: &HashSet<std::ffi::OsString>,
+) -> std::io::Result<(HashSet<std::ffi::OsString>, bool)> {
+    let mut present = HashSet::new();
+    let mut changed = false;
+    for name in names {
+        if !synced.contains(&name) {
+            changed = true;
+            match File::open(dir.join(&name)) {
+                Ok(file) => file.sync_data()?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        present.insert(name);
+    }
+    Ok((present, changed))
 }
 
 impl Store for SledStore {
@@ -502,5 +520,75 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let open = |p: &Path| SledStore::open(p, 16 << 20).unwrap();
         crate::store::conformance::run(dir.path(), open).await;
+    }
+
+    #[test]
+    fn a_blob_deleted_between_listing_and_sync_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("1"), b"blob").unwrap();
+        let listed = vec!["1".into(), "2".into()]; // "2" was deleted after the listing
+        let (present, changed) = sync_new_files(dir.path(), listed, &HashSet::new()).unwrap();
+        assert!(changed);
+        assert_eq!(present, HashSet::from(["1".into()]));
+        // Nothing new: nothing to sync, no change.
+        let (_, changed) = sync_new_files(dir.path(), vec!["1".into()], &present).unwrap();
+        assert!(!changed);
+    }
+
+    /// Large values churned by concurrent writers: sled writes their pages to blob files
+    /// and deletes them as pages are rewritten, under our syncs. Every commit succeeds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_values_churned_by_concurrent_writers_all_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path(), 16 << 20).unwrap());
+        let queue = Queue::Outbox("kh".parse().unwrap());
+        let mut writers = tokio::task::JoinSet::new();
+        for w in 0..16u16 {
+            let (store, queue) = (store.clone(), queue.clone());
+            writers.spawn(async move {
+                for i in 0..40u64 {
+                    let mut random = [0u8; 10];
+                    random[..2].copy_from_slice(&w.to_be_bytes());
+                    random[2..].copy_from_slice(&i.to_be_bytes());
+                    let id = MessageId::new_v7(1_000 + i, random);
+                    let envelope = pb::Envelope {
+                        header: vec![1; 100],
+                        ciphertext: vec![w as u8; 64 << 10],
+                        signature: vec![3; 64],
+                    };
+                    let entry = QueueEntry {
+                        message_id: id.as_bytes().to_vec(),
+                        receipt: None,
+                    };
+                    store
+                        .commit(Tx {
+                            ops: vec![
+                                Op::InsertMessage(
+                                    id,
+                                    StoredMessage {
+                                        envelope: Some(envelope),
+                                        ..Default::default()
+                                    },
+                                ),
+                                Op::Enqueue(queue.clone(), pb::Priority::Routine, entry),
+                                Op::Log(vec![5; 100]),
+                            ],
+                            receipts: None,
+                        })
+                        .await?;
+                    store
+                        .commit(Tx {
+                            ops: vec![Op::RemoveMessage(queue.clone(), id)],
+                            receipts: None,
+                        })
+                        .await?;
+                }
+                Ok::<_, StoreError>(())
+            });
+        }
+        while let Some(r) = writers.join_next().await {
+            r.unwrap().unwrap();
+        }
+        assert_eq!(store.log_size().unwrap(), 16 * 40);
     }
 }
