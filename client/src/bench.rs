@@ -150,24 +150,12 @@ const RECIPIENT_ORG: &str = "ahtd";
 /// Runs the benchmark, reporting progress on `progress`.
 pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::Result<Report> {
     anyhow::ensure!(
-        (1..=1024).contains(&opts.senders),
-        "--senders must be 1 to 1024"
-    );
-    anyhow::ensure!(
         opts.messages >= opts.senders,
         "--count must be at least --senders"
     );
-    let mut builder = LocalNet::builder()
-        .country("vn", "hanoi", &[SENDER_ORG])
-        .country("kh", "phnom-penh", &[RECIPIENT_ORG]);
-    if let Some(dir) = &opts.dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        builder = builder.dir(dir);
-    }
-    let mut net = builder.prepare().await?;
+    let net = bench_net(opts).await?;
     let mut gateways = Vec::new();
     for cc in ["vn", "kh"] {
-        net.release_listeners(cc)?;
         gateways.push(GatewayProcess::spawn(&opts.gateway_exe, &net, cc)?);
     }
     let result = exchange(opts, &net, &gateways, progress).await;
@@ -251,6 +239,27 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
     };
     net.shutdown().await;
     Ok(report)
+}
+
+/// The two-country net of a run, configured but with no gateway started: the gateways
+/// run as processes on the addresses chosen for them.
+async fn bench_net(opts: &Options) -> anyhow::Result<LocalNet> {
+    anyhow::ensure!(
+        (1..=1024).contains(&opts.senders),
+        "--senders must be 1 to 1024"
+    );
+    let mut builder = LocalNet::builder()
+        .country("vn", "hanoi", &[SENDER_ORG])
+        .country("kh", "phnom-penh", &[RECIPIENT_ORG]);
+    if let Some(dir) = &opts.dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        builder = builder.dir(dir);
+    }
+    let mut net = builder.prepare().await?;
+    for cc in ["vn", "kh"] {
+        net.release_listeners(cc)?;
+    }
+    Ok(net)
 }
 
 /// CPU seconds spent in the timed phase.
@@ -363,43 +372,15 @@ async fn timed_phase(
     let total: usize = batches.iter().map(Vec::len).sum();
     let submitted_at: Arc<Mutex<HashMap<MessageId, Instant>>> =
         Arc::new(Mutex::new(HashMap::with_capacity(total)));
-    let mut inbox = recipient.subscribe().await?;
     let start = Instant::now();
-
-    // Acknowledgements go out concurrently, as a busy recipient's would: each one is a
-    // durable write at the KH gateway.
-    let acker = recipient.clone();
     let times = submitted_at.clone();
-    let receiving = tokio::spawn(async move {
-        let mut delivered = Vec::with_capacity(total);
-        let mut acks = futures::stream::FuturesUnordered::new();
-        let mut opened_count = 0;
-        while delivered.len() < total {
-            tokio::select! {
-                item = inbox.next(), if opened_count < total => {
-                    let opened = item.context("the inbox stream ended")??;
-                    opened_count += 1;
-                    let mut client = acker.clone();
-                    acks.push(async move {
-                        client.ack(&opened).await?;
-                        Ok::<_, anyhow::Error>((opened.envelope.id(), Instant::now()))
-                    });
-                }
-                Some(done) = acks.next() => {
-                    let (id, at) = done?;
-                    let sent = times
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get(&id)
-                        .copied();
-                    if let Some(sent) = sent {
-                        delivered.push((at, at - sent));
-                    }
-                }
-            }
-        }
-        Ok::<_, anyhow::Error>(delivered)
-    });
+    let receiving = tokio::spawn(open_and_ack(recipient.clone(), total, move |id| {
+        times
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .copied()
+    }));
 
     let mut sending = tokio::task::JoinSet::new();
     for (client, batch) in senders.iter().cloned().zip(batches) {
@@ -433,6 +414,41 @@ async fn timed_phase(
         .await
         .with_context(|| format!("the timed phase took longer than {timeout:?}"))??;
     Ok((rate(start, &accepted), rate(start, &delivered)))
+}
+
+/// The recipient's side: subscribes, opens each envelope and acknowledges it, until
+/// `total` are acknowledged. Acknowledgements go out concurrently, as a busy recipient's
+/// would (each is a durable write at its gateway). Returns when each ack completed and how
+/// long after `since(id)` it did.
+async fn open_and_ack(
+    mut recipient: OrgClient,
+    total: usize,
+    since: impl Fn(&MessageId) -> Option<Instant>,
+) -> anyhow::Result<Vec<(Instant, Duration)>> {
+    let mut inbox = recipient.subscribe().await?;
+    let mut delivered = Vec::with_capacity(total);
+    let mut acks = futures::stream::FuturesUnordered::new();
+    let mut opened = 0;
+    while delivered.len() < total {
+        tokio::select! {
+            item = inbox.next(), if opened < total => {
+                let item = item.context("the inbox stream ended")??;
+                opened += 1;
+                let mut client = recipient.clone();
+                acks.push(async move {
+                    client.ack(&item).await?;
+                    Ok::<_, anyhow::Error>((item.envelope.id(), Instant::now()))
+                });
+            }
+            Some(done) = acks.next() => {
+                let (id, at) = done?;
+                if let Some(from) = since(&id) {
+                    delivered.push((at, at - from));
+                }
+            }
+        }
+    }
+    Ok(delivered)
 }
 
 fn message_id(sealed: &SealedEnvelope) -> anyhow::Result<MessageId> {
@@ -549,9 +565,7 @@ impl GatewayProcess {
 
     /// Reads the peak RSS, then stops the process with SIGTERM (a clean shutdown).
     fn stop(&mut self) {
-        self.peak_rss_mib = proc_status(self.pid, "VmHWM:")
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .map(|kib| kib / 1024.0);
+        self.peak_rss_mib = peak_rss_mib(self.pid);
         let _ = std::process::Command::new("kill")
             .arg("-TERM")
             .arg(self.pid.to_string())
@@ -574,6 +588,13 @@ impl Drop for GatewayProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// A process's peak resident set so far (`VmHWM`), in MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    proc_status(pid, "VmHWM:")
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|kib| kib / 1024.0)
 }
 
 /// A field of `/proc/PID/status`.
@@ -990,16 +1011,7 @@ pub async fn run_backlog(
         backlog >= opts.senders,
         "--backlog must be at least --senders"
     );
-    let mut builder = LocalNet::builder()
-        .country("vn", "hanoi", &[SENDER_ORG])
-        .country("kh", "phnom-penh", &[RECIPIENT_ORG]);
-    if let Some(dir) = &opts.dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        builder = builder.dir(dir);
-    }
-    let mut net = builder.prepare().await?;
-    net.release_listeners("vn")?;
-    net.release_listeners("kh")?;
+    let net = bench_net(opts).await?;
     let mut vn = GatewayProcess::spawn(&opts.gateway_exe, &net, "vn")?;
     writeln!(progress, "KH down; VN accepts {backlog} envelopes...")?;
     let mut senders = Vec::new();
@@ -1011,9 +1023,10 @@ pub async fn run_backlog(
     let start = Instant::now();
     let mut sending = tokio::task::JoinSet::new();
     let per_sender = backlog.div_ceil(opts.senders);
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for (i, client) in senders.into_iter().enumerate() {
         let n = per_sender.min(backlog.saturating_sub(i * per_sender));
-        let (to, body) = (to.clone(), body.clone());
+        let (to, body, count) = (to.clone(), body.clone(), count.clone());
         sending.spawn(async move {
             let mut client = client;
             let options = SendOptions::new("BENCH-BACKLOG");
@@ -1024,23 +1037,28 @@ pub async fn run_backlog(
                 client.submit(&sealed).await?;
                 let t1 = Instant::now();
                 done.push((t1, t1 - t0));
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             Ok::<_, anyhow::Error>(done)
         });
     }
     let mut accepted = Vec::with_capacity(backlog);
-    let mut last_report = Instant::now();
-    while let Some(r) = sending.join_next().await {
-        accepted.extend(r??);
-        if last_report.elapsed() > Duration::from_secs(10) {
-            writeln!(progress, "  {} accepted", accepted.len())?;
-            last_report = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            r = sending.join_next() => match r {
+                Some(r) => accepted.extend(r??),
+                None => break,
+            },
+            _ = tick.tick() => {
+                let n = count.load(std::sync::atomic::Ordering::Relaxed);
+                writeln!(progress, "  {n} of {backlog} accepted")?;
+            }
         }
     }
     let submit = rate(start, &accepted);
-    let vn_peak = proc_status(vn.pid, "VmHWM:")
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0);
+    let vn_peak = peak_rss_mib(vn.pid).unwrap_or(0.0);
     let vn_disk = dir_size(&net.data_dir("vn")?) as f64 / (1 << 20) as f64;
 
     writeln!(progress, "restarting VN with the backlog...")?;
@@ -1055,37 +1073,18 @@ pub async fn run_backlog(
     let drain_start = Instant::now();
     let kh = GatewayProcess::spawn(&opts.gateway_exe, &net, "kh")?;
     let mut gateways = [vn, kh];
-    let mut recipient = ready_client(&net, "kh", RECIPIENT_ORG, &gateways).await?;
-    let mut inbox = recipient.subscribe().await?;
-    let mut acks = futures::stream::FuturesUnordered::new();
-    let mut delivered = Vec::with_capacity(backlog);
-    let mut opened = 0;
-    let drained = tokio::time::timeout(opts.timeout, async {
-        while delivered.len() < backlog {
-            tokio::select! {
-                item = inbox.next(), if opened < backlog => {
-                    let item = item.context("the inbox stream ended")??;
-                    opened += 1;
-                    let mut client = recipient.clone();
-                    acks.push(async move {
-                        client.ack(&item).await?;
-                        Ok::<_, anyhow::Error>(Instant::now())
-                    });
-                }
-                Some(done) = acks.next() => {
-                    let at = done?;
-                    delivered.push((at, at - drain_start));
-                }
-            }
-        }
-        Ok::<_, anyhow::Error>(())
-    })
+    let recipient = ready_client(&net, "kh", RECIPIENT_ORG, &gateways).await?;
+    let drained = tokio::time::timeout(
+        opts.timeout,
+        open_and_ack(recipient, backlog, |_| Some(drain_start)),
+    )
     .await;
     for g in &mut gateways {
         g.stop();
     }
     let [vn, kh] = &gateways;
-    drained.with_context(|| format!("draining took longer than {:?}", opts.timeout))??;
+    let delivered =
+        drained.with_context(|| format!("draining took longer than {:?}", opts.timeout))??;
     let report = BacklogReport {
         machine: machine(net.root()),
         senders: opts.senders,
