@@ -288,6 +288,13 @@ impl ParsedHeader {
         if raw.sender_key_id.is_empty() || raw.recipient_key_id.is_empty() {
             return Err(malformed("key ids"));
         }
+        if raw.handling_code.parse::<crate::codes::Handling>().is_err() {
+            return Err(malformed("handling_code"));
+        }
+        if !raw.evaluation.is_empty() && raw.evaluation.parse::<crate::codes::Evaluation>().is_err()
+        {
+            return Err(malformed("evaluation"));
+        }
         Ok(Self {
             raw,
             id,

@@ -19,6 +19,7 @@
 //!
 //! Non-goals: transport, storage, policy beyond the envelope's own rules.
 
+pub mod codes;
 pub mod crypto;
 pub mod directory;
 pub mod envelope;

@@ -124,6 +124,7 @@ struct HeaderFields {
     priority_name: String,
     in_reply_to: String,
     handling_code: String,
+    evaluation: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -192,6 +193,7 @@ impl HeaderFields {
             priority_name: priority_name(h.priority),
             in_reply_to: hex::encode(&h.in_reply_to),
             handling_code: h.handling_code.clone(),
+            evaluation: h.evaluation.clone(),
         }
     }
 
@@ -212,6 +214,7 @@ impl HeaderFields {
             handling_code: self.handling_code.clone(),
             hpke_enc: vec![],
             key_commitment: vec![],
+            evaluation: self.evaluation.clone(),
         }
     }
 }
@@ -367,6 +370,7 @@ fn encode_header(h: &HeaderFields, enc: &[u8], commitment: &[u8]) -> Vec<u8> {
     p.bytes(12, h.handling_code.as_bytes());
     p.bytes(13, enc);
     p.bytes(14, commitment);
+    p.bytes(15, h.evaluation.as_bytes());
     p.0
 }
 
@@ -467,6 +471,7 @@ fn definitions() -> Vec<Definition> {
                 handling_code: "H1".into(),
                 hpke_enc: vec![],
                 key_commitment: vec![],
+                evaluation: "B2".into(),
             },
             body: pb::Body {
                 form: Some(pb::body::Form::Alert(pb::Alert {
@@ -474,6 +479,7 @@ fn definitions() -> Vec<Definition> {
                     r#where: "Cửa khẩu Mộc Bài – Bavet".into(),
                     when: "2026-03-14T09:15:00+07:00".into(),
                     until: "2026-03-14T15:00:00+07:00".into(),
+                    place: "gate:moc-bai--bavet".into(),
                 })),
             },
             verify_at_ms: t1 + MINUTE_MS,
@@ -510,6 +516,7 @@ fn definitions() -> Vec<Definition> {
                 handling_code: "H3:C02 and AHTD only".into(),
                 hpke_enc: vec![],
                 key_commitment: vec![],
+                evaluation: "A2".into(),
             },
             body: pb::Body {
                 form: Some(pb::body::Form::SuspectNotice(pb::SuspectNotice {
@@ -523,11 +530,11 @@ fn definitions() -> Vec<Definition> {
                         sex: pb::Sex::Male.into(),
                         birth_date: String::new(),
                         birth_year: 1984,
-                        nationality: "VN".into(),
+                        nationality: "vn".into(),
                         documents: vec![pb::IdentityDocument {
                             kind: "passport".into(),
                             number: "C1234567".into(),
-                            issuer: "VN".into(),
+                            issuer: "vn".into(),
                         }],
                     }),
                     suspected_conduct: "Recruits young women in Tây Ninh with false offers \
@@ -535,8 +542,9 @@ fn definitions() -> Vec<Definition> {
                         .into(),
                     linked_rings: vec!["VN-KH-2025-R03".into()],
                     linked_subjects: vec![],
-                    last_known_places: vec!["Bavet, Svay Rieng".into()],
+                    last_known_places: vec!["kh:svay-rieng".into(), "gate:moc-bai--bavet".into()],
                     requested_action: pb::RequestedAction::Locate.into(),
+                    exploitation: vec![pb::Exploitation::Sexual.into()],
                 })),
             },
             verify_at_ms: t2 + HOUR_MS,
@@ -574,6 +582,7 @@ fn definitions() -> Vec<Definition> {
                 handling_code: "H2".into(),
                 hpke_enc: vec![],
                 key_commitment: vec![],
+                evaluation: "B3".into(),
             },
             body: pb::Body {
                 form: Some(pb::body::Form::Correspondence(pb::Correspondence {
@@ -1003,7 +1012,16 @@ fn every_vector_verifies_and_opens_to_its_body() {
             "{name}: body"
         );
         let kind = pb::Kind::try_from(h.kind).expect("kind");
-        assert_eq!(forms::check(kind, &body), Ok(()), "{name}: form");
+        assert_eq!(
+            forms::check(kind, &body, h.created_at_ms),
+            Ok(()),
+            "{name}: form"
+        );
+        assert_eq!(
+            forms::check_header(&body, &expected_header),
+            Ok(()),
+            "{name}: header codes"
+        );
 
         // The time rules at their edges, with this vector's times.
         let at = |now: i64| sealed.clone().verify(&dirs, now).map(|_| ());
