@@ -805,6 +805,8 @@ fn crypto_limit(body_bytes: usize, net: &LocalNet) -> anyhow::Result<CryptoLimit
     let header = |id: u8| pb::Header {
         message_id: MessageId::new_v7(now as u64, [id; 10]).as_bytes().to_vec(),
         kind: pb::Kind::Alert as i32,
+        handling_code: "H0".into(),
+        evaluation: "X4".into(),
         case_ref: "BENCH-1".into(),
         sender_org: net
             .org_id("vn", SENDER_ORG)

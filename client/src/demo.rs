@@ -10,30 +10,73 @@ use anyhow::Context;
 use crate::localnet::LocalNet;
 use crate::org::{furthest_stage, OrgClient, SendOptions, Sent};
 
-/// The example forms shipped under `examples/forms/`, by kind.
+/// The English example forms shipped under `examples/forms/en/` that open a case thread
+/// (requests and notices), by name. `examples/forms/{vi,km}/` hold the same in Vietnamese
+/// and Khmer, with the answers.
 pub const EXAMPLE_FORMS: [(&str, &str); 5] = [
     (
         "suspect-notice",
-        include_str!("../../examples/forms/suspect-notice.json"),
+        include_str!("../../examples/forms/en/suspect-notice.json"),
     ),
     (
         "wanted-person-transfer",
-        include_str!("../../examples/forms/wanted-person-transfer.json"),
+        include_str!("../../examples/forms/en/wanted-person-transfer.json"),
     ),
     (
         "victim-identification",
-        include_str!("../../examples/forms/victim-identification.json"),
+        include_str!("../../examples/forms/en/victim-identification.json"),
     ),
-    ("alert", include_str!("../../examples/forms/alert.json")),
+    ("alert", include_str!("../../examples/forms/en/alert.json")),
     (
         "correspondence",
-        include_str!("../../examples/forms/correspondence.json"),
+        include_str!("../../examples/forms/en/correspondence.json"),
     ),
 ];
 
-/// Parses a form file (proto3 JSON of `accord.v1.Body`).
+/// Parses a form file: proto3 JSON of `accord.v1.Body`, where lines whose first non-blank
+/// characters are `//` are comments (as in the templates of `accord form new`).
 pub fn parse_form(json: &str) -> anyhow::Result<pb::Body> {
-    serde_json::from_str(json).context("the form is not valid accord.v1.Body JSON")
+    let text: String = json
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    serde_json::from_str(&text).context("the form is not valid accord.v1.Body JSON")
+}
+
+/// Moves the times of an example form that must lie ahead of its sending (a proposed
+/// handover, a planned repatriation, an alert's window) to `now_ms` and after, so the
+/// examples stay valid on any day.
+pub fn retime(body: &mut pb::Body, now_ms: i64) {
+    use pb::body::Form;
+    use pb::victim_identification::Answer as V;
+    use pb::wanted_person_transfer::Answer as W;
+    let at = |days: i64| {
+        time::OffsetDateTime::from_unix_timestamp(now_ms / 1000 + days * 86_400)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default()
+    };
+    match &mut body.form {
+        Some(Form::WantedPersonTransfer(f)) => match &mut f.answer {
+            None => f.proposed_time = at(7),
+            Some(W::Response(r)) if !r.proposed_time.is_empty() => r.proposed_time = at(8),
+            _ => {}
+        },
+        Some(Form::VictimIdentification(f)) => {
+            if let Some(V::Repatriation(p)) = &mut f.answer {
+                p.planned_time = at(10);
+            }
+        }
+        Some(Form::Alert(f)) => {
+            f.when = at(0);
+            f.until = at(1);
+        }
+        _ => {}
+    }
 }
 
 /// Runs the demo, writing its account to `out`.
@@ -59,7 +102,8 @@ pub async fn run(out: &mut (impl Write + Send)) -> anyhow::Result<()> {
     let mut kh = net.client("kh", "ahtd").await?;
     let mut sent = Vec::new();
     for (kind, json) in EXAMPLE_FORMS.iter().filter(|(k, _)| *k != "correspondence") {
-        let body = parse_form(json)?;
+        let mut body = parse_form(json)?;
+        retime(&mut body, now_ms());
         let mut opts = SendOptions::new("VN-KH-2026-0001");
         if *kind == "alert" {
             opts.priority = pb::Priority::Flash;
@@ -110,6 +154,12 @@ pub async fn run(out: &mut (impl Write + Send)) -> anyhow::Result<()> {
     writeln!(out, "\nAll {} messages delivered.", sent.len())?;
     net.shutdown().await;
     Ok(())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 async fn receive_all(

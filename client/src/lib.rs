@@ -10,5 +10,6 @@
 
 pub mod bench;
 pub mod demo;
+pub mod forms;
 pub mod localnet;
 pub mod org;

@@ -75,14 +75,34 @@ enum Command {
         /// routine, urgent or flash.
         #[arg(long, default_value = "routine")]
         priority: String,
+        /// Handling code: H0 (law enforcement only), H1 (not for court without permission),
+        /// H2 (no onward transmission without permission) or H3:<restrictions>.
+        #[arg(long, default_value = "H0")]
+        handling: String,
+        /// Evaluation: source reliability A, B, C or X and information 1 to 4 (e.g. B2);
+        /// X4 means not assessed.
+        #[arg(long, default_value = "X4")]
+        evaluation: String,
+        /// The message this one answers (a response, result, plan or handover).
+        #[arg(long)]
+        reply_to: Option<String>,
         form: PathBuf,
     },
-    /// Fetch, verify and open waiting messages; with --ack, acknowledge each one.
+    /// Forms: `accord form new KIND [--lang en|vi|km]` prints a commented template to fill.
+    Form {
+        #[command(subcommand)]
+        action: FormAction,
+    },
+    /// Fetch, verify and open waiting messages; with --ack, acknowledge each one. A child
+    /// victim's identifying data is masked unless --reveal (each reveal is recorded in the
+    /// organisation folder's reveals.log).
     Fetch {
         #[command(flatten)]
         session: Session,
         #[arg(long)]
         ack: bool,
+        #[arg(long)]
+        reveal: bool,
     },
     /// Watch the inbox live (server stream): print each message as it arrives; with --ack,
     /// acknowledge each one. Stops after --count messages, or runs until interrupted.
@@ -93,6 +113,8 @@ enum Command {
         ack: bool,
         #[arg(long)]
         count: Option<usize>,
+        #[arg(long)]
+        reveal: bool,
     },
     /// Auditors: fetch a message's evidence bundle from the gateway and write it to a file.
     AuditEvidence {
@@ -153,15 +175,32 @@ enum Command {
     },
 }
 
-fn print_opened(opened: &accord_client::org::Opened) -> anyhow::Result<()> {
-    println!(
-        "{} {:?} from {} case {}",
-        opened.envelope.id(),
-        opened.envelope.kind(),
-        opened.envelope.sender(),
-        opened.envelope.header().case_ref
-    );
-    println!("{}", serde_json::to_string_pretty(&opened.body)?);
+#[derive(Subcommand)]
+enum FormAction {
+    /// Print a commented template of a form (see examples/forms/), to fill and send.
+    New {
+        /// suspect-notice, wanted-person-transfer, transfer-response-accept, ...
+        kind: String,
+        /// Language of the example texts: en, vi or km.
+        #[arg(long, default_value = "en")]
+        lang: String,
+    },
+}
+
+/// Prints an opened message; a child victim's data shown unmasked is recorded first.
+fn print_opened(
+    session: &Session,
+    opened: &accord_client::org::Opened,
+    reveal: bool,
+) -> anyhow::Result<()> {
+    if reveal && accord_proto::forms::concerns_a_child(&opened.body) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as i64;
+        accord_client::forms::record_reveal(&session.org, opened, now)
+            .context("recording the reveal in reveals.log; nothing shown")?;
+    }
+    print!("{}", accord_client::forms::render(opened, reveal)?);
     Ok(())
 }
 
@@ -260,6 +299,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             to,
             case,
             priority,
+            handling,
+            evaluation,
+            reply_to,
             form,
         } => {
             let mut client = session.connect().await?;
@@ -274,6 +316,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "flash" => pb::Priority::Flash,
                 other => anyhow::bail!("--priority {other:?}: use routine, urgent or flash"),
             };
+            opts.handling_code = handling;
+            opts.evaluation = evaluation;
+            opts.in_reply_to = reply_to
+                .map(|id| id.parse())
+                .transpose()
+                .context("--reply-to takes a message id (UUID)")?;
             let sent = client.send(&to.parse()?, &body, &opts).await?;
             println!(
                 "accepted {} envelope {} log #{}",
@@ -281,10 +329,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Fetch { session, ack } => {
+        Command::Form {
+            action: FormAction::New { kind, lang },
+        } => {
+            let text = accord_client::forms::template(&kind, &lang).map_err(anyhow::Error::msg)?;
+            print!("{text}");
+            Ok(())
+        }
+        Command::Fetch {
+            session,
+            ack,
+            reveal,
+        } => {
             let mut client = session.connect().await?;
             for opened in client.fetch(64).await? {
-                print_opened(&opened)?;
+                print_opened(&session, &opened, reveal)?;
                 if ack {
                     client.ack(&opened).await?;
                     println!("acknowledged");
@@ -296,6 +355,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             session,
             ack,
             count,
+            reveal,
         } => {
             use futures::StreamExt;
             let mut client = session.connect().await?;
@@ -307,7 +367,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut seen = 0;
             while let Some(opened) = stream.next().await {
                 let opened = opened?;
-                print_opened(&opened)?;
+                print_opened(&session, &opened, reveal)?;
                 if ack {
                     client.ack(&opened).await?;
                     println!("acknowledged {}", opened.envelope.id());

@@ -43,7 +43,11 @@ pub struct SendOptions {
     pub priority: pb::Priority,
     pub ttl_ms: i64,
     pub in_reply_to: Option<MessageId>,
+    /// `H0`, `H1`, `H2` or `H3:<restrictions>` (see `accord_proto::codes::Handling`).
     pub handling_code: String,
+    /// Source and information reliability, e.g. `B2`; `X4` (cannot be assessed) unless the
+    /// sender assessed it.
+    pub evaluation: String,
 }
 
 impl SendOptions {
@@ -54,6 +58,7 @@ impl SendOptions {
             ttl_ms: 7 * 24 * 3_600_000,
             in_reply_to: None,
             handling_code: "H0".into(),
+            evaluation: "X4".into(),
         }
     }
 }
@@ -184,13 +189,28 @@ impl OrgClient {
         body: &pb::Body,
         opts: &SendOptions,
     ) -> Result<SealedEnvelope, ClientError> {
+        let mut body = body.clone();
+        forms::normalize(&mut body);
         let form = body.form.as_ref().ok_or_else(|| forms::FormError {
             path: "form".into(),
             problem: "required",
         })?;
         let kind = forms::kind_of(form);
-        forms::check(kind, body)?;
         let now = now_ms();
+        forms::check(kind, &body, now)?;
+        // A child victim's message goes at the highest priority and at least H2, whatever
+        // the sender asked for.
+        let mut priority = opts.priority;
+        let mut handling_code = opts.handling_code.clone();
+        if forms::concerns_a_child(&body) {
+            priority = pb::Priority::Flash;
+            let weaker = handling_code
+                .parse::<accord_proto::codes::Handling>()
+                .map_or(true, |h| !h.forbids_onward_transmission());
+            if weaker {
+                handling_code = "H2".into();
+            }
+        }
         let (key_id, pk) = self
             .opener
             .directories
@@ -209,16 +229,18 @@ impl OrgClient {
             recipient_key_id: key_id,
             created_at_ms: now,
             expires_at_ms: now + opts.ttl_ms,
-            priority: opts.priority as i32,
+            priority: priority as i32,
             in_reply_to: opts
                 .in_reply_to
                 .map(|i| i.as_bytes().to_vec())
                 .unwrap_or_default(),
-            handling_code: opts.handling_code.clone(),
+            handling_code,
             hpke_enc: vec![],
             key_commitment: vec![],
+            evaluation: opts.evaluation.clone(),
         };
-        envelope::seal(header, body, &pk, &self.opener.keys.signing)
+        forms::check_header(&body, &header)?;
+        envelope::seal(header, &body, &pk, &self.opener.keys.signing)
             .map_err(|e| ClientError::Verify(e.to_string()))
     }
 
@@ -370,7 +392,9 @@ impl Opener {
         let body = envelope
             .open(key)
             .map_err(|e| ClientError::Verify(e.to_string()))?;
-        forms::check(envelope.kind(), &body)?;
+        // The same rules as the sender's, as of the envelope's creation.
+        forms::check(envelope.kind(), &body, created)?;
+        forms::check_header(&body, envelope.header())?;
         Ok(Opened { envelope, body })
     }
 }
@@ -449,6 +473,8 @@ mod tests {
                 .as_bytes()
                 .to_vec(),
             kind: pb::Kind::Alert as i32,
+            handling_code: "H0".into(),
+            evaluation: "X4".into(),
             case_ref: "T1".into(),
             sender_org: "spiffe://vn.accord/org/c02".into(),
             recipient_org: to.to_string(),

@@ -155,6 +155,8 @@ async fn nothing_acknowledged_is_lost_when_the_gateway_is_killed_with_sigkill() 
                 .as_bytes()
                 .to_vec(),
             kind: pb::Kind::Alert as i32,
+            handling_code: "H0".into(),
+            evaluation: "X4".into(),
             case_ref: "KILL-9".into(),
             sender_org: "spiffe://vn.accord/org/c02".into(),
             recipient_org: "spiffe://kh.accord/org/ahtd".into(),

@@ -260,6 +260,8 @@ async fn keys_rotate_through_new_directories_and_envelopes_in_flight_under_the_o
             .as_bytes()
             .to_vec(),
         kind: pb::Kind::Alert as i32,
+        handling_code: "H0".into(),
+        evaluation: "X4".into(),
         case_ref: "K1".into(),
         sender_org: c02.id.to_string(),
         recipient_org: ahtd_id.to_string(),

@@ -1,0 +1,136 @@
+//! The common forms through real gateways: the child rule applied by the sender's library
+//! and checked by the recipient's, answers tied to their request, and a recipient refusing
+//! a form that breaks the rules with the field named.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use accord_client::forms::EXAMPLES;
+use accord_client::org::{ClientError, SendOptions};
+use accord_proto::pb;
+use accord_tests::{fetch_n, TestNet};
+
+async fn net() -> TestNet {
+    TestNet::builder()
+        .country("vn", "hanoi", &["c02"])
+        .country("kh", "phnom-penh", &["ahtd"])
+        .start()
+        .await
+        .unwrap()
+}
+
+fn example(name: &str, lang: usize) -> pb::Body {
+    let (_, texts) = EXAMPLES.iter().find(|e| e.0 == name).unwrap();
+    let mut body = accord_client::demo::parse_form(texts[lang]).unwrap();
+    accord_client::demo::retime(&mut body, now());
+    body
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_victim_request_travels_at_flash_and_h2_and_its_answer_names_it() {
+    let net = net().await;
+    let mut kh = net.client("kh", "ahtd").await.unwrap();
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    // Asked for routine and H0: the library raises both for a child.
+    let request = kh
+        .send(
+            &net.org_id("vn", "c02").unwrap(),
+            &example("victim-identification", 2),
+            &SendOptions::new("VN-KH-2026-0007"),
+        )
+        .await
+        .unwrap();
+    let got = fetch_n(&mut vn, 1).await.unwrap();
+    let header = got[0].envelope.header();
+    assert_eq!(header.priority, pb::Priority::Flash as i32);
+    assert_eq!(header.handling_code, "H2");
+    assert_eq!(header.evaluation, "X4");
+    assert!(accord_proto::forms::concerns_a_child(&got[0].body));
+    let shown = accord_client::forms::render(&got[0], false).unwrap();
+    assert!(
+        !shown.contains("Trần Thị B") && shown.contains("masked"),
+        "{shown}"
+    );
+    assert!(shown.contains("H2: DO NOT PASS ON"), "{shown}");
+
+    // An answer without the request it answers is refused before sealing...
+    let result = example("verification-result", 1);
+    let err = vn
+        .send(&kh.id, &result, &SendOptions::new("VN-KH-2026-0007"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Form(e) if e.path == "header.in_reply_to"),
+        "{err}"
+    );
+    // ...and with it, it arrives tied to the request.
+    let mut opts = SendOptions::new("VN-KH-2026-0007");
+    opts.in_reply_to = Some(request.id);
+    opts.evaluation = "A1".into();
+    vn.send(&kh.id, &result, &opts).await.unwrap();
+    let answer = fetch_n(&mut kh, 1).await.unwrap();
+    assert_eq!(
+        answer[0].envelope.header().in_reply_to,
+        request.id.as_bytes().to_vec()
+    );
+    assert_eq!(answer[0].envelope.header().evaluation, "A1");
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_refuses_a_form_that_breaks_the_rules_and_names_the_field() {
+    let net = net().await;
+    let vn = net.client("vn", "c02").await.unwrap();
+    let mut raw = net.client("vn", "c02").await.unwrap();
+    let mut kh = net.client("kh", "ahtd").await.unwrap();
+    // A sender that skips its library's checks: a birth date in the future. The gateways
+    // cannot read bodies and pass it on.
+    let mut body = example("suspect-notice", 0);
+    if let Some(pb::body::Form::SuspectNotice(f)) = &mut body.form {
+        f.subject.as_mut().unwrap().birth_date = "2999-01-01".into();
+        f.subject.as_mut().unwrap().birth_year = 0;
+    }
+    let to = kh.id.clone();
+    let (key_id, pk) = vn.directories().current_encryption_key(&to, now()).unwrap();
+    let header = pb::Header {
+        message_id: accord_proto::ids::MessageId::new_v7(now() as u64, [3; 10])
+            .as_bytes()
+            .to_vec(),
+        kind: pb::Kind::SuspectNotice as i32,
+        case_ref: "VN-KH-2026-0008".into(),
+        sender_org: vn.id.to_string(),
+        recipient_org: to.to_string(),
+        recipient_key_id: key_id,
+        created_at_ms: now(),
+        expires_at_ms: now() + 600_000,
+        priority: pb::Priority::Routine as i32,
+        handling_code: "H0".into(),
+        evaluation: "X4".into(),
+        ..Default::default()
+    };
+    let sealed = accord_proto::envelope::seal(header, &body, &pk, &vn.keys().signing).unwrap();
+    raw.submit(&sealed).await.unwrap();
+    let mut refused = None;
+    for _ in 0..100 {
+        match kh.fetch(8).await {
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+            Ok(items) => assert!(items.is_empty(), "a broken form was opened"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let err = refused.expect("the recipient never saw the envelope");
+    assert!(
+        matches!(&err, ClientError::Form(e) if e.path == "subject.birth_date"),
+        "{err}"
+    );
+    net.shutdown().await;
+}
