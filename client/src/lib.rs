@@ -9,6 +9,7 @@
 //! - [`demo`]: the two-country demo behind `accord demo`.
 
 pub mod bench;
+pub mod casebook;
 pub mod demo;
 pub mod forms;
 pub mod localnet;

@@ -45,7 +45,11 @@ impl Session {
             root: self.root.clone(),
             trust: self.trust.clone(),
         };
-        Ok(OrgClient::connect(&self.org, &gw).await?)
+        let client = OrgClient::connect(&self.org, &gw).await?;
+        // Every command keeps the organisation's case book: workflow rules and threads.
+        let book = accord_client::casebook::CaseBook::open(&self.org)?;
+        client.use_case_book(std::sync::Arc::new(book))?;
+        Ok(client)
     }
 }
 
@@ -167,11 +171,64 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Case threads from the organisation's case book.
+    Case {
+        #[command(subcommand)]
+        action: CaseAction,
+    },
+    /// The periodic (6- or 12-month) report from the organisation's own case book: counts by
+    /// kind and direction, answers within deadline, median answer time, overdue, victims
+    /// identified and repatriated, wanted persons handed over, by exploitation category and
+    /// province. Printed as a table; --csv and --json write files.
+    Report {
+        /// Organisation folder (where casebook.jsonl is).
+        #[arg(long)]
+        org: PathBuf,
+        /// First day of the period, YYYY-MM-DD (UTC).
+        #[arg(long)]
+        from: String,
+        /// Day after the period, YYYY-MM-DD (UTC).
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Show a message's chain of receipts.
     Status {
         #[command(flatten)]
         session: Session,
         message_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaseAction {
+    /// A case's messages in order (kind and step, direction, counterpart, delivery state of
+    /// what we sent) and its open requests.
+    Show {
+        #[command(flatten)]
+        session: Session,
+        case_ref: String,
+    },
+    /// Cases with their open requests; filters combine.
+    List {
+        /// Organisation folder (where casebook.jsonl is).
+        #[arg(long)]
+        org: PathBuf,
+        /// Only cases with an open request.
+        #[arg(long)]
+        open: bool,
+        /// Only cases with an overdue request.
+        #[arg(long)]
+        overdue: bool,
+        /// Only cases with a message of this step, e.g. victim_request, alert.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only cases exchanged with this organisation (SPIFFE id).
+        #[arg(long)]
+        counterpart: Option<String>,
     },
 }
 
@@ -185,6 +242,12 @@ enum FormAction {
         #[arg(long, default_value = "en")]
         lang: String,
     },
+}
+
+fn now_ms() -> anyhow::Result<i64> {
+    Ok(std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64)
 }
 
 /// Prints an opened message; a child victim's data shown unmasked is recorded first.
@@ -336,13 +399,152 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{text}");
             Ok(())
         }
+        Command::Case {
+            action: CaseAction::Show { session, case_ref },
+        } => {
+            let mut client = session.connect().await?;
+            let book = accord_client::casebook::CaseBook::open(&session.org)?;
+            let thread = book.thread(&case_ref);
+            anyhow::ensure!(
+                !thread.is_empty(),
+                "no messages of case {case_ref} in the case book"
+            );
+            println!("case {case_ref}: {} messages", thread.len());
+            for e in &thread {
+                let delivery = match e.direction {
+                    accord_client::casebook::Direction::Sent => {
+                        let id = e.id.parse()?;
+                        match client.status(&id).await {
+                            Ok((_, chain)) => format!("{:?}", furthest_stage(&chain)),
+                            Err(err) => format!("status unavailable: {err}"),
+                        }
+                    }
+                    accord_client::casebook::Direction::Received => "opened".into(),
+                };
+                println!(
+                    "  {} {:<8} {:<24} {:<40} {} {}{}",
+                    e.at_ms,
+                    format!("{:?}", e.direction).to_lowercase(),
+                    format!("{:?}", e.phase),
+                    e.counterpart,
+                    e.id,
+                    delivery,
+                    e.in_reply_to
+                        .as_ref()
+                        .map_or_else(String::new, |r| format!(" (answers {r})"))
+                );
+            }
+            for o in book.open_requests(now_ms()?) {
+                if o.entry.case_ref == case_ref {
+                    println!(
+                        "  open: {:?} {} awaits an answer{}",
+                        o.entry.phase,
+                        o.entry.id,
+                        match (o.deadline_ms, o.overdue) {
+                            (Some(_), true) => " - OVERDUE".to_owned(),
+                            (Some(d), false) => format!(" by {d}"),
+                            (None, _) => String::new(),
+                        }
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Case {
+            action:
+                CaseAction::List {
+                    org,
+                    open,
+                    overdue,
+                    kind,
+                    counterpart,
+                },
+        } => {
+            let book = accord_client::casebook::CaseBook::open(&org)?;
+            let requests = book.open_requests(now_ms()?);
+            let mut cases: std::collections::BTreeMap<String, Vec<_>> = Default::default();
+            for e in book.all() {
+                cases.entry(e.case_ref.clone()).or_default().push(e);
+            }
+            for (case_ref, entries) in cases {
+                let open_here: Vec<_> = requests
+                    .iter()
+                    .filter(|o| o.entry.case_ref == case_ref)
+                    .collect();
+                let overdue_here = open_here.iter().filter(|o| o.overdue).count();
+                if (open && open_here.is_empty())
+                    || (overdue && overdue_here == 0)
+                    || kind.as_ref().is_some_and(|k| {
+                        !entries
+                            .iter()
+                            .any(|e| serde_json::to_value(e.phase).is_ok_and(|v| v == k.as_str()))
+                    })
+                    || counterpart
+                        .as_ref()
+                        .is_some_and(|c| !entries.iter().any(|e| &e.counterpart == c))
+                {
+                    continue;
+                }
+                println!(
+                    "{case_ref:<24} {:>3} messages, {} open, {} overdue, last {}",
+                    entries.len(),
+                    open_here.len(),
+                    overdue_here,
+                    entries.last().map_or(0, |e| e.at_ms)
+                );
+            }
+            Ok(())
+        }
+        Command::Report {
+            org,
+            from,
+            to,
+            csv,
+            json,
+        } => {
+            let book = accord_client::casebook::CaseBook::open(&org)?;
+            let day = |s: &str, flag: &str| -> anyhow::Result<i64> {
+                let format = time::macros::format_description!("[year]-[month]-[day]");
+                let d = time::Date::parse(s, &format)
+                    .with_context(|| format!("--{flag} {s:?}: use YYYY-MM-DD"))?;
+                Ok(d.midnight().assume_utc().unix_timestamp() * 1000)
+            };
+            let (from_ms, to_ms) = (day(&from, "from")?, day(&to, "to")?);
+            anyhow::ensure!(from_ms < to_ms, "--from must be before --to");
+            let report = book.report(from_ms, to_ms, now_ms()?);
+            println!(
+                "report {from} to {to} (from the case book of {})\n",
+                org.display()
+            );
+            print!("{}", report.table());
+            if let Some(path) = csv {
+                std::fs::write(&path, report.csv())
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("CSV written to {}", path.display());
+            }
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("JSON written to {}", path.display());
+            }
+            Ok(())
+        }
         Command::Fetch {
             session,
             ack,
             reveal,
         } => {
             let mut client = session.connect().await?;
-            for opened in client.fetch(64).await? {
+            for item in client.fetch_each(64).await? {
+                let opened = match item {
+                    Ok(opened) => opened,
+                    Err(e) => {
+                        // Left in the inbox, unacknowledged: the sender's chain stays at
+                        // received, and the refusal is said here.
+                        eprintln!("refused a message: {e}");
+                        continue;
+                    }
+                };
                 print_opened(&session, &opened, reveal)?;
                 if ack {
                     client.ack(&opened).await?;

@@ -13,6 +13,8 @@ use accord_proto::pb::{self, exchange_client::ExchangeClient, Stage};
 use accord_proto::receipt::{self, VerifiedReceipt};
 use accord_proto::{crypto, forms};
 use futures::{Stream, StreamExt};
+
+use crate::casebook::{CaseBook, Direction, Entry};
 use tonic::transport::Channel;
 
 /// What went wrong on the client side; each says what to do.
@@ -34,6 +36,9 @@ pub enum ClientError {
     /// The directory has no usable key for the recipient.
     #[error("directory: {0}")]
     Directory(#[from] accord_proto::directory::DirectoryError),
+    /// The message does not fit its case's workflow, or the case book failed.
+    #[error("workflow: {0}")]
+    Workflow(#[from] crate::casebook::WorkflowError),
 }
 
 /// How to send one message.
@@ -105,6 +110,9 @@ struct Opener {
     id: OrgId,
     keys: KeyFile,
     directories: Directories,
+    /// The organisation's case book, if this client keeps one: workflow rules on send and
+    /// open, and the record of every message.
+    book: std::sync::OnceLock<Arc<CaseBook>>,
 }
 
 fn now_ms() -> i64 {
@@ -157,6 +165,7 @@ impl OrgClient {
             id: id.clone(),
             keys,
             directories,
+            book: std::sync::OnceLock::new(),
         });
         Ok(Self {
             id,
@@ -170,6 +179,15 @@ impl OrgClient {
         &self.opener.directories
     }
 
+    /// Keeps `book` from now on: answers that do not fit their case are refused on send
+    /// and on open, and every message sent or opened is recorded. Once per client.
+    pub fn use_case_book(&self, book: Arc<CaseBook>) -> Result<(), ClientError> {
+        self.opener
+            .book
+            .set(book)
+            .map_err(|_| ClientError::Credentials("this client already keeps a case book".into()))
+    }
+
     /// Seals `body` for `recipient`, signs it, submits it, and checks the accepted receipt.
     pub async fn send(
         &mut self,
@@ -178,7 +196,11 @@ impl OrgClient {
         opts: &SendOptions,
     ) -> Result<Sent, ClientError> {
         let sealed = self.seal(recipient, body, opts)?;
-        self.submit(&sealed).await
+        let sent = self.submit(&sealed).await?;
+        if let Some(book) = self.opener.book.get() {
+            book.record(Entry::new(&header_of(&sealed)?, body, Direction::Sent)?)?;
+        }
+        Ok(sent)
     }
 
     /// Checks `body`, seals it for `recipient`'s current key and signs it: an envelope
@@ -240,6 +262,9 @@ impl OrgClient {
             evaluation: opts.evaluation.clone(),
         };
         forms::check_header(&body, &header)?;
+        if let Some(book) = self.opener.book.get() {
+            book.fits(&Entry::new(&header, &body, Direction::Sent)?)?;
+        }
         envelope::seal(header, &body, &pk, &self.opener.keys.signing)
             .map_err(|e| ClientError::Verify(e.to_string()))
     }
@@ -278,15 +303,25 @@ impl OrgClient {
         Ok(v)
     }
 
-    /// Fetches, verifies and opens up to `max` waiting envelopes.
+    /// Fetches, verifies and opens up to `max` waiting envelopes; fails on the first that
+    /// does not verify, open or fit ([`OrgClient::fetch_each`] goes on past it).
     pub async fn fetch(&mut self, max: u32) -> Result<Vec<Opened>, ClientError> {
+        self.fetch_each(max).await?.into_iter().collect()
+    }
+
+    /// Fetches up to `max` waiting envelopes and verifies and opens each, with a result
+    /// per envelope: one that is refused does not hide the others.
+    pub async fn fetch_each(
+        &mut self,
+        max: u32,
+    ) -> Result<Vec<Result<Opened, ClientError>>, ClientError> {
         let items = self
             .exchange
             .fetch(pb::FetchRequest { max })
             .await?
             .into_inner()
             .items;
-        items.into_iter().map(|i| self.opener.open(i)).collect()
+        Ok(items.into_iter().map(|i| self.opener.open(i)).collect())
     }
 
     /// The inbox as a live stream of opened envelopes: what is waiting, then what arrives.
@@ -395,6 +430,11 @@ impl Opener {
         // The same rules as the sender's, as of the envelope's creation.
         forms::check(envelope.kind(), &body, created)?;
         forms::check_header(&body, envelope.header())?;
+        if let Some(book) = self.book.get() {
+            let entry = Entry::new(envelope.header(), &body, Direction::Received)?;
+            book.fits(&entry)?;
+            book.record(entry)?;
+        }
         Ok(Opened { envelope, body })
     }
 }
@@ -461,6 +501,7 @@ mod tests {
             id: "spiffe://kh.accord/org/ahtd".parse().unwrap(),
             keys: key(1, "ahtd"),
             directories: dirs.clone(),
+            book: std::sync::OnceLock::new(),
         };
         (tmp, opener, key(0, "c02"), dirs)
     }

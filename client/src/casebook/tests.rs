@@ -1,0 +1,208 @@
+use super::*;
+
+const HOUR: i64 = 3_600_000;
+const KH: &str = "spiffe://kh.accord/org/ahtd";
+
+fn entry(id: u8, phase: Phase, direction: Direction, at_h: i64, reply_to: Option<u8>) -> Entry {
+    let id_of = |n: u8| format!("00000000-0000-7000-8000-0000000000{n:02x}");
+    Entry {
+        id: id_of(id),
+        case_ref: "VN-KH-2026-0001".into(),
+        phase,
+        direction,
+        counterpart: KH.into(),
+        at_ms: at_h * HOUR,
+        in_reply_to: reply_to.map(id_of),
+        exploitation: vec![],
+        province: None,
+        child: false,
+    }
+}
+
+fn book() -> (tempfile::TempDir, CaseBook) {
+    let dir = tempfile::tempdir().unwrap();
+    let book = CaseBook::open(dir.path()).unwrap();
+    (dir, book)
+}
+
+#[test]
+fn a_transfer_goes_request_response_handover_and_nothing_else_fits() {
+    use Direction::*;
+    use Phase::*;
+    let (_dir, book) = book();
+    book.record(entry(1, TransferRequest, Sent, 0, None))
+        .unwrap();
+    // A handover before acceptance does not fit.
+    let early = entry(2, TransferHandover, Received, 1, Some(1));
+    assert!(matches!(
+        book.fits(&early),
+        Err(WorkflowError::DoesNotFit { .. })
+    ));
+    // An answer to a message never exchanged, or from our own side, does not either.
+    let unknown = entry(3, TransferAccepted, Received, 1, Some(9));
+    assert!(matches!(
+        book.fits(&unknown),
+        Err(WorkflowError::UnknownRequest { .. })
+    ));
+    let own = entry(4, TransferAccepted, Sent, 1, Some(1));
+    assert!(matches!(
+        book.fits(&own),
+        Err(WorkflowError::WrongParty { .. })
+    ));
+    let mut stranger = entry(5, TransferAccepted, Received, 1, Some(1));
+    stranger.counterpart = "spiffe://kh.accord/org/other".into();
+    assert!(matches!(
+        book.fits(&stranger),
+        Err(WorkflowError::WrongParty { .. })
+    ));
+
+    let accepted = entry(6, TransferAccepted, Received, 2, Some(1));
+    book.fits(&accepted).unwrap();
+    book.record(accepted).unwrap();
+    let handover = entry(7, TransferHandover, Sent, 30, Some(6));
+    book.fits(&handover).unwrap();
+    // A refusal closes a request: nothing but correspondence answers it.
+    book.record(entry(8, TransferRequest, Sent, 40, None))
+        .unwrap();
+    book.record(entry(9, TransferRefused, Received, 41, Some(8)))
+        .unwrap();
+    let after_refusal = entry(10, TransferHandover, Sent, 42, Some(9));
+    assert!(matches!(
+        book.fits(&after_refusal),
+        Err(WorkflowError::DoesNotFit { .. })
+    ));
+    book.fits(&entry(11, Correspondence, Sent, 42, Some(9)))
+        .unwrap();
+}
+
+#[test]
+fn open_requests_become_overdue_after_their_deadline() {
+    use Direction::*;
+    use Phase::*;
+    let (_dir, book) = book();
+    book.record(entry(1, VictimRequest, Received, 0, None))
+        .unwrap();
+    book.record(entry(2, Alert, Received, 0, None)).unwrap();
+    book.record(entry(3, TransferRequest, Sent, 0, None))
+        .unwrap();
+    book.record(entry(4, TransferAccepted, Received, 5, Some(3)))
+        .unwrap();
+    let at = |h: i64| {
+        book.open_requests(h * HOUR)
+            .into_iter()
+            .map(|o| (o.entry.phase, o.overdue))
+            .collect::<Vec<_>>()
+    };
+    // The accepted transfer awaits its handover (no deadline); the request was answered.
+    assert_eq!(
+        at(6),
+        vec![
+            (VictimRequest, false),
+            (Alert, false),
+            (TransferAccepted, false)
+        ]
+    );
+    assert_eq!(
+        at(13),
+        vec![
+            (VictimRequest, false),
+            (Alert, true),
+            (TransferAccepted, false)
+        ]
+    );
+    assert_eq!(
+        at(73),
+        vec![
+            (VictimRequest, true),
+            (Alert, true),
+            (TransferAccepted, false)
+        ]
+    );
+    book.record(entry(5, Correspondence, Sent, 74, Some(2)))
+        .unwrap();
+    assert_eq!(at(75).len(), 2, "the alert is answered by correspondence");
+}
+
+#[test]
+fn the_report_counts_answers_deadlines_outcomes_and_breakdowns() {
+    use Direction::*;
+    use Phase::*;
+    let (dir, book) = book();
+    let mut request = entry(1, VictimRequest, Received, 0, None);
+    request.exploitation = vec!["sexual".into()];
+    request.province = Some("vn:an-giang".into());
+    book.record(request).unwrap();
+    book.record(entry(2, VictimConfirmed, Sent, 10, Some(1)))
+        .unwrap();
+    book.record(entry(3, RepatriationPlan, Sent, 20, Some(2)))
+        .unwrap();
+    book.record(entry(4, VictimHandover, Sent, 100, Some(3)))
+        .unwrap();
+    book.record(entry(5, TransferRequest, Sent, 0, None))
+        .unwrap();
+    book.record(entry(6, TransferAccepted, Received, 20, Some(5)))
+        .unwrap(); // late: 12 h
+    book.record(entry(7, TransferHandover, Received, 50, Some(6)))
+        .unwrap();
+    book.record(entry(8, Alert, Received, 0, None)).unwrap(); // never answered
+    book.record(entry(9, SuspectNotice, Sent, 500, None))
+        .unwrap(); // outside the period
+
+    let r = book.report(0, 200 * HOUR, 300 * HOUR);
+    assert_eq!(
+        r.by_kind["VictimRequest"],
+        Counts {
+            sent: 0,
+            received: 1
+        }
+    );
+    assert_eq!(
+        r.by_kind["TransferAccepted"],
+        Counts {
+            sent: 0,
+            received: 1
+        }
+    );
+    assert!(!r.by_kind.contains_key("SuspectNotice"));
+    assert_eq!(r.requests_with_deadline, 3);
+    assert_eq!(
+        r.answered_within_deadline, 1,
+        "the victim request, in 10 h of 72"
+    );
+    assert_eq!(r.overdue, 1, "the alert");
+    assert_eq!(r.median_answer_hours, Some(15.0), "10 h and 20 h");
+    assert_eq!(r.victims_identified, 1);
+    assert_eq!(r.victims_repatriated, 1);
+    assert_eq!(r.wanted_persons_handed_over, 1);
+    assert_eq!(r.by_exploitation["sexual"], 1);
+    assert_eq!(r.by_province["vn:an-giang"], 1);
+    let csv = r.csv();
+    assert!(csv.contains("totals,overdue,,,1\n"), "{csv}");
+    assert!(csv.contains("province,vn:an-giang,,,1\n"), "{csv}");
+
+    // The book is the file: reopened, it holds the same; a torn last line is skipped.
+    drop(book);
+    let path = dir.path().join("casebook.jsonl");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("{\"id\":\"torn");
+    std::fs::write(&path, text).unwrap();
+    let again = CaseBook::open(dir.path()).unwrap();
+    assert_eq!(again.report(0, 200 * HOUR, 300 * HOUR), r);
+}
+
+#[test]
+fn deadlines_come_from_the_organisations_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("deadlines.toml"), "alert_hours = 2\n").unwrap();
+    let book = CaseBook::open(dir.path()).unwrap();
+    assert_eq!(book.deadlines.for_phase(Phase::Alert), Some(2 * HOUR));
+    assert_eq!(
+        book.deadlines.for_phase(Phase::VictimRequest),
+        Some(72 * HOUR)
+    );
+    std::fs::write(dir.path().join("deadlines.toml"), "alert_hour = 2\n").unwrap();
+    assert!(
+        CaseBook::open(dir.path()).is_err(),
+        "a misspelt key is refused"
+    );
+}

@@ -1,0 +1,206 @@
+//! Case threads and workflow through the `accord` binary: each organisation keeps its case
+//! book, answers must fit their request, and the report and case views come from it.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use accord_client::localnet::LocalNet;
+
+/// `accord ARGS` as organisation `org` of `cc`: the session flags go after the subcommand
+/// words (`send`, or `case show`), before the rest.
+fn as_org(net: &LocalNet, cc: &str, org: &str, args: &[&str]) -> Output {
+    let gw = net.gateway_address(cc).unwrap();
+    let words = if args[0] == "case" { 2 } else { 1 };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_accord"));
+    cmd.args(&args[..words])
+        .arg("--org")
+        .arg(net.org_dir(cc, org).unwrap())
+        .args([
+            "--gateway",
+            &gw.addr.to_string(),
+            "--gateway-id",
+            &gw.id.to_string(),
+        ])
+        .arg("--root")
+        .arg(&gw.root)
+        .arg("--trust")
+        .arg(&gw.trust)
+        .args(&args[words..]);
+    cmd.output().unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn example(name: &str, lang: &str) -> String {
+    format!(
+        "{}/../examples/forms/{lang}/{name}.json",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// Fetches (and acks) until something arrives; returns the output.
+fn fetch_some(net: &LocalNet, cc: &str, org: &str) -> (String, String) {
+    for _ in 0..100 {
+        let out = as_org(net, cc, org, &["fetch", "--ack"]);
+        let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+        let stderr = String::from_utf8(out.stderr.clone()).unwrap();
+        assert!(out.status.success(), "{stderr}");
+        if !stdout.is_empty() || !stderr.is_empty() {
+            return (stdout, stderr);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("nothing arrived for {org}");
+}
+
+fn accepted_id(stdout: &str) -> String {
+    stdout.split_whitespace().nth(1).unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_victim_case_runs_request_result_plan_and_the_book_reports_it() {
+    let net = LocalNet::builder()
+        .country("vn", "hanoi", &["c02"])
+        .country("kh", "phnom-penh", &["ahtd"])
+        .start()
+        .await
+        .unwrap();
+    let (vn, kh) = ("spiffe://vn.accord/org/c02", "spiffe://kh.accord/org/ahtd");
+    let case = "VN-KH-2026-0100";
+
+    // KH asks VN to identify a presumed (child) victim, in Khmer.
+    let request = accepted_id(&ok(as_org(
+        &net,
+        "kh",
+        "ahtd",
+        &[
+            "send",
+            "--to",
+            vn,
+            "--case",
+            case,
+            "--evaluation",
+            "B2",
+            &example("victim-identification", "km"),
+        ],
+    )));
+    let (shown, _) = fetch_some(&net, "vn", "c02");
+    assert!(
+        shown.contains("masked") && shown.contains("H2: DO NOT PASS ON"),
+        "{shown}"
+    );
+
+    // VN cannot jump to a handover: the request allows a verification result only.
+    let jump = as_org(
+        &net,
+        "vn",
+        "c02",
+        &[
+            "send",
+            "--to",
+            kh,
+            "--case",
+            case,
+            "--reply-to",
+            &request,
+            &example("victim-handover", "vi"),
+        ],
+    );
+    assert!(!jump.status.success());
+    let said = String::from_utf8_lossy(&jump.stderr);
+    assert!(said.contains("cannot answer a VictimRequest"), "{said}");
+
+    // The result, in Vietnamese, answering the request.
+    let result = accepted_id(&ok(as_org(
+        &net,
+        "vn",
+        "c02",
+        &[
+            "send",
+            "--to",
+            kh,
+            "--case",
+            case,
+            "--reply-to",
+            &request,
+            &example("verification-result", "vi"),
+        ],
+    )));
+    let (opened, refused) = fetch_some(&net, "kh", "ahtd");
+    assert!(
+        refused.is_empty() && opened.contains(&result),
+        "{opened}{refused}"
+    );
+
+    // KH's case view: request, answer, and the confirmed victim awaiting a plan.
+    let thread = ok(as_org(&net, "kh", "ahtd", &["case", "show", case]));
+    assert!(
+        thread.contains("VictimRequest") && thread.contains("VictimConfirmed"),
+        "{thread}"
+    );
+    assert!(
+        thread.contains("Delivered"),
+        "the request's chain: {thread}"
+    );
+    assert!(
+        thread.contains(&format!("open: VictimConfirmed {result}")),
+        "{thread}"
+    );
+
+    let list = ok(Command::new(env!("CARGO_BIN_EXE_accord"))
+        .args(["case", "list", "--open", "--org"])
+        .arg(net.org_dir("kh", "ahtd").unwrap())
+        .output()
+        .unwrap());
+    assert!(list.contains(case) && list.contains("1 open"), "{list}");
+
+    // A sender whose library keeps no case book sends a handover against the request;
+    // KH's client refuses it on arrival and says why, and shows the rest.
+    let mut raw = net.client("vn", "c02").await.unwrap();
+    let body = accord_client::demo::parse_form(
+        &std::fs::read_to_string(example("victim-handover", "en")).unwrap(),
+    )
+    .unwrap();
+    let mut opts = accord_client::org::SendOptions::new(case);
+    opts.in_reply_to = Some(request.parse().unwrap());
+    raw.send(&kh.parse().unwrap(), &body, &opts).await.unwrap();
+    let (_, refused) = fetch_some(&net, "kh", "ahtd");
+    assert!(
+        refused.contains(
+            "refused a message: workflow: a VictimHandover cannot answer a VictimRequest"
+        ),
+        "{refused}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("report.csv");
+    let report = ok(Command::new(env!("CARGO_BIN_EXE_accord"))
+        .args([
+            "report",
+            "--from",
+            "2000-01-01",
+            "--to",
+            "2100-01-01",
+            "--org",
+        ])
+        .arg(net.org_dir("vn", "c02").unwrap())
+        .arg("--csv")
+        .arg(&csv)
+        .output()
+        .unwrap());
+    assert!(report.contains("victims identified 1"), "{report}");
+    assert!(report.contains("answered within it 1"), "{report}");
+    let csv = std::fs::read_to_string(Path::new(&csv)).unwrap();
+    assert!(csv.contains("province,vn:an-giang,,,1"), "{csv}");
+    assert!(csv.contains("exploitation,sexual,,,1"), "{csv}");
+    net.shutdown().await;
+}
