@@ -22,6 +22,13 @@ pub async fn fetch_n(client: &mut OrgClient, want: usize) -> anyhow::Result<Vec<
     anyhow::bail!("received {} of {want} envelopes in time", got.len())
 }
 
+/// The wall clock in Unix milliseconds, as envelopes carry it.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// An alert form, for tests that do not care about the kind.
 pub fn alert(what: &str) -> accord_proto::pb::Body {
     accord_proto::pb::Body {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use accord_client::org::OrgClient;
 use accord_proto::crypto::SigningKey;
 use accord_proto::pb;
-use accord_tests::TestNet;
+use accord_tests::{now_ms, TestNet};
 
 async fn net() -> TestNet {
     TestNet::builder()
@@ -139,13 +139,6 @@ async fn a_newer_directory_reaches_the_peer_without_a_restart_and_an_older_one_i
         "an older directory must not replace a newer one"
     );
     net.shutdown().await;
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

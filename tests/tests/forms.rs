@@ -7,7 +7,7 @@
 use accord_client::forms::EXAMPLES;
 use accord_client::org::{ClientError, SendOptions};
 use accord_proto::pb;
-use accord_tests::{fetch_n, TestNet};
+use accord_tests::{fetch_n, now_ms, TestNet};
 
 async fn net() -> TestNet {
     TestNet::builder()
@@ -21,15 +21,8 @@ async fn net() -> TestNet {
 fn example(name: &str, lang: usize) -> pb::Body {
     let (_, texts) = EXAMPLES.iter().find(|e| e.0 == name).unwrap();
     let mut body = accord_client::demo::parse_form(texts[lang]).unwrap();
-    accord_client::demo::retime(&mut body, now());
+    accord_client::demo::retime(&mut body, now_ms());
     body
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,9 +90,12 @@ async fn a_recipient_refuses_a_form_that_breaks_the_rules_and_names_the_field() 
         f.subject.as_mut().unwrap().birth_year = 0;
     }
     let to = kh.id.clone();
-    let (key_id, pk) = vn.directories().current_encryption_key(&to, now()).unwrap();
+    let (key_id, pk) = vn
+        .directories()
+        .current_encryption_key(&to, now_ms())
+        .unwrap();
     let header = pb::Header {
-        message_id: accord_proto::ids::MessageId::new_v7(now() as u64, [3; 10])
+        message_id: accord_proto::ids::MessageId::new_v7(now_ms() as u64, [3; 10])
             .as_bytes()
             .to_vec(),
         kind: pb::Kind::SuspectNotice as i32,
@@ -107,8 +103,8 @@ async fn a_recipient_refuses_a_form_that_breaks_the_rules_and_names_the_field() 
         sender_org: vn.id.to_string(),
         recipient_org: to.to_string(),
         recipient_key_id: key_id,
-        created_at_ms: now(),
-        expires_at_ms: now() + 600_000,
+        created_at_ms: now_ms(),
+        expires_at_ms: now_ms() + 600_000,
         priority: pb::Priority::Routine as i32,
         handling_code: "H0".into(),
         evaluation: "X4".into(),

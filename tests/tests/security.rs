@@ -4,7 +4,7 @@
 
 use accord_client::org::{OrgClient, SendOptions};
 use accord_proto::pb;
-use accord_tests::{alert, fetch_n, TestNet};
+use accord_tests::{alert, fetch_n, now_ms, TestNet};
 
 async fn net() -> TestNet {
     TestNet::builder()
@@ -24,10 +24,10 @@ async fn a_client_cannot_submit_as_another_organisation() {
     let to = net.org_id("kh", "ahtd").unwrap();
     let (key_id, pk) = c02
         .directories()
-        .current_encryption_key(&to, now())
+        .current_encryption_key(&to, now_ms())
         .unwrap();
     let header = pb::Header {
-        message_id: accord_proto::ids::MessageId::new_v7(now() as u64, [1; 10])
+        message_id: accord_proto::ids::MessageId::new_v7(now_ms() as u64, [1; 10])
             .as_bytes()
             .to_vec(),
         kind: pb::Kind::Alert as i32,
@@ -37,8 +37,8 @@ async fn a_client_cannot_submit_as_another_organisation() {
         sender_org: c02.id.to_string(),
         recipient_org: to.to_string(),
         recipient_key_id: key_id,
-        created_at_ms: now(),
-        expires_at_ms: now() + 60_000,
+        created_at_ms: now_ms(),
+        expires_at_ms: now_ms() + 60_000,
         priority: pb::Priority::Routine as i32,
         ..Default::default()
     };
@@ -53,13 +53,6 @@ async fn a_client_cannot_submit_as_another_organisation() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     net.shutdown().await;
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
