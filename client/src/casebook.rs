@@ -6,7 +6,7 @@
 //! free text, so the report is built from it without plaintext leaving anything.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -125,6 +125,19 @@ impl Default for Deadlines {
 }
 
 impl Deadlines {
+    fn check(&self) -> Result<(), String> {
+        for (name, hours) in [
+            ("alert_hours", self.alert_hours),
+            ("transfer_hours", self.transfer_hours),
+            ("victim_verification_hours", self.victim_verification_hours),
+        ] {
+            if !(hours > 0.0 && hours <= 8760.0) {
+                return Err(format!("{name}: between 0 and 8760 hours"));
+            }
+        }
+        Ok(())
+    }
+
     /// The answer deadline of a message in `phase`, if it has one (handovers are scheduled
     /// events: awaited, not overdue).
     pub fn for_phase(&self, phase: Phase) -> Option<i64> {
@@ -241,6 +254,12 @@ pub enum WorkflowError {
         id: String,
         counterpart: String,
     },
+    #[error("message {id} belongs to case {case_ref}; an answer stays in its request's case")]
+    OtherCase { id: String, case_ref: String },
+    #[error("message {id} has already been answered; send correspondence, or a new request")]
+    AlreadyAnswered { id: String },
+    #[error("the message answers a child victim's case and must be FLASH and at least H2")]
+    ChildCase,
     #[error("case book {path}: {problem}")]
     Book { path: PathBuf, problem: String },
 }
@@ -272,38 +291,76 @@ impl CaseBook {
         };
         let deadlines_file = org_dir.join("deadlines.toml");
         let deadlines = match std::fs::read_to_string(&deadlines_file) {
-            Ok(text) => toml::from_str(&text).map_err(|e| WorkflowError::Book {
-                path: deadlines_file.clone(),
-                problem: e.to_string(),
-            })?,
+            Ok(text) => {
+                let d: Deadlines = toml::from_str(&text).map_err(|e| WorkflowError::Book {
+                    path: deadlines_file.clone(),
+                    problem: e.to_string(),
+                })?;
+                d.check().map_err(|problem| WorkflowError::Book {
+                    path: deadlines_file.clone(),
+                    problem,
+                })?;
+                d
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Deadlines::default(),
             Err(e) => return Err(err(e.to_string())),
         };
+        let book = Self {
+            path: path.clone(),
+            deadlines,
+            entries: Mutex::new(Vec::new()),
+        };
+        book.read_file().map_err(|e| err(e.to_string()))?;
+        Ok(book)
+    }
+
+    /// Reads the file again (another process, say `accord send` beside a running `accord
+    /// watch`, may have added to it), under the file lock. A line cut short by a crash
+    /// mid-write has no newline: it is cut off, so the next entry starts on a line of its
+    /// own. An id seen twice is kept once.
+    fn read_file(&self) -> std::io::Result<()> {
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        file.lock()?;
+        let result = self.read_locked(&file);
+        let _ = file.unlock();
+        result
+    }
+
+    fn read_locked(&self, file: &std::fs::File) -> std::io::Result<()> {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        (&*file).read_to_end(&mut bytes)?;
+        let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        if complete < bytes.len() {
+            file.set_len(complete as u64)?;
+            tracing::warn!("case book: an unfinished last line was cut off");
+        }
         let mut entries = Vec::new();
-        match std::fs::File::open(&path) {
-            Ok(file) => {
-                for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
-                    let line = line.map_err(|e| err(e.to_string()))?;
-                    if line.trim().is_empty() {
-                        continue;
-                    }
-                    // A line cut short by a crash mid-write is the last one; skip it.
-                    match serde_json::from_str::<Entry>(&line) {
-                        Ok(e) => entries.push(e),
-                        Err(e) => {
-                            tracing::warn!(line = n + 1, error = %e, "case book line skipped")
-                        }
+        let mut seen = std::collections::HashSet::new();
+        for (n, line) in bytes[..complete].split(|b| *b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match serde_json::from_slice::<Entry>(line) {
+                Ok(e) => {
+                    if seen.insert(e.id.clone()) {
+                        entries.push(e);
                     }
                 }
+                // The line number only: a value could be quoted in the error.
+                Err(_) => tracing::warn!(line = n + 1, "case book line skipped"),
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(err(e.to_string())),
         }
-        Ok(Self {
-            path,
-            deadlines,
-            entries: Mutex::new(entries),
-        })
+        *self.entries() = entries;
+        Ok(())
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
@@ -317,6 +374,10 @@ impl CaseBook {
         if !entry.phase.is_answer() {
             return Ok(());
         }
+        self.read_file().map_err(|e| WorkflowError::Book {
+            path: self.path.clone(),
+            problem: e.to_string(),
+        })?;
         let Some(answered_id) = &entry.in_reply_to else {
             return Err(WorkflowError::UnknownRequest {
                 phase: entry.phase,
@@ -331,6 +392,12 @@ impl CaseBook {
                 phase: entry.phase,
                 id: answered_id.clone(),
             })?;
+        if answered.case_ref != entry.case_ref {
+            return Err(WorkflowError::OtherCase {
+                id: answered_id.clone(),
+                case_ref: answered.case_ref.clone(),
+            });
+        }
         if answered.counterpart != entry.counterpart || answered.direction == entry.direction {
             return Err(WorkflowError::WrongParty {
                 phase: entry.phase,
@@ -350,27 +417,41 @@ impl CaseBook {
                 },
             });
         }
+        let already = entries.iter().any(|e| {
+            e.in_reply_to.as_deref() == Some(answered_id.as_str())
+                && e.id != entry.id
+                && e.direction == entry.direction
+                && answered.phase.allowed_answers().contains(&e.phase)
+        });
+        if already {
+            return Err(WorkflowError::AlreadyAnswered {
+                id: answered_id.clone(),
+            });
+        }
         Ok(())
     }
 
     /// Records a message (once: a message opened twice is recorded once).
     pub fn record(&self, entry: Entry) -> Result<(), WorkflowError> {
-        let mut entries = self.entries();
-        if entries.iter().any(|e| e.id == entry.id) {
-            return Ok(());
-        }
         let err = |e: std::io::Error| WorkflowError::Book {
             path: self.path.clone(),
             problem: e.to_string(),
         };
         let mut options = std::fs::OpenOptions::new();
-        options.create(true).append(true);
+        options.create(true).read(true).append(true);
         #[cfg(unix)]
         {
             use std::os::unix::fs::OpenOptionsExt;
             options.mode(0o600);
         }
         let mut file = options.open(&self.path).map_err(err)?;
+        // Under the lock, with what other processes wrote, so an id is written once.
+        file.lock().map_err(err)?;
+        self.read_locked(&file).map_err(err)?;
+        let mut entries = self.entries();
+        if entries.iter().any(|e| e.id == entry.id) {
+            return Ok(());
+        }
         let mut line = serde_json::to_vec(&entry).map_err(|e| WorkflowError::Book {
             path: self.path.clone(),
             problem: e.to_string(),
@@ -380,6 +461,24 @@ impl CaseBook {
         file.sync_data().map_err(err)?;
         entries.push(entry);
         Ok(())
+    }
+
+    /// Whether the message `id` is, or answers down a chain of answers, a request about a
+    /// child victim: its answers get the child's protection too.
+    pub fn in_child_case(&self, id: &str) -> bool {
+        let entries = self.entries();
+        let mut next = Some(id.to_owned());
+        for _ in 0..64 {
+            let Some(current) = next.take() else { break };
+            let Some(e) = entries.iter().find(|e| e.id == current) else {
+                break;
+            };
+            if e.child {
+                return true;
+            }
+            next = e.in_reply_to.clone();
+        }
+        false
     }
 
     /// Every entry of case `case_ref`, in time order.
@@ -415,7 +514,7 @@ impl CaseBook {
             } else {
                 asked.phase.allowed_answers().contains(&e.phase)
             };
-            if counts && e.direction != asked.direction {
+            if counts && e.direction != asked.direction && e.counterpart == asked.counterpart {
                 let keep = answers.get(to).is_none_or(|a| a.at_ms > e.at_ms);
                 if keep {
                     answers.insert(to.clone(), e.clone());

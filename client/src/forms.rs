@@ -103,30 +103,79 @@ pub fn handling_mark(header: &pb::Header) -> Option<String> {
     }
 }
 
-/// `body` with a child victim's identifying data (names, aliases, birth date, documents)
-/// replaced, for display without `--reveal`.
-pub fn masked(body: &pb::Body) -> pb::Body {
+/// `body` with what could identify a child victim replaced, for display without
+/// `--reveal`: the person (names, aliases, birth date and year, documents) and every free
+/// text, whether the body is the child's request or, `child_case`, a message in reply to
+/// it (a result, a plan, a handover, correspondence). Codes, kinds and dates of the
+/// procedure stay.
+pub fn masked(body: &pb::Body, child_case: bool) -> pb::Body {
+    use pb::victim_identification::Answer as V;
+    use pb::wanted_person_transfer::Answer as W;
     let mut body = body.clone();
-    if let Some(Form::VictimIdentification(f)) = &mut body.form {
-        if f.is_child {
+    if !(child_case || rules::concerns_a_child(&body)) {
+        return body;
+    }
+    let hide = |s: &mut String| {
+        if !s.is_empty() {
+            *s = "[masked: child victim; --reveal to show]".to_owned();
+        }
+    };
+    let handover = |h: &mut pb::HandoverConfirmation| {
+        hide(&mut h.received_by);
+        hide(&mut h.notes);
+    };
+    match &mut body.form {
+        Some(Form::VictimIdentification(f)) => {
             if let Some(p) = &mut f.presumed_victim {
-                let hidden = || "[masked: child victim; --reveal to show]".to_owned();
+                let mut name = String::from("x");
+                hide(&mut name);
                 p.name = Some(pb::PersonName {
-                    latin: hidden(),
+                    latin: name,
                     ..Default::default()
                 });
                 p.aliases.clear();
                 p.birth_date.clear();
+                p.birth_year = 0;
                 p.documents.clear();
             }
+            hide(&mut f.circumstances);
+            hide(&mut f.family_tracing_needs);
+            match &mut f.answer {
+                Some(V::Result(r)) => hide(&mut r.details),
+                Some(V::Repatriation(p)) => {
+                    hide(&mut p.escort);
+                    hide(&mut p.receiving_agency);
+                    hide(&mut p.reception_support);
+                }
+                Some(V::Handover(h)) => handover(h),
+                None => {}
+            }
         }
+        Some(Form::WantedPersonTransfer(f)) => {
+            if let Some(W::Handover(h)) = &mut f.answer {
+                handover(h);
+            }
+        }
+        Some(Form::Correspondence(f)) => {
+            hide(&mut f.text);
+            for a in &mut f.attachments {
+                hide(&mut a.name);
+                a.content.clear();
+            }
+        }
+        _ => {}
     }
     body
 }
 
 /// Renders an opened message for a person: a summary line, the handling mark, the
-/// evaluation, and the form (masked if it concerns a child and `reveal` is false).
-pub fn render(opened: &Opened, reveal: bool) -> Result<String, serde_json::Error> {
+/// evaluation, and the form, masked (see [`masked`]) if it concerns a child, or is part of
+/// a child's case (`child_case`), and `reveal` is false.
+pub fn render(
+    opened: &Opened,
+    reveal: bool,
+    child_case: bool,
+) -> Result<String, serde_json::Error> {
     let h = opened.envelope.header();
     let mut out = format!(
         "{} {:?} from {} case {} evaluation {}\n",
@@ -143,11 +192,10 @@ pub fn render(opened: &Opened, reveal: bool) -> Result<String, serde_json::Error
     if let Some(mark) = handling_mark(h) {
         out.push_str(&format!("*** {mark} ***\n"));
     }
-    let child = rules::concerns_a_child(&opened.body);
-    let shown = if child && !reveal {
-        masked(&opened.body)
-    } else {
+    let shown = if reveal {
         opened.body.clone()
+    } else {
+        masked(&opened.body, child_case)
     };
     out.push_str(&serde_json::to_string_pretty(&shown)?);
     out.push('\n');
@@ -203,12 +251,24 @@ mod tests {
             .unwrap();
         let body = crate::demo::parse_form(texts[1]).unwrap();
         assert!(rules::concerns_a_child(&body));
-        let shown = serde_json::to_string(&masked(&body)).unwrap();
-        for secret in ["Trần Thị B", "Tran Thi B", "2010-03-04"] {
+        let shown = serde_json::to_string(&masked(&body, false)).unwrap();
+        for secret in [
+            "Trần Thị B",
+            "Tran Thi B",
+            "2010-03-04",
+            "Châu Đốc",
+            "karaoke",
+        ] {
             assert!(!shown.contains(secret), "{secret} in {shown}");
         }
         assert!(shown.contains("masked"));
         // Non-identifying facts stay.
         assert!(shown.contains("SEX_FEMALE"));
+        // An answer in a child's case is masked too; the same answer elsewhere is not.
+        let (_, texts) = EXAMPLES.iter().find(|e| e.0 == "victim-handover").unwrap();
+        let answer = crate::demo::parse_form(texts[0]).unwrap();
+        let shown = serde_json::to_string(&masked(&answer, true)).unwrap();
+        assert!(!shown.contains("Department of Labour"), "{shown}");
+        assert_eq!(masked(&answer, false), answer);
     }
 }

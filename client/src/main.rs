@@ -253,17 +253,27 @@ fn now_ms() -> anyhow::Result<i64> {
 /// Prints an opened message; a child victim's data shown unmasked is recorded first.
 fn print_opened(
     session: &Session,
+    client: &OrgClient,
     opened: &accord_client::org::Opened,
     reveal: bool,
 ) -> anyhow::Result<()> {
-    if reveal && accord_proto::forms::concerns_a_child(&opened.body) {
+    let answered = &opened.envelope.header().in_reply_to;
+    let child_case = accord_proto::ids::MessageId::from_slice(answered).is_ok_and(|id| {
+        client
+            .case_book()
+            .is_some_and(|b| b.in_child_case(&id.to_string()))
+    });
+    if reveal && (child_case || accord_proto::forms::concerns_a_child(&opened.body)) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_millis() as i64;
         accord_client::forms::record_reveal(&session.org, opened, now)
             .context("recording the reveal in reveals.log; nothing shown")?;
     }
-    print!("{}", accord_client::forms::render(opened, reveal)?);
+    print!(
+        "{}",
+        accord_client::forms::render(opened, reveal, child_case)?
+    );
     Ok(())
 }
 
@@ -545,7 +555,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         continue;
                     }
                 };
-                print_opened(&session, &opened, reveal)?;
+                if let Err(e) = print_opened(&session, &client, &opened, reveal) {
+                    eprintln!("could not show message {}: {e:#}", opened.envelope.id());
+                    continue;
+                }
                 if ack {
                     client.ack(&opened).await?;
                     println!("acknowledged");
@@ -568,8 +581,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let mut seen = 0;
             while let Some(opened) = stream.next().await {
-                let opened = opened?;
-                print_opened(&session, &opened, reveal)?;
+                let opened = match opened {
+                    Ok(opened) => opened,
+                    // A refused message (a broken form, an answer that does not fit) is
+                    // reported; the stream goes on. A broken stream ends the watch.
+                    Err(accord_client::org::ClientError::Gateway(s)) => {
+                        return Err(accord_client::org::ClientError::Gateway(s).into())
+                    }
+                    Err(e) => {
+                        eprintln!("refused a message: {e}");
+                        continue;
+                    }
+                };
+                if let Err(e) = print_opened(&session, &client, &opened, reveal) {
+                    eprintln!("could not show message {}: {e:#}", opened.envelope.id());
+                    continue;
+                }
                 if ack {
                     client.ack(&opened).await?;
                     println!("acknowledged {}", opened.envelope.id());

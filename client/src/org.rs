@@ -179,6 +179,11 @@ impl OrgClient {
         &self.opener.directories
     }
 
+    /// The case book this client keeps, if any.
+    pub fn case_book(&self) -> Option<&Arc<CaseBook>> {
+        self.opener.book.get()
+    }
+
     /// Keeps `book` from now on: answers that do not fit their case are refused on send
     /// and on open, and every message sent or opened is recorded. Once per client.
     pub fn use_case_book(&self, book: Arc<CaseBook>) -> Result<(), ClientError> {
@@ -224,7 +229,13 @@ impl OrgClient {
         // the sender asked for.
         let mut priority = opts.priority;
         let mut handling_code = opts.handling_code.clone();
-        if forms::concerns_a_child(&body) {
+        let child_case = opts.in_reply_to.is_some_and(|id| {
+            self.opener
+                .book
+                .get()
+                .is_some_and(|b| b.in_child_case(&id.to_string()))
+        });
+        if forms::concerns_a_child(&body) || child_case {
             priority = pb::Priority::Flash;
             let weaker = handling_code
                 .parse::<accord_proto::codes::Handling>()
@@ -433,6 +444,16 @@ impl Opener {
         if let Some(book) = self.book.get() {
             let entry = Entry::new(envelope.header(), &body, Direction::Received)?;
             book.fits(&entry)?;
+            if let Some(answered) = &entry.in_reply_to {
+                let h = envelope.header();
+                let protected = h.priority == pb::Priority::Flash as i32
+                    && h.handling_code
+                        .parse::<accord_proto::codes::Handling>()
+                        .is_ok_and(|c| c.forbids_onward_transmission());
+                if book.in_child_case(answered) && !protected {
+                    return Err(crate::casebook::WorkflowError::ChildCase.into());
+                }
+            }
             book.record(entry)?;
         }
         Ok(Opened { envelope, body })

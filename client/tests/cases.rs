@@ -140,6 +140,12 @@ async fn a_victim_case_runs_request_result_plan_and_the_book_reports_it() {
         refused.is_empty() && opened.contains(&result),
         "{opened}{refused}"
     );
+    // An answer in a child's case travels as the child's request does, and is masked.
+    assert!(opened.contains("H2: DO NOT PASS ON"), "{opened}");
+    assert!(
+        opened.contains("masked") && !opened.contains("dân cư"),
+        "{opened}"
+    );
 
     // KH's case view: request, answer, and the confirmed victim awaiting a plan.
     let thread = ok(as_org(&net, "kh", "ahtd", &["case", "show", case]));

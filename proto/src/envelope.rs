@@ -282,7 +282,15 @@ impl ParsedHeader {
         {
             return Err(malformed("lifetime longer than MAX_LIFETIME_MS"));
         }
-        if raw.case_ref.is_empty() || raw.case_ref.len() > 128 {
+        // A reference, not free text: it is printed, logged by clients and kept in their
+        // case books, so no control or bidi characters, no quotes, no newlines.
+        if raw.case_ref.is_empty()
+            || raw.case_ref.len() > 128
+            || !raw
+                .case_ref
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b))
+        {
             return Err(malformed("case_ref"));
         }
         if raw.sender_key_id.is_empty() || raw.recipient_key_id.is_empty() {

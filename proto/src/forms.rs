@@ -206,7 +206,13 @@ fn country(path: &str, cc: &str) -> Result<(), FormError> {
 }
 
 fn exploitation(path: &str, values: &[i32]) -> Result<(), FormError> {
+    if values.len() > 16 {
+        return Err(fail(path, "too many entries"));
+    }
     for (i, v) in values.iter().enumerate() {
+        if values[..i].contains(v) {
+            return Err(fail(&format!("{path}[{i}]"), "listed twice"));
+        }
         match pb::Exploitation::try_from(*v) {
             Ok(pb::Exploitation::Unspecified) | Err(_) => {
                 return Err(fail(&format!("{path}[{i}]"), "not an ICS-TIP category"))
@@ -247,6 +253,9 @@ fn person(path: &str, p: Option<&pb::Person>, at: UnixMillis) -> Result<(), Form
         required(&f.field(&format!("aliases[{i}]")), a)?;
         text(&f.field(&format!("aliases[{i}]")), a, MAX_NAME)?;
     }
+    if pb::Sex::try_from(p.sex).is_err() {
+        return Err(fail(&f.field("sex"), "not a listed value"));
+    }
     let this_year = year_of(at);
     if p.birth_year != 0 && !(1900..=this_year).contains(&(p.birth_year as i32)) {
         return Err(fail(
@@ -279,7 +288,9 @@ fn person(path: &str, p: Option<&pb::Person>, at: UnixMillis) -> Result<(), Form
         let d_path = f.field(&format!("documents[{i}]"));
         let df = At { path: &d_path };
         required(&df.field("kind"), &d.kind)?;
+        text(&df.field("kind"), &d.kind, MAX_NAME)?;
         required(&df.field("number"), &d.number)?;
+        text(&df.field("number"), &d.number, MAX_NAME)?;
         country(&df.field("issuer"), &d.issuer)?;
     }
     Ok(())
@@ -289,7 +300,7 @@ fn handover(path: &str, h: &pb::HandoverConfirmation, at: UnixMillis) -> Result<
     let f = At { path };
     gate(&f.field("border_gate"), &h.border_gate)?;
     required(&f.field("handed_over_at"), &h.handed_over_at)?;
-    if time(&f.field("handed_over_at"), &h.handed_over_at)? > at + SKEW_MS {
+    if time(&f.field("handed_over_at"), &h.handed_over_at)? > at.saturating_add(SKEW_MS) {
         return Err(fail(
             &f.field("handed_over_at"),
             "after the confirmation was written",
@@ -335,7 +346,7 @@ pub fn check(kind: pb::Kind, body: &pb::Body, at: UnixMillis) -> Result<(), Form
                 required("legal_basis", &f.legal_basis)?;
                 gate("border_gate", &f.border_gate)?;
                 required("proposed_time", &f.proposed_time)?;
-                if time("proposed_time", &f.proposed_time)? < at - SKEW_MS {
+                if time("proposed_time", &f.proposed_time)? < at.saturating_sub(SKEW_MS) {
                     return Err(fail("proposed_time", "before the request"));
                 }
                 optional("escort", &f.escort)?;
@@ -372,7 +383,7 @@ pub fn check(kind: pb::Kind, body: &pb::Body, at: UnixMillis) -> Result<(), Form
                                 }
                                 if !r.proposed_time.is_empty()
                                     && time("response.proposed_time", &r.proposed_time)?
-                                        < at - SKEW_MS
+                                        < at.saturating_sub(SKEW_MS)
                                 {
                                     return Err(fail("response.proposed_time", "in the past"));
                                 }
@@ -427,7 +438,9 @@ pub fn check(kind: pb::Kind, body: &pb::Body, at: UnixMillis) -> Result<(), Form
                     V::Repatriation(p) => {
                         gate("repatriation.border_gate", &p.border_gate)?;
                         required("repatriation.planned_time", &p.planned_time)?;
-                        if time("repatriation.planned_time", &p.planned_time)? < at - SKEW_MS {
+                        if time("repatriation.planned_time", &p.planned_time)?
+                            < at.saturating_sub(SKEW_MS)
+                        {
                             return Err(fail("repatriation.planned_time", "in the past"));
                         }
                         required("repatriation.receiving_agency", &p.receiving_agency)?;
@@ -573,6 +586,7 @@ pub fn normalize(body: &mut pb::Body) {
             nfc(&mut f.text);
             for a in &mut f.attachments {
                 nfc(&mut a.name);
+                nfc(&mut a.media_type);
             }
         }
         None => {}

@@ -45,7 +45,7 @@ async fn a_child_victim_request_travels_at_flash_and_h2_and_its_answer_names_it(
     assert_eq!(header.handling_code, "H2");
     assert_eq!(header.evaluation, "X4");
     assert!(accord_proto::forms::concerns_a_child(&got[0].body));
-    let shown = accord_client::forms::render(&got[0], false).unwrap();
+    let shown = accord_client::forms::render(&got[0], false, false).unwrap();
     assert!(
         !shown.contains("Trần Thị B") && shown.contains("masked"),
         "{shown}"

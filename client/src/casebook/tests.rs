@@ -206,3 +206,100 @@ fn deadlines_come_from_the_organisations_file() {
         "a misspelt key is refused"
     );
 }
+
+#[test]
+fn an_answered_message_takes_no_second_answer_and_answers_stay_in_their_case() {
+    use Direction::*;
+    use Phase::*;
+    let (_dir, book) = book();
+    book.record(entry(1, TransferRequest, Sent, 0, None))
+        .unwrap();
+    book.record(entry(2, TransferRefused, Received, 1, Some(1)))
+        .unwrap();
+    // Accept after refuse, or a second refusal: the request is answered.
+    for phase in [TransferAccepted, TransferRefused] {
+        let late = entry(3, phase, Received, 2, Some(1));
+        assert!(
+            matches!(book.fits(&late), Err(WorkflowError::AlreadyAnswered { .. })),
+            "{phase:?}"
+        );
+    }
+    book.record(entry(4, VictimRequest, Received, 0, None))
+        .unwrap();
+    let mut elsewhere = entry(5, VictimConfirmed, Sent, 1, Some(4));
+    elsewhere.case_ref = "VN-KH-2026-0999".into();
+    assert!(matches!(
+        book.fits(&elsewhere),
+        Err(WorkflowError::OtherCase { .. })
+    ));
+}
+
+#[test]
+fn two_books_on_one_file_see_each_other_and_write_an_id_once() {
+    use Direction::*;
+    use Phase::*;
+    let dir = tempfile::tempdir().unwrap();
+    let send = CaseBook::open(dir.path()).unwrap(); // say, `accord send`
+    let watch = CaseBook::open(dir.path()).unwrap(); // and a running `accord watch`
+    send.record(entry(1, VictimRequest, Sent, 0, None)).unwrap();
+    // The watcher learns of the request from the file, and takes its answer.
+    let answer = entry(2, VictimConfirmed, Received, 1, Some(1));
+    watch.fits(&answer).unwrap();
+    watch.record(answer.clone()).unwrap();
+    send.record(answer).unwrap();
+    let text = std::fs::read_to_string(dir.path().join("casebook.jsonl")).unwrap();
+    assert_eq!(text.lines().count(), 2, "{text}");
+}
+
+#[test]
+fn a_torn_last_line_is_cut_so_the_next_entry_survives() {
+    use Direction::*;
+    use Phase::*;
+    let (dir, book) = book();
+    book.record(entry(1, Alert, Received, 0, None)).unwrap();
+    drop(book);
+    let path = dir.path().join("casebook.jsonl");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("{\"id\":\"torn");
+    std::fs::write(&path, text).unwrap();
+    let book = CaseBook::open(dir.path()).unwrap();
+    book.record(entry(2, Correspondence, Sent, 1, Some(1)))
+        .unwrap();
+    drop(book);
+    let again = CaseBook::open(dir.path()).unwrap();
+    assert_eq!(again.all().len(), 2);
+}
+
+#[test]
+fn the_book_keeps_codes_not_names_and_knows_a_childs_case() {
+    let (dir, book) = book();
+    let (_, texts) = crate::forms::EXAMPLES
+        .iter()
+        .find(|e| e.0 == "victim-identification")
+        .unwrap();
+    let body = crate::demo::parse_form(texts[1]).unwrap();
+    let header = pb::Header {
+        message_id: accord_proto::ids::MessageId::new_v7(1, [1; 10])
+            .as_bytes()
+            .to_vec(),
+        case_ref: "VN-KH-2026-0001".into(),
+        sender_org: KH.into(),
+        created_at_ms: 1,
+        ..Default::default()
+    };
+    let request = Entry::new(&header, &body, Direction::Received).unwrap();
+    assert!(request.child);
+    book.record(request.clone()).unwrap();
+    let mut answer = entry(2, Phase::VictimConfirmed, Direction::Sent, 1, None);
+    answer.in_reply_to = Some(request.id.clone());
+    book.record(answer.clone()).unwrap();
+    assert!(book.in_child_case(&request.id));
+    assert!(
+        book.in_child_case(&answer.id),
+        "an answer in a child's case"
+    );
+    let text = std::fs::read_to_string(dir.path().join("casebook.jsonl")).unwrap();
+    for name in ["Trần", "Tran Thi", "Châu Đốc", "karaoke", "2010"] {
+        assert!(!text.contains(name), "{name} in {text}");
+    }
+}

@@ -320,3 +320,115 @@ fn every_example_form_is_valid() {
     }
     assert!(seen >= 3 * 10, "examples in three languages: {seen}");
 }
+
+#[test]
+fn an_unlisted_sex_and_repeated_or_too_many_categories_are_refused() {
+    let mut f = transfer();
+    f.subject.as_mut().unwrap().sex = 7;
+    assert_eq!(
+        path_of(
+            pb::Kind::WantedPersonTransfer,
+            &body(Form::WantedPersonTransfer(f))
+        ),
+        "subject.sex"
+    );
+    let notice = |exploitation: Vec<i32>| {
+        body(Form::SuspectNotice(pb::SuspectNotice {
+            subject: Some(victim()),
+            suspected_conduct: "x".into(),
+            requested_action: pb::RequestedAction::Verify as i32,
+            exploitation,
+            ..Default::default()
+        }))
+    };
+    let sexual = pb::Exploitation::Sexual as i32;
+    assert_eq!(
+        check(pb::Kind::SuspectNotice, &notice(vec![sexual]), AT),
+        Ok(())
+    );
+    assert_eq!(
+        path_of(pb::Kind::SuspectNotice, &notice(vec![sexual, sexual])),
+        "exploitation[1]"
+    );
+    assert_eq!(
+        path_of(pb::Kind::SuspectNotice, &notice(vec![0])),
+        "exploitation[0]"
+    );
+    assert_eq!(
+        path_of(pb::Kind::SuspectNotice, &notice(vec![1; 17])),
+        "exploitation"
+    );
+}
+
+#[test]
+fn alerts_and_plans_keep_their_times_in_order() {
+    let alert = |when: &str, until: &str| {
+        body(Form::Alert(pb::Alert {
+            what: "x".into(),
+            r#where: "y".into(),
+            when: when.into(),
+            until: until.into(),
+            place: "gate:moc-bai--bavet".into(),
+        }))
+    };
+    assert_eq!(
+        check(
+            pb::Kind::Alert,
+            &alert("2026-11-23T04:00:00Z", "2026-11-23T16:00:00Z"),
+            AT
+        ),
+        Ok(())
+    );
+    assert_eq!(
+        path_of(
+            pb::Kind::Alert,
+            &alert("2026-11-23T04:00:00Z", "2026-11-22T16:00:00Z")
+        ),
+        "until"
+    );
+    let mut bad_place = alert("", "");
+    if let Some(Form::Alert(a)) = &mut bad_place.form {
+        a.place = "Mộc Bài".into();
+    }
+    assert_eq!(path_of(pb::Kind::Alert, &bad_place), "place");
+    let plan = |when: &str| {
+        body(Form::VictimIdentification(pb::VictimIdentification {
+            answer: Some(pb::victim_identification::Answer::Repatriation(
+                pb::RepatriationPlan {
+                    border_gate: "gate:tinh-bien--phnom-den".into(),
+                    planned_time: when.into(),
+                    receiving_agency: "DOLISA".into(),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }))
+    };
+    assert_eq!(
+        check(
+            pb::Kind::VictimIdentification,
+            &plan("2026-12-05T09:00:00+07:00"),
+            AT
+        ),
+        Ok(())
+    );
+    assert_eq!(
+        path_of(
+            pb::Kind::VictimIdentification,
+            &plan("2026-11-01T09:00:00+07:00")
+        ),
+        "repatriation.planned_time"
+    );
+    let letter = body(Form::Correspondence(pb::Correspondence {
+        text: "x".into(),
+        attachments: vec![pb::Attachment {
+            name: String::new(),
+            media_type: "text/plain".into(),
+            content: vec![],
+        }],
+    }));
+    assert_eq!(
+        path_of(pb::Kind::Correspondence, &letter),
+        "attachments[0].name"
+    );
+}
