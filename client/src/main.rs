@@ -244,6 +244,30 @@ enum FormAction {
     },
 }
 
+/// Says why a message was refused; with `ack`, a refusal of its content is also sent back
+/// to the sender (a rejected receipt) and the message leaves the inbox.
+async fn refused(
+    client: &mut OrgClient,
+    e: accord_client::org::ClientError,
+    ack: bool,
+) -> anyhow::Result<()> {
+    eprintln!("refused a message: {e}");
+    if let accord_client::org::ClientError::Refused {
+        message_id,
+        envelope_hash,
+        ..
+    } = &e
+    {
+        if ack {
+            client.refuse(message_id, envelope_hash).await?;
+            eprintln!("  {message_id} returned to its sender as REFUSED_BY_RECIPIENT");
+        } else {
+            eprintln!("  {message_id} stays in the inbox; --ack returns it to its sender");
+        }
+    }
+    Ok(())
+}
+
 fn now_ms() -> anyhow::Result<i64> {
     Ok(std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -549,9 +573,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let opened = match item {
                     Ok(opened) => opened,
                     Err(e) => {
-                        // Left in the inbox, unacknowledged: the sender's chain stays at
-                        // received, and the refusal is said here.
-                        eprintln!("refused a message: {e}");
+                        refused(&mut client, e, ack).await?;
                         continue;
                     }
                 };
@@ -589,7 +611,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         return Err(accord_client::org::ClientError::Gateway(s).into())
                     }
                     Err(e) => {
-                        eprintln!("refused a message: {e}");
+                        refused(&mut client, e, ack).await?;
                         continue;
                     }
                 };

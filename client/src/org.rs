@@ -39,6 +39,14 @@ pub enum ClientError {
     /// The message does not fit its case's workflow, or the case book failed.
     #[error("workflow: {0}")]
     Workflow(#[from] crate::casebook::WorkflowError),
+    /// An opened envelope whose content this organisation refuses (its form breaks the
+    /// rules, or it does not fit its case); [`OrgClient::refuse`] tells the sender.
+    #[error("{cause}")]
+    Refused {
+        message_id: MessageId,
+        envelope_hash: EnvelopeHash,
+        cause: Box<ClientError>,
+    },
 }
 
 /// How to send one message.
@@ -371,6 +379,33 @@ impl OrgClient {
         Ok(r)
     }
 
+    /// Refuses a message this organisation opened and will not take (see
+    /// [`ClientError::Refused`]): a rejected receipt with reason REFUSED_BY_RECIPIENT, signed
+    /// by this organisation, takes it out of the inbox and travels back to the sender.
+    pub async fn refuse(
+        &mut self,
+        message_id: &MessageId,
+        envelope_hash: &EnvelopeHash,
+    ) -> Result<pb::Receipt, ClientError> {
+        let body = pb::ReceiptBody {
+            envelope_hash: envelope_hash.0.to_vec(),
+            message_id: message_id.as_bytes().to_vec(),
+            stage: Stage::Rejected as i32,
+            signer: self.id.to_string(),
+            signer_key_id: self.opener.keys.signing.key_id().to_owned(),
+            at_ms: now_ms(),
+            log_index: 0,
+            reason: pb::RejectReason::RefusedByRecipient as i32,
+        };
+        let r = receipt::sign(&body, &self.opener.keys.signing);
+        self.exchange
+            .ack(pb::AckRequest {
+                delivered: Some(r.clone()),
+            })
+            .await?;
+        Ok(r)
+    }
+
     /// Every receipt of a message we sent or received, each verified.
     pub async fn status(
         &mut self,
@@ -410,7 +445,37 @@ impl OrgClient {
 }
 
 impl Opener {
+    /// Verifies and opens an inbox item. A refusal of its content (form rules, workflow)
+    /// comes back as [`ClientError::Refused`], naming the message so it can be refused.
     fn open(&self, item: pb::InboxItem) -> Result<Opened, ClientError> {
+        let named = item.envelope.as_ref().and_then(|e| {
+            let sealed = SealedEnvelope::from_wire(e.clone(), &Limits::default()).ok()?;
+            let id = MessageId::from_slice(&header_of(&sealed).ok()?.message_id).ok()?;
+            Some((id, sealed.hash()))
+        });
+        match self.open_checked(item) {
+            Err(cause @ (ClientError::Form(_) | ClientError::Workflow(_))) => match named {
+                // A failing case book is ours to fix, not the sender's fault.
+                Some(_)
+                    if matches!(
+                        cause,
+                        ClientError::Workflow(crate::casebook::WorkflowError::Book { .. })
+                    ) =>
+                {
+                    Err(cause)
+                }
+                Some((message_id, envelope_hash)) => Err(ClientError::Refused {
+                    message_id,
+                    envelope_hash,
+                    cause: Box::new(cause),
+                }),
+                None => Err(cause),
+            },
+            other => other,
+        }
+    }
+
+    fn open_checked(&self, item: pb::InboxItem) -> Result<Opened, ClientError> {
         let wire = item
             .envelope
             .ok_or_else(|| ClientError::Verify("inbox item without envelope".into()))?;

@@ -723,6 +723,9 @@ impl Pipeline {
             .is_ok_and(|r| r.country() == peer.country());
         let signer_ok = match v.stage() {
             Stage::Delivered => v.signer.to_string() == stored.recipient_org,
+            Stage::Rejected if v.body.reason == RejectReason::RefusedByRecipient as i32 => {
+                v.signer.to_string() == stored.recipient_org
+            }
             Stage::Rejected => &v.signer == peer,
             _ => false,
         };
@@ -820,9 +823,14 @@ impl Pipeline {
         r: &pb::Receipt,
     ) -> Result<(), PipelineError> {
         let v = receipt::verify(r, &self.directories())?;
-        if v.stage() != Stage::Delivered || &v.signer != caller {
+        // The recipient ends a delivery by taking it (delivered) or by refusing what it
+        // opened (rejected, reason REFUSED_BY_RECIPIENT); either way it leaves the inbox and
+        // the sender learns of it.
+        let refused = v.stage() == Stage::Rejected
+            && v.body.reason == RejectReason::RefusedByRecipient as i32;
+        if !(v.stage() == Stage::Delivered || refused) || &v.signer != caller {
             return Err(PipelineError::PermissionDenied(
-                "only the recipient's own delivered receipt acknowledges".into(),
+                "only the recipient's own delivered receipt, or its refusal, acknowledges".into(),
             ));
         }
         let stored = self
@@ -838,10 +846,13 @@ impl Pipeline {
             ));
         }
         match self.final_stage(&v.message_id, &stored)? {
-            Some(Stage::Delivered) => return Ok(()), // acknowledged before: nothing to redo
+            Some(s) if s == v.stage() && self.store.receipts(&v.message_id)?.contains(r) => {
+                return Ok(()); // acknowledged before: nothing to redo
+            }
+            Some(Stage::Delivered) => return Ok(()), // delivered stays delivered
             Some(_) => {
                 return Err(PipelineError::FailedPrecondition(
-                    "the message expired before delivery and was rejected".into(),
+                    "the message's delivery already ended: it was rejected".into(),
                 ))
             }
             None => {}
@@ -857,7 +868,15 @@ impl Pipeline {
         let mut ops = vec![
             Op::RemoveMessage(Queue::Inbox(org), v.message_id),
             Op::PutReceipt(v.message_id, r.clone()),
-            receipt_entry(LogEvent::Delivered, &v, self.now()),
+            receipt_entry(
+                if refused {
+                    LogEvent::Rejected
+                } else {
+                    LogEvent::Delivered
+                },
+                &v,
+                self.now(),
+            ),
         ];
         let remote = sender.country() != self.country();
         if remote {
@@ -876,7 +895,7 @@ impl Pipeline {
                 receipts: None,
             })
             .await?;
-        tracing::info!(message_id = %v.message_id, "delivered");
+        tracing::info!(message_id = %v.message_id, stage = ?v.stage(), "delivery ended by the recipient");
         if remote {
             self.signals.wake(&Self::outbox_key(sender.country()));
         }

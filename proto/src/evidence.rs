@@ -159,6 +159,9 @@ fn run(report: &mut Report, bytes: &[u8], trusted: &[pb::Directory]) -> Option<(
     for (i, r) in receipts.iter().enumerate() {
         let Some(r) = r else { continue };
         match r.stage() {
+            pb::Stage::Rejected if refused_by_recipient(r) => {
+                check_delivery_logged(report, i, r, &msg, &proven)
+            }
             pb::Stage::Accepted | pb::Stage::Received | pb::Stage::Rejected => {
                 check_gateway_receipt_logged(report, i, r, &proven)
             }
@@ -391,6 +394,9 @@ fn check_receipt(
         let fits = match v.stage() {
             pb::Stage::Accepted => cc == &msg.sender_cc,
             pb::Stage::Received => cc == &msg.recipient_cc,
+            pb::Stage::Rejected if refused_by_recipient(&v) => {
+                &v.signer == msg.env.recipient().spiffe()
+            }
             pb::Stage::Rejected => cc == &msg.sender_cc || cc == &msg.recipient_cc,
             pb::Stage::Delivered => &v.signer == msg.env.recipient().spiffe(),
             pb::Stage::Unspecified => false,
@@ -777,6 +783,13 @@ fn check_gateway_receipt_logged(
 }
 
 /// The delivered receipt is logged as DELIVERED, with its hash, by the recipient's gateway.
+/// A REJECTED receipt the recipient organisation signed: it refused what it opened.
+fn refused_by_recipient(r: &VerifiedReceipt) -> bool {
+    r.body.reason == pb::RejectReason::RefusedByRecipient as i32
+}
+
+/// How the recipient organisation ended the delivery (DELIVERED, or REJECTED with reason
+/// REFUSED_BY_RECIPIENT): it signs no log, so its gateway's log must hold the receipt.
 fn check_delivery_logged(
     report: &mut Report,
     i: usize,
@@ -785,8 +798,13 @@ fn check_delivery_logged(
     proven: &[&ProvenEvent],
 ) {
     let hash = receipt::receipt_hash(&r.wire);
+    let (stage, event) = if r.stage() == pb::Stage::Rejected {
+        ("REJECTED", pb::LogEvent::Rejected)
+    } else {
+        ("DELIVERED", pb::LogEvent::Delivered)
+    };
     let what = format!(
-        "receipt {i} (DELIVERED by {}, receipt hash {}) is recorded as a proven DELIVERED \
+        "receipt {i} ({stage} by {}, receipt hash {}) is recorded as a proven {stage} \
          entry in the log of a gateway of {} (the recipient's country)",
         r.signer,
         short(&hash),
@@ -794,7 +812,7 @@ fn check_delivery_logged(
     );
     let found = proven.iter().any(|e| {
         e.gateway.country() == &msg.recipient_cc
-            && e.entry.event == pb::LogEvent::Delivered as i32
+            && e.entry.event == event as i32
             && e.entry.receipt_hash == hash
     });
     report.push(

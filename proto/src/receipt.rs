@@ -5,7 +5,8 @@
 //! ```
 //! `body` is the `ReceiptBody` protobuf as the signer serialized it; like header bytes it is
 //! never re-encoded. Gateways sign accepted, received and rejected receipts; the recipient
-//! organisation signs the delivered receipt.
+//! organisation signs the delivered receipt, or a rejected one with reason
+//! REFUSED_BY_RECIPIENT when it refuses what it opened.
 
 use prost::Message;
 
@@ -93,6 +94,10 @@ pub fn verify(
     let role_ok = match stage {
         pb::Stage::Unspecified => false,
         pb::Stage::Delivered => signer.role() == Role::Org,
+        // The recipient organisation refuses what it opened; gateways refuse the rest.
+        pb::Stage::Rejected if reason == pb::RejectReason::RefusedByRecipient => {
+            signer.role() == Role::Org
+        }
         pb::Stage::Accepted | pb::Stage::Received | pb::Stage::Rejected => {
             signer.role() == Role::Gateway
         }
@@ -201,6 +206,18 @@ mod tests {
             verify(&sign(&body, &key), &dir),
             Err(ReceiptError::Malformed("reason"))
         );
+    }
+
+    #[test]
+    fn only_the_recipient_refuses_and_only_that_way() {
+        let (key, dir, mut body) = setup();
+        // The setup's signer is a gateway: it cannot sign the recipient's refusal.
+        body.stage = pb::Stage::Rejected as i32;
+        body.reason = pb::RejectReason::RefusedByRecipient as i32;
+        assert!(matches!(
+            verify(&sign(&body, &key), &dir),
+            Err(ReceiptError::WrongSigner { .. })
+        ));
     }
 
     #[test]

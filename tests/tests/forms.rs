@@ -11,11 +11,16 @@ use accord_tests::{fetch_n, now_ms, TestNet};
 
 async fn net() -> TestNet {
     TestNet::builder()
-        .country("vn", "hanoi", &["c02"])
+        .country("vn", "hanoi", &["c02", "inspectorate:auditor"])
         .country("kh", "phnom-penh", &["ahtd"])
         .start()
         .await
         .unwrap()
+}
+
+/// The wire form of the last receipt of a chain.
+fn last_wire(chain: &[accord_proto::receipt::VerifiedReceipt]) -> pb::Receipt {
+    chain.last().unwrap().wire.clone()
 }
 
 fn example(name: &str, lang: usize) -> pb::Body {
@@ -124,8 +129,71 @@ async fn a_recipient_refuses_a_form_that_breaks_the_rules_and_names_the_field() 
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     let err = refused.expect("the recipient never saw the envelope");
+    let ClientError::Refused {
+        message_id,
+        envelope_hash,
+        cause,
+    } = &err
+    else {
+        panic!("{err:?}")
+    };
     assert!(
-        matches!(&err, ClientError::Form(e) if e.path == "subject.birth_date"),
+        matches!(cause.as_ref(), ClientError::Form(e) if e.path == "subject.birth_date"),
+        "{err}"
+    );
+    assert_eq!(*envelope_hash, sealed.hash());
+    // Refused: it leaves the inbox, and the sender's chain ends in the recipient's
+    // signed refusal.
+    kh.refuse(message_id, envelope_hash).await.unwrap();
+    assert!(kh.fetch(8).await.unwrap().is_empty());
+    let mut chain = Vec::new();
+    for _ in 0..100 {
+        chain = raw.status(message_id).await.unwrap().1;
+        if accord_client::org::furthest_stage(&chain) == pb::Stage::Rejected {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let last = chain.last().unwrap();
+    assert_eq!(last.stage(), pb::Stage::Rejected, "{chain:?}");
+    assert_eq!(
+        last.body.reason,
+        pb::RejectReason::RefusedByRecipient as i32
+    );
+    assert_eq!(last.signer.to_string(), kh.id.to_string());
+    // An auditor's evidence bundle proves the refusal: the recipient's signed REJECTED
+    // receipt, recorded in the recipient's gateway log.
+    let auditor = net.client("vn", "inspectorate").await.unwrap();
+    let trusted = accord_tests::trusted_directories(&net).unwrap();
+    let mut last = String::new();
+    let mut proven = false;
+    for _ in 0..200 {
+        let bundle = auditor
+            .audit()
+            .get_evidence(pb::GetEvidenceRequest {
+                message_id: message_id.as_bytes().to_vec(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let has_refusal = bundle.receipts.iter().any(|r| r == &last_wire(&chain));
+        let report = accord_proto::evidence::verify_bundle(
+            &prost::Message::encode_to_vec(&bundle),
+            &trusted,
+        );
+        if has_refusal && report.ok() {
+            proven = true;
+            break;
+        }
+        last = report.to_string();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(proven, "the refusal was never proven; last report:\n{last}");
+
+    // Only the recipient can refuse: the sender cannot end its own message that way.
+    let err = raw.refuse(message_id, envelope_hash).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Gateway(s) if s.code() == tonic::Code::PermissionDenied || s.code() == tonic::Code::NotFound),
         "{err}"
     );
     net.shutdown().await;
