@@ -259,8 +259,12 @@ async fn refused(
     } = &e
     {
         if ack {
-            client.refuse(message_id, envelope_hash).await?;
-            eprintln!("  {message_id} returned to its sender as REFUSED_BY_RECIPIENT");
+            match client.refuse(message_id, envelope_hash).await {
+                Ok(_) => {
+                    eprintln!("  {message_id} returned to its sender as REFUSED_BY_RECIPIENT")
+                }
+                Err(e) => eprintln!("  {message_id} could not be returned to its sender: {e}"),
+            }
         } else {
             eprintln!("  {message_id} stays in the inbox; --ack returns it to its sender");
         }

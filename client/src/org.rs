@@ -448,18 +448,27 @@ impl Opener {
     /// Verifies and opens an inbox item. A refusal of its content (form rules, workflow)
     /// comes back as [`ClientError::Refused`], naming the message so it can be refused.
     fn open(&self, item: pb::InboxItem) -> Result<Opened, ClientError> {
-        let named = item.envelope.as_ref().and_then(|e| {
-            let sealed = SealedEnvelope::from_wire(e.clone(), &Limits::default()).ok()?;
-            let id = MessageId::from_slice(&header_of(&sealed).ok()?.message_id).ok()?;
-            Some((id, sealed.hash()))
-        });
-        match self.open_checked(item) {
+        let wire = item
+            .envelope
+            .ok_or_else(|| ClientError::Verify("inbox item without envelope".into()))?;
+        let sealed = SealedEnvelope::from_wire(wire, &Limits::default())
+            .map_err(|e| ClientError::Verify(e.to_string()))?;
+        let named = header_of(&sealed)
+            .ok()
+            .and_then(|h| MessageId::from_slice(&h.message_id).ok())
+            .map(|id| (id, sealed.hash()));
+        match self.open_sealed(sealed) {
             Err(cause @ (ClientError::Form(_) | ClientError::Workflow(_))) => match named {
-                // A failing case book is ours to fix, not the sender's fault.
+                // A failing case book, or one that lacks the request an answer names (it
+                // may have been sent from elsewhere, or before the book), is ours to look
+                // into, not a fault of the sender's to refuse.
                 Some(_)
                     if matches!(
                         cause,
-                        ClientError::Workflow(crate::casebook::WorkflowError::Book { .. })
+                        ClientError::Workflow(
+                            crate::casebook::WorkflowError::Book { .. }
+                                | crate::casebook::WorkflowError::UnknownRequest { .. }
+                        )
                     ) =>
                 {
                     Err(cause)
@@ -475,12 +484,7 @@ impl Opener {
         }
     }
 
-    fn open_checked(&self, item: pb::InboxItem) -> Result<Opened, ClientError> {
-        let wire = item
-            .envelope
-            .ok_or_else(|| ClientError::Verify("inbox item without envelope".into()))?;
-        let sealed = SealedEnvelope::from_wire(wire, &Limits::default())
-            .map_err(|e| ClientError::Verify(e.to_string()))?;
+    fn open_sealed(&self, sealed: SealedEnvelope) -> Result<Opened, ClientError> {
         // Verified at submission time by the gateways; here against its own creation time,
         // since a message may wait in the inbox.
         let created = header_of(&sealed)?.created_at_ms;

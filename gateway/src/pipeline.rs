@@ -145,6 +145,9 @@ pub struct Pipeline {
     pub witness_lock: tokio::sync::Mutex<()>,
     /// How many inconsistent peer checkpoints this gateway refused.
     pub witness_alarms: std::sync::atomic::AtomicU64,
+    /// Messages whose ending (delivered, or refused by the recipient) is being committed:
+    /// one at a time per message, so a message never ends twice.
+    pub endings_in_flight: Mutex<std::collections::HashSet<MessageId>>,
     /// Peer links, for requests that need a peer's answer (evidence).
     pub peer_clients: HashMap<
         CountryCode,
@@ -173,6 +176,28 @@ fn entry(event: LogEvent, id: Option<&MessageId>, hash: &EnvelopeHash, actor: &s
         }
         .encode_to_vec(),
     )
+}
+
+/// Marks a message's ending as being committed; unmarks it when dropped.
+struct EndingGuard<'a> {
+    set: &'a Mutex<std::collections::HashSet<MessageId>>,
+    id: MessageId,
+}
+
+impl<'a> EndingGuard<'a> {
+    fn take(set: &'a Mutex<std::collections::HashSet<MessageId>>, id: MessageId) -> Option<Self> {
+        let fresh = set.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
+        fresh.then_some(Self { set, id })
+    }
+}
+
+impl Drop for EndingGuard<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
 }
 
 fn receipt_entry(event: LogEvent, r: &VerifiedReceipt, at: i64) -> Op {
@@ -739,6 +764,13 @@ impl Pipeline {
         if self.store.receipts(&v.message_id)?.contains(r) {
             return Ok(()); // a resent receipt: stored and logged once
         }
+        // A delivery ends once: a second, different ending (a refusal after a delivery, say)
+        // is refused rather than stored beside the first.
+        if let Some(ended) = self.final_stage(&v.message_id, &stored)? {
+            return Err(PipelineError::BadReceipt(format!(
+                "the message's delivery already ended as {ended:?}"
+            )));
+        }
         let ops = vec![
             Op::PutReceipt(v.message_id, r.clone()),
             receipt_entry(LogEvent::Receipt, &v, self.now()),
@@ -833,6 +865,13 @@ impl Pipeline {
                 "only the recipient's own delivered receipt, or its refusal, acknowledges".into(),
             ));
         }
+        // Read the ending, decide, commit: one ack of a message at a time.
+        let _ending =
+            EndingGuard::take(&self.endings_in_flight, v.message_id).ok_or_else(|| {
+                PipelineError::FailedPrecondition(
+                    "another acknowledgement of this message is being committed; retry".into(),
+                )
+            })?;
         let stored = self
             .store
             .message(&v.message_id)?
@@ -846,14 +885,12 @@ impl Pipeline {
             ));
         }
         match self.final_stage(&v.message_id, &stored)? {
-            Some(s) if s == v.stage() && self.store.receipts(&v.message_id)?.contains(r) => {
-                return Ok(()); // acknowledged before: nothing to redo
-            }
-            Some(Stage::Delivered) => return Ok(()), // delivered stays delivered
-            Some(_) => {
-                return Err(PipelineError::FailedPrecondition(
-                    "the message's delivery already ended: it was rejected".into(),
-                ))
+            // Acknowledged before the same way: nothing to redo.
+            Some(s) if s == v.stage() => return Ok(()),
+            Some(s) => {
+                return Err(PipelineError::FailedPrecondition(format!(
+                    "the message's delivery already ended as {s:?}"
+                )))
             }
             None => {}
         }

@@ -190,6 +190,28 @@ async fn a_recipient_refuses_a_form_that_breaks_the_rules_and_names_the_field() 
     }
     assert!(proven, "the refusal was never proven; last report:\n{last}");
 
+    // A delivery ends once: the recipient cannot now take it as delivered.
+    let delivered = accord_proto::receipt::sign(
+        &pb::ReceiptBody {
+            envelope_hash: envelope_hash.0.to_vec(),
+            message_id: message_id.as_bytes().to_vec(),
+            stage: pb::Stage::Delivered as i32,
+            signer: kh.id.to_string(),
+            signer_key_id: kh.keys().signing.key_id().to_owned(),
+            at_ms: now_ms(),
+            ..Default::default()
+        },
+        &kh.keys().signing,
+    );
+    let err = kh
+        .exchange()
+        .ack(pb::AckRequest {
+            delivered: Some(delivered),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+
     // Only the recipient can refuse: the sender cannot end its own message that way.
     let err = raw.refuse(message_id, envelope_hash).await.unwrap_err();
     assert!(
