@@ -32,7 +32,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::localnet::LocalNet;
-use crate::org::{OrgClient, SendOptions};
+use crate::org::{now_ms, OrgClient, SendOptions};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -390,7 +390,7 @@ async fn timed_phase(
             let mut accepted = Vec::with_capacity(batch.len());
             for sealed in batch {
                 let t0 = Instant::now();
-                let id = message_id(&sealed)?;
+                let id = crate::org::message_id_of(&sealed)?;
                 times
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -449,12 +449,6 @@ async fn open_and_ack(
         }
     }
     Ok(delivered)
-}
-
-fn message_id(sealed: &SealedEnvelope) -> anyhow::Result<MessageId> {
-    use prost::Message;
-    let header = pb::Header::decode(sealed.header().as_bytes())?;
-    Ok(MessageId::from_slice(&header.message_id)?)
 }
 
 /// Throughput from `start` to the last completion, and the latency percentiles.
@@ -910,12 +904,6 @@ fn time_us(mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
         n += 1;
     }
     Ok(start.elapsed().as_secs_f64() * 1e6 / f64::from(n))
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The store limit: durable transactions per second on a fresh store beside the gateways'

@@ -8,7 +8,7 @@ use accord_proto::pb;
 use anyhow::Context;
 
 use crate::localnet::LocalNet;
-use crate::org::{furthest_stage, OrgClient, SendOptions, Sent};
+use crate::org::{furthest_stage, now_ms, OrgClient, SendOptions, Sent};
 
 /// The English example forms shipped under `examples/forms/en/` that open a case thread
 /// (requests and notices), by name. `examples/forms/{vi,km}/` hold the same in Vietnamese
@@ -154,12 +154,6 @@ pub async fn run(out: &mut (impl Write + Send)) -> anyhow::Result<()> {
     writeln!(out, "\nAll {} messages delivered.", sent.len())?;
     net.shutdown().await;
     Ok(())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 async fn receive_all(

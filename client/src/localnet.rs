@@ -81,9 +81,7 @@ impl Builder {
                 (Some(t), p)
             }
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis() as i64;
+        let now = crate::org::now_ms();
         let files = DevPki::write(&root.join("pki"), &self.countries, now)?;
         let mut countries = BTreeMap::new();
         for (spec, files) in self.countries.iter().zip(files) {

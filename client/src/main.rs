@@ -1,7 +1,7 @@
 //! `accord`: the command-line client. One library call per subcommand.
 use std::path::PathBuf;
 
-use accord_client::org::{furthest_stage, GatewayAddress, OrgClient, SendOptions};
+use accord_client::org::{furthest_stage, now_ms, GatewayAddress, OrgClient, SendOptions};
 use accord_proto::pb;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -272,12 +272,6 @@ async fn refused(
     Ok(())
 }
 
-fn now_ms() -> anyhow::Result<i64> {
-    Ok(std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_millis() as i64)
-}
-
 /// Prints an opened message; a child victim's data shown unmasked is recorded first.
 fn print_opened(
     session: &Session,
@@ -292,10 +286,7 @@ fn print_opened(
             .is_some_and(|b| b.in_child_case(&id.to_string()))
     });
     if reveal && (child_case || accord_proto::forms::concerns_a_child(&opened.body)) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis() as i64;
-        accord_client::forms::record_reveal(&session.org, opened, now)
+        accord_client::forms::record_reveal(&session.org, opened, now_ms())
             .context("recording the reveal in reveals.log; nothing shown")?;
     }
     print!(
@@ -387,10 +378,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_millis() as i64;
-            for f in accord_certs::DevPki::write(&out, &spec, now)? {
+            for f in accord_certs::DevPki::write(&out, &spec, now_ms())? {
                 println!("{}: {}", f.gateway_id, f.dir.display());
             }
             Ok(())
@@ -472,7 +460,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .map_or_else(String::new, |r| format!(" (answers {r})"))
                 );
             }
-            for o in book.open_requests(now_ms()?) {
+            for o in book.open_requests(now_ms()) {
                 if o.entry.case_ref == case_ref {
                     println!(
                         "  open: {:?} {} awaits an answer{}",
@@ -499,7 +487,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             let book = accord_client::casebook::CaseBook::open(&org)?;
-            let requests = book.open_requests(now_ms()?);
+            let requests = book.open_requests(now_ms());
             let mut cases: std::collections::BTreeMap<String, Vec<_>> = Default::default();
             for e in book.all() {
                 cases.entry(e.case_ref.clone()).or_default().push(e);
@@ -549,7 +537,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let (from_ms, to_ms) = (day(&from, "from")?, day(&to, "to")?);
             anyhow::ensure!(from_ms < to_ms, "--from must be before --to");
-            let report = book.report(from_ms, to_ms, now_ms()?);
+            let report = book.report(from_ms, to_ms, now_ms());
             println!(
                 "report {from} to {to} (from the case book of {})\n",
                 org.display()

@@ -123,7 +123,8 @@ struct Opener {
     book: std::sync::OnceLock<Arc<CaseBook>>,
 }
 
-fn now_ms() -> i64 {
+/// The wall clock in Unix milliseconds, as headers and receipts carry it.
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -290,8 +291,7 @@ impl OrgClient {
 
     /// Submits a sealed envelope and checks the accepted receipt.
     pub async fn submit(&mut self, sealed: &SealedEnvelope) -> Result<Sent, ClientError> {
-        let id = MessageId::from_slice(&header_of(sealed)?.message_id)
-            .map_err(|e| ClientError::Verify(e.to_string()))?;
+        let id = message_id_of(sealed)?;
         let hash = sealed.hash();
         let accepted = self
             .exchange
@@ -453,10 +453,7 @@ impl Opener {
             .ok_or_else(|| ClientError::Verify("inbox item without envelope".into()))?;
         let sealed = SealedEnvelope::from_wire(wire, &Limits::default())
             .map_err(|e| ClientError::Verify(e.to_string()))?;
-        let named = header_of(&sealed)
-            .ok()
-            .and_then(|h| MessageId::from_slice(&h.message_id).ok())
-            .map(|id| (id, sealed.hash()));
+        let named = message_id_of(&sealed).ok().map(|id| (id, sealed.hash()));
         match self.open_sealed(sealed) {
             Err(cause @ (ClientError::Form(_) | ClientError::Workflow(_))) => match named {
                 // A failing case book, or one that lacks the request an answer names (it
@@ -527,6 +524,12 @@ impl Opener {
         }
         Ok(Opened { envelope, body })
     }
+}
+
+/// The message id a sealed envelope's header names, read without verifying anything.
+pub fn message_id_of(sealed: &SealedEnvelope) -> Result<MessageId, ClientError> {
+    MessageId::from_slice(&header_of(sealed)?.message_id)
+        .map_err(|e| ClientError::Verify(e.to_string()))
 }
 
 /// The header as the sender encoded it, decoded without verifying anything.
