@@ -258,8 +258,6 @@ pub enum WorkflowError {
     OtherCase { id: String, case_ref: String },
     #[error("message {id} has already been answered; send correspondence, or a new request")]
     AlreadyAnswered { id: String },
-    #[error("the message answers a child victim's case and must be FLASH and at least H2")]
-    ChildCase,
     #[error("case book {path}: {problem}")]
     Book { path: PathBuf, problem: String },
 }

@@ -236,23 +236,14 @@ impl OrgClient {
         forms::check(kind, &body, now)?;
         // A child victim's message goes at the highest priority and at least H2, whatever
         // the sender asked for.
-        let mut priority = opts.priority;
-        let mut handling_code = opts.handling_code.clone();
-        let child_case = opts.in_reply_to.is_some_and(|id| {
-            self.opener
-                .book
-                .get()
-                .is_some_and(|b| b.in_child_case(&id.to_string()))
-        });
-        if forms::concerns_a_child(&body) || child_case {
-            priority = pb::Priority::Flash;
-            let weaker = handling_code
-                .parse::<accord_proto::codes::Handling>()
-                .map_or(true, |h| !h.forbids_onward_transmission());
-            if weaker {
-                handling_code = "H2".into();
-            }
-        }
+        let child_case = opts
+            .in_reply_to
+            .is_some_and(|id| self.opener.in_child_case(&id.to_string()));
+        let (priority, handling_code) = if forms::concerns_a_child(&body) || child_case {
+            forms::protect_child(&opts.handling_code)
+        } else {
+            (opts.priority, opts.handling_code.clone())
+        };
         let (key_id, pk) = self
             .opener
             .directories
@@ -281,7 +272,7 @@ impl OrgClient {
             key_commitment: vec![],
             evaluation: opts.evaluation.clone(),
         };
-        forms::check_header(&body, &header)?;
+        forms::check_header(&body, &header, child_case)?;
         if let Some(book) = self.opener.book.get() {
             book.fits(&Entry::new(&header, &body, Direction::Sent)?)?;
         }
@@ -445,6 +436,12 @@ impl OrgClient {
 }
 
 impl Opener {
+    /// Whether message `id` belongs to a child victim's case, as far as the case book
+    /// knows (without one: no).
+    fn in_child_case(&self, id: &str) -> bool {
+        self.book.get().is_some_and(|b| b.in_child_case(id))
+    }
+
     /// Verifies and opens an inbox item. A refusal of its content (form rules, workflow)
     /// comes back as [`ClientError::Refused`], naming the message so it can be refused.
     fn open(&self, item: pb::InboxItem) -> Result<Opened, ClientError> {
@@ -506,20 +503,20 @@ impl Opener {
             .map_err(|e| ClientError::Verify(e.to_string()))?;
         // The same rules as the sender's, as of the envelope's creation.
         forms::check(envelope.kind(), &body, created)?;
-        forms::check_header(&body, envelope.header())?;
-        if let Some(book) = self.book.get() {
-            let entry = Entry::new(envelope.header(), &body, Direction::Received)?;
-            book.fits(&entry)?;
-            if let Some(answered) = &entry.in_reply_to {
-                let h = envelope.header();
-                let protected = h.priority == pb::Priority::Flash as i32
-                    && h.handling_code
-                        .parse::<accord_proto::codes::Handling>()
-                        .is_ok_and(|c| c.forbids_onward_transmission());
-                if book.in_child_case(answered) && !protected {
-                    return Err(crate::casebook::WorkflowError::ChildCase.into());
-                }
+        // The workflow first: checking the fit reads what other processes added to the
+        // book, which the child rule then asks about.
+        let fitted = match self.book.get() {
+            Some(book) => {
+                let entry = Entry::new(envelope.header(), &body, Direction::Received)?;
+                book.fits(&entry)?;
+                Some((book, entry))
             }
+            None => None,
+        };
+        let answered = MessageId::from_slice(&envelope.header().in_reply_to).ok();
+        let child_case = answered.is_some_and(|id| self.in_child_case(&id.to_string()));
+        forms::check_header(&body, envelope.header(), child_case)?;
+        if let Some((book, entry)) = fitted {
             book.record(entry)?;
         }
         Ok(Opened { envelope, body })

@@ -187,6 +187,21 @@ async fn a_victim_case_runs_request_result_plan_and_the_book_reports_it() {
         "{refused}"
     );
 
+    // Correspondence may answer anything, but in a child's case it travels as the child's
+    // request does: sent ROUTINE and H0 by a library without a case book, it is refused.
+    let letter = accord_client::demo::parse_form(
+        &std::fs::read_to_string(example("correspondence", "en")).unwrap(),
+    )
+    .unwrap();
+    raw.send(&kh.parse().unwrap(), &letter, &opts)
+        .await
+        .unwrap();
+    let (_, refused) = fetch_some(&net, "kh", "ahtd");
+    assert!(
+        refused.contains("header.priority: a child victim's message is FLASH"),
+        "{refused}"
+    );
+
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("report.csv");
     let report = ok(Command::new(env!("CARGO_BIN_EXE_accord"))

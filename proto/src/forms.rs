@@ -480,10 +480,25 @@ pub fn check(kind: pb::Kind, body: &pb::Body, at: UnixMillis) -> Result<(), Form
     Ok(())
 }
 
+/// The header a child victim's message travels with: FLASH, and the sender's handling
+/// code if it is at least H2 (H2 or H3), else H2.
+pub fn protect_child(handling_code: &str) -> (pb::Priority, String) {
+    let strict_enough = handling_code
+        .parse::<Handling>()
+        .is_ok_and(|h| h.forbids_onward_transmission());
+    let handling = if strict_enough { handling_code } else { "H2" };
+    (pb::Priority::Flash, handling.to_owned())
+}
+
 /// Checks the header fields a form constrains: handling and evaluation codes (required
 /// here, whatever the gateways accept), an answer naming what it answers, and the child
-/// rule (highest priority, at least H2).
-pub fn check_header(body: &pb::Body, header: &pb::Header) -> Result<(), FormError> {
+/// rule (highest priority, at least H2) for a child victim's request and, `child_case`,
+/// for every message answering one (which the caller's case book knows).
+pub fn check_header(
+    body: &pb::Body,
+    header: &pb::Header,
+    child_case: bool,
+) -> Result<(), FormError> {
     let handling: Handling = header
         .handling_code
         .parse()
@@ -501,7 +516,7 @@ pub fn check_header(body: &pb::Body, header: &pb::Header) -> Result<(), FormErro
             "an answer names the request it answers",
         ));
     }
-    if concerns_a_child(body) {
+    if concerns_a_child(body) || child_case {
         if header.priority != pb::Priority::Flash as i32 {
             return Err(fail("header.priority", "a child victim's message is FLASH"));
         }

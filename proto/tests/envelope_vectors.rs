@@ -1018,7 +1018,7 @@ fn every_vector_verifies_and_opens_to_its_body() {
             "{name}: form"
         );
         assert_eq!(
-            forms::check_header(&body, &expected_header),
+            forms::check_header(&body, &expected_header, false),
             Ok(()),
             "{name}: header codes"
         );

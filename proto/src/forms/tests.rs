@@ -222,11 +222,11 @@ fn the_header_carries_valid_codes_answers_name_their_request_and_children_are_pr
         priority: pb::Priority::Flash as i32,
         ..Default::default()
     };
-    assert_eq!(check_header(&child, &header), Ok(()));
+    assert_eq!(check_header(&child, &header, false), Ok(()));
     let with = |edit: fn(&mut pb::Header)| {
         let mut h = header.clone();
         edit(&mut h);
-        check_header(&child, &h).unwrap_err().path
+        check_header(&child, &h, false).unwrap_err().path
     };
     assert_eq!(
         with(|h| h.priority = pb::Priority::Urgent as i32),
@@ -244,7 +244,7 @@ fn the_header_carries_valid_codes_answers_name_their_request_and_children_are_pr
     // H3 is at least as strict as H2.
     let mut h3 = header.clone();
     h3.handling_code = "H3:C02 only".into();
-    assert_eq!(check_header(&child, &h3), Ok(()));
+    assert_eq!(check_header(&child, &h3, false), Ok(()));
 
     let answer = body(Form::VictimIdentification(pb::VictimIdentification {
         answer: Some(pb::victim_identification::Answer::Result(
@@ -256,12 +256,12 @@ fn the_header_carries_valid_codes_answers_name_their_request_and_children_are_pr
         ..Default::default()
     }));
     assert_eq!(
-        check_header(&answer, &header).unwrap_err().path,
+        check_header(&answer, &header, false).unwrap_err().path,
         "header.in_reply_to"
     );
     let mut replying = header;
     replying.in_reply_to = vec![1; 16];
-    assert_eq!(check_header(&answer, &replying), Ok(()));
+    assert_eq!(check_header(&answer, &replying, false), Ok(()));
 }
 
 #[test]
