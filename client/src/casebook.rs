@@ -276,6 +276,8 @@ pub struct CaseBook {
     path: PathBuf,
     pub deadlines: Deadlines,
     entries: Mutex<Vec<Entry>>,
+    /// How much of the file `entries` holds: later reads start there.
+    read_to: Mutex<u64>,
 }
 
 impl CaseBook {
@@ -307,6 +309,7 @@ impl CaseBook {
             path: path.clone(),
             deadlines,
             entries: Mutex::new(Vec::new()),
+            read_to: Mutex::new(0),
         };
         book.read_file().map_err(|e| err(e.to_string()))?;
         Ok(book)
@@ -332,32 +335,41 @@ impl CaseBook {
         result
     }
 
+    /// Takes in what was appended since the last read (all of it, if the file shrank:
+    /// then it was replaced). Called with the file lock held.
     fn read_locked(&self, file: &std::fs::File) -> std::io::Result<()> {
-        use std::io::Read;
+        use std::io::{Read, Seek, SeekFrom};
+        // Lock order: entries, then read_to (as in `record`).
+        let mut entries = self.entries();
+        let mut read_to = self.read_to.lock().unwrap_or_else(|e| e.into_inner());
+        if file.metadata()?.len() < *read_to {
+            *read_to = 0;
+            entries.clear();
+        }
         let mut bytes = Vec::new();
-        (&*file).read_to_end(&mut bytes)?;
+        let mut reader = file;
+        reader.seek(SeekFrom::Start(*read_to))?;
+        reader.read_to_end(&mut bytes)?;
         let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
         if complete < bytes.len() {
-            file.set_len(complete as u64)?;
+            file.set_len(*read_to + complete as u64)?;
             tracing::warn!("case book: an unfinished last line was cut off");
         }
-        let mut entries = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for (n, line) in bytes[..complete].split(|b| *b == b'\n').enumerate() {
+        for line in bytes[..complete].split(|b| *b == b'\n') {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
             match serde_json::from_slice::<Entry>(line) {
                 Ok(e) => {
-                    if seen.insert(e.id.clone()) {
+                    if !entries.iter().any(|x| x.id == e.id) {
                         entries.push(e);
                     }
                 }
-                // The line number only: a value could be quoted in the error.
-                Err(_) => tracing::warn!(line = n + 1, "case book line skipped"),
+                // Nothing of the line: a value could be quoted in the error.
+                Err(_) => tracing::warn!("case book: a line that does not parse was skipped"),
             }
         }
-        *self.entries() = entries;
+        *read_to += complete as u64;
         Ok(())
     }
 
@@ -457,6 +469,7 @@ impl CaseBook {
         line.push(b'\n');
         file.write_all(&line).map_err(err)?;
         file.sync_data().map_err(err)?;
+        *self.read_to.lock().unwrap_or_else(|e| e.into_inner()) += line.len() as u64;
         entries.push(entry);
         Ok(())
     }

@@ -303,3 +303,24 @@ fn the_book_keeps_codes_not_names_and_knows_a_childs_case() {
         assert!(!text.contains(name), "{name} in {text}");
     }
 }
+
+#[test]
+fn a_book_replaced_under_a_running_client_is_read_again_from_the_start() {
+    use Direction::*;
+    use Phase::*;
+    let (dir, book) = book();
+    book.record(entry(1, VictimRequest, Sent, 0, None)).unwrap();
+    book.record(entry(2, Alert, Received, 0, None)).unwrap();
+    // Restored from a backup holding only the request: shorter than what was read.
+    let path = dir.path().join("casebook.jsonl");
+    let first = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
+    std::fs::write(&path, format!("{first}\n")).unwrap();
+    book.fits(&entry(3, VictimConfirmed, Received, 1, Some(1)))
+        .unwrap();
+    assert_eq!(book.all().len(), 1, "only what the file holds now");
+}
