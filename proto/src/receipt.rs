@@ -209,6 +209,38 @@ mod tests {
     }
 
     #[test]
+    fn an_organisation_signs_no_rejection_but_its_own_refusal() {
+        let (_, _, mut body) = setup();
+        let org = SigningKey::from_seed("org1", [11; 32]).unwrap();
+        let dir = pb::Directory {
+            country: "vn".into(),
+            version: 1,
+            orgs: vec![pb::OrgEntry {
+                id: "spiffe://vn.accord/org/c02".into(),
+                signing_keys: vec![pb::PublicKey {
+                    key_id: "org1".into(),
+                    public_key: org.public_key().to_vec(),
+                    not_before_ms: 0,
+                    not_after_ms: i64::MAX,
+                }],
+                ..Default::default()
+            }],
+            gateways: vec![],
+        };
+        let dirs = Directories::new([dir]).unwrap();
+        body.signer = "spiffe://vn.accord/org/c02".into();
+        body.signer_key_id = "org1".into();
+        body.stage = pb::Stage::Rejected as i32;
+        body.reason = pb::RejectReason::Expired as i32;
+        assert!(matches!(
+            verify(&sign(&body, &org), &dirs),
+            Err(ReceiptError::WrongSigner { .. })
+        ));
+        body.reason = pb::RejectReason::RefusedByRecipient as i32;
+        assert!(verify(&sign(&body, &org), &dirs).is_ok());
+    }
+
+    #[test]
     fn only_the_recipient_refuses_and_only_that_way() {
         let (key, dir, mut body) = setup();
         // The setup's signer is a gateway: it cannot sign the recipient's refusal.

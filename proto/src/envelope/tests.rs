@@ -266,6 +266,27 @@ fn malformed_headers_are_refused() {
             case_ref: String::new(),
             ..header()
         },
+        // Printed and logged by clients: no newlines, quotes or control characters.
+        pb::Header {
+            case_ref: "VN-KH-1\nforged log line".into(),
+            ..header()
+        },
+        pb::Header {
+            case_ref: "VN-KH-\u{202e}1".into(),
+            ..header()
+        },
+        pb::Header {
+            handling_code: String::new(),
+            ..header()
+        },
+        pb::Header {
+            handling_code: "H3:".into(),
+            ..header()
+        },
+        pb::Header {
+            evaluation: "D9".into(),
+            ..header()
+        },
     ];
     for h in bad_headers {
         let res =
