@@ -505,6 +505,7 @@ pub fn body_of_size(size: usize) -> pb::Body {
                         name: "scan.bin".into(),
                         media_type: "application/octet-stream".into(),
                         content: filler(n).into_bytes(),
+                        ..Default::default()
                     }],
                 })),
             }
@@ -801,6 +802,7 @@ fn crypto_limit(body_bytes: usize, net: &LocalNet) -> anyhow::Result<CryptoLimit
         kind: pb::Kind::Alert as i32,
         handling_code: "H0".into(),
         evaluation: "X4".into(),
+        attachments: vec![],
         case_ref: "BENCH-1".into(),
         sender_org: net
             .org_id("vn", SENDER_ORG)

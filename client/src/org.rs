@@ -271,6 +271,7 @@ impl OrgClient {
             hpke_enc: vec![],
             key_commitment: vec![],
             evaluation: opts.evaluation.clone(),
+            attachments: vec![],
         };
         forms::check_header(&body, &header, child_case)?;
         if let Some(book) = self.opener.book.get() {
@@ -606,6 +607,7 @@ mod tests {
             kind: pb::Kind::Alert as i32,
             handling_code: "H0".into(),
             evaluation: "X4".into(),
+            attachments: vec![],
             case_ref: "T1".into(),
             sender_org: "spiffe://vn.accord/org/c02".into(),
             recipient_org: to.to_string(),

@@ -14,6 +14,9 @@
 
 use prost::Message;
 
+use zeroize::Zeroizing;
+
+use crate::attachment::{self, AttachmentSealer, ChunkKey};
 use crate::crypto::hpke::{self, RecipientKey};
 use crate::crypto::{self, ct_eq, len_be, Domain, SigningKey};
 use crate::directory::Directories;
@@ -303,6 +306,12 @@ impl ParsedHeader {
         {
             return Err(malformed("evaluation"));
         }
+        if raw.attachments.len() > attachment::MAX_ATTACHMENTS {
+            return Err(malformed("too many attachments"));
+        }
+        for d in &raw.attachments {
+            attachment::check_digest(d).map_err(|e| malformed(e.to_string()))?;
+        }
         Ok(Self {
             raw,
             id,
@@ -363,8 +372,21 @@ impl VerifiedEnvelope {
         self.sealed.to_wire()
     }
 
+    /// The attachments the signed header commits to.
+    pub fn attachments(&self) -> &[pb::AttachmentDigest] {
+        &self.header.raw.attachments
+    }
+
     /// Opens the body with the recipient's X25519 key, checking the key commitment first.
     pub fn open(&self, key: &RecipientKey) -> Result<pb::Body, EnvelopeError> {
+        self.open_with_chunk_key(key).map(|(body, _)| body)
+    }
+
+    /// [`VerifiedEnvelope::open`], also giving the key that decrypts the attachments' chunks.
+    pub fn open_with_chunk_key(
+        &self,
+        key: &RecipientKey,
+    ) -> Result<(pb::Body, ChunkKey), EnvelopeError> {
         let info = [INFO_PREFIX, self.header.id.as_bytes()].concat();
         let mut ctx = hpke::setup_base_recipient(&self.header.raw.hpke_enc, key, &info)
             .map_err(|_| EnvelopeError::OpenFailed)?;
@@ -374,10 +396,15 @@ impl VerifiedEnvelope {
         if !ct_eq(&commitment, &self.header.raw.key_commitment) {
             return Err(EnvelopeError::CommitmentMismatch);
         }
+        let secret = Zeroizing::new(
+            ctx.export(attachment::EXPORT_CONTEXT, 32)
+                .map_err(|_| EnvelopeError::OpenFailed)?,
+        );
         let plaintext = ctx
             .open(self.sealed.header.as_bytes(), &self.sealed.ciphertext)
             .map_err(|_| EnvelopeError::OpenFailed)?;
-        pb::Body::decode(plaintext.as_slice()).map_err(|_| malformed("body"))
+        let body = pb::Body::decode(plaintext.as_slice()).map_err(|_| malformed("body"))?;
+        Ok((body, ChunkKey::new(secret, self.header.id)))
     }
 }
 
@@ -391,46 +418,118 @@ pub fn seal(
     recipient_key: &[u8; 32],
     signer: &SigningKey,
 ) -> Result<SealedEnvelope, EnvelopeError> {
-    let ikm_e = crypto::random().map_err(|e| EnvelopeError::Seal(e.to_string()))?;
-    seal_with_ephemeral_ikm(header, body, recipient_key, signer, &ikm_e)
+    Sealer::new(header, recipient_key)?.seal(body, signer)
 }
 
 /// [`seal`] with caller-chosen ephemeral randomness, for known-answer vectors only.
 ///
 /// Dangerous: the same `ikm_e` with the same message id reuses the AES-GCM key and nonce.
 pub fn seal_with_ephemeral_ikm(
-    mut header: pb::Header,
+    header: pb::Header,
     body: &pb::Body,
     recipient_key: &[u8; 32],
     signer: &SigningKey,
     ikm_e: &[u8; 32],
 ) -> Result<SealedEnvelope, EnvelopeError> {
-    let id = MessageId::from_slice(&header.message_id).map_err(|_| malformed("message_id"))?;
-    let info = [INFO_PREFIX, id.as_bytes()].concat();
-    let (enc, mut ctx) = hpke::setup_base_sender(recipient_key, &info, ikm_e)
-        .map_err(|e| EnvelopeError::Seal(e.to_string()))?;
-    header.sender_key_id = signer.key_id().to_owned();
-    header.hpke_enc = enc.to_vec();
-    header.key_commitment = ctx
-        .export(COMMIT_CONTEXT, COMMITMENT_LEN)
-        .map_err(|e| EnvelopeError::Seal(e.to_string()))?;
-    let header_bytes = header.encode_to_vec();
-    let ciphertext = ctx
-        .seal(&header_bytes, &body.encode_to_vec())
-        .map_err(|e| EnvelopeError::Seal(e.to_string()))?;
-    let signature = signer.sign(
-        Domain::Envelope,
-        &[
-            &len_be(&header_bytes),
-            &header_bytes,
-            &crypto::sha256(&[&ciphertext]),
-        ],
-    );
-    Ok(SealedEnvelope::new(
-        HeaderBytes(header_bytes),
-        ciphertext,
-        signature.to_vec(),
-    ))
+    Sealer::with_ephemeral_ikm(header, recipient_key, ikm_e)?.seal(body, signer)
+}
+
+/// Seals an envelope in steps, for one that carries attachments: set up the HPKE context,
+/// encrypt each attachment chunk by chunk ([`Sealer::attachment`]), add its digest to the
+/// header ([`Sealer::add_attachment`]), then seal the body and sign ([`Sealer::seal`]).
+/// The header is serialized once, at the end, with every digest in it.
+#[derive(Debug)]
+pub struct Sealer {
+    header: pb::Header,
+    ctx: hpke::SenderContext,
+    chunk_key: ChunkKey,
+}
+
+impl Sealer {
+    /// Sets up the context for `header`'s message id with a fresh ephemeral key.
+    pub fn new(header: pb::Header, recipient_key: &[u8; 32]) -> Result<Self, EnvelopeError> {
+        let ikm_e =
+            Zeroizing::new(crypto::random::<32>().map_err(|e| EnvelopeError::Seal(e.to_string()))?);
+        Self::with_ephemeral_ikm(header, recipient_key, &ikm_e)
+    }
+
+    fn with_ephemeral_ikm(
+        mut header: pb::Header,
+        recipient_key: &[u8; 32],
+        ikm_e: &[u8; 32],
+    ) -> Result<Self, EnvelopeError> {
+        let id = MessageId::from_slice(&header.message_id).map_err(|_| malformed("message_id"))?;
+        let info = [INFO_PREFIX, id.as_bytes()].concat();
+        let seal_err = |e: hpke::HpkeError| EnvelopeError::Seal(e.to_string());
+        let (enc, ctx) = hpke::setup_base_sender(recipient_key, &info, ikm_e).map_err(seal_err)?;
+        header.hpke_enc = enc.to_vec();
+        header.key_commitment = ctx
+            .export(COMMIT_CONTEXT, COMMITMENT_LEN)
+            .map_err(seal_err)?;
+        let secret = Zeroizing::new(
+            ctx.export(attachment::EXPORT_CONTEXT, 32)
+                .map_err(seal_err)?,
+        );
+        header.attachments.clear();
+        Ok(Self {
+            header,
+            ctx,
+            chunk_key: ChunkKey::new(secret, id),
+        })
+    }
+
+    /// A sealer for the next attachment (index = attachments added so far), cut in
+    /// `chunk_size` plaintext bytes.
+    pub fn attachment(&self, chunk_size: u32) -> Result<AttachmentSealer<'_>, EnvelopeError> {
+        if self.header.attachments.len() >= attachment::MAX_ATTACHMENTS {
+            return Err(malformed("too many attachments"));
+        }
+        if !(attachment::MIN_CHUNK_SIZE..=attachment::MAX_CHUNK_SIZE).contains(&chunk_size) {
+            return Err(malformed("chunk size out of range"));
+        }
+        Ok(AttachmentSealer::new(
+            &self.chunk_key,
+            self.header.attachments.len() as u32,
+            chunk_size,
+        ))
+    }
+
+    /// The header as it will be serialized (less `sender_key_id`), for checks before sealing.
+    pub fn header(&self) -> &pb::Header {
+        &self.header
+    }
+
+    /// Adds the digest of the attachment just sealed with [`Sealer::attachment`].
+    pub fn add_attachment(&mut self, digest: pb::AttachmentDigest) {
+        self.header.attachments.push(digest);
+    }
+
+    /// Serializes the header once, seals `body` with it as `aad`, and signs.
+    pub fn seal(
+        mut self,
+        body: &pb::Body,
+        signer: &SigningKey,
+    ) -> Result<SealedEnvelope, EnvelopeError> {
+        self.header.sender_key_id = signer.key_id().to_owned();
+        let header_bytes = self.header.encode_to_vec();
+        let ciphertext = self
+            .ctx
+            .seal(&header_bytes, &body.encode_to_vec())
+            .map_err(|e| EnvelopeError::Seal(e.to_string()))?;
+        let signature = signer.sign(
+            Domain::Envelope,
+            &[
+                &len_be(&header_bytes),
+                &header_bytes,
+                &crypto::sha256(&[&ciphertext]),
+            ],
+        );
+        Ok(SealedEnvelope::new(
+            HeaderBytes(header_bytes),
+            ciphertext,
+            signature.to_vec(),
+        ))
+    }
 }
 
 #[cfg(test)]

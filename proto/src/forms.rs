@@ -474,6 +474,12 @@ pub fn check(kind: pb::Kind, body: &pb::Body, at: UnixMillis) -> Result<(), Form
                 required(&format!("attachments[{i}].name"), &a.name)?;
                 text(&format!("attachments[{i}].name"), &a.name, MAX_NAME)?;
                 required(&format!("attachments[{i}].media_type"), &a.media_type)?;
+                if a.part != 0 && !a.content.is_empty() {
+                    return Err(fail(
+                        &format!("attachments[{i}].content"),
+                        "empty when the file travels in chunks (part)",
+                    ));
+                }
             }
         }
     }
@@ -516,6 +522,7 @@ pub fn check_header(
             "an answer names the request it answers",
         ));
     }
+    check_parts(form, header)?;
     if concerns_a_child(body) || child_case {
         if header.priority != pb::Priority::Flash as i32 {
             return Err(fail("header.priority", "a child victim's message is FLASH"));
@@ -526,6 +533,42 @@ pub fn check_header(
                 "a child victim's message is at least H2",
             ));
         }
+    }
+    Ok(())
+}
+
+/// Every attachment the header commits to is named by exactly one of the body's attachments
+/// (`part`, 1-based), with the same size; only correspondence carries attachments.
+fn check_parts(form: &Form, header: &pb::Header) -> Result<(), FormError> {
+    let named: &[pb::Attachment] = match form {
+        Form::Correspondence(f) => &f.attachments,
+        _ => &[],
+    };
+    let mut seen = vec![false; header.attachments.len()];
+    for (i, a) in named.iter().enumerate() {
+        if a.part == 0 {
+            continue;
+        }
+        let path = format!("attachments[{i}].part");
+        let digest = header
+            .attachments
+            .get(a.part as usize - 1)
+            .ok_or_else(|| fail(&path, "names no attachment of the header"))?;
+        if std::mem::replace(&mut seen[a.part as usize - 1], true) {
+            return Err(fail(&path, "names an attachment another entry names"));
+        }
+        if digest.size != a.size {
+            return Err(fail(
+                &format!("attachments[{i}].size"),
+                "differs from the header's attachment",
+            ));
+        }
+    }
+    if seen.contains(&false) {
+        return Err(fail(
+            "header.attachments",
+            "an attachment no entry of the form names",
+        ));
     }
     Ok(())
 }

@@ -8,6 +8,7 @@
 //! - [`ids`]: newtypes for identities and ids (`SpiffeId`, `OrgId`, `MessageId`, ...).
 //! - [`crypto`]: every `ring` call, domain-separated signing, HPKE (RFC 9180).
 //! - [`envelope`]: sealing, verification and opening of envelopes (byte layout in `ENVELOPE.md`).
+//! - [`attachment`]: files beside an envelope in encrypted, hash-listed chunks.
 //! - [`evidence`]: offline verification of evidence bundles (format in `EVIDENCE.md`).
 //! - [`receipt`]: signed receipts for each stage of a message's delivery chain.
 //! - [`directory`]: organisations' and gateways' public keys per country.
@@ -19,6 +20,7 @@
 //!
 //! Non-goals: transport, storage, policy beyond the envelope's own rules.
 
+pub mod attachment;
 pub mod codes;
 pub mod crypto;
 pub mod directory;

@@ -215,6 +215,7 @@ impl HeaderFields {
             hpke_enc: vec![],
             key_commitment: vec![],
             evaluation: self.evaluation.clone(),
+            attachments: vec![],
         }
     }
 }
@@ -472,6 +473,7 @@ fn definitions() -> Vec<Definition> {
                 hpke_enc: vec![],
                 key_commitment: vec![],
                 evaluation: "B2".into(),
+                attachments: vec![],
             },
             body: pb::Body {
                 form: Some(pb::body::Form::Alert(pb::Alert {
@@ -517,6 +519,7 @@ fn definitions() -> Vec<Definition> {
                 hpke_enc: vec![],
                 key_commitment: vec![],
                 evaluation: "A2".into(),
+                attachments: vec![],
             },
             body: pb::Body {
                 form: Some(pb::body::Form::SuspectNotice(pb::SuspectNotice {
@@ -583,6 +586,7 @@ fn definitions() -> Vec<Definition> {
                 hpke_enc: vec![],
                 key_commitment: vec![],
                 evaluation: "B3".into(),
+                attachments: vec![],
             },
             body: pb::Body {
                 form: Some(pb::body::Form::Correspondence(pb::Correspondence {
@@ -593,6 +597,7 @@ fn definitions() -> Vec<Definition> {
                         name: "vehicle.txt".into(),
                         media_type: "text/plain; charset=utf-8".into(),
                         content: "Toyota Hiace, biển số 2A-1234 (KH)\n".as_bytes().to_vec(),
+                        ..Default::default()
                     }],
                 })),
             },

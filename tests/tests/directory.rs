@@ -255,6 +255,7 @@ async fn keys_rotate_through_new_directories_and_envelopes_in_flight_under_the_o
         kind: pb::Kind::Alert as i32,
         handling_code: "H0".into(),
         evaluation: "X4".into(),
+        attachments: vec![],
         case_ref: "K1".into(),
         sender_org: c02.id.to_string(),
         recipient_org: ahtd_id.to_string(),

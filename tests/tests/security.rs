@@ -33,6 +33,7 @@ async fn a_client_cannot_submit_as_another_organisation() {
         kind: pb::Kind::Alert as i32,
         handling_code: "H0".into(),
         evaluation: "X4".into(),
+        attachments: vec![],
         case_ref: "C9".into(),
         sender_org: c02.id.to_string(),
         recipient_org: to.to_string(),

@@ -396,3 +396,78 @@ fn debug_output_shows_ids_and_hashes_not_case_data() {
         "{dbg}"
     );
 }
+
+#[test]
+fn attachments_seal_beside_the_envelope_and_open_with_its_chunk_key() {
+    let f = fixture();
+    let mut sealer = Sealer::new(header(), &f.recipient.public_key()).unwrap();
+    let file: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    let mut a = sealer.attachment(4096).unwrap();
+    let chunks: Vec<Vec<u8>> = file.chunks(4096).map(|c| a.push(c).unwrap()).collect();
+    let (digest, hashes) = a.finish().unwrap();
+    sealer.add_attachment(digest);
+    let env = sealer
+        .seal(&body(), &f.sender)
+        .unwrap()
+        .verify(&f.directories, NOW)
+        .unwrap();
+    let d = &env.attachments()[0];
+    let list: Vec<Vec<u8>> = hashes.iter().map(|h| h.to_vec()).collect();
+    let checked = attachment::check_hash_list(d, &list).unwrap();
+    let (opened, key) = env.open_with_chunk_key(&f.recipient).unwrap();
+    assert_eq!(opened, body());
+    let mut out = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        attachment::check_chunk(d, &checked, i as u64, c).unwrap();
+        out.extend(key.open(0, i as u64, c).unwrap());
+    }
+    assert_eq!(out, file);
+    // The digest is signed: a chunk list for other bytes does not fit it.
+    let mut other = list.clone();
+    other[0] = crypto::sha256(&[b"other"]).to_vec();
+    assert!(attachment::check_hash_list(d, &other).is_err());
+}
+
+#[test]
+fn header_attachment_digests_out_of_the_rules_are_refused() {
+    let f = fixture();
+    let good = pb::AttachmentDigest {
+        size: 10,
+        chunk_size: attachment::MIN_CHUNK_SIZE,
+        chunks_root: vec![0; 32],
+    };
+    let too_many = vec![good.clone(); attachment::MAX_ATTACHMENTS + 1];
+    let bad = [
+        vec![pb::AttachmentDigest {
+            size: 0,
+            ..good.clone()
+        }],
+        vec![pb::AttachmentDigest {
+            chunk_size: 1,
+            ..good.clone()
+        }],
+        vec![pb::AttachmentDigest {
+            chunks_root: vec![],
+            ..good.clone()
+        }],
+        too_many,
+    ];
+    for digests in bad {
+        let mut sealer = Sealer::new(header(), &f.recipient.public_key()).unwrap();
+        for d in digests {
+            sealer.add_attachment(d);
+        }
+        let res = sealer
+            .seal(&body(), &f.sender)
+            .and_then(|s| s.verify(&f.directories, NOW));
+        assert!(matches!(res, Err(EnvelopeError::Malformed(_))), "{res:?}");
+    }
+    // One good digest passes the envelope layer (its chunks are the gateway's business).
+    let mut sealer = Sealer::new(header(), &f.recipient.public_key()).unwrap();
+    sealer.add_attachment(good);
+    assert!(sealer
+        .seal(&body(), &f.sender)
+        .unwrap()
+        .verify(&f.directories, NOW)
+        .is_ok());
+}

@@ -425,10 +425,71 @@ fn alerts_and_plans_keep_their_times_in_order() {
             name: String::new(),
             media_type: "text/plain".into(),
             content: vec![],
+            ..Default::default()
         }],
     }));
     assert_eq!(
         path_of(pb::Kind::Correspondence, &letter),
         "attachments[0].name"
+    );
+}
+
+#[test]
+fn every_chunked_attachment_is_named_once_with_its_size() {
+    let part = |part: u32, size: u64| pb::Attachment {
+        name: "scan.pdf".into(),
+        media_type: "application/pdf".into(),
+        part,
+        size,
+        ..Default::default()
+    };
+    let letter = |attachments| {
+        body(Form::Correspondence(pb::Correspondence {
+            text: "scan attached".into(),
+            attachments,
+        }))
+    };
+    let digest = |size| pb::AttachmentDigest {
+        size,
+        ..Default::default()
+    };
+    let header = pb::Header {
+        handling_code: "H0".into(),
+        evaluation: "B2".into(),
+        priority: pb::Priority::Routine as i32,
+        attachments: vec![digest(10), digest(20)],
+        ..Default::default()
+    };
+    let ok = letter(vec![part(2, 20), part(1, 10)]);
+    assert_eq!(check_header(&ok, &header, false), Ok(()));
+    let path = |b: &pb::Body| check_header(b, &header, false).unwrap_err().path;
+    assert_eq!(path(&letter(vec![part(1, 10)])), "header.attachments");
+    assert_eq!(
+        path(&letter(vec![part(1, 10), part(1, 10)])),
+        "attachments[1].part"
+    );
+    assert_eq!(
+        path(&letter(vec![part(1, 10), part(3, 20)])),
+        "attachments[1].part"
+    );
+    assert_eq!(
+        path(&letter(vec![part(1, 11), part(2, 20)])),
+        "attachments[0].size"
+    );
+    // Another form cannot carry the header's attachments.
+    let alert = body(Form::Alert(pb::Alert {
+        what: "x".into(),
+        r#where: "y".into(),
+        ..Default::default()
+    }));
+    assert_eq!(path(&alert), "header.attachments");
+    // Inline bytes and a part at once are refused.
+    let both = letter(vec![pb::Attachment {
+        content: b"x".to_vec(),
+        ..part(1, 10)
+    }]);
+    assert_eq!(
+        path_of(pb::Kind::Correspondence, &both),
+        "attachments[0].content"
     );
 }
