@@ -4,10 +4,12 @@
 //!
 //! Module map:
 //! - [`org`]: [`org::OrgClient`], one organisation's session with its gateway.
+//! - [`attach`]: files sent beside envelopes in encrypted chunks; resumable transfers.
 //! - [`localnet`]: a local multi-country network (dev PKI, gateways on loopback) for the
 //!   demo and the tests.
 //! - [`demo`]: the two-country demo behind `accord demo`.
 
+pub mod attach;
 pub mod bench;
 pub mod casebook;
 pub mod demo;

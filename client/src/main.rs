@@ -90,7 +90,18 @@ enum Command {
         /// The message this one answers (a response, result, plan or handover).
         #[arg(long)]
         reply_to: Option<String>,
+        /// A file to attach to correspondence (scan, photo); repeat for more. It travels in
+        /// encrypted chunks with a progress display; an interrupted send resumes with
+        /// `accord resume`.
+        #[arg(long = "attach")]
+        attach: Vec<PathBuf>,
         form: PathBuf,
+    },
+    /// Finish sends that were interrupted (e.g. a broken connection during an attachment
+    /// upload): upload what the gateway does not hold yet, then submit.
+    Resume {
+        #[command(flatten)]
+        session: Session,
     },
     /// Forms: `accord form new KIND [--lang en|vi|km]` prints a commented template to fill.
     Form {
@@ -107,6 +118,11 @@ enum Command {
         ack: bool,
         #[arg(long)]
         reveal: bool,
+        /// Where attached files are saved, one folder per message (default: the
+        /// organisation folder's attachments/). A message is acknowledged only once its
+        /// files are saved.
+        #[arg(long)]
+        attachments: Option<PathBuf>,
     },
     /// Watch the inbox live (server stream): print each message as it arrives; with --ack,
     /// acknowledge each one. Stops after --count messages, or runs until interrupted.
@@ -119,6 +135,9 @@ enum Command {
         count: Option<usize>,
         #[arg(long)]
         reveal: bool,
+        /// Where attached files are saved (as for fetch).
+        #[arg(long)]
+        attachments: Option<PathBuf>,
     },
     /// Auditors: fetch a message's evidence bundle from the gateway and write it to a file.
     AuditEvidence {
@@ -272,6 +291,87 @@ async fn refused(
     Ok(())
 }
 
+/// Whether `opened` concerns a child victim, itself or by the case it answers.
+fn child_case(client: &OrgClient, opened: &accord_client::org::Opened) -> bool {
+    let answered = &opened.envelope.header().in_reply_to;
+    accord_proto::forms::concerns_a_child(&opened.body)
+        || accord_proto::ids::MessageId::from_slice(answered).is_ok_and(|id| {
+            client
+                .case_book()
+                .is_some_and(|b| b.in_child_case(&id.to_string()))
+        })
+}
+
+/// Saves a message's attached files under `dir`; false when they are not all saved (the
+/// message then stays in the inbox, unacknowledged). A child victim's files are saved only
+/// with --reveal, which print_opened has recorded.
+async fn save_files(
+    client: &mut OrgClient,
+    opened: &accord_client::org::Opened,
+    reveal: bool,
+    dir: &std::path::Path,
+) -> bool {
+    if opened.envelope.attachments().is_empty() {
+        return true;
+    }
+    if child_case(client, opened) && !reveal {
+        eprintln!(
+            "{}: attached files withheld (a child victim's case); fetch with --reveal to save them",
+            opened.envelope.id()
+        );
+        return false;
+    }
+    match client.download(opened, dir, progress_display()).await {
+        Ok(paths) => {
+            for p in paths {
+                println!("  saved {}", p.display());
+            }
+            true
+        }
+        Err(e) => {
+            eprintln!(
+                "{}: attached files not saved ({e}); the message stays in the inbox, fetch again \
+                 to resume",
+                opened.envelope.id()
+            );
+            false
+        }
+    }
+}
+
+/// Progress of attachment transfers on stderr: a bar redrawn in place on a terminal, a line
+/// per quarter otherwise (logs, CI).
+fn progress_display() -> accord_client::attach::ProgressFn {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let last = std::sync::Mutex::new(std::collections::HashMap::<String, u64>::new());
+    std::sync::Arc::new(move |p: &accord_client::attach::Progress| {
+        let pct = (p.done * 100).checked_div(p.total).unwrap_or(100);
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let step = if tty { pct } else { pct / 25 * 25 };
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.get(&p.name) == Some(&step) && p.done < p.total {
+            return;
+        }
+        last.insert(p.name.clone(), step);
+        let filled = (pct / 5) as usize;
+        let line = format!(
+            "{} [{}{}] {:>3}% {:.1}/{:.1} MiB",
+            p.name,
+            "#".repeat(filled),
+            " ".repeat(20 - filled.min(20)),
+            pct,
+            mib(p.done),
+            mib(p.total)
+        );
+        if tty {
+            eprint!("\r{line}{}", if p.done >= p.total { "\n" } else { "" });
+        } else {
+            eprintln!("{line}");
+        }
+    })
+}
+
 /// Prints an opened message; a child victim's data shown unmasked is recorded first.
 fn print_opened(
     session: &Session,
@@ -285,7 +385,7 @@ fn print_opened(
             .case_book()
             .is_some_and(|b| b.in_child_case(&id.to_string()))
     });
-    if reveal && (child_case || accord_proto::forms::concerns_a_child(&opened.body)) {
+    if reveal && self::child_case(client, opened) {
         accord_client::forms::record_reveal(&session.org, opened, now_ms())
             .context("recording the reveal in reveals.log; nothing shown")?;
     }
@@ -391,6 +491,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             handling,
             evaluation,
             reply_to,
+            attach,
             form,
         } => {
             let mut client = session.connect().await?;
@@ -411,11 +512,61 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|id| id.parse())
                 .transpose()
                 .context("--reply-to takes a message id (UUID)")?;
-            let sent = client.send(&to.parse()?, &body, &opts).await?;
+            let sent = if attach.is_empty() {
+                client.send(&to.parse()?, &body, &opts).await?
+            } else {
+                let files: Vec<(PathBuf, String)> = attach
+                    .iter()
+                    .map(|p| {
+                        (
+                            p.clone(),
+                            accord_client::attach::media_type_of(p).to_owned(),
+                        )
+                    })
+                    .collect();
+                let outbox = accord_client::attach::Outbox::open(&session.org)?;
+                client
+                    .send_files(
+                        &to.parse()?,
+                        &body,
+                        &opts,
+                        &files,
+                        &outbox,
+                        progress_display(),
+                    )
+                    .await
+                    .context(
+                        "sending with attachments; if the message was sealed, `accord resume` \
+                         finishes it from where it stopped",
+                    )?
+            };
             println!(
                 "accepted {} envelope {} log #{}",
                 sent.id, sent.hash, sent.accepted.body.log_index
             );
+            Ok(())
+        }
+        Command::Resume { session } => {
+            let mut client = session.connect().await?;
+            let outbox = accord_client::attach::Outbox::open(&session.org)?;
+            let results = client.resume_sends(&outbox, progress_display()).await?;
+            if results.is_empty() {
+                println!("nothing to resume");
+            }
+            let mut failed = 0;
+            for (id, result) in results {
+                match result {
+                    Ok(sent) => println!(
+                        "accepted {} envelope {} log #{}",
+                        sent.id, sent.hash, sent.accepted.body.log_index
+                    ),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{id}: {e}; it stays in the outbox");
+                    }
+                }
+            }
+            anyhow::ensure!(failed == 0, "{failed} sends could not be finished");
             Ok(())
         }
         Command::Form {
@@ -559,8 +710,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             session,
             ack,
             reveal,
+            attachments,
         } => {
             let mut client = session.connect().await?;
+            let files_dir = attachments.unwrap_or_else(|| session.org.join("attachments"));
             for item in client.fetch_each(64).await? {
                 let opened = match item {
                     Ok(opened) => opened,
@@ -571,6 +724,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 if let Err(e) = print_opened(&session, &client, &opened, reveal) {
                     eprintln!("could not show message {}: {e:#}", opened.envelope.id());
+                    continue;
+                }
+                if !save_files(&mut client, &opened, reveal, &files_dir).await {
                     continue;
                 }
                 if ack {
@@ -585,9 +741,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ack,
             count,
             reveal,
+            attachments,
         } => {
             use futures::StreamExt;
             let mut client = session.connect().await?;
+            let files_dir = attachments.unwrap_or_else(|| session.org.join("attachments"));
             let mut stream = std::pin::pin!(client.subscribe().await?);
             eprintln!(
                 "watching the inbox of {} (Ctrl-C to stop)",
@@ -609,6 +767,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 if let Err(e) = print_opened(&session, &client, &opened, reveal) {
                     eprintln!("could not show message {}: {e:#}", opened.envelope.id());
+                    continue;
+                }
+                if !save_files(&mut client, &opened, reveal, &files_dir).await {
                     continue;
                 }
                 if ack {

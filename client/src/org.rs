@@ -36,6 +36,10 @@ pub enum ClientError {
     /// The directory has no usable key for the recipient.
     #[error("directory: {0}")]
     Directory(#[from] accord_proto::directory::DirectoryError),
+    /// A file to attach, a spooled send or a downloaded attachment could not be read or
+    /// written.
+    #[error("file: {0}")]
+    File(String),
     /// The message does not fit its case's workflow, or the case book failed.
     #[error("workflow: {0}")]
     Workflow(#[from] crate::casebook::WorkflowError),
@@ -89,6 +93,8 @@ pub struct Sent {
 pub struct Opened {
     pub envelope: VerifiedEnvelope,
     pub body: pb::Body,
+    /// Decrypts the message's attachment chunks ([`OrgClient::download`]).
+    pub chunk_key: Option<accord_proto::attachment::ChunkKey>,
 }
 
 /// Where the gateway is, how to recognise it, and which directory keys to trust.
@@ -225,6 +231,21 @@ impl OrgClient {
         body: &pb::Body,
         opts: &SendOptions,
     ) -> Result<SealedEnvelope, ClientError> {
+        let (sealed, _) = self.seal_with_files(recipient, body, opts, &mut [])?;
+        Ok(sealed)
+    }
+
+    /// [`OrgClient::seal`] for correspondence with files attached in encrypted chunks: each
+    /// file is read chunk by chunk and every ciphertext chunk handed to its `sink`, in order,
+    /// before the header that commits to them is signed. The body gains one attachment entry
+    /// per file. Returns the envelope and each file's chunk hash list, for upload.
+    pub fn seal_with_files(
+        &self,
+        recipient: &OrgId,
+        body: &pb::Body,
+        opts: &SendOptions,
+        files: &mut [crate::attach::FileToSend<'_>],
+    ) -> Result<(SealedEnvelope, crate::attach::HashLists), ClientError> {
         let mut body = body.clone();
         forms::normalize(&mut body);
         let form = body.form.as_ref().ok_or_else(|| forms::FormError {
@@ -273,12 +294,18 @@ impl OrgClient {
             evaluation: opts.evaluation.clone(),
             attachments: vec![],
         };
-        forms::check_header(&body, &header, child_case)?;
+        let seal_err = |e: envelope::EnvelopeError| ClientError::Verify(e.to_string());
+        let mut sealer = envelope::Sealer::new(header, &pk).map_err(seal_err)?;
+        let lists = crate::attach::seal_files(&mut sealer, &mut body, files)?;
+        forms::check(kind, &body, now)?;
+        forms::check_header(&body, sealer.header(), child_case)?;
         if let Some(book) = self.opener.book.get() {
-            book.fits(&Entry::new(&header, &body, Direction::Sent)?)?;
+            book.fits(&Entry::new(sealer.header(), &body, Direction::Sent)?)?;
         }
-        envelope::seal(header, &body, &pk, &self.opener.keys.signing)
-            .map_err(|e| ClientError::Verify(e.to_string()))
+        let sealed = sealer
+            .seal(&body, &self.opener.keys.signing)
+            .map_err(seal_err)?;
+        Ok((sealed, lists))
     }
 
     /// Submits a sealed envelope and checks the accepted receipt.
@@ -499,8 +526,8 @@ impl Opener {
                 "envelope sealed to key {wanted}, which this organisation's key file does not hold"
             ))
         })?;
-        let body = envelope
-            .open(key)
+        let (body, chunk_key) = envelope
+            .open_with_chunk_key(key)
             .map_err(|e| ClientError::Verify(e.to_string()))?;
         // The same rules as the sender's, as of the envelope's creation.
         forms::check(envelope.kind(), &body, created)?;
@@ -520,7 +547,11 @@ impl Opener {
         if let Some((book, entry)) = fitted {
             book.record(entry)?;
         }
-        Ok(Opened { envelope, body })
+        Ok(Opened {
+            envelope,
+            body,
+            chunk_key: Some(chunk_key),
+        })
     }
 }
 

@@ -110,6 +110,8 @@ pub struct Limits {
     pub queue_quota_bytes: u64,
     /// sled page cache size.
     pub store_cache_bytes: u64,
+    /// Most attachment bytes (plaintext, all attachments together) one envelope may carry.
+    pub max_attachment_bytes: u64,
 }
 
 impl Default for Limits {
@@ -118,6 +120,7 @@ impl Default for Limits {
             max_ciphertext_bytes: 4 << 20,
             queue_quota_bytes: 10 << 30,
             store_cache_bytes: 64 << 20,
+            max_attachment_bytes: 256 << 20,
         }
     }
 }

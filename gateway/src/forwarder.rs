@@ -6,9 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use accord_proto::ids::{MessageId, SpiffeId};
+use accord_proto::ids::{EnvelopeHash, MessageId, SpiffeId};
 use accord_proto::pb::{self, peer_link_client::PeerLinkClient, LogEvent, Stage};
 use accord_proto::receipt;
+use futures::StreamExt;
 use prost::Message;
 use tokio::sync::watch;
 
@@ -130,6 +131,7 @@ async fn drain_once(
                     continue;
                 }
                 let Some(env) = msg.envelope else { continue };
+                push_attachments(pipeline, client, &env, &msg.envelope_hash).await?;
                 pb::peer_item::Item::Envelope(env)
             }
         };
@@ -164,6 +166,8 @@ async fn drain_once(
     // batch, not one per envelope.
     let mut settled = 0;
     let mut batch_ops = Vec::new();
+    // Envelopes whose delivery through this gateway ended: their chunks go after the commit.
+    let mut ended = Vec::new();
     let mut fault = None;
     for ((key, entry, id), result) in sent.into_iter().zip(response.results) {
         if !result.retry_reason.is_empty() {
@@ -184,11 +188,13 @@ async fn drain_once(
                     .retire(id, &msg, pb::RejectReason::RefusedByPeer, dequeue)
                     .map_err(|e| ForwardError::Store(StoreError::Engine(e.to_string())))?;
                 pipeline.store.commit(tx).await?;
+                drop_attachments(pipeline, &msg.envelope_hash).await;
                 settled += 1;
                 continue;
             };
             match check_peer_receipt(pipeline, peer, &id, &r) {
                 Ok((event, v)) => {
+                    ended.push(v.envelope_hash);
                     ops.push(Op::PutReceipt(id, r.clone()));
                     ops.push(Op::Log(
                         pb::LogEntry {
@@ -226,6 +232,9 @@ async fn drain_once(
                 receipts: None,
             })
             .await?;
+    }
+    for hash in ended {
+        pipeline.drop_attachments(hash).await;
     }
     match fault {
         Some(e) => Err(e),
@@ -311,7 +320,108 @@ async fn expire_unsent(
         .map_err(|e| ForwardError::Store(StoreError::Engine(e.to_string())))?;
     pipeline.store.commit(tx).await?;
     tracing::info!(message_id = %id, "expired before forwarding");
+    drop_attachments(pipeline, &msg.envelope_hash).await;
     Ok(())
+}
+
+async fn drop_attachments(pipeline: &Pipeline, hash: &[u8]) {
+    if let Ok(hash) = EnvelopeHash::from_slice(hash) {
+        pipeline.drop_attachments(hash).await;
+    }
+}
+
+/// Makes sure the peer holds every chunk of `env`'s attachments before the envelope is
+/// delivered: asks what it holds and uploads the rest, one attachment per stream. A peer
+/// that refuses the upload outright (the envelope breaks its rules) is left to refuse the
+/// envelope itself, with a receipt; a link failure backs off and retries.
+async fn push_attachments(
+    pipeline: &Arc<Pipeline>,
+    client: &mut PeerLinkClient<tonic::transport::Channel>,
+    env: &pb::Envelope,
+    hash: &[u8],
+) -> Result<(), ForwardError> {
+    let header = pb::Header::decode(env.header.as_slice())
+        .map_err(|_| StoreError::Corrupt("stored envelope header".into()))?;
+    if header.attachments.is_empty() {
+        return Ok(());
+    }
+    let hash = EnvelopeHash::from_slice(hash)
+        .map_err(|_| StoreError::Corrupt("stored envelope hash".into()))?;
+    let link =
+        |s: tonic::Status| ForwardError::Unavailable(format!("{:?}: {}", s.code(), s.message()));
+    for (a, digest) in header.attachments.iter().enumerate() {
+        let a = a as u32;
+        let n = accord_proto::attachment::chunk_count(digest) as u32;
+        let state = client
+            .get_chunk_state(pb::ChunkStateRequest {
+                envelope_hash: hash.0.to_vec(),
+                attachment: a,
+            })
+            .await
+            .map_err(link)?
+            .into_inner();
+        if state.chunks == n && state.held.len() as u32 == n {
+            continue;
+        }
+        let chunks = pipeline.chunks.clone();
+        let hashes = {
+            let chunks = chunks.clone();
+            tokio::task::spawn_blocking(move || chunks.hashes(&hash, a))
+                .await
+                .map_err(|e| StoreError::Engine(e.to_string()))?
+                .map_err(|e| StoreError::Engine(e.to_string()))?
+                .ok_or_else(|| StoreError::Corrupt(format!("{hash}: chunk hash list missing")))?
+        };
+        let held: std::collections::HashSet<u32> = state.held.into_iter().collect();
+        let missing: Vec<u32> = (0..n).filter(|i| !held.contains(i)).collect();
+        let start = pb::ChunkUpload {
+            part: Some(pb::chunk_upload::Part::Start(pb::AttachmentStart {
+                envelope: Some(env.clone()),
+                attachment: a,
+                chunk_hashes: hashes.iter().map(|h| h.to_vec()).collect(),
+            })),
+        };
+        // Chunks are read one at a time as the stream is polled: memory stays at one chunk.
+        let body = futures::stream::iter(missing).filter_map(move |i| {
+            let chunks = chunks.clone();
+            async move {
+                let read = tokio::task::spawn_blocking(move || chunks.read(&hash, a, u64::from(i)));
+                match read.await {
+                    Ok(Ok(data)) => Some(pb::ChunkUpload {
+                        part: Some(pb::chunk_upload::Part::Chunk(pb::Chunk { index: i, data })),
+                    }),
+                    other => {
+                        tracing::error!(envelope_hash = %hash, attachment = a, chunk = i, ?other, "chunk unreadable");
+                        None
+                    }
+                }
+            }
+        });
+        let request = futures::stream::once(async move { start }).chain(body);
+        match client.put_chunks(request).await {
+            Ok(state) if state.get_ref().held.len() as u32 == n => {}
+            Ok(state) => {
+                return Err(ForwardError::Unavailable(format!(
+                    "peer holds {} of {n} chunks of attachment {a}",
+                    state.get_ref().held.len()
+                )))
+            }
+            Err(s) if is_refusal(s.code()) => {
+                tracing::warn!(envelope_hash = %hash, code = ?s.code(), "peer refused the attachment upload");
+                return Ok(());
+            }
+            Err(s) => return Err(link(s)),
+        }
+    }
+    Ok(())
+}
+
+/// A status by which the peer refuses what we sent, rather than failing to take it now.
+fn is_refusal(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::InvalidArgument | tonic::Code::PermissionDenied | tonic::Code::AlreadyExists
+    )
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@
 //! - [`policy`]: which role may send which kind to whom (checked at start, enforced twice).
 //! - [`pipeline`]: submit, receive from peer, ack, inbox, status; one transaction each.
 //! - [`store`]: the storage trait and its sled implementation (group commit + fdatasync).
+//! - [`attachments`]: attachment chunks on disk, checked against the signed header.
+//! - [`transfer`]: who may upload, query and download chunks, and when they go.
 //! - [`forwarder`]: drains each peer's outbox with retries, backoff and jitter.
 //! - [`service`]: gRPC services (exchange, peer link) and error-to-status mapping.
 //! - [`transparency`]: checkpoints, witnessing of peers, proofs and evidence bundles.
@@ -19,6 +21,7 @@
 #[cfg(not(unix))]
 compile_error!("the Accord gateway runs on Unix: key file modes, signals and file stamps");
 
+pub mod attachments;
 pub mod config;
 pub mod forwarder;
 pub mod listener;
@@ -28,4 +31,5 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod tls;
+pub mod transfer;
 pub mod transparency;

@@ -133,6 +133,10 @@ pub struct Pipeline {
     pub policy: std::sync::RwLock<Arc<crate::policy::Policy>>,
     pub receipt_key: SigningKey,
     pub limits: Limits,
+    /// Attachment chunks of envelopes being uploaded, queued or waiting in inboxes.
+    pub chunks: Arc<crate::attachments::ChunkStore>,
+    /// Most attachment bytes one envelope may carry.
+    pub max_attachment_bytes: u64,
     pub quota_bytes: u64,
     pub peers: Vec<CountryCode>,
     pub clock: Clock,
@@ -431,7 +435,7 @@ impl Pipeline {
             .ok_or_else(|| PipelineError::Store(StoreError::Corrupt(id.to_string())))
     }
 
-    fn check_quota(&self) -> Result<(), PipelineError> {
+    pub(crate) fn check_quota(&self) -> Result<(), PipelineError> {
         if self.store.disk_usage()? > self.quota_bytes {
             tracing::warn!(
                 quota = self.quota_bytes,
@@ -493,7 +497,7 @@ impl Pipeline {
         }
     }
 
-    fn check_submit(
+    pub(crate) fn check_submit(
         &self,
         caller: &SpiffeId,
         sealed: SealedEnvelope,
@@ -515,6 +519,7 @@ impl Pipeline {
             )));
         }
         self.check_policy(&env)?;
+        self.check_attachments(&env)?;
         let cc = env.recipient().country();
         let queue = if cc == self.country() {
             Queue::Inbox(env.recipient().clone())
@@ -538,6 +543,13 @@ impl Pipeline {
         let _g = span.enter();
         if self.store.message(&id)?.is_some() {
             return self.repeat(&id, &hash, Stage::Accepted).await;
+        }
+        if !self.attachments_complete(&env).await? {
+            return Err(PipelineError::FailedPrecondition(
+                "the envelope's attachment chunks are not all uploaded: upload them with \
+                 PutChunks (GetChunkState says which are missing), then submit again"
+                    .into(),
+            ));
         }
         self.check_quota()?;
         let now = self.now();
@@ -616,27 +628,19 @@ impl Pipeline {
         // Only the header (at most 4 KiB) is kept to name a refusal, not the ciphertext.
         let header = sealed.header().clone();
         let hash = sealed.hash();
-        let env = match sealed.verify(&self.directories(), self.now()) {
+        let env = match self.admit_from_peer(peer, sealed) {
             Ok(env) => env,
-            Err(e) => return self.reject_from_peer(peer, &header, hash, e.reason()).await,
+            Err(reason) => return self.reject_from_peer(peer, &header, hash, reason).await,
         };
-        let (id, sender, recipient) = (env.id(), env.sender().clone(), env.recipient().clone());
+        let (id, recipient) = (env.id(), env.recipient().clone());
         let span =
             tracing::info_span!("receive", message_id = %id, envelope_hash = %hash, peer = %peer);
         let _g = span.enter();
-        if sender.country() != peer.country() {
-            return self
-                .reject_from_peer(peer, &header, hash, RejectReason::SenderMismatch)
-                .await;
-        }
-        if recipient.country() != self.country() {
-            return self
-                .reject_from_peer(peer, &header, hash, RejectReason::NoRoute)
-                .await;
-        }
-        // Our policy applies to what arrives too, whatever the sender's side allowed.
-        if let Err(PipelineError::Refused { reason, .. }) = self.check_policy(&env) {
-            return self.reject_from_peer(peer, &header, hash, reason).await;
+        if !self.attachments_complete(&env).await? {
+            // The peer pushes chunks before the envelope; it retries once they are here.
+            return Err(PipelineError::FailedPrecondition(
+                "attachment chunks not all held yet".into(),
+            ));
         }
         if self.store.message(&id)?.is_some() {
             return match self.repeat(&id, &hash, Stage::Received).await {
@@ -678,6 +682,33 @@ impl Pipeline {
         tracing::info!("received into inbox");
         self.inbox_signal(&recipient).notify_waiters();
         Ok(receipt)
+    }
+
+    /// The checks an envelope from `peer` passes before anything of it is kept: signature
+    /// and keys, the sender's country is the peer's, the recipient is ours, our policy, and
+    /// the attachment limit. A refusal names its reason.
+    pub(crate) fn admit_from_peer(
+        &self,
+        peer: &SpiffeId,
+        sealed: SealedEnvelope,
+    ) -> Result<VerifiedEnvelope, RejectReason> {
+        let env = sealed
+            .verify(&self.directories(), self.now())
+            .map_err(|e| e.reason())?;
+        if env.sender().country() != peer.country() {
+            return Err(RejectReason::SenderMismatch);
+        }
+        if env.recipient().country() != self.country() {
+            return Err(RejectReason::NoRoute);
+        }
+        // Our policy applies to what arrives too, whatever the sender's side allowed.
+        match self
+            .check_policy(&env)
+            .and_then(|()| self.check_attachments(&env))
+        {
+            Err(PipelineError::Refused { reason, .. }) => Err(reason),
+            _ => Ok(env),
+        }
     }
 
     async fn reject_from_peer(
@@ -933,6 +964,7 @@ impl Pipeline {
             })
             .await?;
         tracing::info!(message_id = %v.message_id, stage = ?v.stage(), "delivery ended by the recipient");
+        self.drop_attachments(v.envelope_hash).await;
         if remote {
             self.signals.wake(&Self::outbox_key(sender.country()));
         }
@@ -1030,6 +1062,9 @@ impl Pipeline {
         let tx = self.retire(id, msg, RejectReason::Expired, dequeue)?;
         self.store.commit(tx).await?;
         tracing::info!(message_id = %id, "expired before delivery");
+        if let Ok(hash) = EnvelopeHash::from_slice(&msg.envelope_hash) {
+            self.drop_attachments(hash).await;
+        }
         // The rejected receipt waits in the outbox towards the sender's country.
         if let Ok(sender) = msg.sender_org.parse::<OrgId>() {
             self.signals.wake(&Self::outbox_key(sender.country()));

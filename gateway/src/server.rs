@@ -257,6 +257,12 @@ pub async fn start(
                 source,
             }
         })?;
+    let chunks_dir = config.data_dir.join("attachments");
+    let chunks =
+        crate::attachments::ChunkStore::open(&chunks_dir).map_err(|e| StartError::Store {
+            path: chunks_dir.display().to_string(),
+            source: e.into(),
+        })?;
     let pipeline = Arc::new(Pipeline {
         identity: config.identity.clone(),
         store: Arc::new(store),
@@ -268,6 +274,8 @@ pub async fn start(
             max_ciphertext: config.limits.max_ciphertext_bytes,
             ..Limits::default()
         },
+        chunks: Arc::new(chunks),
+        max_attachment_bytes: config.limits.max_attachment_bytes,
         quota_bytes: config.limits.queue_quota_bytes,
         peers: config
             .peers
@@ -325,7 +333,7 @@ pub async fn start(
         pipeline: pipeline.clone(),
         shutdown: shutdown.subscribe(),
     })
-    .max_decoding_message_size(config.limits.max_ciphertext_bytes + 64 * 1024);
+    .max_decoding_message_size(max_upload_message(config));
     let audit = accord_proto::pb::audit_server::AuditServer::new(crate::service::AuditService {
         pipeline: pipeline.clone(),
     })
@@ -393,6 +401,8 @@ pub async fn start(
         RELOAD_POLL,
         shutdown.subscribe(),
     ));
+
+    tasks.spawn(sweep_attachments(pipeline.clone(), shutdown.subscribe()));
 
     for peer in &config.peers {
         let client = pipeline
@@ -584,6 +594,31 @@ async fn reload_on_change(
             }
         }
     }
+}
+
+/// How often chunks of expired envelopes are looked for.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Drops expired attachment chunks at start, then every [`SWEEP_INTERVAL`].
+async fn sweep_attachments(pipeline: Arc<Pipeline>, shutdown: watch::Receiver<bool>) {
+    let stop = wait_for(shutdown);
+    tokio::pin!(stop);
+    loop {
+        pipeline.sweep_attachments().await;
+        tokio::select! {
+            _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
+            _ = &mut stop => return,
+        }
+    }
+}
+
+/// Largest message a client stream carries: an upload's start (the envelope and a hash list
+/// of up to `MAX_CHUNKS` entries) or one chunk, whichever is larger.
+fn max_upload_message(config: &Config) -> usize {
+    use accord_proto::attachment::{MAX_CHUNKS, MAX_CHUNK_SIZE, TAG_LEN};
+    let start = config.limits.max_ciphertext_bytes + MAX_CHUNKS as usize * 34;
+    let chunk = MAX_CHUNK_SIZE as usize + TAG_LEN;
+    start.max(chunk) + 64 * 1024
 }
 
 async fn wait_for(mut rx: watch::Receiver<bool>) {

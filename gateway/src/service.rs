@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::listener::PeerIdentity;
 use crate::pipeline::{Pipeline, PipelineError};
+use crate::transfer::Party;
 
 /// Largest batch a client may fetch, or a peer deliver, in one call.
 pub const MAX_BATCH: usize = 256;
@@ -197,6 +198,117 @@ impl Exchange for ExchangeService {
             directories: self.pipeline.directories().signed(),
         }))
     }
+
+    async fn put_chunks(
+        &self,
+        req: Request<tonic::Streaming<pb::ChunkUpload>>,
+    ) -> Result<Response<pb::ChunkState>, Status> {
+        let who = identity(&req)?;
+        let state = put_chunks(&self.pipeline, Party::Client(&who.id), req.into_inner()).await?;
+        Ok(Response::new(state))
+    }
+
+    async fn get_chunk_state(
+        &self,
+        req: Request<pb::ChunkStateRequest>,
+    ) -> Result<Response<pb::ChunkState>, Status> {
+        let who = identity(&req)?;
+        let r = req.into_inner();
+        let state = self
+            .pipeline
+            .chunk_state(Party::Client(&who.id), &r.envelope_hash, r.attachment)
+            .await?;
+        Ok(Response::new(state))
+    }
+
+    type GetChunksStream = ChunkStream;
+
+    async fn get_chunks(
+        &self,
+        req: Request<pb::GetChunksRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let who = identity(&req)?;
+        let r = req.into_inner();
+        let (hash, digest) = self
+            .pipeline
+            .downloadable(&who.id, &r.envelope_hash, r.attachment)
+            .await?;
+        let n = accord_proto::attachment::chunk_count(&digest);
+        let pipeline = self.pipeline.clone();
+        let a = r.attachment;
+        // Two chunks in flight at most: a slow reader holds the stream, not the memory.
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            for i in u64::from(r.from)..n {
+                let item = pipeline
+                    .read_chunk(hash, a, i)
+                    .await
+                    .map(|data| pb::Chunk {
+                        index: i as u32,
+                        data,
+                    })
+                    .map_err(Status::from);
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::Chunk, Status>> + Send>>;
+
+/// One attachment's upload, for a client or a peer gateway: the start first, then chunks.
+/// Chunks received before a failure stay held, so a broken upload resumes where it stopped.
+async fn put_chunks(
+    pipeline: &Arc<Pipeline>,
+    party: Party<'_>,
+    mut stream: tonic::Streaming<pb::ChunkUpload>,
+) -> Result<pb::ChunkState, PipelineError> {
+    use pb::chunk_upload::Part;
+    let first = stream
+        .message()
+        .await
+        .map_err(|s| PipelineError::BadRequest(format!("upload stream: {}", s.message())))?;
+    let Some(pb::ChunkUpload {
+        part: Some(Part::Start(start)),
+    }) = first
+    else {
+        return Err(PipelineError::BadRequest(
+            "an upload starts with its envelope and hash list".into(),
+        ));
+    };
+    let upload = pipeline.begin_upload(party, start).await?;
+    let mut taken = 0u64;
+    loop {
+        match stream.message().await {
+            Ok(Some(pb::ChunkUpload {
+                part: Some(Part::Chunk(chunk)),
+            })) => {
+                pipeline.put_chunk(&upload, chunk).await?;
+                taken += 1;
+            }
+            Ok(Some(_)) => {
+                return Err(PipelineError::BadRequest(
+                    "only chunks follow the start of an upload".into(),
+                ))
+            }
+            Ok(None) => break,
+            Err(s) => {
+                // What arrived is kept; the next upload skips it.
+                tracing::info!(chunks = taken, error = %s.message(), "upload cut");
+                return Err(PipelineError::Unavailable(format!(
+                    "upload stream broke after {taken} chunks: {}",
+                    s.message()
+                )));
+            }
+        }
+    }
+    pipeline.finish_upload(&upload).await
 }
 
 /// The gateway-to-gateway link.
@@ -228,6 +340,7 @@ impl PeerLink for PeerLinkService {
                     Some(pb::peer_item::Item::Envelope(env)) => match pipeline.receive(&peer, env).await {
                         Ok(r) => pb::PeerResult { receipt: Some(r), retry_reason: String::new() },
                         Err(PipelineError::QuotaFull) => pb::PeerResult { receipt: None, retry_reason: "quota full".into() },
+                        Err(PipelineError::FailedPrecondition(m)) => pb::PeerResult { receipt: None, retry_reason: m },
                         Err(PipelineError::Store(e)) => {
                             tracing::error!(error = %e, "store failure on peer delivery");
                             pb::PeerResult { receipt: None, retry_reason: "storage error".into() }
@@ -253,6 +366,34 @@ impl PeerLink for PeerLinkService {
         });
         results.extend(futures::future::join_all(futures).await);
         Ok(Response::new(pb::DeliverResponse { results }))
+    }
+
+    async fn put_chunks(
+        &self,
+        req: Request<tonic::Streaming<pb::ChunkUpload>>,
+    ) -> Result<Response<pb::ChunkState>, Status> {
+        let who = identity(&req)?;
+        match put_chunks(&self.pipeline, Party::Peer(&who.id), req.into_inner()).await {
+            Ok(state) => Ok(Response::new(state)),
+            // Refused for good: the peer delivers the envelope and gets our rejected receipt.
+            Err(PipelineError::Refused { reason, detail }) => Err(Status::invalid_argument(
+                format!("envelope refused ({}): {detail}", reason.as_str_name()),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn get_chunk_state(
+        &self,
+        req: Request<pb::ChunkStateRequest>,
+    ) -> Result<Response<pb::ChunkState>, Status> {
+        let who = identity(&req)?;
+        let r = req.into_inner();
+        let state = self
+            .pipeline
+            .chunk_state(Party::Peer(&who.id), &r.envelope_hash, r.attachment)
+            .await?;
+        Ok(Response::new(state))
     }
 
     async fn exchange_directories(

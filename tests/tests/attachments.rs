@@ -1,0 +1,513 @@
+//! Attachments through real gateways: files cross the border in encrypted chunks checked at
+//! every hop, an interrupted upload resumes with only what is missing, and chunks that do
+//! not match the signed header, uploads by the wrong party and downloads by anyone but the
+//! recipient are refused.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use accord_client::attach::{Outbox, Progress, ProgressFn};
+use accord_client::org::{ClientError, OrgClient, SendOptions};
+use accord_proto::attachment::{self, DEFAULT_CHUNK_SIZE};
+use accord_proto::envelope::{SealedEnvelope, Sealer};
+use accord_proto::ids::EnvelopeHash;
+use accord_proto::pb;
+use accord_tests::{fetch_n, now_ms, peer_link_as, TestNet};
+use prost::Message;
+
+async fn net() -> TestNet {
+    TestNet::builder()
+        .country("vn", "hanoi", &["c02", "tay-ninh"])
+        .country("kh", "phnom-penh", &["ahtd"])
+        .start()
+        .await
+        .unwrap()
+}
+
+fn letter(text: &str) -> pb::Body {
+    pb::Body {
+        form: Some(pb::body::Form::Correspondence(pb::Correspondence {
+            text: text.into(),
+            attachments: vec![],
+        })),
+    }
+}
+
+/// A file of `len` bytes that no two offsets repeat within a chunk.
+fn write_file(dir: &Path, name: &str, len: usize) -> PathBuf {
+    let bytes: Vec<u8> = (0..len as u64)
+        .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+        .collect();
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn recorder() -> (ProgressFn, Arc<Mutex<Vec<Progress>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    (
+        Arc::new(move |p: &Progress| s.lock().unwrap().push(p.clone())),
+        seen,
+    )
+}
+
+fn chunk_dir(net: &TestNet, cc: &str, hash: &EnvelopeHash) -> PathBuf {
+    net.data_dir(cc)
+        .unwrap()
+        .join("attachments")
+        .join(hash.to_string())
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_cross_the_border_in_chunks_and_arrive_intact() {
+    let net = net().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let scan = write_file(
+        tmp.path(),
+        "passport-scan.pdf",
+        2 * DEFAULT_CHUNK_SIZE as usize + 12_345,
+    );
+    let photo = write_file(tmp.path(), "vehicle.jpg", 5_000);
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    let mut kh = net.client("kh", "ahtd").await.unwrap();
+    let outbox = Outbox::open(&net.org_dir("vn", "c02").unwrap()).unwrap();
+    let (progress, seen) = recorder();
+    let files = vec![
+        (scan.clone(), "application/pdf".to_owned()),
+        (photo.clone(), "image/jpeg".to_owned()),
+    ];
+    let sent = vn
+        .send_files(
+            &kh.id,
+            &letter("scan of the passport and the vehicle"),
+            &SendOptions::new("VN-KH-2026-0042"),
+            &files,
+            &outbox,
+            progress,
+        )
+        .await
+        .unwrap();
+    // Progress reached the whole of each file, and the spool is gone once accepted.
+    let seen = seen.lock().unwrap().clone();
+    for (name, len) in [
+        ("passport-scan.pdf", 2 * 1048576 + 12_345),
+        ("vehicle.jpg", 5_000),
+    ] {
+        assert!(
+            seen.iter()
+                .any(|p| p.name == name && p.done == len && p.total == len),
+            "{seen:?}"
+        );
+    }
+    assert!(outbox.pending().unwrap().is_empty());
+
+    let got = fetch_n(&mut kh, 1).await.unwrap();
+    let opened = &got[0];
+    assert_eq!(opened.envelope.attachments().len(), 2);
+    let out = tempfile::tempdir().unwrap();
+    let (progress, _) = recorder();
+    let saved = kh.download(opened, out.path(), progress).await.unwrap();
+    assert_eq!(saved.len(), 2);
+    assert_eq!(
+        std::fs::read(&saved[0]).unwrap(),
+        std::fs::read(&scan).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(&saved[1]).unwrap(),
+        std::fs::read(&photo).unwrap()
+    );
+    assert!(saved[0].ends_with(format!("{}/1-passport-scan.pdf", sent.id)));
+
+    // Delivered: the recipient's gateway drops the chunks, and so did the sender's once
+    // the peer held them and answered with its received receipt.
+    kh.ack(opened).await.unwrap();
+    assert!(!chunk_dir(&net, "kh", &sent.hash).exists());
+    eventually("VN drops the forwarded chunks", || {
+        !chunk_dir(&net, "vn", &sent.hash).exists()
+    })
+    .await;
+    for attempt in 0.. {
+        let (_, chain) = vn.status(&sent.id).await.unwrap();
+        if chain.iter().any(|r| r.stage() == pb::Stage::Delivered) {
+            break;
+        }
+        assert!(
+            attempt < 200,
+            "the delivered receipt never reached the sender"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    net.shutdown().await;
+}
+
+/// Seals a letter with one file straight from memory: the envelope, its chunks and hash list.
+fn seal_in_memory(
+    client: &OrgClient,
+    to: &accord_proto::ids::OrgId,
+    file: &[u8],
+) -> (SealedEnvelope, Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let (key_id, pk) = client
+        .directories()
+        .current_encryption_key(to, now_ms())
+        .unwrap();
+    let header = pb::Header {
+        message_id: accord_proto::ids::MessageId::new_v7(now_ms() as u64, [3; 10])
+            .as_bytes()
+            .to_vec(),
+        kind: pb::Kind::Correspondence as i32,
+        case_ref: "VN-KH-2026-0043".into(),
+        sender_org: client.id.to_string(),
+        recipient_org: to.to_string(),
+        recipient_key_id: key_id,
+        created_at_ms: now_ms(),
+        expires_at_ms: now_ms() + 3_600_000,
+        priority: pb::Priority::Routine as i32,
+        handling_code: "H0".into(),
+        evaluation: "B2".into(),
+        ..Default::default()
+    };
+    let mut sealer = Sealer::new(header, &pk).unwrap();
+    let mut a = sealer.attachment(attachment::MIN_CHUNK_SIZE).unwrap();
+    let chunks: Vec<Vec<u8>> = file
+        .chunks(attachment::MIN_CHUNK_SIZE as usize)
+        .map(|c| a.push(c).unwrap())
+        .collect();
+    let (digest, hashes) = a.finish().unwrap();
+    let size = digest.size;
+    sealer.add_attachment(digest);
+    let body = pb::Body {
+        form: Some(pb::body::Form::Correspondence(pb::Correspondence {
+            text: "file".into(),
+            attachments: vec![pb::Attachment {
+                name: "f.bin".into(),
+                media_type: "application/octet-stream".into(),
+                part: 1,
+                size,
+                ..Default::default()
+            }],
+        })),
+    };
+    let sealed = sealer.seal(&body, &client.keys().signing).unwrap();
+    let list = hashes.iter().map(|h| h.to_vec()).collect();
+    (sealed, chunks, list)
+}
+
+fn upload(
+    sealed: &SealedEnvelope,
+    list: &[Vec<u8>],
+    chunks: Vec<(u32, Vec<u8>)>,
+) -> impl futures::Stream<Item = pb::ChunkUpload> + Send + 'static {
+    let start = pb::ChunkUpload {
+        part: Some(pb::chunk_upload::Part::Start(pb::AttachmentStart {
+            envelope: Some(sealed.to_wire()),
+            attachment: 0,
+            chunk_hashes: list.to_vec(),
+        })),
+    };
+    let rest = chunks.into_iter().map(|(index, data)| pb::ChunkUpload {
+        part: Some(pb::chunk_upload::Part::Chunk(pb::Chunk { index, data })),
+    });
+    futures::stream::iter(std::iter::once(start).chain(rest))
+}
+
+fn state_req(sealed: &SealedEnvelope) -> pb::ChunkStateRequest {
+    pb::ChunkStateRequest {
+        envelope_hash: sealed.hash().0.to_vec(),
+        attachment: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_that_break_the_signed_header_or_come_from_the_wrong_party_are_refused() {
+    let net = net().await;
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    let mut hotline = net.client("vn", "tay-ninh").await.unwrap();
+    let mut kh = net.client("kh", "ahtd").await.unwrap();
+    let file: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+    let (sealed, chunks, list) = seal_in_memory(&vn, &kh.id, &file);
+    let wire = sealed.to_wire();
+
+    // Submitted before its chunks: refused until they are all held.
+    let err = vn
+        .exchange()
+        .submit(pb::SubmitRequest {
+            envelope: Some(wire.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+
+    // A tampered chunk: refused, not held.
+    let mut bad = chunks[1].clone();
+    bad[7] ^= 1;
+    let err = vn
+        .exchange()
+        .put_chunks(upload(
+            &sealed,
+            &list,
+            vec![(0, chunks[0].clone()), (1, bad)],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    let state = vn
+        .exchange()
+        .get_chunk_state(state_req(&sealed))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        state.held,
+        vec![0],
+        "the good chunk before it is kept, the bad one is not"
+    );
+
+    // A hash list that does not match the signed root.
+    let mut forged = list.clone();
+    forged.swap(0, 1);
+    let err = vn
+        .exchange()
+        .put_chunks(upload(&sealed, &forged, vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+
+    // Another organisation cannot upload for, or look at, VN C02's envelope.
+    let err = hotline
+        .exchange()
+        .put_chunks(upload(&sealed, &list, vec![(2, chunks[2].clone())]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let err = hotline
+        .exchange()
+        .get_chunk_state(state_req(&sealed))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+
+    // The rest, then submit: accepted.
+    let rest = (1..chunks.len() as u32)
+        .map(|i| (i, chunks[i as usize].clone()))
+        .collect();
+    let state = vn
+        .exchange()
+        .put_chunks(upload(&sealed, &list, rest))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state.held.len(), chunks.len());
+    vn.submit(&sealed).await.unwrap();
+
+    // A peer gateway's upload is checked the same way: a tampered chunk from VN's gateway
+    // is refused by KH's.
+    let mut peer = peer_link_as(&net, "vn", "kh").unwrap();
+    let mut bad = chunks[0].clone();
+    bad[0] ^= 0x80;
+    let err = peer
+        .put_chunks(upload(&sealed, &list, vec![(0, bad)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+
+    // Only the recipient downloads, and only once the message is in its inbox.
+    let got = fetch_n(&mut kh, 1).await.unwrap();
+    let get = |c: &mut OrgClient| {
+        let mut ex = c.exchange().clone();
+        let req = pb::GetChunksRequest {
+            envelope_hash: sealed.hash().0.to_vec(),
+            attachment: 0,
+            from: 0,
+        };
+        async move { ex.get_chunks(req).await }
+    };
+    assert_eq!(
+        get(&mut vn).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    assert_eq!(
+        get(&mut hotline).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    let saved = tempfile::tempdir().unwrap();
+    let (progress, _) = recorder();
+    let paths = kh.download(&got[0], saved.path(), progress).await.unwrap();
+    assert_eq!(std::fs::read(&paths[0]).unwrap(), file);
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attachments_over_the_gateway_limit_are_refused_at_submit() {
+    let net = net().await;
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    let kh = net.org_id("kh", "ahtd").unwrap();
+    let (sealed, _, _) = seal_in_memory(&vn, &kh, b"x");
+    // The same envelope, re-signed with a digest claiming 300 MiB (the default limit is 256).
+    let header = pb::Header::decode(sealed.header().as_bytes()).unwrap();
+    let (_, pk) = vn
+        .directories()
+        .current_encryption_key(&kh, now_ms())
+        .unwrap();
+    let mut sealer = Sealer::new(header, &pk).unwrap();
+    sealer.add_attachment(pb::AttachmentDigest {
+        size: 300 << 20,
+        chunk_size: attachment::MAX_CHUNK_SIZE,
+        chunks_root: vec![0; 32],
+    });
+    let body = pb::Body {
+        form: Some(pb::body::Form::Correspondence(pb::Correspondence {
+            text: "big".into(),
+            attachments: vec![],
+        })),
+    };
+    let big = sealer.seal(&body, &vn.keys().signing).unwrap();
+    let err = vn
+        .exchange()
+        .put_chunks(upload(&big, &[], vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("TOO_LARGE"), "{err:?}");
+    let err = vn.submit(&big).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Gateway(s) if s.code() == tonic::Code::ResourceExhausted),
+        "{err}"
+    );
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_cut_off_mid_upload_resumes_with_only_the_missing_chunks() {
+    let mut net = net().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let len = 3 * DEFAULT_CHUNK_SIZE as usize + 100;
+    let file = write_file(tmp.path(), "ledger.tif", len);
+    let org_dir = net.org_dir("vn", "c02").unwrap();
+    let outbox = Outbox::open(&org_dir).unwrap();
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    let kh_id = net.org_id("kh", "ahtd").unwrap();
+
+    // The gateway goes away after the client connected: the send is sealed and spooled,
+    // and fails after its retries.
+    net.stop_gateway("vn").await.unwrap();
+    let (progress, _) = recorder();
+    let err = vn
+        .send_files(
+            &kh_id,
+            &letter("the ledger"),
+            &SendOptions::new("VN-KH-2026-0044"),
+            &[(file.clone(), "image/tiff".into())],
+            &outbox,
+            progress,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Gateway(s) if s.code() == tonic::Code::Unavailable),
+        "{err}"
+    );
+    let pending = outbox.pending().unwrap();
+    assert_eq!(pending.len(), 1, "the sealed send waits in the outbox");
+
+    // Back up, and part of the upload got through before the cut: two chunks of four.
+    net.start_gateway("vn").await.unwrap();
+    let spooled = std::fs::read_dir(org_dir.join("outbox"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("envelope").exists())
+        .unwrap();
+    let wire =
+        pb::Envelope::decode(std::fs::read(spooled.join("envelope")).unwrap().as_slice()).unwrap();
+    let sealed = SealedEnvelope::from_wire(wire, &Default::default()).unwrap();
+    let list: Vec<Vec<u8>> = std::fs::read(spooled.join("0.hashes"))
+        .unwrap()
+        .chunks(32)
+        .map(<[u8]>::to_vec)
+        .collect();
+    let stride = DEFAULT_CHUNK_SIZE as usize + attachment::TAG_LEN;
+    let spool = std::fs::read(spooled.join("0.chunks")).unwrap();
+    let first_two = vec![
+        (0, spool[..stride].to_vec()),
+        (1, spool[stride..2 * stride].to_vec()),
+    ];
+    let mut fresh = net.client("vn", "c02").await.unwrap();
+    fresh
+        .exchange()
+        .put_chunks(upload(&sealed, &list, first_two))
+        .await
+        .unwrap();
+
+    // Resumed: the first progress report starts at the two chunks the gateway holds.
+    let (progress, seen) = recorder();
+    let results = fresh.resume_sends(&outbox, progress).await.unwrap();
+    assert_eq!(results.len(), 1);
+    let sent = results.into_iter().next().unwrap().1.unwrap();
+    assert_eq!(sent.hash, sealed.hash());
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen[0].done, 2 * DEFAULT_CHUNK_SIZE as u64, "{seen:?}");
+    assert_eq!(seen.last().unwrap().done, len as u64);
+    assert!(outbox.pending().unwrap().is_empty());
+
+    // It arrives whole.
+    let mut kh = net.client("kh", "ahtd").await.unwrap();
+    let got = fetch_n(&mut kh, 1).await.unwrap();
+    let saved = tempfile::tempdir().unwrap();
+    let (progress, _) = recorder();
+    let paths = kh.download(&got[0], saved.path(), progress).await.unwrap();
+    assert_eq!(
+        std::fs::read(&paths[0]).unwrap(),
+        std::fs::read(&file).unwrap()
+    );
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_cut_off_resumes_from_the_last_whole_chunk() {
+    let net = net().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let len = 3 * DEFAULT_CHUNK_SIZE as usize + 7;
+    let file = write_file(tmp.path(), "photo.png", len);
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    let mut kh = net.client("kh", "ahtd").await.unwrap();
+    let outbox = Outbox::open(&net.org_dir("vn", "c02").unwrap()).unwrap();
+    let (progress, _) = recorder();
+    let sent = vn
+        .send_files(
+            &kh.id,
+            &letter("photo"),
+            &SendOptions::new("VN-KH-2026-0045"),
+            &[(file.clone(), "image/png".into())],
+            &outbox,
+            progress,
+        )
+        .await
+        .unwrap();
+    let got = fetch_n(&mut kh, 1).await.unwrap();
+    // A previous download wrote one whole chunk and part of the next, then broke.
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join(sent.id.to_string());
+    std::fs::create_dir_all(&dir).unwrap();
+    let original = std::fs::read(&file).unwrap();
+    let cut = DEFAULT_CHUNK_SIZE as usize + 1000;
+    std::fs::write(dir.join("1-photo.png.part"), &original[..cut]).unwrap();
+    let (progress, seen) = recorder();
+    let paths = kh.download(&got[0], out.path(), progress).await.unwrap();
+    assert_eq!(std::fs::read(&paths[0]).unwrap(), original);
+    assert_eq!(seen.lock().unwrap()[0].done, DEFAULT_CHUNK_SIZE as u64);
+    assert!(!dir.join("1-photo.png.part").exists());
+    net.shutdown().await;
+}
