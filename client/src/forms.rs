@@ -202,6 +202,66 @@ pub fn render(
     Ok(out)
 }
 
+/// Why a message is not exported.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExportError {
+    /// H2 or H3: no onward transmission without the originator's permission.
+    #[error("{0}: not exported (ask the originator for permission)")]
+    Restricted(String),
+    /// The handling code does not parse (the envelope layer refuses these; defensive).
+    #[error("handling code {0:?} unknown: not exported")]
+    UnknownHandling(String),
+    /// A child victim's data is not exported: children's cases are at least H2.
+    #[error("a child victim's case: not exported")]
+    Child,
+    /// The form does not encode as JSON.
+    #[error("form does not encode as JSON: {0}")]
+    Encode(String),
+}
+
+/// An opened message as a JSON document for use outside Accord (a case file, a court
+/// bundle): header codes, the form, and, for H1, the not-for-court marking at the top.
+/// H2 and H3 messages, and a child victim's, are never exported.
+pub fn export(opened: &Opened, child_case: bool) -> Result<serde_json::Value, ExportError> {
+    let h = opened.envelope.header();
+    let handling: Handling = h
+        .handling_code
+        .parse()
+        .map_err(|_| ExportError::UnknownHandling(h.handling_code.clone()))?;
+    if handling.forbids_onward_transmission() {
+        return Err(ExportError::Restricted(
+            handling_mark(h).unwrap_or_else(|| h.handling_code.clone()),
+        ));
+    }
+    if child_case || rules::concerns_a_child(&opened.body) {
+        return Err(ExportError::Child);
+    }
+    let mut doc = serde_json::Map::new();
+    if handling.not_for_court() {
+        doc.insert(
+            "handling_notice".into(),
+            handling_mark(h).unwrap_or_default().into(),
+        );
+    }
+    doc.insert("message_id".into(), opened.envelope.id().to_string().into());
+    doc.insert(
+        "envelope_hash".into(),
+        opened.envelope.hash().to_string().into(),
+    );
+    doc.insert("case_ref".into(), h.case_ref.clone().into());
+    doc.insert("kind".into(), opened.envelope.kind().as_str_name().into());
+    doc.insert("sender".into(), opened.envelope.sender().to_string().into());
+    doc.insert("created_at_ms".into(), h.created_at_ms.into());
+    doc.insert("handling_code".into(), h.handling_code.clone().into());
+    doc.insert("evaluation".into(), h.evaluation.clone().into());
+    doc.insert(
+        "form".into(),
+        serde_json::to_value(&opened.body).map_err(|e| ExportError::Encode(e.to_string()))?,
+    );
+    Ok(doc.into())
+}
+
 /// Records in `org_dir/reveals.log` (owner-only) that a child victim's data in `opened`
 /// was shown unmasked, with when and which message: ids only, no names.
 pub fn record_reveal(org_dir: &Path, opened: &Opened, at_ms: i64) -> std::io::Result<()> {

@@ -123,6 +123,11 @@ enum Command {
         /// files are saved.
         #[arg(long)]
         attachments: Option<PathBuf>,
+        /// Also write each message as JSON to DIR/<message id>.json for use outside Accord.
+        /// H2 and H3 messages, and a child victim's, are never exported; H1 exports carry
+        /// the not-for-court notice.
+        #[arg(long)]
+        export: Option<PathBuf>,
     },
     /// Watch the inbox live (server stream): print each message as it arrives; with --ack,
     /// acknowledge each one. Stops after --count messages, or runs until interrupted.
@@ -337,6 +342,38 @@ async fn save_files(
             false
         }
     }
+}
+
+/// Writes `opened` to `dir/<message id>.json` (owner-only) if its handling allows export;
+/// says why not otherwise.
+fn export_message(
+    client: &OrgClient,
+    opened: &accord_client::org::Opened,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let id = opened.envelope.id();
+    let doc = match accord_client::forms::export(opened, child_case(client, opened)) {
+        Ok(doc) => doc,
+        Err(e) => {
+            eprintln!("{id}: {e}");
+            return Ok(());
+        }
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{id}.json"));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(&serde_json::to_vec_pretty(&doc)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("  exported {}", path.display());
+    Ok(())
 }
 
 /// Progress of attachment transfers on stderr: a bar redrawn in place on a terminal, a line
@@ -711,6 +748,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ack,
             reveal,
             attachments,
+            export,
         } => {
             let mut client = session.connect().await?;
             let files_dir = attachments.unwrap_or_else(|| session.org.join("attachments"));
@@ -728,6 +766,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 if !save_files(&mut client, &opened, reveal, &files_dir).await {
                     continue;
+                }
+                if let Some(dir) = &export {
+                    export_message(&client, &opened, dir)?;
                 }
                 if ack {
                     client.ack(&opened).await?;

@@ -225,3 +225,188 @@ async fn a_victim_case_runs_request_result_plan_and_the_book_reports_it() {
     assert!(csv.contains("exploitation,sexual,,,1"), "{csv}");
     net.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attached_files_travel_with_progress_are_saved_before_the_ack_and_a_childs_only_revealed() {
+    let net = LocalNet::builder()
+        .country("vn", "hanoi", &["c02"])
+        .country("kh", "phnom-penh", &["ahtd"])
+        .start()
+        .await
+        .unwrap();
+    let (vn, kh) = ("spiffe://vn.accord/org/c02", "spiffe://kh.accord/org/ahtd");
+    let tmp = tempfile::tempdir().unwrap();
+    let scan: Vec<u8> = (0..1_500_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let scan_path = tmp.path().join("list of persons.pdf");
+    std::fs::write(&scan_path, &scan).unwrap();
+    let saved_dir = tmp.path().join("saved");
+
+    // A letter with a scan: progress on stderr, accepted on stdout.
+    let out = as_org(
+        &net,
+        "vn",
+        "c02",
+        &[
+            "send",
+            "--to",
+            kh,
+            "--case",
+            "VN-KH-2026-0101",
+            "--attach",
+            scan_path.to_str().unwrap(),
+            &example("correspondence", "en"),
+        ],
+    );
+    let progress = String::from_utf8_lossy(&out.stderr).into_owned();
+    let letter = accepted_id(&ok(out));
+    assert!(
+        progress.contains("list of persons.pdf [####################] 100% 1.4/1.4 MiB"),
+        "{progress}"
+    );
+
+    let fetch = |extra: &[&str]| {
+        let mut args = vec![
+            "fetch",
+            "--ack",
+            "--attachments",
+            saved_dir.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        as_org(&net, "kh", "ahtd", &args)
+    };
+    let mut shown = String::new();
+    for _ in 0..100 {
+        shown = ok(fetch(&[]));
+        if shown.contains("acknowledged") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let saved = saved_dir.join(&letter).join("1-list of persons.pdf");
+    assert!(
+        shown.contains(&format!("saved {}", saved.display())),
+        "{shown}"
+    );
+    assert_eq!(std::fs::read(&saved).unwrap(), scan);
+
+    // In a child victim's case, files are saved only with --reveal, and the message waits
+    // in the inbox until they are.
+    let request = accepted_id(&ok(as_org(
+        &net,
+        "kh",
+        "ahtd",
+        &[
+            "send",
+            "--to",
+            vn,
+            "--case",
+            "VN-KH-2026-0102",
+            "--evaluation",
+            "B2",
+            &example("victim-identification", "en"),
+        ],
+    )));
+    let _ = fetch_some(&net, "vn", "c02");
+    let photo_path = tmp.path().join("photo.jpg");
+    std::fs::write(&photo_path, vec![5u8; 70_000]).unwrap();
+    let reply = accepted_id(&ok(as_org(
+        &net,
+        "vn",
+        "c02",
+        &[
+            "send",
+            "--to",
+            kh,
+            "--case",
+            "VN-KH-2026-0102",
+            "--reply-to",
+            &request,
+            "--attach",
+            photo_path.to_str().unwrap(),
+            &example("correspondence", "en"),
+        ],
+    )));
+    let mut withheld = String::new();
+    for _ in 0..100 {
+        let out = fetch(&[]);
+        withheld = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{withheld}");
+        if withheld.contains("withheld") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        withheld.contains(&format!("{reply}: attached files withheld")),
+        "{withheld}"
+    );
+    assert!(!saved_dir.join(&reply).exists());
+    let revealed = ok(fetch(&["--reveal"]));
+    assert!(revealed.contains("acknowledged"), "{revealed}");
+    assert_eq!(
+        std::fs::read(saved_dir.join(&reply).join("1-photo.jpg")).unwrap(),
+        vec![5u8; 70_000]
+    );
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_carry_the_h1_notice_and_h2_or_h3_never_leave() {
+    let net = LocalNet::builder()
+        .country("vn", "hanoi", &["c02"])
+        .country("kh", "phnom-penh", &["ahtd"])
+        .start()
+        .await
+        .unwrap();
+    let kh = "spiffe://kh.accord/org/ahtd";
+    let mut ids = Vec::new();
+    for handling in ["H1", "H2", "H3:share with the prosecutor only"] {
+        ids.push(accepted_id(&ok(as_org(
+            &net,
+            "vn",
+            "c02",
+            &[
+                "send",
+                "--to",
+                kh,
+                "--case",
+                "VN-KH-2026-0103",
+                "--handling",
+                handling,
+                &example("correspondence", "en"),
+            ],
+        ))));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("exports");
+    let mut said = String::new();
+    for _ in 0..100 {
+        let out = as_org(
+            &net,
+            "kh",
+            "ahtd",
+            &["fetch", "--ack", "--export", dir.to_str().unwrap()],
+        );
+        said.push_str(&String::from_utf8_lossy(&out.stderr));
+        ok(out);
+        if said.matches("not exported").count() == 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let h1: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(format!("{}.json", ids[0]))).unwrap())
+            .unwrap();
+    assert_eq!(
+        h1["handling_notice"],
+        "H1: NOT FOR USE IN COURT without the originator's permission"
+    );
+    assert_eq!(h1["handling_code"], "H1");
+    assert!(h1["form"]["correspondence"]["text"].is_string(), "{h1}");
+    for id in &ids[1..] {
+        assert!(!dir.join(format!("{id}.json")).exists());
+        assert!(said.contains(&format!("{id}: H")), "{said}");
+    }
+    assert!(said.contains("H2: DO NOT PASS ON"), "{said}");
+    net.shutdown().await;
+}
