@@ -124,10 +124,51 @@ pub async fn run(out: &mut (impl Write + Send)) -> anyhow::Result<()> {
             sent.push((label, kind.to_string(), s));
         }
     }
+    // A letter with a scanned document: the file travels in encrypted chunks.
+    let scan = net.root().join("list-of-persons-scan.pdf");
+    let scan_bytes: Vec<u8> = (0..1_500_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&scan, &scan_bytes)?;
+    let letter = parse_form(
+        EXAMPLE_FORMS
+            .iter()
+            .find(|(k, _)| *k == "correspondence")
+            .context("correspondence example")?
+            .1,
+    )?;
+    let outbox = crate::attach::Outbox::open(&net.org_dir("vn", "c02")?)?;
+    let s = vn
+        .send_files(
+            &net.org_id("kh", "ahtd")?,
+            &letter,
+            &SendOptions::new("VN-KH-2026-0001"),
+            &[(scan, "application/pdf".into())],
+            &outbox,
+            std::sync::Arc::new(|_: &crate::attach::Progress| {}),
+        )
+        .await
+        .context("sending correspondence with an attachment")?;
+    writeln!(
+        out,
+        "sent {:<24} VN C02 -> KH AHTD  id {}  accepted (log #{}), with a 1.4 MiB scan in 2 chunks",
+        "correspondence", s.id, s.accepted.body.log_index
+    )?;
+    sent.push(("VN C02 -> KH AHTD", "correspondence".into(), s));
+
     writeln!(out, "\nRecipients fetch, verify, open and acknowledge:")?;
-    for (client, name) in [(&mut kh, "KH AHTD"), (&mut vn, "VN C02")] {
-        receive_all(client, name, 4, out).await?;
+    let saved_dir = net.root().join("received");
+    let mut saved = Vec::new();
+    for (client, name, want) in [(&mut kh, "KH AHTD", 5), (&mut vn, "VN C02", 4)] {
+        saved.extend(receive_all(client, name, want, &saved_dir, out).await?);
     }
+    anyhow::ensure!(
+        saved.len() == 1 && std::fs::read(&saved[0])? == scan_bytes,
+        "the attachment saved by KH differs from the file VN sent"
+    );
+    writeln!(
+        out,
+        "  the saved scan is byte for byte the file VN sent (SHA-256 {})",
+        hex::encode(accord_proto::crypto::sha256(&[&scan_bytes]))
+    )?;
     writeln!(
         out,
         "\nDelivery chains, as each sender sees them (every receipt verified):"
@@ -156,13 +197,17 @@ pub async fn run(out: &mut (impl Write + Send)) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fetches, opens, saves attached files under `files` and acknowledges until `want`
+/// messages arrived; returns the files saved.
 async fn receive_all(
     client: &mut OrgClient,
     name: &str,
     want: usize,
+    files: &std::path::Path,
     out: &mut (impl Write + Send),
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
     let mut got = 0;
+    let mut saved = Vec::new();
     for _ in 0..200 {
         for opened in client.fetch(16).await? {
             let kind = opened.envelope.kind();
@@ -173,11 +218,16 @@ async fn receive_all(
                 opened.envelope.id(),
                 opened.envelope.sender()
             )?;
+            let no_progress: crate::attach::ProgressFn = std::sync::Arc::new(|_| {});
+            for path in client.download(&opened, files, no_progress).await? {
+                writeln!(out, "    saved attachment {}", path.display())?;
+                saved.push(path);
+            }
             client.ack(&opened).await?;
             got += 1;
         }
         if got >= want {
-            return Ok(());
+            return Ok(saved);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

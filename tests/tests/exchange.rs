@@ -38,7 +38,12 @@ async fn the_demo_delivers_every_kind_in_both_directions() {
     let mut out = Vec::new();
     accord_client::demo::run(&mut out).await.unwrap();
     let text = String::from_utf8(out).unwrap();
-    assert!(text.contains("All 8 messages delivered."), "{text}");
+    assert!(text.contains("All 9 messages delivered."), "{text}");
+    assert!(text.contains("opened Correspondence "), "{text}");
+    assert!(
+        text.contains("the saved scan is byte for byte the file VN sent"),
+        "{text}"
+    );
     for kind in [
         "SuspectNotice",
         "WantedPersonTransfer",
