@@ -128,7 +128,7 @@ pub(crate) fn seal_files(
                 break;
             }
         }
-        let (digest, hashes) = chunks.finish().map_err(|e| file_err(f.path, e))?;
+        let (sealed_file, hashes) = chunks.finish().map_err(|e| file_err(f.path, e))?;
         let name = f
             .path
             .file_name()
@@ -138,10 +138,12 @@ pub(crate) fn seal_files(
             name: name.to_owned(),
             media_type: f.media_type.clone(),
             content: vec![],
-            part: sealer.header().attachments.len() as u32 + 1,
-            size: digest.size,
+            part: sealed_file.index() + 1,
+            size: sealed_file.digest().size,
         });
-        sealer.add_attachment(digest);
+        sealer
+            .add_attachment(sealed_file)
+            .map_err(|e| ClientError::Verify(e.to_string()))?;
         lists.push(hashes);
     }
     accord_proto::forms::normalize(body);
@@ -288,15 +290,16 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), ClientError> {
 
 /// Whether a failed call is worth repeating: the link or the gateway, not the request.
 fn transient(e: &ClientError) -> bool {
-    matches!(e, ClientError::Gateway(s) if matches!(
-        s.code(),
+    matches!(e, ClientError::Gateway(s) if match s.code() {
         tonic::Code::Unavailable
-            | tonic::Code::Unknown
-            | tonic::Code::Cancelled
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Aborted
-            | tonic::Code::ResourceExhausted
-    ))
+        | tonic::Code::Unknown
+        | tonic::Code::Cancelled
+        | tonic::Code::DeadlineExceeded
+        | tonic::Code::Aborted => true,
+        // A full queue empties; an envelope refused as too large stays too large.
+        tonic::Code::ResourceExhausted => !s.message().contains("REJECT_REASON_"),
+        _ => false,
+    })
 }
 
 /// Runs `attempt` up to [`ATTEMPTS`] times while it fails transiently, backing off.
@@ -319,21 +322,29 @@ where
     unreachable!("the loop returns on its last attempt")
 }
 
-/// A file name safe to create in a directory: no separators, no control characters, no
-/// leading dot, at most 100 characters.
-fn safe_name(name: &str) -> String {
-    let cleaned: String = name
-        .chars()
-        .filter(|c| !c.is_control())
-        .map(|c| {
-            if matches!(c, '/' | '\\' | ':') {
-                '_'
-            } else {
-                c
-            }
-        })
-        .take(100)
-        .collect();
+/// A file name safe to create in a directory and to print: no separators, no control or
+/// invisible formatting characters (bidi overrides could disguise an extension), no leading
+/// dot, at most 200 bytes (names on disk are limited to 255, and a part number and `.part`
+/// are added).
+pub fn safe_name(name: &str) -> String {
+    fn invisible(c: char) -> bool {
+        matches!(c,
+            '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+    }
+    let mut cleaned = String::new();
+    for c in name.chars().filter(|c| !c.is_control() && !invisible(*c)) {
+        let c = if matches!(c, '/' | '\\' | ':') {
+            '_'
+        } else {
+            c
+        };
+        if cleaned.len() + c.len_utf8() > 200 {
+            break;
+        }
+        cleaned.push(c);
+    }
     let trimmed = cleaned.trim_start_matches('.');
     if trimmed.is_empty() {
         "attachment".into()
@@ -458,14 +469,22 @@ impl OrgClient {
             lists,
             entry,
         } = spool.load()?;
-        self.upload(&sealed, spool, &lists, &names, progress)
-            .await?;
-        let sent = with_retries("submit", || {
-            let mut me = self.clone();
+        let session = self.clone();
+        let submit = || {
+            let mut me = session.clone();
             let sealed = sealed.clone();
             async move { me.submit(&sealed).await }
-        })
-        .await?;
+        };
+        // Submitted first: a send resumed after its accepted answer was lost is done
+        // without uploading again; FAILED_PRECONDITION says chunks are missing.
+        let sent = match with_retries("submit", submit).await {
+            Err(ClientError::Gateway(s)) if s.code() == tonic::Code::FailedPrecondition => {
+                self.upload(&sealed, spool, &lists, &names, progress)
+                    .await?;
+                with_retries("submit", submit).await?
+            }
+            other => other?,
+        };
         if let (Some(book), Some(entry)) = (self.case_book(), entry) {
             book.record(entry)?;
         }
@@ -519,15 +538,19 @@ impl OrgClient {
     ) -> Result<(), ClientError> {
         let hash = sealed.hash();
         let n = attachment::chunk_count(&digest) as u32;
-        let state = self
+        let held: std::collections::HashSet<u32> = match self
             .exchange()
             .get_chunk_state(pb::ChunkStateRequest {
                 envelope_hash: hash.0.to_vec(),
                 attachment: a,
             })
-            .await?
-            .into_inner();
-        let held: std::collections::HashSet<u32> = state.held.into_iter().collect();
+            .await
+        {
+            Ok(state) => state.into_inner().held.into_iter().collect(),
+            // Nothing held yet.
+            Err(s) if s.code() == tonic::Code::NotFound => Default::default(),
+            Err(s) => return Err(s.into()),
+        };
         let missing: Vec<u32> = (0..n).filter(|i| !held.contains(i)).collect();
         let done_before = digest.size - plain_bytes(&digest, &missing);
         progress(&Progress {
@@ -582,10 +605,11 @@ impl OrgClient {
             .into_inner();
         if state.held.len() as u32 != n {
             return Err(ClientError::File(format!(
-                "{}: the gateway holds {} of {n} chunks of {name} after the upload; the spool \
+                "{}: the gateway holds {} of {n} chunks of attachment {} after the upload; the spool \
                  is damaged, send the file again",
                 chunks_path.display(),
-                state.held.len()
+                state.held.len(),
+                a + 1
             )));
         }
         Ok(())
@@ -620,10 +644,6 @@ impl OrgClient {
                 .ok_or_else(|| {
                     ClientError::Verify(format!("attachment {} not in the header", f.part))
                 })?;
-            if fs::metadata(&target).is_ok_and(|m| m.len() == digest.size) {
-                written.push(target);
-                continue;
-            }
             with_retries("download", || {
                 self.clone().download_once(
                     opened,
@@ -664,10 +684,28 @@ impl OrgClient {
             .into_inner();
         let list = attachment::check_hash_list(&digest, &state.chunk_hashes)
             .map_err(|e| ClientError::Verify(e.to_string()))?;
+        // A file saved before (an ack lost after the save) is kept only if every chunk of
+        // it checks out; otherwise it is fetched again.
+        if target.exists() {
+            let kept = verified_prefix(&target, &digest, &list, key, a)?;
+            if kept == list.len() as u64 {
+                return Ok(());
+            }
+            fs::remove_file(&target).map_err(|e| file_err(&target, e))?;
+        }
         let part = target.with_extension(match target.extension().and_then(|e| e.to_str()) {
             Some(ext) => format!("{ext}.part"),
             None => "part".into(),
         });
+        // Whole chunks a cut-off download wrote are kept once checked against the signed
+        // hash list; from the first that does not check (torn, zeroed by a crash) on, the
+        // file is cut and fetched again.
+        let cs = u64::from(digest.chunk_size);
+        let from = if part.exists() {
+            verified_prefix(&part, &digest, &list, key, a)?
+        } else {
+            0
+        };
         let mut file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -675,10 +713,6 @@ impl OrgClient {
             .mode(0o600)
             .open(&part)
             .map_err(|e| file_err(&part, e))?;
-        // Whole chunks already written are kept; a torn last one is cut off and fetched again.
-        let cs = u64::from(digest.chunk_size);
-        let have = file.metadata().map_err(|e| file_err(&part, e))?.len();
-        let from = (have / cs).min(list.len() as u64);
         file.set_len(from * cs).map_err(|e| file_err(&part, e))?;
         file.seek(SeekFrom::Start(from * cs))
             .map_err(|e| file_err(&part, e))?;
@@ -722,7 +756,8 @@ impl OrgClient {
         if next != list.len() as u64 {
             // Ended early without an error status: resume from here.
             return Err(ClientError::Gateway(tonic::Status::unavailable(format!(
-                "download of {name} ended at chunk {next} of {}",
+                "download of attachment {} ended at chunk {next} of {}",
+                a + 1,
                 list.len()
             ))));
         }
@@ -730,6 +765,29 @@ impl OrgClient {
         fs::rename(&part, &target).map_err(|e| file_err(&target, e))?;
         Ok(())
     }
+}
+
+/// How many whole chunks at the start of `path` are the plaintext of the chunks `list`
+/// names: each is sealed again under the message's chunk key and its hash compared.
+fn verified_prefix(
+    path: &Path,
+    digest: &pb::AttachmentDigest,
+    list: &[[u8; 32]],
+    key: &attachment::ChunkKey,
+    a: u32,
+) -> Result<u64, ClientError> {
+    let mut file = File::open(path).map_err(|e| file_err(path, e))?;
+    let mut buf = vec![0u8; digest.chunk_size as usize];
+    for (i, expected) in list.iter().enumerate() {
+        let want = attachment::chunk_len(digest, i as u64)
+            .map_err(|e| ClientError::Verify(e.to_string()))?
+            - attachment::TAG_LEN;
+        let n = read_full(&mut file, &mut buf[..want]).map_err(|e| file_err(path, e))?;
+        if n < want || !key.matches(a, i as u64, &buf[..want], expected) {
+            return Ok(i as u64);
+        }
+    }
+    Ok(list.len() as u64)
 }
 
 /// Plaintext bytes of the chunks `indexes` of an attachment.
@@ -754,6 +812,14 @@ mod tests {
         assert_eq!(safe_name(""), "attachment");
         assert_eq!(safe_name("C:\\x"), "C__x");
         assert_eq!(safe_name("hộ chiếu.jpg"), "hộ chiếu.jpg");
-        assert_eq!(safe_name(&"x".repeat(300)).len(), 100);
+        assert_eq!(safe_name(&"x".repeat(300)).len(), 200);
+        // Multibyte names are cut at a character boundary, within 200 bytes.
+        let khmer = safe_name(&"ក".repeat(100));
+        assert!(
+            khmer.len() <= 200 && khmer.chars().all(|c| c == 'ក'),
+            "{khmer}"
+        );
+        assert_eq!(safe_name("invoice\u{202E}fdp.exe"), "invoicefdp.exe");
+        assert_eq!(safe_name("a\u{200B}b\u{2066}c"), "abc");
     }
 }

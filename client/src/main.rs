@@ -386,15 +386,17 @@ fn progress_display() -> accord_client::attach::ProgressFn {
         let pct = (p.done * 100).checked_div(p.total).unwrap_or(100);
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         let step = if tty { pct } else { pct / 25 * 25 };
+        // A received file's name is the sender's text: shown only as a safe file name.
+        let name = accord_client::attach::safe_name(&p.name);
         let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
-        if last.get(&p.name) == Some(&step) && p.done < p.total {
+        if last.get(&name) == Some(&step) && p.done < p.total {
             return;
         }
-        last.insert(p.name.clone(), step);
+        last.insert(name.clone(), step);
         let filled = (pct / 5) as usize;
         let line = format!(
             "{} [{}{}] {:>3}% {:.1}/{:.1} MiB",
-            p.name,
+            name,
             "#".repeat(filled),
             " ".repeat(20 - filled.min(20)),
             pct,

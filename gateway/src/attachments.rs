@@ -60,6 +60,9 @@ pub struct Staged {
     pub expires_at_ms: i64,
     #[prost(message, repeated, tag = "5")]
     pub digests: Vec<pb::AttachmentDigest>,
+    /// When the first upload of the envelope began.
+    #[prost(int64, tag = "6")]
+    pub staged_at_ms: i64,
 }
 
 impl Staged {
@@ -70,22 +73,59 @@ impl Staged {
     }
 }
 
+/// How long chunks of an envelope that was never submitted are kept.
+pub const UNSUBMITTED_TTL_MS: i64 = 24 * 3_600_000;
+
+/// How old a directory without a readable `meta` must be before the sweep takes it (an
+/// upload may be between creating the directory and writing `meta`).
+const TORN_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// The chunk directory tree (module docs).
 #[derive(Debug)]
 pub struct ChunkStore {
     root: PathBuf,
+    /// Bytes held, kept up to date as chunks come and go, for the disk quota.
+    bytes: std::sync::atomic::AtomicU64,
 }
 
 impl ChunkStore {
-    /// Opens (creating, owner-only) the tree under `root`.
+    /// Opens (creating, owner-only) the tree under `root`, dropping temporary files a crash
+    /// left behind and counting what it holds.
     pub fn open(root: &Path) -> io::Result<Self> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(root)?;
+        if let Some(parent) = root.parent() {
+            sync_dir(parent)?;
+        }
+        for dir in fs::read_dir(root)? {
+            let dir = dir?.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            for f in fs::read_dir(&dir)? {
+                let f = f?;
+                if f.file_name().to_string_lossy().ends_with(".tmp") {
+                    fs::remove_file(f.path())?;
+                }
+            }
+        }
+        let bytes = std::sync::atomic::AtomicU64::new(dir_size(root));
         Ok(Self {
             root: root.to_owned(),
+            bytes,
         })
+    }
+
+    /// Bytes held on disk, for the quota.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count(&self, n: usize) {
+        self.bytes
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn dir(&self, hash: &EnvelopeHash) -> PathBuf {
@@ -110,6 +150,7 @@ impl ChunkStore {
         env: &VerifiedEnvelope,
         a: u32,
         list: &[Vec<u8>],
+        now: i64,
     ) -> Result<Vec<[u8; 32]>, ChunkError> {
         let digest = env
             .attachments()
@@ -117,16 +158,12 @@ impl ChunkStore {
             .ok_or(ChunkError::NoSuchAttachment(a))?;
         let hashes = attachment::check_hash_list(digest, list)?;
         let dir = self.dir(&env.hash());
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .or_else(|e| {
-                if e.kind() == io::ErrorKind::AlreadyExists {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })?;
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            // The new entry must survive a power cut with the chunks under it.
+            Ok(()) => sync_dir(&self.root)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
         if self.staged(&env.hash())?.is_none() {
             let staged = Staged {
                 message_id: env.id().as_bytes().to_vec(),
@@ -134,14 +171,18 @@ impl ChunkStore {
                 recipient_org: env.recipient().to_string(),
                 expires_at_ms: env.expires_at(),
                 digests: env.attachments().to_vec(),
+                staged_at_ms: now,
             };
-            write_durably(&dir, "meta", &staged.encode_to_vec())?;
+            let bytes = staged.encode_to_vec();
+            write_durably(&dir, "meta", &bytes)?;
+            self.count(bytes.len());
         }
         let list_name = format!("list-{a}");
         if !dir.join(&list_name).exists() {
-            write_durably(&dir, &list_name, &hashes.concat())?;
+            let bytes = hashes.concat();
+            write_durably(&dir, &list_name, &bytes)?;
+            self.count(bytes.len());
         }
-        sync_dir(&dir)?;
         Ok(hashes)
     }
 
@@ -177,6 +218,7 @@ impl ChunkStore {
             return Ok(());
         }
         write_file(&dir, &name, chunk)?;
+        self.count(chunk.len());
         Ok(())
     }
 
@@ -220,19 +262,33 @@ impl ChunkStore {
 
     /// Drops everything held for `hash` (idempotent).
     pub fn remove(&self, hash: &EnvelopeHash) -> Result<(), ChunkError> {
-        match fs::remove_dir_all(self.dir(hash)) {
+        let dir = self.dir(hash);
+        let size = dir_size(&dir);
+        match fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
+            _ => {
+                let _ = self.bytes.fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |b| Some(b.saturating_sub(size)),
+                );
+                Ok(())
+            }
         }
     }
 
-    /// Drops the chunks of every envelope expired at `now` (nothing can deliver them any
-    /// more), and directories without a readable `meta` (an upload cut before it was
-    /// written). Returns how many envelopes' chunks it dropped.
-    pub fn sweep(&self, now: i64) -> Result<usize, ChunkError> {
+    /// Drops the chunks nothing will use any more: of envelopes expired at `now`, of
+    /// uploads never submitted (`submitted` says no) within [`UNSUBMITTED_TTL_MS`], and
+    /// directories left without a readable `meta` for an hour. A directory it cannot read is
+    /// skipped, not a reason to stop. Returns how many envelopes' chunks it dropped.
+    pub fn sweep(
+        &self,
+        now: i64,
+        submitted: impl Fn(&Staged) -> bool,
+    ) -> Result<usize, ChunkError> {
         let mut dropped = 0;
         for entry in fs::read_dir(&self.root)? {
-            let entry = entry?;
+            let Ok(entry) = entry else { continue };
             let Some(hash) = entry
                 .file_name()
                 .to_str()
@@ -240,35 +296,47 @@ impl ChunkStore {
             else {
                 continue;
             };
-            let expired = match self.staged(&hash) {
-                Ok(Some(s)) => now >= s.expires_at_ms,
-                Ok(None) | Err(ChunkError::Corrupt(_)) => true,
-                Err(e) => return Err(e),
+            let drop = match self.staged(&hash) {
+                Ok(Some(s)) => {
+                    now >= s.expires_at_ms
+                        || (now - s.staged_at_ms > UNSUBMITTED_TTL_MS && !submitted(&s))
+                }
+                Ok(None) | Err(ChunkError::Corrupt(_)) => entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > TORN_GRACE),
+                Err(e) => {
+                    tracing::warn!(envelope_hash = %hash, error = %e, "sweep skipped a chunk folder");
+                    false
+                }
             };
-            if expired {
-                self.remove(&hash)?;
-                dropped += 1;
+            if drop {
+                match self.remove(&hash) {
+                    Ok(()) => dropped += 1,
+                    Err(e) => {
+                        tracing::warn!(envelope_hash = %hash, error = %e, "sweep could not drop a chunk folder")
+                    }
+                }
             }
         }
         Ok(dropped)
     }
+}
 
-    /// Bytes held on disk, for the quota.
-    pub fn disk_usage(&self) -> u64 {
-        fn walk(p: &Path) -> u64 {
-            fs::read_dir(p)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => walk(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        }
-        walk(&self.root)
-    }
+/// Bytes of the files under `p`.
+fn dir_size(p: &Path) -> u64 {
+    fs::read_dir(p)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// Writes `name` in `dir` through a synced temporary file and a rename. Temporary names are
@@ -277,7 +345,7 @@ impl ChunkStore {
 fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}.{n}.tmp"));
+    let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
     let written = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -308,30 +376,63 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sweep_drops_expired_and_unnamed_uploads_only() {
+    fn sweep_drops_expired_and_abandoned_uploads_only() {
         let tmp = tempfile::tempdir().unwrap();
         let store = ChunkStore::open(tmp.path()).unwrap();
+        let hour = 3_600_000;
+        let now = 100 * hour;
         let keep = EnvelopeHash([1; 32]);
         let old = EnvelopeHash([2; 32]);
-        let cut = EnvelopeHash([3; 32]);
-        for (h, expires) in [(keep, 2_000), (old, 1_000)] {
+        let abandoned = EnvelopeHash([3; 32]);
+        let queued = EnvelopeHash([4; 32]);
+        let fresh_torn = EnvelopeHash([5; 32]);
+        for (h, staged_at, expires, id) in [
+            (keep, now - hour, now + hour, 1u8),
+            (old, now - 2 * hour, now - 1, 2),
+            (abandoned, now - 25 * hour, now + hour, 3),
+            (queued, now - 25 * hour, now + hour, 4),
+        ] {
             let dir = store.dir(&h);
             fs::create_dir(&dir).unwrap();
             let staged = Staged {
+                message_id: vec![id],
                 expires_at_ms: expires,
+                staged_at_ms: staged_at,
                 ..Default::default()
             };
             write_durably(&dir, "meta", &staged.encode_to_vec()).unwrap();
             write_file(&dir, "0-0", b"chunk").unwrap();
         }
-        fs::create_dir(store.dir(&cut)).unwrap();
+        // Created a moment ago, `meta` not written yet: an upload in its first steps.
+        fs::create_dir(store.dir(&fresh_torn)).unwrap();
         fs::create_dir(tmp.path().join("not-a-hash")).unwrap();
-        assert_eq!(store.sweep(1_500).unwrap(), 2);
+        // Only `queued` was submitted.
+        let dropped = store.sweep(now, |s| s.message_id == vec![4]).unwrap();
+        assert_eq!(dropped, 2);
         assert!(store.dir(&keep).join("0-0").exists());
         assert!(!store.dir(&old).exists());
-        assert!(!store.dir(&cut).exists());
+        assert!(!store.dir(&abandoned).exists());
+        assert!(store.dir(&queued).exists());
+        assert!(store.dir(&fresh_torn).exists());
         assert!(tmp.path().join("not-a-hash").exists());
         assert_eq!(store.read(&keep, 0, 0).unwrap(), b"chunk");
         assert!(matches!(store.read(&keep, 0, 1), Err(ChunkError::Unknown)));
+    }
+
+    #[test]
+    fn the_byte_count_follows_chunks_in_and_out_and_survives_a_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(tmp.path()).unwrap();
+        let h = EnvelopeHash([6; 32]);
+        fs::create_dir(store.dir(&h)).unwrap();
+        write_file(&store.dir(&h), "0-0", &[0; 1000]).unwrap();
+        store.count(1000);
+        // A temporary file a crash left behind is dropped at open.
+        fs::write(store.dir(&h).join(".0-1.99.0.tmp"), [0; 500]).unwrap();
+        let reopened = ChunkStore::open(tmp.path()).unwrap();
+        assert_eq!(reopened.bytes(), 1000);
+        assert!(!store.dir(&h).join(".0-1.99.0.tmp").exists());
+        reopened.remove(&h).unwrap();
+        assert_eq!(reopened.bytes(), 0);
     }
 }

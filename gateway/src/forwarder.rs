@@ -58,6 +58,7 @@ pub async fn run(
     let signal = pipeline.outbox_signal(peer.country());
     let mut attempt = 0u32;
     let mut offered = None;
+    let pushes = Arc::new(Pushes::default());
     loop {
         if *shutdown.borrow() {
             return;
@@ -68,8 +69,9 @@ pub async fn run(
             &peer,
             &queue,
             &mut client,
-            cfg.batch,
+            &cfg,
             &mut offered,
+            &pushes,
         );
         let delay = match drained.await {
             Ok(0) => {
@@ -105,10 +107,14 @@ async fn drain_once(
     peer: &SpiffeId,
     queue: &Queue,
     client: &mut PeerLinkClient<tonic::transport::Channel>,
-    batch: usize,
+    cfg: &ForwarderConfig,
     offered: &mut Option<pb::SignedDirectory>,
+    pushes: &Arc<Pushes>,
 ) -> Result<usize, ForwardError> {
-    let entries = pipeline.store.queue(queue, batch)?;
+    let entries = pipeline.store.queue(queue, cfg.batch)?;
+    // Whether this round settled anything before delivering (an expiry, a vanished
+    // message): if all it has left waits for attachment pushes, the caller waits too.
+    let mut progressed = false;
     if entries.is_empty() {
         return Ok(0);
     }
@@ -124,14 +130,20 @@ async fn drain_once(
                 let msg = pipeline.store.message(&id)?;
                 let Some(msg) = msg else {
                     settle(pipeline, key, &entry, vec![]).await?;
+                    progressed = true;
                     continue;
                 };
                 if now >= msg.expires_at_ms {
                     expire_unsent(pipeline, key, id, &msg).await?;
+                    pushes.forget(&msg.envelope_hash);
+                    progressed = true;
+                    continue;
+                }
+                // Its chunks are on their way to the peer: delivered once they are there.
+                if pushes.running(&msg.envelope_hash) {
                     continue;
                 }
                 let Some(env) = msg.envelope else { continue };
-                push_attachments(pipeline, client, &env, &msg.envelope_hash).await?;
                 pb::peer_item::Item::Envelope(env)
             }
         };
@@ -139,7 +151,7 @@ async fn drain_once(
         sent.push((key, entry, id));
     }
     if items.is_empty() {
-        return Ok(1);
+        return Ok(usize::from(progressed));
     }
     // Envelopes may be signed under keys of a directory version the peer has not seen yet
     // (a rotation): offer it first, or the peer would reject them as UNKNOWN_SENDER for good.
@@ -172,6 +184,9 @@ async fn drain_once(
     for ((key, entry, id), result) in sent.into_iter().zip(response.results) {
         if !result.retry_reason.is_empty() {
             tracing::info!(peer = %peer, message_id = %id, reason = %result.retry_reason, "peer asks to retry");
+            if result.retry_reason == crate::transfer::CHUNKS_MISSING && entry.receipt.is_none() {
+                start_push(pipeline, client.clone(), peer, id, pushes, cfg);
+            }
             continue;
         }
         let mut ops = vec![];
@@ -189,6 +204,7 @@ async fn drain_once(
                     .map_err(|e| ForwardError::Store(StoreError::Engine(e.to_string())))?;
                 pipeline.store.commit(tx).await?;
                 drop_attachments(pipeline, &msg.envelope_hash).await;
+                pushes.forget(&msg.envelope_hash);
                 settled += 1;
                 continue;
             };
@@ -235,6 +251,7 @@ async fn drain_once(
     }
     for hash in ended {
         pipeline.drop_attachments(hash).await;
+        pushes.forget(&hash.0);
     }
     match fault {
         Some(e) => Err(e),
@@ -330,37 +347,133 @@ async fn drop_attachments(pipeline: &Pipeline, hash: &[u8]) {
     }
 }
 
-/// Makes sure the peer holds every chunk of `env`'s attachments before the envelope is
-/// delivered: asks what it holds and uploads the rest, one attachment per stream. A peer
-/// that refuses the upload outright (the envelope breaks its rules) is left to refuse the
-/// envelope itself, with a receipt; a link failure backs off and retries.
+/// Attachment pushes towards one peer. Each runs in its own task, two at a time, so a large
+/// or failing upload never holds up the rest of the outbox (FLASH alerts, receipts).
+struct Pushes {
+    state: std::sync::Mutex<std::collections::HashMap<Vec<u8>, PushState>>,
+    slots: tokio::sync::Semaphore,
+}
+
+impl Default for Pushes {
+    fn default() -> Self {
+        Self {
+            state: Default::default(),
+            slots: tokio::sync::Semaphore::new(2),
+        }
+    }
+}
+
+#[derive(Default)]
+struct PushState {
+    running: bool,
+    attempts: u32,
+    not_before: Option<tokio::time::Instant>,
+}
+
+impl Pushes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Vec<u8>, PushState>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn running(&self, hash: &[u8]) -> bool {
+        self.lock().get(hash).is_some_and(|s| s.running)
+    }
+    fn forget(&self, hash: &[u8]) {
+        self.lock().remove(hash);
+    }
+}
+
+/// Starts pushing message `id`'s chunks to the peer, unless a push is running or backing
+/// off; once it succeeds the outbox is woken to deliver the envelope again.
+fn start_push(
+    pipeline: &Arc<Pipeline>,
+    mut client: PeerLinkClient<tonic::transport::Channel>,
+    peer: &SpiffeId,
+    id: MessageId,
+    pushes: &Arc<Pushes>,
+    cfg: &ForwarderConfig,
+) {
+    let Ok(Some(msg)) = pipeline.store.message(&id) else {
+        return;
+    };
+    let (Some(env), Ok(hash)) = (msg.envelope, EnvelopeHash::from_slice(&msg.envelope_hash)) else {
+        return;
+    };
+    {
+        let mut state = pushes.lock();
+        let s = state.entry(hash.0.to_vec()).or_default();
+        if s.running
+            || s.not_before
+                .is_some_and(|t| tokio::time::Instant::now() < t)
+        {
+            return;
+        }
+        s.running = true;
+    }
+    let (pipeline, pushes, peer, cfg) =
+        (pipeline.clone(), pushes.clone(), peer.clone(), cfg.clone());
+    tokio::spawn(async move {
+        let _slot = pushes.slots.acquire().await;
+        // A peer that stops reading must not hold a slot for ever: a minute, plus a second
+        // per MiB.
+        let bytes: u64 = pb::Header::decode(env.header.as_slice())
+            .map(|h| h.attachments.iter().map(|d| d.size).sum())
+            .unwrap_or(0);
+        let limit = Duration::from_secs(60 + (bytes >> 20));
+        let pushed =
+            tokio::time::timeout(limit, push_attachments(&pipeline, &mut client, &env, hash))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ForwardError::Unavailable(
+                        "attachment push timed out".into(),
+                    ))
+                });
+        let mut state = pushes.lock();
+        match pushed {
+            Ok(()) => {
+                state.remove(&hash.0[..]);
+                drop(state);
+                tracing::info!(peer = %peer, message_id = %id, "attachment chunks pushed");
+                pipeline.outbox_signal(peer.country()).notify_one();
+            }
+            Err(e) => {
+                let s = state.entry(hash.0.to_vec()).or_default();
+                s.running = false;
+                s.attempts = s.attempts.saturating_add(1);
+                let wait = backoff(&cfg, s.attempts, jitter());
+                s.not_before = Some(tokio::time::Instant::now() + wait);
+                tracing::warn!(peer = %peer, message_id = %id, error = %e, retry_in_ms = wait.as_millis() as u64, "attachment push failed");
+            }
+        }
+    });
+}
+
+/// Uploads to the peer every chunk of `env`'s attachments it does not hold: asks what it
+/// holds, then streams the rest, one attachment per stream, reading one chunk at a time.
 async fn push_attachments(
     pipeline: &Arc<Pipeline>,
     client: &mut PeerLinkClient<tonic::transport::Channel>,
     env: &pb::Envelope,
-    hash: &[u8],
+    hash: EnvelopeHash,
 ) -> Result<(), ForwardError> {
     let header = pb::Header::decode(env.header.as_slice())
         .map_err(|_| StoreError::Corrupt("stored envelope header".into()))?;
-    if header.attachments.is_empty() {
-        return Ok(());
-    }
-    let hash = EnvelopeHash::from_slice(hash)
-        .map_err(|_| StoreError::Corrupt("stored envelope hash".into()))?;
     let link =
         |s: tonic::Status| ForwardError::Unavailable(format!("{:?}: {}", s.code(), s.message()));
     for (a, digest) in header.attachments.iter().enumerate() {
         let a = a as u32;
         let n = accord_proto::attachment::chunk_count(digest) as u32;
-        let state = client
+        let held: std::collections::HashSet<u32> = match client
             .get_chunk_state(pb::ChunkStateRequest {
                 envelope_hash: hash.0.to_vec(),
                 attachment: a,
             })
             .await
-            .map_err(link)?
-            .into_inner();
-        if state.chunks == n && state.held.len() as u32 == n {
+        {
+            Ok(state) => state.into_inner().held.into_iter().collect(),
+            Err(s) if s.code() == tonic::Code::NotFound => Default::default(),
+            Err(s) => return Err(link(s)),
+        };
+        if held.len() as u32 == n {
             continue;
         }
         let chunks = pipeline.chunks.clone();
@@ -372,7 +485,6 @@ async fn push_attachments(
                 .map_err(|e| StoreError::Engine(e.to_string()))?
                 .ok_or_else(|| StoreError::Corrupt(format!("{hash}: chunk hash list missing")))?
         };
-        let held: std::collections::HashSet<u32> = state.held.into_iter().collect();
         let missing: Vec<u32> = (0..n).filter(|i| !held.contains(i)).collect();
         let start = pb::ChunkUpload {
             part: Some(pb::chunk_upload::Part::Start(pb::AttachmentStart {
@@ -382,6 +494,7 @@ async fn push_attachments(
             })),
         };
         // Chunks are read one at a time as the stream is polled: memory stays at one chunk.
+        // One we cannot read is left out, and the count below fails the push.
         let body = futures::stream::iter(missing).filter_map(move |i| {
             let chunks = chunks.clone();
             async move {
@@ -398,30 +511,15 @@ async fn push_attachments(
             }
         });
         let request = futures::stream::once(async move { start }).chain(body);
-        match client.put_chunks(request).await {
-            Ok(state) if state.get_ref().held.len() as u32 == n => {}
-            Ok(state) => {
-                return Err(ForwardError::Unavailable(format!(
-                    "peer holds {} of {n} chunks of attachment {a}",
-                    state.get_ref().held.len()
-                )))
-            }
-            Err(s) if is_refusal(s.code()) => {
-                tracing::warn!(envelope_hash = %hash, code = ?s.code(), "peer refused the attachment upload");
-                return Ok(());
-            }
-            Err(s) => return Err(link(s)),
+        let state = client.put_chunks(request).await.map_err(link)?.into_inner();
+        if state.held.len() as u32 != n {
+            return Err(ForwardError::Unavailable(format!(
+                "peer holds {} of {n} chunks of attachment {a}",
+                state.held.len()
+            )));
         }
     }
     Ok(())
-}
-
-/// A status by which the peer refuses what we sent, rather than failing to take it now.
-fn is_refusal(code: tonic::Code) -> bool {
-    matches!(
-        code,
-        tonic::Code::InvalidArgument | tonic::Code::PermissionDenied | tonic::Code::AlreadyExists
-    )
 }
 
 #[cfg(test)]

@@ -436,7 +436,7 @@ impl Pipeline {
     }
 
     pub(crate) fn check_quota(&self) -> Result<(), PipelineError> {
-        if self.store.disk_usage()? > self.quota_bytes {
+        if self.store.disk_usage()?.saturating_add(self.chunks.bytes()) > self.quota_bytes {
             tracing::warn!(
                 quota = self.quota_bytes,
                 "store over quota; refusing new envelopes"
@@ -636,12 +636,6 @@ impl Pipeline {
         let span =
             tracing::info_span!("receive", message_id = %id, envelope_hash = %hash, peer = %peer);
         let _g = span.enter();
-        if !self.attachments_complete(&env).await? {
-            // The peer pushes chunks before the envelope; it retries once they are here.
-            return Err(PipelineError::FailedPrecondition(
-                "attachment chunks not all held yet".into(),
-            ));
-        }
         if self.store.message(&id)?.is_some() {
             return match self.repeat(&id, &hash, Stage::Received).await {
                 Err(PipelineError::Conflict) => {
@@ -650,6 +644,12 @@ impl Pipeline {
                 }
                 other => other,
             };
+        }
+        if !self.attachments_complete(&env).await? {
+            // The peer's forwarder pushes the chunks on this answer and delivers again.
+            return Err(PipelineError::FailedPrecondition(
+                crate::transfer::CHUNKS_MISSING.into(),
+            ));
         }
         self.check_quota()?;
         let now = self.now();

@@ -28,6 +28,10 @@ pub enum Party<'a> {
     Peer(&'a SpiffeId),
 }
 
+/// What a delivery answers, as its retry reason, while the envelope's chunks are not all
+/// here: the peer's forwarder then pushes them and delivers again.
+pub const CHUNKS_MISSING: &str = "attachment chunks not all held yet";
+
 /// An upload in progress: one attachment of one checked envelope.
 #[derive(Debug)]
 pub struct Upload {
@@ -35,6 +39,9 @@ pub struct Upload {
     attachment: u32,
     digest: pb::AttachmentDigest,
     hashes: Arc<Vec<[u8; 32]>>,
+    /// The envelope was already accepted or received here: chunks sent again are not kept
+    /// (they may have been dropped with its delivery), and the upload answers complete.
+    settled: bool,
 }
 
 impl From<ChunkError> for PipelineError {
@@ -64,6 +71,12 @@ async fn blocking<T: Send + 'static>(
 impl Pipeline {
     /// Refuses an envelope whose attachments add up to more than this gateway takes.
     pub(crate) fn check_attachments(&self, env: &VerifiedEnvelope) -> Result<(), PipelineError> {
+        if !env.attachments().is_empty() && env.kind() != pb::Kind::Correspondence {
+            return Err(PipelineError::Refused {
+                reason: RejectReason::Malformed,
+                detail: "only correspondence carries attachments".into(),
+            });
+        }
         let total: u64 = env.attachments().iter().map(|d| d.size).sum();
         if total > self.max_attachment_bytes {
             return Err(PipelineError::Refused {
@@ -118,7 +131,6 @@ impl Pipeline {
                     })?
             }
         };
-        self.check_quota()?;
         let a = start.attachment;
         let list = start.chunk_hashes;
         let digest = env
@@ -127,17 +139,39 @@ impl Pipeline {
             .cloned()
             .ok_or(ChunkError::NoSuchAttachment(a))?;
         let hash = env.hash();
-        let hashes = blocking(&self.chunks, move |c| c.begin(&env, a, &list)).await?;
+        if let Some(stored) = self.store.message(&env.id())? {
+            if stored.envelope_hash != hash.0 {
+                return Err(PipelineError::Conflict);
+            }
+            // A replay (a resumed send, a peer redelivering after a lost answer): nothing to
+            // keep, the message is here.
+            let hashes = attachment::check_hash_list(&digest, &list).map_err(ChunkError::from)?;
+            return Ok(Upload {
+                hash,
+                attachment: a,
+                digest,
+                hashes: Arc::new(hashes),
+                settled: true,
+            });
+        }
+        self.check_quota()?;
+        let now = self.now();
+        let hashes = blocking(&self.chunks, move |c| c.begin(&env, a, &list, now)).await?;
         Ok(Upload {
             hash,
             attachment: a,
             digest,
             hashes: Arc::new(hashes),
+            settled: false,
         })
     }
 
-    /// Checks one chunk of an upload and keeps it.
+    /// Checks one chunk of an upload and keeps it, within the disk quota.
     pub async fn put_chunk(&self, up: &Upload, chunk: pb::Chunk) -> Result<(), PipelineError> {
+        if up.settled {
+            return Ok(());
+        }
+        self.check_quota()?;
         let (hash, a, digest, hashes) =
             (up.hash, up.attachment, up.digest.clone(), up.hashes.clone());
         blocking(&self.chunks, move |c| {
@@ -155,15 +189,24 @@ impl Pipeline {
 
     /// What is held of an upload, once it is durable.
     pub async fn finish_upload(&self, up: &Upload) -> Result<pb::ChunkState, PipelineError> {
-        let (hash, a, digest, hashes) =
-            (up.hash, up.attachment, up.digest.clone(), up.hashes.clone());
+        let (hash, a, digest) = (up.hash, up.attachment, up.digest.clone());
+        let n = attachment::chunk_count(&digest);
+        let chunk_hashes = up.hashes.iter().map(|h| h.to_vec()).collect();
+        if up.settled {
+            return Ok(pb::ChunkState {
+                chunks: n as u32,
+                held: (0..n as u32).collect(),
+                chunk_hashes,
+            });
+        }
         blocking(&self.chunks, move |c| {
+            // Listed first, synced second: whatever the list shows is durable when answered.
+            let held = c.held(&hash, a, n);
             c.sync(&hash)?;
-            let n = attachment::chunk_count(&digest);
             Ok(pb::ChunkState {
                 chunks: n as u32,
-                held: c.held(&hash, a, n),
-                chunk_hashes: hashes.iter().map(|h| h.to_vec()).collect(),
+                held,
+                chunk_hashes,
             })
         })
         .await
@@ -179,19 +222,16 @@ impl Pipeline {
     ) -> Result<pb::ChunkState, PipelineError> {
         let hash = EnvelopeHash::from_slice(hash)
             .map_err(|_| PipelineError::BadRequest("envelope_hash must be 32 bytes".into()))?;
-        let staged = blocking(&self.chunks, move |c| c.staged(&hash)).await?;
-        let Some(staged) = staged else {
-            // Nothing held: for a sender, the upload starts from the beginning.
-            return Ok(pb::ChunkState::default());
-        };
-        if !may_see(party, &staged) {
-            return Err(PipelineError::NotFound);
-        }
+        // Nothing held and not the caller's to see answer alike: NOT_FOUND, which for a
+        // sender means the upload starts from the beginning.
+        let staged = blocking(&self.chunks, move |c| c.staged(&hash))
+            .await?
+            .filter(|s| may_see(party, s))
+            .ok_or(PipelineError::NotFound)?;
         let digest = staged.digest(a)?.clone();
         blocking(&self.chunks, move |c| {
-            c.sync(&hash)?;
             let n = attachment::chunk_count(&digest);
-            Ok(match c.hashes(&hash, a)? {
+            let state = match c.hashes(&hash, a)? {
                 Some(list) => pb::ChunkState {
                     chunks: n as u32,
                     held: c.held(&hash, a, n),
@@ -201,7 +241,9 @@ impl Pipeline {
                     chunks: n as u32,
                     ..Default::default()
                 },
-            })
+            };
+            c.sync(&hash)?;
+            Ok(state)
         })
         .await
     }
@@ -241,10 +283,18 @@ impl Pipeline {
         blocking(&self.chunks, move |c| c.read(&hash, a, i)).await
     }
 
-    /// Drops the chunks of envelopes that expired; at start and then periodically.
-    pub async fn sweep_attachments(&self) {
+    /// Drops the chunks of envelopes that expired, and of uploads never submitted; at start
+    /// and then periodically.
+    pub async fn sweep_attachments(self: &Arc<Self>) {
         let now = self.now();
-        match blocking(&self.chunks, move |c| c.sweep(now)).await {
+        let me = self.clone();
+        let submitted = move |s: &Staged| {
+            MessageId::from_slice(&s.message_id)
+                .ok()
+                .and_then(|id| me.store.message(&id).ok())
+                .is_some_and(|m| m.is_some())
+        };
+        match blocking(&self.chunks, move |c| c.sweep(now, submitted)).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(envelopes = n, "expired attachment chunks dropped"),
             Err(e) => tracing::warn!(error = %e, "attachment sweep failed"),

@@ -193,6 +193,16 @@ impl ChunkKey {
         out
     }
 
+    /// Whether `plaintext` is what chunk `i` of `attachment` with hash `expected` decrypts to:
+    /// sealing is deterministic under a message's key, so a recipient can check bytes it
+    /// kept (a download resumed after a crash) without the ciphertext.
+    pub fn matches(&self, attachment: u32, i: u64, plaintext: &[u8], expected: &[u8; 32]) -> bool {
+        ct_eq(
+            &crypto::sha256(&[&self.seal(attachment, i, plaintext)]),
+            expected,
+        )
+    }
+
     /// Decrypts ciphertext chunk `i` of `attachment` (check it with [`check_chunk`] first).
     pub fn open(
         &self,
@@ -260,8 +270,9 @@ impl<'k> AttachmentSealer<'k> {
         Ok(ct)
     }
 
-    /// The digest for the header and the hash list for upload.
-    pub fn finish(self) -> Result<(pb::AttachmentDigest, Vec<[u8; 32]>), AttachmentError> {
+    /// The digest for the header (to pass to `Sealer::add_attachment`) and the hash list for
+    /// upload.
+    pub fn finish(self) -> Result<(SealedAttachment, Vec<[u8; 32]>), AttachmentError> {
         if self.size == 0 {
             return Err(AttachmentError::Seal(
                 "an attachment needs at least one byte",
@@ -272,7 +283,31 @@ impl<'k> AttachmentSealer<'k> {
             chunk_size: self.chunk_size,
             chunks_root: chunks_root(&self.hashes).to_vec(),
         };
-        Ok((digest, self.hashes))
+        Ok((
+            SealedAttachment {
+                index: self.index,
+                digest,
+            },
+            self.hashes,
+        ))
+    }
+}
+
+/// An attachment sealed under an index the sealer reserved: it can only take that place in
+/// the header, so chunk nonces and header positions agree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealedAttachment {
+    pub(crate) index: u32,
+    pub(crate) digest: pb::AttachmentDigest,
+}
+
+impl SealedAttachment {
+    /// Its 0-based place among the header's attachments.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+    pub fn digest(&self) -> &pb::AttachmentDigest {
+        &self.digest
     }
 }
 
@@ -293,7 +328,7 @@ mod tests {
             .chunks(cs as usize)
             .map(|c| s.push(c).unwrap())
             .collect();
-        (s.finish().unwrap().0, chunks)
+        (s.finish().unwrap().0.digest, chunks)
     }
 
     fn list(chunks: &[Vec<u8>]) -> Vec<Vec<u8>> {

@@ -16,7 +16,7 @@ use prost::Message;
 
 use zeroize::Zeroizing;
 
-use crate::attachment::{self, AttachmentSealer, ChunkKey};
+use crate::attachment::{self, AttachmentSealer, ChunkKey, SealedAttachment};
 use crate::crypto::hpke::{self, RecipientKey};
 use crate::crypto::{self, ct_eq, len_be, Domain, SigningKey};
 use crate::directory::Directories;
@@ -443,6 +443,8 @@ pub struct Sealer {
     header: pb::Header,
     ctx: hpke::SenderContext,
     chunk_key: ChunkKey,
+    /// Attachment indexes handed out: each sealer gets its own, so no two share a nonce.
+    reserved: u32,
 }
 
 impl Sealer {
@@ -475,21 +477,24 @@ impl Sealer {
             header,
             ctx,
             chunk_key: ChunkKey::new(secret, id),
+            reserved: 0,
         })
     }
 
-    /// A sealer for the next attachment (index = attachments added so far), cut in
-    /// `chunk_size` plaintext bytes.
-    pub fn attachment(&self, chunk_size: u32) -> Result<AttachmentSealer<'_>, EnvelopeError> {
-        if self.header.attachments.len() >= attachment::MAX_ATTACHMENTS {
+    /// A sealer for the next attachment, cut in `chunk_size` plaintext bytes. It reserves
+    /// the next index, so two sealers never encrypt under the same nonces; add what it
+    /// seals with [`Sealer::add_attachment`], in the order they were reserved.
+    pub fn attachment(&mut self, chunk_size: u32) -> Result<AttachmentSealer<'_>, EnvelopeError> {
+        if self.reserved as usize >= attachment::MAX_ATTACHMENTS {
             return Err(malformed("too many attachments"));
         }
         if !(attachment::MIN_CHUNK_SIZE..=attachment::MAX_CHUNK_SIZE).contains(&chunk_size) {
             return Err(malformed("chunk size out of range"));
         }
+        self.reserved += 1;
         Ok(AttachmentSealer::new(
             &self.chunk_key,
-            self.header.attachments.len() as u32,
+            self.reserved - 1,
             chunk_size,
         ))
     }
@@ -499,9 +504,30 @@ impl Sealer {
         &self.header
     }
 
-    /// Adds the digest of the attachment just sealed with [`Sealer::attachment`].
-    pub fn add_attachment(&mut self, digest: pb::AttachmentDigest) {
+    /// Puts a sealed attachment's digest at its reserved place; refused out of order.
+    pub fn add_attachment(&mut self, sealed: SealedAttachment) -> Result<(), EnvelopeError> {
+        if sealed.index as usize != self.header.attachments.len() {
+            return Err(malformed(
+                "attachments added out of the order they were sealed",
+            ));
+        }
+        self.header.attachments.push(sealed.digest);
+        Ok(())
+    }
+
+    /// Puts a digest whose chunks this sealer did not seal in the header, at the next index
+    /// (reserved here, so no chunk of this sealer shares its nonces): for testing how
+    /// gateways and recipients treat headers that honest senders do not write.
+    pub fn add_unsealed_digest(
+        &mut self,
+        digest: pb::AttachmentDigest,
+    ) -> Result<(), EnvelopeError> {
+        if self.reserved as usize != self.header.attachments.len() {
+            return Err(malformed("an attachment is being sealed"));
+        }
+        self.reserved += 1;
         self.header.attachments.push(digest);
+        Ok(())
     }
 
     /// Serializes the header once, seals `body` with it as `aad`, and signs.

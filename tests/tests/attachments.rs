@@ -186,9 +186,9 @@ fn seal_in_memory(
         .chunks(attachment::MIN_CHUNK_SIZE as usize)
         .map(|c| a.push(c).unwrap())
         .collect();
-    let (digest, hashes) = a.finish().unwrap();
-    let size = digest.size;
-    sealer.add_attachment(digest);
+    let (sealed_file, hashes) = a.finish().unwrap();
+    let size = sealed_file.digest().size;
+    sealer.add_attachment(sealed_file).unwrap();
     let body = pb::Body {
         form: Some(pb::body::Form::Correspondence(pb::Correspondence {
             text: "file".into(),
@@ -363,11 +363,13 @@ async fn attachments_over_the_gateway_limit_are_refused_at_submit() {
         .current_encryption_key(&kh, now_ms())
         .unwrap();
     let mut sealer = Sealer::new(header, &pk).unwrap();
-    sealer.add_attachment(pb::AttachmentDigest {
-        size: 300 << 20,
-        chunk_size: attachment::MAX_CHUNK_SIZE,
-        chunks_root: vec![0; 32],
-    });
+    sealer
+        .add_unsealed_digest(pb::AttachmentDigest {
+            size: 300 << 20,
+            chunk_size: attachment::MAX_CHUNK_SIZE,
+            chunks_root: vec![0; 32],
+        })
+        .unwrap();
     let body = pb::Body {
         form: Some(pb::body::Form::Correspondence(pb::Correspondence {
             text: "big".into(),
@@ -509,5 +511,194 @@ async fn a_download_cut_off_resumes_from_the_last_whole_chunk() {
     assert_eq!(std::fs::read(&paths[0]).unwrap(), original);
     assert_eq!(seen.lock().unwrap()[0].done, DEFAULT_CHUNK_SIZE as u64);
     assert!(!dir.join("1-photo.png.part").exists());
+
+    // A crash left two chunks' worth of zeros: nothing of it is trusted.
+    std::fs::remove_file(&paths[0]).unwrap();
+    std::fs::write(
+        dir.join("1-photo.png.part"),
+        vec![0u8; 2 * DEFAULT_CHUNK_SIZE as usize],
+    )
+    .unwrap();
+    let (progress, seen) = recorder();
+    let paths = kh.download(&got[0], out.path(), progress).await.unwrap();
+    assert_eq!(std::fs::read(&paths[0]).unwrap(), original);
+    assert_eq!(seen.lock().unwrap()[0].done, 0);
+
+    // A saved file altered since (same size) is fetched again, not taken as saved.
+    let mut altered = original.clone();
+    altered[len - 1] ^= 1;
+    std::fs::write(&paths[0], &altered).unwrap();
+    let (progress, _) = recorder();
+    let paths = kh.download(&got[0], out.path(), progress).await.unwrap();
+    assert_eq!(std::fs::read(&paths[0]).unwrap(), original);
+    net.shutdown().await;
+}
+
+/// One upload stream of raw parts, for sending what a well-behaved client would not.
+fn parts(
+    items: Vec<pb::chunk_upload::Part>,
+) -> impl futures::Stream<Item = pb::ChunkUpload> + Send + 'static {
+    futures::stream::iter(
+        items
+            .into_iter()
+            .map(|part| pb::ChunkUpload { part: Some(part) }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_uploads_replays_and_foreign_peers_get_nothing_kept() {
+    use pb::chunk_upload::Part;
+    let net = net().await;
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    let kh = net.org_id("kh", "ahtd").unwrap();
+    let file: Vec<u8> = (0..9_000u32).map(|i| (i % 241) as u8).collect();
+    let (sealed, chunks, list) = seal_in_memory(&vn, &kh, &file);
+    let start = |attachment: u32, hashes: Vec<Vec<u8>>| {
+        Part::Start(pb::AttachmentStart {
+            envelope: Some(sealed.to_wire()),
+            attachment,
+            chunk_hashes: hashes,
+        })
+    };
+    let chunk = |index: u32, data: Vec<u8>| Part::Chunk(pb::Chunk { index, data });
+    let short = chunks[0][..100].to_vec();
+    let cases = vec![
+        (
+            "a chunk before the start",
+            vec![chunk(0, chunks[0].clone())],
+        ),
+        (
+            "two starts",
+            vec![start(0, list.clone()), start(0, list.clone())],
+        ),
+        (
+            "an attachment the header lacks",
+            vec![start(1, list.clone())],
+        ),
+        ("a hash list one short", vec![start(0, list[..2].to_vec())]),
+        (
+            "a chunk index past the end",
+            vec![start(0, list.clone()), chunk(3, chunks[0].clone())],
+        ),
+        (
+            "a chunk index of u32::MAX",
+            vec![start(0, list.clone()), chunk(u32::MAX, chunks[0].clone())],
+        ),
+        (
+            "a short chunk",
+            vec![start(0, list.clone()), chunk(0, short)],
+        ),
+        (
+            "another chunk's bytes",
+            vec![start(0, list.clone()), chunk(0, chunks[1].clone())],
+        ),
+    ];
+    for (what, items) in cases {
+        let err = vn.exchange().put_chunks(parts(items)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err:?}");
+    }
+    // None of it was kept.
+    let state = vn
+        .exchange()
+        .get_chunk_state(state_req(&sealed))
+        .await
+        .map(|s| s.into_inner().held)
+        .unwrap_or_default();
+    assert!(state.is_empty(), "{state:?}");
+
+    // Attachments ride on correspondence only: an alert carrying one is refused.
+    let (key_id, pk) = vn
+        .directories()
+        .current_encryption_key(&kh, now_ms())
+        .unwrap();
+    let header = pb::Header {
+        message_id: accord_proto::ids::MessageId::new_v7(now_ms() as u64, [4; 10])
+            .as_bytes()
+            .to_vec(),
+        kind: pb::Kind::Alert as i32,
+        case_ref: "VN-KH-2026-0046".into(),
+        sender_org: vn.id.to_string(),
+        recipient_org: kh.to_string(),
+        recipient_key_id: key_id,
+        created_at_ms: now_ms(),
+        expires_at_ms: now_ms() + 3_600_000,
+        priority: pb::Priority::Urgent as i32,
+        handling_code: "H0".into(),
+        evaluation: "B2".into(),
+        ..Default::default()
+    };
+    let mut sealer = Sealer::new(header, &pk).unwrap();
+    let mut a = sealer.attachment(attachment::MIN_CHUNK_SIZE).unwrap();
+    let alert_chunk = a.push(b"photo").unwrap();
+    let (sealed_file, hashes) = a.finish().unwrap();
+    sealer.add_attachment(sealed_file).unwrap();
+    let alert = sealer
+        .seal(
+            &accord_tests::alert("crossing at night"),
+            &vn.keys().signing,
+        )
+        .unwrap();
+    let err = vn
+        .exchange()
+        .put_chunks(upload(
+            &alert,
+            &[hashes[0].to_vec()],
+            vec![(0, alert_chunk)],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("correspondence"), "{err:?}");
+
+    // Sent and delivered; then a replay of the upload is answered complete and keeps
+    // nothing, on either gateway.
+    let all = (0..chunks.len() as u32)
+        .map(|i| (i, chunks[i as usize].clone()))
+        .collect();
+    vn.exchange()
+        .put_chunks(upload(&sealed, &list, all))
+        .await
+        .unwrap();
+    vn.submit(&sealed).await.unwrap();
+    let mut kh_client = net.client("kh", "ahtd").await.unwrap();
+    let got = fetch_n(&mut kh_client, 1).await.unwrap();
+    kh_client.ack(&got[0]).await.unwrap();
+    eventually("VN drops the forwarded chunks", || {
+        !chunk_dir(&net, "vn", &sealed.hash()).exists()
+    })
+    .await;
+    let replay = (0..chunks.len() as u32)
+        .map(|i| (i, chunks[i as usize].clone()))
+        .collect();
+    let state = vn
+        .exchange()
+        .put_chunks(upload(&sealed, &list, replay))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state.held.len(), chunks.len());
+    assert!(!chunk_dir(&net, "vn", &sealed.hash()).exists());
+    let mut peer = peer_link_as(&net, "vn", "kh").unwrap();
+    peer.put_chunks(upload(&sealed, &list, vec![(0, chunks[0].clone())]))
+        .await
+        .unwrap();
+    assert!(!chunk_dir(&net, "kh", &sealed.hash()).exists());
+
+    // KH's gateway may not look at what VN's clients upload to VN.
+    let (other, other_chunks, other_list) = seal_in_memory(&vn, &kh, &file);
+    vn.exchange()
+        .put_chunks(upload(
+            &other,
+            &other_list,
+            vec![(0, other_chunks[0].clone())],
+        ))
+        .await
+        .unwrap();
+    let mut kh_as_peer = peer_link_as(&net, "kh", "vn").unwrap();
+    let err = kh_as_peer
+        .get_chunk_state(state_req(&other))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
     net.shutdown().await;
 }

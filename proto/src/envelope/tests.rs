@@ -404,8 +404,8 @@ fn attachments_seal_beside_the_envelope_and_open_with_its_chunk_key() {
     let file: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
     let mut a = sealer.attachment(4096).unwrap();
     let chunks: Vec<Vec<u8>> = file.chunks(4096).map(|c| a.push(c).unwrap()).collect();
-    let (digest, hashes) = a.finish().unwrap();
-    sealer.add_attachment(digest);
+    let (sealed_file, hashes) = a.finish().unwrap();
+    sealer.add_attachment(sealed_file).unwrap();
     let env = sealer
         .seal(&body(), &f.sender)
         .unwrap()
@@ -455,7 +455,7 @@ fn header_attachment_digests_out_of_the_rules_are_refused() {
     for digests in bad {
         let mut sealer = Sealer::new(header(), &f.recipient.public_key()).unwrap();
         for d in digests {
-            sealer.add_attachment(d);
+            sealer.add_unsealed_digest(d).unwrap();
         }
         let res = sealer
             .seal(&body(), &f.sender)
@@ -464,10 +464,28 @@ fn header_attachment_digests_out_of_the_rules_are_refused() {
     }
     // One good digest passes the envelope layer (its chunks are the gateway's business).
     let mut sealer = Sealer::new(header(), &f.recipient.public_key()).unwrap();
-    sealer.add_attachment(good);
+    sealer.add_unsealed_digest(good).unwrap();
     assert!(sealer
         .seal(&body(), &f.sender)
         .unwrap()
         .verify(&f.directories, NOW)
         .is_ok());
+}
+
+#[test]
+fn attachment_sealers_never_share_an_index_and_take_their_own_place() {
+    let f = fixture();
+    let mut sealer = Sealer::new(header(), &f.recipient.public_key()).unwrap();
+    let mut first = sealer.attachment(attachment::MIN_CHUNK_SIZE).unwrap();
+    first.push(b"first file").unwrap();
+    let (first, _) = first.finish().unwrap();
+    let mut second = sealer.attachment(attachment::MIN_CHUNK_SIZE).unwrap();
+    second.push(b"second file").unwrap();
+    let (second, _) = second.finish().unwrap();
+    assert_eq!((first.index(), second.index()), (0, 1));
+    // The second cannot take the first's place (its chunks carry nonces of index 1).
+    assert!(sealer.add_attachment(second.clone()).is_err());
+    sealer.add_attachment(first).unwrap();
+    sealer.add_attachment(second).unwrap();
+    assert_eq!(sealer.header().attachments.len(), 2);
 }
