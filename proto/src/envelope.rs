@@ -455,7 +455,9 @@ impl Sealer {
         Self::with_ephemeral_ikm(header, recipient_key, &ikm_e)
     }
 
-    fn with_ephemeral_ikm(
+    /// [`Sealer::new`] with caller-chosen ephemeral randomness, for known-answer vectors
+    /// only. Dangerous: the same `ikm_e` with the same message id reuses every key and nonce.
+    pub fn with_ephemeral_ikm(
         mut header: pb::Header,
         recipient_key: &[u8; 32],
         ikm_e: &[u8; 32],
