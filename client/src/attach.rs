@@ -296,8 +296,8 @@ fn transient(e: &ClientError) -> bool {
         | tonic::Code::Cancelled
         | tonic::Code::DeadlineExceeded
         | tonic::Code::Aborted => true,
-        // A full queue empties; an envelope refused as too large stays too large.
-        tonic::Code::ResourceExhausted => !s.message().contains("REJECT_REASON_"),
+        // A full queue empties; an envelope or message too large stays too large.
+        tonic::Code::ResourceExhausted => s.message().contains("quota"),
         _ => false,
     })
 }
@@ -327,11 +327,16 @@ where
 /// dot, at most 200 bytes (names on disk are limited to 255, and a part number and `.part`
 /// are added).
 pub fn safe_name(name: &str) -> String {
+    /// Default-ignorable and line-breaking code points (Unicode's
+    /// Default_Ignorable_Code_Point, with the separators), Khmer's invisible vowels included.
     fn invisible(c: char) -> bool {
         matches!(c,
-            '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
-            | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}'
-            | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+            '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}'
+            | '\u{17B4}' | '\u{17B5}' | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}' | '\u{FFF0}'..='\u{FFFB}'
+            | '\u{1BCA0}'..='\u{1BCA3}' | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}')
     }
     let mut cleaned = String::new();
     for c in name.chars().filter(|c| !c.is_control() && !invisible(*c)) {
@@ -478,7 +483,10 @@ impl OrgClient {
         // Submitted first: a send resumed after its accepted answer was lost is done
         // without uploading again; FAILED_PRECONDITION says chunks are missing.
         let sent = match with_retries("submit", submit).await {
-            Err(ClientError::Gateway(s)) if s.code() == tonic::Code::FailedPrecondition => {
+            Err(ClientError::Gateway(s))
+                if s.code() == tonic::Code::FailedPrecondition
+                    && s.message().contains("attachment") =>
+            {
                 self.upload(&sealed, spool, &lists, &names, progress)
                     .await?;
                 with_retries("submit", submit).await?
@@ -713,10 +721,12 @@ impl OrgClient {
             .mode(0o600)
             .open(&part)
             .map_err(|e| file_err(&part, e))?;
-        file.set_len(from * cs).map_err(|e| file_err(&part, e))?;
-        file.seek(SeekFrom::Start(from * cs))
+        // Cut to the chunks kept (never past the end: the last chunk is short).
+        let kept = (from * cs).min(digest.size);
+        file.set_len(kept).map_err(|e| file_err(&part, e))?;
+        file.seek(SeekFrom::Start(kept))
             .map_err(|e| file_err(&part, e))?;
-        let mut done = (from * cs).min(digest.size);
+        let mut done = kept;
         progress(&Progress {
             name: name.clone(),
             done,
@@ -761,6 +771,14 @@ impl OrgClient {
                 list.len()
             ))));
         }
+        let len = file.metadata().map_err(|e| file_err(&part, e))?.len();
+        if len != digest.size {
+            return Err(ClientError::Verify(format!(
+                "attachment {} came out at {len} bytes, not the {} its header says",
+                a + 1,
+                digest.size
+            )));
+        }
         file.sync_all().map_err(|e| file_err(&part, e))?;
         fs::rename(&part, &target).map_err(|e| file_err(&target, e))?;
         Ok(())
@@ -786,6 +804,12 @@ fn verified_prefix(
         if n < want || !key.matches(a, i as u64, &buf[..want], expected) {
             return Ok(i as u64);
         }
+    }
+    // Every chunk is there; anything after them (padding, another file's tail) is not the
+    // attachment, and the last chunk is fetched again to cut it off.
+    let mut extra = [0u8; 1];
+    if read_full(&mut file, &mut extra).map_err(|e| file_err(path, e))? != 0 {
+        return Ok(list.len().saturating_sub(1) as u64);
     }
     Ok(list.len() as u64)
 }
@@ -821,5 +845,6 @@ mod tests {
         );
         assert_eq!(safe_name("invoice\u{202E}fdp.exe"), "invoicefdp.exe");
         assert_eq!(safe_name("a\u{200B}b\u{2066}c"), "abc");
+        assert_eq!(safe_name("ក\u{17B4}ខ\u{E0041}.pdf"), "កខ.pdf");
     }
 }

@@ -34,6 +34,7 @@ pub struct Builder {
     countries: Vec<CountrySpec>,
     dir: Option<PathBuf>,
     policies: BTreeMap<String, String>,
+    limits: BTreeMap<String, String>,
 }
 
 impl Builder {
@@ -49,6 +50,13 @@ impl Builder {
     /// The role policy (TOML, as `deploy/policy.toml`) of `cc`'s gateway.
     pub fn policy(mut self, cc: &str, toml: &str) -> Self {
         self.policies.insert(cc.to_owned(), toml.to_owned());
+        self
+    }
+
+    /// The `[limits]` table (TOML lines, e.g. `attachment_quota_bytes = 1000`) of `cc`'s
+    /// gateway configuration.
+    pub fn limits(mut self, cc: &str, toml: &str) -> Self {
+        self.limits.insert(cc.to_owned(), toml.to_owned());
         self
     }
 
@@ -114,7 +122,8 @@ impl Builder {
         };
         let names: Vec<String> = net.countries.keys().cloned().collect();
         for cc in &names {
-            let config = net.write_config(cc)?;
+            let limits = self.limits.get(cc).map_or("", String::as_str);
+            let config = net.write_config(cc, limits)?;
             let c = net.countries.get_mut(cc).context("country")?;
             c.config = Some(config);
         }
@@ -159,7 +168,7 @@ impl LocalNet {
         self.root.join(format!("{cc}-gateway.toml"))
     }
 
-    fn write_config(&self, cc: &str) -> anyhow::Result<Config> {
+    fn write_config(&self, cc: &str, limits: &str) -> anyhow::Result<Config> {
         let me = self.country(cc)?;
         let pki = self.root.join("pki");
         let mut toml = format!(
@@ -173,6 +182,9 @@ impl LocalNet {
             p = me.addrs.1,
             dirs = self.countries.keys().map(|k| format!("\"pki/{k}/directory.signed.json\"")).collect::<Vec<_>>().join(", "),
         );
+        if !limits.is_empty() {
+            toml.push_str(&format!("\n[limits]\n{limits}\n"));
+        }
         for (other, c) in &self.countries {
             if other != cc {
                 toml.push_str(&format!(

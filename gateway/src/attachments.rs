@@ -86,6 +86,10 @@ pub struct ChunkStore {
     root: PathBuf,
     /// Bytes held, kept up to date as chunks come and go, for the disk quota.
     bytes: std::sync::atomic::AtomicU64,
+    /// Held shared by a submit or delivery from its completeness check to its commit, and
+    /// exclusively by the sweep: the sweep never drops the chunks of a message that is
+    /// being accepted.
+    pub(crate) gate: tokio::sync::RwLock<()>,
 }
 
 impl ChunkStore {
@@ -99,15 +103,16 @@ impl ChunkStore {
         if let Some(parent) = root.parent() {
             sync_dir(parent)?;
         }
-        for dir in fs::read_dir(root)? {
-            let dir = dir?.path();
-            if !dir.is_dir() {
+        for dir in fs::read_dir(root)?.flatten() {
+            let dir = dir.path();
+            let Ok(files) = fs::read_dir(&dir) else {
                 continue;
-            }
-            for f in fs::read_dir(&dir)? {
-                let f = f?;
+            };
+            for f in files.flatten() {
                 if f.file_name().to_string_lossy().ends_with(".tmp") {
-                    fs::remove_file(f.path())?;
+                    if let Err(e) = fs::remove_file(f.path()) {
+                        tracing::warn!(file = %f.path().display(), error = %e, "leftover temporary chunk not removed");
+                    }
                 }
             }
         }
@@ -115,6 +120,7 @@ impl ChunkStore {
         Ok(Self {
             root: root.to_owned(),
             bytes,
+            gate: tokio::sync::RwLock::new(()),
         })
     }
 
@@ -174,14 +180,16 @@ impl ChunkStore {
                 staged_at_ms: now,
             };
             let bytes = staged.encode_to_vec();
-            write_durably(&dir, "meta", &bytes)?;
-            self.count(bytes.len());
+            if write_durably(&dir, "meta", &bytes)? {
+                self.count(bytes.len());
+            }
         }
         let list_name = format!("list-{a}");
         if !dir.join(&list_name).exists() {
             let bytes = hashes.concat();
-            write_durably(&dir, &list_name, &bytes)?;
-            self.count(bytes.len());
+            if write_durably(&dir, &list_name, &bytes)? {
+                self.count(bytes.len());
+            }
         }
         Ok(hashes)
     }
@@ -217,8 +225,9 @@ impl ChunkStore {
         if dir.join(&name).exists() {
             return Ok(());
         }
-        write_file(&dir, &name, chunk)?;
-        self.count(chunk.len());
+        if write_file(&dir, &name, chunk)? {
+            self.count(chunk.len());
+        }
         Ok(())
     }
 
@@ -284,7 +293,7 @@ impl ChunkStore {
     pub fn sweep(
         &self,
         now: i64,
-        submitted: impl Fn(&Staged) -> bool,
+        submitted: impl Fn(&EnvelopeHash, &Staged) -> bool,
     ) -> Result<usize, ChunkError> {
         let mut dropped = 0;
         for entry in fs::read_dir(&self.root)? {
@@ -299,7 +308,7 @@ impl ChunkStore {
             let drop = match self.staged(&hash) {
                 Ok(Some(s)) => {
                     now >= s.expires_at_ms
-                        || (now - s.staged_at_ms > UNSUBMITTED_TTL_MS && !submitted(&s))
+                        || (now - s.staged_at_ms > UNSUBMITTED_TTL_MS && !submitted(&hash, &s))
                 }
                 Ok(None) | Err(ChunkError::Corrupt(_)) => entry
                     .metadata()
@@ -321,6 +330,10 @@ impl ChunkStore {
                 }
             }
         }
+        // Whatever the running count missed (a removal that failed half way), it is exact
+        // again from here.
+        self.bytes
+            .store(dir_size(&self.root), std::sync::atomic::Ordering::Relaxed);
         Ok(dropped)
     }
 }
@@ -342,7 +355,11 @@ fn dir_size(p: &Path) -> u64 {
 /// Writes `name` in `dir` through a synced temporary file and a rename. Temporary names are
 /// unique, so two uploads of the same chunk (a client's retry racing its first attempt, the
 /// peer's forwarder) each rename whole bytes into place, and the same bytes win either way.
-fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+///
+/// The final name is linked, not renamed, into place: a link never replaces an existing
+/// file, so of two writers of the same chunk exactly one creates it, and only that one's
+/// bytes are counted (`Ok(true)`).
+fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<bool> {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
@@ -354,17 +371,20 @@ fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
             .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_data()?;
-        fs::rename(&tmp, dir.join(name))
+        match fs::hard_link(&tmp, dir.join(name)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
     })();
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
+    let _ = fs::remove_file(&tmp);
     written
 }
 
-fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    write_file(dir, name, bytes)?;
-    sync_dir(dir)
+fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<bool> {
+    let created = write_file(dir, name, bytes)?;
+    sync_dir(dir)?;
+    Ok(created)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -407,7 +427,7 @@ mod tests {
         fs::create_dir(store.dir(&fresh_torn)).unwrap();
         fs::create_dir(tmp.path().join("not-a-hash")).unwrap();
         // Only `queued` was submitted.
-        let dropped = store.sweep(now, |s| s.message_id == vec![4]).unwrap();
+        let dropped = store.sweep(now, |_, s| s.message_id == vec![4]).unwrap();
         assert_eq!(dropped, 2);
         assert!(store.dir(&keep).join("0-0").exists());
         assert!(!store.dir(&old).exists());
@@ -425,8 +445,10 @@ mod tests {
         let store = ChunkStore::open(tmp.path()).unwrap();
         let h = EnvelopeHash([6; 32]);
         fs::create_dir(store.dir(&h)).unwrap();
-        write_file(&store.dir(&h), "0-0", &[0; 1000]).unwrap();
+        assert!(write_file(&store.dir(&h), "0-0", &[0; 1000]).unwrap());
         store.count(1000);
+        // The same chunk written again creates nothing and counts nothing.
+        assert!(!write_file(&store.dir(&h), "0-0", &[0; 1000]).unwrap());
         // A temporary file a crash left behind is dropped at open.
         fs::write(store.dir(&h).join(".0-1.99.0.tmp"), [0; 500]).unwrap();
         let reopened = ChunkStore::open(tmp.path()).unwrap();

@@ -112,6 +112,9 @@ pub struct Limits {
     pub store_cache_bytes: u64,
     /// Most attachment bytes (plaintext, all attachments together) one envelope may carry.
     pub max_attachment_bytes: u64,
+    /// Attachment chunks held (uploads, queued and undelivered messages) before uploads get
+    /// RESOURCE_EXHAUSTED; apart from `queue_quota_bytes`, so envelopes still flow.
+    pub attachment_quota_bytes: u64,
 }
 
 impl Default for Limits {
@@ -121,6 +124,7 @@ impl Default for Limits {
             queue_quota_bytes: 10 << 30,
             store_cache_bytes: 64 << 20,
             max_attachment_bytes: 256 << 20,
+            attachment_quota_bytes: 8 << 30,
         }
     }
 }

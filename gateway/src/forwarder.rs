@@ -111,7 +111,9 @@ async fn drain_once(
     offered: &mut Option<pb::SignedDirectory>,
     pushes: &Arc<Pushes>,
 ) -> Result<usize, ForwardError> {
-    let entries = pipeline.store.queue(queue, cfg.batch)?;
+    // Entries waiting for their chunks to reach the peer are skipped, so read past them: a
+    // batch of others still goes.
+    let entries = pipeline.store.queue(queue, cfg.batch + pushes.waiting())?;
     // Whether this round settled anything before delivering (an expiry, a vanished
     // message): if all it has left waits for attachment pushes, the caller waits too.
     let mut progressed = false;
@@ -122,6 +124,9 @@ async fn drain_once(
     let mut sent = Vec::new();
     let mut items = Vec::new();
     for (key, entry) in entries {
+        if items.len() == cfg.batch {
+            break;
+        }
         let id = MessageId::from_slice(&entry.message_id)
             .map_err(|_| StoreError::Corrupt("outbox entry".into()))?;
         let item = match &entry.receipt {
@@ -139,8 +144,9 @@ async fn drain_once(
                     progressed = true;
                     continue;
                 }
-                // Its chunks are on their way to the peer: delivered once they are there.
-                if pushes.running(&msg.envelope_hash) {
+                // Its chunks are on their way to the peer (or the push is backing off):
+                // delivered once they are there.
+                if pushes.holds_back(&msg.envelope_hash) {
                     continue;
                 }
                 let Some(env) = msg.envelope else { continue };
@@ -366,6 +372,8 @@ impl Default for Pushes {
 #[derive(Default)]
 struct PushState {
     running: bool,
+    /// Pushes started for the message; kept until the message settles, so a peer that asks
+    /// again and again for chunks it was given is answered ever more slowly.
     attempts: u32,
     not_before: Option<tokio::time::Instant>,
 }
@@ -374,11 +382,37 @@ impl Pushes {
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Vec<u8>, PushState>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
-    fn running(&self, hash: &[u8]) -> bool {
-        self.lock().get(hash).is_some_and(|s| s.running)
+    /// Whether the message waits for a push: one running, or the next not due yet.
+    fn holds_back(&self, hash: &[u8]) -> bool {
+        self.lock().get(hash).is_some_and(|s| {
+            s.running
+                || s.not_before
+                    .is_some_and(|t| tokio::time::Instant::now() < t)
+        })
+    }
+    /// How many messages wait for a push.
+    fn waiting(&self) -> usize {
+        self.lock().len()
     }
     fn forget(&self, hash: &[u8]) {
         self.lock().remove(hash);
+    }
+}
+
+/// Ends a push's `running` flag however its task ends (a panic included), without bringing
+/// back a message forgotten meanwhile (it settled or expired).
+struct PushDone<'a> {
+    pushes: &'a Pushes,
+    hash: Vec<u8>,
+    retry_after: Option<Duration>,
+}
+
+impl Drop for PushDone<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.pushes.lock().get_mut(&self.hash) {
+            s.running = false;
+            s.not_before = self.retry_after.map(|d| tokio::time::Instant::now() + d);
+        }
     }
 }
 
@@ -398,6 +432,13 @@ fn start_push(
     let (Some(env), Ok(hash)) = (msg.envelope, EnvelopeHash::from_slice(&msg.envelope_hash)) else {
         return;
     };
+    let Ok(header) = pb::Header::decode(env.header.as_slice()) else {
+        return;
+    };
+    if header.attachments.is_empty() {
+        tracing::error!(peer = %peer, message_id = %id, "peer asks for chunks of an envelope without attachments");
+        return;
+    }
     {
         let mut state = pushes.lock();
         let s = state.entry(hash.0.to_vec()).or_default();
@@ -408,39 +449,45 @@ fn start_push(
             return;
         }
         s.running = true;
+        s.attempts = s.attempts.saturating_add(1);
     }
+    let attempts = pushes.lock().get(&hash.0[..]).map_or(1, |s| s.attempts);
     let (pipeline, pushes, peer, cfg) =
         (pipeline.clone(), pushes.clone(), peer.clone(), cfg.clone());
     tokio::spawn(async move {
-        let _slot = pushes.slots.acquire().await;
+        let mut done = PushDone {
+            pushes: &pushes,
+            hash: hash.0.to_vec(),
+            // Until it succeeds, the next push waits: a panic or a failure backs off.
+            retry_after: Some(backoff(&cfg, attempts, jitter())),
+        };
+        let Ok(_slot) = pushes.slots.acquire().await else {
+            return;
+        };
         // A peer that stops reading must not hold a slot for ever: a minute, plus a second
         // per MiB.
-        let bytes: u64 = pb::Header::decode(env.header.as_slice())
-            .map(|h| h.attachments.iter().map(|d| d.size).sum())
-            .unwrap_or(0);
+        let bytes: u64 = header.attachments.iter().map(|d| d.size).sum();
         let limit = Duration::from_secs(60 + (bytes >> 20));
-        let pushed =
-            tokio::time::timeout(limit, push_attachments(&pipeline, &mut client, &env, hash))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(ForwardError::Unavailable(
-                        "attachment push timed out".into(),
-                    ))
-                });
-        let mut state = pushes.lock();
+        let pushed = tokio::time::timeout(
+            limit,
+            push_attachments(&pipeline, &mut client, &env, &header, hash),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ForwardError::Unavailable(
+                "attachment push timed out".into(),
+            ))
+        });
         match pushed {
             Ok(()) => {
-                state.remove(&hash.0[..]);
-                drop(state);
+                // Delivered again at once; a second request for the same chunks waits.
+                done.retry_after = (attempts > 1).then(|| backoff(&cfg, attempts, jitter()));
                 tracing::info!(peer = %peer, message_id = %id, "attachment chunks pushed");
+                drop(done);
                 pipeline.outbox_signal(peer.country()).notify_one();
             }
             Err(e) => {
-                let s = state.entry(hash.0.to_vec()).or_default();
-                s.running = false;
-                s.attempts = s.attempts.saturating_add(1);
-                let wait = backoff(&cfg, s.attempts, jitter());
-                s.not_before = Some(tokio::time::Instant::now() + wait);
+                let wait = done.retry_after.unwrap_or_default();
                 tracing::warn!(peer = %peer, message_id = %id, error = %e, retry_in_ms = wait.as_millis() as u64, "attachment push failed");
             }
         }
@@ -453,10 +500,9 @@ async fn push_attachments(
     pipeline: &Arc<Pipeline>,
     client: &mut PeerLinkClient<tonic::transport::Channel>,
     env: &pb::Envelope,
+    header: &pb::Header,
     hash: EnvelopeHash,
 ) -> Result<(), ForwardError> {
-    let header = pb::Header::decode(env.header.as_slice())
-        .map_err(|_| StoreError::Corrupt("stored envelope header".into()))?;
     let link =
         |s: tonic::Status| ForwardError::Unavailable(format!("{:?}: {}", s.code(), s.message()));
     for (a, digest) in header.attachments.iter().enumerate() {

@@ -137,6 +137,8 @@ pub struct Pipeline {
     pub chunks: Arc<crate::attachments::ChunkStore>,
     /// Most attachment bytes one envelope may carry.
     pub max_attachment_bytes: u64,
+    /// Chunk bytes held before uploads are refused (apart from `quota_bytes`).
+    pub attachment_quota_bytes: u64,
     pub quota_bytes: u64,
     pub peers: Vec<CountryCode>,
     pub clock: Clock,
@@ -436,7 +438,7 @@ impl Pipeline {
     }
 
     pub(crate) fn check_quota(&self) -> Result<(), PipelineError> {
-        if self.store.disk_usage()?.saturating_add(self.chunks.bytes()) > self.quota_bytes {
+        if self.store.disk_usage()? > self.quota_bytes {
             tracing::warn!(
                 quota = self.quota_bytes,
                 "store over quota; refusing new envelopes"
@@ -544,6 +546,8 @@ impl Pipeline {
         if self.store.message(&id)?.is_some() {
             return self.repeat(&id, &hash, Stage::Accepted).await;
         }
+        // Held until the commit: the sweep cannot drop these chunks in between.
+        let _chunks_kept = self.chunks.gate.read().await;
         if !self.attachments_complete(&env).await? {
             return Err(PipelineError::FailedPrecondition(
                 "the envelope's attachment chunks are not all uploaded: upload them with \
@@ -645,6 +649,7 @@ impl Pipeline {
                 other => other,
             };
         }
+        let _chunks_kept = self.chunks.gate.read().await;
         if !self.attachments_complete(&env).await? {
             // The peer's forwarder pushes the chunks on this answer and delivers again.
             return Err(PipelineError::FailedPrecondition(

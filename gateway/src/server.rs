@@ -276,6 +276,7 @@ pub async fn start(
         },
         chunks: Arc::new(chunks),
         max_attachment_bytes: config.limits.max_attachment_bytes,
+        attachment_quota_bytes: config.limits.attachment_quota_bytes,
         quota_bytes: config.limits.queue_quota_bytes,
         peers: config
             .peers

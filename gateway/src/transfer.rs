@@ -90,6 +90,20 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Refuses (for now) `more` bytes of chunks that would take the chunk store past its own
+    /// quota. Chunks have a quota apart from the envelope store's, so uploads that are never
+    /// submitted cannot stop alerts and receipts.
+    fn check_chunk_quota(&self, more: u64) -> Result<(), PipelineError> {
+        if self.chunks.bytes().saturating_add(more) > self.attachment_quota_bytes {
+            tracing::warn!(
+                quota = self.attachment_quota_bytes,
+                "attachment chunks over quota; refusing uploads"
+            );
+            return Err(PipelineError::QuotaFull);
+        }
+        Ok(())
+    }
+
     /// Whether every chunk of `env`'s attachments is held here, durably.
     pub(crate) async fn attachments_complete(
         &self,
@@ -154,7 +168,7 @@ impl Pipeline {
                 settled: true,
             });
         }
-        self.check_quota()?;
+        self.check_chunk_quota(digest.size)?;
         let now = self.now();
         let hashes = blocking(&self.chunks, move |c| c.begin(&env, a, &list, now)).await?;
         Ok(Upload {
@@ -169,9 +183,12 @@ impl Pipeline {
     /// Checks one chunk of an upload and keeps it, within the disk quota.
     pub async fn put_chunk(&self, up: &Upload, chunk: pb::Chunk) -> Result<(), PipelineError> {
         if up.settled {
+            // Nothing is kept, but what is sent is still checked.
+            attachment::check_chunk(&up.digest, &up.hashes, u64::from(chunk.index), &chunk.data)
+                .map_err(ChunkError::from)?;
             return Ok(());
         }
-        self.check_quota()?;
+        self.check_chunk_quota(chunk.data.len() as u64)?;
         let (hash, a, digest, hashes) =
             (up.hash, up.attachment, up.digest.clone(), up.hashes.clone());
         blocking(&self.chunks, move |c| {
@@ -288,13 +305,23 @@ impl Pipeline {
     pub async fn sweep_attachments(self: &Arc<Self>) {
         let now = self.now();
         let me = self.clone();
-        let submitted = move |s: &Staged| {
-            MessageId::from_slice(&s.message_id)
-                .ok()
-                .and_then(|id| me.store.message(&id).ok())
-                .is_some_and(|m| m.is_some())
+        // Submitted means stored under this very hash; a store that cannot answer keeps
+        // the chunks.
+        let submitted = move |hash: &EnvelopeHash, s: &Staged| {
+            let Ok(id) = MessageId::from_slice(&s.message_id) else {
+                return false;
+            };
+            match me.store.message(&id) {
+                Ok(Some(m)) => m.envelope_hash == hash.0,
+                Ok(None) => false,
+                Err(_) => true,
+            }
         };
-        match blocking(&self.chunks, move |c| c.sweep(now, submitted)).await {
+        let sweep = move |c: &ChunkStore| {
+            let _no_accepts = c.gate.blocking_write();
+            c.sweep(now, submitted)
+        };
+        match blocking(&self.chunks, sweep).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(envelopes = n, "expired attachment chunks dropped"),
             Err(e) => tracing::warn!(error = %e, "attachment sweep failed"),

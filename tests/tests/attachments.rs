@@ -524,6 +524,22 @@ async fn a_download_cut_off_resumes_from_the_last_whole_chunk() {
     assert_eq!(std::fs::read(&paths[0]).unwrap(), original);
     assert_eq!(seen.lock().unwrap()[0].done, 0);
 
+    // A download cut off after its last chunk, before the rename: the whole file is kept,
+    // with nothing added after its short last chunk.
+    std::fs::remove_file(&paths[0]).unwrap();
+    std::fs::write(dir.join("1-photo.png.part"), &original).unwrap();
+    let (progress, _) = recorder();
+    let paths = kh.download(&got[0], out.path(), progress).await.unwrap();
+    assert_eq!(std::fs::read(&paths[0]).unwrap(), original);
+    // A partial file with bytes after the whole attachment: cut back to it.
+    std::fs::remove_file(&paths[0]).unwrap();
+    let mut longer = original.clone();
+    longer.extend_from_slice(b"trailing bytes");
+    std::fs::write(dir.join("1-photo.png.part"), &longer).unwrap();
+    let (progress, _) = recorder();
+    let paths = kh.download(&got[0], out.path(), progress).await.unwrap();
+    assert_eq!(std::fs::read(&paths[0]).unwrap(), original);
+
     // A saved file altered since (same size) is fetched again, not taken as saved.
     let mut altered = original.clone();
     altered[len - 1] ^= 1;
@@ -700,5 +716,47 @@ async fn malformed_uploads_replays_and_foreign_peers_get_nothing_kept() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_beyond_the_chunk_quota_are_refused_and_envelopes_still_flow() {
+    // Room for about one 40 KiB file of chunks at VN, not two.
+    let net = TestNet::builder()
+        .country("vn", "hanoi", &["c02"])
+        .country("kh", "phnom-penh", &["ahtd"])
+        .limits("vn", "attachment_quota_bytes = 60000")
+        .start()
+        .await
+        .unwrap();
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    let kh = net.org_id("kh", "ahtd").unwrap();
+    let file = vec![7u8; 40_000];
+    let (first, chunks, list) = seal_in_memory(&vn, &kh, &file);
+    let all = |chunks: &[Vec<u8>]| {
+        (0..chunks.len() as u32)
+            .map(|i| (i, chunks[i as usize].clone()))
+            .collect::<Vec<_>>()
+    };
+    vn.exchange()
+        .put_chunks(upload(&first, &list, all(&chunks)))
+        .await
+        .unwrap();
+    let (second, chunks2, list2) = seal_in_memory(&vn, &kh, &file);
+    let err = vn
+        .exchange()
+        .put_chunks(upload(&second, &list2, all(&chunks2)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("quota"), "{err:?}");
+    // Envelopes without attachments are not held back by the chunks' quota.
+    vn.send(
+        &kh,
+        &accord_tests::alert("crossing at night"),
+        &SendOptions::new("VN-KH-2026-0047"),
+    )
+    .await
+    .unwrap();
     net.shutdown().await;
 }

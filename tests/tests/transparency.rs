@@ -235,7 +235,18 @@ async fn a_log_rewritten_behind_the_gateways_back_is_caught_by_its_peer() {
     }
     {
         use accord_gateway::store::{Op, Store, Tx};
-        let store = accord_gateway::store::sled::SledStore::open(&dir, 1 << 20).unwrap();
+        // sled lets go of its file lock from a background thread after the drop above.
+        let mut attempts = 0;
+        let store = loop {
+            match accord_gateway::store::sled::SledStore::open(&dir, 1 << 20) {
+                Ok(store) => break store,
+                Err(_) if attempts < 100 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("store still locked: {e}"),
+            }
+        };
         let ops = (0..cp.size + 2)
             .map(|i| Op::Log(format!("forged {i}").into_bytes()))
             .collect();
