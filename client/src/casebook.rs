@@ -101,6 +101,24 @@ impl Phase {
     }
 }
 
+/// Opens `path` to read and append, creating it owner-only, and takes group and other
+/// permissions away from a file that had them (one made before this rule, or by hand):
+/// the case book and the reveals log say who dealt with which victim.
+pub(crate) fn open_owner_only(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    Ok(file)
+}
+
 /// Answer deadlines by what is awaited, configurable per organisation
 /// (`deadlines.toml` beside `casebook.jsonl`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -447,14 +465,7 @@ impl CaseBook {
             path: self.path.clone(),
             problem: e.to_string(),
         };
-        let mut options = std::fs::OpenOptions::new();
-        options.create(true).read(true).append(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut file = options.open(&self.path).map_err(err)?;
+        let mut file = open_owner_only(&self.path).map_err(err)?;
         // Under the lock, with what other processes wrote, so an id is written once.
         file.lock().map_err(err)?;
         self.read_locked(&file).map_err(err)?;

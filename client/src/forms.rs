@@ -265,15 +265,7 @@ pub fn export(opened: &Opened, child_case: bool) -> Result<serde_json::Value, Ex
 /// Records in `org_dir/reveals.log` (owner-only) that a child victim's data in `opened`
 /// was shown unmasked, with when and which message: ids only, no names.
 pub fn record_reveal(org_dir: &Path, opened: &Opened, at_ms: i64) -> std::io::Result<()> {
-    let path = org_dir.join("reveals.log");
-    let mut options = std::fs::OpenOptions::new();
-    options.create(true).append(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
+    let mut file = crate::casebook::open_owner_only(&org_dir.join("reveals.log"))?;
     writeln!(
         file,
         "{at_ms} revealed child victim data of message {} case {}",

@@ -140,6 +140,14 @@ pub fn read_credential_file(
     secret: bool,
 ) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
     use std::io::Read;
+    // Looked at before opening too: opening a FIFO planted at the path would block the
+    // reader (the reload loop) until someone writes to it.
+    if !std::fs::metadata(path)
+        .map_err(|e| e.to_string())?
+        .is_file()
+    {
+        return Err("not a regular file".into());
+    }
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let meta = file.metadata().map_err(|e| e.to_string())?;
     if !meta.is_file() {

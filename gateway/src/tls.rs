@@ -199,8 +199,9 @@ impl CountryRoots {
             path: path.display().to_string(),
             problem,
         };
-        let ders = rustls_pki_types::CertificateRevocationListDer::pem_file_iter(path)
-            .map_err(|e| err(e.to_string()))?
+        // Through the same capped, regular-file-only read as certificates and keys.
+        let pem = crate::server::read_credential_file(path, false).map_err(err)?;
+        let ders = rustls_pki_types::CertificateRevocationListDer::pem_slice_iter(&pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| err(e.to_string()))?;
         if ders.is_empty() {
@@ -704,7 +705,23 @@ mod tests {
             "{err}"
         );
         // Its own root's CRL is taken.
-        roots.add_crls(vn, &[pki.join("vn/crl.pem")]).unwrap();
+        roots
+            .add_crls(vn.clone(), &[pki.join("vn/crl.pem")])
+            .unwrap();
+        // A CRL path that is a FIFO is refused at once (opening it would block), and one
+        // beyond the credential size cap is not read.
+        let fifo = pki.join("fifo.pem");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let err = roots.add_crls(vn.clone(), &[fifo]).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let huge = pki.join("huge-crl.pem");
+        std::fs::write(&huge, vec![b'A'; (1 << 20) + 1]).unwrap();
+        let err = roots.add_crls(vn, &[huge]).unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use accord_tests::{fetch_n, now_ms, TestNet};
 async fn net() -> TestNet {
     TestNet::builder()
         .country("vn", "hanoi", &["c02", "inspectorate:auditor"])
-        .country("kh", "phnom-penh", &["ahtd"])
+        .country("kh", "phnom-penh", &["ahtd", "svayrieng"])
         .start()
         .await
         .unwrap()
@@ -142,6 +142,16 @@ async fn a_recipient_refuses_a_form_that_breaks_the_rules_and_names_the_field() 
         "{err}"
     );
     assert_eq!(*envelope_hash, sealed.hash());
+    // Another organisation of the recipient's country cannot refuse it in its place.
+    let mut neighbour = net.client("kh", "svayrieng").await.unwrap();
+    let err = neighbour
+        .refuse(message_id, envelope_hash)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Gateway(s) if s.code() == tonic::Code::PermissionDenied || s.code() == tonic::Code::NotFound),
+        "{err}"
+    );
     // Refused: it leaves the inbox, and the sender's chain ends in the recipient's
     // signed refusal.
     kh.refuse(message_id, envelope_hash).await.unwrap();

@@ -324,3 +324,16 @@ fn a_book_replaced_under_a_running_client_is_read_again_from_the_start() {
         .unwrap();
     assert_eq!(book.all().len(), 1, "only what the file holds now");
 }
+
+#[test]
+fn a_case_book_readable_by_others_is_made_owner_only_on_the_next_record() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, book) = book();
+    let path = dir.path().join("casebook.jsonl");
+    std::fs::write(&path, b"").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    book.record(entry(1, Phase::Alert, Direction::Sent, 0, None))
+        .unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
