@@ -546,20 +546,15 @@ impl OrgClient {
     ) -> Result<(), ClientError> {
         let hash = sealed.hash();
         let n = attachment::chunk_count(&digest) as u32;
-        let held: std::collections::HashSet<u32> = match self
+        let answer = self
             .exchange()
             .get_chunk_state(pb::ChunkStateRequest {
                 envelope_hash: hash.0.to_vec(),
                 attachment: a,
             })
             .await
-        {
-            Ok(state) => state.into_inner().held.into_iter().collect(),
-            // Nothing held yet.
-            Err(s) if s.code() == tonic::Code::NotFound => Default::default(),
-            Err(s) => return Err(s.into()),
-        };
-        let missing: Vec<u32> = (0..n).filter(|i| !held.contains(i)).collect();
+            .map(tonic::Response::into_inner);
+        let missing = attachment::missing_chunks(answer, n)?;
         let done_before = digest.size - plain_bytes(&digest, &missing);
         progress(&Progress {
             name: name.clone(),

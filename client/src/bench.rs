@@ -182,7 +182,10 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
     });
     let on_disk: u64 = ["vn", "kh"]
         .iter()
-        .map(|cc| net.data_dir(cc).map(|d| dir_size(&d)))
+        .map(|cc| {
+            net.data_dir(cc)
+                .map(|d| accord_gateway::attachments::dir_size(&d))
+        })
         .sum::<anyhow::Result<u64>>()?;
     let disk_bytes_per_message = on_disk as f64 / (opts.messages + opts.warmup) as f64;
 
@@ -621,20 +624,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-fn dir_size(path: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_size(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
 fn machine(run_dir: &Path) -> Machine {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1051,7 +1040,8 @@ pub async fn run_backlog(
     }
     let submit = rate(start, &accepted);
     let vn_peak = peak_rss_mib(vn.pid).unwrap_or(0.0);
-    let vn_disk = dir_size(&net.data_dir("vn")?) as f64 / (1 << 20) as f64;
+    let vn_disk =
+        accord_gateway::attachments::dir_size(&net.data_dir("vn")?) as f64 / (1 << 20) as f64;
 
     writeln!(progress, "restarting VN with the backlog...")?;
     vn.stop();

@@ -338,8 +338,8 @@ impl ChunkStore {
     }
 }
 
-/// Bytes of the files under `p`.
-fn dir_size(p: &Path) -> u64 {
+/// Bytes of the files under `p`, all the way down (0 for what cannot be read).
+pub fn dir_size(p: &Path) -> u64 {
     fs::read_dir(p)
         .into_iter()
         .flatten()

@@ -508,18 +508,15 @@ async fn push_attachments(
     for (a, digest) in header.attachments.iter().enumerate() {
         let a = a as u32;
         let n = accord_proto::attachment::chunk_count(digest) as u32;
-        let held: std::collections::HashSet<u32> = match client
+        let answer = client
             .get_chunk_state(pb::ChunkStateRequest {
                 envelope_hash: hash.0.to_vec(),
                 attachment: a,
             })
             .await
-        {
-            Ok(state) => state.into_inner().held.into_iter().collect(),
-            Err(s) if s.code() == tonic::Code::NotFound => Default::default(),
-            Err(s) => return Err(link(s)),
-        };
-        if held.len() as u32 == n {
+            .map(tonic::Response::into_inner);
+        let missing = accord_proto::attachment::missing_chunks(answer, n).map_err(link)?;
+        if missing.is_empty() {
             continue;
         }
         let chunks = pipeline.chunks.clone();
@@ -531,7 +528,6 @@ async fn push_attachments(
                 .map_err(|e| StoreError::Engine(e.to_string()))?
                 .ok_or_else(|| StoreError::Corrupt(format!("{hash}: chunk hash list missing")))?
         };
-        let missing: Vec<u32> = (0..n).filter(|i| !held.contains(i)).collect();
         let start = pb::ChunkUpload {
             part: Some(pb::chunk_upload::Part::Start(pb::AttachmentStart {
                 envelope: Some(env.clone()),

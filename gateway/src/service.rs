@@ -212,13 +212,7 @@ impl Exchange for ExchangeService {
         &self,
         req: Request<pb::ChunkStateRequest>,
     ) -> Result<Response<pb::ChunkState>, Status> {
-        let who = identity(&req)?;
-        let r = req.into_inner();
-        let state = self
-            .pipeline
-            .chunk_state(Party::Client(&who.id), &r.envelope_hash, r.attachment)
-            .await?;
-        Ok(Response::new(state))
+        chunk_state(&self.pipeline, req, |id| Party::Client(id)).await
     }
 
     type GetChunksStream = ChunkStream;
@@ -258,6 +252,20 @@ impl Exchange for ExchangeService {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+}
+
+/// GetChunkState for a client or a peer gateway (`as_party` says which the caller is).
+async fn chunk_state(
+    pipeline: &Pipeline,
+    req: Request<pb::ChunkStateRequest>,
+    as_party: for<'a> fn(&'a accord_proto::ids::SpiffeId) -> Party<'a>,
+) -> Result<Response<pb::ChunkState>, Status> {
+    let who = identity(&req)?;
+    let r = req.into_inner();
+    let state = pipeline
+        .chunk_state(as_party(&who.id), &r.envelope_hash, r.attachment)
+        .await?;
+    Ok(Response::new(state))
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::Chunk, Status>> + Send>>;
@@ -387,13 +395,7 @@ impl PeerLink for PeerLinkService {
         &self,
         req: Request<pb::ChunkStateRequest>,
     ) -> Result<Response<pb::ChunkState>, Status> {
-        let who = identity(&req)?;
-        let r = req.into_inner();
-        let state = self
-            .pipeline
-            .chunk_state(Party::Peer(&who.id), &r.envelope_hash, r.attachment)
-            .await?;
-        Ok(Response::new(state))
+        chunk_state(&self.pipeline, req, |id| Party::Peer(id)).await
     }
 
     async fn exchange_directories(

@@ -127,6 +127,20 @@ pub fn check_hash_list(
     Ok(hashes)
 }
 
+/// The chunks of an attachment of `n` chunks that a `GetChunkState` answer does not list as
+/// held, in order; NOT_FOUND (nothing held, for the caller) means all of them.
+pub fn missing_chunks(
+    answer: Result<pb::ChunkState, tonic::Status>,
+    n: u32,
+) -> Result<Vec<u32>, tonic::Status> {
+    let held: std::collections::HashSet<u32> = match answer {
+        Ok(state) => state.held.into_iter().collect(),
+        Err(s) if s.code() == tonic::Code::NotFound => Default::default(),
+        Err(s) => return Err(s),
+    };
+    Ok((0..n).filter(|i| !held.contains(i)).collect())
+}
+
 /// Checks ciphertext chunk `i` against a checked hash list: its length, then its hash.
 pub fn check_chunk(
     d: &pb::AttachmentDigest,
