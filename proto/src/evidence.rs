@@ -259,6 +259,16 @@ fn stage_name(stage: i32) -> String {
     }
 }
 
+fn reason_name(reason: i32) -> String {
+    pb::RejectReason::try_from(reason)
+        .map(|r| {
+            r.as_str_name()
+                .trim_start_matches("REJECT_REASON_")
+                .to_owned()
+        })
+        .unwrap_or_else(|_| format!("unknown ({reason})"))
+}
+
 fn event_name(event: i32) -> String {
     match pb::LogEvent::try_from(event) {
         Ok(e) => e.as_str_name().trim_start_matches("LOG_EVENT_").to_string(),
@@ -769,11 +779,26 @@ fn check_gateway_receipt_logged(
     } else if at.iter().any(|e| {
         let ev = pb::LogEvent::try_from(e.entry.event).unwrap_or(pb::LogEvent::Unspecified);
         fits(ev)
-            && (ev != pb::LogEvent::Expired || r.body.reason == pb::RejectReason::Expired as i32)
+            // A refusal's receipt and its log entry give the same reason.
+            && match ev {
+                pb::LogEvent::Expired => r.body.reason == pb::RejectReason::Expired as i32,
+                pb::LogEvent::Rejected => e.entry.reason == r.body.reason,
+                _ => true,
+            }
     }) {
         Ok(())
     } else {
-        let names: Vec<String> = at.iter().map(|e| event_name(e.entry.event)).collect();
+        let names: Vec<String> = at
+            .iter()
+            .map(|e| match pb::LogEvent::try_from(e.entry.event) {
+                Ok(pb::LogEvent::Rejected | pb::LogEvent::Expired) => format!(
+                    "{} (reason {})",
+                    event_name(e.entry.event),
+                    reason_name(e.entry.reason)
+                ),
+                _ => event_name(e.entry.event),
+            })
+            .collect();
         Err(format!(
             "entry {index} records {}, which does not match this receipt",
             names.join(", ")
@@ -814,6 +839,7 @@ fn check_delivery_logged(
         e.gateway.country() == &msg.recipient_cc
             && e.entry.event == event as i32
             && e.entry.receipt_hash == hash
+            && e.entry.actor == r.signer.to_string()
     });
     report.push(
         what,

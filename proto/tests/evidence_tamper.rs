@@ -812,3 +812,91 @@ fn the_printed_report_lists_every_check_and_ends_with_the_verdict() {
         "{text}"
     );
 }
+
+/// KH's log as in the fixture with `extra` appended (about this message), proven in the
+/// bundle; returns the appended entry's index.
+fn with_kh_entry(f: &mut Fixture, extra: pb::LogEntry) -> u64 {
+    let mut log = Log::default();
+    let mut idx = Vec::new();
+    for (i, e) in f.kh_log.entries.iter().enumerate() {
+        let entry = pb::LogEntry::decode(e.as_slice()).unwrap();
+        if entry.message_id == f.env.id.as_bytes() {
+            idx.push(i as u64);
+        }
+        log.append(&entry);
+    }
+    let at = log.append(&extra);
+    idx.push(at);
+    let cp = log.checkpoint(&f.kh.log, &[&f.vn.witness]);
+    f.bundle.events.retain(|e| e.gateway != f.kh.id);
+    f.bundle.events.extend(log.events(&f.kh.id, &idx, &cp));
+    at
+}
+
+#[test]
+fn a_gateway_refusal_must_give_the_reason_its_log_entry_gives() {
+    let mut f = cross_country();
+    let mut refused = entry(pb::LogEvent::Rejected, &f.env, &f.kh.id, NOW + 900);
+    refused.reason = pb::RejectReason::Policy as i32;
+    let at = with_kh_entry(&mut f, refused);
+    // The receipt claims the message had no route; the log says policy refused it.
+    let body = pb::ReceiptBody {
+        envelope_hash: f.env.hash.to_vec(),
+        message_id: f.env.id.as_bytes().to_vec(),
+        stage: pb::Stage::Rejected as i32,
+        signer: f.kh.id.clone(),
+        signer_key_id: f.kh.receipt_key.key_id().into(),
+        at_ms: NOW + 900,
+        log_index: at,
+        reason: pb::RejectReason::NoRoute as i32,
+    };
+    f.bundle
+        .receipts
+        .push(receipt::sign(&body, &f.kh.receipt_key));
+    assert_fails_at(
+        &f.verify(),
+        &format!("entry {at} records REJECTED (reason POLICY)"),
+    );
+    // With the logged reason, that check passes.
+    let mut f = cross_country();
+    let mut refused = entry(pb::LogEvent::Rejected, &f.env, &f.kh.id, NOW + 900);
+    refused.reason = pb::RejectReason::Policy as i32;
+    let at = with_kh_entry(&mut f, refused);
+    let body = pb::ReceiptBody {
+        log_index: at,
+        reason: pb::RejectReason::Policy as i32,
+        ..body
+    };
+    f.bundle
+        .receipts
+        .push(receipt::sign(&body, &f.kh.receipt_key));
+    let r = f.verify();
+    assert!(
+        !failures(&r)
+            .iter()
+            .any(|s| s.contains(&format!("entry {at} records"))),
+        "{r}"
+    );
+}
+
+#[test]
+fn a_delivered_entry_must_name_the_organisation_that_signed_the_receipt() {
+    let mut f = cross_country();
+    // KH's log records the delivered receipt as the act of another organisation.
+    let mut log = Log::default();
+    let mut idx = Vec::new();
+    for (i, e) in f.kh_log.entries.iter().enumerate() {
+        let mut entry = pb::LogEntry::decode(e.as_slice()).unwrap();
+        if entry.event == pb::LogEvent::Delivered as i32 {
+            entry.actor = "spiffe://kh.accord/org/svayrieng".into();
+        }
+        if entry.message_id == f.env.id.as_bytes() {
+            idx.push(i as u64);
+        }
+        log.append(&entry);
+    }
+    let cp = log.checkpoint(&f.kh.log, &[&f.vn.witness]);
+    f.bundle.events.retain(|e| e.gateway != f.kh.id);
+    f.bundle.events.extend(log.events(&f.kh.id, &idx, &cp));
+    assert_fails_at(&f.verify(), "DELIVERED entry");
+}
