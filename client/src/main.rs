@@ -630,7 +630,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let delivery = match e.direction {
                     accord_client::casebook::Direction::Sent => {
                         let id = e.id.parse()?;
-                        match client.status(&id).await {
+                        let recipient = e.counterpart.parse()?;
+                        let me = client.id.clone();
+                        match client.status_between(&id, &me, &recipient).await {
                             Ok((_, chain)) => format!("{:?}", furthest_stage(&chain)),
                             Err(err) => format!("status unavailable: {err}"),
                         }
@@ -878,7 +880,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             message_id,
         } => {
             let mut client = session.connect().await?;
-            let (hash, chain) = client.status(&message_id.parse()?).await?;
+            let id = message_id.parse()?;
+            // The case book says who the message was between; the chain's signers are
+            // checked against them. A message it does not know is checked by role only.
+            let known = client
+                .case_book()
+                .and_then(|b| b.all().into_iter().find(|e| e.id == message_id));
+            let (hash, chain) = match known {
+                Some(e) => {
+                    let other: accord_proto::ids::OrgId = e.counterpart.parse()?;
+                    let (sender, recipient) = match e.direction {
+                        accord_client::casebook::Direction::Sent => (client.id.clone(), other),
+                        accord_client::casebook::Direction::Received => (other, client.id.clone()),
+                    };
+                    client.status_between(&id, &sender, &recipient).await?
+                }
+                None => {
+                    eprintln!(
+                        "{message_id} is not in the case book: receipt signers are checked by \
+                         role, not against the message's sender and recipient"
+                    );
+                    client.status(&id).await?
+                }
+            };
             println!("{message_id} envelope {hash}: {:?}", furthest_stage(&chain));
             for r in chain {
                 println!(

@@ -447,6 +447,21 @@ impl OrgClient {
         Ok((hash, receipts))
     }
 
+    /// [`OrgClient::status`], with every receipt's signer checked against the message's
+    /// sender and recipient as the gateways and the evidence verifier check them, so a
+    /// gateway cannot pass off a receipt signed by another party (another organisation's
+    /// "delivered", a foreign gateway's "accepted").
+    pub async fn status_between(
+        &mut self,
+        id: &MessageId,
+        sender: &OrgId,
+        recipient: &OrgId,
+    ) -> Result<(EnvelopeHash, Vec<VerifiedReceipt>), ClientError> {
+        let (hash, chain) = self.status(id).await?;
+        check_chain(&chain, sender, recipient)?;
+        Ok((hash, chain))
+    }
+
     /// The audit service on the same connection (auditor organisations only).
     pub fn audit(&self) -> pb::audit_client::AuditClient<Channel> {
         pb::audit_client::AuditClient::new(self.channel.clone())
@@ -553,6 +568,20 @@ impl Opener {
             chunk_key: Some(chunk_key),
         })
     }
+}
+
+/// Checks that every receipt of a chain is signed by a party that may sign its stage for a
+/// message from `sender` to `recipient` ([`receipt::check_signer_for`]).
+pub fn check_chain(
+    chain: &[VerifiedReceipt],
+    sender: &OrgId,
+    recipient: &OrgId,
+) -> Result<(), ClientError> {
+    for (i, r) in chain.iter().enumerate() {
+        receipt::check_signer_for(r, sender, recipient)
+            .map_err(|e| ClientError::Verify(format!("receipt {i}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// The message id a sealed envelope's header names, read without verifying anything.

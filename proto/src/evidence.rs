@@ -400,32 +400,7 @@ fn check_receipt(
                 msg.env.id()
             ));
         }
-        let cc = v.signer.country();
-        let fits = match v.stage() {
-            pb::Stage::Accepted => cc == &msg.sender_cc,
-            pb::Stage::Received => cc == &msg.recipient_cc,
-            pb::Stage::Rejected if refused_by_recipient(&v) => {
-                &v.signer == msg.env.recipient().spiffe()
-            }
-            pb::Stage::Rejected => cc == &msg.sender_cc || cc == &msg.recipient_cc,
-            pb::Stage::Delivered => &v.signer == msg.env.recipient().spiffe(),
-            pb::Stage::Unspecified => false,
-        };
-        if !fits {
-            let who = match v.stage() {
-                pb::Stage::Accepted => format!("a gateway of {} (the sender's)", msg.sender_cc),
-                pb::Stage::Received => {
-                    format!("a gateway of {} (the recipient's)", msg.recipient_cc)
-                }
-                pb::Stage::Rejected => format!("a gateway of {}", msg.countries()),
-                _ => format!("the recipient organisation {}", msg.env.recipient()),
-            };
-            return Err(format!(
-                "{} may only be signed by {who}, not by {}",
-                stage_name(v.body.stage),
-                v.signer
-            ));
-        }
+        receipt::check_signer_for(&v, msg.env.sender(), msg.env.recipient())?;
         Ok(v)
     })();
     match verdict {

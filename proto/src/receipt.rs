@@ -33,6 +33,52 @@ pub enum ReceiptError {
     WrongSigner { stage: pb::Stage, signer: String },
 }
 
+/// Whether `r`'s signer may sign its stage for a message from `sender` to `recipient`: the
+/// sender's country's gateway accepts, the recipient's country's gateway receives, the
+/// recipient organisation itself delivers or refuses what it opened, and either country's
+/// gateway rejects. ([`verify`] has already checked the signer's role.) The error says who
+/// may sign.
+pub fn check_signer_for(
+    r: &VerifiedReceipt,
+    sender: &crate::ids::OrgId,
+    recipient: &crate::ids::OrgId,
+) -> Result<(), String> {
+    let cc = r.signer.country();
+    let refused_by_recipient = r.body.reason == pb::RejectReason::RefusedByRecipient as i32;
+    let fits = match r.stage() {
+        pb::Stage::Accepted => cc == sender.country(),
+        pb::Stage::Received => cc == recipient.country(),
+        pb::Stage::Rejected if refused_by_recipient => &r.signer == recipient.spiffe(),
+        pb::Stage::Rejected => cc == sender.country() || cc == recipient.country(),
+        pb::Stage::Delivered => &r.signer == recipient.spiffe(),
+        pb::Stage::Unspecified => false,
+    };
+    if fits {
+        return Ok(());
+    }
+    let who = match r.stage() {
+        pb::Stage::Accepted => format!("a gateway of {} (the sender's)", sender.country()),
+        pb::Stage::Received => format!("a gateway of {} (the recipient's)", recipient.country()),
+        pb::Stage::Rejected if !refused_by_recipient => {
+            if sender.country() == recipient.country() {
+                format!("a gateway of {}", sender.country())
+            } else {
+                format!(
+                    "a gateway of {} or {}",
+                    sender.country(),
+                    recipient.country()
+                )
+            }
+        }
+        _ => format!("the recipient organisation {recipient}"),
+    };
+    let stage = r.stage().as_str_name().trim_start_matches("STAGE_");
+    Err(format!(
+        "{stage} may only be signed by {who}, not by {}",
+        r.signer
+    ))
+}
+
 /// Signs a receipt body with a gateway's or organisation's key.
 pub fn sign(body: &pb::ReceiptBody, key: &SigningKey) -> pb::Receipt {
     let bytes = body.encode_to_vec();

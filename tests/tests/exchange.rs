@@ -82,6 +82,24 @@ async fn a_message_opens_to_what_was_sent_and_its_chain_is_complete() {
     for s in [Stage::Accepted, Stage::Received, Stage::Delivered] {
         assert!(stages.contains(&s), "{stages:?}");
     }
+    // Every signer fits its stage for this sender and recipient...
+    let (vn_id, kh_id) = (vn.id.clone(), kh.id.clone());
+    vn.status_between(&sent.id, &vn_id, &kh_id).await.unwrap();
+    // ...and not for another recipient, or the other direction.
+    let neighbour = net.org_id("kh", "svayrieng").unwrap();
+    let err = accord_client::org::check_chain(&chain, &vn_id, &neighbour).unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "DELIVERED may only be signed by the recipient organisation {neighbour}"
+        )),
+        "{err}"
+    );
+    let err = accord_client::org::check_chain(&chain, &kh_id, &vn_id).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("ACCEPTED may only be signed by a gateway of kh (the sender's)"),
+        "{err}"
+    );
     // Acked envelopes leave the inbox.
     assert!(kh.fetch(10).await.unwrap().is_empty());
     net.shutdown().await;
