@@ -185,6 +185,9 @@ pub struct Entry {
     pub direction: Direction,
     /// The other organisation (recipient if sent, sender if received).
     pub counterpart: String,
+    /// When it was sent (our clock), or when it reached our gateway (the time in its signed
+    /// RECEIVED receipt, not the sender's `created_at`): deadlines and answer times are
+    /// measured with it.
     pub at_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_reply_to: Option<String>,

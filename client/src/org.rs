@@ -494,7 +494,8 @@ impl Opener {
         let sealed = SealedEnvelope::from_wire(wire, &Limits::default())
             .map_err(|e| ClientError::Verify(e.to_string()))?;
         let named = message_id_of(&sealed).ok().map(|id| (id, sealed.hash()));
-        match self.open_sealed(sealed) {
+        let arrived_at = self.arrival(item.received.as_ref(), &sealed);
+        match self.open_sealed(sealed, arrived_at) {
             Err(cause @ (ClientError::Form(_) | ClientError::Workflow(_))) => match named {
                 // A failing case book, or one that lacks the request an answer names (it
                 // may have been sent from elsewhere, or before the book), is ours to look
@@ -521,7 +522,22 @@ impl Opener {
         }
     }
 
-    fn open_sealed(&self, sealed: SealedEnvelope) -> Result<Opened, ClientError> {
+    /// When a received message reached this organisation's gateway, for the case book: the
+    /// time in the gateway's signed RECEIVED receipt, not the sender's `created_at`, which
+    /// a sender could backdate to look answered in time. Without a receipt that verifies
+    /// (signed by a gateway of this country, for this envelope): the time of opening.
+    fn arrival(&self, received: Option<&pb::Receipt>, sealed: &SealedEnvelope) -> i64 {
+        received
+            .and_then(|r| receipt::verify(r, &self.directories).ok())
+            .filter(|v| {
+                v.stage() == Stage::Received
+                    && v.envelope_hash == sealed.hash()
+                    && v.signer.country() == self.id.country()
+            })
+            .map_or_else(now_ms, |v| v.body.at_ms)
+    }
+
+    fn open_sealed(&self, sealed: SealedEnvelope, arrived_at: i64) -> Result<Opened, ClientError> {
         // Verified at submission time by the gateways; here against its own creation time,
         // since a message may wait in the inbox.
         let created = header_of(&sealed)?.created_at_ms;
@@ -550,7 +566,8 @@ impl Opener {
         // book, which the child rule then asks about.
         let fitted = match self.book.get() {
             Some(book) => {
-                let entry = Entry::new(envelope.header(), &body, Direction::Received)?;
+                let mut entry = Entry::new(envelope.header(), &body, Direction::Received)?;
+                entry.at_ms = arrived_at;
                 book.fits(&entry)?;
                 Some((book, entry))
             }

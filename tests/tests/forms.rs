@@ -230,3 +230,67 @@ async fn a_recipient_refuses_a_form_that_breaks_the_rules_and_names_the_field() 
     );
     net.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backdated_answer_is_booked_when_it_arrived_not_when_its_sender_says() {
+    let net = net().await;
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    let book = std::sync::Arc::new(
+        accord_client::casebook::CaseBook::open(&net.org_dir("vn", "c02").unwrap()).unwrap(),
+    );
+    vn.use_case_book(book.clone()).unwrap();
+    let mut kh = net.client("kh", "ahtd").await.unwrap();
+    let alert = vn
+        .send(
+            &kh.id,
+            &example("alert", 0),
+            &SendOptions::new("VN-KH-2026-0009"),
+        )
+        .await
+        .unwrap();
+    fetch_n(&mut kh, 1).await.unwrap();
+    // KH answers with correspondence dated two hours before the alert was even sent.
+    let backdated = now_ms() - 2 * 3_600_000;
+    let (key_id, pk) = kh
+        .directories()
+        .current_encryption_key(&vn.id, now_ms())
+        .unwrap();
+    let header = pb::Header {
+        message_id: accord_proto::ids::MessageId::new_v7(backdated as u64, [6; 10])
+            .as_bytes()
+            .to_vec(),
+        kind: pb::Kind::Correspondence as i32,
+        case_ref: "VN-KH-2026-0009".into(),
+        sender_org: kh.id.to_string(),
+        recipient_org: vn.id.to_string(),
+        recipient_key_id: key_id,
+        created_at_ms: backdated,
+        expires_at_ms: now_ms() + 600_000,
+        priority: pb::Priority::Routine as i32,
+        in_reply_to: alert.id.as_bytes().to_vec(),
+        handling_code: "H0".into(),
+        evaluation: "B2".into(),
+        ..Default::default()
+    };
+    let body = example("correspondence", 0);
+    let sealed = accord_proto::envelope::seal(header, &body, &pk, &kh.keys().signing).unwrap();
+    let answer = kh.submit(&sealed).await.unwrap();
+    fetch_n(&mut vn, 1).await.unwrap();
+    let booked = book
+        .all()
+        .into_iter()
+        .find(|e| e.id == answer.id.to_string())
+        .expect("the answer is in VN's case book");
+    let asked = book
+        .all()
+        .into_iter()
+        .find(|e| e.id == alert.id.to_string())
+        .unwrap();
+    assert!(
+        booked.at_ms >= asked.at_ms && booked.at_ms > backdated + 3_600_000,
+        "booked at {} (alert at {}, header says {backdated})",
+        booked.at_ms,
+        asked.at_ms
+    );
+    net.shutdown().await;
+}
