@@ -130,7 +130,10 @@ pub struct CountryRoots {
     crls: Arc<RwLock<CrlTable>>,
 }
 
-type CrlTable = BTreeMap<CountryCode, Vec<webpki::CertRevocationList<'static>>>;
+/// Each country's CRLs in force, and the newest `thisUpdate` among them (Unix seconds): a
+/// reload that would put an older CRL in force (a rollback un-revoking certificates) is
+/// refused.
+type CrlTable = BTreeMap<CountryCode, (Vec<webpki::CertRevocationList<'static>>, i64)>;
 
 impl CountryRoots {
     pub fn add(&mut self, country: CountryCode, path: &Path) -> Result<(), TlsError> {
@@ -182,11 +185,30 @@ impl CountryRoots {
     /// handshakes. On any error nothing changes: the previous CRLs stay in force.
     pub fn reload_crls(&self, country: &CountryCode) -> Result<(), TlsError> {
         let mut loaded = Vec::new();
+        let mut issued = i64::MIN;
+        let mut newest_path = None;
         for path in self.crl_files.get(country).into_iter().flatten() {
-            loaded.extend(self.load_crl_file(country, path)?);
+            for (crl, this_update) in self.load_crl_file(country, path)? {
+                if this_update > issued {
+                    issued = this_update;
+                    newest_path = Some(path);
+                }
+                loaded.push(crl);
+            }
         }
         let mut table = self.crls.write().unwrap_or_else(|e| e.into_inner());
-        table.insert(country.clone(), loaded);
+        if let (Some((_, in_force)), Some(path)) = (table.get(country), newest_path) {
+            if issued < *in_force {
+                return Err(TlsError::Crl {
+                    path: path.display().to_string(),
+                    problem: format!(
+                        "issued at {issued} (Unix seconds), before the CRL in force (issued at \
+                         {in_force}): an older CRL could un-revoke certificates; publish a newer one"
+                    ),
+                });
+            }
+        }
+        table.insert(country.clone(), (loaded, issued));
         Ok(())
     }
 
@@ -194,7 +216,7 @@ impl CountryRoots {
         &self,
         country: &CountryCode,
         path: &Path,
-    ) -> Result<Vec<webpki::CertRevocationList<'static>>, TlsError> {
+    ) -> Result<Vec<(webpki::CertRevocationList<'static>, i64)>, TlsError> {
         let err = |problem: String| TlsError::Crl {
             path: path.display().to_string(),
             problem,
@@ -233,9 +255,10 @@ impl CountryRoots {
                     );
                 }
             }
+            let this_update = parsed.last_update().timestamp();
             let owned = webpki::OwnedCertRevocationList::from_der(der.as_ref())
                 .map_err(|e| err(format!("refused by webpki: {e}")))?;
-            crls.push(webpki::CertRevocationList::from(owned));
+            crls.push((webpki::CertRevocationList::from(owned), this_update));
         }
         Ok(crls)
     }
@@ -266,7 +289,7 @@ impl CountryRoots {
         })?;
         let table = self.crls.read().unwrap_or_else(|e| e.into_inner());
         let crls: Vec<&webpki::CertRevocationList<'_>> =
-            table.get(id.country()).into_iter().flatten().collect();
+            table.get(id.country()).into_iter().flat_map(|(crls, _)| crls).collect();
         // Whole chain; a certificate whose issuer published no CRL is not refused for that
         // (Allow). Expiry of a CRL (next_update) is ignored: the files are distributed by the
         // operator, not fetched, so a stale CRL still holds every revocation known when it
@@ -765,16 +788,29 @@ mod tests {
             accord_certs::revoke(&read("vn/ca.pem"), &read("vn/ca.key"), &[serial], now).unwrap();
         std::fs::write(pki.join("vn/crl.pem"), crl).unwrap();
         roots.reload_crls(&vn).unwrap();
-        assert!(
+        let revoked = || {
             matches!(
                 verify(),
                 Err(rustls::Error::InvalidCertificate(
                     rustls::CertificateError::Revoked
                 ))
-            ),
-            "{:?}",
-            verify()
-        );
+            )
+        };
+        assert!(revoked(), "{:?}", verify());
+
+        // Rolling back to an older CRL (one that predates the revocation) would un-revoke
+        // the certificate: refused, and the revocation stays in force.
+        let older = accord_certs::revoke(
+            &read("vn/ca.pem"),
+            &read("vn/ca.key"),
+            &[],
+            now - time::Duration::minutes(10),
+        )
+        .unwrap();
+        std::fs::write(pki.join("vn/crl.pem"), older).unwrap();
+        let err = roots.reload_crls(&vn).unwrap_err();
+        assert!(err.to_string().contains("before the CRL in force"), "{err}");
+        assert!(revoked(), "{:?}", verify());
     }
 
     /// A gateway's renewed credentials, issued by `ca` (a country folder of the dev PKI) for
