@@ -288,8 +288,11 @@ impl CountryRoots {
             rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
         })?;
         let table = self.crls.read().unwrap_or_else(|e| e.into_inner());
-        let crls: Vec<&webpki::CertRevocationList<'_>> =
-            table.get(id.country()).into_iter().flat_map(|(crls, _)| crls).collect();
+        let crls: Vec<&webpki::CertRevocationList<'_>> = table
+            .get(id.country())
+            .into_iter()
+            .flat_map(|(crls, _)| crls)
+            .collect();
         // Whole chain; a certificate whose issuer published no CRL is not refused for that
         // (Allow). Expiry of a CRL (next_update) is ignored: the files are distributed by the
         // operator, not fetched, so a stale CRL still holds every revocation known when it
