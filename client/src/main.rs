@@ -143,6 +143,9 @@ enum Command {
         /// Where attached files are saved (as for fetch).
         #[arg(long)]
         attachments: Option<PathBuf>,
+        /// Also write each message as JSON under DIR (as for fetch).
+        #[arg(long)]
+        export: Option<PathBuf>,
     },
     /// Auditors: fetch a message's evidence bundle from the gateway and write it to a file.
     AuditEvidence {
@@ -294,6 +297,42 @@ async fn refused(
         }
     }
     Ok(())
+}
+
+/// What `fetch` and `watch` do with each message they open.
+struct Intake {
+    ack: bool,
+    reveal: bool,
+    /// Where attached files are saved.
+    files: PathBuf,
+    /// Where exports go, if asked.
+    export: Option<PathBuf>,
+}
+
+/// Shows an opened message, saves its files, exports it if asked and its handling allows,
+/// and acknowledges it if asked. False when it could not be shown or its files not saved:
+/// it then stays in the inbox, unacknowledged.
+async fn take_in(
+    session: &Session,
+    client: &mut OrgClient,
+    opened: &accord_client::org::Opened,
+    intake: &Intake,
+) -> anyhow::Result<bool> {
+    if let Err(e) = print_opened(session, client, opened, intake.reveal) {
+        eprintln!("could not show message {}: {e:#}", opened.envelope.id());
+        return Ok(false);
+    }
+    if !save_files(client, opened, intake.reveal, &intake.files).await {
+        return Ok(false);
+    }
+    if let Some(dir) = &intake.export {
+        export_message(client, opened, dir)?;
+    }
+    if intake.ack {
+        client.ack(opened).await?;
+        println!("acknowledged {}", opened.envelope.id());
+    }
+    Ok(true)
 }
 
 /// Whether `opened` concerns a child victim, itself or by the case it answers.
@@ -755,28 +794,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             export,
         } => {
             let mut client = session.connect().await?;
-            let files_dir = attachments.unwrap_or_else(|| session.org.join("attachments"));
+            let intake = Intake {
+                ack,
+                reveal,
+                files: attachments.unwrap_or_else(|| session.org.join("attachments")),
+                export,
+            };
             for item in client.fetch_each(64).await? {
-                let opened = match item {
-                    Ok(opened) => opened,
-                    Err(e) => {
-                        refused(&mut client, e, ack).await?;
-                        continue;
+                match item {
+                    Ok(opened) => {
+                        take_in(&session, &mut client, &opened, &intake).await?;
                     }
-                };
-                if let Err(e) = print_opened(&session, &client, &opened, reveal) {
-                    eprintln!("could not show message {}: {e:#}", opened.envelope.id());
-                    continue;
-                }
-                if !save_files(&mut client, &opened, reveal, &files_dir).await {
-                    continue;
-                }
-                if let Some(dir) = &export {
-                    export_message(&client, &opened, dir)?;
-                }
-                if ack {
-                    client.ack(&opened).await?;
-                    println!("acknowledged");
+                    Err(e) => refused(&mut client, e, ack).await?,
                 }
             }
             Ok(())
@@ -787,10 +816,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             count,
             reveal,
             attachments,
+            export,
         } => {
             use futures::StreamExt;
             let mut client = session.connect().await?;
-            let files_dir = attachments.unwrap_or_else(|| session.org.join("attachments"));
+            let intake = Intake {
+                ack,
+                reveal,
+                files: attachments.unwrap_or_else(|| session.org.join("attachments")),
+                export,
+            };
             let mut stream = std::pin::pin!(client.subscribe().await?);
             eprintln!(
                 "watching the inbox of {} (Ctrl-C to stop)",
@@ -810,16 +845,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         continue;
                     }
                 };
-                if let Err(e) = print_opened(&session, &client, &opened, reveal) {
-                    eprintln!("could not show message {}: {e:#}", opened.envelope.id());
+                if !take_in(&session, &mut client, &opened, &intake).await? {
                     continue;
-                }
-                if !save_files(&mut client, &opened, reveal, &files_dir).await {
-                    continue;
-                }
-                if ack {
-                    client.ack(&opened).await?;
-                    println!("acknowledged {}", opened.envelope.id());
                 }
                 seen += 1;
                 if count.is_some_and(|c| seen >= c) {

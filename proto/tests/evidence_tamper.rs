@@ -561,21 +561,15 @@ fn a_missing_delivered_event_fails() {
 fn a_delivered_event_with_another_receipt_hash_fails() {
     let mut f = cross_country();
     // The recipient's gateway logged a different receipt (e.g. one its org signed later).
-    let mut log = Log::default();
-    let mut idx = Vec::new();
-    for (i, e) in f.kh_log.entries.iter().enumerate() {
-        let mut entry = pb::LogEntry::decode(e.as_slice()).unwrap();
-        if entry.event == pb::LogEvent::Delivered as i32 {
-            entry.receipt_hash = vec![0xab; 32];
-            idx.push(i as u64);
-        } else if entry.message_id == f.env.id.as_bytes() {
-            idx.push(i as u64);
-        }
-        log.append(&entry);
-    }
-    let cp = log.checkpoint(&f.kh.log, &[&f.vn.witness]);
-    f.bundle.events.retain(|e| e.gateway != f.kh.id);
-    f.bundle.events.extend(log.events(&f.kh.id, &idx, &cp));
+    rebuild_kh_log(
+        &mut f,
+        |entry| {
+            if entry.event == pb::LogEvent::Delivered as i32 {
+                entry.receipt_hash = vec![0xab; 32];
+            }
+        },
+        None,
+    );
     assert_fails_at(&f.verify(), "DELIVERED entry");
 }
 
@@ -813,20 +807,26 @@ fn the_printed_report_lists_every_check_and_ends_with_the_verdict() {
     );
 }
 
-/// KH's log as in the fixture with `extra` appended (about this message), proven in the
-/// bundle; returns the appended entry's index.
-fn with_kh_entry(f: &mut Fixture, extra: pb::LogEntry) -> u64 {
+/// KH's log rebuilt with `edit` applied to every entry and `extra` (about this message)
+/// appended, proven in the bundle in place of the original; returns the appended entry's
+/// index.
+fn rebuild_kh_log(
+    f: &mut Fixture,
+    edit: impl Fn(&mut pb::LogEntry),
+    extra: Option<pb::LogEntry>,
+) -> Option<u64> {
     let mut log = Log::default();
     let mut idx = Vec::new();
     for (i, e) in f.kh_log.entries.iter().enumerate() {
-        let entry = pb::LogEntry::decode(e.as_slice()).unwrap();
+        let mut entry = pb::LogEntry::decode(e.as_slice()).unwrap();
+        edit(&mut entry);
         if entry.message_id == f.env.id.as_bytes() {
             idx.push(i as u64);
         }
         log.append(&entry);
     }
-    let at = log.append(&extra);
-    idx.push(at);
+    let at = extra.map(|e| log.append(&e));
+    idx.extend(at);
     let cp = log.checkpoint(&f.kh.log, &[&f.vn.witness]);
     f.bundle.events.retain(|e| e.gateway != f.kh.id);
     f.bundle.events.extend(log.events(&f.kh.id, &idx, &cp));
@@ -838,7 +838,7 @@ fn a_gateway_refusal_must_give_the_reason_its_log_entry_gives() {
     let mut f = cross_country();
     let mut refused = entry(pb::LogEvent::Rejected, &f.env, &f.kh.id, NOW + 900);
     refused.reason = pb::RejectReason::Policy as i32;
-    let at = with_kh_entry(&mut f, refused);
+    let at = rebuild_kh_log(&mut f, |_| {}, Some(refused)).unwrap();
     // The receipt claims the message had no route; the log says policy refused it.
     let body = pb::ReceiptBody {
         envelope_hash: f.env.hash.to_vec(),
@@ -861,7 +861,7 @@ fn a_gateway_refusal_must_give_the_reason_its_log_entry_gives() {
     let mut f = cross_country();
     let mut refused = entry(pb::LogEvent::Rejected, &f.env, &f.kh.id, NOW + 900);
     refused.reason = pb::RejectReason::Policy as i32;
-    let at = with_kh_entry(&mut f, refused);
+    let at = rebuild_kh_log(&mut f, |_| {}, Some(refused)).unwrap();
     let body = pb::ReceiptBody {
         log_index: at,
         reason: pb::RejectReason::Policy as i32,
@@ -883,20 +883,14 @@ fn a_gateway_refusal_must_give_the_reason_its_log_entry_gives() {
 fn a_delivered_entry_must_name_the_organisation_that_signed_the_receipt() {
     let mut f = cross_country();
     // KH's log records the delivered receipt as the act of another organisation.
-    let mut log = Log::default();
-    let mut idx = Vec::new();
-    for (i, e) in f.kh_log.entries.iter().enumerate() {
-        let mut entry = pb::LogEntry::decode(e.as_slice()).unwrap();
-        if entry.event == pb::LogEvent::Delivered as i32 {
-            entry.actor = "spiffe://kh.accord/org/svayrieng".into();
-        }
-        if entry.message_id == f.env.id.as_bytes() {
-            idx.push(i as u64);
-        }
-        log.append(&entry);
-    }
-    let cp = log.checkpoint(&f.kh.log, &[&f.vn.witness]);
-    f.bundle.events.retain(|e| e.gateway != f.kh.id);
-    f.bundle.events.extend(log.events(&f.kh.id, &idx, &cp));
+    rebuild_kh_log(
+        &mut f,
+        |entry| {
+            if entry.event == pb::LogEvent::Delivered as i32 {
+                entry.actor = "spiffe://kh.accord/org/svayrieng".into();
+            }
+        },
+        None,
+    );
     assert_fails_at(&f.verify(), "DELIVERED entry");
 }
