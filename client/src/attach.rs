@@ -233,10 +233,7 @@ impl Spool {
         write_synced(
             &self.dir.join("envelope"),
             &sealed.to_wire().encode_to_vec(),
-        )?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| file_err(&self.dir, e))
+        )
     }
 
     fn load(&self) -> Result<Spooled, ClientError> {
@@ -275,17 +272,10 @@ impl Spool {
     }
 }
 
+/// Owner-only, written whole or not at all, and durable with its folder entry
+/// (`accord_certs::write_file`).
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), ClientError> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| file_err(path, e))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| file_err(path, e))
+    accord_certs::write_file(path, bytes, true).map_err(|e| file_err(path, e))
 }
 
 /// Whether a failed call is worth repeating: the link or the gateway, not the request.
