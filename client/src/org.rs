@@ -379,23 +379,13 @@ impl OrgClient {
 
     /// Acknowledges an opened envelope with a delivered receipt signed by this organisation.
     pub async fn ack(&mut self, opened: &Opened) -> Result<pb::Receipt, ClientError> {
-        let body = pb::ReceiptBody {
-            envelope_hash: opened.envelope.hash().0.to_vec(),
-            message_id: opened.envelope.id().as_bytes().to_vec(),
-            stage: Stage::Delivered as i32,
-            signer: self.id.to_string(),
-            signer_key_id: self.opener.keys.signing.key_id().to_owned(),
-            at_ms: now_ms(),
-            log_index: 0,
-            reason: 0,
-        };
-        let r = receipt::sign(&body, &self.opener.keys.signing);
-        self.exchange
-            .ack(pb::AckRequest {
-                delivered: Some(r.clone()),
-            })
-            .await?;
-        Ok(r)
+        self.end_delivery(
+            &opened.envelope.id(),
+            &opened.envelope.hash(),
+            Stage::Delivered,
+            pb::RejectReason::Unspecified,
+        )
+        .await
     }
 
     /// Refuses a message this organisation opened and will not take (see
@@ -406,15 +396,33 @@ impl OrgClient {
         message_id: &MessageId,
         envelope_hash: &EnvelopeHash,
     ) -> Result<pb::Receipt, ClientError> {
+        self.end_delivery(
+            message_id,
+            envelope_hash,
+            Stage::Rejected,
+            pb::RejectReason::RefusedByRecipient,
+        )
+        .await
+    }
+
+    /// Signs the recipient's ending of a delivery (`stage`, `reason`) and hands it to the
+    /// gateway, which takes the message out of the inbox and sends the receipt back.
+    async fn end_delivery(
+        &mut self,
+        message_id: &MessageId,
+        envelope_hash: &EnvelopeHash,
+        stage: Stage,
+        reason: pb::RejectReason,
+    ) -> Result<pb::Receipt, ClientError> {
         let body = pb::ReceiptBody {
             envelope_hash: envelope_hash.0.to_vec(),
             message_id: message_id.as_bytes().to_vec(),
-            stage: Stage::Rejected as i32,
+            stage: stage as i32,
             signer: self.id.to_string(),
             signer_key_id: self.opener.keys.signing.key_id().to_owned(),
             at_ms: now_ms(),
             log_index: 0,
-            reason: pb::RejectReason::RefusedByRecipient as i32,
+            reason: reason as i32,
         };
         let r = receipt::sign(&body, &self.opener.keys.signing);
         self.exchange
