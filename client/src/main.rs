@@ -114,38 +114,18 @@ enum Command {
     Fetch {
         #[command(flatten)]
         session: Session,
-        #[arg(long)]
-        ack: bool,
-        #[arg(long)]
-        reveal: bool,
-        /// Where attached files are saved, one folder per message (default: the
-        /// organisation folder's attachments/). A message is acknowledged only once its
-        /// files are saved.
-        #[arg(long)]
-        attachments: Option<PathBuf>,
-        /// Also write each message as JSON to DIR/<message id>.json for use outside Accord.
-        /// H2 and H3 messages, and a child victim's, are never exported; H1 exports carry
-        /// the not-for-court notice.
-        #[arg(long)]
-        export: Option<PathBuf>,
+        #[command(flatten)]
+        intake: Intake,
     },
     /// Watch the inbox live (server stream): print each message as it arrives; with --ack,
     /// acknowledge each one. Stops after --count messages, or runs until interrupted.
     Watch {
         #[command(flatten)]
         session: Session,
-        #[arg(long)]
-        ack: bool,
+        #[command(flatten)]
+        intake: Intake,
         #[arg(long)]
         count: Option<usize>,
-        #[arg(long)]
-        reveal: bool,
-        /// Where attached files are saved (as for fetch).
-        #[arg(long)]
-        attachments: Option<PathBuf>,
-        /// Also write each message as JSON under DIR (as for fetch).
-        #[arg(long)]
-        export: Option<PathBuf>,
     },
     /// Auditors: fetch a message's evidence bundle from the gateway and write it to a file.
     AuditEvidence {
@@ -300,12 +280,23 @@ async fn refused(
 }
 
 /// What `fetch` and `watch` do with each message they open.
+#[derive(clap::Args, Debug)]
 struct Intake {
+    /// Acknowledge each message (a delivered receipt signed by the organisation).
+    #[arg(long)]
     ack: bool,
+    /// Show a child victim's identifying data and save their files (recorded in
+    /// reveals.log).
+    #[arg(long)]
     reveal: bool,
-    /// Where attached files are saved.
-    files: PathBuf,
-    /// Where exports go, if asked.
+    /// Where attached files are saved, one folder per message (default: the organisation
+    /// folder's attachments/). A message is acknowledged only once its files are saved.
+    #[arg(long)]
+    attachments: Option<PathBuf>,
+    /// Also write each message as JSON to DIR/<message id>.json for use outside Accord.
+    /// H2 and H3 messages, and a child victim's, are never exported; H1 exports carry the
+    /// not-for-court notice.
+    #[arg(long)]
     export: Option<PathBuf>,
 }
 
@@ -322,7 +313,11 @@ async fn take_in(
         eprintln!("could not show message {}: {e:#}", opened.envelope.id());
         return Ok(false);
     }
-    if !save_files(client, opened, intake.reveal, &intake.files).await {
+    let files = intake
+        .attachments
+        .clone()
+        .unwrap_or_else(|| session.org.join("attachments"));
+    if !save_files(client, opened, intake.reveal, &files).await {
         return Ok(false);
     }
     if let Some(dir) = &intake.export {
@@ -786,46 +781,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Fetch {
-            session,
-            ack,
-            reveal,
-            attachments,
-            export,
-        } => {
+        Command::Fetch { session, intake } => {
             let mut client = session.connect().await?;
-            let intake = Intake {
-                ack,
-                reveal,
-                files: attachments.unwrap_or_else(|| session.org.join("attachments")),
-                export,
-            };
             for item in client.fetch_each(64).await? {
                 match item {
                     Ok(opened) => {
                         take_in(&session, &mut client, &opened, &intake).await?;
                     }
-                    Err(e) => refused(&mut client, e, ack).await?,
+                    Err(e) => refused(&mut client, e, intake.ack).await?,
                 }
             }
             Ok(())
         }
         Command::Watch {
             session,
-            ack,
+            intake,
             count,
-            reveal,
-            attachments,
-            export,
         } => {
             use futures::StreamExt;
             let mut client = session.connect().await?;
-            let intake = Intake {
-                ack,
-                reveal,
-                files: attachments.unwrap_or_else(|| session.org.join("attachments")),
-                export,
-            };
             let mut stream = std::pin::pin!(client.subscribe().await?);
             eprintln!(
                 "watching the inbox of {} (Ctrl-C to stop)",
@@ -841,7 +815,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         return Err(accord_client::org::ClientError::Gateway(s).into())
                     }
                     Err(e) => {
-                        refused(&mut client, e, ack).await?;
+                        refused(&mut client, e, intake.ack).await?;
                         continue;
                     }
                 };
