@@ -502,8 +502,7 @@ impl Opener {
         let sealed = SealedEnvelope::from_wire(wire, &Limits::default())
             .map_err(|e| ClientError::Verify(e.to_string()))?;
         let named = message_id_of(&sealed).ok().map(|id| (id, sealed.hash()));
-        let arrived_at = self.arrival(item.received.as_ref(), &sealed);
-        match self.open_sealed(sealed, arrived_at) {
+        match self.open_sealed(sealed, item.received.as_ref()) {
             Err(cause @ (ClientError::Form(_) | ClientError::Workflow(_))) => match named {
                 // A failing case book, or one that lacks the request an answer names (it
                 // may have been sent from elsewhere, or before the book), is ours to look
@@ -545,7 +544,13 @@ impl Opener {
             .map_or_else(now_ms, |v| v.body.at_ms)
     }
 
-    fn open_sealed(&self, sealed: SealedEnvelope, arrived_at: i64) -> Result<Opened, ClientError> {
+    /// Verifies and opens; `received` (our gateway's RECEIVED receipt) times the message in
+    /// the case book, and is verified only if a book is kept.
+    fn open_sealed(
+        &self,
+        sealed: SealedEnvelope,
+        received: Option<&pb::Receipt>,
+    ) -> Result<Opened, ClientError> {
         // Verified at submission time by the gateways; here against its own creation time,
         // since a message may wait in the inbox.
         let created = header_of(&sealed)?.created_at_ms;
@@ -575,7 +580,7 @@ impl Opener {
         let fitted = match self.book.get() {
             Some(book) => {
                 let mut entry = Entry::new(envelope.header(), &body, Direction::Received)?;
-                entry.at_ms = arrived_at;
+                entry.at_ms = self.arrival(received, envelope.sealed());
                 book.fits(&entry)?;
                 Some((book, entry))
             }

@@ -244,19 +244,22 @@ impl ChunkStore {
             .collect()
     }
 
-    /// Whether every chunk of every attachment of `env` is held, durably.
-    pub fn complete(&self, env: &VerifiedEnvelope) -> Result<bool, ChunkError> {
-        if env.attachments().is_empty() {
+    /// Whether every chunk of every attachment `digests` lists for `hash` is held, durably.
+    pub fn complete(
+        &self,
+        hash: &EnvelopeHash,
+        digests: &[pb::AttachmentDigest],
+    ) -> Result<bool, ChunkError> {
+        if digests.is_empty() {
             return Ok(true);
         }
-        let hash = env.hash();
-        for (a, d) in env.attachments().iter().enumerate() {
+        for (a, d) in digests.iter().enumerate() {
             let n = attachment::chunk_count(d);
-            if self.held(&hash, a as u32, n).len() as u64 != n {
+            if self.held(hash, a as u32, n).len() as u64 != n {
                 return Ok(false);
             }
         }
-        self.sync(&hash)?;
+        self.sync(hash)?;
         Ok(true)
     }
 

@@ -547,14 +547,13 @@ impl Pipeline {
             return self.repeat(&id, &hash, Stage::Accepted).await;
         }
         // Held until the commit: the sweep cannot drop these chunks in between.
-        let _chunks_kept = self.chunks.gate.read().await;
-        if !self.attachments_complete(&env).await? {
+        let Some(_chunks_kept) = self.keep_attachments(&env).await? else {
             return Err(PipelineError::FailedPrecondition(
                 "the envelope's attachment chunks are not all uploaded: upload them with \
                  PutChunks (GetChunkState says which are missing), then submit again"
                     .into(),
             ));
-        }
+        };
         self.check_quota()?;
         let now = self.now();
         let local = matches!(queue, Queue::Inbox(_));
@@ -649,13 +648,12 @@ impl Pipeline {
                 other => other,
             };
         }
-        let _chunks_kept = self.chunks.gate.read().await;
-        if !self.attachments_complete(&env).await? {
+        let Some(_chunks_kept) = self.keep_attachments(&env).await? else {
             // The peer's forwarder pushes the chunks on this answer and delivers again.
             return Err(PipelineError::FailedPrecondition(
                 crate::transfer::CHUNKS_MISSING.into(),
             ));
-        }
+        };
         self.check_quota()?;
         let now = self.now();
         let ops = vec![

@@ -32,6 +32,12 @@ pub enum Party<'a> {
 /// here: the peer's forwarder then pushes them and delivers again.
 pub const CHUNKS_MISSING: &str = "attachment chunks not all held yet";
 
+/// Keeps an envelope's chunks from the sweep while held ([`Pipeline::keep_attachments`]).
+#[derive(Debug)]
+pub(crate) struct ChunksKept<'a> {
+    _gate: Option<tokio::sync::RwLockReadGuard<'a, ()>>,
+}
+
 /// An upload in progress: one attachment of one checked envelope.
 #[derive(Debug)]
 pub struct Upload {
@@ -104,16 +110,21 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Whether every chunk of `env`'s attachments is held here, durably.
-    pub(crate) async fn attachments_complete(
+    /// Every chunk of `env`'s attachments, held here and durable, kept until the returned
+    /// guard drops (a submit or delivery holds it to its commit, so the sweep cannot drop
+    /// them in between); `None` while some are missing. An envelope without attachments
+    /// takes no lock and touches no disk.
+    pub(crate) async fn keep_attachments(
         &self,
         env: &VerifiedEnvelope,
-    ) -> Result<bool, PipelineError> {
+    ) -> Result<Option<ChunksKept<'_>>, PipelineError> {
         if env.attachments().is_empty() {
-            return Ok(true);
+            return Ok(Some(ChunksKept { _gate: None }));
         }
-        let env = env.clone();
-        blocking(&self.chunks, move |c| c.complete(&env)).await
+        let gate = self.chunks.gate.read().await;
+        let (hash, digests) = (env.hash(), env.attachments().to_vec());
+        let complete = blocking(&self.chunks, move |c| c.complete(&hash, &digests)).await?;
+        Ok(complete.then_some(ChunksKept { _gate: Some(gate) }))
     }
 
     /// Drops a message's chunks once its delivery ended here. A failure is logged, not
