@@ -378,17 +378,23 @@ struct PushState {
     not_before: Option<tokio::time::Instant>,
 }
 
+impl PushState {
+    /// A push is running, or the next one is not due yet.
+    fn holds_back(&self) -> bool {
+        self.running
+            || self
+                .not_before
+                .is_some_and(|t| tokio::time::Instant::now() < t)
+    }
+}
+
 impl Pushes {
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Vec<u8>, PushState>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
     /// Whether the message waits for a push: one running, or the next not due yet.
     fn holds_back(&self, hash: &[u8]) -> bool {
-        self.lock().get(hash).is_some_and(|s| {
-            s.running
-                || s.not_before
-                    .is_some_and(|t| tokio::time::Instant::now() < t)
-        })
+        self.lock().get(hash).is_some_and(PushState::holds_back)
     }
     /// How many messages wait for a push.
     fn waiting(&self) -> usize {
@@ -439,19 +445,16 @@ fn start_push(
         tracing::error!(peer = %peer, message_id = %id, "peer asks for chunks of an envelope without attachments");
         return;
     }
-    {
+    let attempts = {
         let mut state = pushes.lock();
         let s = state.entry(hash.0.to_vec()).or_default();
-        if s.running
-            || s.not_before
-                .is_some_and(|t| tokio::time::Instant::now() < t)
-        {
+        if s.holds_back() {
             return;
         }
         s.running = true;
         s.attempts = s.attempts.saturating_add(1);
-    }
-    let attempts = pushes.lock().get(&hash.0[..]).map_or(1, |s| s.attempts);
+        s.attempts
+    };
     let (pipeline, pushes, peer, cfg) =
         (pipeline.clone(), pushes.clone(), peer.clone(), cfg.clone());
     tokio::spawn(async move {
