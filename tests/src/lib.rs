@@ -29,6 +29,36 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// A header from `from` to `to` as a client's library fills one (a fresh UUIDv7, created
+/// now, an hour to live, ROUTINE, H0, X4), with the recipient's current encryption key:
+/// for tests that seal what a well-behaved client would not. Change fields with `..`.
+pub fn raw_header(
+    from: &OrgClient,
+    to: &accord_proto::ids::OrgId,
+    kind: accord_proto::pb::Kind,
+    case_ref: &str,
+) -> anyhow::Result<(accord_proto::pb::Header, [u8; 32])> {
+    use accord_proto::pb;
+    let now = now_ms();
+    let (key_id, pk) = from.directories().current_encryption_key(to, now)?;
+    let id = accord_proto::ids::MessageId::new_v7(now as u64, accord_proto::crypto::random()?);
+    let header = pb::Header {
+        message_id: id.as_bytes().to_vec(),
+        kind: kind as i32,
+        case_ref: case_ref.into(),
+        sender_org: from.id.to_string(),
+        recipient_org: to.to_string(),
+        recipient_key_id: key_id,
+        created_at_ms: now,
+        expires_at_ms: now + 3_600_000,
+        priority: pb::Priority::Routine as i32,
+        handling_code: "H0".into(),
+        evaluation: "X4".into(),
+        ..Default::default()
+    };
+    Ok((header, pk))
+}
+
 /// An alert form, for tests that do not care about the kind.
 pub fn alert(what: &str) -> accord_proto::pb::Body {
     accord_proto::pb::Body {

@@ -160,25 +160,11 @@ fn seal_in_memory(
     to: &accord_proto::ids::OrgId,
     file: &[u8],
 ) -> (SealedEnvelope, Vec<Vec<u8>>, Vec<Vec<u8>>) {
-    let (key_id, pk) = client
-        .directories()
-        .current_encryption_key(to, now_ms())
-        .unwrap();
+    let (header, pk) =
+        accord_tests::raw_header(client, to, pb::Kind::Correspondence, "VN-KH-2026-0043").unwrap();
     let header = pb::Header {
-        message_id: accord_proto::ids::MessageId::new_v7(now_ms() as u64, [3; 10])
-            .as_bytes()
-            .to_vec(),
-        kind: pb::Kind::Correspondence as i32,
-        case_ref: "VN-KH-2026-0043".into(),
-        sender_org: client.id.to_string(),
-        recipient_org: to.to_string(),
-        recipient_key_id: key_id,
-        created_at_ms: now_ms(),
-        expires_at_ms: now_ms() + 3_600_000,
-        priority: pb::Priority::Routine as i32,
-        handling_code: "H0".into(),
         evaluation: "B2".into(),
-        ..Default::default()
+        ..header
     };
     let mut sealer = Sealer::new(header, &pk).unwrap();
     let mut a = sealer.attachment(attachment::MIN_CHUNK_SIZE).unwrap();
@@ -623,25 +609,12 @@ async fn malformed_uploads_replays_and_foreign_peers_get_nothing_kept() {
     assert!(state.is_empty(), "{state:?}");
 
     // Attachments ride on correspondence only: an alert carrying one is refused.
-    let (key_id, pk) = vn
-        .directories()
-        .current_encryption_key(&kh, now_ms())
-        .unwrap();
+    let (header, pk) =
+        accord_tests::raw_header(&vn, &kh, pb::Kind::Alert, "VN-KH-2026-0046").unwrap();
     let header = pb::Header {
-        message_id: accord_proto::ids::MessageId::new_v7(now_ms() as u64, [4; 10])
-            .as_bytes()
-            .to_vec(),
-        kind: pb::Kind::Alert as i32,
-        case_ref: "VN-KH-2026-0046".into(),
-        sender_org: vn.id.to_string(),
-        recipient_org: kh.to_string(),
-        recipient_key_id: key_id,
-        created_at_ms: now_ms(),
-        expires_at_ms: now_ms() + 3_600_000,
         priority: pb::Priority::Urgent as i32,
-        handling_code: "H0".into(),
         evaluation: "B2".into(),
-        ..Default::default()
+        ..header
     };
     let mut sealer = Sealer::new(header, &pk).unwrap();
     let mut a = sealer.attachment(attachment::MIN_CHUNK_SIZE).unwrap();

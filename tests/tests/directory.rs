@@ -244,27 +244,7 @@ async fn keys_rotate_through_new_directories_and_envelopes_in_flight_under_the_o
     );
 
     // The retired key cannot sign anything new.
-    let (key_id, pk) = c02
-        .directories()
-        .current_encryption_key(&ahtd_id, now_ms())
-        .unwrap();
-    let header = pb::Header {
-        message_id: accord_proto::ids::MessageId::new_v7(now_ms() as u64, [4; 10])
-            .as_bytes()
-            .to_vec(),
-        kind: pb::Kind::Alert as i32,
-        handling_code: "H0".into(),
-        evaluation: "X4".into(),
-        attachments: vec![],
-        case_ref: "K1".into(),
-        sender_org: c02.id.to_string(),
-        recipient_org: ahtd_id.to_string(),
-        recipient_key_id: key_id,
-        created_at_ms: now_ms(),
-        expires_at_ms: now_ms() + 60_000,
-        priority: pb::Priority::Routine as i32,
-        ..Default::default()
-    };
+    let (header, pk) = accord_tests::raw_header(&c02, &ahtd_id, pb::Kind::Alert, "K1").unwrap();
     let stale =
         accord_proto::envelope::seal(header, &accord_tests::alert("late"), &pk, &retired).unwrap();
     let err = c02

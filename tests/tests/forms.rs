@@ -94,27 +94,8 @@ async fn a_recipient_refuses_a_form_that_breaks_the_rules_and_names_the_field() 
         f.subject.as_mut().unwrap().birth_date = "2999-01-01".into();
         f.subject.as_mut().unwrap().birth_year = 0;
     }
-    let to = kh.id.clone();
-    let (key_id, pk) = vn
-        .directories()
-        .current_encryption_key(&to, now_ms())
-        .unwrap();
-    let header = pb::Header {
-        message_id: accord_proto::ids::MessageId::new_v7(now_ms() as u64, [3; 10])
-            .as_bytes()
-            .to_vec(),
-        kind: pb::Kind::SuspectNotice as i32,
-        case_ref: "VN-KH-2026-0008".into(),
-        sender_org: vn.id.to_string(),
-        recipient_org: to.to_string(),
-        recipient_key_id: key_id,
-        created_at_ms: now_ms(),
-        expires_at_ms: now_ms() + 600_000,
-        priority: pb::Priority::Routine as i32,
-        handling_code: "H0".into(),
-        evaluation: "X4".into(),
-        ..Default::default()
-    };
+    let (header, pk) =
+        accord_tests::raw_header(&vn, &kh.id, pb::Kind::SuspectNotice, "VN-KH-2026-0008").unwrap();
     let sealed = accord_proto::envelope::seal(header, &body, &pk, &vn.keys().signing).unwrap();
     raw.submit(&sealed).await.unwrap();
     let mut refused = None;
@@ -251,26 +232,13 @@ async fn a_backdated_answer_is_booked_when_it_arrived_not_when_its_sender_says()
     fetch_n(&mut kh, 1).await.unwrap();
     // KH answers with correspondence dated two hours before the alert was even sent.
     let backdated = now_ms() - 2 * 3_600_000;
-    let (key_id, pk) = kh
-        .directories()
-        .current_encryption_key(&vn.id, now_ms())
-        .unwrap();
+    let (header, pk) =
+        accord_tests::raw_header(&kh, &vn.id, pb::Kind::Correspondence, "VN-KH-2026-0009").unwrap();
     let header = pb::Header {
-        message_id: accord_proto::ids::MessageId::new_v7(backdated as u64, [6; 10])
-            .as_bytes()
-            .to_vec(),
-        kind: pb::Kind::Correspondence as i32,
-        case_ref: "VN-KH-2026-0009".into(),
-        sender_org: kh.id.to_string(),
-        recipient_org: vn.id.to_string(),
-        recipient_key_id: key_id,
         created_at_ms: backdated,
-        expires_at_ms: now_ms() + 600_000,
-        priority: pb::Priority::Routine as i32,
         in_reply_to: alert.id.as_bytes().to_vec(),
-        handling_code: "H0".into(),
         evaluation: "B2".into(),
-        ..Default::default()
+        ..header
     };
     let body = example("correspondence", 0);
     let sealed = accord_proto::envelope::seal(header, &body, &pk, &kh.keys().signing).unwrap();

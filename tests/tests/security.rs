@@ -4,7 +4,7 @@
 
 use accord_client::org::{OrgClient, SendOptions};
 use accord_proto::pb;
-use accord_tests::{alert, fetch_n, now_ms, TestNet};
+use accord_tests::{alert, fetch_n, TestNet};
 
 async fn net() -> TestNet {
     TestNet::builder()
@@ -22,27 +22,7 @@ async fn a_client_cannot_submit_as_another_organisation() {
     let mut hotline = net.client("vn", "tayninh-police").await.unwrap();
     let c02 = net.client("vn", "c02").await.unwrap();
     let to = net.org_id("kh", "ahtd").unwrap();
-    let (key_id, pk) = c02
-        .directories()
-        .current_encryption_key(&to, now_ms())
-        .unwrap();
-    let header = pb::Header {
-        message_id: accord_proto::ids::MessageId::new_v7(now_ms() as u64, [1; 10])
-            .as_bytes()
-            .to_vec(),
-        kind: pb::Kind::Alert as i32,
-        handling_code: "H0".into(),
-        evaluation: "X4".into(),
-        attachments: vec![],
-        case_ref: "C9".into(),
-        sender_org: c02.id.to_string(),
-        recipient_org: to.to_string(),
-        recipient_key_id: key_id,
-        created_at_ms: now_ms(),
-        expires_at_ms: now_ms() + 60_000,
-        priority: pb::Priority::Routine as i32,
-        ..Default::default()
-    };
+    let (header, pk) = accord_tests::raw_header(&c02, &to, pb::Kind::Alert, "C9").unwrap();
     let sealed =
         accord_proto::envelope::seal(header, &alert("spoof"), &pk, &c02.keys().signing).unwrap();
     let err = hotline
