@@ -483,8 +483,10 @@ fn attachment_sealers_never_share_an_index_and_take_their_own_place() {
     second.push(b"second file").unwrap();
     let (second, _) = second.finish().unwrap();
     assert_eq!((first.index(), second.index()), (0, 1));
-    // The second cannot take the first's place (its chunks carry nonces of index 1).
+    // The second cannot take the first's place (its chunks carry nonces of index 1), nor
+    // can a digest sealed elsewhere take the place the first reserved.
     assert!(sealer.add_attachment(second.clone()).is_err());
+    assert!(sealer.add_unsealed_digest(first.digest().clone()).is_err());
     sealer.add_attachment(first).unwrap();
     sealer.add_attachment(second).unwrap();
     assert_eq!(sealer.header().attachments.len(), 2);
