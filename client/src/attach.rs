@@ -27,6 +27,8 @@ use accord_proto::pb::{self, body::Form};
 use futures::StreamExt;
 use prost::Message;
 
+use accord_gateway::service::{error_key, CHUNKS_MISSING, QUOTA_FULL};
+
 use crate::casebook::{Direction, Entry};
 use crate::org::{message_id_of, ClientError, Opened, OrgClient, SendOptions, Sent};
 
@@ -287,7 +289,7 @@ fn transient(e: &ClientError) -> bool {
         | tonic::Code::DeadlineExceeded
         | tonic::Code::Aborted => true,
         // A full queue empties; an envelope or message too large stays too large.
-        tonic::Code::ResourceExhausted => s.message().contains("quota"),
+        tonic::Code::ResourceExhausted => error_key(s) == Some(QUOTA_FULL),
         _ => false,
     })
 }
@@ -473,10 +475,7 @@ impl OrgClient {
         // Submitted first: a send resumed after its accepted answer was lost is done
         // without uploading again; FAILED_PRECONDITION says chunks are missing.
         let sent = match with_retries("submit", submit).await {
-            Err(ClientError::Gateway(s))
-                if s.code() == tonic::Code::FailedPrecondition
-                    && s.message().contains("attachment") =>
-            {
+            Err(ClientError::Gateway(s)) if error_key(&s) == Some(CHUNKS_MISSING) => {
                 self.upload(&sealed, spool, &lists, &names, progress)
                     .await?;
                 with_retries("submit", submit).await?

@@ -56,6 +56,10 @@ pub enum PipelineError {
     /// witness; an ack for a message that expired).
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
+    /// The envelope's attachment chunks are not all held here yet: the client uploads them
+    /// (a peer gateway pushes them), then submits (delivers) again.
+    #[error("{}", crate::transfer::CHUNKS_MISSING)]
+    ChunksMissing,
     /// A peer needed for the answer could not be reached; retry later.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -548,11 +552,7 @@ impl Pipeline {
         }
         // Held until the commit: the sweep cannot drop these chunks in between.
         let Some(_chunks_kept) = self.keep_attachments(&env).await? else {
-            return Err(PipelineError::FailedPrecondition(
-                "the envelope's attachment chunks are not all uploaded: upload them with \
-                 PutChunks (GetChunkState says which are missing), then submit again"
-                    .into(),
-            ));
+            return Err(PipelineError::ChunksMissing);
         };
         self.check_quota()?;
         let now = self.now();
@@ -650,9 +650,7 @@ impl Pipeline {
         }
         let Some(_chunks_kept) = self.keep_attachments(&env).await? else {
             // The peer's forwarder pushes the chunks on this answer and delivers again.
-            return Err(PipelineError::FailedPrecondition(
-                crate::transfer::CHUNKS_MISSING.into(),
-            ));
+            return Err(PipelineError::ChunksMissing);
         };
         self.check_quota()?;
         let now = self.now();

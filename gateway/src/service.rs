@@ -49,9 +49,17 @@ impl From<PipelineError> for Status {
             PipelineError::BadReceipt(m) => {
                 Status::invalid_argument(format!("receipt refused: {m}"))
             }
-            PipelineError::QuotaFull => {
-                Status::resource_exhausted("the gateway's queue is full (disk quota); retry later")
-            }
+            PipelineError::QuotaFull => with_error_key(
+                Status::resource_exhausted("the gateway's queue is full (disk quota); retry later"),
+                QUOTA_FULL,
+            ),
+            PipelineError::ChunksMissing => with_error_key(
+                Status::failed_precondition(
+                    "the envelope's attachment chunks are not all uploaded: upload them with \
+                     PutChunks (GetChunkState says which are missing), then submit again",
+                ),
+                CHUNKS_MISSING,
+            ),
             PipelineError::BadRequest(m) => Status::invalid_argument(m),
             PipelineError::FailedPrecondition(m) => Status::failed_precondition(m),
             PipelineError::Unavailable(m) => Status::unavailable(m),
@@ -61,6 +69,26 @@ impl From<PipelineError> for Status {
             }
         }
     }
+}
+
+/// Metadata key that names, for machines, why a call failed where the status code alone is
+/// ambiguous: [`QUOTA_FULL`] (RESOURCE_EXHAUSTED that passes; retry later) or
+/// [`CHUNKS_MISSING`] (FAILED_PRECONDITION: upload the attachment chunks first).
+pub const ERROR_KEY: &str = "accord-error";
+pub const QUOTA_FULL: &str = "quota-full";
+pub const CHUNKS_MISSING: &str = "chunks-missing";
+
+fn with_error_key(mut status: Status, value: &'static str) -> Status {
+    status.metadata_mut().insert(
+        ERROR_KEY,
+        tonic::metadata::MetadataValue::from_static(value),
+    );
+    status
+}
+
+/// The [`ERROR_KEY`] a status carries, if any.
+pub fn error_key(status: &Status) -> Option<&str> {
+    status.metadata().get(ERROR_KEY)?.to_str().ok()
 }
 
 fn identity<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
@@ -348,7 +376,7 @@ impl PeerLink for PeerLinkService {
                     Some(pb::peer_item::Item::Envelope(env)) => match pipeline.receive(&peer, env).await {
                         Ok(r) => pb::PeerResult { receipt: Some(r), retry_reason: String::new() },
                         Err(PipelineError::QuotaFull) => pb::PeerResult { receipt: None, retry_reason: "quota full".into() },
-                        Err(PipelineError::FailedPrecondition(m)) => pb::PeerResult { receipt: None, retry_reason: m },
+                        Err(PipelineError::ChunksMissing) => pb::PeerResult { receipt: None, retry_reason: crate::transfer::CHUNKS_MISSING.into() },
                         Err(PipelineError::Store(e)) => {
                             tracing::error!(error = %e, "store failure on peer delivery");
                             pb::PeerResult { receipt: None, retry_reason: "storage error".into() }
