@@ -689,6 +689,17 @@ async fn malformed_uploads_replays_and_foreign_peers_get_nothing_kept() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    // Nor upload chunks of an envelope whose sender is not of its country.
+    let err = kh_as_peer
+        .put_chunks(upload(
+            &other,
+            &other_list,
+            vec![(1, other_chunks[1].clone())],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("SENDER_MISMATCH"), "{err:?}");
     net.shutdown().await;
 }
 
