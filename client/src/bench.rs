@@ -75,6 +75,15 @@ pub struct ProcessUse {
     pub peak_rss_mib: Option<f64>,
 }
 
+/// The submit-only phase: its rate and what it cost the VN gateway.
+#[derive(Clone, Debug, Serialize)]
+pub struct SubmitAlone {
+    #[serde(flatten)]
+    pub rate: Rate,
+    pub vn_cpu_us_per_message: f64,
+    pub bench_cpu_us_per_message: f64,
+}
+
 /// One stage of the per-message cryptographic work.
 #[derive(Clone, Debug, Serialize)]
 pub struct CryptoStage {
@@ -126,7 +135,14 @@ pub struct Report {
     pub senders: usize,
     pub body_bytes: usize,
     pub messages: usize,
-    /// Durable submit→accepted of envelopes sealed before the timed phase.
+    /// Durable submit→accepted with KH down, so that nothing else runs on the machine: a
+    /// broker's publish+confirm phase. Envelopes sealed beforehand.
+    pub submit_alone: SubmitAlone,
+    /// Those envelopes drained once KH is up: forwarded, opened and acknowledged (a
+    /// broker's consume+ack phase), timed from KH's start.
+    pub drain: Rate,
+    /// Durable submit→accepted of envelopes sealed before the timed phase, while the
+    /// recipient drains them (the end-to-end phase).
     pub submit: Rate,
     /// Submitted → delivered, opened and acknowledged by the recipient.
     pub end_to_end: Rate,
@@ -154,15 +170,18 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
         "--count must be at least --senders"
     );
     let net = bench_net(opts).await?;
-    let mut gateways = Vec::new();
-    for cc in ["vn", "kh"] {
-        gateways.push(GatewayProcess::spawn(&opts.gateway_exe, &net, cc)?);
-    }
-    let result = exchange(opts, &net, &gateways, progress).await;
+    let mut gateways = vec![GatewayProcess::spawn(&opts.gateway_exe, &net, "vn")?];
+    let result = phases(opts, &net, &mut gateways, progress).await;
     for g in &mut gateways {
         g.stop();
     }
-    let (submit, end_to_end, cpu) = result?;
+    let Phases {
+        alone,
+        drain,
+        submit,
+        end_to_end,
+        cpu,
+    } = result?;
     let bench_cpu = cpu.bench;
     let per_msg = |cpu: f64| cpu / opts.messages as f64 * 1e6;
     let mut processes = Vec::new();
@@ -229,6 +248,8 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
         senders: opts.senders,
         body_bytes: opts.body_bytes,
         messages: opts.messages,
+        submit_alone: alone,
+        drain,
         submit,
         end_to_end,
         processes,
@@ -271,15 +292,25 @@ struct CpuUse {
     bench: f64,
 }
 
-/// Warm-up, then the timed phase.
-async fn exchange(
+/// What the three phases measured.
+struct Phases {
+    alone: SubmitAlone,
+    drain: Rate,
+    submit: Rate,
+    end_to_end: Rate,
+    /// Of the end-to-end phase.
+    cpu: CpuUse,
+}
+
+/// Submit alone (KH down), drain (KH up), then the end-to-end exchange. `gateways` holds
+/// the running VN gateway; KH is started and pushed after the submit-only phase.
+async fn phases(
     opts: &Options,
     net: &LocalNet,
-    gateways: &[GatewayProcess],
+    gateways: &mut Vec<GatewayProcess>,
     progress: &mut (impl Write + Send),
-) -> anyhow::Result<(Rate, Rate, CpuUse)> {
-    writeln!(progress, "waiting for both gateways...")?;
-    let mut recipient = ready_client(net, "kh", RECIPIENT_ORG, gateways).await?;
+) -> anyhow::Result<Phases> {
+    writeln!(progress, "waiting for VN...")?;
     let mut senders = Vec::new();
     for _ in 0..opts.senders {
         senders.push(ready_client(net, "vn", SENDER_ORG, gateways).await?);
@@ -287,6 +318,41 @@ async fn exchange(
     let to = net.org_id("kh", RECIPIENT_ORG)?;
     let body = body_of_size(opts.body_bytes);
     let options = SendOptions::new("BENCH-1");
+
+    writeln!(
+        progress,
+        "submit alone (KH down): sealing {} envelopes of {} bytes...",
+        opts.messages, opts.body_bytes
+    )?;
+    let batches = preseal(&senders, &to, &body, &options, opts.messages)?;
+    writeln!(progress, "submit alone: {} senders...", opts.senders)?;
+    let vn_before = cpu_seconds(gateways[0].pid);
+    let bench_before = cpu_seconds(std::process::id());
+    let (start, accepted) = tokio::time::timeout(opts.timeout, submit_all(&senders, batches, None))
+        .await
+        .with_context(|| format!("the submit-only phase took longer than {:?}", opts.timeout))??;
+    let per_msg = |s: f64| s / opts.messages as f64 * 1e6;
+    let alone = SubmitAlone {
+        rate: rate(start, &accepted),
+        vn_cpu_us_per_message: per_msg(cpu_seconds(gateways[0].pid) - vn_before),
+        bench_cpu_us_per_message: per_msg(cpu_seconds(std::process::id()) - bench_before),
+    };
+
+    writeln!(
+        progress,
+        "drain: KH up, recipient takes {}...",
+        opts.messages
+    )?;
+    let drain_start = Instant::now();
+    gateways.push(GatewayProcess::spawn(&opts.gateway_exe, net, "kh")?);
+    let mut recipient = ready_client(net, "kh", RECIPIENT_ORG, gateways).await?;
+    let delivered = tokio::time::timeout(
+        opts.timeout,
+        open_and_ack(recipient.clone(), opts.messages, |_| Some(drain_start)),
+    )
+    .await
+    .with_context(|| format!("the drain took longer than {:?}", opts.timeout))??;
+    let drain = rate(drain_start, &delivered);
 
     if opts.warmup > 0 {
         writeln!(progress, "warm-up: {} messages end to end...", opts.warmup)?;
@@ -301,12 +367,13 @@ async fn exchange(
     let batches = preseal(&senders, &to, &body, &options, opts.messages)?;
     writeln!(
         progress,
-        "timed phase: {} senders, {} messages...",
+        "end to end: {} senders, {} messages...",
         opts.senders, opts.messages
     )?;
     let before: Vec<f64> = gateways.iter().map(|g| cpu_seconds(g.pid)).collect();
     let bench_before = cpu_seconds(std::process::id());
-    let (submit, e2e) = timed_phase(&mut senders, &mut recipient, batches, opts.timeout).await?;
+    let (submit, end_to_end) =
+        timed_phase(&mut senders, &mut recipient, batches, opts.timeout).await?;
     let cpu = CpuUse {
         gateways: gateways
             .iter()
@@ -315,7 +382,13 @@ async fn exchange(
             .collect(),
         bench: cpu_seconds(std::process::id()) - bench_before,
     };
-    Ok((submit, e2e, cpu))
+    Ok(Phases {
+        alone,
+        drain,
+        submit,
+        end_to_end,
+        cpu,
+    })
 }
 
 /// A client of `org` whose gateway answers (the gateway process may still be starting).
@@ -365,7 +438,8 @@ fn preseal(
 }
 
 /// Submits every batch (one sender per batch, one envelope in flight each) while the
-/// recipient opens and acknowledges; returns submit→accepted and submit→acked figures.
+/// recipient opens and acknowledges; returns submit→accepted and submit→acked figures,
+/// both timed from the same start.
 async fn timed_phase(
     senders: &mut [OrgClient],
     recipient: &mut OrgClient,
@@ -385,6 +459,27 @@ async fn timed_phase(
             .copied()
     }));
 
+    let run = async {
+        let (_, accepted) = submit_all(senders, batches, Some(submitted_at)).await?;
+        let delivered = receiving.await??;
+        Ok::<_, anyhow::Error>((accepted, delivered))
+    };
+    let (accepted, delivered) = tokio::time::timeout(timeout, run)
+        .await
+        .with_context(|| format!("the timed phase took longer than {timeout:?}"))??;
+    Ok((rate(start, &accepted), rate(start, &delivered)))
+}
+
+/// Submits every batch, one sender per batch with one envelope in flight each, noting in
+/// `submitted_at` when each submit started. Returns when the submits started and when
+/// each was accepted, with its latency.
+async fn submit_all(
+    senders: &[OrgClient],
+    batches: Vec<Vec<SealedEnvelope>>,
+    submitted_at: Option<Arc<Mutex<HashMap<MessageId, Instant>>>>,
+) -> anyhow::Result<(Instant, Vec<(Instant, Duration)>)> {
+    let total: usize = batches.iter().map(Vec::len).sum();
+    let start = Instant::now();
     let mut sending = tokio::task::JoinSet::new();
     for (client, batch) in senders.iter().cloned().zip(batches) {
         let times = submitted_at.clone();
@@ -393,11 +488,13 @@ async fn timed_phase(
             let mut accepted = Vec::with_capacity(batch.len());
             for sealed in batch {
                 let t0 = Instant::now();
-                let id = crate::org::message_id_of(&sealed)?;
-                times
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id, t0);
+                if let Some(times) = &times {
+                    let id = crate::org::message_id_of(&sealed)?;
+                    times
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id, t0);
+                }
                 client.submit(&sealed).await?;
                 let t1 = Instant::now();
                 accepted.push((t1, t1 - t0));
@@ -405,18 +502,11 @@ async fn timed_phase(
             Ok::<_, anyhow::Error>(accepted)
         });
     }
-    let run = async {
-        let mut accepted = Vec::with_capacity(total);
-        while let Some(r) = sending.join_next().await {
-            accepted.extend(r??);
-        }
-        let delivered = receiving.await??;
-        Ok::<_, anyhow::Error>((accepted, delivered))
-    };
-    let (accepted, delivered) = tokio::time::timeout(timeout, run)
-        .await
-        .with_context(|| format!("the timed phase took longer than {timeout:?}"))??;
-    Ok((rate(start, &accepted), rate(start, &delivered)))
+    let mut accepted = Vec::with_capacity(total);
+    while let Some(r) = sending.join_next().await {
+        accepted.extend(r??);
+    }
+    Ok((start, accepted))
 }
 
 /// The recipient's side: subscribes, opens each envelope and acknowledges it, until
@@ -1148,6 +1238,8 @@ pub fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
             name, r.throughput_per_sec, r.p50_ms, r.p99_ms, r.p999_ms
         )
     };
+    row(out, "submit alone (KH down)", &report.submit_alone.rate)?;
+    row(out, "drain once KH is up", &report.drain)?;
     row(out, "submit -> accepted (durable)", &report.submit)?;
     row(out, "submit -> delivered and acked", &report.end_to_end)?;
     row(out, "limit: bare mTLS echo", &report.limits.transport)?;
@@ -1171,6 +1263,11 @@ pub fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
         "seal and sign", c.seal_us
     )?;
     writeln!(out, "\nCPU per message and memory")?;
+    writeln!(
+        out,
+        "    submit alone: vn-gateway {:.0} µs CPU/msg, clients {:.0} µs CPU/msg",
+        report.submit_alone.vn_cpu_us_per_message, report.submit_alone.bench_cpu_us_per_message
+    )?;
     for p in &report.processes {
         let rss = p
             .peak_rss_mib
