@@ -370,3 +370,53 @@ async fn an_envelope_that_expires_in_the_queue_is_not_delivered_and_its_sender_g
     );
     net.shutdown().await;
 }
+
+/// The store's quota (`queue_quota_bytes`) refuses new envelopes with RESOURCE_EXHAUSTED and
+/// the `quota-full` key once the store outgrows it, and loses nothing it accepted before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_over_its_quota_refuses_new_envelopes_and_keeps_what_it_accepted() {
+    let net = TestNet::builder()
+        .country("vn", "hanoi", &["c02"])
+        .country("kh", "phnom-penh", &["ahtd"])
+        .limits("vn", "queue_quota_bytes = 4194304")
+        .start()
+        .await
+        .unwrap();
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    let kh = net.org_id("kh", "ahtd").unwrap();
+    let body = accord_client::bench::body_of_size(64 << 10);
+    let mut accepted = HashSet::new();
+    let refused = loop {
+        assert!(accepted.len() < 200, "4 MiB quota never reached");
+        match vn
+            .send(&kh, &body, &SendOptions::new("VN-KH-2026-0099"))
+            .await
+        {
+            Ok(sent) => {
+                accepted.insert(sent.id);
+            }
+            Err(accord_client::org::ClientError::Gateway(status)) => break status,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert_eq!(
+        accord_gateway::service::error_key(&refused),
+        Some(accord_gateway::service::QUOTA_FULL)
+    );
+    assert!(!accepted.is_empty());
+    // Everything accepted before the refusal is delivered.
+    let mut kh_client = net.client("kh", "ahtd").await.unwrap();
+    let got: HashSet<_> = fetch_n(&mut kh_client, accepted.len())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.envelope.id())
+        .collect();
+    assert_eq!(got, accepted);
+    net.shutdown().await;
+}

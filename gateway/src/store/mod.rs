@@ -148,7 +148,8 @@ pub trait Store: Send + Sync + 'static {
     fn log_size(&self) -> Result<u64, StoreError>;
     /// One encoded log entry.
     fn log_entry(&self, index: LogIndex) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Bytes the store occupies on disk, for the quota.
+    /// Bytes the store occupies on disk, for the quota, as of the last sync (it may lag
+    /// the transactions in flight by one group).
     fn disk_usage(&self) -> Result<u64, StoreError>;
     /// The stored hash of the perfect subtree at (`level`, `index`) of the log's tree.
     fn log_node(&self, level: u32, index: u64) -> Result<Option<[u8; 32]>, StoreError>;

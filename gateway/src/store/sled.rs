@@ -20,7 +20,6 @@
 //! s ‖ "log" / "seq"                  next log index / next sequence number
 //! ```
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,10 +51,13 @@ impl From<sled::Error> for StoreError {
 }
 
 /// Group counters: a reader can see what `applied` counts; `synced` says what is durable.
+/// `disk_bytes` is the store's size on disk as of the last sync, for the quota: asking sled
+/// (`size_on_disk`) lists and stats every blob file, too much for every submit.
 #[derive(Debug, Default)]
 struct Progress {
     applied: AtomicU64,
     synced: AtomicU64,
+    disk_bytes: AtomicU64,
 }
 
 struct Pending {
@@ -94,12 +96,15 @@ impl SledStore {
         let log_file = File::open(path.join("db"))?;
         let (sender, receiver) = mpsc::channel();
         let progress = Arc::new(Progress::default());
+        progress
+            .disk_bytes
+            .store(db.size_on_disk()?, Ordering::Relaxed);
         let committer = Committer {
             progress: progress.clone(),
             db: db.clone(),
             log_file,
             blob_dir: path.join("blobs"),
-            synced_blobs: HashSet::new(),
+            synced_blobs: HashMap::new(),
             next_log: read_meta(&db, META_LOG)?,
             next_seq: read_meta(&db, META_SEQ)?,
             poisoned: None,
@@ -219,7 +224,8 @@ struct Committer {
     db: sled::Db,
     log_file: File,
     blob_dir: PathBuf,
-    synced_blobs: HashSet<std::ffi::OsString>,
+    /// Blob files already synced, with their sizes (sled writes a blob file once).
+    synced_blobs: HashMap<std::ffi::OsString, u64>,
     next_log: u64,
     next_seq: u64,
     /// Set after a failed sync: what is on disk is unknown, so every later commit fails.
@@ -347,7 +353,8 @@ impl Committer {
         Ok(TxOutcome::Committed { first_log_index })
     }
 
-    /// flush + fdatasync of the log file and of any blob file not yet synced.
+    /// flush + fdatasync of the log file and of any blob file not yet synced; then notes
+    /// the size on disk.
     fn sync(&mut self) -> Result<(), String> {
         let result = self
             .db
@@ -355,17 +362,27 @@ impl Committer {
             .map_err(|e| e.to_string())
             .and_then(|_| self.log_file.sync_data().map_err(|e| e.to_string()))
             .and_then(|_| self.sync_blobs().map_err(|e| e.to_string()));
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "store sync failed; refusing further writes");
-            self.poisoned = Some(e.clone());
+        match &result {
+            Ok(blob_bytes) => {
+                // The quota figure only: a failed stat keeps the previous one.
+                if let Ok(meta) = self.log_file.metadata() {
+                    let bytes = meta.len() + blob_bytes;
+                    self.progress.disk_bytes.store(bytes, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store sync failed; refusing further writes");
+                self.poisoned = Some(e.clone());
+            }
         }
-        result
+        result.map(|_| ())
     }
 
-    fn sync_blobs(&mut self) -> std::io::Result<()> {
+    /// Syncs new blob files; returns the bytes all blob files hold.
+    fn sync_blobs(&mut self) -> std::io::Result<u64> {
         let entries = match std::fs::read_dir(&self.blob_dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(e),
         };
         let names = entries
@@ -376,31 +393,37 @@ impl Committer {
             sync_dir(&self.blob_dir)?;
         }
         self.synced_blobs = present;
-        Ok(())
+        Ok(self.synced_blobs.values().sum())
     }
 }
 
 /// `fdatasync`s the files `names` of `dir` that are not in `synced`; returns the names
-/// still there and whether the folder changed. sled deletes a blob once its page is
-/// rewritten, possibly after the folder was listed: such a file has nothing to keep and is
-/// skipped (it used to fail the sync and poison the store).
+/// still there with their sizes, and whether the folder changed. sled deletes a blob once
+/// its page is rewritten, possibly after the folder was listed: such a file has nothing to
+/// keep and is skipped (it used to fail the sync and poison the store).
 fn sync_new_files(
     dir: &Path,
     names: Vec<std::ffi::OsString>,
-    synced: &HashSet<std::ffi::OsString>,
-) -> std::io::Result<(HashSet<std::ffi::OsString>, bool)> {
-    let mut present = HashSet::new();
+    synced: &HashMap<std::ffi::OsString, u64>,
+) -> std::io::Result<(HashMap<std::ffi::OsString, u64>, bool)> {
+    let mut present = HashMap::new();
     let mut changed = false;
     for name in names {
-        if !synced.contains(&name) {
-            changed = true;
-            match File::open(dir.join(&name)) {
-                Ok(file) => file.sync_data()?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
+        let size = match synced.get(&name) {
+            Some(size) => *size,
+            None => {
+                changed = true;
+                match File::open(dir.join(&name)) {
+                    Ok(file) => {
+                        file.sync_data()?;
+                        file.metadata()?.len()
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
             }
-        }
-        present.insert(name);
+        };
+        present.insert(name, size);
     }
     Ok((present, changed))
 }
@@ -480,7 +503,7 @@ impl Store for SledStore {
     }
 
     fn disk_usage(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
+        Ok(self.progress.disk_bytes.load(Ordering::Relaxed))
     }
 
     fn log_node(&self, level: u32, index: u64) -> Result<Option<Hash>, StoreError> {
@@ -527,12 +550,46 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("1"), b"blob").unwrap();
         let listed = vec!["1".into(), "2".into()]; // "2" was deleted after the listing
-        let (present, changed) = sync_new_files(dir.path(), listed, &HashSet::new()).unwrap();
+        let (present, changed) = sync_new_files(dir.path(), listed, &HashMap::new()).unwrap();
         assert!(changed);
-        assert_eq!(present, HashSet::from(["1".into()]));
+        assert_eq!(present, HashMap::from([("1".into(), 4)]));
         // Nothing new: nothing to sync, no change.
         let (_, changed) = sync_new_files(dir.path(), vec!["1".into()], &present).unwrap();
         assert!(!changed);
+    }
+
+    /// The quota's figure follows what commits write, blob files included, without asking
+    /// sled to list them on every call.
+    #[tokio::test]
+    async fn disk_usage_counts_what_commits_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        let before = store.disk_usage().unwrap();
+        for i in 0..20u64 {
+            let id = MessageId::new_v7(1_000 + i, [i as u8; 10]);
+            let envelope = pb::Envelope {
+                header: vec![1; 100],
+                ciphertext: vec![i as u8; 200 << 10],
+                signature: vec![3; 64],
+            };
+            let msg = StoredMessage {
+                envelope: Some(envelope),
+                ..Default::default()
+            };
+            store
+                .commit(Tx {
+                    ops: vec![Op::InsertMessage(id, msg)],
+                    receipts: None,
+                })
+                .await
+                .unwrap();
+        }
+        let after = store.disk_usage().unwrap();
+        assert!(
+            after >= before + 20 * (200 << 10),
+            "{before} bytes before, {after} after 4 MB of commits"
+        );
+        assert!(after <= store.db.size_on_disk().unwrap() + (1 << 20));
     }
 
     /// Large values churned by concurrent writers: sled writes their pages to blob files
