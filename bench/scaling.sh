@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The scaling tables of docs/performance.md: `accord bench` at 1 KiB for 1, 4, 16, 64 and
 # 256 senders, then at 16 senders for 1 KiB, 64 KiB and 1 MiB bodies, then the backlog
-# scenario. Each row is one `accord bench ... --json` run; the JSON lines go to --out and
+# scenario (after 200,000 envelopes end to end, so VN restarts on a log of about 1M
+# entries). Each row is one `accord bench ... --json` run; the JSON lines go to --out and
 # the tables, with the command of each row, to stdout.
 #
 # Usage: bench/scaling.sh [--out bench/scaling.jsonl] [--quick]
@@ -40,7 +41,7 @@ for s in 1 4 16 64 256; do
 done
 run "size=64KiB" --senders 16 --size 65536 --count "$(n 3000)" --warmup "$(n 200)"
 run "size=1MiB" --senders 16 --size 1048576 --count "$(n 400)" --warmup "$(n 40)"
-run "backlog=100k" --backlog "$(n 100000)" --senders 64 --size 1024
+run "backlog=100k" --backlog "$(n 100000)" --history "$(n 200000)" --senders 64 --size 1024
 
 python3 - "$OUT" <<'PY'
 import json, sys
@@ -48,13 +49,15 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 ex = [r for r in rows if "end_to_end" in r]
 m = rows[0]["machine"]
 print(f"Machine: {m['cores']} cores ({m['cpu']}), Linux {m['kernel']}, run folder on {m['run_dir_filesystem']}.\n")
-print("| row | submit msg/s | submit p50 / p99 ms | end to end msg/s | e2e p50 / p99 / p99.9 ms | echo msg/s | crypto ceiling | store tx/s | e2e/crypto | VN / KH CPU µs/msg | VN / KH peak RSS MiB | disk B/msg |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| row | submit alone msg/s | alone p50 / p99 ms | drain msg/s | submit msg/s | submit p50 / p99 ms | end to end msg/s | e2e p50 / p99 / p99.9 ms | echo msg/s | crypto ceiling | store tx/s | e2e/crypto | VN / KH CPU µs/msg | VN / KH peak RSS MiB | disk B/msg |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in ex:
     p = {x["name"]: x for x in r["processes"]}
     vn, kh = p["vn-gateway"], p["kh-gateway"]
     s, e, l = r["submit"], r["end_to_end"], r["limits"]
-    print(f"| {r['row']} | {s['throughput_per_sec']:.0f} | {s['p50_ms']:.1f} / {s['p99_ms']:.1f} | "
+    a, d = r["submit_alone"], r["drain"]
+    print(f"| {r['row']} | {a['throughput_per_sec']:.0f} | {a['p50_ms']:.1f} / {a['p99_ms']:.1f} | "
+          f"{d['throughput_per_sec']:.0f} | {s['throughput_per_sec']:.0f} | {s['p50_ms']:.1f} / {s['p99_ms']:.1f} | "
           f"{e['throughput_per_sec']:.0f} | {e['p50_ms']:.0f} / {e['p99_ms']:.0f} / {e['p999_ms']:.0f} | "
           f"{l['transport']['throughput_per_sec']:.0f} | {l['crypto']['ceiling_per_sec']:.0f} | "
           f"{l['store']['throughput_per_sec']:.0f} | {r['ratios']['end_to_end_vs_crypto']*100:.0f}% | "
@@ -67,7 +70,8 @@ for r in rows:
     if "backlog" in r:
         print(f"\nBacklog of {r['backlog']}: submit {r['submit']['throughput_per_sec']:.0f} msg/s with KH down; "
               f"VN peak RSS {r['vn_peak_rss_with_backlog_mib']:.0f} MiB, store {r['vn_disk_mib']:.0f} MiB; "
-              f"restart to ready {r['restart_to_ready_ms']:.0f} ms with {r['vn_log_entries']} log entries; "
+              f"restart to ready {r['restart_to_ready_ms']:.0f} ms with {r['vn_log_entries']} log entries "
+              f"({r['history']} envelopes exchanged end to end before the backlog); "
               f"drain {r['drain']['throughput_per_sec']:.0f} msg/s ({r['drain']['seconds']:.0f} s); "
               f"peak RSS after the drain VN {r['vn_peak_rss_after_drain_mib']:.0f} MiB, KH {r['kh_peak_rss_after_drain_mib']:.0f} MiB.")
 PY

@@ -1064,18 +1064,21 @@ pub struct BacklogReport {
     pub vn_log_entries: u64,
     /// From starting the VN gateway process again to its first answered call.
     pub restart_to_ready_ms: f64,
+    /// Envelopes exchanged end to end before the backlog (to lengthen the log).
+    pub history: usize,
     /// KH comes up: from then until the recipient has opened and acknowledged everything.
     pub drain: Rate,
     pub vn_peak_rss_after_drain_mib: Option<f64>,
     pub kh_peak_rss_after_drain_mib: Option<f64>,
 }
 
-/// The backlog scenario: KH is down while VN accepts `backlog` envelopes (sealed as they
-/// go), then VN is restarted with the backlog in its store, then KH comes up and the
+/// The backlog scenario: after `history` envelopes end to end, KH is down while VN accepts
+/// `backlog` envelopes (sealed as they go), then VN is restarted with the backlog in its store, then KH comes up and the
 /// recipient drains everything. Peak memory with the backlog, restart time, drain rate.
 pub async fn run_backlog(
     opts: &Options,
     backlog: usize,
+    history: usize,
     progress: &mut (impl Write + Send),
 ) -> anyhow::Result<BacklogReport> {
     anyhow::ensure!(
@@ -1084,13 +1087,16 @@ pub async fn run_backlog(
     );
     let net = bench_net(opts).await?;
     let mut vn = GatewayProcess::spawn(&opts.gateway_exe, &net, "vn")?;
-    writeln!(progress, "KH down; VN accepts {backlog} envelopes...")?;
     let mut senders = Vec::new();
     for _ in 0..opts.senders {
         senders.push(ready_client(&net, "vn", SENDER_ORG, std::slice::from_ref(&vn)).await?);
     }
     let to = net.org_id("kh", RECIPIENT_ORG)?;
     let body = body_of_size(opts.body_bytes);
+    if history > 0 {
+        vn = exchange_history(opts, &net, &mut senders, vn, history, progress).await?;
+    }
+    writeln!(progress, "KH down; VN accepts {backlog} envelopes...")?;
     let start = Instant::now();
     let mut sending = tokio::task::JoinSet::new();
     let per_sender = backlog.div_ceil(opts.senders);
@@ -1167,12 +1173,50 @@ pub async fn run_backlog(
         vn_disk_mib: vn_disk,
         vn_log_entries,
         restart_to_ready_ms,
+        history,
         drain: rate(drain_start, &delivered),
         vn_peak_rss_after_drain_mib: vn.peak_rss_mib,
         kh_peak_rss_after_drain_mib: kh.peak_rss_mib,
     };
     net.shutdown().await;
     Ok(report)
+}
+
+/// `history` envelopes end to end (KH up, the recipient acknowledging), in rounds of at
+/// most 20,000 sealed ahead, so the backlog run starts on a long log. KH is stopped after.
+async fn exchange_history(
+    opts: &Options,
+    net: &LocalNet,
+    senders: &mut [OrgClient],
+    vn: GatewayProcess,
+    history: usize,
+    progress: &mut (impl Write + Send),
+) -> anyhow::Result<GatewayProcess> {
+    let mut both = vec![vn, GatewayProcess::spawn(&opts.gateway_exe, net, "kh")?];
+    let result = async {
+        let mut recipient = ready_client(net, "kh", RECIPIENT_ORG, &both).await?;
+        let (to, body) = (
+            net.org_id("kh", RECIPIENT_ORG)?,
+            body_of_size(opts.body_bytes),
+        );
+        let options = SendOptions::new("BENCH-HISTORY");
+        let mut done = 0;
+        while done < history {
+            let n = (history - done).min(20_000).max(senders.len());
+            let batches = preseal(senders, &to, &body, &options, n)?;
+            timed_phase(senders, &mut recipient, batches, opts.timeout).await?;
+            done += n;
+            writeln!(
+                progress,
+                "  history: {done} of {history} exchanged end to end"
+            )?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    both[1].stop();
+    result?;
+    Ok(both.swap_remove(0))
 }
 
 /// The number of entries in the log of the (stopped) gateway whose store is at `data_dir`.

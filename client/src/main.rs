@@ -174,6 +174,10 @@ enum Command {
         /// drain rate).
         #[arg(long)]
         backlog: Option<usize>,
+        /// With --backlog: first exchange this many envelopes end to end, so that VN
+        /// restarts on a long log (each costs VN about 5 log entries).
+        #[arg(long, default_value_t = 0, requires = "backlog")]
+        history: usize,
         /// Print the report as one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -505,6 +509,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dir,
             timeout,
             backlog,
+            history,
             json,
         } => {
             let opts = accord_client::bench::Options {
@@ -517,9 +522,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 timeout: std::time::Duration::from_secs(timeout),
             };
             if let Some(backlog) = backlog {
-                let report =
-                    accord_client::bench::run_backlog(&opts, backlog, &mut std::io::stderr())
-                        .await?;
+                let report = accord_client::bench::run_backlog(
+                    &opts,
+                    backlog,
+                    history,
+                    &mut std::io::stderr(),
+                )
+                .await?;
                 if json {
                     println!("{}", serde_json::to_string(&report)?);
                 } else {
