@@ -206,7 +206,9 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
                 .map(|d| accord_gateway::attachments::dir_size(&d))
         })
         .sum::<anyhow::Result<u64>>()?;
-    let disk_bytes_per_message = on_disk as f64 / (opts.messages + opts.warmup) as f64;
+    // Every envelope of the three phases: submit alone (drained), warm-up, end to end.
+    let stored = 2 * opts.messages + opts.warmup;
+    let disk_bytes_per_message = on_disk as f64 / stored as f64;
 
     writeln!(progress, "limits: transport (bare mTLS echo)...")?;
     let transport = transport_limit(opts, &net).await?;
