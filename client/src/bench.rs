@@ -183,7 +183,7 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
         cpu,
     } = result?;
     let bench_cpu = cpu.bench;
-    let per_msg = |cpu: f64| cpu / opts.messages as f64 * 1e6;
+    let per_msg = |cpu: f64| us_per_message(cpu, opts.messages);
     let mut processes = Vec::new();
     for (g, cpu) in gateways.iter().zip(cpu.gateways) {
         processes.push(ProcessUse {
@@ -333,11 +333,16 @@ async fn phases(
     let (start, accepted) = tokio::time::timeout(opts.timeout, submit_all(&senders, batches, None))
         .await
         .with_context(|| format!("the submit-only phase took longer than {:?}", opts.timeout))??;
-    let per_msg = |s: f64| s / opts.messages as f64 * 1e6;
     let alone = SubmitAlone {
         rate: rate(start, &accepted),
-        vn_cpu_us_per_message: per_msg(cpu_seconds(gateways[0].pid) - vn_before),
-        bench_cpu_us_per_message: per_msg(cpu_seconds(std::process::id()) - bench_before),
+        vn_cpu_us_per_message: us_per_message(
+            cpu_seconds(gateways[0].pid) - vn_before,
+            opts.messages,
+        ),
+        bench_cpu_us_per_message: us_per_message(
+            cpu_seconds(std::process::id()) - bench_before,
+            opts.messages,
+        ),
     };
 
     writeln!(
@@ -345,16 +350,7 @@ async fn phases(
         "drain: KH up, recipient takes {}...",
         opts.messages
     )?;
-    let drain_start = Instant::now();
-    gateways.push(GatewayProcess::spawn(&opts.gateway_exe, net, "kh")?);
-    let mut recipient = ready_client(net, "kh", RECIPIENT_ORG, gateways).await?;
-    let delivered = tokio::time::timeout(
-        opts.timeout,
-        open_and_ack(recipient.clone(), opts.messages, |_| Some(drain_start)),
-    )
-    .await
-    .with_context(|| format!("the drain took longer than {:?}", opts.timeout))??;
-    let drain = rate(drain_start, &delivered);
+    let (drain, mut recipient) = drain_after_kh_starts(opts, net, gateways, opts.messages).await?;
 
     if opts.warmup > 0 {
         writeln!(progress, "warm-up: {} messages end to end...", opts.warmup)?;
@@ -391,6 +387,32 @@ async fn phases(
         end_to_end,
         cpu,
     })
+}
+
+/// CPU seconds spread over `messages`, in µs each.
+fn us_per_message(cpu_seconds: f64, messages: usize) -> f64 {
+    cpu_seconds / messages as f64 * 1e6
+}
+
+/// Starts KH (added to `gateways`, which holds VN) and lets the recipient open and
+/// acknowledge the `queued` envelopes VN holds for it. The rate is timed from KH's start;
+/// the recipient is returned for what follows.
+async fn drain_after_kh_starts(
+    opts: &Options,
+    net: &LocalNet,
+    gateways: &mut Vec<GatewayProcess>,
+    queued: usize,
+) -> anyhow::Result<(Rate, OrgClient)> {
+    let start = Instant::now();
+    gateways.push(GatewayProcess::spawn(&opts.gateway_exe, net, "kh")?);
+    let recipient = ready_client(net, "kh", RECIPIENT_ORG, gateways).await?;
+    let delivered = tokio::time::timeout(
+        opts.timeout,
+        open_and_ack(recipient.clone(), queued, |_| Some(start)),
+    )
+    .await
+    .with_context(|| format!("the drain took longer than {:?}", opts.timeout))??;
+    Ok((rate(start, &delivered), recipient))
 }
 
 /// A client of `org` whose gateway answers (the gateway process may still be starting).
@@ -1075,8 +1097,8 @@ pub struct BacklogReport {
 }
 
 /// The backlog scenario: after `history` envelopes end to end, KH is down while VN accepts
-/// `backlog` envelopes (sealed as they go), then VN is restarted with the backlog in its store, then KH comes up and the
-/// recipient drains everything. Peak memory with the backlog, restart time, drain rate.
+/// `backlog` envelopes (sealed as they go), then VN is restarted with the backlog in its
+/// store, then KH comes up and the recipient drains everything. Peak memory with the backlog, restart time, drain rate.
 pub async fn run_backlog(
     opts: &Options,
     backlog: usize,
@@ -1150,21 +1172,13 @@ pub async fn run_backlog(
     let restart_to_ready_ms = restarted.elapsed().as_secs_f64() * 1e3;
 
     writeln!(progress, "KH up; draining {backlog} envelopes...")?;
-    let drain_start = Instant::now();
-    let kh = GatewayProcess::spawn(&opts.gateway_exe, &net, "kh")?;
-    let mut gateways = [vn, kh];
-    let recipient = ready_client(&net, "kh", RECIPIENT_ORG, &gateways).await?;
-    let drained = tokio::time::timeout(
-        opts.timeout,
-        open_and_ack(recipient, backlog, |_| Some(drain_start)),
-    )
-    .await;
+    let mut gateways = vec![vn];
+    let drained = drain_after_kh_starts(opts, &net, &mut gateways, backlog).await;
     for g in &mut gateways {
         g.stop();
     }
-    let [vn, kh] = &gateways;
-    let delivered =
-        drained.with_context(|| format!("draining took longer than {:?}", opts.timeout))??;
+    let (drain, _) = drained?;
+    let (vn, kh) = (&gateways[0], &gateways[1]);
     let report = BacklogReport {
         machine: machine(net.root()),
         senders: opts.senders,
@@ -1176,7 +1190,7 @@ pub async fn run_backlog(
         vn_log_entries,
         restart_to_ready_ms,
         history,
-        drain: rate(drain_start, &delivered),
+        drain,
         vn_peak_rss_after_drain_mib: vn.peak_rss_mib,
         kh_peak_rss_after_drain_mib: kh.peak_rss_mib,
     };

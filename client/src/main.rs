@@ -175,7 +175,7 @@ enum Command {
         #[arg(long)]
         backlog: Option<usize>,
         /// With --backlog: first exchange this many envelopes end to end, so that VN
-        /// restarts on a long log (each costs VN about 5 log entries).
+        /// restarts on a long log (each adds 4 entries to VN's log).
         #[arg(long, default_value_t = 0, requires = "backlog")]
         history: usize,
         /// Print the report as one JSON object instead of a table.
