@@ -66,14 +66,19 @@ fn accepted_id(stdout: &str) -> String {
     stdout.split_whitespace().nth(1).unwrap().to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_victim_case_runs_request_result_plan_and_the_book_reports_it() {
-    let net = LocalNet::builder()
+/// VN with organisation c02 and KH with ahtd, gateways running.
+async fn vn_and_kh() -> LocalNet {
+    LocalNet::builder()
         .country("vn", "hanoi", &["c02"])
         .country("kh", "phnom-penh", &["ahtd"])
         .start()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_victim_case_runs_request_result_plan_and_the_book_reports_it() {
+    let net = vn_and_kh().await;
     let (vn, kh) = ("spiffe://vn.accord/org/c02", "spiffe://kh.accord/org/ahtd");
     let case = "VN-KH-2026-0100";
 
@@ -228,12 +233,7 @@ async fn a_victim_case_runs_request_result_plan_and_the_book_reports_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attached_files_travel_with_progress_are_saved_before_the_ack_and_a_childs_only_revealed() {
-    let net = LocalNet::builder()
-        .country("vn", "hanoi", &["c02"])
-        .country("kh", "phnom-penh", &["ahtd"])
-        .start()
-        .await
-        .unwrap();
+    let net = vn_and_kh().await;
     let (vn, kh) = ("spiffe://vn.accord/org/c02", "spiffe://kh.accord/org/ahtd");
     let tmp = tempfile::tempdir().unwrap();
     let scan: Vec<u8> = (0..1_500_000u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -352,12 +352,7 @@ async fn attached_files_travel_with_progress_are_saved_before_the_ack_and_a_chil
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exports_carry_the_h1_notice_and_h2_or_h3_never_leave() {
-    let net = LocalNet::builder()
-        .country("vn", "hanoi", &["c02"])
-        .country("kh", "phnom-penh", &["ahtd"])
-        .start()
-        .await
-        .unwrap();
+    let net = vn_and_kh().await;
     let kh = "spiffe://kh.accord/org/ahtd";
     let mut ids = Vec::new();
     for handling in ["H1", "H2", "H3:share with the prosecutor only"] {
