@@ -6,7 +6,8 @@
 //!   transaction is on disk (fsync/fdatasync), so nothing acknowledged is lost on a power
 //!   cut. Implementations group-commit: one sync covers every transaction waiting for it.
 //! - Log indexes are assigned in commit order, without gaps.
-//! - Reads may see a transaction before its sync; [`Store::barrier`] waits it out.
+//! - Reads see only transactions that are on disk: an answer built from reads (a status,
+//!   an inbox) never shows what a power cut could take back.
 //! - A transaction that inserts a message whose id is already stored is not applied and
 //!   resolves to [`TxOutcome::Exists`]: that is how "exactly once into an inbox" holds under
 //!   concurrent duplicates.
@@ -15,6 +16,7 @@
 //!   its message id, in the same atomic batch, so the tree is never behind the log.
 
 pub mod sled;
+mod wal;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -134,10 +136,6 @@ pub type Commit = Pin<Box<dyn Future<Output = Result<TxOutcome, StoreError>> + S
 pub trait Store: Send + Sync + 'static {
     /// Applies `tx` atomically; resolves after it is on disk.
     fn commit(&self, tx: Tx) -> Commit;
-    /// Resolves once everything a reader can already see is on disk. Reads may observe a
-    /// transaction between its apply and its sync; an answer built from reads (a status, an
-    /// inbox) awaits this first, so it never shows what a power cut could take back.
-    fn barrier(&self) -> Commit;
     fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError>;
     /// Every receipt stored for a message, in the order they were stored.
     fn receipts(&self, id: &MessageId) -> Result<Vec<pb::Receipt>, StoreError>;
@@ -148,8 +146,8 @@ pub trait Store: Send + Sync + 'static {
     fn log_size(&self) -> Result<u64, StoreError>;
     /// One encoded log entry.
     fn log_entry(&self, index: LogIndex) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Bytes the store occupies on disk, for the quota, as of the last sync (it may lag
-    /// the transactions in flight by one group).
+    /// Bytes the store occupies on disk, for the quota (it may lag the transactions in
+    /// flight by one group).
     fn disk_usage(&self) -> Result<u64, StoreError>;
     /// The stored hash of the perfect subtree at (`level`, `index`) of the log's tree.
     fn log_node(&self, level: u32, index: u64) -> Result<Option<[u8; 32]>, StoreError>;

@@ -1,11 +1,20 @@
-//! [`Store`] on sled 0.34.7, made truly durable.
+//! [`Store`] on sled 0.34.7, made truly durable by a write-ahead log of our own.
 //!
 //! sled's `flush` ends in `sync_file_range`, which survives a process crash but not a power
-//! cut, and it writes large values to blob files without syncing them. So every group commit
-//! here is: apply each transaction as one atomic `sled::Batch`, `flush`, then `fdatasync` the
-//! log file and any new blob file (and the blob directory). Only then are the waiting
-//! transactions answered. One thread owns the write side, which also gives log indexes and
-//! queue sequence numbers a single order.
+//! cut, and it writes large values to blob files without syncing them; a flush per commit
+//! also cost a second device round trip. So a group commit here is:
+//! 1. build each transaction's writes, reading through the group's earlier writes;
+//! 2. append the group's writes to the write-ahead log (`wal.rs`) and `fdatasync` it;
+//! 3. apply them to sled as one atomic batch, without a flush; then answer.
+//!
+//! Readers therefore only ever see durable transactions. A checkpointer thread makes sled
+//! durable in bulk (flush, then `fdatasync` of its log file, of any new blob file and of
+//! the blob directory) once a segment is full or a second old, then deletes the segments
+//! sled now holds. On open, whatever segments remain are replayed into sled: their records
+//! hold absolute values, so replaying over a sled that already has some of them is safe.
+//!
+//! One thread owns the write side, which also gives log indexes and queue sequence numbers
+//! a single order.
 //!
 //! Key layout (all integers big-endian, so sled's byte order is the queue order):
 //! ```text
@@ -20,14 +29,14 @@
 //! s ‖ "log" / "seq"                  next log index / next sequence number
 //! ```
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-
-use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use accord_proto::ids::MessageId;
 use accord_proto::merkle::{self, Hash, NodeSource, ProofError};
@@ -35,12 +44,19 @@ use accord_proto::{log, pb};
 use prost::Message;
 use tokio::sync::oneshot;
 
+use super::wal::{self, Segment, WalError, WalGroup, WalWrite};
 use super::{
     Commit, Op, Queue, QueueEntry, QueueKey, Store, StoreError, StoredMessage, Tx, TxOutcome,
 };
 
 /// Most transactions one sync covers; bounds the latency of the first in a group.
 const MAX_GROUP: usize = 512;
+/// A group closes once its writes reach this many bytes (large bodies), for the same reason.
+const MAX_GROUP_BYTES: usize = 16 << 20;
+/// A segment is handed to the checkpointer once it holds this much, or is this old: what a
+/// restart replays, and what sled holds in memory only, stay within these bounds.
+const SEGMENT_BYTES: u64 = 32 << 20;
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 const META_LOG: &[u8] = b"slog";
 const META_SEQ: &[u8] = b"sseq";
 
@@ -50,25 +66,55 @@ impl From<sled::Error> for StoreError {
     }
 }
 
-/// Group counters: a reader can see what `applied` counts; `synced` says what is durable.
-/// `disk_bytes` is the store's size on disk as of the last sync, for the quota: asking sled
-/// (`size_on_disk`) lists and stats every blob file, too much for every submit.
+impl From<WalError> for StoreError {
+    fn from(e: WalError) -> Self {
+        match e {
+            WalError::Io(e) => StoreError::Io(e),
+            damaged @ WalError::Damaged { .. } => StoreError::Engine(damaged.to_string()),
+        }
+    }
+}
+
+/// What the store, its committer and its checkpointer share. The two sizes make the quota's
+/// figure: asking sled (`size_on_disk`) lists and stats every blob file, too much for every
+/// submit.
 #[derive(Debug, Default)]
 struct Progress {
-    applied: AtomicU64,
-    synced: AtomicU64,
-    disk_bytes: AtomicU64,
+    /// sled's log and blob files, as of the last checkpoint.
+    sled_bytes: AtomicU64,
+    /// Write-ahead log segments not yet deleted.
+    wal_bytes: AtomicU64,
+    /// Set after a failed write or sync: what is on disk is unknown, so every later commit
+    /// fails until a restart replays the log.
+    poisoned: Mutex<Option<String>>,
 }
+
+impl Progress {
+    fn poison(&self, why: String) {
+        tracing::error!(error = %why, "store write failed; refusing further writes");
+        if let Ok(mut p) = self.poisoned.lock() {
+            p.get_or_insert(why);
+        }
+    }
+
+    fn poisoned(&self) -> Option<String> {
+        self.poisoned.lock().ok().and_then(|p| p.clone())
+    }
+}
+
+type Reply = oneshot::Sender<Result<TxOutcome, StoreError>>;
 
 struct Pending {
     tx: Tx,
-    reply: oneshot::Sender<Result<TxOutcome, StoreError>>,
+    reply: Reply,
 }
 
-/// The sled-backed store. Dropping it drains pending commits and closes the database.
+/// The sled-backed store. Dropping it drains pending commits, checkpoints sled and closes it.
 pub struct SledStore {
     db: sled::Db,
     progress: Arc<Progress>,
+    /// Commit groups the last open replayed from the write-ahead log.
+    replayed_groups: u64,
     path: PathBuf,
     sender: Mutex<Option<mpsc::Sender<Pending>>>,
     committer: Mutex<Option<JoinHandle<()>>>,
@@ -83,7 +129,8 @@ impl std::fmt::Debug for SledStore {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store at `path` with a bounded page cache.
+    /// Opens (or creates) the store at `path` with a bounded page cache, replaying whatever
+    /// the write-ahead log holds beyond sled's last checkpoint.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         std::fs::create_dir_all(path)?;
         let db = sled::Config::new()
@@ -91,23 +138,48 @@ impl SledStore {
             .cache_capacity(cache_bytes)
             .flush_every_ms(None)
             .open()?;
+        let wal_dir = path.join("wal");
+        std::fs::create_dir_all(&wal_dir)?;
         // The directory entries of sled's files must survive a power cut too.
         sync_dir(path)?;
-        let log_file = File::open(path.join("db"))?;
-        let (sender, receiver) = mpsc::channel();
         let progress = Arc::new(Progress::default());
-        progress
-            .disk_bytes
-            .store(db.size_on_disk()?, Ordering::Relaxed);
+        let mut checkpointer = Checkpointer {
+            progress: progress.clone(),
+            db: db.clone(),
+            log_file: File::open(path.join("db"))?,
+            blob_dir: path.join("blobs"),
+            synced_blobs: HashMap::new(),
+            wal_dir: wal_dir.clone(),
+        };
+        let (last_segment, replayed_groups) = replay(&db, &wal_dir)?;
+        if replayed_groups > 0 {
+            tracing::info!(
+                groups = replayed_groups,
+                "replayed the write-ahead log into sled"
+            );
+            checkpointer.make_durable()?;
+        } else {
+            // A clean close left sled durable: note its files without syncing each again.
+            checkpointer.synced_blobs = blob_sizes(&checkpointer.blob_dir)?;
+            checkpointer.note_sled_bytes();
+        }
+        wal::remove_through(&wal_dir, last_segment)?;
+        let segment = Segment::create(&wal_dir, last_segment + 1)?;
+        let (checkpoints, checkpoint_requests) = mpsc::channel();
+        let checkpointer = std::thread::Builder::new()
+            .name("accord-store-checkpoint".into())
+            .spawn(move || checkpointer.run(checkpoint_requests))?;
+        let (sender, receiver) = mpsc::channel();
         let committer = Committer {
             progress: progress.clone(),
             db: db.clone(),
-            log_file,
-            blob_dir: path.join("blobs"),
-            synced_blobs: HashMap::new(),
+            wal_dir,
+            segment,
+            segment_opened: Instant::now(),
+            checkpoints,
+            checkpointer: Some(checkpointer),
             next_log: read_meta(&db, META_LOG)?,
             next_seq: read_meta(&db, META_SEQ)?,
-            poisoned: None,
         };
         let handle = std::thread::Builder::new()
             .name("accord-store-commit".into())
@@ -115,10 +187,19 @@ impl SledStore {
         Ok(Self {
             db,
             progress,
+            replayed_groups,
             path: path.to_owned(),
             sender: Mutex::new(Some(sender)),
             committer: Mutex::new(Some(handle)),
         })
+    }
+}
+
+impl SledStore {
+    /// Commit groups the last open replayed from the write-ahead log: zero after a clean
+    /// close, more after a crash.
+    pub fn replayed_groups(&self) -> u64 {
+        self.replayed_groups
     }
 }
 
@@ -131,6 +212,41 @@ impl Drop for SledStore {
             let _ = handle.join();
         }
     }
+}
+
+/// Applies every record left in the write-ahead log to sled, oldest first. Returns the last
+/// segment's number (0 if there is none) and how many records were applied.
+fn replay(db: &sled::Db, wal_dir: &Path) -> Result<(u64, u64), StoreError> {
+    let segments = wal::segments(wal_dir)?;
+    let mut replayed = 0;
+    for (i, (_, path, _)) in segments.iter().enumerate() {
+        let contents = wal::read_segment(path, i + 1 == segments.len())?;
+        if contents.torn_bytes > 0 {
+            tracing::warn!(
+                segment = %path.display(),
+                bytes = contents.torn_bytes,
+                "dropped the torn last record of the write-ahead log: a commit a crash cut \
+                 short, never acknowledged"
+            );
+        }
+        for group in contents.groups {
+            db.apply_batch(sled_batch(group))?;
+            replayed += 1;
+        }
+    }
+    Ok((segments.last().map_or(0, |s| s.0), replayed))
+}
+
+/// A group's writes as one sled batch: how a commit reaches sled, and how replay does.
+fn sled_batch(group: WalGroup) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for write in group.writes {
+        match write.value {
+            Some(value) => batch.insert(write.key, value),
+            None => batch.remove(write.key),
+        }
+    }
+    batch
 }
 
 fn read_meta(db: &sled::Db, key: &[u8]) -> Result<u64, StoreError> {
@@ -188,9 +304,74 @@ fn meta_key(name: &str) -> Vec<u8> {
     [b"k".as_slice(), name.as_bytes()].concat()
 }
 
-/// Tree nodes as the batch under construction will leave them: its own first, then disk.
-struct PendingNodes<'a> {
+fn log_key(index: u64) -> [u8; 9] {
+    let mut k = [b'l'; 9];
+    k[1..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn parse_node(value: Option<&[u8]>, level: u32, index: u64) -> Result<Hash, ProofError> {
+    value
+        .ok_or(ProofError::MissingNode { level, index })?
+        .try_into()
+        .map_err(|_| ProofError::Storage("corrupt tree node".into()))
+}
+
+fn read_node(db: &sled::Db, level: u32, index: u64) -> Result<Hash, ProofError> {
+    let value = db
+        .get(node_key(level, index))
+        .map_err(|e| ProofError::Storage(e.to_string()))?;
+    parse_node(value.as_deref(), level, index)
+}
+
+/// Writes of the group being built, by key (`None`: removed); the last write of a key wins.
+type GroupWrites = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// The store as a transaction being built sees it: the group's earlier writes over sled.
+struct View<'a> {
     db: &'a sled::Db,
+    group: &'a GroupWrites,
+}
+
+impl View<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.group.get(key) {
+            Some(value) => Ok(value.clone()),
+            None => Ok(self.db.get(key)?.map(|v| v.to_vec())),
+        }
+    }
+
+    fn contains_key(&self, key: &[u8]) -> Result<bool, StoreError> {
+        match self.group.get(key) {
+            Some(value) => Ok(value.is_some()),
+            None => Ok(self.db.contains_key(key)?),
+        }
+    }
+
+    /// Whether some key under `prefix` holds exactly `value`.
+    fn holds_under(&self, prefix: &[u8], value: &[u8]) -> Result<bool, StoreError> {
+        let in_group = self
+            .group
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .any(|(_, v)| v.as_deref() == Some(value));
+        if in_group {
+            return Ok(true);
+        }
+        for kv in self.db.scan_prefix(prefix) {
+            let (k, v) = kv?;
+            if v.as_ref() == value && !self.group.contains_key(k.as_ref()) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// Tree nodes as the transaction under construction will leave them: its own first, then
+/// the group's, then disk.
+struct PendingNodes<'a> {
+    view: &'a View<'a>,
     fresh: &'a HashMap<(u32, u64), Hash>,
 }
 
@@ -199,74 +380,132 @@ impl NodeSource for PendingNodes<'_> {
         if let Some(h) = self.fresh.get(&(level, index)) {
             return Ok(*h);
         }
-        read_node(self.db, level, index)
+        let value = self
+            .view
+            .get(&node_key(level, index))
+            .map_err(|e| ProofError::Storage(e.to_string()))?;
+        parse_node(value.as_deref(), level, index)
     }
 }
 
-fn read_node(db: &sled::Db, level: u32, index: u64) -> Result<Hash, ProofError> {
-    let v = db
-        .get(node_key(level, index))
-        .map_err(|e| ProofError::Storage(e.to_string()))?
-        .ok_or(ProofError::MissingNode { level, index })?;
-    v.as_ref()
-        .try_into()
-        .map_err(|_| ProofError::Storage("corrupt tree node".into()))
-}
-
-fn log_key(index: u64) -> [u8; 9] {
-    let mut k = [b'l'; 9];
-    k[1..].copy_from_slice(&index.to_be_bytes());
-    k
+/// The transactions of one group commit and their writes.
+#[derive(Default)]
+struct Group {
+    writes: GroupWrites,
+    bytes: usize,
+    waiting: Vec<(Reply, Result<TxOutcome, StoreError>)>,
 }
 
 struct Committer {
     progress: Arc<Progress>,
     db: sled::Db,
-    log_file: File,
-    blob_dir: PathBuf,
-    /// Blob files already synced, with their sizes (sled writes a blob file once).
-    synced_blobs: HashMap<std::ffi::OsString, u64>,
+    wal_dir: PathBuf,
+    segment: Segment,
+    segment_opened: Instant,
+    /// Numbers of segments sled now holds, for the checkpointer to make durable and delete.
+    checkpoints: mpsc::Sender<u64>,
+    checkpointer: Option<JoinHandle<()>>,
     next_log: u64,
     next_seq: u64,
-    /// Set after a failed sync: what is on disk is unknown, so every later commit fails.
-    poisoned: Option<String>,
 }
 
 impl Committer {
     fn run(mut self, receiver: mpsc::Receiver<Pending>) {
-        while let Ok(first) = receiver.recv() {
-            let mut group = vec![first];
-            while group.len() < MAX_GROUP {
-                match receiver.try_recv() {
-                    Ok(p) => group.push(p),
-                    Err(_) => break,
+        loop {
+            let first = match receiver.recv_timeout(CHECKPOINT_EVERY) {
+                Ok(p) => p,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.rotate_if_due();
+                    continue;
                 }
-            }
-            // Counted before applying: whatever a reader can see belongs to a counted group.
-            let generation = self.progress.applied.fetch_add(1, Ordering::SeqCst) + 1;
-            let outcomes: Vec<_> = group
-                .iter_mut()
-                .map(|p| self.apply(std::mem::take(&mut p.tx)))
-                .collect();
-            let synced = self.sync();
-            if synced.is_ok() {
-                self.progress.synced.store(generation, Ordering::SeqCst);
-            }
-            for (p, outcome) in group.into_iter().zip(outcomes) {
-                let result = match (&synced, outcome) {
-                    (Ok(()), outcome) => outcome,
-                    (Err(e), _) => Err(StoreError::Engine(format!("sync failed: {e}"))),
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut group = Group::default();
+            let mut next = Some(first);
+            while let Some(Pending { tx, reply }) = next {
+                let outcome = self.build(tx, &mut group);
+                group.waiting.push((reply, outcome));
+                next = if group.waiting.len() < MAX_GROUP && group.bytes < MAX_GROUP_BYTES {
+                    receiver.try_recv().ok()
+                } else {
+                    None
                 };
-                let _ = p.reply.send(result);
             }
+            let written = self.write(group.writes);
+            if let Err(e) = &written {
+                self.progress.poison(e.clone());
+            }
+            for (reply, outcome) in group.waiting {
+                let result = match &written {
+                    Ok(()) => outcome,
+                    Err(e) => Err(StoreError::Engine(format!("commit failed: {e}"))),
+                };
+                let _ = reply.send(result);
+            }
+            self.rotate_if_due();
+        }
+        // Closing: sled is made durable through the last segment, which is then deleted.
+        let _ = self.checkpoints.send(self.segment.seq());
+        drop(self.checkpoints);
+        if let Some(handle) = self.checkpointer.take() {
+            let _ = handle.join();
         }
     }
 
-    fn apply(&mut self, tx: Tx) -> Result<TxOutcome, StoreError> {
-        if let Some(why) = &self.poisoned {
+    /// Logs the group's writes and syncs the log, then applies them to sled.
+    fn write(&mut self, writes: GroupWrites) -> Result<(), String> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let group = WalGroup {
+            writes: writes
+                .into_iter()
+                .map(|(key, value)| WalWrite { key, value })
+                .collect(),
+        };
+        let appended = self
+            .segment
+            .append(&group)
+            .map_err(|e| format!("write-ahead log: {e}"))?;
+        self.progress
+            .wal_bytes
+            .fetch_add(appended, Ordering::Relaxed);
+        self.db
+            .apply_batch(sled_batch(group))
+            .map_err(|e| format!("applying a logged group to sled: {e}"))
+    }
+
+    /// Starts a new segment and hands the full one to the checkpointer, once it is big or
+    /// old enough.
+    fn rotate_if_due(&mut self) {
+        let due = self.segment.bytes() >= SEGMENT_BYTES
+            || (self.segment.bytes() > 0 && self.segment_opened.elapsed() >= CHECKPOINT_EVERY);
+        if !due || self.progress.poisoned().is_some() {
+            return;
+        }
+        match Segment::create(&self.wal_dir, self.segment.seq() + 1) {
+            Ok(next) => {
+                let full = std::mem::replace(&mut self.segment, next);
+                self.segment_opened = Instant::now();
+                let _ = self.checkpoints.send(full.seq());
+            }
+            Err(e) => self
+                .progress
+                .poison(format!("new write-ahead log segment: {e}")),
+        }
+    }
+
+    /// Turns `tx` into writes over what `group` already holds; they join the group only if
+    /// the whole transaction builds.
+    fn build(&mut self, tx: Tx, group: &mut Group) -> Result<TxOutcome, StoreError> {
+        if let Some(why) = self.progress.poisoned() {
             return Err(StoreError::Engine(format!("store poisoned: {why}")));
         }
-        let mut batch = sled::Batch::default();
+        let view = View {
+            db: &self.db,
+            group: &group.writes,
+        };
+        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         let mut first_log_index = None;
         let (mut next_log, mut next_seq) = (self.next_log, self.next_seq);
         let mut receipt_ops = Vec::new();
@@ -284,23 +523,18 @@ impl Committer {
             match op {
                 Op::InsertMessage(id, msg) => {
                     let key = message_key(&id);
-                    if self.db.contains_key(&key)? {
+                    if view.contains_key(&key)? {
                         return Ok(TxOutcome::Exists(id));
                     }
-                    batch.insert(key, msg.encode_to_vec());
+                    writes.push((key, Some(msg.encode_to_vec())));
                 }
                 Op::PutReceipt(id, receipt) => {
                     let prefix = receipt_prefix(&id);
                     let bytes = receipt.encode_to_vec();
-                    let already = self
-                        .db
-                        .scan_prefix(&prefix)
-                        .values()
-                        .any(|v| v.map(|v| v.as_ref() == bytes.as_slice()).unwrap_or(false));
-                    if !already {
+                    if !view.holds_under(&prefix, &bytes)? {
                         let key = [prefix, next_seq.to_be_bytes().to_vec()].concat();
                         next_seq += 1;
-                        batch.insert(key, bytes);
+                        writes.push((key, Some(bytes)));
                     }
                 }
                 Op::Enqueue(queue, priority, entry) => {
@@ -310,91 +544,144 @@ impl Committer {
                     next_seq += 1;
                     if entry.receipt.is_none() {
                         let index = queue_index_key(&queue, &entry.message_id);
-                        batch.insert(index, key.clone());
+                        writes.push((index, Some(key.clone())));
                     }
-                    batch.insert(key, entry.encode_to_vec());
+                    writes.push((key, Some(entry.encode_to_vec())));
                 }
-                Op::Dequeue(QueueKey(key)) => batch.remove(key),
+                Op::Dequeue(QueueKey(key)) => writes.push((key, None)),
                 Op::RemoveMessage(queue, id) => {
                     let index = queue_index_key(&queue, id.as_bytes());
-                    if let Some(key) = self.db.get(&index)? {
-                        batch.remove(key);
+                    if let Some(key) = view.get(&index)? {
+                        writes.push((key, None));
                     }
-                    batch.remove(index);
+                    writes.push((index, None));
                 }
                 Op::Log(entry) => {
                     let source = PendingNodes {
-                        db: &self.db,
+                        view: &view,
                         fresh: &fresh_nodes,
                     };
                     let nodes = merkle::completed_nodes(&source, next_log, log::leaf_hash(&entry))
                         .map_err(|e| StoreError::Engine(format!("log tree: {e}")))?;
                     for (level, index, hash) in nodes {
-                        batch.insert(&node_key(level, index)[..], &hash[..]);
+                        writes.push((node_key(level, index).to_vec(), Some(hash.to_vec())));
                         fresh_nodes.insert((level, index), hash);
                     }
                     let message = pb::LogEntry::decode(entry.as_slice())
                         .ok()
                         .and_then(|e| MessageId::from_slice(&e.message_id).ok());
                     if let Some(id) = message {
-                        batch.insert(event_key(&id, next_log), &[][..]);
+                        writes.push((event_key(&id, next_log), Some(Vec::new())));
                     }
-                    batch.insert(&log_key(next_log)[..], entry);
+                    writes.push((log_key(next_log).to_vec(), Some(entry)));
                     next_log += 1;
                 }
-                Op::PutMeta(name, value) => batch.insert(meta_key(&name), value),
+                Op::PutMeta(name, value) => writes.push((meta_key(&name), Some(value))),
             }
         }
-        batch.insert(META_LOG, &next_log.to_be_bytes()[..]);
-        batch.insert(META_SEQ, &next_seq.to_be_bytes()[..]);
-        self.db.apply_batch(batch)?;
+        writes.push((META_LOG.to_vec(), Some(next_log.to_be_bytes().to_vec())));
+        writes.push((META_SEQ.to_vec(), Some(next_seq.to_be_bytes().to_vec())));
+        for (key, value) in writes {
+            group.bytes += key.len() + value.as_ref().map_or(0, Vec::len);
+            group.writes.insert(key, value);
+        }
         self.next_log = next_log;
         self.next_seq = next_seq;
         Ok(TxOutcome::Committed { first_log_index })
     }
+}
 
-    /// flush + fdatasync of the log file and of any blob file not yet synced; then notes
-    /// the size on disk.
-    fn sync(&mut self) -> Result<(), String> {
-        let result = self
-            .db
-            .flush()
-            .map_err(|e| e.to_string())
-            .and_then(|_| self.log_file.sync_data().map_err(|e| e.to_string()))
-            .and_then(|_| self.sync_blobs().map_err(|e| e.to_string()));
-        match &result {
-            Ok(blob_bytes) => {
-                // The quota figure only: a failed stat keeps the previous one.
-                if let Ok(meta) = self.log_file.metadata() {
-                    let bytes = meta.len() + blob_bytes;
-                    self.progress.disk_bytes.store(bytes, Ordering::Relaxed);
-                }
+/// Makes sled durable in bulk, then deletes the log segments it now holds.
+struct Checkpointer {
+    progress: Arc<Progress>,
+    db: sled::Db,
+    log_file: File,
+    blob_dir: PathBuf,
+    /// Blob files already synced, with their sizes (sled writes a blob file once).
+    synced_blobs: HashMap<std::ffi::OsString, u64>,
+    wal_dir: PathBuf,
+}
+
+impl Checkpointer {
+    fn run(mut self, requests: mpsc::Receiver<u64>) {
+        while let Ok(mut through) = requests.recv() {
+            // Segments handed over while the last checkpoint ran are covered by this one.
+            while let Ok(later) = requests.try_recv() {
+                through = through.max(later);
             }
-            Err(e) => {
-                tracing::error!(error = %e, "store sync failed; refusing further writes");
-                self.poisoned = Some(e.clone());
+            if self.progress.poisoned().is_some() {
+                continue;
+            }
+            // Everything in those segments was applied to sled before they were handed over,
+            // so the flush covers it.
+            let done = self
+                .make_durable()
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    wal::remove_through(&self.wal_dir, through)
+                        .map_err(|e| format!("deleting write-ahead log segments: {e}"))
+                });
+            match done {
+                Ok(freed) => {
+                    // Only segments the committer counted are deleted here.
+                    self.progress.wal_bytes.fetch_sub(freed, Ordering::Relaxed);
+                }
+                Err(e) => self.progress.poison(format!("checkpoint: {e}")),
             }
         }
-        result.map(|_| ())
     }
 
-    /// Syncs new blob files; returns the bytes all blob files hold.
-    fn sync_blobs(&mut self) -> std::io::Result<u64> {
-        let entries = match std::fs::read_dir(&self.blob_dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(e),
-        };
-        let names = entries
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<std::io::Result<Vec<_>>>()?;
+    /// flush + fdatasync of sled's log file and of any blob file not yet synced; then notes
+    /// sled's size on disk.
+    fn make_durable(&mut self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        self.log_file.sync_data()?;
+        self.sync_blobs()?;
+        self.note_sled_bytes();
+        Ok(())
+    }
+
+    fn note_sled_bytes(&self) {
+        // The quota figure only: a failed stat keeps the previous one.
+        if let Ok(meta) = self.log_file.metadata() {
+            let bytes = meta.len() + self.synced_blobs.values().sum::<u64>();
+            self.progress.sled_bytes.store(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Syncs new blob files and notes what every blob file holds.
+    fn sync_blobs(&mut self) -> std::io::Result<()> {
+        let names = blob_names(&self.blob_dir)?;
         let (present, changed) = sync_new_files(&self.blob_dir, names, &self.synced_blobs)?;
         if changed {
             sync_dir(&self.blob_dir)?;
         }
         self.synced_blobs = present;
-        Ok(self.synced_blobs.values().sum())
+        Ok(())
     }
+}
+
+fn blob_names(dir: &Path) -> std::io::Result<Vec<std::ffi::OsString>> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries.map(|e| e.map(|e| e.file_name())).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The blob files and their sizes, as a clean close left them (already synced).
+fn blob_sizes(dir: &Path) -> std::io::Result<HashMap<std::ffi::OsString, u64>> {
+    let mut sizes = HashMap::new();
+    for name in blob_names(dir)? {
+        match std::fs::metadata(dir.join(&name)) {
+            Ok(meta) => {
+                sizes.insert(name, meta.len());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(sizes)
 }
 
 /// `fdatasync`s the files `names` of `dir` that are not in `synced`; returns the names
@@ -445,19 +732,6 @@ impl Store for SledStore {
         })
     }
 
-    fn barrier(&self) -> Commit {
-        let seen = self.progress.applied.load(Ordering::SeqCst);
-        if self.progress.synced.load(Ordering::SeqCst) >= seen {
-            return Box::pin(async {
-                Ok(TxOutcome::Committed {
-                    first_log_index: None,
-                })
-            });
-        }
-        // The next group's sync covers every group applied before it.
-        self.commit(Tx::default())
-    }
-
     fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError> {
         self.db
             .get(message_key(id))?
@@ -503,7 +777,8 @@ impl Store for SledStore {
     }
 
     fn disk_usage(&self) -> Result<u64, StoreError> {
-        Ok(self.progress.disk_bytes.load(Ordering::Relaxed))
+        let sled = self.progress.sled_bytes.load(Ordering::Relaxed);
+        Ok(sled + self.progress.wal_bytes.load(Ordering::Relaxed))
     }
 
     fn log_node(&self, level: u32, index: u64) -> Result<Option<Hash>, StoreError> {
@@ -536,6 +811,8 @@ impl Store for SledStore {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
 
     #[tokio::test]
@@ -558,8 +835,8 @@ mod tests {
         assert!(!changed);
     }
 
-    /// The quota's figure follows what commits write, blob files included, without asking
-    /// sled to list them on every call.
+    /// The quota's figure follows what commits write, in the write-ahead log and then in
+    /// sled's files (blobs included), without asking sled to list them on every call.
     #[tokio::test]
     async fn disk_usage_counts_what_commits_wrote() {
         let dir = tempfile::tempdir().unwrap();
@@ -589,7 +866,15 @@ mod tests {
             after >= before + 20 * (200 << 10),
             "{before} bytes before, {after} after 4 MB of commits"
         );
-        assert!(after <= store.db.size_on_disk().unwrap() + (1 << 20));
+        // Closed, the log is checkpointed into sled: the figure now counts sled's files.
+        drop(store);
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        let reopened = store.disk_usage().unwrap();
+        assert!(
+            reopened >= 20 * (200 << 10),
+            "{reopened} bytes after reopening"
+        );
+        assert!(reopened <= store.db.size_on_disk().unwrap() + (1 << 20));
     }
 
     /// Large values churned by concurrent writers: sled writes their pages to blob files
@@ -647,5 +932,269 @@ mod tests {
             r.unwrap().unwrap();
         }
         assert_eq!(store.log_size().unwrap(), 16 * 40);
+    }
+
+    /// Every key and value sled holds, to compare two stores.
+    fn contents(store: &SledStore) -> Vec<(Vec<u8>, Vec<u8>)> {
+        store
+            .db
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.unwrap();
+                (k.to_vec(), v.to_vec())
+            })
+            .collect()
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &to.join(entry.file_name()));
+            } else {
+                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+            }
+        }
+    }
+
+    const CRASH_CHILD: &str = "ACCORD_STORE_CRASH_CHILD";
+
+    /// The child's side of the kill test: eight writers commit messages (every second one
+    /// then removed from its queue) and print each acknowledgement, until killed.
+    fn commit_until_killed(dir: &Path) -> ! {
+        use std::io::Write as _;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let store = Arc::new(SledStore::open(dir, 16 << 20).unwrap());
+            let queue = Queue::Outbox("kh".parse().unwrap());
+            for w in 0..8u16 {
+                let (store, queue) = (store.clone(), queue.clone());
+                tokio::spawn(async move {
+                    for i in 0u64.. {
+                        let mut random = [0u8; 10];
+                        random[..2].copy_from_slice(&w.to_be_bytes());
+                        random[2..].copy_from_slice(&i.to_be_bytes());
+                        let id = MessageId::new_v7(1_000 + i, random);
+                        let body = if i % 16 == 0 { 96 << 10 } else { 1 << 10 };
+                        let entry = pb::LogEntry {
+                            message_id: id.as_bytes().to_vec(),
+                            ..Default::default()
+                        };
+                        let tx = Tx {
+                            ops: vec![
+                                Op::InsertMessage(
+                                    id,
+                                    StoredMessage {
+                                        envelope: Some(pb::Envelope {
+                                            header: vec![1; 100],
+                                            ciphertext: vec![w as u8; body],
+                                            signature: vec![3; 64],
+                                        }),
+                                        ..Default::default()
+                                    },
+                                ),
+                                Op::Enqueue(
+                                    queue.clone(),
+                                    pb::Priority::Routine,
+                                    QueueEntry {
+                                        message_id: id.as_bytes().to_vec(),
+                                        receipt: None,
+                                    },
+                                ),
+                                Op::Log(entry.encode_to_vec()),
+                            ],
+                            receipts: Some(Box::new(move |index| {
+                                vec![Op::PutReceipt(
+                                    id,
+                                    pb::Receipt {
+                                        body: index.to_be_bytes().to_vec(),
+                                        signature: vec![],
+                                    },
+                                )]
+                            })),
+                        };
+                        store.commit(tx).await.unwrap();
+                        println!("acked {id}");
+                        if i % 2 == 1 {
+                            let remove = Tx {
+                                ops: vec![Op::RemoveMessage(queue.clone(), id)],
+                                receipts: None,
+                            };
+                            store.commit(remove).await.unwrap();
+                            println!("removed {id}");
+                        }
+                        std::io::stdout().flush().unwrap();
+                    }
+                });
+            }
+            std::future::pending::<()>().await;
+        });
+        unreachable!("the child runs until it is killed")
+    }
+
+    /// A process killed with SIGKILL mid-commit loses sled's unflushed buffers; reopening
+    /// replays the write-ahead log and holds exactly every acknowledged commit: messages,
+    /// receipts naming their log index, queue removals, and a log tree that matches its
+    /// entries. Replaying over a sled that a crashed replay left half done, and a torn last
+    /// record, give the same store; a damaged record refuses to open.
+    #[test]
+    fn a_store_killed_mid_commit_reopens_with_every_acknowledged_commit() {
+        if let Some(dir) = std::env::var_os(CRASH_CHILD) {
+            commit_until_killed(Path::new(&dir));
+        }
+        use std::io::BufRead as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("killed");
+        let name = concat!(
+            module_path!(),
+            "::",
+            "a_store_killed_mid_commit_reopens_with_every_acknowledged_commit"
+        );
+        let name = name.split_once("::").unwrap().1;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CRASH_CHILD, &dir)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut acked, mut removed) = (Vec::new(), HashSet::new());
+        let started = Instant::now();
+        // Past at least one checkpoint, with commits after it that only the log holds.
+        while acked.len() < 1500 || started.elapsed() < Duration::from_millis(1500) {
+            let line = lines.next().expect("the child stopped early").unwrap();
+            record(&line, &mut acked, &mut removed);
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Lines written before the kill were acknowledged too.
+        for line in lines {
+            record(&line.unwrap(), &mut acked, &mut removed);
+        }
+
+        let half_replayed = tmp.path().join("half-replayed");
+        let torn = tmp.path().join("torn");
+        let damaged = tmp.path().join("damaged");
+        for copy in [&half_replayed, &torn, &damaged] {
+            copy_dir(&dir, copy);
+        }
+
+        let store = SledStore::open(&dir, 16 << 20).unwrap();
+        assert!(store.replayed_groups() > 0, "the kill left nothing to replay");
+        let kh = Queue::Outbox("kh".parse().unwrap());
+        let queued: HashSet<Vec<u8>> = store
+            .queue(&kh, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e.message_id)
+            .collect();
+        for id in &acked {
+            assert!(store.message(id).unwrap().is_some(), "{id} lost");
+            let receipts = store.receipts(id).unwrap();
+            assert_eq!(receipts.len(), 1, "{id}");
+            let index = u64::from_be_bytes(receipts[0].body.as_slice().try_into().unwrap());
+            assert_eq!(store.message_events(id).unwrap(), vec![index], "{id}");
+            let entry = pb::LogEntry::decode(store.log_entry(index).unwrap().unwrap().as_slice());
+            assert_eq!(
+                entry.unwrap().message_id,
+                id.as_bytes(),
+                "log entry {index}"
+            );
+            if removed.contains(id) {
+                assert!(
+                    !queued.contains(id.as_bytes().as_slice()),
+                    "{id} back in its queue"
+                );
+            } else if acked_parity(id) == 0 {
+                assert!(
+                    queued.contains(id.as_bytes().as_slice()),
+                    "{id} left its queue"
+                );
+            }
+        }
+        let size = store.log_size().unwrap();
+        assert!(size >= acked.len() as u64);
+        let mut tree = merkle::MemoryTree::new();
+        for index in 0..size {
+            tree.push(log::leaf_hash(&store.log_entry(index).unwrap().unwrap()));
+        }
+        let stored_root = merkle::root(&StoreNodes(&store), size).unwrap();
+        assert_eq!(stored_root, merkle::root(&tree, size).unwrap());
+        let expected = contents(&store);
+        drop(store);
+
+        // A crash during replay: sled holds the first half of the log's records, durably.
+        {
+            let db = sled::Config::new().path(&half_replayed).open().unwrap();
+            let segments = wal::segments(&half_replayed.join("wal")).unwrap();
+            let groups: Vec<_> = segments
+                .iter()
+                .enumerate()
+                .flat_map(|(i, s)| {
+                    wal::read_segment(&s.1, i + 1 == segments.len())
+                        .unwrap()
+                        .groups
+                })
+                .collect();
+            for group in groups.iter().take(groups.len() / 2).cloned() {
+                db.apply_batch(sled_batch(group)).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let store = SledStore::open(&half_replayed, 16 << 20).unwrap();
+        assert!(
+            contents(&store) == expected,
+            "replaying twice changed the store"
+        );
+        drop(store);
+
+        // A torn record after the last acknowledged one is dropped.
+        let last = wal::segments(&torn.join("wal")).unwrap().pop().unwrap().1;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&last)
+            .unwrap();
+        std::io::Write::write_all(&mut file, &[200, 0, 0, 0, 1, 2, 3, 4, 5, 6]).unwrap();
+        drop(file);
+        let store = SledStore::open(&torn, 16 << 20).unwrap();
+        assert!(
+            contents(&store) == expected,
+            "a torn record changed the store"
+        );
+        drop(store);
+
+        // A flipped byte in the first record, with acknowledged records after it.
+        let first = wal::segments(&damaged.join("wal")).unwrap()[0].1.clone();
+        let mut bytes = std::fs::read(&first).unwrap();
+        bytes[20] ^= 0x01;
+        std::fs::write(&first, bytes).unwrap();
+        let err = SledStore::open(&damaged, 16 << 20).unwrap_err();
+        assert!(err.to_string().contains("damaged"), "{err}");
+    }
+
+    fn record(line: &str, acked: &mut Vec<MessageId>, removed: &mut HashSet<MessageId>) {
+        let parse = |s: &str| s.parse::<MessageId>().unwrap();
+        if let Some(id) = line.strip_prefix("acked ") {
+            acked.push(parse(id));
+        } else if let Some(id) = line.strip_prefix("removed ") {
+            removed.insert(parse(id));
+        }
+    }
+
+    /// Whether the writer removes this message after it (odd sequence numbers).
+    fn acked_parity(id: &MessageId) -> u8 {
+        id.as_bytes()[15] % 2
+    }
+
+    struct StoreNodes<'a>(&'a SledStore);
+
+    impl NodeSource for StoreNodes<'_> {
+        fn node(&self, level: u32, index: u64) -> Result<Hash, ProofError> {
+            read_node(&self.0.db, level, index)
+        }
     }
 }
