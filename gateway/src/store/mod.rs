@@ -134,7 +134,9 @@ pub type Commit = Pin<Box<dyn Future<Output = Result<TxOutcome, StoreError>> + S
 
 /// The storage engine contract (module docs).
 pub trait Store: Send + Sync + 'static {
-    /// Applies `tx` atomically; resolves after it is on disk.
+    /// Applies `tx` atomically; resolves after it is on disk. An `Err` is ambiguous: the
+    /// transaction may still be on disk and reappear after a restart (a caller that
+    /// retries meets [`TxOutcome::Exists`]).
     fn commit(&self, tx: Tx) -> Commit;
     fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError>;
     /// Every receipt stored for a message, in the order they were stored.

@@ -29,7 +29,7 @@
 //! s ‖ "log" / "seq"                  next log index / next sequence number
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -132,55 +132,9 @@ impl SledStore {
     /// Opens (or creates) the store at `path` with a bounded page cache, replaying whatever
     /// the write-ahead log holds beyond sled's last checkpoint.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(path)?;
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .flush_every_ms(None)
-            .open()?;
-        let wal_dir = path.join("wal");
-        std::fs::create_dir_all(&wal_dir)?;
-        // The directory entries of sled's files must survive a power cut too.
-        sync_dir(path)?;
-        let progress = Arc::new(Progress::default());
-        let mut checkpointer = Checkpointer {
-            progress: progress.clone(),
-            db: db.clone(),
-            log_file: File::open(path.join("db"))?,
-            blob_dir: path.join("blobs"),
-            synced_blobs: HashMap::new(),
-            wal_dir: wal_dir.clone(),
-        };
-        let (last_segment, replayed_groups) = replay(&db, &wal_dir)?;
-        if replayed_groups > 0 {
-            tracing::info!(
-                groups = replayed_groups,
-                "replayed the write-ahead log into sled"
-            );
-            checkpointer.make_durable()?;
-        } else {
-            // A clean close left sled durable: note its files without syncing each again.
-            checkpointer.synced_blobs = blob_sizes(&checkpointer.blob_dir)?;
-            checkpointer.note_sled_bytes();
-        }
-        wal::remove_through(&wal_dir, last_segment)?;
-        let segment = Segment::create(&wal_dir, last_segment + 1)?;
-        let (checkpoints, checkpoint_requests) = mpsc::channel();
-        let checkpointer = std::thread::Builder::new()
-            .name("accord-store-checkpoint".into())
-            .spawn(move || checkpointer.run(checkpoint_requests))?;
+        let (committer, replayed_groups) = recover(path, cache_bytes)?;
+        let (db, progress) = (committer.db.clone(), committer.progress.clone());
         let (sender, receiver) = mpsc::channel();
-        let committer = Committer {
-            progress: progress.clone(),
-            db: db.clone(),
-            wal_dir,
-            segment,
-            segment_opened: Instant::now(),
-            checkpoints,
-            checkpointer: Some(checkpointer),
-            next_log: read_meta(&db, META_LOG)?,
-            next_seq: read_meta(&db, META_SEQ)?,
-        };
         let handle = std::thread::Builder::new()
             .name("accord-store-commit".into())
             .spawn(move || committer.run(receiver))?;
@@ -193,6 +147,68 @@ impl SledStore {
             committer: Mutex::new(Some(handle)),
         })
     }
+}
+
+/// Opens sled, replays the write-ahead log into it, starts the checkpointer and returns the
+/// committer that will own the write side, with how many groups were replayed.
+fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError> {
+    std::fs::create_dir_all(path)?;
+    let db = sled::Config::new()
+        .path(path)
+        .cache_capacity(cache_bytes)
+        .flush_every_ms(None)
+        .open()?;
+    let wal_dir = path.join("wal");
+    std::fs::create_dir_all(&wal_dir)?;
+    // The directory entries of sled's files must survive a power cut too.
+    sync_dir(path)?;
+    let progress = Arc::new(Progress::default());
+    let mut files = SledFiles {
+        progress: progress.clone(),
+        db: db.clone(),
+        log_file: File::open(path.join("db"))?,
+        blob_dir: path.join("blobs"),
+        synced_blobs: HashMap::new(),
+    };
+    let (last_segment, replayed_groups) = replay(&db, &wal_dir)?;
+    if replayed_groups > 0 {
+        tracing::info!(
+            groups = replayed_groups,
+            "replayed the write-ahead log into sled"
+        );
+        files.make_durable()?;
+    } else {
+        // A clean close left sled durable: note its files without syncing each again.
+        files.synced_blobs = blob_sizes(&files.blob_dir)?;
+        files.note_sled_bytes();
+    }
+    wal::remove_through(&wal_dir, last_segment)?;
+    let segment = Segment::create(&wal_dir, last_segment + 1)?;
+    let blobs_seen = files.synced_blobs.keys().cloned().collect();
+    let blob_dir = files.blob_dir.clone();
+    let files = Arc::new(Mutex::new(files));
+    let (checkpoints, checkpoint_requests) = mpsc::channel();
+    let checkpointer = {
+        let (files, wal_dir) = (files.clone(), wal_dir.clone());
+        std::thread::Builder::new()
+            .name("accord-store-checkpoint".into())
+            .spawn(move || run_checkpoints(files, wal_dir, checkpoint_requests))?
+    };
+    let committer = Committer {
+        progress,
+        db: db.clone(),
+        wal_dir,
+        segment,
+        segment_opened: Instant::now(),
+        checkpoints,
+        checkpointer: Some(checkpointer),
+        files,
+        blob_dir,
+        blobs_seen,
+        next_log: read_meta(&db, META_LOG)?,
+        next_seq: read_meta(&db, META_SEQ)?,
+    };
+    Ok((committer, replayed_groups))
 }
 
 impl SledStore {
@@ -405,6 +421,10 @@ struct Committer {
     /// Numbers of segments sled now holds, for the checkpointer to make durable and delete.
     checkpoints: mpsc::Sender<u64>,
     checkpointer: Option<JoinHandle<()>>,
+    /// For a group that made sled write a blob file (see `write`).
+    files: Arc<Mutex<SledFiles>>,
+    blob_dir: PathBuf,
+    blobs_seen: HashSet<std::ffi::OsString>,
     next_log: u64,
     next_seq: u64,
 }
@@ -472,7 +492,29 @@ impl Committer {
             .fetch_add(appended, Ordering::Relaxed);
         self.db
             .apply_batch(sled_batch(group))
-            .map_err(|e| format!("applying a logged group to sled: {e}"))
+            .map_err(|e| format!("applying a logged group to sled: {e}"))?;
+        self.sync_if_new_blobs()
+    }
+
+    /// sled writes a large page to a blob file, and deletes the page's previous blob file
+    /// once the new one is written, not once it is durable. Left to the next checkpoint, a
+    /// power cut could find sled's last durable state pointing at a deleted file. So a group
+    /// that made sled write a blob file makes sled durable before it is answered, as every
+    /// group did before this log existed. One directory listing per group tells.
+    fn sync_if_new_blobs(&mut self) -> Result<(), String> {
+        let names = blob_names(&self.blob_dir).map_err(|e| format!("listing sled's blobs: {e}"))?;
+        let new = names.iter().any(|n| !self.blobs_seen.contains(n));
+        self.blobs_seen = names.into_iter().collect();
+        if !new {
+            return Ok(());
+        }
+        let mut files = self
+            .files
+            .lock()
+            .map_err(|_| "the checkpointer panicked".to_string())?;
+        files
+            .make_durable()
+            .map_err(|e| format!("syncing sled after a blob write: {e}"))
     }
 
     /// Starts a new segment and hands the full one to the checkpointer, once it is big or
@@ -487,7 +529,10 @@ impl Committer {
             Ok(next) => {
                 let full = std::mem::replace(&mut self.segment, next);
                 self.segment_opened = Instant::now();
-                let _ = self.checkpoints.send(full.seq());
+                if self.checkpoints.send(full.seq()).is_err() {
+                    self.progress
+                        .poison("the checkpointer thread is gone".into());
+                }
             }
             Err(e) => self
                 .progress
@@ -591,46 +636,51 @@ impl Committer {
     }
 }
 
-/// Makes sled durable in bulk, then deletes the log segments it now holds.
-struct Checkpointer {
+/// sled's files, and which blob files are known synced.
+struct SledFiles {
     progress: Arc<Progress>,
     db: sled::Db,
     log_file: File,
     blob_dir: PathBuf,
     /// Blob files already synced, with their sizes (sled writes a blob file once).
     synced_blobs: HashMap<std::ffi::OsString, u64>,
-    wal_dir: PathBuf,
 }
 
-impl Checkpointer {
-    fn run(mut self, requests: mpsc::Receiver<u64>) {
-        while let Ok(mut through) = requests.recv() {
-            // Segments handed over while the last checkpoint ran are covered by this one.
-            while let Ok(later) = requests.try_recv() {
-                through = through.max(later);
-            }
-            if self.progress.poisoned().is_some() {
-                continue;
-            }
-            // Everything in those segments was applied to sled before they were handed over,
-            // so the flush covers it.
-            let done = self
-                .make_durable()
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    wal::remove_through(&self.wal_dir, through)
-                        .map_err(|e| format!("deleting write-ahead log segments: {e}"))
-                });
-            match done {
-                Ok(freed) => {
-                    // Only segments the committer counted are deleted here.
-                    self.progress.wal_bytes.fetch_sub(freed, Ordering::Relaxed);
-                }
-                Err(e) => self.progress.poison(format!("checkpoint: {e}")),
-            }
+/// The checkpointer thread: makes sled durable in bulk, then deletes the log segments it
+/// now holds.
+fn run_checkpoints(files: Arc<Mutex<SledFiles>>, wal_dir: PathBuf, requests: mpsc::Receiver<u64>) {
+    while let Ok(mut through) = requests.recv() {
+        // Segments handed over while the last checkpoint ran are covered by this one.
+        while let Ok(later) = requests.try_recv() {
+            through = through.max(later);
         }
+        let Ok(mut files) = files.lock() else {
+            return;
+        };
+        if files.progress.poisoned().is_some() {
+            continue;
+        }
+        // Everything in those segments was applied to sled before they were handed over,
+        // so the flush covers it.
+        let done = files
+            .make_durable()
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                wal::remove_through(&wal_dir, through)
+                    .map_err(|e| format!("deleting write-ahead log segments: {e}"))
+            });
+        match done {
+            // Only segments the committer counted are deleted here.
+            Ok(freed) => files.progress.wal_bytes.fetch_sub(freed, Ordering::Relaxed),
+            Err(e) => {
+                files.progress.poison(format!("checkpoint: {e}"));
+                0
+            }
+        };
     }
+}
 
+impl SledFiles {
     /// flush + fdatasync of sled's log file and of any blob file not yet synced; then notes
     /// sled's size on disk.
     fn make_durable(&mut self) -> Result<(), StoreError> {
@@ -811,8 +861,6 @@ impl Store for SledStore {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashSet;
-
     use super::*;
 
     #[tokio::test]
@@ -932,6 +980,85 @@ mod tests {
             r.unwrap().unwrap();
         }
         assert_eq!(store.log_size().unwrap(), 16 * 40);
+    }
+
+    /// Transactions in one group see each other's writes before any reaches sled: a
+    /// duplicate insert, a removal of a message queued earlier in the group, a receipt
+    /// stored twice, and the log tree across them.
+    #[test]
+    fn transactions_of_one_group_see_the_writes_before_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let queue = Queue::Outbox("kh".parse().unwrap());
+        let id = MessageId::new_v7(1_000, [7; 10]);
+        let receipt = pb::Receipt {
+            body: vec![1; 40],
+            signature: vec![2; 64],
+        };
+        let insert = || Tx {
+            ops: vec![
+                Op::InsertMessage(id, StoredMessage::default()),
+                Op::Enqueue(
+                    queue.clone(),
+                    pb::Priority::Routine,
+                    QueueEntry {
+                        message_id: id.as_bytes().to_vec(),
+                        receipt: None,
+                    },
+                ),
+                Op::Log(vec![1]),
+                Op::PutReceipt(id, receipt.clone()),
+            ],
+            receipts: None,
+        };
+        let mut group = Group::default();
+        let first = committer.build(insert(), &mut group).unwrap();
+        assert_eq!(
+            first,
+            TxOutcome::Committed {
+                first_log_index: Some(0)
+            }
+        );
+        assert_eq!(
+            committer.build(insert(), &mut group).unwrap(),
+            TxOutcome::Exists(id)
+        );
+        let later = Tx {
+            ops: vec![
+                Op::RemoveMessage(queue.clone(), id),
+                Op::PutReceipt(id, receipt.clone()),
+                Op::Log(vec![2]),
+                Op::Log(vec![3]),
+            ],
+            receipts: None,
+        };
+        committer.build(later, &mut group).unwrap();
+        committer.write(group.writes).unwrap();
+
+        let db = &committer.db;
+        assert!(db.get(message_key(&id)).unwrap().is_some());
+        assert_eq!(
+            db.scan_prefix(queue_prefix(&queue)).count(),
+            0,
+            "still queued"
+        );
+        assert_eq!(
+            db.scan_prefix(queue_index_key(&queue, id.as_bytes()))
+                .count(),
+            0
+        );
+        assert_eq!(
+            db.scan_prefix(receipt_prefix(&id)).count(),
+            1,
+            "receipt twice"
+        );
+        assert_eq!(read_meta(db, META_LOG).unwrap(), 3);
+        let mut tree = merkle::MemoryTree::new();
+        for entry in [[1u8], [2], [3]] {
+            tree.push(log::leaf_hash(&entry));
+        }
+        let stored = merkle::root(&DbNodes(db), 3).unwrap();
+        assert_eq!(stored, merkle::root(&tree, 3).unwrap());
     }
 
     /// Every key and value sled holds, to compare two stores.
@@ -1055,26 +1182,33 @@ mod tests {
             "a_store_killed_mid_commit_reopens_with_every_acknowledged_commit"
         );
         let name = name.split_once("::").unwrap().1;
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([name, "--exact", "--nocapture", "--test-threads=1"])
-            .env(CRASH_CHILD, &dir)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut child = KillOnDrop(
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args([name, "--exact", "--nocapture", "--test-threads=1"])
+                .env(CRASH_CHILD, &dir)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let mut lines = std::io::BufReader::new(child.0.stdout.take().unwrap()).lines();
         let (mut acked, mut removed) = (Vec::new(), HashSet::new());
         let started = Instant::now();
-        // Past at least one checkpoint, with commits after it that only the log holds.
-        while acked.len() < 1500 || started.elapsed() < Duration::from_millis(1500) {
+        // Past two checkpoints, with commits after the last that only the log holds.
+        while acked.len() < 1500 || started.elapsed() < Duration::from_millis(2500) {
             let line = lines.next().expect("the child stopped early").unwrap();
             record(&line, &mut acked, &mut removed);
         }
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
         // Lines written before the kill were acknowledged too.
         for line in lines {
             record(&line.unwrap(), &mut acked, &mut removed);
         }
+        let segments = wal::segments(&dir.join("wal")).unwrap();
+        assert!(
+            segments[0].0 > 1,
+            "no checkpoint deleted a segment: {segments:?}"
+        );
 
         let half_replayed = tmp.path().join("half-replayed");
         let torn = tmp.path().join("torn");
@@ -1084,7 +1218,10 @@ mod tests {
         }
 
         let store = SledStore::open(&dir, 16 << 20).unwrap();
-        assert!(store.replayed_groups() > 0, "the kill left nothing to replay");
+        assert!(
+            store.replayed_groups() > 0,
+            "the kill left nothing to replay"
+        );
         let kh = Queue::Outbox("kh".parse().unwrap());
         let queued: HashSet<Vec<u8>> = store
             .queue(&kh, usize::MAX)
@@ -1118,11 +1255,26 @@ mod tests {
         }
         let size = store.log_size().unwrap();
         assert!(size >= acked.len() as u64);
+        assert_eq!(
+            store.log_entry(size).unwrap(),
+            None,
+            "an entry past the log's size"
+        );
+        let highest_seq = store
+            .db
+            .iter()
+            .keys()
+            .map(|k| k.unwrap())
+            .filter(|k| k[0] == b'r' || k[0] == b'q')
+            .map(|k| u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap()))
+            .max()
+            .unwrap();
+        assert!(read_meta(&store.db, META_SEQ).unwrap() > highest_seq);
         let mut tree = merkle::MemoryTree::new();
         for index in 0..size {
             tree.push(log::leaf_hash(&store.log_entry(index).unwrap().unwrap()));
         }
-        let stored_root = merkle::root(&StoreNodes(&store), size).unwrap();
+        let stored_root = merkle::root(&DbNodes(&store.db), size).unwrap();
         assert_eq!(stored_root, merkle::root(&tree, size).unwrap());
         let expected = contents(&store);
         drop(store);
@@ -1167,13 +1319,27 @@ mod tests {
         );
         drop(store);
 
-        // A flipped byte in the first record, with acknowledged records after it.
-        let first = wal::segments(&damaged.join("wal")).unwrap()[0].1.clone();
-        let mut bytes = std::fs::read(&first).unwrap();
-        bytes[20] ^= 0x01;
-        std::fs::write(&first, bytes).unwrap();
+        // A flipped byte in a record with acknowledged records after it.
+        let (_, path, _) = wal::segments(&damaged.join("wal"))
+            .unwrap()
+            .into_iter()
+            .find(|s| wal::read_segment(&s.1, false).is_ok_and(|c| c.groups.len() >= 2))
+            .expect("a segment with two records");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[wal::HEADER + 3] ^= 0x01;
+        std::fs::write(&path, bytes).unwrap();
         let err = SledStore::open(&damaged, 16 << 20).unwrap_err();
         assert!(err.to_string().contains("damaged"), "{err}");
+    }
+
+    /// The child process, killed if the test fails before it does.
+    struct KillOnDrop(std::process::Child);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 
     fn record(line: &str, acked: &mut Vec<MessageId>, removed: &mut HashSet<MessageId>) {
@@ -1190,11 +1356,11 @@ mod tests {
         id.as_bytes()[15] % 2
     }
 
-    struct StoreNodes<'a>(&'a SledStore);
+    struct DbNodes<'a>(&'a sled::Db);
 
-    impl NodeSource for StoreNodes<'_> {
+    impl NodeSource for DbNodes<'_> {
         fn node(&self, level: u32, index: u64) -> Result<Hash, ProofError> {
-            read_node(&self.0.db, level, index)
+            read_node(self.0, level, index)
         }
     }
 }

@@ -4,18 +4,18 @@
 //!
 //! A segment file `wal/<seq:016x>.wal` is a run of records:
 //! ```text
-//! len: u32 LE ‖ crc32(payload): u32 LE ‖ payload: WalGroup (protobuf), len bytes
+//! len: u32 LE ‖ crc32(payload): u32 LE ‖ crc32(len ‖ crc32(payload)): u32 LE ‖ payload
 //! ```
-//! A record holds a group's writes as they reach sled: absolute values, so replaying a
-//! record twice, or over a sled that already holds it, leaves the same state.
+//! where the payload, `len` bytes (never 0), is a `WalGroup` in protobuf. A record holds a
+//! group's writes as they reach sled: absolute values, so replaying a record twice, or over
+//! a sled that already holds it, leaves the same state.
 //!
 //! A record is appended only after the one before it was synced, so a crash can tear only
-//! the last record of the last segment, and only by leaving it short or with bytes that
-//! never reached the disk: such a record ends at or past the end of the file. It was never
-//! acknowledged, and [`read_segment`] drops it. A bad record with more bytes after it is
-//! not a torn write but damage, and opening fails rather than skip acknowledged records.
-//! (A damaged length field that points past the end of the last segment cannot be told
-//! from a torn write; the store logs how many bytes it dropped.)
+//! the last record of the last segment: short, or with sectors that never reached the disk
+//! (zeros, or old bytes). It was never acknowledged, and [`read_segment`] drops it. A bad
+//! record followed by a good one cannot be a torn write: that is damage, and opening fails
+//! rather than skip acknowledged records. The header's own checksum is what lets a damaged
+//! length field be told from a torn record: the reader looks for a good record after it.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
@@ -39,7 +39,7 @@ pub(crate) struct WalGroup {
     pub writes: Vec<WalWrite>,
 }
 
-const HEADER: usize = 8;
+pub(crate) const HEADER: usize = 12;
 
 /// Why the log could not be read back.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +89,7 @@ impl Segment {
         let mut record = Vec::with_capacity(HEADER + payload.len());
         record.extend_from_slice(&len.to_le_bytes());
         record.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        record.extend_from_slice(&crc32fast::hash(&record).to_le_bytes());
         record.extend_from_slice(&payload);
         self.file.write_all(&record)?;
         self.file.sync_data()?;
@@ -137,56 +138,39 @@ pub(crate) struct SegmentContents {
     pub torn_bytes: u64,
 }
 
-/// Reads every record of a segment. A torn last record is dropped (and counted) only when
-/// `last` says no segment follows; anywhere else a bad record is [`WalError::Damaged`].
+/// Reads every record of a segment. A bad record is a torn write, dropped (and counted),
+/// only when `last` says no segment follows and no good record comes after it; anything
+/// else is [`WalError::Damaged`].
 pub(crate) fn read_segment(path: &Path, last: bool) -> Result<SegmentContents, WalError> {
     let bytes = std::fs::read(path)?;
     let mut groups = Vec::new();
     let mut at = 0usize;
     while at < bytes.len() {
-        let damaged = |why| WalError::Damaged {
-            path: path.to_owned(),
-            offset: at as u64,
-            why,
-        };
-        let rest = &bytes[at..];
-        let torn = |why| {
-            if last {
-                Ok(SegmentContents {
-                    groups: Vec::new(),
-                    torn_bytes: rest.len() as u64,
-                })
-            } else {
-                Err(damaged(why))
+        match record_at(&bytes[at..]) {
+            Ok((group, len)) => {
+                groups.push(group);
+                at += len;
             }
-        };
-        if rest.len() < HEADER {
-            let t = torn("short header")?;
-            return Ok(SegmentContents { groups, ..t });
-        }
-        let len = u32::from_le_bytes(rest[..4].try_into().unwrap_or_default()) as usize;
-        let crc = u32::from_le_bytes(rest[4..8].try_into().unwrap_or_default());
-        let end = HEADER.saturating_add(len);
-        if end > rest.len() {
-            let t = torn("record runs past the end of the file")?;
-            return Ok(SegmentContents { groups, ..t });
-        }
-        let payload = &rest[HEADER..end];
-        let group = if crc32fast::hash(payload) == crc {
-            WalGroup::decode(payload).ok()
-        } else {
-            None
-        };
-        match group {
-            Some(group) => groups.push(group),
-            // A record that fills the file exactly but did not fully reach the disk.
-            None if end == rest.len() => {
-                let t = torn("checksum")?;
-                return Ok(SegmentContents { groups, ..t });
+            Err(Bad { why, end }) => {
+                // A good header says where the next append would start; without one, any
+                // good record further on shows the log went on after this one.
+                let later = match end {
+                    Some(end) => record_at(&bytes[(at + end).min(bytes.len())..]).is_ok(),
+                    None => (at + 1..bytes.len()).any(|p| record_at(&bytes[p..]).is_ok()),
+                };
+                if !last || later {
+                    return Err(WalError::Damaged {
+                        path: path.to_owned(),
+                        offset: at as u64,
+                        why,
+                    });
+                }
+                return Ok(SegmentContents {
+                    groups,
+                    torn_bytes: (bytes.len() - at) as u64,
+                });
             }
-            None => return Err(damaged("checksum mismatch before the end of the segment")),
         }
-        at += end;
     }
     Ok(SegmentContents {
         groups,
@@ -194,16 +178,52 @@ pub(crate) fn read_segment(path: &Path, last: bool) -> Result<SegmentContents, W
     })
 }
 
-/// Deletes segments up to and including `through`, then syncs `dir`; returns the bytes freed.
+/// Why there is no good record at some offset; `end`: where it ends, if its header is good.
+struct Bad {
+    why: &'static str,
+    end: Option<usize>,
+}
+
+/// The record at the start of `bytes` and its length, or why there is none.
+fn record_at(bytes: &[u8]) -> Result<(WalGroup, usize), Bad> {
+    let bad = |why, end| Bad { why, end };
+    let word = |i: usize| {
+        bytes
+            .get(i..i + 4)
+            .and_then(|w| w.try_into().ok())
+            .map(u32::from_le_bytes)
+    };
+    let (Some(len), Some(crc), Some(header_crc)) = (word(0), word(4), word(8)) else {
+        return Err(bad("short header", None));
+    };
+    if crc32fast::hash(&bytes[..8]) != header_crc {
+        return Err(bad("header checksum", None));
+    }
+    let end = HEADER.saturating_add(len as usize);
+    let payload = match bytes.get(HEADER..end) {
+        Some(p) if !p.is_empty() => p,
+        Some(_) => return Err(bad("empty record", Some(end))),
+        None => return Err(bad("record runs past the end of the file", Some(end))),
+    };
+    if crc32fast::hash(payload) != crc {
+        return Err(bad("payload checksum", Some(end)));
+    }
+    let group = WalGroup::decode(payload).map_err(|_| bad("undecodable payload", Some(end)))?;
+    Ok((group, end))
+}
+
+/// Deletes segments up to and including `through`, oldest first, syncing `dir` after each:
+/// a crash then leaves a run of the newest segments, never an old one without the ones
+/// after it (replaying that alone would roll sled back). Returns the bytes freed.
 pub(crate) fn remove_through(dir: &Path, through: u64) -> std::io::Result<u64> {
     let mut freed = 0;
     for (seq, path, len) in segments(dir)? {
         if seq <= through {
             std::fs::remove_file(path)?;
+            File::open(dir)?.sync_all()?;
             freed += len;
         }
     }
-    File::open(dir)?.sync_all()?;
     Ok(freed)
 }
 
@@ -268,17 +288,31 @@ mod tests {
         }
     }
 
-    /// Pages of the last record that never reached the disk read back as zeros.
+    /// Sectors of the last record that never reached the disk read back as zeros: its
+    /// tail, or its header with the payload after it on disk.
     #[test]
-    fn a_last_record_with_lost_pages_is_dropped() {
+    fn a_last_record_with_lost_sectors_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let (path, ends) = three_records(dir.path());
-        let mut bytes = std::fs::read(&path).unwrap();
-        let tail = ends[2] as usize - 20;
-        bytes[tail..].fill(0);
+        let full = std::fs::read(&path).unwrap();
+        for lost in [
+            ends[2] as usize - 20..ends[2] as usize,
+            ends[1] as usize..ends[1] as usize + HEADER,
+        ] {
+            let mut bytes = full.clone();
+            bytes[lost.clone()].fill(0);
+            std::fs::write(&path, &bytes).unwrap();
+            let read = read_segment(&path, true).unwrap();
+            assert_eq!(read.groups, vec![group(1), group(2)], "zeros at {lost:?}");
+            assert_eq!(read.torn_bytes, ends[2] - ends[1]);
+        }
+        // Zeros past the last record (a file extended but never written): also dropped.
+        let mut bytes = full;
+        bytes.extend_from_slice(&[0; 64]);
         std::fs::write(&path, &bytes).unwrap();
         let read = read_segment(&path, true).unwrap();
-        assert_eq!(read.groups, vec![group(1), group(2)]);
+        assert_eq!(read.groups, vec![group(1), group(2), group(3)]);
+        assert_eq!(read.torn_bytes, 64);
     }
 
     /// A flipped byte in a record that others follow was acknowledged: the log refuses to
@@ -295,15 +329,17 @@ mod tests {
             matches!(err, WalError::Damaged { offset, .. } if offset == ends[0]),
             "{err}"
         );
-        // The limit of a length-prefixed log: a length flipped to run past the end of the
-        // last segment reads as a torn write. What it drops is counted, for the warning.
+        // A length flipped to run past the end: the header's checksum catches it, and the
+        // good record after it shows it is not a torn write.
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[ends[0] as usize + HEADER + 3] ^= 0x40;
         bytes[ends[0] as usize + 3] = 0x7f;
         std::fs::write(&path, &bytes).unwrap();
-        let read = read_segment(&path, true).unwrap();
-        assert_eq!(read.groups, vec![group(1)]);
-        assert_eq!(read.torn_bytes, ends[2] - ends[0]);
+        let err = read_segment(&path, true).unwrap_err();
+        assert!(
+            matches!(err, WalError::Damaged { offset, .. } if offset == ends[0]),
+            "{err}"
+        );
     }
 
     #[test]
