@@ -25,6 +25,27 @@ fn msg(n: u8) -> (MessageId, StoredMessage) {
     (id, m)
 }
 
+/// A queue entry for a stored message (no receipt).
+pub(crate) fn queued(id: &MessageId) -> QueueEntry {
+    QueueEntry {
+        message_id: id.as_bytes().to_vec(),
+        receipt: None,
+    }
+}
+
+/// Stores, in the commit, a receipt for `id` whose body is the first log index it names.
+pub(crate) fn receipt_naming_index(id: MessageId) -> Option<ReceiptMaker> {
+    Some(Box::new(move |index| {
+        vec![Op::PutReceipt(
+            id,
+            pb::Receipt {
+                body: index.to_be_bytes().to_vec(),
+                signature: vec![],
+            },
+        )]
+    }))
+}
+
 pub(crate) async fn run<S: Store>(dir: &Path, open: impl Fn(&Path) -> S) {
     let kh = Queue::Outbox("kh".parse().unwrap());
     let (id1, m1) = msg(1);
@@ -32,25 +53,13 @@ pub(crate) async fn run<S: Store>(dir: &Path, open: impl Fn(&Path) -> S) {
     let (id3, m3) = msg(3);
     {
         let store = open(dir);
-        let entry = |id: &MessageId| QueueEntry {
-            message_id: id.as_bytes().to_vec(),
-            receipt: None,
-        };
         let tx = |id: MessageId, m: StoredMessage, prio| Tx {
             ops: vec![
                 Op::InsertMessage(id, m),
-                Op::Enqueue(kh.clone(), prio, entry(&id)),
+                Op::Enqueue(kh.clone(), prio, queued(&id)),
                 Op::Log(id.as_bytes().to_vec()),
             ],
-            receipts: Some(Box::new(move |index| {
-                vec![Op::PutReceipt(
-                    id,
-                    pb::Receipt {
-                        body: index.to_be_bytes().to_vec(),
-                        signature: vec![],
-                    },
-                )]
-            })),
+            receipts: receipt_naming_index(id),
         };
         let r1 = store.commit(tx(id1, m1.clone(), pb::Priority::Routine));
         let r2 = store.commit(tx(id2, m2.clone(), pb::Priority::Routine));

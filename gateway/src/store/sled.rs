@@ -862,6 +862,7 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::conformance::{queued, receipt_naming_index};
 
     #[tokio::test]
     async fn sled_store_passes_the_conformance_suite() {
@@ -946,10 +947,7 @@ mod tests {
                         ciphertext: vec![w as u8; 64 << 10],
                         signature: vec![3; 64],
                     };
-                    let entry = QueueEntry {
-                        message_id: id.as_bytes().to_vec(),
-                        receipt: None,
-                    };
+                    let entry = queued(&id);
                     store
                         .commit(Tx {
                             ops: vec![
@@ -998,14 +996,7 @@ mod tests {
         let insert = || Tx {
             ops: vec![
                 Op::InsertMessage(id, StoredMessage::default()),
-                Op::Enqueue(
-                    queue.clone(),
-                    pb::Priority::Routine,
-                    QueueEntry {
-                        message_id: id.as_bytes().to_vec(),
-                        receipt: None,
-                    },
-                ),
+                Op::Enqueue(queue.clone(), pb::Priority::Routine, queued(&id)),
                 Op::Log(vec![1]),
                 Op::PutReceipt(id, receipt.clone()),
             ],
@@ -1124,25 +1115,10 @@ mod tests {
                                         ..Default::default()
                                     },
                                 ),
-                                Op::Enqueue(
-                                    queue.clone(),
-                                    pb::Priority::Routine,
-                                    QueueEntry {
-                                        message_id: id.as_bytes().to_vec(),
-                                        receipt: None,
-                                    },
-                                ),
+                                Op::Enqueue(queue.clone(), pb::Priority::Routine, queued(&id)),
                                 Op::Log(entry.encode_to_vec()),
                             ],
-                            receipts: Some(Box::new(move |index| {
-                                vec![Op::PutReceipt(
-                                    id,
-                                    pb::Receipt {
-                                        body: index.to_be_bytes().to_vec(),
-                                        signature: vec![],
-                                    },
-                                )]
-                            })),
+                            receipts: receipt_naming_index(id),
                         };
                         store.commit(tx).await.unwrap();
                         println!("acked {id}");
