@@ -29,7 +29,7 @@
 //! s ‖ "log" / "seq"                  next log index / next sequence number
 //! ```
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -184,8 +184,6 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     }
     wal::remove_through(&wal_dir, last_segment)?;
     let segment = Segment::create(&wal_dir, last_segment + 1)?;
-    let blobs_seen = files.synced_blobs.keys().cloned().collect();
-    let blob_dir = files.blob_dir.clone();
     let files = Arc::new(Mutex::new(files));
     let (checkpoints, checkpoint_requests) = mpsc::channel();
     let checkpointer = {
@@ -203,8 +201,6 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         checkpoints,
         checkpointer: Some(checkpointer),
         files,
-        blob_dir,
-        blobs_seen,
         next_log: read_meta(&db, META_LOG)?,
         next_seq: read_meta(&db, META_SEQ)?,
     };
@@ -421,10 +417,8 @@ struct Committer {
     /// Numbers of segments sled now holds, for the checkpointer to make durable and delete.
     checkpoints: mpsc::Sender<u64>,
     checkpointer: Option<JoinHandle<()>>,
-    /// For a group that made sled write a blob file (see `write`).
+    /// For a group that made sled write a blob file ([`SledFiles::sync_if_new_blobs`]).
     files: Arc<Mutex<SledFiles>>,
-    blob_dir: PathBuf,
-    blobs_seen: HashSet<std::ffi::OsString>,
     next_log: u64,
     next_seq: u64,
 }
@@ -493,27 +487,10 @@ impl Committer {
         self.db
             .apply_batch(sled_batch(group))
             .map_err(|e| format!("applying a logged group to sled: {e}"))?;
-        self.sync_if_new_blobs()
-    }
-
-    /// sled writes a large page to a blob file, and deletes the page's previous blob file
-    /// once the new one is written, not once it is durable. Left to the next checkpoint, a
-    /// power cut could find sled's last durable state pointing at a deleted file. So a group
-    /// that made sled write a blob file makes sled durable before it is answered, as every
-    /// group did before this log existed. One directory listing per group tells.
-    fn sync_if_new_blobs(&mut self) -> Result<(), String> {
-        let names = blob_names(&self.blob_dir).map_err(|e| format!("listing sled's blobs: {e}"))?;
-        let new = names.iter().any(|n| !self.blobs_seen.contains(n));
-        self.blobs_seen = names.into_iter().collect();
-        if !new {
-            return Ok(());
-        }
-        let mut files = self
-            .files
+        self.files
             .lock()
-            .map_err(|_| "the checkpointer panicked".to_string())?;
-        files
-            .make_durable()
+            .map_err(|_| "the checkpointer panicked".to_string())?
+            .sync_if_new_blobs()
             .map_err(|e| format!("syncing sled after a blob write: {e}"))
     }
 
@@ -699,6 +676,19 @@ impl SledFiles {
         }
     }
 
+    /// sled writes a large page to a blob file, and deletes the page's previous blob file
+    /// once the new one is written, not once it is durable. Left to the next checkpoint, a
+    /// power cut could find sled's last durable state pointing at a deleted file. So a group
+    /// that made sled write a blob file makes sled durable before it is answered, as every
+    /// group did before this log existed. One directory listing per group tells.
+    fn sync_if_new_blobs(&mut self) -> Result<(), StoreError> {
+        let names = blob_names(&self.blob_dir)?;
+        if names.iter().all(|n| self.synced_blobs.contains_key(n)) {
+            return Ok(());
+        }
+        self.make_durable()
+    }
+
     /// Syncs new blob files and notes what every blob file holds.
     fn sync_blobs(&mut self) -> std::io::Result<()> {
         let names = blob_names(&self.blob_dir)?;
@@ -861,6 +851,8 @@ impl Store for SledStore {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
     use crate::store::conformance::{queued, receipt_naming_index};
 
