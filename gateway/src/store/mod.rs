@@ -13,7 +13,7 @@
 //!   concurrent duplicates.
 //! - Each log entry (`pb::LogEntry` bytes) is stored with the RFC 6962 tree nodes it
 //!   completes (O(log n) per append, [`accord_proto::merkle::completed_nodes`]) and indexed by
-//!   its message id, in the same atomic batch, so the tree is never behind the log.
+//!   its message id, in the same transaction, so the tree is never behind the log.
 
 pub mod sled;
 mod wal;

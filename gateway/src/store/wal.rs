@@ -32,7 +32,7 @@ pub(crate) struct WalWrite {
     pub value: Option<Vec<u8>>,
 }
 
-/// The writes of one commit group, applied to sled as one atomic batch.
+/// The writes of one commit group, applied to sled together (see `sled.rs`).
 #[derive(Clone, PartialEq, prost::Message)]
 pub(crate) struct WalGroup {
     #[prost(message, repeated, tag = "1")]
