@@ -5,9 +5,11 @@
 //! also cost a second device round trip. So a group commit here is:
 //! 1. build each transaction's writes, reading through the group's earlier writes;
 //! 2. append the group's writes to the write-ahead log (`wal.rs`) and `fdatasync` it;
-//! 3. apply them to sled key by key, without a flush, while readers wait; then answer.
+//! 3. with readers held back, answer the group's transactions, then apply the writes to
+//!    sled key by key, without a flush.
 //!
-//! Readers therefore only ever see whole groups of durable transactions. The writes are not
+//! Readers therefore only ever see whole groups of durable transactions, and whoever reads
+//! after an answer sees its transaction; sled's work no longer delays the answers. The writes are not
 //! a sled batch: sled seals and writes its I/O buffer twice for every batch, so a batch per
 //! group cost two more writes, waits and thread wake-ups per commit. Atomicity comes from
 //! the log instead: a crash in the middle of applying a group leaves the group's segment in
@@ -463,17 +465,7 @@ impl Committer {
                     None
                 };
             }
-            let written = self.write(group.writes);
-            if let Err(e) = &written {
-                self.progress.poison(e.clone());
-            }
-            for (reply, outcome) in group.waiting {
-                let result = match &written {
-                    Ok(()) => outcome,
-                    Err(e) => Err(StoreError::Engine(format!("commit failed: {e}"))),
-                };
-                let _ = reply.send(result);
-            }
+            self.write(group);
             self.rotate_if_due();
         }
         // Closing: sled is made durable through the last segment, which is then deleted.
@@ -484,10 +476,49 @@ impl Committer {
         }
     }
 
-    /// Logs the group's writes and syncs the log, then applies them to sled.
-    fn write(&mut self, writes: GroupWrites) -> Result<(), String> {
+    /// Logs the group's writes and syncs the log, answers the group's transactions, then
+    /// applies the writes to sled. Readers wait from before the answers until sled holds
+    /// the writes, so whoever reads after an answer sees its transaction. A failure poisons
+    /// the store: before the log is synced the group is answered with it; after, the group
+    /// is durable and replayed at the next open.
+    fn write(&mut self, group: Group) {
+        let logged = self.log(group.writes);
+        let readers_wait = match &logged {
+            Ok(_) => self.applying.write().ok(),
+            Err(_) => None,
+        };
+        for (reply, outcome) in group.waiting {
+            let result = match &logged {
+                Ok(_) => outcome,
+                Err(e) => Err(StoreError::Engine(format!("commit failed: {e}"))),
+            };
+            let _ = reply.send(result);
+        }
+        let applied = logged.and_then(|logged| {
+            let Some(logged) = logged else {
+                return Ok(());
+            };
+            if readers_wait.is_none() {
+                return Err("an earlier group's apply panicked".to_string());
+            }
+            apply(&self.db, &logged)
+                .map_err(|e| format!("applying a logged group to sled: {e}"))?;
+            drop(readers_wait);
+            self.files
+                .lock()
+                .map_err(|_| "the checkpointer panicked".to_string())?
+                .sync_if_new_blobs()
+                .map_err(|e| format!("syncing sled after a blob write: {e}"))
+        });
+        if let Err(e) = applied {
+            self.progress.poison(e);
+        }
+    }
+
+    /// Appends the writes to the log as one record and syncs it; `None` if there are none.
+    fn log(&mut self, writes: GroupWrites) -> Result<Option<WalGroup>, String> {
         if writes.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let group = WalGroup {
             writes: writes
@@ -502,18 +533,7 @@ impl Committer {
         self.progress
             .wal_bytes
             .fetch_add(appended, Ordering::Relaxed);
-        {
-            let _readers_wait = self
-                .applying
-                .write()
-                .map_err(|_| "an earlier group's apply panicked".to_string())?;
-            apply(&self.db, &group).map_err(|e| format!("applying a logged group to sled: {e}"))?;
-        }
-        self.files
-            .lock()
-            .map_err(|_| "the checkpointer panicked".to_string())?
-            .sync_if_new_blobs()
-            .map_err(|e| format!("syncing sled after a blob write: {e}"))
+        Ok(Some(group))
     }
 
     /// Starts a new segment and hands the full one to the checkpointer, once it is big or
@@ -1003,8 +1023,9 @@ mod tests {
     }
 
     /// A group reaches sled key by key, log entries (`l…`) well before the log size
-    /// (`slog`). A reader that finds entry `n` must also find a log size above `n`: it never
-    /// sees part of a group.
+    /// (`slog`), and after its transactions are answered. A reader that finds entry `n` must
+    /// also find a log size above `n`: it never sees part of a group. A writer reading right
+    /// after its answer finds its message.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn readers_see_whole_groups() {
         let dir = tempfile::tempdir().unwrap();
@@ -1045,6 +1066,7 @@ mod tests {
                         receipts: receipt_naming_index(id),
                     };
                     store.commit(tx).await?;
+                    assert!(store.message(&id)?.is_some(), "answered before readable");
                 }
                 Ok::<_, StoreError>(())
             });
@@ -1102,7 +1124,8 @@ mod tests {
             receipts: None,
         };
         committer.build(later, &mut group).unwrap();
-        committer.write(group.writes).unwrap();
+        committer.write(group);
+        assert_eq!(committer.progress.poisoned(), None);
 
         let db = &committer.db;
         assert!(db.get(message_key(&id)).unwrap().is_some());
