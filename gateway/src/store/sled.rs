@@ -193,6 +193,7 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         files.note_sled_bytes();
     }
     wal::remove_through(&wal_dir, last_segment)?;
+    wal::remove_spares(&wal_dir)?;
     let segment = Segment::create(&wal_dir, last_segment + 1)?;
     let files = Arc::new(Mutex::new(files));
     let (checkpoints, checkpoint_requests) = mpsc::channel();
@@ -435,7 +436,7 @@ struct Committer {
     segment: Segment,
     segment_opened: Instant,
     /// Numbers of segments sled now holds, for the checkpointer to make durable and delete.
-    checkpoints: mpsc::Sender<u64>,
+    checkpoints: mpsc::Sender<Handover>,
     checkpointer: Option<JoinHandle<()>>,
     /// For a group that made sled write a blob file ([`SledFiles::sync_if_new_blobs`]).
     files: Arc<Mutex<SledFiles>>,
@@ -469,7 +470,10 @@ impl Committer {
             self.rotate_if_due();
         }
         // Closing: sled is made durable through the last segment, which is then deleted.
-        let _ = self.checkpoints.send(self.segment.seq());
+        let _ = self.checkpoints.send(Handover {
+            seq: self.segment.seq(),
+            bytes: 0,
+        });
         drop(self.checkpoints);
         if let Some(handle) = self.checkpointer.take() {
             let _ = handle.join();
@@ -546,9 +550,16 @@ impl Committer {
         }
         match Segment::create(&self.wal_dir, self.segment.seq() + 1) {
             Ok(next) => {
+                self.progress
+                    .wal_bytes
+                    .fetch_add(next.len(), Ordering::Relaxed);
                 let full = std::mem::replace(&mut self.segment, next);
                 self.segment_opened = Instant::now();
-                if self.checkpoints.send(full.seq()).is_err() {
+                let handover = Handover {
+                    seq: full.seq(),
+                    bytes: full.bytes(),
+                };
+                if self.checkpoints.send(handover).is_err() {
                     self.progress
                         .poison("the checkpointer thread is gone".into());
                 }
@@ -665,38 +676,72 @@ struct SledFiles {
     synced_blobs: HashMap<std::ffi::OsString, u64>,
 }
 
-/// The checkpointer thread: makes sled durable in bulk, then deletes the log segments it
-/// now holds.
-fn run_checkpoints(files: Arc<Mutex<SledFiles>>, wal_dir: PathBuf, requests: mpsc::Receiver<u64>) {
-    while let Ok(mut through) = requests.recv() {
+/// A full segment, handed by the committer to the checkpointer.
+struct Handover {
+    seq: u64,
+    /// Bytes of records it holds (0 when closing): the next spare is sized after it.
+    bytes: u64,
+}
+
+/// The checkpointer thread: makes sled durable in bulk, deletes the log segments it now
+/// holds, then prepares the spare the next segment will be made from.
+fn run_checkpoints(
+    files: Arc<Mutex<SledFiles>>,
+    wal_dir: PathBuf,
+    requests: mpsc::Receiver<Handover>,
+) {
+    while let Ok(mut handover) = requests.recv() {
         // Segments handed over while the last checkpoint ran are covered by this one.
         while let Ok(later) = requests.try_recv() {
-            through = through.max(later);
+            handover = later;
         }
-        let Ok(mut files) = files.lock() else {
-            return;
-        };
-        if files.progress.poisoned().is_some() {
-            continue;
-        }
-        // Everything in those segments was applied to sled before they were handed over,
-        // so the flush covers it.
-        let done = files
-            .make_durable()
-            .map_err(|e| e.to_string())
-            .and_then(|()| {
-                wal::remove_through(&wal_dir, through)
-                    .map_err(|e| format!("deleting write-ahead log segments: {e}"))
-            });
-        match done {
-            // Only segments the committer counted are deleted here.
-            Ok(freed) => files.progress.wal_bytes.fetch_sub(freed, Ordering::Relaxed),
-            Err(e) => {
-                files.progress.poison(format!("checkpoint: {e}"));
-                0
+        {
+            let Ok(mut files) = files.lock() else {
+                return;
+            };
+            if files.progress.poisoned().is_some() {
+                continue;
             }
-        };
+            // Everything in those segments was applied to sled before they were handed
+            // over, so the flush covers it.
+            checkpoint(&mut files, &wal_dir, handover.seq);
+        }
+        if handover.bytes > 0 {
+            if let Err(e) = wal::prepare_spare(&wal_dir, spare_bytes(handover.bytes)) {
+                // Only speed is lost: the next segment starts as an empty file.
+                tracing::warn!(error = %e, "could not prepare a spare write-ahead log segment");
+            }
+        }
     }
+}
+
+/// The spare's size: the last segment's bytes and a quarter, to the next power of two,
+/// between 16 KiB and 4 MiB. It follows the load, so a trickle of commits does not zero
+/// megabytes a second; under heavy load, groups are large, a sync serves many commits, and
+/// zeroing more than 4 MiB a second cost more than it saved.
+fn spare_bytes(last_segment: u64) -> u64 {
+    (last_segment + last_segment / 4)
+        .next_power_of_two()
+        .clamp(16 << 10, 4 << 20)
+}
+
+/// Makes sled durable, then deletes the segments through `through`.
+fn checkpoint(files: &mut SledFiles, wal_dir: &Path, through: u64) {
+    let done = files
+        .make_durable()
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            wal::remove_through(wal_dir, through)
+                .map_err(|e| format!("deleting write-ahead log segments: {e}"))
+        });
+    match done {
+        // Only segments the committer counted are deleted here.
+        Ok(freed) => files.progress.wal_bytes.fetch_sub(freed, Ordering::Relaxed),
+        Err(e) => {
+            files.progress.poison(format!("checkpoint: {e}"));
+            0
+        }
+    };
 }
 
 impl SledFiles {
@@ -1078,6 +1123,59 @@ mod tests {
         let probes = reader.join().unwrap();
         assert_eq!(store.log_size().unwrap(), 32 * 30 * 2);
         assert!(probes > 0);
+    }
+
+    /// After a checkpoint the checkpointer prepares a spare, sized after the segment it
+    /// checkpointed, and the next segment is made from it: its records are written over the
+    /// zeros and read back.
+    #[tokio::test]
+    async fn segments_are_made_from_spares_once_a_checkpoint_ran() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("wal");
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        let mut ids = Vec::new();
+        let mut commit_some = async |n: u64| {
+            for i in 0..n {
+                let id = MessageId::new_v7(2_000 + ids.len() as u64, [i as u8; 10]);
+                let tx = Tx {
+                    ops: vec![
+                        Op::InsertMessage(id, StoredMessage::default()),
+                        Op::Log(vec![6; 100]),
+                    ],
+                    receipts: None,
+                };
+                store.commit(tx).await.unwrap();
+                ids.push(id);
+            }
+        };
+        let spare = wal.join("spare");
+        let wait_for = async |what: &dyn Fn() -> bool| {
+            let started = Instant::now();
+            while !what() {
+                assert!(started.elapsed() < Duration::from_secs(20), "timed out");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        // Segment 1 rotates after a second; its checkpoint leaves a spare for segment 3.
+        commit_some(10).await;
+        wait_for(&|| spare.exists()).await;
+        assert_eq!(std::fs::metadata(&spare).unwrap().len(), 16 << 10);
+        commit_some(10).await;
+        let third = wal.join(format!("{:016x}.wal", 3));
+        wait_for(&|| third.exists()).await;
+        commit_some(10).await;
+        let segments = wal::segments(&wal).unwrap();
+        let (_, path, len) = segments.iter().find(|s| s.0 == 3).unwrap();
+        assert_eq!(*len, 16 << 10, "segment 3 is the spare: {segments:?}");
+        let records = wal::read_segment(path, true).unwrap();
+        assert!(!records.groups.is_empty());
+        assert_eq!(records.torn_bytes, 0);
+        drop(store);
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        for id in &ids {
+            assert!(store.message(id).unwrap().is_some());
+        }
+        assert_eq!(store.log_size().unwrap(), 30);
     }
 
     /// Transactions in one group see each other's writes before any reaches sled: a

@@ -8,7 +8,9 @@
 //! ```
 //! where the payload, `len` bytes (never 0), is a `WalGroup` in protobuf. A record holds a
 //! group's writes as they reach sled: absolute values, so replaying a record twice, or over
-//! a sled that already holds it, leaves the same state.
+//! a sled that already holds it, leaves the same state. A segment may be made from a
+//! spare, a file of zeros written and synced in advance: records are written over its
+//! zeros from the start, and zeros that fill the rest of the file end the segment.
 //!
 //! A record is appended only after the one before it was synced, so a crash can tear only
 //! the last record of the last segment: short, or with sectors that never reached the disk
@@ -19,6 +21,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
@@ -62,25 +65,49 @@ pub(crate) enum WalError {
 pub(crate) struct Segment {
     file: File,
     seq: u64,
+    /// Bytes of records written.
     bytes: u64,
+    /// The file's length: `bytes`, or more when the segment was a spare.
+    len: u64,
 }
 
+/// A file of zeros, synced, that the next segment is made from ([`prepare_spare`]).
+const SPARE: &str = "spare";
+const SPARE_TMP: &str = "spare.tmp";
+
 impl Segment {
-    /// Creates segment `seq` in `dir`, and syncs `dir` so the file survives a power cut.
+    /// Creates segment `seq` in `dir` from the spare file if one is ready, else as an empty
+    /// file, and syncs `dir` so the name survives a power cut. A record written over a
+    /// spare's zeros changes neither the file's size nor its blocks, so its `fdatasync` is
+    /// one device write without a journal commit (about 90 µs here, against 130 µs for an
+    /// append).
     pub fn create(dir: &Path, seq: u64) -> std::io::Result<Self> {
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(segment_path(dir, seq))?;
+        let path = segment_path(dir, seq);
+        if path.exists() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists", path.display()),
+            ));
+        }
+        let file = match std::fs::rename(dir.join(SPARE), &path) {
+            Ok(()) => OpenOptions::new().write(true).open(&path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .open(&path)?,
+            Err(e) => return Err(e),
+        };
+        let len = file.metadata()?.len();
         File::open(dir)?.sync_all()?;
         Ok(Self {
             file,
             seq,
             bytes: 0,
+            len,
         })
     }
 
-    /// Appends one record and syncs it; returns the bytes written.
+    /// Writes one record after the last and syncs it; returns how much the file grew.
     pub fn append(&mut self, group: &WalGroup) -> std::io::Result<u64> {
         let payload = group.encode_to_vec();
         let len = u32::try_from(payload.len()).map_err(|_| {
@@ -91,10 +118,12 @@ impl Segment {
         record.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
         record.extend_from_slice(&crc32fast::hash(&record).to_le_bytes());
         record.extend_from_slice(&payload);
-        self.file.write_all(&record)?;
+        self.file.write_all_at(&record, self.bytes)?;
         self.file.sync_data()?;
         self.bytes += record.len() as u64;
-        Ok(record.len() as u64)
+        let grown = self.bytes.saturating_sub(self.len);
+        self.len += grown;
+        Ok(grown)
     }
 
     pub fn seq(&self) -> u64 {
@@ -104,6 +133,50 @@ impl Segment {
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
+
+    /// The file's length, spare zeros included.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+/// Makes sure a spare of at least `bytes` zeros is ready in `dir` for the next
+/// [`Segment::create`]: written, synced, and only then given its name, so a spare is all
+/// zeros whenever it exists. Returns the bytes of zeros written.
+pub(crate) fn prepare_spare(dir: &Path, bytes: u64) -> std::io::Result<u64> {
+    match std::fs::metadata(dir.join(SPARE)) {
+        Ok(m) if m.len() >= bytes => return Ok(0),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let tmp = dir.join(SPARE_TMP);
+    let mut file = File::create(&tmp)?;
+    // A static buffer: a heap one of a megabyte would, once freed, raise glibc's mmap
+    // threshold and leave later large buffers in the heap for good (RSS).
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    let zeros = &ZEROS;
+    let mut written = 0;
+    while written < bytes {
+        let n = (bytes - written).min(zeros.len() as u64);
+        file.write_all(&zeros[..n as usize])?;
+        written += n;
+    }
+    file.sync_all()?;
+    std::fs::rename(&tmp, dir.join(SPARE))?;
+    Ok(written)
+}
+
+/// At open: deletes a half-made spare, and the spare too, so that whatever becomes a
+/// segment was made by the running process.
+pub(crate) fn remove_spares(dir: &Path) -> std::io::Result<()> {
+    for name in [SPARE, SPARE_TMP] {
+        match std::fs::remove_file(dir.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
@@ -138,9 +211,10 @@ pub(crate) struct SegmentContents {
     pub torn_bytes: u64,
 }
 
-/// Reads every record of a segment. A bad record is a torn write, dropped (and counted),
-/// only when `last` says no segment follows and no good record comes after it; anything
-/// else is [`WalError::Damaged`].
+/// Reads every record of a segment, up to the end of the file or to zeros that fill the
+/// rest of it (a spare's). A bad record is a torn write, dropped (and counted), only when
+/// `last` says no segment follows and no good record comes after it; anything else is
+/// [`WalError::Damaged`].
 pub(crate) fn read_segment(path: &Path, last: bool) -> Result<SegmentContents, WalError> {
     let bytes = std::fs::read(path)?;
     let mut groups = Vec::new();
@@ -151,6 +225,9 @@ pub(crate) fn read_segment(path: &Path, last: bool) -> Result<SegmentContents, W
                 groups.push(group);
                 at += len;
             }
+            // The rest of a spare the segment was made from: its end, whether or not other
+            // segments follow.
+            Err(_) if bytes[at..].iter().all(|b| *b == 0) => break,
             Err(Bad { why, end }) => {
                 // A good header says where the next append would start; without one, any
                 // good record further on shows the log went on after this one.
@@ -306,13 +383,105 @@ mod tests {
             assert_eq!(read.groups, vec![group(1), group(2)], "zeros at {lost:?}");
             assert_eq!(read.torn_bytes, ends[2] - ends[1]);
         }
-        // Zeros past the last record (a file extended but never written): also dropped.
+        // Zeros past the last record (a spare's, or a file extended but never written) end
+        // the segment: nothing is torn, and segments may follow.
         let mut bytes = full;
         bytes.extend_from_slice(&[0; 64]);
         std::fs::write(&path, &bytes).unwrap();
-        let read = read_segment(&path, true).unwrap();
-        assert_eq!(read.groups, vec![group(1), group(2), group(3)]);
-        assert_eq!(read.torn_bytes, 64);
+        for last in [true, false] {
+            let read = read_segment(&path, last).unwrap();
+            assert_eq!(read.groups, vec![group(1), group(2), group(3)]);
+            assert_eq!(read.torn_bytes, 0);
+        }
+    }
+
+    /// A segment made from a spare: records are written over its zeros without growing the
+    /// file until they pass its end, and read back whether or not segments follow.
+    #[test]
+    fn a_segment_made_from_a_spare_reads_back_up_to_its_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(prepare_spare(dir.path(), 16 << 10).unwrap(), 16 << 10);
+        assert_eq!(prepare_spare(dir.path(), 8 << 10).unwrap(), 0, "big enough");
+        let mut segment = Segment::create(dir.path(), 1).unwrap();
+        assert!(
+            !dir.path().join(SPARE).exists(),
+            "the spare became the segment"
+        );
+        assert_eq!(segment.len(), 16 << 10);
+        let mut groups = Vec::new();
+        let mut grown = 0;
+        for n in 0..100u8 {
+            grown += segment.append(&group(n)).unwrap();
+            groups.push(group(n));
+        }
+        // 100 records of about 200 bytes pass the spare's 16 KiB: the file grew by the rest.
+        assert_eq!(grown, segment.bytes() - (16 << 10));
+        assert_eq!(segment.len(), segment.bytes());
+        let path = segment_path(dir.path(), 1);
+        for last in [true, false] {
+            let read = read_segment(&path, last).unwrap();
+            assert_eq!(read.groups, groups);
+            assert_eq!(read.torn_bytes, 0);
+        }
+
+        // A smaller spare is replaced by a bigger one; a segment's records stay inside it.
+        assert_eq!(prepare_spare(dir.path(), 16 << 10).unwrap(), 16 << 10);
+        assert_eq!(prepare_spare(dir.path(), 32 << 10).unwrap(), 32 << 10);
+        let mut segment = Segment::create(dir.path(), 2).unwrap();
+        assert_eq!(segment.append(&group(1)).unwrap(), 0);
+        assert_eq!(segment.append(&group(2)).unwrap(), 0);
+        assert_eq!(
+            std::fs::metadata(segment_path(dir.path(), 2))
+                .unwrap()
+                .len(),
+            32 << 10
+        );
+        assert_eq!(
+            read_segment(&segment_path(dir.path(), 2), false)
+                .unwrap()
+                .groups,
+            vec![group(1), group(2)]
+        );
+    }
+
+    /// The last record in a spare, cut short by a crash: the part that reached the disk is
+    /// followed by the spare's zeros. It is dropped as torn in the last segment, and is
+    /// damage in one that others follow.
+    #[test]
+    fn a_record_torn_inside_a_spare_is_dropped_only_at_the_end_of_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        prepare_spare(dir.path(), 16 << 10).unwrap();
+        let (path, ends) = three_records(dir.path());
+        let full = std::fs::read(&path).unwrap();
+        assert_eq!(full.len(), 16 << 10);
+        for cut in ends[1] as usize + 1..ends[2] as usize {
+            let mut bytes = full.clone();
+            bytes[cut..ends[2] as usize].fill(0);
+            std::fs::write(&path, &bytes).unwrap();
+            let read = read_segment(&path, true).unwrap();
+            assert_eq!(read.groups, vec![group(1), group(2)], "cut at {cut}");
+            let nothing_written = bytes[ends[1] as usize..].iter().all(|b| *b == 0);
+            match read_segment(&path, false) {
+                Ok(read) if nothing_written => assert_eq!(read.groups.len(), 2),
+                Err(WalError::Damaged { offset, .. }) if !nothing_written => {
+                    assert_eq!(offset, ends[1])
+                }
+                other => panic!("cut at {cut}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn spares_left_at_open_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        prepare_spare(dir.path(), 16 << 10).unwrap();
+        std::fs::write(dir.path().join(SPARE_TMP), b"half made").unwrap();
+        remove_spares(dir.path()).unwrap();
+        assert!(!dir.path().join(SPARE).exists());
+        assert!(!dir.path().join(SPARE_TMP).exists());
+        remove_spares(dir.path()).unwrap();
+        let segment = Segment::create(dir.path(), 1).unwrap();
+        assert_eq!(segment.len(), 0, "an empty file without a spare");
     }
 
     /// A flipped byte in a record that others follow was acknowledged: the log refuses to
