@@ -40,7 +40,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -118,8 +118,10 @@ struct Pending {
 /// The sled-backed store. Dropping it drains pending commits, checkpoints sled and closes it.
 pub struct SledStore {
     db: sled::Db,
-    /// Held for writing while a group is applied ([`apply`]), for reading by every read.
-    applying: Arc<RwLock<()>>,
+    /// Held for writing while a group is answered and applied ([`apply`]), for reading by
+    /// every read. Holds `true` once an apply failed part way: sled then holds part of a
+    /// group, and reads fail until a restart replays it.
+    applying: Arc<RwLock<bool>>,
     progress: Arc<Progress>,
     /// Commit groups the last open replayed from the write-ahead log.
     replayed_groups: u64,
@@ -221,10 +223,19 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
 
 impl SledStore {
     /// Waits for the group being applied, if any, so that what follows sees whole groups.
-    fn whole_groups(&self) -> Result<RwLockReadGuard<'_, ()>, StoreError> {
-        self.applying
+    fn whole_groups(&self) -> Result<RwLockReadGuard<'_, bool>, StoreError> {
+        let part_applied = self
+            .applying
             .read()
-            .map_err(|_| StoreError::Engine("a commit panicked while applying a group".into()))
+            .map_err(|_| StoreError::Engine("a commit panicked while applying a group".into()))?;
+        if *part_applied {
+            return Err(StoreError::Engine(
+                "sled holds part of a commit group after a failed write; restart the gateway \
+                 to replay the write-ahead log"
+                    .into(),
+            ));
+        }
+        Ok(part_applied)
     }
 
     /// Commit groups the last open replayed from the write-ahead log: zero after a clean
@@ -431,7 +442,7 @@ struct Committer {
     progress: Arc<Progress>,
     db: sled::Db,
     /// See [`SledStore::applying`].
-    applying: Arc<RwLock<()>>,
+    applying: Arc<RwLock<bool>>,
     wal_dir: PathBuf,
     segment: Segment,
     segment_opened: Instant,
@@ -478,6 +489,7 @@ impl Committer {
         if let Some(handle) = self.checkpointer.take() {
             let _ = handle.join();
         }
+        let _ = wal::remove_spares(&self.wal_dir);
     }
 
     /// Logs the group's writes and syncs the log, answers the group's transactions, then
@@ -487,10 +499,11 @@ impl Committer {
     /// is durable and replayed at the next open.
     fn write(&mut self, group: Group) {
         let logged = self.log(group.writes);
-        let readers_wait = match &logged {
-            Ok(_) => self.applying.write().ok(),
-            Err(_) => None,
-        };
+        // Only the committer takes it for writing, and a panic here ends the committer.
+        let mut part_applied = self
+            .applying
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         for (reply, outcome) in group.waiting {
             let result = match &logged {
                 Ok(_) => outcome,
@@ -498,23 +511,27 @@ impl Committer {
             };
             let _ = reply.send(result);
         }
-        let applied = logged.and_then(|logged| {
-            let Some(logged) = logged else {
-                return Ok(());
-            };
-            if readers_wait.is_none() {
-                return Err("an earlier group's apply panicked".to_string());
-            }
-            apply(&self.db, &logged)
-                .map_err(|e| format!("applying a logged group to sled: {e}"))?;
-            drop(readers_wait);
-            self.files
+        let applied = logged.and_then(|logged| match logged {
+            None => Ok(false),
+            Some(logged) => match apply(&self.db, &logged) {
+                Ok(()) => Ok(true),
+                Err(e) => {
+                    *part_applied = true;
+                    Err(format!("applying a logged group to sled: {e}"))
+                }
+            },
+        });
+        drop(part_applied);
+        let done = applied.and_then(|wrote| match wrote {
+            false => Ok(()),
+            true => self
+                .files
                 .lock()
                 .map_err(|_| "the checkpointer panicked".to_string())?
                 .sync_if_new_blobs()
-                .map_err(|e| format!("syncing sled after a blob write: {e}"))
+                .map_err(|e| format!("syncing sled after a blob write: {e}")),
         });
-        if let Err(e) = applied {
+        if let Err(e) = done {
             self.progress.poison(e);
         }
     }
@@ -545,9 +562,22 @@ impl Committer {
     fn rotate_if_due(&mut self) {
         let due = self.segment.bytes() >= SEGMENT_BYTES
             || (self.segment.bytes() > 0 && self.segment_opened.elapsed() >= CHECKPOINT_EVERY);
-        if !due || self.progress.poisoned().is_some() {
-            return;
+        if due && self.progress.poisoned().is_none() {
+            self.rotate();
         }
+    }
+
+    /// Cuts the segment to its records, starts the next one and hands the full one to the
+    /// checkpointer.
+    fn rotate(&mut self) {
+        match self.segment.seal() {
+            Ok(freed) => self.progress.wal_bytes.fetch_sub(freed, Ordering::Relaxed),
+            Err(e) => {
+                return self
+                    .progress
+                    .poison(format!("cutting a write-ahead log segment: {e}"));
+            }
+        };
         match Segment::create(&self.wal_dir, self.segment.seq() + 1) {
             Ok(next) => {
                 self.progress
@@ -765,9 +795,10 @@ impl SledFiles {
 
     /// sled writes a large page to a blob file, and deletes the page's previous blob file
     /// once the new one is written, not once it is durable. Left to the next checkpoint, a
-    /// power cut could find sled's last durable state pointing at a deleted file. So a group
-    /// that made sled write a blob file makes sled durable before it is answered, as every
-    /// group did before this log existed. One directory listing per group tells.
+    /// power cut could find sled's last durable state pointing at a deleted file. So right
+    /// after a group that made sled write a blob file (after its answers, which only need
+    /// the log), sled is made durable, as after every group before this log existed. One
+    /// directory listing per group tells.
     fn sync_if_new_blobs(&mut self) -> Result<(), StoreError> {
         let names = blob_names(&self.blob_dir)?;
         if names.iter().all(|n| self.synced_blobs.contains_key(n)) {
@@ -1126,17 +1157,18 @@ mod tests {
     }
 
     /// After a checkpoint the checkpointer prepares a spare, sized after the segment it
-    /// checkpointed, and the next segment is made from it: its records are written over the
-    /// zeros and read back.
-    #[tokio::test]
-    async fn segments_are_made_from_spares_once_a_checkpoint_ran() {
+    /// checkpointed, and the next segment is made from it. A crash then leaves the spare's
+    /// zeros after the last record, and open replays the records and removes spares.
+    #[test]
+    fn segments_are_made_from_spares_once_a_checkpoint_ran() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = dir.path().join("wal");
-        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        let wal_dir = dir.path().join("wal");
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
         let mut ids = Vec::new();
-        let mut commit_some = async |n: u64| {
-            for i in 0..n {
-                let id = MessageId::new_v7(2_000 + ids.len() as u64, [i as u8; 10]);
+        let mut commit = |committer: &mut Committer, n: u64| {
+            let mut group = Group::default();
+            for _ in 0..n {
+                let id = MessageId::new_v7(2_000 + ids.len() as u64, [1; 10]);
                 let tx = Tx {
                     ops: vec![
                         Op::InsertMessage(id, StoredMessage::default()),
@@ -1144,38 +1176,50 @@ mod tests {
                     ],
                     receipts: None,
                 };
-                store.commit(tx).await.unwrap();
+                committer.build(tx, &mut group).unwrap();
                 ids.push(id);
             }
+            committer.write(group);
+            assert_eq!(committer.progress.poisoned(), None);
         };
-        let spare = wal.join("spare");
-        let wait_for = async |what: &dyn Fn() -> bool| {
-            let started = Instant::now();
-            while !what() {
-                assert!(started.elapsed() < Duration::from_secs(20), "timed out");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        // Segment 1 rotates after a second; its checkpoint leaves a spare for segment 3.
-        commit_some(10).await;
-        wait_for(&|| spare.exists()).await;
+        commit(&mut committer, 10);
+        committer.rotate();
+        let spare = wal_dir.join("spare");
+        let started = Instant::now();
+        while !spare.exists() {
+            assert!(started.elapsed() < Duration::from_secs(30), "no spare");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert_eq!(std::fs::metadata(&spare).unwrap().len(), 16 << 10);
-        commit_some(10).await;
-        let third = wal.join(format!("{:016x}.wal", 3));
-        wait_for(&|| third.exists()).await;
-        commit_some(10).await;
-        let segments = wal::segments(&wal).unwrap();
+        // Segment 2 was made before the spare existed; segment 3 is the spare.
+        commit(&mut committer, 10);
+        committer.rotate();
+        commit(&mut committer, 10);
+        let segments = wal::segments(&wal_dir).unwrap();
         let (_, path, len) = segments.iter().find(|s| s.0 == 3).unwrap();
-        assert_eq!(*len, 16 << 10, "segment 3 is the spare: {segments:?}");
+        assert_eq!(*len, 16 << 10, "segment 3 is not the spare: {segments:?}");
         let records = wal::read_segment(path, true).unwrap();
-        assert!(!records.groups.is_empty());
-        assert_eq!(records.torn_bytes, 0);
-        drop(store);
+        assert_eq!((records.groups.len(), records.torn_bytes), (1, 0));
+
+        // A crash: the committer stops without closing, and sled is not made durable.
+        let Committer {
+            db,
+            checkpoints,
+            checkpointer,
+            files,
+            ..
+        } = committer;
+        drop(checkpoints);
+        checkpointer.unwrap().join().unwrap();
+        drop((db, files));
+        std::fs::write(wal_dir.join("spare.tmp"), b"half made").unwrap();
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert!(store.replayed_groups() >= 1);
         for id in &ids {
             assert!(store.message(id).unwrap().is_some());
         }
         assert_eq!(store.log_size().unwrap(), 30);
+        assert!(!spare.exists() && !wal_dir.join("spare.tmp").exists());
     }
 
     /// Transactions in one group see each other's writes before any reaches sled: a

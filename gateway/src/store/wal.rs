@@ -10,7 +10,9 @@
 //! group's writes as they reach sled: absolute values, so replaying a record twice, or over
 //! a sled that already holds it, leaves the same state. A segment may be made from a
 //! spare, a file of zeros written and synced in advance: records are written over its
-//! zeros from the start, and zeros that fill the rest of the file end the segment.
+//! zeros from the start, and zeros that fill the rest of the last segment end it. A full
+//! segment is cut to its records before the next is made, so that in any other segment
+//! zeros are damage (lost writes), as they were before spares.
 //!
 //! A record is appended only after the one before it was synced, so a crash can tear only
 //! the last record of the last segment: short, or with sectors that never reached the disk
@@ -126,6 +128,19 @@ impl Segment {
         Ok(grown)
     }
 
+    /// Cuts a full segment's file to its records, before the next segment is made: from
+    /// then on it is not the last, and its end must be its file's end. Returns the bytes
+    /// freed.
+    pub fn seal(&mut self) -> std::io::Result<u64> {
+        let freed = self.len - self.bytes;
+        if freed > 0 {
+            self.file.set_len(self.bytes)?;
+            self.file.sync_data()?;
+            self.len = self.bytes;
+        }
+        Ok(freed)
+    }
+
     pub fn seq(&self) -> u64 {
         self.seq
     }
@@ -151,7 +166,15 @@ pub(crate) fn prepare_spare(dir: &Path, bytes: u64) -> std::io::Result<u64> {
         Err(e) => return Err(e),
     }
     let tmp = dir.join(SPARE_TMP);
-    let mut file = File::create(&tmp)?;
+    let made = write_zeros(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, dir.join(SPARE)));
+    if made.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    made.map(|()| bytes)
+}
+
+fn write_zeros(path: &Path, bytes: u64) -> std::io::Result<()> {
+    let mut file = File::create(path)?;
     // A static buffer: a heap one of a megabyte would, once freed, raise glibc's mmap
     // threshold and leave later large buffers in the heap for good (RSS).
     static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
@@ -162,9 +185,7 @@ pub(crate) fn prepare_spare(dir: &Path, bytes: u64) -> std::io::Result<u64> {
         file.write_all(&zeros[..n as usize])?;
         written += n;
     }
-    file.sync_all()?;
-    std::fs::rename(&tmp, dir.join(SPARE))?;
-    Ok(written)
+    file.sync_all()
 }
 
 /// At open: deletes a half-made spare, and the spare too, so that whatever becomes a
@@ -211,8 +232,8 @@ pub(crate) struct SegmentContents {
     pub torn_bytes: u64,
 }
 
-/// Reads every record of a segment, up to the end of the file or to zeros that fill the
-/// rest of it (a spare's). A bad record is a torn write, dropped (and counted), only when
+/// Reads every record of a segment, up to the end of the file or, in the last segment, to
+/// zeros that fill the rest of it (a spare's). A bad record is a torn write, dropped (and counted), only when
 /// `last` says no segment follows and no good record comes after it; anything else is
 /// [`WalError::Damaged`].
 pub(crate) fn read_segment(path: &Path, last: bool) -> Result<SegmentContents, WalError> {
@@ -225,9 +246,10 @@ pub(crate) fn read_segment(path: &Path, last: bool) -> Result<SegmentContents, W
                 groups.push(group);
                 at += len;
             }
-            // The rest of a spare the segment was made from: its end, whether or not other
-            // segments follow.
-            Err(_) if bytes[at..].iter().all(|b| *b == 0) => break,
+            // The rest of the spare the last segment was made from. A full segment was cut
+            // to its records before the next one was made ([`Segment::seal`]), so zeros in
+            // one are damage.
+            Err(_) if last && bytes[at..].iter().all(|b| *b == 0) => break,
             Err(Bad { why, end }) => {
                 // A good header says where the next append would start; without one, any
                 // good record further on shows the log went on after this one.
@@ -325,12 +347,13 @@ mod tests {
 
     fn three_records(dir: &Path) -> (PathBuf, Vec<u64>) {
         let mut segment = Segment::create(dir, 7).unwrap();
-        let ends = (1..=3)
-            .scan(0, |end, n| {
-                *end += segment.append(&group(n)).unwrap();
-                Some(*end)
+        let ends: Vec<u64> = (1..=3)
+            .map(|n| {
+                segment.append(&group(n)).unwrap();
+                segment.bytes()
             })
             .collect();
+        assert!(ends[0] > 0);
         (segment_path(dir, 7), ends)
     }
 
@@ -383,16 +406,18 @@ mod tests {
             assert_eq!(read.groups, vec![group(1), group(2)], "zeros at {lost:?}");
             assert_eq!(read.torn_bytes, ends[2] - ends[1]);
         }
-        // Zeros past the last record (a spare's, or a file extended but never written) end
-        // the segment: nothing is torn, and segments may follow.
+        // Zeros past the last record of the last segment (a spare's) end it: nothing is
+        // torn. In a segment that others follow they are lost writes: damage.
         let mut bytes = full;
         bytes.extend_from_slice(&[0; 64]);
         std::fs::write(&path, &bytes).unwrap();
-        for last in [true, false] {
-            let read = read_segment(&path, last).unwrap();
-            assert_eq!(read.groups, vec![group(1), group(2), group(3)]);
-            assert_eq!(read.torn_bytes, 0);
-        }
+        let read = read_segment(&path, true).unwrap();
+        assert_eq!(read.groups, vec![group(1), group(2), group(3)]);
+        assert_eq!(read.torn_bytes, 0);
+        assert!(matches!(
+            read_segment(&path, false),
+            Err(WalError::Damaged { offset, .. }) if offset == ends[2]
+        ));
     }
 
     /// A segment made from a spare: records are written over its zeros without growing the
@@ -424,29 +449,26 @@ mod tests {
             assert_eq!(read.torn_bytes, 0);
         }
 
-        // A smaller spare is replaced by a bigger one; a segment's records stay inside it.
+        // A smaller spare is replaced by a bigger one; a segment's records stay inside it,
+        // and closing the segment cuts the zeros after them.
         assert_eq!(prepare_spare(dir.path(), 16 << 10).unwrap(), 16 << 10);
         assert_eq!(prepare_spare(dir.path(), 32 << 10).unwrap(), 32 << 10);
         let mut segment = Segment::create(dir.path(), 2).unwrap();
         assert_eq!(segment.append(&group(1)).unwrap(), 0);
         assert_eq!(segment.append(&group(2)).unwrap(), 0);
-        assert_eq!(
-            std::fs::metadata(segment_path(dir.path(), 2))
-                .unwrap()
-                .len(),
-            32 << 10
-        );
-        assert_eq!(
-            read_segment(&segment_path(dir.path(), 2), false)
-                .unwrap()
-                .groups,
-            vec![group(1), group(2)]
-        );
+        let path = segment_path(dir.path(), 2);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 32 << 10);
+        let both = vec![group(1), group(2)];
+        assert_eq!(read_segment(&path, true).unwrap().groups, both);
+        let records = segment.bytes();
+        assert_eq!(segment.seal().unwrap(), (32 << 10) - records);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), records);
+        assert_eq!(read_segment(&path, false).unwrap().groups, both);
     }
 
     /// The last record in a spare, cut short by a crash: the part that reached the disk is
     /// followed by the spare's zeros. It is dropped as torn in the last segment, and is
-    /// damage in one that others follow.
+    /// damage in one that others follow (a full segment is cut to its records first).
     #[test]
     fn a_record_torn_inside_a_spare_is_dropped_only_at_the_end_of_the_log() {
         let dir = tempfile::tempdir().unwrap();
@@ -460,14 +482,13 @@ mod tests {
             std::fs::write(&path, &bytes).unwrap();
             let read = read_segment(&path, true).unwrap();
             assert_eq!(read.groups, vec![group(1), group(2)], "cut at {cut}");
-            let nothing_written = bytes[ends[1] as usize..].iter().all(|b| *b == 0);
-            match read_segment(&path, false) {
-                Ok(read) if nothing_written => assert_eq!(read.groups.len(), 2),
-                Err(WalError::Damaged { offset, .. }) if !nothing_written => {
-                    assert_eq!(offset, ends[1])
-                }
-                other => panic!("cut at {cut}: {other:?}"),
-            }
+            assert!(
+                matches!(
+                    read_segment(&path, false),
+                    Err(WalError::Damaged { offset, .. }) if offset == ends[1]
+                ),
+                "cut at {cut}"
+            );
         }
     }
 
