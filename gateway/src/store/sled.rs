@@ -498,6 +498,12 @@ impl Committer {
     /// the store: before the log is synced the group is answered with it; after, the group
     /// is durable and replayed at the next open.
     fn write(&mut self, group: Group) {
+        if let Err(e) = self.write_group(group) {
+            self.progress.poison(e);
+        }
+    }
+
+    fn write_group(&mut self, group: Group) -> Result<(), String> {
         let logged = self.log(group.writes);
         // Only the committer takes it for writing, and a panic here ends the committer.
         let mut part_applied = self
@@ -511,29 +517,19 @@ impl Committer {
             };
             let _ = reply.send(result);
         }
-        let applied = logged.and_then(|logged| match logged {
-            None => Ok(false),
-            Some(logged) => match apply(&self.db, &logged) {
-                Ok(()) => Ok(true),
-                Err(e) => {
-                    *part_applied = true;
-                    Err(format!("applying a logged group to sled: {e}"))
-                }
-            },
-        });
-        drop(part_applied);
-        let done = applied.and_then(|wrote| match wrote {
-            false => Ok(()),
-            true => self
-                .files
-                .lock()
-                .map_err(|_| "the checkpointer panicked".to_string())?
-                .sync_if_new_blobs()
-                .map_err(|e| format!("syncing sled after a blob write: {e}")),
-        });
-        if let Err(e) = done {
-            self.progress.poison(e);
+        let Some(logged) = logged? else {
+            return Ok(());
+        };
+        if let Err(e) = apply(&self.db, &logged) {
+            *part_applied = true;
+            return Err(format!("applying a logged group to sled: {e}"));
         }
+        drop(part_applied);
+        self.files
+            .lock()
+            .map_err(|_| "the checkpointer panicked".to_string())?
+            .sync_if_new_blobs()
+            .map_err(|e| format!("syncing sled after a blob write: {e}"))
     }
 
     /// Appends the writes to the log as one record and syncs it; `None` if there are none.
