@@ -1040,6 +1040,14 @@ mod tests {
         assert!(reopened <= store.db.size_on_disk().unwrap() + (1 << 20));
     }
 
+    /// The `i`th message of concurrent writer `w`.
+    fn writer_message_id(w: u16, i: u64) -> MessageId {
+        let mut random = [0u8; 10];
+        random[..2].copy_from_slice(&w.to_be_bytes());
+        random[2..].copy_from_slice(&i.to_be_bytes());
+        MessageId::new_v7(1_000 + i, random)
+    }
+
     /// Large values churned by concurrent writers: sled writes their pages to blob files
     /// and deletes them as pages are rewritten, under our syncs. Every commit succeeds.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1052,10 +1060,7 @@ mod tests {
             let (store, queue) = (store.clone(), queue.clone());
             writers.spawn(async move {
                 for i in 0..40u64 {
-                    let mut random = [0u8; 10];
-                    random[..2].copy_from_slice(&w.to_be_bytes());
-                    random[2..].copy_from_slice(&i.to_be_bytes());
-                    let id = MessageId::new_v7(1_000 + i, random);
+                    let id = writer_message_id(w, i);
                     let envelope = pb::Envelope {
                         header: vec![1; 100],
                         ciphertext: vec![w as u8; 64 << 10],
@@ -1124,10 +1129,7 @@ mod tests {
             let (store, queue) = (store.clone(), queue.clone());
             writers.spawn(async move {
                 for i in 0..30u64 {
-                    let mut random = [0u8; 10];
-                    random[..2].copy_from_slice(&w.to_be_bytes());
-                    random[2..].copy_from_slice(&i.to_be_bytes());
-                    let id = MessageId::new_v7(1_000 + i, random);
+                    let id = writer_message_id(w, i);
                     let tx = Tx {
                         ops: vec![
                             Op::InsertMessage(id, StoredMessage::default()),
@@ -1150,6 +1152,27 @@ mod tests {
         let probes = reader.join().unwrap();
         assert_eq!(store.log_size().unwrap(), 32 * 30 * 2);
         assert!(probes > 0);
+    }
+
+    /// Once an apply failed part way, sled holds part of a group: every read fails and says
+    /// to restart, rather than answer from half a group.
+    #[tokio::test]
+    async fn reads_fail_once_sled_holds_part_of_a_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        let id = writer_message_id(1, 1);
+        let tx = Tx {
+            ops: vec![Op::InsertMessage(id, StoredMessage::default())],
+            receipts: None,
+        };
+        store.commit(tx).await.unwrap();
+        assert!(store.message(&id).unwrap().is_some());
+        *store.applying.write().unwrap() = true;
+        let err = store.message(&id).unwrap_err().to_string();
+        assert!(err.contains("restart"), "{err}");
+        assert!(store.log_size().is_err());
+        let outbox = Queue::Outbox("kh".parse().unwrap());
+        assert!(store.queue(&outbox, 10).is_err());
     }
 
     /// After a checkpoint the checkpointer prepares a spare, sized after the segment it
