@@ -159,6 +159,10 @@ async fn keys_rotate_through_new_directories_and_envelopes_in_flight_under_the_o
         .await
         .unwrap()
     };
+    // A key is valid up to, not including, its `not_after`: an envelope sealed in the
+    // millisecond a key retires is refused. A submit takes under a millisecond, so the
+    // rotation is dated after the last millisecond `old` could have been sealed in.
+    tokio::time::sleep(Duration::from_millis(2)).await;
     let rotation = now_ms();
 
     // VN: C02 gets a new signing key; the old one is retired now (envelopes it signed
