@@ -15,6 +15,7 @@
 //!   completes (O(log n) per append, [`accord_proto::merkle::completed_nodes`]) and indexed by
 //!   its message id, in the same transaction, so the tree is never behind the log.
 
+mod log_files;
 pub mod sled;
 mod wal;
 

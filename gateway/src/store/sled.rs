@@ -28,11 +28,16 @@
 //! r ‖ id(16) ‖ seq(8)                pb::Receipt
 //! q ‖ queue name ‖ 0x00 ‖ 255-priority ‖ seq(8)   QueueEntry
 //! x ‖ queue name ‖ 0x00 ‖ id(16)     key of that message's queue entry (for RemoveMessage)
-//! l ‖ index(8)                       pb::LogEntry bytes
-//! n ‖ level(1) ‖ index(8)            RFC 6962 perfect-subtree hash (level 0: leaf hashes)
 //! e ‖ id(16) ‖ index(8)              the log entry `index` names message `id`
 //! k ‖ name                           metadata (checkpoints, witness state)
 //! s ‖ "log" / "seq"                  next log index / next sequence number
+//! ```
+//!
+//! The log's entries and tree nodes live in files of their own (`log_files.rs`). A group's
+//! writes name them with keys the apply step routes there, not to sled:
+//! ```text
+//! l ‖ index(8)                       pb::LogEntry bytes
+//! n ‖ level(1) ‖ index(8)            RFC 6962 perfect-subtree hash (level 0: leaf hashes)
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -50,6 +55,7 @@ use accord_proto::{log, pb};
 use prost::Message;
 use tokio::sync::oneshot;
 
+use super::log_files::{self, LogFiles};
 use super::wal::{self, Segment, WalError, WalGroup, WalWrite};
 use super::{
     Commit, Op, Queue, QueueEntry, QueueKey, Store, StoreError, StoredMessage, Tx, TxOutcome,
@@ -118,6 +124,7 @@ struct Pending {
 /// The sled-backed store. Dropping it drains pending commits, checkpoints sled and closes it.
 pub struct SledStore {
     db: sled::Db,
+    log: Arc<LogFiles>,
     /// Held for writing while a group is answered and applied ([`apply`]), for reading by
     /// every read. Holds `true` once an apply failed part way: sled then holds part of a
     /// group, and reads fail until a restart replays it.
@@ -144,6 +151,7 @@ impl SledStore {
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let (committer, replayed_groups) = recover(path, cache_bytes)?;
         let (db, progress) = (committer.db.clone(), committer.progress.clone());
+        let log = committer.log.clone();
         let applying = committer.applying.clone();
         let (sender, receiver) = mpsc::channel();
         let handle = std::thread::Builder::new()
@@ -151,6 +159,7 @@ impl SledStore {
             .spawn(move || committer.run(receiver))?;
         Ok(Self {
             db,
+            log,
             applying,
             progress,
             replayed_groups,
@@ -172,17 +181,21 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         .open()?;
     let wal_dir = path.join("wal");
     std::fs::create_dir_all(&wal_dir)?;
-    // The directory entries of sled's files must survive a power cut too.
+    let log = Arc::new(LogFiles::open(&path.join("log"))?);
+    // The directory entries of sled's files and of the two folders must survive a power
+    // cut too.
     sync_dir(path)?;
+    move_log_out_of_sled(&db, &log)?;
     let progress = Arc::new(Progress::default());
     let mut files = SledFiles {
         progress: progress.clone(),
         db: db.clone(),
+        log: log.clone(),
         log_file: File::open(path.join("db"))?,
         blob_dir: path.join("blobs"),
         synced_blobs: HashMap::new(),
     };
-    let (last_segment, replayed_groups) = replay(&db, &wal_dir)?;
+    let (last_segment, replayed_groups) = replay(&db, &log, &wal_dir)?;
     if replayed_groups > 0 {
         tracing::info!(
             groups = replayed_groups,
@@ -208,6 +221,7 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     let committer = Committer {
         progress,
         db: db.clone(),
+        log,
         applying: Arc::default(),
         wal_dir,
         segment,
@@ -258,7 +272,7 @@ impl Drop for SledStore {
 
 /// Applies every record left in the write-ahead log to sled, oldest first. Returns the last
 /// segment's number (0 if there is none) and how many records were applied.
-fn replay(db: &sled::Db, wal_dir: &Path) -> Result<(u64, u64), StoreError> {
+fn replay(db: &sled::Db, log: &LogFiles, wal_dir: &Path) -> Result<(u64, u64), StoreError> {
     let segments = wal::segments(wal_dir)?;
     let mut replayed = 0;
     for (i, (_, path, _)) in segments.iter().enumerate() {
@@ -272,22 +286,87 @@ fn replay(db: &sled::Db, wal_dir: &Path) -> Result<(u64, u64), StoreError> {
             );
         }
         for group in &contents.groups {
-            apply(db, group)?;
+            apply(db, log, group)?;
             replayed += 1;
         }
     }
     Ok((segments.last().map_or(0, |s| s.0), replayed))
 }
 
-/// Writes a group into sled, key by key: how a commit reaches sled, and how replay does. A
-/// crash part way leaves some of them in sled; replaying the group's record completes it.
-fn apply(db: &sled::Db, group: &WalGroup) -> Result<(), sled::Error> {
+/// Writes a group into the log's files and into sled, key by key: how a commit reaches
+/// them, and how replay does. A crash part way leaves some of them written; replaying the
+/// group's record completes it.
+fn apply(db: &sled::Db, log: &LogFiles, group: &WalGroup) -> Result<(), StoreError> {
+    let (mut entries, mut nodes) = (Vec::new(), Vec::new());
     for write in &group.writes {
-        match &write.value {
-            Some(value) => db.insert(&write.key, value.as_slice())?,
-            None => db.remove(&write.key)?,
-        };
+        match (log_write(&write.key), &write.value) {
+            (Some(LogWrite::Entry(index)), Some(value)) => entries.push((index, value.as_slice())),
+            (Some(LogWrite::Node(position)), Some(value)) => {
+                nodes.push((position, value.as_slice()))
+            }
+            (Some(_), None) => {
+                return Err(StoreError::Corrupt(
+                    "a removal of a log entry or node".into(),
+                ))
+            }
+            (None, Some(value)) => drop(db.insert(&write.key, value.as_slice())?),
+            (None, None) => drop(db.remove(&write.key)?),
+        }
     }
+    Ok(log.write(&entries, &mut nodes)?)
+}
+
+/// Where a write of the log goes in the log's files.
+enum LogWrite {
+    Entry(u64),
+    /// A tree node's position ([`log_files::node_position`]).
+    Node(u64),
+}
+
+fn log_write(key: &[u8]) -> Option<LogWrite> {
+    match key {
+        [b'l', index @ ..] => Some(LogWrite::Entry(u64::from_be_bytes(index.try_into().ok()?))),
+        [b'n', level, index @ ..] => Some(LogWrite::Node(log_files::node_position(
+            u32::from(*level),
+            u64::from_be_bytes(index.try_into().ok()?),
+        )?)),
+        _ => None,
+    }
+}
+
+/// Stores of an earlier version kept the log's entries and nodes in sled: moves them to
+/// the log's files, syncs those, then removes them from sled. A crash part way repeats it
+/// at the next open, writing the same bytes again.
+fn move_log_out_of_sled(db: &sled::Db, log: &LogFiles) -> Result<(), StoreError> {
+    let in_sled = |prefix: &[u8]| db.scan_prefix(prefix).next().is_some();
+    if !in_sled(b"l") && !in_sled(b"n") {
+        return Ok(());
+    }
+    tracing::info!("moving the log's entries and tree nodes out of sled into log/");
+    let mut moved = 0u64;
+    for family in [b"l", b"n"] {
+        let mut batch = WalGroup::default();
+        for kv in db.scan_prefix(family) {
+            let (key, value) = kv?;
+            batch.writes.push(WalWrite {
+                key: key.to_vec(),
+                value: Some(value.to_vec()),
+            });
+            if batch.writes.len() == 4096 {
+                apply(db, log, &std::mem::take(&mut batch))?;
+            }
+            moved += 1;
+        }
+        apply(db, log, &batch)?;
+    }
+    log.sync()?;
+    for family in [b"l", b"n"] {
+        for key in db.scan_prefix(family).keys() {
+            db.remove(key?)?;
+        }
+    }
+    db.flush()?;
+    tracing::info!(records = moved, "moved the log out of sled");
     Ok(())
 }
 
@@ -359,13 +438,6 @@ fn parse_node(value: Option<&[u8]>, level: u32, index: u64) -> Result<Hash, Proo
         .map_err(|_| ProofError::Storage("corrupt tree node".into()))
 }
 
-fn read_node(db: &sled::Db, level: u32, index: u64) -> Result<Hash, ProofError> {
-    let value = db
-        .get(node_key(level, index))
-        .map_err(|e| ProofError::Storage(e.to_string()))?;
-    parse_node(value.as_deref(), level, index)
-}
-
 /// Writes of the group being built, by key (`None`: removed); the last write of a key wins.
 type GroupWrites = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
@@ -411,9 +483,10 @@ impl View<'_> {
 }
 
 /// Tree nodes as the transaction under construction will leave them: its own first, then
-/// the group's, then disk.
+/// the group's, then the log's files.
 struct PendingNodes<'a> {
-    view: &'a View<'a>,
+    group: &'a GroupWrites,
+    log: &'a LogFiles,
     fresh: &'a HashMap<(u32, u64), Hash>,
 }
 
@@ -422,11 +495,10 @@ impl NodeSource for PendingNodes<'_> {
         if let Some(h) = self.fresh.get(&(level, index)) {
             return Ok(*h);
         }
-        let value = self
-            .view
-            .get(&node_key(level, index))
-            .map_err(|e| ProofError::Storage(e.to_string()))?;
-        parse_node(value.as_deref(), level, index)
+        match self.group.get(node_key(level, index).as_slice()) {
+            Some(value) => parse_node(value.as_deref(), level, index),
+            None => NodeSource::node(self.log, level, index),
+        }
     }
 }
 
@@ -441,6 +513,7 @@ struct Group {
 struct Committer {
     progress: Arc<Progress>,
     db: sled::Db,
+    log: Arc<LogFiles>,
     /// See [`SledStore::applying`].
     applying: Arc<RwLock<bool>>,
     wal_dir: PathBuf,
@@ -520,7 +593,7 @@ impl Committer {
         let Some(logged) = logged? else {
             return Ok(());
         };
-        if let Err(e) = apply(&self.db, &logged) {
+        if let Err(e) = apply(&self.db, &self.log, &logged) {
             *part_applied = true;
             return Err(format!("applying a logged group to sled: {e}"));
         }
@@ -659,7 +732,8 @@ impl Committer {
                 }
                 Op::Log(entry) => {
                     let source = PendingNodes {
-                        view: &view,
+                        group: &group.writes,
+                        log: &self.log,
                         fresh: &fresh_nodes,
                     };
                     let nodes = merkle::completed_nodes(&source, next_log, log::leaf_hash(&entry))
@@ -696,6 +770,7 @@ impl Committer {
 struct SledFiles {
     progress: Arc<Progress>,
     db: sled::Db,
+    log: Arc<LogFiles>,
     log_file: File,
     blob_dir: PathBuf,
     /// Blob files already synced, with their sizes (sled writes a blob file once).
@@ -777,14 +852,15 @@ impl SledFiles {
         self.db.flush()?;
         self.log_file.sync_data()?;
         self.sync_blobs()?;
+        self.log.sync()?;
         self.note_sled_bytes();
         Ok(())
     }
 
     fn note_sled_bytes(&self) {
         // The quota figure only: a failed stat keeps the previous one.
-        if let Ok(meta) = self.log_file.metadata() {
-            let bytes = meta.len() + self.synced_blobs.values().sum::<u64>();
+        if let (Ok(meta), Ok(log)) = (self.log_file.metadata(), self.log.bytes()) {
+            let bytes = meta.len() + self.synced_blobs.values().sum::<u64>() + log;
             self.progress.sled_bytes.store(bytes, Ordering::Relaxed);
         }
     }
@@ -932,7 +1008,12 @@ impl Store for SledStore {
 
     fn log_entry(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
         let _whole = self.whole_groups()?;
-        Ok(self.db.get(log_key(index))?.map(|v| v.to_vec()))
+        if index >= read_meta(&self.db, META_LOG)? {
+            return Ok(None);
+        }
+        Ok(Some(self.log.entry(index).map_err(|e| {
+            StoreError::Corrupt(format!("log entry {index}: {e}"))
+        })?))
     }
 
     fn disk_usage(&self) -> Result<u64, StoreError> {
@@ -942,11 +1023,12 @@ impl Store for SledStore {
 
     fn log_node(&self, level: u32, index: u64) -> Result<Option<Hash>, StoreError> {
         let _whole = self.whole_groups()?;
-        match read_node(&self.db, level, index) {
-            Ok(h) => Ok(Some(h)),
-            Err(ProofError::MissingNode { .. }) => Ok(None),
-            Err(e) => Err(StoreError::Engine(e.to_string())),
+        if !log_files::node_exists(level, index, read_meta(&self.db, META_LOG)?) {
+            return Ok(None);
         }
+        Ok(Some(self.log.node(level, index).map_err(|e| {
+            StoreError::Corrupt(format!("log tree node ({level}, {index}): {e}"))
+        })?))
     }
 
     fn message_events(&self, id: &MessageId) -> Result<Vec<u64>, StoreError> {
@@ -1310,20 +1392,84 @@ mod tests {
         for entry in [[1u8], [2], [3]] {
             tree.push(log::leaf_hash(&entry));
         }
-        let stored = merkle::root(&DbNodes(db), 3).unwrap();
+        let stored = merkle::root(&*committer.log, 3).unwrap();
         assert_eq!(stored, merkle::root(&tree, 3).unwrap());
     }
 
-    /// Every key and value sled holds, to compare two stores.
+    /// A store of the earlier layout, with the log's entries and tree nodes in sled, opens
+    /// with them moved to the log's files; so does one that crashed after writing the files
+    /// but before removing them from sled.
+    #[tokio::test]
+    async fn a_log_kept_in_sled_moves_to_its_files_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        for i in 0..40u8 {
+            let tx = Tx {
+                ops: vec![Op::Log(vec![i; 10 + usize::from(i)])],
+                receipts: None,
+            };
+            store.commit(tx).await.unwrap();
+        }
+        let expected = contents(&store);
+        let size = store.log_size().unwrap();
+        let mut earlier_layout = Vec::new();
+        for index in 0..size {
+            let entry = store.log_entry(index).unwrap().unwrap();
+            earlier_layout.push((log_key(index).to_vec(), entry));
+        }
+        for level in 0..8 {
+            for index in (0..).take_while(|i| log_files::node_exists(level, *i, size)) {
+                let node = store.log_node(level, index).unwrap().unwrap();
+                earlier_layout.push((node_key(level, index).to_vec(), node.to_vec()));
+            }
+        }
+        assert_eq!(
+            earlier_layout.len(),
+            40 + 2 * 40 - 2,
+            "40 entries, 2n − popcount(n) nodes"
+        );
+        drop(store);
+
+        for files_written in [true, false] {
+            {
+                let db = sled::Config::new().path(dir.path()).open().unwrap();
+                for (key, value) in &earlier_layout {
+                    db.insert(key, value.as_slice()).unwrap();
+                }
+                db.flush().unwrap();
+            }
+            if !files_written {
+                std::fs::remove_dir_all(dir.path().join("log")).unwrap();
+            }
+            let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+            assert!(
+                contents(&store) == expected,
+                "files written: {files_written}"
+            );
+            assert!(store.db.scan_prefix(b"l").next().is_none());
+            assert!(store.db.scan_prefix(b"n").next().is_none());
+        }
+    }
+
+    /// Every key and value sled holds, then every log entry and the log's root, to compare
+    /// two stores.
     fn contents(store: &SledStore) -> Vec<(Vec<u8>, Vec<u8>)> {
-        store
+        let mut contents: Vec<_> = store
             .db
             .iter()
             .map(|kv| {
                 let (k, v) = kv.unwrap();
                 (k.to_vec(), v.to_vec())
             })
-            .collect()
+            .collect();
+        let size = store.log_size().unwrap();
+        for index in 0..size {
+            let entry = store.log_entry(index).unwrap().unwrap();
+            contents.push((log_key(index).to_vec(), entry));
+        }
+        let root = merkle::root(&*store.log, size).unwrap();
+        contents.push((b"root".to_vec(), root.to_vec()));
+        contents
     }
 
     fn copy_dir(from: &Path, to: &Path) {
@@ -1512,7 +1658,7 @@ mod tests {
         for index in 0..size {
             tree.push(log::leaf_hash(&store.log_entry(index).unwrap().unwrap()));
         }
-        let stored_root = merkle::root(&DbNodes(&store.db), size).unwrap();
+        let stored_root = merkle::root(&*store.log, size).unwrap();
         assert_eq!(stored_root, merkle::root(&tree, size).unwrap());
         let expected = contents(&store);
         drop(store);
@@ -1521,6 +1667,7 @@ mod tests {
         // the next one's writes, durably.
         {
             let db = sled::Config::new().path(&half_replayed).open().unwrap();
+            let log = LogFiles::open(&half_replayed.join("log")).unwrap();
             let segments = wal::segments(&half_replayed.join("wal")).unwrap();
             let groups: Vec<_> = segments
                 .iter()
@@ -1533,14 +1680,14 @@ mod tests {
                 .collect();
             let half = groups.len() / 2;
             for group in &groups[..half] {
-                apply(&db, group).unwrap();
+                apply(&db, &log, group).unwrap();
             }
             let cut_short = &groups[half];
             let part = WalGroup {
                 writes: cut_short.writes[..cut_short.writes.len() / 2].to_vec(),
             };
             assert!(!part.writes.is_empty());
-            apply(&db, &part).unwrap();
+            apply(&db, &log, &part).unwrap();
             db.flush().unwrap();
         }
         let store = SledStore::open(&half_replayed, 16 << 20).unwrap();
@@ -1604,13 +1751,5 @@ mod tests {
     /// Whether the writer removes this message after it (odd sequence numbers).
     fn acked_parity(id: &MessageId) -> u8 {
         id.as_bytes()[15] % 2
-    }
-
-    struct DbNodes<'a>(&'a sled::Db);
-
-    impl NodeSource for DbNodes<'_> {
-        fn node(&self, level: u32, index: u64) -> Result<Hash, ProofError> {
-            read_node(self.0, level, index)
-        }
     }
 }

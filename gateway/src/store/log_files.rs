@@ -1,0 +1,280 @@
+//! The non-repudiation log's entries and RFC 6962 tree nodes, in append-only files beside
+//! sled.
+//!
+//! In sled, every log entry cost four B-tree inserts (the entry and, on average, two tree
+//! nodes, plus sled's leaf splits and copies every few inserts); the log is append-only
+//! and dense, so flat files indexed by arithmetic hold it for a few writes per group.
+//!
+//! Layout, in the store's `log/` folder:
+//! ```text
+//! entries   the encoded entries, back to back
+//! ends      u64 big-endian at 8·i: where entry i ends in `entries` (it starts where i−1 ends)
+//! nodes     the 32-byte hash of perfect subtree (level, index) at 32·p, p = 2m − popcount(m)
+//!           + level, m = the subtree's last leaf: nodes in the order appends complete them
+//! ```
+//!
+//! These files are written as sled is: after the group's write-ahead log record is synced,
+//! by [`LogFiles::write`], which replay calls again at the same offsets. Every checkpoint
+//! syncs them before it deletes the segments that hold their writes. Bytes past the log's
+//! size (the size sled keeps) are ignored, and overwritten by the next appends. Callers
+//! check an index against that size before reading it.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use accord_proto::merkle::{Hash, NodeSource, ProofError};
+
+/// Largest entry read back: anything longer is a damaged `ends` file, not an entry.
+const MAX_ENTRY: u64 = 1 << 20;
+
+/// The log's three files (module docs).
+#[derive(Debug)]
+pub(crate) struct LogFiles {
+    entries: File,
+    ends: File,
+    nodes: File,
+}
+
+/// Where node (`level`, `index`) sits in `nodes`, counted in nodes; `None` past `u64`.
+pub(crate) fn node_position(level: u32, index: u64) -> Option<u64> {
+    let last_leaf = index
+        .checked_add(1)?
+        .checked_mul(1u64.checked_shl(level)?)?
+        .checked_sub(1)?;
+    // Appending leaf k completes trailing_ones(k) + 1 nodes, so 2m − popcount(m) nodes
+    // precede leaf m's, which come level by level.
+    (last_leaf.checked_mul(2)? - u64::from(last_leaf.count_ones())).checked_add(u64::from(level))
+}
+
+/// Whether node (`level`, `index`) exists in a log of `size` entries.
+pub(crate) fn node_exists(level: u32, index: u64, size: u64) -> bool {
+    let last_leaf = index
+        .checked_add(1)
+        .and_then(|i| i.checked_mul(1u64.checked_shl(level)?))
+        .and_then(|i| i.checked_sub(1));
+    last_leaf.is_some_and(|m| m < size)
+}
+
+impl LogFiles {
+    /// Opens (or creates) the files in `dir`, and syncs `dir` if it made any.
+    pub(crate) fn open(dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let open = |name: &str| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(dir.join(name))
+        };
+        let files = Self {
+            entries: open("entries")?,
+            ends: open("ends")?,
+            nodes: open("nodes")?,
+        };
+        File::open(dir)?.sync_all()?;
+        Ok(files)
+    }
+
+    /// Writes entries (by index, ascending and contiguous with what is on file) and tree
+    /// nodes, one write per run of adjacent positions. Writes the same bytes at the same
+    /// offsets when called again with the same arguments, which is how replay stays safe.
+    pub(crate) fn write(
+        &self,
+        entries: &[(u64, &[u8])],
+        nodes: &mut [(u64, &[u8])],
+    ) -> std::io::Result<()> {
+        if let Some(&(first, _)) = entries.first() {
+            let mut at = match first {
+                0 => 0,
+                i => self.end(i - 1)?,
+            };
+            let (start, mut data, mut ends) = (at, Vec::new(), Vec::new());
+            for (n, (index, entry)) in entries.iter().enumerate() {
+                if *index != first + n as u64 {
+                    return Err(invalid("log entries to write are not contiguous"));
+                }
+                at += entry.len() as u64;
+                data.extend_from_slice(entry);
+                ends.extend_from_slice(&at.to_be_bytes());
+            }
+            self.entries.write_all_at(&data, start)?;
+            self.ends.write_all_at(&ends, first * 8)?;
+        }
+        nodes.sort_unstable_by_key(|(position, _)| *position);
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_start = 0;
+        for (position, hash) in nodes.iter() {
+            if hash.len() != 32 {
+                return Err(invalid("a tree node is not 32 bytes"));
+            }
+            if !run.is_empty() && run_start + (run.len() / 32) as u64 != *position {
+                self.nodes.write_all_at(&run, run_start * 32)?;
+                run.clear();
+            }
+            if run.is_empty() {
+                run_start = *position;
+            }
+            run.extend_from_slice(hash);
+        }
+        if !run.is_empty() {
+            self.nodes.write_all_at(&run, run_start * 32)?;
+        }
+        Ok(())
+    }
+
+    /// Entry `index`, which the caller knows is below the log's size.
+    pub(crate) fn entry(&self, index: u64) -> std::io::Result<Vec<u8>> {
+        let start = match index {
+            0 => 0,
+            i => self.end(i - 1)?,
+        };
+        let end = self.end(index)?;
+        if end < start || end - start > MAX_ENTRY {
+            return Err(invalid("the log's `ends` file is damaged"));
+        }
+        let mut entry = vec![0; (end - start) as usize];
+        self.entries.read_exact_at(&mut entry, start)?;
+        Ok(entry)
+    }
+
+    /// Tree node (`level`, `index`), which the caller knows exists.
+    pub(crate) fn node(&self, level: u32, index: u64) -> std::io::Result<Hash> {
+        let position = node_position(level, index)
+            .and_then(|p| p.checked_mul(32))
+            .ok_or_else(|| invalid("tree node position out of range"))?;
+        let mut hash = [0; 32];
+        self.nodes.read_exact_at(&mut hash, position)?;
+        Ok(hash)
+    }
+
+    fn end(&self, index: u64) -> std::io::Result<u64> {
+        let mut end = [0; 8];
+        self.ends.read_exact_at(&mut end, index * 8)?;
+        Ok(u64::from_be_bytes(end))
+    }
+
+    /// `fdatasync` of the three files.
+    pub(crate) fn sync(&self) -> std::io::Result<()> {
+        self.entries.sync_data()?;
+        self.ends.sync_data()?;
+        self.nodes.sync_data()
+    }
+
+    /// Bytes the files occupy.
+    pub(crate) fn bytes(&self) -> std::io::Result<u64> {
+        Ok(self.entries.metadata()?.len()
+            + self.ends.metadata()?.len()
+            + self.nodes.metadata()?.len())
+    }
+}
+
+/// For the committer, which reads only nodes that appends before it completed.
+impl NodeSource for LogFiles {
+    fn node(&self, level: u32, index: u64) -> Result<Hash, ProofError> {
+        LogFiles::node(self, level, index).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => ProofError::MissingNode { level, index },
+            _ => ProofError::Storage(e.to_string()),
+        })
+    }
+}
+
+fn invalid(what: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, what)
+}
+
+#[cfg(test)]
+mod tests {
+    use accord_proto::merkle::{self, MemoryTree};
+
+    use super::*;
+
+    /// The position formula against the order appends complete nodes in.
+    #[test]
+    fn node_positions_follow_the_order_appends_complete_nodes() {
+        let mut position = 0;
+        for leaf in 0u64..1000 {
+            let (mut level, mut index) = (0, leaf);
+            loop {
+                assert_eq!(
+                    node_position(level, index),
+                    Some(position),
+                    "({level}, {index})"
+                );
+                assert!(node_exists(level, index, leaf + 1));
+                assert!(!node_exists(level, index, leaf));
+                position += 1;
+                if index & 1 == 0 {
+                    break;
+                }
+                (level, index) = (level + 1, index >> 1);
+            }
+        }
+        assert_eq!(node_position(63, 2), None);
+        assert_eq!(node_position(64, 0), None);
+        assert_eq!(node_position(0, u64::MAX), None);
+        assert!(!node_exists(64, 0, u64::MAX));
+    }
+
+    /// Entries and nodes written group by group read back, and rewriting a group (replay)
+    /// changes nothing.
+    #[test]
+    fn groups_of_entries_and_nodes_read_back_and_rewrite_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = LogFiles::open(&dir.path().join("log")).unwrap();
+        let mut tree = MemoryTree::new();
+        let entries: Vec<Vec<u8>> = (0..50u8).map(|i| vec![i; 1 + i as usize * 7]).collect();
+        let mut next = 0;
+        for group_len in [1, 3, 7, 2, 15, 22] {
+            let group: Vec<(u64, &[u8])> = (next..next + group_len)
+                .map(|i| (i, entries[i as usize].as_slice()))
+                .collect();
+            let mut nodes = Vec::new();
+            for &(i, entry) in &group {
+                let leaf = accord_proto::log::leaf_hash(entry);
+                nodes.extend(merkle::completed_nodes(&tree, i, leaf).unwrap());
+                tree.push(leaf);
+            }
+            let nodes: Vec<(u64, [u8; 32])> = nodes
+                .into_iter()
+                .map(|(l, i, h)| (node_position(l, i).unwrap(), h))
+                .collect();
+            let mut refs: Vec<(u64, &[u8])> = nodes.iter().map(|(p, h)| (*p, &h[..])).collect();
+            files.write(&group, &mut refs).unwrap();
+            let on_disk = std::fs::read(dir.path().join("log/entries")).unwrap();
+            files.write(&group, &mut refs).unwrap();
+            assert_eq!(
+                std::fs::read(dir.path().join("log/entries")).unwrap(),
+                on_disk
+            );
+            next += group_len;
+        }
+        assert_eq!(next, 50);
+        let files = LogFiles::open(&dir.path().join("log")).unwrap();
+        for (i, entry) in entries.iter().enumerate() {
+            assert_eq!(&files.entry(i as u64).unwrap(), entry);
+        }
+        for size in 1..=50 {
+            assert_eq!(
+                merkle::root(&files, size).unwrap(),
+                merkle::root(&tree, size).unwrap()
+            );
+        }
+        assert!(files.entry(50).is_err(), "an entry past the end");
+    }
+
+    #[test]
+    fn bad_writes_and_a_damaged_ends_file_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = LogFiles::open(dir.path()).unwrap();
+        let gap: Vec<(u64, &[u8])> = vec![(0, b"a"), (2, b"b")];
+        assert!(files.write(&gap, &mut []).is_err());
+        assert!(files.write(&[], &mut [(0, &[1; 31][..])]).is_err());
+        files.write(&[(0, b"abc"), (1, b"de")], &mut []).unwrap();
+        // Entry 1 claims to end before it starts.
+        files.ends.write_all_at(&1u64.to_be_bytes(), 8).unwrap();
+        let e = files.entry(1).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+    }
+}
