@@ -36,24 +36,25 @@ pub(crate) struct LogFiles {
     nodes: File,
 }
 
-/// Where node (`level`, `index`) sits in `nodes`, counted in nodes; `None` past `u64`.
-pub(crate) fn node_position(level: u32, index: u64) -> Option<u64> {
-    let last_leaf = index
+/// The last leaf under node (`level`, `index`); `None` past `u64`.
+fn last_leaf(level: u32, index: u64) -> Option<u64> {
+    index
         .checked_add(1)?
         .checked_mul(1u64.checked_shl(level)?)?
-        .checked_sub(1)?;
+        .checked_sub(1)
+}
+
+/// Where node (`level`, `index`) sits in `nodes`, counted in nodes; `None` past `u64`.
+pub(crate) fn node_position(level: u32, index: u64) -> Option<u64> {
+    let m = last_leaf(level, index)?;
     // Appending leaf k completes trailing_ones(k) + 1 nodes, so 2m − popcount(m) nodes
     // precede leaf m's, which come level by level.
-    (last_leaf.checked_mul(2)? - u64::from(last_leaf.count_ones())).checked_add(u64::from(level))
+    (m.checked_mul(2)? - u64::from(m.count_ones())).checked_add(u64::from(level))
 }
 
 /// Whether node (`level`, `index`) exists in a log of `size` entries.
 pub(crate) fn node_exists(level: u32, index: u64, size: u64) -> bool {
-    let last_leaf = index
-        .checked_add(1)
-        .and_then(|i| i.checked_mul(1u64.checked_shl(level)?))
-        .and_then(|i| i.checked_sub(1));
-    last_leaf.is_some_and(|m| m < size)
+    last_leaf(level, index).is_some_and(|m| m < size)
 }
 
 impl LogFiles {

@@ -1452,6 +1452,57 @@ mod tests {
         }
     }
 
+    /// Log reads with indexes from outside (audit requests) past the log or past `u64`
+    /// answer "none"; reads from damaged log files fail with an error, not a wrong answer.
+    #[tokio::test]
+    async fn log_reads_out_of_range_or_from_damaged_files_fail_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        for i in 0..5u8 {
+            let tx = Tx {
+                ops: vec![Op::Log(vec![i; 20])],
+                receipts: None,
+            };
+            store.commit(tx).await.unwrap();
+        }
+        assert!(store.log_entry(4).unwrap().is_some());
+        assert!(store.log_node(2, 0).unwrap().is_some());
+        for (level, index) in [
+            (0, 5),
+            (1, 2),
+            (2, 1),
+            (3, 0),
+            (64, 0),
+            (200, 1),
+            (0, u64::MAX),
+        ] {
+            assert_eq!(
+                store.log_node(level, index).unwrap(),
+                None,
+                "({level}, {index})"
+            );
+        }
+        assert_eq!(store.log_entry(5).unwrap(), None);
+        assert_eq!(store.log_entry(u64::MAX).unwrap(), None);
+        drop(store);
+
+        for file in ["ends", "nodes"] {
+            let copy = tempfile::tempdir().unwrap();
+            copy_dir(dir.path(), copy.path());
+            let damaged = std::fs::OpenOptions::new()
+                .write(true)
+                .open(copy.path().join("log").join(file))
+                .unwrap();
+            damaged.set_len(8).unwrap();
+            drop(damaged);
+            let store = SledStore::open(copy.path(), 16 << 20).unwrap();
+            match file {
+                "ends" => assert!(matches!(store.log_entry(4), Err(StoreError::Corrupt(_)))),
+                _ => assert!(matches!(store.log_node(2, 0), Err(StoreError::Corrupt(_)))),
+            }
+        }
+    }
+
     /// Every key and value sled holds, then every log entry and the log's root, to compare
     /// two stores.
     fn contents(store: &SledStore) -> Vec<(Vec<u8>, Vec<u8>)> {
