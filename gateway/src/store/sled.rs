@@ -69,6 +69,9 @@ const MAX_GROUP_BYTES: usize = 16 << 20;
 /// restart replays, and what sled holds in memory only, stay within these bounds.
 const SEGMENT_BYTES: u64 = 32 << 20;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// How long an open waits for sled's lock: a store closed in this process releases it only
+/// once sled's background writes end.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
 const META_LOG: &[u8] = b"slog";
 const META_SEQ: &[u8] = b"sseq";
 
@@ -174,11 +177,7 @@ impl SledStore {
 /// committer that will own the write side, with how many groups were replayed.
 fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError> {
     std::fs::create_dir_all(path)?;
-    let db = sled::Config::new()
-        .path(path)
-        .cache_capacity(cache_bytes)
-        .flush_every_ms(None)
-        .open()?;
+    let db = open_sled(path, cache_bytes)?;
     let wal_dir = path.join("wal");
     std::fs::create_dir_all(&wal_dir)?;
     let log = Arc::new(LogFiles::open(&path.join("log"))?);
@@ -233,6 +232,29 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         next_seq: read_meta(&db, META_SEQ)?,
     };
     Ok((committer, replayed_groups))
+}
+
+/// Opens sled without its flusher thread (the checkpointer makes it durable), waiting up to
+/// [`LOCK_WAIT`] for the lock of a store just closed in this process.
+fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+    let started = Instant::now();
+    loop {
+        match sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(None)
+            .open()
+        {
+            // sled 0.34 reports a held lock only in the message of an `Other` I/O error.
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                if started.elapsed() >= LOCK_WAIT {
+                    return Err(StoreError::InUse(path.to_owned()));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            opened => return Ok(opened?),
+        }
+    }
 }
 
 impl SledStore {
@@ -1078,6 +1100,24 @@ mod tests {
         // Nothing new: nothing to sync, no change.
         let (_, changed) = sync_new_files(dir.path(), vec!["1".into()], &present).unwrap();
         assert!(!changed);
+    }
+
+    /// A second open of a store that is open elsewhere waits, then says so and names the
+    /// store; once the first is closed, the store opens.
+    #[test]
+    fn a_store_in_use_is_refused_by_name_until_it_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = SledStore::open(dir.path(), 16 << 20).unwrap();
+        let started = Instant::now();
+        match SledStore::open(dir.path(), 16 << 20) {
+            Err(StoreError::InUse(path)) => assert_eq!(path, dir.path()),
+            Err(other) => panic!("expected InUse, got {other}"),
+            Ok(_) => panic!("a store open elsewhere was opened again"),
+        }
+        assert!(started.elapsed() >= LOCK_WAIT);
+        drop(first);
+        let again = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(again.replayed_groups(), 0);
     }
 
     /// The quota's figure follows what commits write, in the write-ahead log and then in
