@@ -17,7 +17,12 @@
 //! by [`LogFiles::write`], which replay calls again at the same offsets. Every checkpoint
 //! syncs them before it deletes the segments that hold their writes. Bytes past the log's
 //! size (the size sled keeps) are ignored, and overwritten by the next appends. Callers
-//! check an index against that size before reading it.
+//! check an index against that size before reading it, and the store checks at open that
+//! the files hold at least that size ([`LogFiles::check_holds`]).
+//!
+//! The files carry no checksums of their own: an entry read back is checked against its
+//! leaf hash, and the tree's nodes against the last signed checkpoint before the next is
+//! signed (`transparency.rs`).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -25,8 +30,8 @@ use std::path::Path;
 
 use accord_proto::merkle::{Hash, NodeSource, ProofError};
 
-/// Largest entry read back: anything longer is a damaged `ends` file, not an entry.
-const MAX_ENTRY: u64 = 1 << 20;
+/// Largest entry the log takes; anything longer read back is a damaged `ends` file.
+pub(crate) const MAX_ENTRY: u64 = 1 << 20;
 
 /// The log's three files (module docs).
 #[derive(Debug)]
@@ -55,6 +60,19 @@ pub(crate) fn node_position(level: u32, index: u64) -> Option<u64> {
 /// Whether node (`level`, `index`) exists in a log of `size` entries.
 pub(crate) fn node_exists(level: u32, index: u64, size: u64) -> bool {
     last_leaf(level, index).is_some_and(|m| m < size)
+}
+
+/// How many nodes a log of `size` entries has: leaf k completes trailing_ones(k) + 1.
+fn node_count(size: u64) -> Option<u64> {
+    size.checked_mul(2)?
+        .checked_sub(u64::from(size.count_ones()))
+}
+
+/// Where item `first` of a file of `width`-byte items starts; an error past `u64`.
+fn offset(first: u64, width: u64) -> std::io::Result<u64> {
+    first
+        .checked_mul(width)
+        .ok_or_else(|| invalid("a log file offset is past 2^64 bytes"))
 }
 
 impl LogFiles {
@@ -91,9 +109,14 @@ impl LogFiles {
                 0 => 0,
                 i => self.end(i - 1)?,
             };
+            // Entry first − 1 was written before this (synced, or earlier in the replay),
+            // so its end lies within the file unless `ends` is damaged.
+            if at > self.entries.metadata()?.len() {
+                return Err(invalid("the log's `ends` file points past `entries`"));
+            }
             let (start, mut data, mut ends) = (at, Vec::new(), Vec::new());
             for (n, (index, entry)) in entries.iter().enumerate() {
-                if *index != first + n as u64 {
+                if Some(*index) != first.checked_add(n as u64) {
                     return Err(invalid("log entries to write are not contiguous"));
                 }
                 at += entry.len() as u64;
@@ -101,7 +124,7 @@ impl LogFiles {
                 ends.extend_from_slice(&at.to_be_bytes());
             }
             self.entries.write_all_at(&data, start)?;
-            self.ends.write_all_at(&ends, first * 8)?;
+            self.ends.write_all_at(&ends, offset(first, 8)?)?;
         }
         nodes.sort_unstable_by_key(|(position, _)| *position);
         let mut run: Vec<u8> = Vec::new();
@@ -111,7 +134,7 @@ impl LogFiles {
                 return Err(invalid("a tree node is not 32 bytes"));
             }
             if !run.is_empty() && run_start + (run.len() / 32) as u64 != *position {
-                self.nodes.write_all_at(&run, run_start * 32)?;
+                self.nodes.write_all_at(&run, offset(run_start, 32)?)?;
                 run.clear();
             }
             if run.is_empty() {
@@ -120,12 +143,13 @@ impl LogFiles {
             run.extend_from_slice(hash);
         }
         if !run.is_empty() {
-            self.nodes.write_all_at(&run, run_start * 32)?;
+            self.nodes.write_all_at(&run, offset(run_start, 32)?)?;
         }
         Ok(())
     }
 
-    /// Entry `index`, which the caller knows is below the log's size.
+    /// Entry `index`, which the caller knows is below the log's size, checked against its
+    /// leaf hash.
     pub(crate) fn entry(&self, index: u64) -> std::io::Result<Vec<u8>> {
         let start = match index {
             0 => 0,
@@ -137,23 +161,49 @@ impl LogFiles {
         }
         let mut entry = vec![0; (end - start) as usize];
         self.entries.read_exact_at(&mut entry, start)?;
+        if accord_proto::log::leaf_hash(&entry) != self.node(0, index)? {
+            return Err(invalid("a log entry does not match its leaf hash"));
+        }
         Ok(entry)
     }
 
     /// Tree node (`level`, `index`), which the caller knows exists.
     pub(crate) fn node(&self, level: u32, index: u64) -> std::io::Result<Hash> {
         let position = node_position(level, index)
-            .and_then(|p| p.checked_mul(32))
             .ok_or_else(|| invalid("tree node position out of range"))?;
         let mut hash = [0; 32];
-        self.nodes.read_exact_at(&mut hash, position)?;
+        self.nodes.read_exact_at(&mut hash, offset(position, 32)?)?;
         Ok(hash)
     }
 
     fn end(&self, index: u64) -> std::io::Result<u64> {
         let mut end = [0; 8];
-        self.ends.read_exact_at(&mut end, index * 8)?;
+        self.ends.read_exact_at(&mut end, offset(index, 8)?)?;
         Ok(u64::from_be_bytes(end))
+    }
+
+    /// Checks that the files hold a log of `size` entries: its ends, its entries' bytes and
+    /// its nodes. They hold more after a crash; less means they were lost or cut short.
+    pub(crate) fn check_holds(&self, size: u64) -> std::io::Result<()> {
+        if size == 0 {
+            return Ok(());
+        }
+        let short = |file: &str| {
+            Err(invalid(&format!(
+                "`{file}` is shorter than a log of {size} entries needs"
+            )))
+        };
+        if self.ends.metadata()?.len() < offset(size, 8)? {
+            return short("ends");
+        }
+        if self.entries.metadata()?.len() < self.end(size - 1)? {
+            return short("entries");
+        }
+        let nodes = node_count(size).ok_or_else(|| invalid("log size past 2^63"))?;
+        if self.nodes.metadata()?.len() < offset(nodes, 32)? {
+            return short("nodes");
+        }
+        Ok(())
     }
 
     /// `fdatasync` of the three files.
@@ -218,14 +268,15 @@ mod tests {
         assert!(!node_exists(64, 0, u64::MAX));
     }
 
-    /// Entries and nodes written group by group read back, and rewriting a group (replay)
-    /// changes nothing.
+    /// Entries and nodes written group by group read back, and rewriting every group again
+    /// in order, after all were written (a replay), changes no byte of any file.
     #[test]
     fn groups_of_entries_and_nodes_read_back_and_rewrite_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let files = LogFiles::open(&dir.path().join("log")).unwrap();
         let mut tree = MemoryTree::new();
         let entries: Vec<Vec<u8>> = (0..50u8).map(|i| vec![i; 1 + i as usize * 7]).collect();
+        let mut groups = Vec::new();
         let mut next = 0;
         for group_len in [1, 3, 7, 2, 15, 22] {
             let group: Vec<(u64, &[u8])> = (next..next + group_len)
@@ -243,16 +294,24 @@ mod tests {
                 .collect();
             let mut refs: Vec<(u64, &[u8])> = nodes.iter().map(|(p, h)| (*p, &h[..])).collect();
             files.write(&group, &mut refs).unwrap();
-            let on_disk = std::fs::read(dir.path().join("log/entries")).unwrap();
-            files.write(&group, &mut refs).unwrap();
-            assert_eq!(
-                std::fs::read(dir.path().join("log/entries")).unwrap(),
-                on_disk
-            );
+            groups.push((group, nodes));
             next += group_len;
         }
         assert_eq!(next, 50);
+        let read_all =
+            || ["entries", "ends", "nodes"].map(|f| std::fs::read(dir.path().join("log").join(f)));
+        let written = read_all().map(Result::unwrap);
+        for (group, nodes) in &groups {
+            let mut refs: Vec<(u64, &[u8])> = nodes.iter().map(|(p, h)| (*p, &h[..])).collect();
+            files.write(group, &mut refs).unwrap();
+        }
+        assert_eq!(read_all().map(Result::unwrap), written);
+        assert_eq!(written[1].len(), 50 * 8);
+        assert_eq!(written[2].len() as u64, node_count(50).unwrap() * 32);
+
         let files = LogFiles::open(&dir.path().join("log")).unwrap();
+        files.check_holds(50).unwrap();
+        assert!(files.check_holds(51).is_err());
         for (i, entry) in entries.iter().enumerate() {
             assert_eq!(&files.entry(i as u64).unwrap(), entry);
         }
@@ -276,6 +335,17 @@ mod tests {
         // Entry 1 claims to end before it starts.
         files.ends.write_all_at(&1u64.to_be_bytes(), 8).unwrap();
         let e = files.entry(1).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        // Entry 1 claims to end past `entries`: the next append would leave a hole.
+        files.ends.write_all_at(&9u64.to_be_bytes(), 8).unwrap();
+        let e = files.write(&[(2, b"f")], &mut []).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        // Positions whose offsets pass 2^64 bytes.
+        let e = files
+            .write(&[], &mut [(u64::MAX / 2, &[1; 32][..])])
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        let e = files.write(&[(u64::MAX / 4, b"g")], &mut []).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
     }
 }

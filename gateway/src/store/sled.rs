@@ -195,6 +195,13 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         synced_blobs: HashMap::new(),
     };
     let (last_segment, replayed_groups) = replay(&db, &log, &wal_dir)?;
+    log.check_holds(read_meta(&db, META_LOG)?).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "the log's files in {}: {e}; sled records more entries than they hold. Restore \
+             the whole store from one backup: sled, log/ and wal/ together",
+            path.join("log").display()
+        ))
+    })?;
     if replayed_groups > 0 {
         tracing::info!(
             groups = replayed_groups,
@@ -336,6 +343,17 @@ fn apply(db: &sled::Db, log: &LogFiles, group: &WalGroup) -> Result<(), StoreErr
         }
     }
     Ok(log.write(&entries, &mut nodes)?)
+}
+
+/// A read of the log's files that failed: damaged or cut-short files are corruption, any
+/// other error the device's.
+fn log_read_error(e: std::io::Error, what: String) -> StoreError {
+    match e.kind() {
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
+            StoreError::Corrupt(format!("{what}: {e}"))
+        }
+        _ => StoreError::Io(e),
+    }
 }
 
 /// Where a write of the log goes in the log's files.
@@ -753,6 +771,13 @@ impl Committer {
                     writes.push((index, None));
                 }
                 Op::Log(entry) => {
+                    if entry.len() as u64 > log_files::MAX_ENTRY {
+                        return Err(StoreError::Engine(format!(
+                            "a log entry of {} bytes is over the log's {} byte limit",
+                            entry.len(),
+                            log_files::MAX_ENTRY
+                        )));
+                    }
                     let source = PendingNodes {
                         group: &group.writes,
                         log: &self.log,
@@ -1034,7 +1059,7 @@ impl Store for SledStore {
             return Ok(None);
         }
         Ok(Some(self.log.entry(index).map_err(|e| {
-            StoreError::Corrupt(format!("log entry {index}: {e}"))
+            log_read_error(e, format!("log entry {index}"))
         })?))
     }
 
@@ -1049,7 +1074,7 @@ impl Store for SledStore {
             return Ok(None);
         }
         Ok(Some(self.log.node(level, index).map_err(|e| {
-            StoreError::Corrupt(format!("log tree node ({level}, {index}): {e}"))
+            log_read_error(e, format!("log tree node ({level}, {index})"))
         })?))
     }
 
@@ -1078,6 +1103,7 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
+    use std::os::unix::fs::FileExt;
 
     use super::*;
     use crate::store::conformance::{queued, receipt_naming_index};
@@ -1363,6 +1389,74 @@ mod tests {
         assert!(!spare.exists() && !wal_dir.join("spare.tmp").exists());
     }
 
+    /// A power cut loses what the log's files were given after the last checkpoint synced
+    /// them, and may leave garbage past that; replaying the write-ahead log writes it all
+    /// again, byte for byte.
+    #[test]
+    fn log_files_cut_back_to_the_last_checkpoint_are_rebuilt_by_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal_dir = dir.path().join("wal");
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let commit = |committer: &mut Committer, from: u8| {
+            let mut group = Group::default();
+            for i in from..from + 9 {
+                let tx = Tx {
+                    ops: vec![Op::Log(vec![i; 3 + usize::from(i) * 5])],
+                    receipts: None,
+                };
+                committer.build(tx, &mut group).unwrap();
+            }
+            committer.write(group);
+            assert_eq!(committer.progress.poisoned(), None);
+        };
+        commit(&mut committer, 0);
+        committer.rotate();
+        let started = Instant::now();
+        while wal::segments(&wal_dir).unwrap().iter().any(|s| s.0 == 1) {
+            assert!(started.elapsed() < Duration::from_secs(30), "no checkpoint");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let log_dir = dir.path().join("log");
+        let synced = ["entries", "ends", "nodes"].map(|f| {
+            let len = std::fs::metadata(log_dir.join(f)).unwrap().len();
+            (f, len)
+        });
+        commit(&mut committer, 9);
+        commit(&mut committer, 18);
+        let Committer {
+            db,
+            checkpoints,
+            checkpointer,
+            files,
+            ..
+        } = committer;
+        drop(checkpoints);
+        checkpointer.unwrap().join().unwrap();
+        drop((db, files));
+
+        let cut = tempfile::tempdir().unwrap();
+        copy_dir(dir.path(), cut.path());
+        for (file, len) in synced {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(cut.path().join("log").join(file))
+                .unwrap();
+            f.set_len(len).unwrap();
+            f.write_all_at(&[0xa5; 77], len).unwrap();
+        }
+        let whole = SledStore::open(dir.path(), 16 << 20).unwrap();
+        let rebuilt = SledStore::open(cut.path(), 16 << 20).unwrap();
+        assert!(rebuilt.replayed_groups() >= 2);
+        assert_eq!(rebuilt.log_size().unwrap(), 27);
+        assert_eq!(contents(&rebuilt), contents(&whole));
+        for i in 0..27u8 {
+            assert_eq!(
+                rebuilt.log_entry(u64::from(i)).unwrap(),
+                Some(vec![i; 3 + usize::from(i) * 5])
+            );
+        }
+    }
+
     /// Transactions in one group see each other's writes before any reaches sled: a
     /// duplicate insert, a removal of a message queued earlier in the group, a receipt
     /// stored twice, and the log tree across them.
@@ -1524,23 +1618,56 @@ mod tests {
         }
         assert_eq!(store.log_entry(5).unwrap(), None);
         assert_eq!(store.log_entry(u64::MAX).unwrap(), None);
+        // An entry over the limit is refused before it reaches the write-ahead log, and
+        // the store goes on.
+        let oversize = Tx {
+            ops: vec![Op::Log(vec![0; log_files::MAX_ENTRY as usize + 1])],
+            receipts: None,
+        };
+        assert!(matches!(
+            store.commit(oversize).await,
+            Err(StoreError::Engine(_))
+        ));
+        assert_eq!(store.log_size().unwrap(), 5);
         drop(store);
 
-        for file in ["ends", "nodes"] {
+        let damaged_copy = |file: &str, damage: &dyn Fn(&File)| {
             let copy = tempfile::tempdir().unwrap();
             copy_dir(dir.path(), copy.path());
-            let damaged = std::fs::OpenOptions::new()
-                .write(true)
-                .open(copy.path().join("log").join(file))
-                .unwrap();
-            damaged.set_len(8).unwrap();
-            drop(damaged);
-            let store = SledStore::open(copy.path(), 16 << 20).unwrap();
-            match file {
-                "ends" => assert!(matches!(store.log_entry(4), Err(StoreError::Corrupt(_)))),
-                _ => assert!(matches!(store.log_node(2, 0), Err(StoreError::Corrupt(_)))),
+            let path = copy.path().join("log").join(file);
+            damage(&std::fs::OpenOptions::new().write(true).open(path).unwrap());
+            copy
+        };
+        // Files cut short (a restore without them, a lost write) are refused at open.
+        for file in ["ends", "nodes", "entries"] {
+            let copy = damaged_copy(file, &|f| f.set_len(8).unwrap());
+            match SledStore::open(copy.path(), 16 << 20) {
+                Err(StoreError::Corrupt(why)) => assert!(why.contains(file), "{why}"),
+                other => panic!("{file} cut short: {:?}", other.map(|_| ())),
             }
         }
+        let copy = tempfile::tempdir().unwrap();
+        copy_dir(dir.path(), copy.path());
+        std::fs::remove_dir_all(copy.path().join("log")).unwrap();
+        assert!(matches!(
+            SledStore::open(copy.path(), 16 << 20),
+            Err(StoreError::Corrupt(_))
+        ));
+
+        // A changed byte in an entry fails its leaf hash; an `ends` value out of order
+        // fails the entries it bounds. The rest reads as before.
+        let copy = damaged_copy("entries", &|f| f.write_all_at(&[0xff], 2 * 20 + 3).unwrap());
+        let store = SledStore::open(copy.path(), 16 << 20).unwrap();
+        assert!(matches!(store.log_entry(2), Err(StoreError::Corrupt(_))));
+        assert_eq!(store.log_entry(3).unwrap(), Some(vec![3; 20]));
+        drop(store);
+        let copy = damaged_copy("ends", &|f| {
+            f.write_all_at(&90u64.to_be_bytes(), 8).unwrap()
+        });
+        let store = SledStore::open(copy.path(), 16 << 20).unwrap();
+        assert!(matches!(store.log_entry(1), Err(StoreError::Corrupt(_))));
+        assert!(matches!(store.log_entry(2), Err(StoreError::Corrupt(_))));
+        assert_eq!(store.log_entry(0).unwrap(), Some(vec![0; 20]));
     }
 
     /// Every key and value sled holds, then every log entry and the log's root, to compare
