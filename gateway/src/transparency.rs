@@ -108,6 +108,9 @@ impl Pipeline {
             }
         }
         let root = merkle::root(&StoreTree(self.store.as_ref()), size).map_err(proof_error)?;
+        if latest > 0 && latest < size {
+            self.check_extends(latest, size, &root)?;
+        }
         let body = Checkpoint {
             origin: self.log_keys.origin.clone(),
             size,
@@ -128,6 +131,29 @@ impl Pipeline {
             .await?;
         tracing::debug!(size, root = %hex(&root), "checkpoint published");
         Ok((size, note))
+    }
+
+    /// Refuses to sign a tree that does not extend checkpoint `latest`, the last one signed:
+    /// the stored nodes changed since (a damaged disk), and signing would show the world a
+    /// forked log.
+    fn check_extends(&self, latest: u64, size: u64, root: &Hash) -> Result<(), PipelineError> {
+        let damaged = |why: String| {
+            tracing::error!(latest, size, "refusing to sign a checkpoint: {why}");
+            PipelineError::Store(StoreError::Corrupt(format!(
+                "the log no longer extends its checkpoint of size {latest} ({why}); no \
+                 checkpoint is signed until the store is restored from a backup"
+            )))
+        };
+        let note = self
+            .checkpoint_at(latest)?
+            .ok_or_else(|| damaged("that checkpoint is missing".into()))?;
+        let signed = note::unverified_text(&note)
+            .and_then(Checkpoint::parse)
+            .map_err(|e| damaged(format!("that checkpoint does not parse: {e}")))?;
+        let tree = StoreTree(self.store.as_ref());
+        let proof = merkle::consistency_proof(&tree, latest, size).map_err(proof_error)?;
+        merkle::verify_consistency(latest, size, &signed.root, root, &proof)
+            .map_err(|e| damaged(format!("consistency proof: {e}")))
     }
 
     pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, PipelineError> {

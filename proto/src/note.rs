@@ -229,6 +229,12 @@ fn split(note: &str) -> Result<(&str, Vec<SigLine<'_>>), NoteError> {
     Ok((text, lines))
 }
 
+/// The text of a signed note (with final newline), its signatures not verified: for a note
+/// its holder signed and stored itself, whose signing key may since have been rotated.
+pub fn unverified_text(note: &str) -> Result<&str, NoteError> {
+    split(note).map(|(text, _)| text)
+}
+
 /// Checks a note text before signing: ends in newline, no control characters, size.
 fn check_body(body: &str) -> Result<(), NoteError> {
     if body.len() > MAX_NOTE_SIZE {

@@ -235,18 +235,9 @@ async fn a_log_rewritten_behind_the_gateways_back_is_caught_by_its_peer() {
     }
     {
         use accord_gateway::store::{Op, Store, Tx};
-        // sled lets go of its file lock from a background thread after the drop above.
-        let mut attempts = 0;
-        let store = loop {
-            match accord_gateway::store::sled::SledStore::open(&dir, 1 << 20) {
-                Ok(store) => break store,
-                Err(_) if attempts < 100 => {
-                    attempts += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => panic!("store still locked: {e}"),
-            }
-        };
+        // The open waits while sled's background thread still holds the lock of the drop
+        // above.
+        let store = accord_gateway::store::sled::SledStore::open(&dir, 1 << 20).unwrap();
         let ops = (0..cp.size + 2)
             .map(|i| Op::Log(format!("forged {i}").into_bytes()))
             .collect();
@@ -281,6 +272,60 @@ async fn a_log_rewritten_behind_the_gateways_back_is_caught_by_its_peer() {
                 == pb::LogEvent::WitnessAlarm as i32),
         "no WITNESS_ALARM entry (checkpoint {})",
         kh_cp.size
+    );
+    net.shutdown().await;
+}
+
+/// A tree node changed on disk under a signed checkpoint (a damaged disk: the log's files
+/// carry no checksums) stops the gateway signing: a new checkpoint would not extend the
+/// old one, and peers and auditors would see a forked log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_tree_node_stops_the_gateway_signing_checkpoints() {
+    let mut net = net().await;
+    let to = net.org_id("kh", "ahtd").unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    c02.send(&to, &alert("before"), &SendOptions::new("L5"))
+        .await
+        .unwrap();
+    let auditor = net.client("vn", "inspectorate").await.unwrap();
+    cosigned_checkpoint(&auditor, "vn", "kh", 2).await;
+    drop((c02, auditor));
+    net.stop_gateway("vn").await.unwrap();
+
+    // The newest checkpoint signed, which may be newer than the one above.
+    let dir = net.data_dir("vn").unwrap();
+    let signed = {
+        use accord_gateway::store::Store;
+        let store = accord_gateway::store::sled::SledStore::open(&dir, 1 << 20).unwrap();
+        let latest = store.meta("checkpoint/latest").unwrap().unwrap();
+        u64::from_be_bytes(latest.try_into().unwrap())
+    };
+    // The last node appending leaf size − 1 completed is the checkpoint's rightmost
+    // perfect subtree; it sits last among the 2·size − popcount(size) nodes of that tree.
+    let nodes = dir.join("log").join("nodes");
+    let position = 2 * signed - u64::from(signed.count_ones()) - 1;
+    let mut bytes = std::fs::read(&nodes).unwrap();
+    bytes[(position * 32) as usize] ^= 0x01;
+    std::fs::write(&nodes, bytes).unwrap();
+
+    net.start_gateway("vn").await.unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    c02.send(&to, &alert("after"), &SendOptions::new("L5"))
+        .await
+        .unwrap();
+    let auditor = net.client("vn", "inspectorate").await.unwrap();
+    let err = auditor
+        .audit()
+        .get_checkpoint(pb::GetCheckpointRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Internal, "{err}");
+    let vn = net.gateway("vn").unwrap().pipeline.clone();
+    let latest = vn.store.meta("checkpoint/latest").unwrap().unwrap();
+    assert_eq!(
+        latest,
+        signed.to_be_bytes(),
+        "a checkpoint was signed after the damage"
     );
     net.shutdown().await;
 }
