@@ -108,7 +108,7 @@ impl Pipeline {
             }
         }
         let root = merkle::root(&StoreTree(self.store.as_ref()), size).map_err(proof_error)?;
-        if latest > 0 && latest < size {
+        if latest > 0 {
             self.check_extends(latest, size, &root)?;
         }
         let body = Checkpoint {
@@ -134,8 +134,8 @@ impl Pipeline {
     }
 
     /// Refuses to sign a tree that does not extend checkpoint `latest`, the last one signed:
-    /// the stored nodes changed since (a damaged disk), and signing would show the world a
-    /// forked log.
+    /// the stored nodes changed since (a damaged disk), or the log is shorter (a store
+    /// restored from an older backup), and signing would show the world a forked log.
     fn check_extends(&self, latest: u64, size: u64, root: &Hash) -> Result<(), PipelineError> {
         let damaged = |why: String| {
             tracing::error!(latest, size, "refusing to sign a checkpoint: {why}");
@@ -144,14 +144,27 @@ impl Pipeline {
                  checkpoint is signed until the store is restored from a backup"
             )))
         };
+        if latest > size {
+            return Err(damaged(format!("the log holds only {size} entries")));
+        }
+        // Present unless damaged: a checkpoint and `checkpoint/latest` are one commit.
         let note = self
             .checkpoint_at(latest)?
             .ok_or_else(|| damaged("that checkpoint is missing".into()))?;
         let signed = note::unverified_text(&note)
             .and_then(Checkpoint::parse)
             .map_err(|e| damaged(format!("that checkpoint does not parse: {e}")))?;
+        if signed.size != latest {
+            return Err(damaged(format!(
+                "that checkpoint is of size {}",
+                signed.size
+            )));
+        }
         let tree = StoreTree(self.store.as_ref());
-        let proof = merkle::consistency_proof(&tree, latest, size).map_err(proof_error)?;
+        let proof = merkle::consistency_proof(&tree, latest, size).map_err(|e| match e {
+            ProofError::Storage(_) => proof_error(e),
+            missing => damaged(format!("consistency proof: {missing}")),
+        })?;
         merkle::verify_consistency(latest, size, &signed.root, root, &proof)
             .map_err(|e| damaged(format!("consistency proof: {e}")))
     }

@@ -224,7 +224,15 @@ async fn a_log_rewritten_behind_the_gateways_back_is_caught_by_its_peer() {
     // Rewrite history: drop every log entry and tree node, then append different entries.
     let dir = net.data_dir("vn").unwrap();
     {
-        let db = sled::open(&dir).unwrap();
+        // The stopped gateway's sled lets go of its lock from a background thread.
+        let started = std::time::Instant::now();
+        let db = loop {
+            match sled::open(&dir) {
+                Ok(db) => break db,
+                Err(e) if started.elapsed() > Duration::from_secs(5) => panic!("{e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
         for prefix in [b"l", b"n", b"e", b"k"] {
             for key in db.scan_prefix(prefix).keys() {
                 db.remove(key.unwrap()).unwrap();
@@ -235,8 +243,7 @@ async fn a_log_rewritten_behind_the_gateways_back_is_caught_by_its_peer() {
     }
     {
         use accord_gateway::store::{Op, Store, Tx};
-        // The open waits while sled's background thread still holds the lock of the drop
-        // above.
+        // The open waits for the lock the drop above lets go of.
         let store = accord_gateway::store::sled::SledStore::open(&dir, 1 << 20).unwrap();
         let ops = (0..cp.size + 2)
             .map(|i| Op::Log(format!("forged {i}").into_bytes()))
@@ -292,18 +299,31 @@ async fn a_damaged_tree_node_stops_the_gateway_signing_checkpoints() {
     drop((c02, auditor));
     net.stop_gateway("vn").await.unwrap();
 
-    // The newest checkpoint signed, which may be newer than the one above.
+    // The newest checkpoint signed (maybe newer than the one above), and the log's size.
     let dir = net.data_dir("vn").unwrap();
-    let signed = {
+    let (signed, size) = {
         use accord_gateway::store::Store;
         let store = accord_gateway::store::sled::SledStore::open(&dir, 1 << 20).unwrap();
         let latest = store.meta("checkpoint/latest").unwrap().unwrap();
-        u64::from_be_bytes(latest.try_into().unwrap())
+        let latest = u64::from_be_bytes(latest.try_into().unwrap());
+        (latest, store.log_size().unwrap())
     };
-    // The last node appending leaf size − 1 completed is the checkpoint's rightmost
-    // perfect subtree; it sits last among the 2·size − popcount(size) nodes of that tree.
+    // Damage a node the next root reads, or derives a node from, and that the checkpoint
+    // covers: the perfect subtree of the log of `size` that holds leaf signed − 1.
+    let (mut level, mut start) = (63, 0u64);
+    loop {
+        let width = 1u64 << level;
+        if size & width != 0 {
+            if signed - 1 < start + width {
+                break;
+            }
+            start += width;
+        }
+        level -= 1;
+    }
+    let last = start + (1u64 << level) - 1;
+    let position = 2 * last - u64::from(last.count_ones()) + level;
     let nodes = dir.join("log").join("nodes");
-    let position = 2 * signed - u64::from(signed.count_ones()) - 1;
     let mut bytes = std::fs::read(&nodes).unwrap();
     bytes[(position * 32) as usize] ^= 0x01;
     std::fs::write(&nodes, bytes).unwrap();

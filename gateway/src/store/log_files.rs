@@ -312,6 +312,17 @@ mod tests {
         let files = LogFiles::open(&dir.path().join("log")).unwrap();
         files.check_holds(50).unwrap();
         assert!(files.check_holds(51).is_err());
+        // Each file at its exact length holds the log; one byte less does not.
+        for (file, written) in [&files.entries, &files.ends, &files.nodes]
+            .iter()
+            .zip(&written)
+        {
+            file.set_len(written.len() as u64 - 1).unwrap();
+            assert!(files.check_holds(50).is_err());
+            file.write_all_at(&written[written.len() - 1..], written.len() as u64 - 1)
+                .unwrap();
+            files.check_holds(50).unwrap();
+        }
         for (i, entry) in entries.iter().enumerate() {
             assert_eq!(&files.entry(i as u64).unwrap(), entry);
         }

@@ -42,10 +42,10 @@ pub enum StoreError {
     /// The committer is gone (the store was shut down or poisoned by an earlier I/O error).
     #[error("store is closed")]
     Closed,
-    /// Another process holds the store's lock.
+    /// Another gateway holds the store's lock.
     #[error(
-        "the store at {0} is in use by another process: stop the gateway that holds it, or \
-         give this one a store of its own"
+        "the store at {0} is in use by another gateway: stop the one that holds it, or give \
+         this one a store of its own"
     )]
     InUse(std::path::PathBuf),
 }

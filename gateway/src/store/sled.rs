@@ -196,11 +196,12 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     };
     let (last_segment, replayed_groups) = replay(&db, &log, &wal_dir)?;
     log.check_holds(read_meta(&db, META_LOG)?).map_err(|e| {
-        StoreError::Corrupt(format!(
-            "the log's files in {}: {e}; sled records more entries than they hold. Restore \
-             the whole store from one backup: sled, log/ and wal/ together",
+        let what = format!(
+            "the log's files in {}: sled records more entries than they hold. Restore the \
+             whole store from one backup: sled, log/ and wal/ together",
             path.join("log").display()
-        ))
+        );
+        log_read_error(e, what)
     })?;
     if replayed_groups > 0 {
         tracing::info!(
@@ -252,8 +253,12 @@ fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
             .flush_every_ms(None)
             .open()
         {
-            // sled 0.34 reports a held lock only in the message of an `Other` I/O error.
-            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+            // sled 0.34 reports a held lock only in the message of an `Other` I/O error,
+            // which holds the `Debug` form of flock's error.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && e.to_string().contains("WouldBlock") =>
+            {
                 if started.elapsed() >= LOCK_WAIT {
                     return Err(StoreError::InUse(path.to_owned()));
                 }
