@@ -1373,7 +1373,19 @@ mod tests {
         let records = wal::read_segment(path, true).unwrap();
         assert_eq!((records.groups.len(), records.torn_bytes), (1, 0));
 
-        // A crash: the committer stops without closing, and sled is not made durable.
+        crash(committer);
+        std::fs::write(wal_dir.join("spare.tmp"), b"half made").unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert!(store.replayed_groups() >= 1);
+        for id in &ids {
+            assert!(store.message(id).unwrap().is_some());
+        }
+        assert_eq!(store.log_size().unwrap(), 30);
+        assert!(!spare.exists() && !wal_dir.join("spare.tmp").exists());
+    }
+
+    /// A crash: the committer stops without closing, and sled is not made durable.
+    fn crash(committer: Committer) {
         let Committer {
             db,
             checkpoints,
@@ -1384,14 +1396,6 @@ mod tests {
         drop(checkpoints);
         checkpointer.unwrap().join().unwrap();
         drop((db, files));
-        std::fs::write(wal_dir.join("spare.tmp"), b"half made").unwrap();
-        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
-        assert!(store.replayed_groups() >= 1);
-        for id in &ids {
-            assert!(store.message(id).unwrap().is_some());
-        }
-        assert_eq!(store.log_size().unwrap(), 30);
-        assert!(!spare.exists() && !wal_dir.join("spare.tmp").exists());
     }
 
     /// A power cut loses what the log's files were given after the last checkpoint synced
@@ -1428,16 +1432,7 @@ mod tests {
         });
         commit(&mut committer, 9);
         commit(&mut committer, 18);
-        let Committer {
-            db,
-            checkpoints,
-            checkpointer,
-            files,
-            ..
-        } = committer;
-        drop(checkpoints);
-        checkpointer.unwrap().join().unwrap();
-        drop((db, files));
+        crash(committer);
 
         let cut = tempfile::tempdir().unwrap();
         copy_dir(dir.path(), cut.path());
