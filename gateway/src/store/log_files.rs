@@ -7,18 +7,14 @@
 //!
 //! Layout, in the store's `log/` folder:
 //! ```text
-//! entries   the encoded entries, back to back
-//! ends      u64 big-endian at 8·i: where entry i ends in `entries` (it starts where i−1 ends)
-//! nodes     the 32-byte hash of perfect subtree (level, index) at 32·p, p = 2m − popcount(m)
-//!           + level, m = the subtree's last leaf: nodes in the order appends complete them
+//! entries, ends   the encoded entries as numbered records (`records.rs`)
+//! nodes           the 32-byte hash of perfect subtree (level, index) at 32·p,
+//!                 p = 2m − popcount(m) + level, m = the subtree's last leaf: nodes in the
+//!                 order appends complete them
 //! ```
 //!
-//! These files are written as sled is: after the group's write-ahead log record is synced,
-//! by [`LogFiles::write`], which replay calls again at the same offsets. Every checkpoint
-//! syncs them before it deletes the segments that hold their writes. Bytes past the log's
-//! size (the size sled keeps) are ignored, and overwritten by the next appends. Callers
-//! check an index against that size before reading it, and the store checks at open that
-//! the files hold at least that size ([`LogFiles::check_holds`]).
+//! Entries are written, replayed, synced, bounded by the log's size and checked at open as
+//! every folder of records is (`records.rs`); the nodes alongside them, the same way.
 //!
 //! The files carry no checksums of their own: an entry read back is checked against its
 //! leaf hash, and the tree's nodes against the last signed checkpoint before the next is
@@ -30,14 +26,15 @@ use std::path::Path;
 
 use accord_proto::merkle::{Hash, NodeSource, ProofError};
 
+use super::records::{invalid, offset, short, Records};
+
 /// Largest entry the log takes; anything longer read back is a damaged `ends` file.
 pub(crate) const MAX_ENTRY: u64 = 1 << 20;
 
-/// The log's three files (module docs).
+/// The log's files (module docs).
 #[derive(Debug)]
 pub(crate) struct LogFiles {
-    entries: File,
-    ends: File,
+    entries: Records,
     nodes: File,
 }
 
@@ -68,32 +65,18 @@ fn node_count(size: u64) -> Option<u64> {
         .checked_sub(u64::from(size.count_ones()))
 }
 
-/// Where item `first` of a file of `width`-byte items starts; an error past `u64`.
-fn offset(first: u64, width: u64) -> std::io::Result<u64> {
-    first
-        .checked_mul(width)
-        .ok_or_else(|| invalid("a log file offset is past 2^64 bytes"))
-}
-
 impl LogFiles {
-    /// Opens (or creates) the files in `dir`, and syncs `dir` if it made any.
+    /// Opens (or creates) the files in `dir`, and syncs `dir`.
     pub(crate) fn open(dir: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let open = |name: &str| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(dir.join(name))
-        };
-        let files = Self {
-            entries: open("entries")?,
-            ends: open("ends")?,
-            nodes: open("nodes")?,
-        };
+        let entries = Records::open(dir, MAX_ENTRY)?;
+        let nodes = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("nodes"))?;
         File::open(dir)?.sync_all()?;
-        Ok(files)
+        Ok(Self { entries, nodes })
     }
 
     /// Writes entries (by index, ascending and contiguous with what is on file) and tree
@@ -104,28 +87,7 @@ impl LogFiles {
         entries: &[(u64, &[u8])],
         nodes: &mut [(u64, &[u8])],
     ) -> std::io::Result<()> {
-        if let Some(&(first, _)) = entries.first() {
-            let mut at = match first {
-                0 => 0,
-                i => self.end(i - 1)?,
-            };
-            // Entry first − 1 was written before this (synced, or earlier in the replay),
-            // so its end lies within the file unless `ends` is damaged.
-            if at > self.entries.metadata()?.len() {
-                return Err(invalid("the log's `ends` file points past `entries`"));
-            }
-            let (start, mut data, mut ends) = (at, Vec::new(), Vec::new());
-            for (n, (index, entry)) in entries.iter().enumerate() {
-                if Some(*index) != first.checked_add(n as u64) {
-                    return Err(invalid("log entries to write are not contiguous"));
-                }
-                at += entry.len() as u64;
-                data.extend_from_slice(entry);
-                ends.extend_from_slice(&at.to_be_bytes());
-            }
-            self.entries.write_all_at(&data, start)?;
-            self.ends.write_all_at(&ends, offset(first, 8)?)?;
-        }
+        self.entries.write(entries)?;
         nodes.sort_unstable_by_key(|(position, _)| *position);
         let mut run: Vec<u8> = Vec::new();
         let mut run_start = 0;
@@ -151,16 +113,7 @@ impl LogFiles {
     /// Entry `index`, which the caller knows is below the log's size, checked against its
     /// leaf hash.
     pub(crate) fn entry(&self, index: u64) -> std::io::Result<Vec<u8>> {
-        let start = match index {
-            0 => 0,
-            i => self.end(i - 1)?,
-        };
-        let end = self.end(index)?;
-        if end < start || end - start > MAX_ENTRY {
-            return Err(invalid("the log's `ends` file is damaged"));
-        }
-        let mut entry = vec![0; (end - start) as usize];
-        self.entries.read_exact_at(&mut entry, start)?;
+        let entry = self.entries.get(index)?;
         if accord_proto::log::leaf_hash(&entry) != self.node(0, index)? {
             return Err(invalid("a log entry does not match its leaf hash"));
         }
@@ -176,48 +129,26 @@ impl LogFiles {
         Ok(hash)
     }
 
-    fn end(&self, index: u64) -> std::io::Result<u64> {
-        let mut end = [0; 8];
-        self.ends.read_exact_at(&mut end, offset(index, 8)?)?;
-        Ok(u64::from_be_bytes(end))
-    }
-
-    /// Checks that the files hold a log of `size` entries: its ends, its entries' bytes and
-    /// its nodes. They hold more after a crash; less means they were lost or cut short.
+    /// Checks that the files hold a log of `size` entries: its entries and its nodes. They
+    /// hold more after a crash; less means they were lost or cut short.
     pub(crate) fn check_holds(&self, size: u64) -> std::io::Result<()> {
-        if size == 0 {
-            return Ok(());
-        }
-        let short = |file: &str| {
-            Err(invalid(&format!(
-                "`{file}` is shorter than a log of {size} entries needs"
-            )))
-        };
-        if self.ends.metadata()?.len() < offset(size, 8)? {
-            return short("ends");
-        }
-        if self.entries.metadata()?.len() < self.end(size - 1)? {
-            return short("entries");
-        }
+        self.entries.check_holds(size)?;
         let nodes = node_count(size).ok_or_else(|| invalid("log size past 2^63"))?;
         if self.nodes.metadata()?.len() < offset(nodes, 32)? {
-            return short("nodes");
+            return Err(short("nodes", size));
         }
         Ok(())
     }
 
     /// `fdatasync` of the three files.
     pub(crate) fn sync(&self) -> std::io::Result<()> {
-        self.entries.sync_data()?;
-        self.ends.sync_data()?;
+        self.entries.sync()?;
         self.nodes.sync_data()
     }
 
     /// Bytes the files occupy.
     pub(crate) fn bytes(&self) -> std::io::Result<u64> {
-        Ok(self.entries.metadata()?.len()
-            + self.ends.metadata()?.len()
-            + self.nodes.metadata()?.len())
+        Ok(self.entries.bytes()? + self.nodes.metadata()?.len())
     }
 }
 
@@ -229,10 +160,6 @@ impl NodeSource for LogFiles {
             _ => ProofError::Storage(e.to_string()),
         })
     }
-}
-
-fn invalid(what: &str) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, what)
 }
 
 #[cfg(test)]
@@ -313,7 +240,7 @@ mod tests {
         files.check_holds(50).unwrap();
         assert!(files.check_holds(51).is_err());
         // Each file at its exact length holds the log; one byte less does not.
-        for (file, written) in [&files.entries, &files.ends, &files.nodes]
+        for (file, written) in [&files.entries.entries, &files.entries.ends, &files.nodes]
             .iter()
             .zip(&written)
         {
@@ -335,28 +262,31 @@ mod tests {
         assert!(files.entry(50).is_err(), "an entry past the end");
     }
 
+    /// Node writes that are not 32 bytes or land past 2^64 bytes are refused; an entry that
+    /// no longer matches its leaf hash is refused on read (damaged `ends` and the rest of
+    /// the records' checks: `records.rs`).
     #[test]
-    fn bad_writes_and_a_damaged_ends_file_are_refused() {
+    fn bad_node_writes_and_a_changed_entry_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let files = LogFiles::open(dir.path()).unwrap();
-        let gap: Vec<(u64, &[u8])> = vec![(0, b"a"), (2, b"b")];
-        assert!(files.write(&gap, &mut []).is_err());
-        assert!(files.write(&[], &mut [(0, &[1; 31][..])]).is_err());
-        files.write(&[(0, b"abc"), (1, b"de")], &mut []).unwrap();
-        // Entry 1 claims to end before it starts.
-        files.ends.write_all_at(&1u64.to_be_bytes(), 8).unwrap();
-        let e = files.entry(1).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
-        // Entry 1 claims to end past `entries`: the next append would leave a hole.
-        files.ends.write_all_at(&9u64.to_be_bytes(), 8).unwrap();
-        let e = files.write(&[(2, b"f")], &mut []).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
-        // Positions whose offsets pass 2^64 bytes.
-        let e = files
-            .write(&[], &mut [(u64::MAX / 2, &[1; 32][..])])
-            .unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
-        let e = files.write(&[(u64::MAX / 4, b"g")], &mut []).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        let kind = |e: std::io::Error| e.kind();
+        let invalid = Err(std::io::ErrorKind::InvalidData);
+        assert_eq!(
+            files.write(&[], &mut [(0, &[1; 31][..])]).map_err(kind),
+            invalid
+        );
+        let far = u64::MAX / 2;
+        assert_eq!(
+            files.write(&[], &mut [(far, &[1; 32][..])]).map_err(kind),
+            invalid
+        );
+        let leaf = accord_proto::log::leaf_hash(b"abc");
+        files.write(&[(0, b"abc")], &mut [(0, &leaf[..])]).unwrap();
+        assert_eq!(files.entry(0).unwrap(), b"abc");
+        files.entries.entries.write_all_at(b"x", 1).unwrap();
+        assert_eq!(
+            files.entry(0).map_err(kind),
+            Err(std::io::ErrorKind::InvalidData)
+        );
     }
 }

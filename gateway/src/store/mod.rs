@@ -16,6 +16,7 @@
 //!   its message id, in the same transaction, so the tree is never behind the log.
 
 mod log_files;
+mod records;
 pub mod sled;
 mod wal;
 

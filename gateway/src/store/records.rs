@@ -1,0 +1,218 @@
+//! Numbered records, back to back in one file, with where each ends in another: how the
+//! store keeps what only ever grows and is read by number (the log's entries, the
+//! envelopes of messages).
+//!
+//! In a folder:
+//! ```text
+//! entries   the records, back to back
+//! ends      u64 big-endian at 8·i: where record i ends in `entries` (it starts where i−1 ends)
+//! ```
+//!
+//! Records are written as sled is: after the group's write-ahead log record is synced, by
+//! [`Records::write`], which replay calls again at the same offsets. Every checkpoint syncs
+//! the files before it deletes the segments that hold their writes. Bytes past the count
+//! sled keeps are ignored, and overwritten by the next appends. Callers check a number
+//! against that count before reading it, and the store checks at open that the files hold
+//! at least that many records ([`Records::check_holds`]).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// The two files of a folder of records (module docs).
+#[derive(Debug)]
+pub(crate) struct Records {
+    pub(super) entries: File,
+    pub(super) ends: File,
+    /// Longest record read back: anything longer is a damaged `ends` file.
+    max: u64,
+}
+
+impl Records {
+    /// Opens (or creates) the files in `dir`, then syncs `dir`.
+    pub(crate) fn open(dir: &Path, max: u64) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let open = |name: &str| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(dir.join(name))
+        };
+        let records = Self {
+            entries: open("entries")?,
+            ends: open("ends")?,
+            max,
+        };
+        File::open(dir)?.sync_all()?;
+        Ok(records)
+    }
+
+    /// Writes records (by number, ascending and contiguous with what is on file) in one
+    /// write per file. Writes the same bytes at the same offsets when called again with
+    /// the same arguments, which is how replay stays safe.
+    pub(crate) fn write(&self, records: &[(u64, &[u8])]) -> std::io::Result<()> {
+        let Some(&(first, _)) = records.first() else {
+            return Ok(());
+        };
+        let mut at = match first {
+            0 => 0,
+            i => self.end(i - 1)?,
+        };
+        // Record first − 1 was written before this (synced, or earlier in the replay), so
+        // its end lies within the file unless `ends` is damaged.
+        if at > self.entries.metadata()?.len() {
+            return Err(invalid("an `ends` file points past its `entries`"));
+        }
+        let (start, mut data, mut ends) = (at, Vec::new(), Vec::new());
+        for (n, (number, record)) in records.iter().enumerate() {
+            if Some(*number) != first.checked_add(n as u64) {
+                return Err(invalid("records to write are not contiguous"));
+            }
+            at += record.len() as u64;
+            data.extend_from_slice(record);
+            ends.extend_from_slice(&at.to_be_bytes());
+        }
+        self.entries.write_all_at(&data, start)?;
+        self.ends.write_all_at(&ends, offset(first, 8)?)
+    }
+
+    /// Record `number`, which the caller knows is below the count.
+    pub(crate) fn get(&self, number: u64) -> std::io::Result<Vec<u8>> {
+        let start = match number {
+            0 => 0,
+            i => self.end(i - 1)?,
+        };
+        let end = self.end(number)?;
+        if end < start || end - start > self.max {
+            return Err(invalid("an `ends` file is damaged"));
+        }
+        let mut record = vec![0; (end - start) as usize];
+        self.entries.read_exact_at(&mut record, start)?;
+        Ok(record)
+    }
+
+    fn end(&self, number: u64) -> std::io::Result<u64> {
+        let mut end = [0; 8];
+        self.ends.read_exact_at(&mut end, offset(number, 8)?)?;
+        Ok(u64::from_be_bytes(end))
+    }
+
+    /// Checks that the files hold `count` records. They hold more after a crash; less
+    /// means they were lost or cut short.
+    pub(crate) fn check_holds(&self, count: u64) -> std::io::Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        if self.ends.metadata()?.len() < offset(count, 8)? {
+            return Err(short("ends", count));
+        }
+        if self.entries.metadata()?.len() < self.end(count - 1)? {
+            return Err(short("entries", count));
+        }
+        Ok(())
+    }
+
+    /// `fdatasync` of both files.
+    pub(crate) fn sync(&self) -> std::io::Result<()> {
+        self.entries.sync_data()?;
+        self.ends.sync_data()
+    }
+
+    /// Bytes the files occupy.
+    pub(crate) fn bytes(&self) -> std::io::Result<u64> {
+        Ok(self.entries.metadata()?.len() + self.ends.metadata()?.len())
+    }
+}
+
+/// Where item `first` of a file of `width`-byte items starts; an error past `u64`.
+pub(super) fn offset(first: u64, width: u64) -> std::io::Result<u64> {
+    first
+        .checked_mul(width)
+        .ok_or_else(|| invalid("a file offset is past 2^64 bytes"))
+}
+
+/// A file shorter than `count` records (or log entries) need.
+pub(super) fn short(file: &str, count: u64) -> std::io::Error {
+    invalid(&format!("`{file}` is shorter than {count} records need"))
+}
+
+pub(super) fn invalid(what: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, what)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_read_back_and_rewrite_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = Records::open(dir.path(), 1 << 10).unwrap();
+        let all: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; usize::from(i) * 3]).collect();
+        let batches: Vec<Vec<(u64, &[u8])>> = [0..1, 1..7, 7..8, 8..20]
+            .into_iter()
+            .map(|r| r.map(|i| (i as u64, all[i].as_slice())).collect())
+            .collect();
+        for batch in &batches {
+            records.write(batch).unwrap();
+        }
+        let read_all = || ["entries", "ends"].map(|f| std::fs::read(dir.path().join(f)));
+        let written = read_all().map(Result::unwrap);
+        for batch in &batches {
+            records.write(batch).unwrap();
+        }
+        assert_eq!(read_all().map(Result::unwrap), written);
+        for (i, record) in all.iter().enumerate() {
+            assert_eq!(&records.get(i as u64).unwrap(), record, "record {i}");
+        }
+        records.check_holds(20).unwrap();
+        assert!(records.check_holds(21).is_err());
+        // Each file at its exact length holds the records; one byte less does not.
+        for (file, written) in [&records.entries, &records.ends].iter().zip(&written) {
+            file.set_len(written.len() as u64 - 1).unwrap();
+            assert!(records.check_holds(20).is_err());
+            file.write_all_at(&written[written.len() - 1..], written.len() as u64 - 1)
+                .unwrap();
+            records.check_holds(20).unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_writes_and_a_damaged_ends_file_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = Records::open(dir.path(), 4).unwrap();
+        let gap: Vec<(u64, &[u8])> = vec![(0, b"a"), (2, b"b")];
+        assert!(records.write(&gap).is_err());
+        records.write(&[(0, b"abc"), (1, b"de")]).unwrap();
+        let kind = |e: std::io::Error| e.kind();
+        // Record 1 claims to end before it starts.
+        records.ends.write_all_at(&1u64.to_be_bytes(), 8).unwrap();
+        assert_eq!(
+            records.get(1).map_err(kind),
+            Err(std::io::ErrorKind::InvalidData)
+        );
+        // Record 1 claims to be longer than the longest record.
+        records.ends.write_all_at(&8u64.to_be_bytes(), 8).unwrap();
+        assert_eq!(
+            records.get(1).map_err(kind),
+            Err(std::io::ErrorKind::InvalidData)
+        );
+        // Record 1 claims to end past `entries`: the next append would leave a hole.
+        records.ends.write_all_at(&9u64.to_be_bytes(), 8).unwrap();
+        assert_eq!(
+            records.write(&[(2, b"f")]).map_err(kind),
+            Err(std::io::ErrorKind::InvalidData)
+        );
+        // A number whose offset passes 2^64 bytes.
+        assert_eq!(
+            records.write(&[(u64::MAX / 4, b"g")]).map_err(kind),
+            Err(std::io::ErrorKind::InvalidData)
+        );
+        assert_eq!(
+            records.get(u64::MAX / 4).map_err(kind),
+            Err(std::io::ErrorKind::InvalidData)
+        );
+    }
+}
