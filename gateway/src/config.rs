@@ -31,7 +31,7 @@
 //! [limits]                                         # all optional
 //! max_ciphertext_bytes = 4194304
 //! queue_quota_bytes = 10737418240
-//! store_cache_bytes = 33554432
+//! store_cache_bytes = 16777216
 //!
 //! [log]                                            # optional
 //! checkpoint_interval_ms = 1000                    # publish and have peers cosign this often
@@ -122,7 +122,7 @@ impl Default for Limits {
         Self {
             max_ciphertext_bytes: 4 << 20,
             queue_quota_bytes: 10 << 30,
-            store_cache_bytes: 32 << 20,
+            store_cache_bytes: 16 << 20,
             max_attachment_bytes: 256 << 20,
             attachment_quota_bytes: 8 << 30,
         }
