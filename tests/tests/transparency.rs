@@ -283,6 +283,58 @@ async fn a_log_rewritten_behind_the_gateways_back_is_caught_by_its_peer() {
     net.shutdown().await;
 }
 
+/// A log shorter than its last signed checkpoint (a store restored from an older backup, or
+/// a damaged size), or a last checkpoint that no longer reads, is never signed over: either
+/// would move the signed log back or fork it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_behind_its_last_checkpoint_is_not_signed() {
+    use accord_gateway::store::{Op, Store, Tx};
+    let mut net = net().await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let to = net.org_id("kh", "ahtd").unwrap();
+    c02.send(&to, &alert("one"), &SendOptions::new("L6"))
+        .await
+        .unwrap();
+    let auditor = net.client("vn", "inspectorate").await.unwrap();
+    let (_, cp) = cosigned_checkpoint(&auditor, "vn", "kh", 2).await;
+    drop((c02, auditor));
+    let dir = net.data_dir("vn").unwrap();
+    for (latest, note) in [(cp.size + 100, true), (cp.size, false)] {
+        net.stop_gateway("vn").await.unwrap();
+        {
+            let store = accord_gateway::store::sled::SledStore::open(&dir, 1 << 20).unwrap();
+            let mut ops = vec![Op::PutMeta(
+                "checkpoint/latest".into(),
+                latest.to_be_bytes().to_vec(),
+            )];
+            if !note {
+                // The latest checkpoint's note damaged (emptied); the log has grown past it.
+                ops.push(Op::PutMeta(format!("checkpoint/{latest}"), Vec::new()));
+                ops.push(Op::Log(b"an entry after the lost checkpoint".to_vec()));
+            }
+            store
+                .commit(Tx {
+                    ops,
+                    receipts: None,
+                })
+                .await
+                .unwrap();
+        }
+        net.start_gateway("vn").await.unwrap();
+        let auditor = net.client("vn", "inspectorate").await.unwrap();
+        let err = auditor
+            .audit()
+            .get_checkpoint(pb::GetCheckpointRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Internal, "latest {latest}: {err}");
+        let vn = net.gateway("vn").unwrap().pipeline.clone();
+        let stored = vn.store.meta("checkpoint/latest").unwrap().unwrap();
+        assert_eq!(stored, latest.to_be_bytes(), "a checkpoint was signed");
+    }
+    net.shutdown().await;
+}
+
 /// A tree node changed on disk under a signed checkpoint (a damaged disk: the log's files
 /// carry no checksums) stops the gateway signing: a new checkpoint would not extend the
 /// old one, and peers and auditors would see a forked log.
