@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use accord_client::org::{OrgClient, SendOptions};
+use accord_gateway::store::{Op, Store, Tx};
 use accord_proto::merkle::{self, MemoryTree};
 use accord_proto::note::{self, Checkpoint, CosignatureVerifier, NoteVerifier};
 use accord_proto::pb;
@@ -241,21 +242,11 @@ async fn a_log_rewritten_behind_the_gateways_back_is_caught_by_its_peer() {
         db.insert(b"slog", &0u64.to_be_bytes()[..]).unwrap();
         db.flush().unwrap();
     }
-    {
-        use accord_gateway::store::{Op, Store, Tx};
-        // The open waits for the lock the drop above lets go of.
-        let store = accord_gateway::store::sled::SledStore::open(&dir, 1 << 20).unwrap();
-        let ops = (0..cp.size + 2)
-            .map(|i| Op::Log(format!("forged {i}").into_bytes()))
-            .collect();
-        store
-            .commit(Tx {
-                ops,
-                receipts: None,
-            })
-            .await
-            .unwrap();
-    }
+    // The store's open waits for the lock the drop above lets go of.
+    let forged = (0..cp.size + 2)
+        .map(|i| Op::Log(format!("forged {i}").into_bytes()))
+        .collect();
+    commit_to_stopped_vn(&net, forged).await;
     net.start_gateway("vn").await.unwrap();
     let kh = net.gateway("kh").unwrap().pipeline.clone();
     for _ in 0..200 {
@@ -283,54 +274,81 @@ async fn a_log_rewritten_behind_the_gateways_back_is_caught_by_its_peer() {
     net.shutdown().await;
 }
 
-/// A log shorter than its last signed checkpoint (a store restored from an older backup, or
-/// a damaged size), or a last checkpoint that no longer reads, is never signed over: either
-/// would move the signed log back or fork it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_log_behind_its_last_checkpoint_is_not_signed() {
-    use accord_gateway::store::{Op, Store, Tx};
-    let mut net = net().await;
+/// Sends one alert from VN's c02 to KH's ahtd.
+async fn send_one_alert(net: &TestNet) {
     let mut c02 = net.client("vn", "c02").await.unwrap();
     let to = net.org_id("kh", "ahtd").unwrap();
-    c02.send(&to, &alert("one"), &SendOptions::new("L6"))
+    c02.send(&to, &alert("one"), &SendOptions::new("L5"))
         .await
         .unwrap();
+}
+
+/// Sends one alert from VN to KH and waits for a VN checkpoint cosigned by KH that covers
+/// it; returns that checkpoint, note and parsed.
+async fn one_exchange_cosigned(net: &TestNet) -> (String, Checkpoint) {
+    send_one_alert(net).await;
     let auditor = net.client("vn", "inspectorate").await.unwrap();
-    let (_, cp) = cosigned_checkpoint(&auditor, "vn", "kh", 2).await;
-    drop((c02, auditor));
+    cosigned_checkpoint(&auditor, "vn", "kh", 2).await
+}
+
+/// The stopped VN gateway's store, opened by the test.
+fn vn_store(net: &TestNet) -> accord_gateway::store::sled::SledStore {
     let dir = net.data_dir("vn").unwrap();
-    for (latest, note) in [(cp.size + 100, true), (cp.size, false)] {
+    accord_gateway::store::sled::SledStore::open(&dir, 1 << 20).unwrap()
+}
+
+/// Commits `ops` in one transaction to the stopped VN gateway's store.
+async fn commit_to_stopped_vn(net: &TestNet, ops: Vec<Op>) {
+    let store = vn_store(net);
+    let tx = Tx {
+        ops,
+        receipts: None,
+    };
+    store.commit(tx).await.unwrap();
+}
+
+/// VN refuses to publish a checkpoint, and its last signed one is still `signed`.
+async fn assert_no_checkpoint_signed(net: &TestNet, signed: u64) {
+    let auditor = net.client("vn", "inspectorate").await.unwrap();
+    let err = auditor
+        .audit()
+        .get_checkpoint(pb::GetCheckpointRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Internal, "latest {signed}: {err}");
+    let vn = net.gateway("vn").unwrap().pipeline.clone();
+    let stored = vn.store.meta("checkpoint/latest").unwrap().unwrap();
+    assert_eq!(stored, signed.to_be_bytes(), "a checkpoint was signed");
+}
+
+/// A log shorter than its last signed checkpoint (a store restored from an older backup, or
+/// a damaged size), or a last checkpoint that no longer reads or is of another size, is
+/// never signed over: each would move the signed log back or fork it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_behind_its_last_checkpoint_is_not_signed() {
+    let mut net = net().await;
+    let (note, cp) = one_exchange_cosigned(&net).await;
+    // (checkpoint/latest, the note stored under it, whether the log grows past it)
+    let cases = [
+        (cp.size + 100, None, false),
+        (cp.size, Some(Vec::new()), true),
+        (cp.size - 1, Some(note.into_bytes()), false),
+    ];
+    for (latest, stored_note, grow) in cases {
         net.stop_gateway("vn").await.unwrap();
-        {
-            let store = accord_gateway::store::sled::SledStore::open(&dir, 1 << 20).unwrap();
-            let mut ops = vec![Op::PutMeta(
-                "checkpoint/latest".into(),
-                latest.to_be_bytes().to_vec(),
-            )];
-            if !note {
-                // The latest checkpoint's note damaged (emptied); the log has grown past it.
-                ops.push(Op::PutMeta(format!("checkpoint/{latest}"), Vec::new()));
-                ops.push(Op::Log(b"an entry after the lost checkpoint".to_vec()));
-            }
-            store
-                .commit(Tx {
-                    ops,
-                    receipts: None,
-                })
-                .await
-                .unwrap();
+        let mut ops = vec![Op::PutMeta(
+            "checkpoint/latest".into(),
+            latest.to_be_bytes().to_vec(),
+        )];
+        if let Some(text) = stored_note {
+            ops.push(Op::PutMeta(format!("checkpoint/{latest}"), text));
         }
+        if grow {
+            ops.push(Op::Log(b"an entry after the damaged checkpoint".to_vec()));
+        }
+        commit_to_stopped_vn(&net, ops).await;
         net.start_gateway("vn").await.unwrap();
-        let auditor = net.client("vn", "inspectorate").await.unwrap();
-        let err = auditor
-            .audit()
-            .get_checkpoint(pb::GetCheckpointRequest {})
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Internal, "latest {latest}: {err}");
-        let vn = net.gateway("vn").unwrap().pipeline.clone();
-        let stored = vn.store.meta("checkpoint/latest").unwrap().unwrap();
-        assert_eq!(stored, latest.to_be_bytes(), "a checkpoint was signed");
+        assert_no_checkpoint_signed(&net, latest).await;
     }
     net.shutdown().await;
 }
@@ -341,21 +359,12 @@ async fn a_log_behind_its_last_checkpoint_is_not_signed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_tree_node_stops_the_gateway_signing_checkpoints() {
     let mut net = net().await;
-    let to = net.org_id("kh", "ahtd").unwrap();
-    let mut c02 = net.client("vn", "c02").await.unwrap();
-    c02.send(&to, &alert("before"), &SendOptions::new("L5"))
-        .await
-        .unwrap();
-    let auditor = net.client("vn", "inspectorate").await.unwrap();
-    cosigned_checkpoint(&auditor, "vn", "kh", 2).await;
-    drop((c02, auditor));
+    one_exchange_cosigned(&net).await;
     net.stop_gateway("vn").await.unwrap();
 
     // The newest checkpoint signed (maybe newer than the one above), and the log's size.
-    let dir = net.data_dir("vn").unwrap();
     let (signed, size) = {
-        use accord_gateway::store::Store;
-        let store = accord_gateway::store::sled::SledStore::open(&dir, 1 << 20).unwrap();
+        let store = vn_store(&net);
         let latest = store.meta("checkpoint/latest").unwrap().unwrap();
         let latest = u64::from_be_bytes(latest.try_into().unwrap());
         (latest, store.log_size().unwrap())
@@ -375,30 +384,15 @@ async fn a_damaged_tree_node_stops_the_gateway_signing_checkpoints() {
     }
     let last = start + (1u64 << level) - 1;
     let position = 2 * last - u64::from(last.count_ones()) + level;
-    let nodes = dir.join("log").join("nodes");
+    let nodes = net.data_dir("vn").unwrap().join("log").join("nodes");
     let mut bytes = std::fs::read(&nodes).unwrap();
     bytes[(position * 32) as usize] ^= 0x01;
     std::fs::write(&nodes, bytes).unwrap();
 
     net.start_gateway("vn").await.unwrap();
-    let mut c02 = net.client("vn", "c02").await.unwrap();
-    c02.send(&to, &alert("after"), &SendOptions::new("L5"))
-        .await
-        .unwrap();
-    let auditor = net.client("vn", "inspectorate").await.unwrap();
-    let err = auditor
-        .audit()
-        .get_checkpoint(pb::GetCheckpointRequest {})
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Internal, "{err}");
-    let vn = net.gateway("vn").unwrap().pipeline.clone();
-    let latest = vn.store.meta("checkpoint/latest").unwrap().unwrap();
-    assert_eq!(
-        latest,
-        signed.to_be_bytes(),
-        "a checkpoint was signed after the damage"
-    );
+    // The log grows past the checkpoint, so the next one must extend it.
+    send_one_alert(&net).await;
+    assert_no_checkpoint_signed(&net, signed).await;
     net.shutdown().await;
 }
 

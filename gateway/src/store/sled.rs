@@ -253,12 +253,7 @@ fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
             .flush_every_ms(None)
             .open()
         {
-            // sled 0.34 reports a held lock only in the message of an `Other` I/O error,
-            // which holds the `Debug` form of flock's error.
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && e.to_string().contains("WouldBlock") =>
-            {
+            Err(sled::Error::Io(e)) if lock_held(&e) => {
                 if started.elapsed() >= LOCK_WAIT {
                     return Err(StoreError::InUse(path.to_owned()));
                 }
@@ -348,6 +343,13 @@ fn apply(db: &sled::Db, log: &LogFiles, group: &WalGroup) -> Result<(), StoreErr
         }
     }
     Ok(log.write(&entries, &mut nodes)?)
+}
+
+/// Whether sled failed to open because another open file holds its lock: sled 0.34 says so
+/// only in the message of an `Other` I/O error, which holds the `Debug` form of flock's.
+fn lock_held(e: &std::io::Error) -> bool {
+    let message = e.to_string();
+    message.contains("could not acquire lock") && message.contains("WouldBlock")
 }
 
 /// A read of the log's files that failed: damaged or cut-short files are corruption, any
