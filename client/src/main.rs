@@ -1,4 +1,5 @@
 //! `accord`: the command-line client. One library call per subcommand.
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use accord_client::org::{furthest_stage, now_ms, GatewayAddress, OrgClient, SendOptions};
@@ -482,6 +483,8 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a gateway run by `accord bench` logs to a file.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
