@@ -17,6 +17,22 @@ use crate::config::ForwarderConfig;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::store::{Op, Queue, QueueEntry, QueueKey, StoreError, StoredMessage, Tx};
 
+/// An outbox entry in a batch on its way to the peer, kept to settle it on the answer.
+struct Sent {
+    key: QueueKey,
+    entry: QueueEntry,
+    id: MessageId,
+    /// Set when the entry is an envelope (not a receipt travelling back).
+    envelope: Option<SentEnvelope>,
+}
+
+/// What settling a sent envelope needs of its stored message, read once per batch.
+struct SentEnvelope {
+    hash: Vec<u8>,
+    /// Its header lists attachments: their chunks go once the peer has it.
+    attached: bool,
+}
+
 /// Why a batch could not be delivered; decides how the forwarder retries.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -121,7 +137,7 @@ async fn drain_once(
         return Ok(0);
     }
     let now = pipeline.now();
-    let mut sent = Vec::new();
+    let mut sent: Vec<Sent> = Vec::new();
     let mut items = Vec::new();
     for (key, entry) in entries {
         if items.len() == cfg.batch {
@@ -129,11 +145,12 @@ async fn drain_once(
         }
         let id = MessageId::from_slice(&entry.message_id)
             .map_err(|_| StoreError::Corrupt("outbox entry".into()))?;
+        let mut envelope = None;
         let item = match &entry.receipt {
             Some(r) => pb::peer_item::Item::Receipt(r.clone()),
             None => {
                 let msg = pipeline.store.message(&id)?;
-                let Some(msg) = msg else {
+                let Some(mut msg) = msg else {
                     settle(pipeline, key, &entry, vec![]).await?;
                     progressed = true;
                     continue;
@@ -149,12 +166,24 @@ async fn drain_once(
                 if pushes.holds_back(&msg.envelope_hash) {
                     continue;
                 }
-                let Some(env) = msg.envelope else { continue };
+                let attached = msg.lists_attachments();
+                let Some(env) = msg.envelope.take() else {
+                    continue;
+                };
+                envelope = Some(SentEnvelope {
+                    hash: msg.envelope_hash,
+                    attached,
+                });
                 pb::peer_item::Item::Envelope(env)
             }
         };
         items.push(pb::PeerItem { item: Some(item) });
-        sent.push((key, entry, id));
+        sent.push(Sent {
+            key,
+            entry,
+            id,
+            envelope,
+        });
     }
     if items.is_empty() {
         return Ok(usize::from(progressed));
@@ -187,7 +216,16 @@ async fn drain_once(
     // Envelopes whose delivery through this gateway ended: their chunks go after the commit.
     let mut ended = Vec::new();
     let mut fault = None;
-    for ((key, entry, id), result) in sent.into_iter().zip(response.results) {
+    for (
+        Sent {
+            key,
+            entry,
+            id,
+            envelope,
+        },
+        result,
+    ) in sent.into_iter().zip(response.results)
+    {
         if !result.retry_reason.is_empty() {
             tracing::info!(peer = %peer, message_id = %id, reason = %result.retry_reason, "peer asks to retry");
             if result.retry_reason == crate::transfer::CHUNKS_MISSING && entry.receipt.is_none() {
@@ -196,7 +234,7 @@ async fn drain_once(
             continue;
         }
         let mut ops = vec![];
-        if entry.receipt.is_none() {
+        if let Some(envelope) = envelope {
             let Some(r) = result.receipt else {
                 // Refused without a receipt: the sender must still learn how it ended.
                 tracing::error!(peer = %peer, message_id = %id, "peer refused an envelope without a receipt");
@@ -209,14 +247,14 @@ async fn drain_once(
                     .retire(id, &msg, pb::RejectReason::RefusedByPeer, dequeue)
                     .map_err(|e| ForwardError::Store(StoreError::Engine(e.to_string())))?;
                 pipeline.store.commit(tx).await?;
-                drop_attachments(pipeline, &msg.envelope_hash).await;
+                pipeline.drop_attachments_of(&msg).await;
                 pushes.forget(&msg.envelope_hash);
                 settled += 1;
                 continue;
             };
-            match check_peer_receipt(pipeline, peer, &id, &r) {
+            match check_peer_receipt(pipeline, peer, &id, &envelope.hash, &r) {
                 Ok((event, v)) => {
-                    ended.push(v.envelope_hash);
+                    ended.push((v.envelope_hash, envelope.attached));
                     ops.push(Op::PutReceipt(id, r.clone()));
                     ops.push(Op::Log(
                         pb::LogEntry {
@@ -255,8 +293,10 @@ async fn drain_once(
             })
             .await?;
     }
-    for hash in ended {
-        pipeline.drop_attachments(hash).await;
+    for (hash, attached) in ended {
+        if attached {
+            pipeline.drop_attachments(hash).await;
+        }
         pushes.forget(&hash.0);
     }
     match fault {
@@ -265,18 +305,16 @@ async fn drain_once(
     }
 }
 
+/// Checks the peer's answer for an envelope this gateway sent with hash `sent_hash`.
 fn check_peer_receipt(
     pipeline: &Pipeline,
     peer: &SpiffeId,
     id: &MessageId,
+    sent_hash: &[u8],
     r: &pb::Receipt,
 ) -> Result<(LogEvent, receipt::VerifiedReceipt), PipelineError> {
     let v = receipt::verify(r, &pipeline.directories())?;
-    let stored = pipeline.store.message(id)?.ok_or(PipelineError::NotFound)?;
-    if &v.signer != peer
-        || v.message_id != *id
-        || v.envelope_hash.0 != stored.envelope_hash.as_slice()
-    {
+    if &v.signer != peer || v.message_id != *id || v.envelope_hash.0 != sent_hash {
         return Err(PipelineError::BadReceipt(
             "receipt does not name this message and peer".into(),
         ));
@@ -343,14 +381,8 @@ async fn expire_unsent(
         .map_err(|e| ForwardError::Store(StoreError::Engine(e.to_string())))?;
     pipeline.store.commit(tx).await?;
     tracing::info!(message_id = %id, "expired before forwarding");
-    drop_attachments(pipeline, &msg.envelope_hash).await;
+    pipeline.drop_attachments_of(msg).await;
     Ok(())
-}
-
-async fn drop_attachments(pipeline: &Pipeline, hash: &[u8]) {
-    if let Ok(hash) = EnvelopeHash::from_slice(hash) {
-        pipeline.drop_attachments(hash).await;
-    }
 }
 
 /// Attachment pushes towards one peer. Each runs in its own task, two at a time, so a large

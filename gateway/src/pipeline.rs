@@ -963,7 +963,7 @@ impl Pipeline {
             })
             .await?;
         tracing::info!(message_id = %v.message_id, stage = ?v.stage(), "delivery ended by the recipient");
-        self.drop_attachments(v.envelope_hash).await;
+        self.drop_attachments_of(&stored).await;
         if remote {
             self.signals.wake(&Self::outbox_key(sender.country()));
         }
@@ -1059,9 +1059,7 @@ impl Pipeline {
         let tx = self.retire(id, msg, RejectReason::Expired, dequeue)?;
         self.store.commit(tx).await?;
         tracing::info!(message_id = %id, "expired before delivery");
-        if let Ok(hash) = EnvelopeHash::from_slice(&msg.envelope_hash) {
-            self.drop_attachments(hash).await;
-        }
+        self.drop_attachments_of(msg).await;
         // The rejected receipt waits in the outbox towards the sender's country.
         if let Ok(sender) = msg.sender_org.parse::<OrgId>() {
             self.signals.wake(&Self::outbox_key(sender.country()));

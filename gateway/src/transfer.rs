@@ -19,7 +19,7 @@ use accord_proto::pb::{self, RejectReason};
 
 use crate::attachments::{ChunkError, ChunkStore, Staged};
 use crate::pipeline::{Pipeline, PipelineError};
-use crate::store::StoreError;
+use crate::store::{StoreError, StoredMessage};
 
 /// Who uploads or asks: an organisation of this country, or a peer gateway.
 #[derive(Clone, Copy, Debug)]
@@ -125,6 +125,18 @@ impl Pipeline {
         let (hash, digests) = (env.hash(), env.attachments().to_vec());
         let complete = blocking(&self.chunks, move |c| c.complete(&hash, &digests)).await?;
         Ok(complete.then_some(ChunksKept { _gate: Some(gate) }))
+    }
+
+    /// Drops the chunks of a message whose delivery ended here, if its envelope lists any:
+    /// most list none, and they cost no trip to the blocking pool.
+    pub(crate) async fn drop_attachments_of(&self, msg: &StoredMessage) {
+        if !msg.lists_attachments() {
+            return;
+        }
+        match EnvelopeHash::from_slice(&msg.envelope_hash) {
+            Ok(hash) => self.drop_attachments(hash).await,
+            Err(_) => tracing::warn!("a stored message has a malformed envelope hash"),
+        }
     }
 
     /// Drops a message's chunks once its delivery ended here. A failure is logged, not

@@ -88,6 +88,18 @@ pub struct StoredMessage {
     pub expires_at_ms: i64,
 }
 
+impl StoredMessage {
+    /// Whether the envelope's signed header lists attachments. Chunks are only ever taken
+    /// for an attachment the header lists, so a message for which this is false has none
+    /// here. True when the header cannot be read: then only a look at the disk tells.
+    pub fn lists_attachments(&self) -> bool {
+        use prost::Message as _;
+        self.envelope.as_ref().is_none_or(|env| {
+            pb::Header::decode(env.header.as_slice()).map_or(true, |h| !h.attachments.is_empty())
+        })
+    }
+}
+
 /// One change inside a transaction.
 #[derive(Debug)]
 pub enum Op {
@@ -169,3 +181,44 @@ pub trait Store: Send + Sync + 'static {
 
 #[cfg(test)]
 pub(crate) mod conformance;
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    fn with_header(header: Vec<u8>) -> StoredMessage {
+        StoredMessage {
+            envelope: Some(pb::Envelope {
+                header,
+                ciphertext: vec![1; 16],
+                signature: vec![2; 64],
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_a_header_that_lists_no_attachments_says_there_are_none() {
+        let plain = pb::Header {
+            message_id: vec![7; 16],
+            ..Default::default()
+        };
+        assert!(!with_header(plain.encode_to_vec()).lists_attachments());
+
+        let attached = pb::Header {
+            attachments: vec![pb::AttachmentDigest {
+                size: 1,
+                chunk_size: 65536,
+                chunks_root: vec![3; 32],
+            }],
+            ..plain
+        };
+        assert!(with_header(attached.encode_to_vec()).lists_attachments());
+
+        // Whatever cannot be read is assumed to have chunks: the disk is looked at.
+        assert!(with_header(vec![0xff; 9]).lists_attachments());
+        assert!(StoredMessage::default().lists_attachments());
+    }
+}
