@@ -791,12 +791,13 @@ impl Pipeline {
                 v.signer
             )));
         }
-        if self.store.receipts(&v.message_id)?.contains(r) {
+        let held = self.store.receipts(&v.message_id)?;
+        if held.contains(r) {
             return Ok(()); // a resent receipt: stored and logged once
         }
         // A delivery ends once: a second, different ending (a refusal after a delivery, say)
         // is refused rather than stored beside the first.
-        if let Some(ended) = self.final_stage(&v.message_id, &stored)? {
+        if let Some(ended) = final_stage(&held, &stored) {
             return Err(PipelineError::BadReceipt(format!(
                 "the message's delivery already ended as {ended:?}"
             )));
@@ -813,26 +814,6 @@ impl Pipeline {
             .await?;
         tracing::info!(message_id = %v.message_id, stage = ?v.stage(), "receipt from peer stored");
         Ok(())
-    }
-
-    /// How the message's delivery ended, if it did: DELIVERED or REJECTED.
-    fn final_stage(
-        &self,
-        id: &MessageId,
-        stored: &StoredMessage,
-    ) -> Result<Option<Stage>, PipelineError> {
-        for r in self.store.receipts(id)? {
-            let Ok(body) = pb::ReceiptBody::decode(r.body.as_slice()) else {
-                continue;
-            };
-            if body.envelope_hash != stored.envelope_hash {
-                continue;
-            }
-            if let Ok(s @ (Stage::Delivered | Stage::Rejected)) = pb::Stage::try_from(body.stage) {
-                return Ok(Some(s));
-            }
-        }
-        Ok(None)
     }
 
     /// The role policy's verdict on `env`, from both organisations' directory entries.
@@ -914,7 +895,7 @@ impl Pipeline {
                 "envelope hash does not match the message".into(),
             ));
         }
-        match self.final_stage(&v.message_id, &stored)? {
+        match final_stage(&self.store.receipts(&v.message_id)?, &stored) {
             // Acknowledged before the same way: nothing to redo.
             Some(s) if s == v.stage() => return Ok(()),
             Some(s) => {
@@ -1134,6 +1115,21 @@ impl Pipeline {
             receipts: self.store.receipts(id)?,
         })
     }
+}
+
+/// How the message's delivery ended, if one of its receipts `held` says so: DELIVERED or
+/// REJECTED.
+fn final_stage(held: &[pb::Receipt], stored: &StoredMessage) -> Option<Stage> {
+    held.iter().find_map(|r| {
+        let body = pb::ReceiptBody::decode(r.body.as_slice()).ok()?;
+        if body.envelope_hash != stored.envelope_hash {
+            return None;
+        }
+        match pb::Stage::try_from(body.stage) {
+            Ok(s @ (Stage::Delivered | Stage::Rejected)) => Some(s),
+            _ => None,
+        }
+    })
 }
 
 fn stored(env: &VerifiedEnvelope, now: i64) -> StoredMessage {

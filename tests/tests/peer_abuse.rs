@@ -18,6 +18,33 @@ const WITH_DOMESTIC: &str = concat!(
     "\n[[allow]]\nfrom = \"focal_point\"\nto = [\"focal_point\"]\nkinds = [\"*\"]\nscope = \"domestic\"\n"
 );
 
+/// A REJECTED (expired) receipt about `id`, genuinely signed by KH's gateway key.
+fn rejected_by_kh_gateway(
+    net: &TestNet,
+    id: &accord_proto::ids::MessageId,
+    hash: &accord_proto::ids::EnvelopeHash,
+) -> pb::Receipt {
+    let kh_keys =
+        accord_gateway::server::load_key_file(&net.root().join("pki/kh/gateway/keys.json"))
+            .unwrap();
+    accord_proto::receipt::sign(
+        &pb::ReceiptBody {
+            envelope_hash: hash.0.to_vec(),
+            message_id: id.as_bytes().to_vec(),
+            stage: Stage::Rejected as i32,
+            signer: "spiffe://kh.accord/gateway/phnom-penh".into(),
+            signer_key_id: kh_keys.signing.key_id().into(),
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64,
+            log_index: 0,
+            reason: pb::RejectReason::Expired as i32,
+        },
+        &kh_keys.signing,
+    )
+}
+
 async fn net() -> TestNet {
     TestNet::builder()
         .policy("vn", WITH_DOMESTIC)
@@ -46,25 +73,7 @@ async fn a_peer_cannot_inject_receipts_for_messages_it_never_handled_nor_replay_
     let got = accord_tests::fetch_n(&mut hotline, 1).await.unwrap();
     let delivered = hotline.ack(&got[0]).await.unwrap();
     // A REJECTED receipt genuinely signed by KH's gateway key, about that VN-internal message.
-    let kh_keys =
-        accord_gateway::server::load_key_file(&net.root().join("pki/kh/gateway/keys.json"))
-            .unwrap();
-    let forged_rejection = accord_proto::receipt::sign(
-        &pb::ReceiptBody {
-            envelope_hash: local.hash.0.to_vec(),
-            message_id: local.id.as_bytes().to_vec(),
-            stage: Stage::Rejected as i32,
-            signer: "spiffe://kh.accord/gateway/phnom-penh".into(),
-            signer_key_id: kh_keys.signing.key_id().into(),
-            at_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis() as i64,
-            log_index: 0,
-            reason: pb::RejectReason::Expired as i32,
-        },
-        &kh_keys.signing,
-    );
+    let forged_rejection = rejected_by_kh_gateway(&net, &local.id, &local.hash);
     let mut kh = accord_tests::peer_link_as(&net, "kh", "vn").unwrap();
     let vn = net.gateway("vn").unwrap().pipeline.clone();
     let before = vn.store.log_size().unwrap();
@@ -103,7 +112,7 @@ async fn a_peer_cannot_inject_receipts_for_messages_it_never_handled_nor_replay_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resent_delivered_receipt_is_stored_and_logged_once() {
+async fn a_resent_delivered_receipt_is_stored_and_logged_once_and_a_second_ending_is_refused() {
     let net = net().await;
     let mut c02 = net.client("vn", "c02").await.unwrap();
     let mut ahtd = net.client("kh", "ahtd").await.unwrap();
@@ -138,6 +147,18 @@ async fn a_resent_delivered_receipt_is_stored_and_logged_once() {
         .await
         .unwrap();
     }
+    // KH's gateway, which did receive the message, now says it expired: a delivery ends
+    // once, so VN refuses this second ending and neither stores nor logs it.
+    // (The peer link answers a refused receipt as it answers a stored one; the log and
+    // the chain below tell them apart.)
+    let late = rejected_by_kh_gateway(&net, &sent.id, &sent.hash);
+    kh.deliver(pb::DeliverRequest {
+        items: vec![pb::PeerItem {
+            item: Some(pb::peer_item::Item::Receipt(late)),
+        }],
+    })
+    .await
+    .unwrap();
     assert_eq!(
         vn.store.message_events(&sent.id).unwrap().len(),
         events_before
@@ -149,6 +170,10 @@ async fn a_resent_delivered_receipt_is_stored_and_logged_once() {
             .filter(|r| r.stage() == Stage::Delivered)
             .count(),
         1
+    );
+    assert!(
+        chain.iter().all(|r| r.stage() != Stage::Rejected),
+        "a second ending joined the chain"
     );
     net.shutdown().await;
 }
