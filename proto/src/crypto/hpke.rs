@@ -135,6 +135,9 @@ fn extract_and_expand(
 /// A recipient's X25519 private key. Zeroized on drop; `Debug` shows only the public key.
 pub struct RecipientKey {
     secret: StaticSecret,
+    /// pkRm, computed once: every open needs it for the KEM context, and deriving it is a
+    /// scalar multiplication.
+    public: [u8; 32],
 }
 
 impl RecipientKey {
@@ -143,7 +146,8 @@ impl RecipientKey {
         let secret = StaticSecret::from(sk);
         // `sk` is a copy owned by this frame; don't leave it behind.
         sk.zeroize();
-        Self { secret }
+        let public = PublicKey::from(&secret).to_bytes();
+        Self { secret, public }
     }
 
     /// RFC 9180 §7.1.3 DeriveKeyPair for X25519.
@@ -158,7 +162,7 @@ impl RecipientKey {
 
     /// The X25519 public key (pkRm, SerializePublicKey of §7.1.1).
     pub fn public_key(&self) -> [u8; 32] {
-        PublicKey::from(&self.secret).to_bytes()
+        self.public
     }
 
     /// Raw secret for writing to a key file.
