@@ -26,7 +26,8 @@ struct Sent {
     envelope: Option<SentEnvelope>,
 }
 
-/// What settling a sent envelope needs of its stored message, read once per batch.
+/// What settling a sent envelope needs of its stored message, kept from the read that sent
+/// it.
 struct SentEnvelope {
     hash: Vec<u8>,
     /// Its header lists attachments: their chunks go once the peer has it.

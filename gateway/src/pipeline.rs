@@ -60,6 +60,10 @@ pub enum PipelineError {
     /// (a peer gateway pushes them), then submits (delivers) again.
     #[error("{}", crate::transfer::CHUNKS_MISSING)]
     ChunksMissing,
+    /// Another ending of the same message (an ack, an expiry, a receipt from the peer) is
+    /// being committed: retry once it is, and this one is checked against it.
+    #[error("another ending of this message is being committed; retry")]
+    EndingInProgress,
     /// A peer needed for the answer could not be reached; retry later.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -155,8 +159,9 @@ pub struct Pipeline {
     pub witness_lock: tokio::sync::Mutex<()>,
     /// How many inconsistent peer checkpoints this gateway refused.
     pub witness_alarms: std::sync::atomic::AtomicU64,
-    /// Messages whose ending (delivered, or refused by the recipient) is being committed:
-    /// one at a time per message, so a message never ends twice.
+    /// Messages whose ending (an ack, an expiry in the inbox, a delivered or rejected
+    /// receipt from the peer) is being committed: one at a time per message, so that each
+    /// is decided against the one before and a message never ends twice.
     pub endings_in_flight: Mutex<std::collections::HashSet<MessageId>>,
     /// Peer links, for requests that need a peer's answer (evidence).
     pub peer_clients: HashMap<
@@ -195,9 +200,16 @@ struct EndingGuard<'a> {
 }
 
 impl<'a> EndingGuard<'a> {
-    fn take(set: &'a Mutex<std::collections::HashSet<MessageId>>, id: MessageId) -> Option<Self> {
+    fn take(
+        set: &'a Mutex<std::collections::HashSet<MessageId>>,
+        id: MessageId,
+    ) -> Result<Self, PipelineError> {
         let fresh = set.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
-        fresh.then_some(Self { set, id })
+        if fresh {
+            Ok(Self { set, id })
+        } else {
+            Err(PipelineError::EndingInProgress)
+        }
     }
 }
 
@@ -791,6 +803,9 @@ impl Pipeline {
                 v.signer
             )));
         }
+        // Read the ending, decide, commit: one ending of a message at a time (items of one
+        // batch are handled concurrently, and KH may expire what its recipient acks).
+        let _ending = EndingGuard::take(&self.endings_in_flight, v.message_id)?;
         let held = self.store.receipts(&v.message_id)?;
         if held.contains(r) {
             return Ok(()); // a resent receipt: stored and logged once
@@ -876,13 +891,8 @@ impl Pipeline {
                 "only the recipient's own delivered receipt, or its refusal, acknowledges".into(),
             ));
         }
-        // Read the ending, decide, commit: one ack of a message at a time.
-        let _ending =
-            EndingGuard::take(&self.endings_in_flight, v.message_id).ok_or_else(|| {
-                PipelineError::FailedPrecondition(
-                    "another acknowledgement of this message is being committed; retry".into(),
-                )
-            })?;
+        // Read the ending, decide, commit: one ending of a message at a time.
+        let _ending = EndingGuard::take(&self.endings_in_flight, v.message_id)?;
         let stored = self
             .store
             .message(&v.message_id)?
@@ -1036,6 +1046,14 @@ impl Pipeline {
         id: MessageId,
         msg: &StoredMessage,
     ) -> Result<(), PipelineError> {
+        // An ack being committed ends it first; one committed since the inbox was read
+        // ended it already. Either way it is not expired too.
+        let Ok(_ending) = EndingGuard::take(&self.endings_in_flight, id) else {
+            return Ok(());
+        };
+        if final_stage(&self.store.receipts(&id)?, msg).is_some() {
+            return Ok(());
+        }
         let dequeue = Op::RemoveMessage(Queue::Inbox(org.clone()), id);
         let tx = self.retire(id, msg, RejectReason::Expired, dequeue)?;
         self.store.commit(tx).await?;

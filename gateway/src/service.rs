@@ -62,6 +62,9 @@ impl From<PipelineError> for Status {
             ),
             PipelineError::BadRequest(m) => Status::invalid_argument(m),
             PipelineError::FailedPrecondition(m) => Status::failed_precondition(m),
+            PipelineError::EndingInProgress => Status::failed_precondition(
+                "another acknowledgement or ending of this message is being committed; retry",
+            ),
             PipelineError::Unavailable(m) => Status::unavailable(m),
             PipelineError::Store(err) => {
                 tracing::error!(error = %err, "store failure");
@@ -388,6 +391,8 @@ impl PeerLink for PeerLinkService {
                     },
                     Some(pb::peer_item::Item::Receipt(r)) => match pipeline.receive_receipt(&peer, &r).await {
                         Ok(()) => pb::PeerResult::default(),
+                        // Decided once the other ending is committed: the peer sends it again.
+                        Err(e @ PipelineError::EndingInProgress) => pb::PeerResult { receipt: None, retry_reason: e.to_string() },
                         Err(PipelineError::Store(_)) | Err(PipelineError::QuotaFull) => {
                             pb::PeerResult { receipt: None, retry_reason: "storage error".into() }
                         }

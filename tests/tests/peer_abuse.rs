@@ -18,11 +18,12 @@ const WITH_DOMESTIC: &str = concat!(
     "\n[[allow]]\nfrom = \"focal_point\"\nto = [\"focal_point\"]\nkinds = [\"*\"]\nscope = \"domestic\"\n"
 );
 
-/// A REJECTED (expired) receipt about `id`, genuinely signed by KH's gateway key.
+/// A REJECTED receipt about `id` for `reason`, genuinely signed by KH's gateway key.
 fn rejected_by_kh_gateway(
     net: &TestNet,
     id: &accord_proto::ids::MessageId,
     hash: &accord_proto::ids::EnvelopeHash,
+    reason: pb::RejectReason,
 ) -> pb::Receipt {
     let kh_keys =
         accord_gateway::server::load_key_file(&net.root().join("pki/kh/gateway/keys.json"))
@@ -39,7 +40,7 @@ fn rejected_by_kh_gateway(
                 .unwrap()
                 .as_millis() as i64,
             log_index: 0,
-            reason: pb::RejectReason::Expired as i32,
+            reason: reason as i32,
         },
         &kh_keys.signing,
     )
@@ -73,7 +74,8 @@ async fn a_peer_cannot_inject_receipts_for_messages_it_never_handled_nor_replay_
     let got = accord_tests::fetch_n(&mut hotline, 1).await.unwrap();
     let delivered = hotline.ack(&got[0]).await.unwrap();
     // A REJECTED receipt genuinely signed by KH's gateway key, about that VN-internal message.
-    let forged_rejection = rejected_by_kh_gateway(&net, &local.id, &local.hash);
+    let forged_rejection =
+        rejected_by_kh_gateway(&net, &local.id, &local.hash, pb::RejectReason::Expired);
     let mut kh = accord_tests::peer_link_as(&net, "kh", "vn").unwrap();
     let vn = net.gateway("vn").unwrap().pipeline.clone();
     let before = vn.store.log_size().unwrap();
@@ -135,6 +137,8 @@ async fn a_resent_delivered_receipt_is_stored_and_logged_once_and_a_second_endin
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let (_, chain) = c02.status(&sent.id).await.unwrap();
+    assert_eq!(furthest_stage(&chain), Stage::Delivered, "never delivered");
     let vn = net.gateway("vn").unwrap().pipeline.clone();
     let events_before = vn.store.message_events(&sent.id).unwrap().len();
     let mut kh = accord_tests::peer_link_as(&net, "kh", "vn").unwrap();
@@ -151,7 +155,7 @@ async fn a_resent_delivered_receipt_is_stored_and_logged_once_and_a_second_endin
     // once, so VN refuses this second ending and neither stores nor logs it.
     // (The peer link answers a refused receipt as it answers a stored one; the log and
     // the chain below tell them apart.)
-    let late = rejected_by_kh_gateway(&net, &sent.id, &sent.hash);
+    let late = rejected_by_kh_gateway(&net, &sent.id, &sent.hash, pb::RejectReason::Expired);
     kh.deliver(pb::DeliverRequest {
         items: vec![pb::PeerItem {
             item: Some(pb::peer_item::Item::Receipt(late)),
@@ -346,5 +350,74 @@ async fn a_peer_can_neither_prove_others_messages_nor_witness_forged_notes_nor_o
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    net.shutdown().await;
+}
+
+/// Two different endings of one message in one batch (the items of a batch are handled
+/// concurrently): one is taken, the other waits for it and is then refused, so the
+/// message still ends once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_endings_of_one_message_in_one_batch_end_it_once() {
+    let net = net().await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let sent = c02
+        .send(
+            &net.org_id("kh", "ahtd").unwrap(),
+            &alert("twice"),
+            &SendOptions::new("P4"),
+        )
+        .await
+        .unwrap();
+    // KH's gateway holds it (its received receipt reached VN), and no one acks it.
+    for _ in 0..200 {
+        let (_, chain) = c02.status(&sent.id).await.unwrap();
+        if furthest_stage(&chain) == Stage::Received {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let endings = [pb::RejectReason::Expired, pb::RejectReason::Policy]
+        .map(|reason| rejected_by_kh_gateway(&net, &sent.id, &sent.hash, reason));
+    let mut kh = accord_tests::peer_link_as(&net, "kh", "vn").unwrap();
+    let results = kh
+        .deliver(pb::DeliverRequest {
+            items: endings
+                .iter()
+                .map(|r| pb::PeerItem {
+                    item: Some(pb::peer_item::Item::Receipt(r.clone())),
+                })
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let retried: Vec<usize> = (0..2)
+        .filter(|&i| !results[i].retry_reason.is_empty())
+        .collect();
+    assert_eq!(
+        retried.len(),
+        1,
+        "one ending waits for the other: {results:?}"
+    );
+    // Sent again, as the peer's forwarder would: now refused, the delivery having ended.
+    kh.deliver(pb::DeliverRequest {
+        items: vec![pb::PeerItem {
+            item: Some(pb::peer_item::Item::Receipt(endings[retried[0]].clone())),
+        }],
+    })
+    .await
+    .unwrap();
+    let (_, chain) = c02.status(&sent.id).await.unwrap();
+    let ended: Vec<_> = chain
+        .iter()
+        .filter(|r| matches!(r.stage(), Stage::Rejected | Stage::Delivered))
+        .collect();
+    assert_eq!(ended.len(), 1, "the message ended twice");
+    assert_eq!(
+        ended[0].wire,
+        endings[1 - retried[0]],
+        "the ending taken first stays"
+    );
     net.shutdown().await;
 }
