@@ -67,18 +67,30 @@ fn note_error(e: note::NoteError) -> PipelineError {
     PipelineError::Store(StoreError::Engine(format!("checkpoint note: {e}")))
 }
 
-fn u64_meta(v: Option<Vec<u8>>) -> u64 {
-    v.and_then(|b| b.try_into().ok())
-        .map(u64::from_be_bytes)
-        .unwrap_or(0)
-}
-
 /// The checkpoint origin of a gateway: `accord.<cc>/<gateway-name>`.
 pub fn origin(gateway: &SpiffeId) -> String {
     format!("accord.{}/{}", gateway.country(), gateway.name())
 }
 
 impl Pipeline {
+    /// A size kept as 8 big-endian bytes under `key`, 0 when absent. Any other length is
+    /// damage, not 0: read as 0, a damaged `checkpoint/latest` would skip the check that a
+    /// new checkpoint extends the last one signed.
+    fn u64_meta(&self, key: &str) -> Result<u64, PipelineError> {
+        match self.store.meta(key)? {
+            None => Ok(0),
+            Some(b) => <[u8; 8]>::try_from(b.as_slice())
+                .map(u64::from_be_bytes)
+                .map_err(|_| {
+                    tracing::error!(key, bytes = b.len(), "a stored size is not 8 bytes");
+                    PipelineError::Store(StoreError::Corrupt(format!(
+                        "metadata record {key} ({} bytes, not 8)",
+                        b.len()
+                    )))
+                }),
+        }
+    }
+
     fn gateway_entry(&self, id: &SpiffeId) -> Option<pb::GatewayEntry> {
         let want = id.to_string();
         self.directories()
@@ -101,7 +113,7 @@ impl Pipeline {
     pub async fn publish_checkpoint(&self) -> Result<(u64, String), PipelineError> {
         let _one_at_a_time = self.checkpoint_lock.lock().await;
         let size = self.store.log_size()?;
-        let latest = u64_meta(self.store.meta("checkpoint/latest")?);
+        let latest = self.u64_meta("checkpoint/latest")?;
         if latest == size {
             if let Some(note) = self.checkpoint_at(size)? {
                 return Ok((size, note));
@@ -332,7 +344,7 @@ impl Pipeline {
         let (size, note_text) = self.publish_checkpoint().await?;
         let cc = peer.country();
         let done_key = format!("cosigned-by/{cc}");
-        let mut old = u64_meta(self.store.meta(&done_key)?);
+        let mut old = self.u64_meta(&done_key)?;
         if size == 0 || size == old {
             return Ok(());
         }
@@ -405,9 +417,9 @@ impl Pipeline {
         witness: &CountryCode,
     ) -> Result<Vec<pb::LoggedEvent>, PipelineError> {
         let size = if witness == self.country() {
-            u64_meta(self.store.meta("checkpoint/latest")?)
+            self.u64_meta("checkpoint/latest")?
         } else {
-            u64_meta(self.store.meta(&format!("cosigned-by/{witness}"))?)
+            self.u64_meta(&format!("cosigned-by/{witness}"))?
         };
         let Some(checkpoint) = self.checkpoint_at(size)? else {
             return Ok(vec![]);
