@@ -258,19 +258,33 @@ pub async fn start(
         let client = PeerLinkClient::new(channel).max_decoding_message_size(64 << 20);
         peer_clients.insert(peer.gateway.country().clone(), client);
     }
-    let store =
-        SledStore::open(&config.data_dir, config.limits.store_cache_bytes).map_err(|source| {
-            StartError::Store {
-                path: config.data_dir.display().to_string(),
-                source,
-            }
+    // Opening the store replays its write-ahead log and may wait up to 3 s for sled's
+    // lock, and the chunk store walks its folders: both off the async workers, which may
+    // be serving other gateways of the same runtime (tests).
+    let data_dir = config.data_dir.clone();
+    let cache = config.limits.store_cache_bytes;
+    let (store, chunks) = tokio::task::spawn_blocking(move || {
+        let store = SledStore::open(&data_dir, cache).map_err(|source| StartError::Store {
+            path: data_dir.display().to_string(),
+            source,
         })?;
-    let chunks_dir = config.data_dir.join("attachments");
-    let chunks =
-        crate::attachments::ChunkStore::open(&chunks_dir).map_err(|e| StartError::Store {
-            path: chunks_dir.display().to_string(),
-            source: e.into(),
-        })?;
+        let chunks_dir = data_dir.join("attachments");
+        let chunks =
+            crate::attachments::ChunkStore::open(&chunks_dir).map_err(|e| StartError::Store {
+                path: chunks_dir.display().to_string(),
+                source: e.into(),
+            })?;
+        Ok::<_, StartError>((store, chunks))
+    })
+    .await
+    .unwrap_or_else(|e| match e.try_into_panic() {
+        Ok(panic) => std::panic::resume_unwind(panic),
+        // Cancelled: the runtime is shutting down.
+        Err(e) => Err(StartError::Store {
+            path: config.data_dir.display().to_string(),
+            source: crate::store::StoreError::Engine(format!("opening the store: {e}")),
+        }),
+    })?;
     let pipeline = Arc::new(Pipeline {
         identity: config.identity.clone(),
         store: Arc::new(store),
