@@ -32,7 +32,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::localnet::LocalNet;
-use crate::org::{now_ms, OrgClient, SendOptions};
+use crate::org::{now_ms, Opened, OrgClient, SendOptions};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -533,10 +533,15 @@ async fn submit_all(
     Ok((start, accepted))
 }
 
+/// Acknowledgement calls a bench recipient keeps in flight; each carries what was opened
+/// while the others were out (`OrgClient::ack_many`), as a recipient working through a
+/// backlog would send them.
+const ACK_CALLS_IN_FLIGHT: usize = 2;
+
 /// The recipient's side: subscribes, opens each envelope and acknowledges it, until
-/// `total` are acknowledged. Acknowledgements go out concurrently, as a busy recipient's
-/// would (each is a durable write at its gateway). Returns when each ack completed and how
-/// long after `since(id)` it did.
+/// `total` are acknowledged. Acknowledgements go out in batches, up to
+/// [`ACK_CALLS_IN_FLIGHT`] calls at a time (each receipt is a durable write at its gateway).
+/// Returns when each ack completed and how long after `since(id)` it did.
 async fn open_and_ack(
     mut recipient: OrgClient,
     total: usize,
@@ -545,22 +550,33 @@ async fn open_and_ack(
     let mut inbox = recipient.subscribe().await?;
     let mut delivered = Vec::with_capacity(total);
     let mut acks = futures::stream::FuturesUnordered::new();
-    let mut opened = 0;
+    let mut opened: Vec<Opened> = Vec::new();
+    let mut received = 0;
     while delivered.len() < total {
+        if !opened.is_empty() && acks.len() < ACK_CALLS_IN_FLIGHT {
+            let batch: Vec<_> = opened
+                .drain(..opened.len().min(accord_gateway::service::MAX_BATCH))
+                .collect();
+            let mut client = recipient.clone();
+            acks.push(async move {
+                let ids: Vec<MessageId> = batch.iter().map(|o| o.envelope.id()).collect();
+                for done in client.ack_many(&batch).await? {
+                    done.context("an acknowledgement was not taken")?;
+                }
+                Ok::<_, anyhow::Error>((ids, Instant::now()))
+            });
+        }
         tokio::select! {
-            item = inbox.next(), if opened < total => {
-                let item = item.context("the inbox stream ended")??;
-                opened += 1;
-                let mut client = recipient.clone();
-                acks.push(async move {
-                    client.ack(&item).await?;
-                    Ok::<_, anyhow::Error>((item.envelope.id(), Instant::now()))
-                });
+            item = inbox.next(), if received < total => {
+                opened.push(item.context("the inbox stream ended")??);
+                received += 1;
             }
             Some(done) = acks.next() => {
-                let (id, at) = done?;
-                if let Some(from) = since(&id) {
-                    delivered.push((at, at - from));
+                let (ids, at) = done?;
+                for id in ids {
+                    if let Some(from) = since(&id) {
+                        delivered.push((at, at - from));
+                    }
                 }
             }
         }

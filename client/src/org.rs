@@ -388,6 +388,50 @@ impl OrgClient {
         .await
     }
 
+    /// Acknowledges several opened envelopes in one call (a backlog), each with its own
+    /// delivered receipt; the gateway decides each on its own. Returns, in order, each
+    /// receipt or why it was not taken; `Err` only when the call itself failed (then none
+    /// or some may have been taken, and acknowledging again is harmless).
+    pub async fn ack_many(
+        &mut self,
+        opened: &[Opened],
+    ) -> Result<Vec<Result<pb::Receipt, ClientError>>, ClientError> {
+        let receipts: Vec<pb::Receipt> = opened
+            .iter()
+            .map(|o| {
+                self.ending(
+                    &o.envelope.id(),
+                    &o.envelope.hash(),
+                    Stage::Delivered,
+                    pb::RejectReason::Unspecified,
+                )
+            })
+            .collect();
+        let results = self
+            .exchange
+            .ack_many(pb::AckManyRequest {
+                receipts: receipts.clone(),
+            })
+            .await?
+            .into_inner()
+            .results;
+        if results.len() != receipts.len() {
+            return Err(ClientError::Verify(format!(
+                "the gateway answered {} acknowledgements with {} results",
+                receipts.len(),
+                results.len()
+            )));
+        }
+        Ok(receipts
+            .into_iter()
+            .zip(results)
+            .map(|(r, done)| match tonic::Code::from_i32(done.code) {
+                tonic::Code::Ok => Ok(r),
+                code => Err(ClientError::Gateway(tonic::Status::new(code, done.message))),
+            })
+            .collect())
+    }
+
     /// Refuses a message this organisation opened and will not take (see
     /// [`ClientError::Refused`]): a rejected receipt with reason REFUSED_BY_RECIPIENT, signed
     /// by this organisation, takes it out of the inbox and travels back to the sender.
@@ -414,6 +458,23 @@ impl OrgClient {
         stage: Stage,
         reason: pb::RejectReason,
     ) -> Result<pb::Receipt, ClientError> {
+        let r = self.ending(message_id, envelope_hash, stage, reason);
+        self.exchange
+            .ack(pb::AckRequest {
+                delivered: Some(r.clone()),
+            })
+            .await?;
+        Ok(r)
+    }
+
+    /// This organisation's signed receipt ending a delivery (`stage`, `reason`).
+    fn ending(
+        &self,
+        message_id: &MessageId,
+        envelope_hash: &EnvelopeHash,
+        stage: Stage,
+        reason: pb::RejectReason,
+    ) -> pb::Receipt {
         let body = pb::ReceiptBody {
             envelope_hash: envelope_hash.0.to_vec(),
             message_id: message_id.as_bytes().to_vec(),
@@ -424,13 +485,7 @@ impl OrgClient {
             log_index: 0,
             reason: reason as i32,
         };
-        let r = receipt::sign(&body, &self.opener.keys.signing);
-        self.exchange
-            .ack(pb::AckRequest {
-                delivered: Some(r.clone()),
-            })
-            .await?;
-        Ok(r)
+        receipt::sign(&body, &self.opener.keys.signing)
     }
 
     /// Every receipt of a message we sent or received, each verified.

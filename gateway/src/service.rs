@@ -210,6 +210,36 @@ impl Exchange for ExchangeService {
         Ok(Response::new(pb::AckResponse {}))
     }
 
+    async fn ack_many(
+        &self,
+        req: Request<pb::AckManyRequest>,
+    ) -> Result<Response<pb::AckManyResponse>, Status> {
+        let who = identity(&req)?;
+        let receipts = req.into_inner().receipts;
+        if receipts.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} acknowledgements per call"
+            )));
+        }
+        // Concurrently, so that they share group commits; each is decided on its own.
+        let acks = receipts.iter().map(|r| self.pipeline.ack(&who.id, r));
+        let results = futures::future::join_all(acks)
+            .await
+            .into_iter()
+            .map(|done| match done {
+                Ok(()) => pb::AckResult::default(),
+                Err(e) => {
+                    let status = Status::from(e);
+                    pb::AckResult {
+                        code: status.code() as i32,
+                        message: status.message().to_owned(),
+                    }
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::AckManyResponse { results }))
+    }
+
     async fn status(
         &self,
         req: Request<pb::StatusRequest>,

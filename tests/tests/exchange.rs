@@ -420,3 +420,96 @@ async fn a_store_over_its_quota_refuses_new_envelopes_and_keeps_what_it_accepted
     assert_eq!(got, accepted);
     net.shutdown().await;
 }
+
+/// A recipient working through a backlog acknowledges it in one call; each receipt in it
+/// is decided on its own, so one that is not the recipient's to give is refused while the
+/// others are taken, and a repeat is harmless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_acknowledged_in_one_call_each_receipt_decided_on_its_own() {
+    let net = two_countries().await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let mut ahtd = net.client("kh", "ahtd").await.unwrap();
+    let to = net.org_id("kh", "ahtd").unwrap();
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        let s = c02
+            .send(
+                &to,
+                &alert(&format!("backlog {i}")),
+                &SendOptions::new("B1"),
+            )
+            .await
+            .unwrap();
+        sent.push(s);
+    }
+    let opened = fetch_n(&mut ahtd, 3).await.unwrap();
+
+    // Through the client library: two taken, each with its own delivered receipt.
+    let taken = ahtd.ack_many(&opened[..2]).await.unwrap();
+    assert_eq!(taken.len(), 2);
+    for (done, o) in taken.iter().zip(&opened) {
+        let r = accord_proto::receipt::verify(done.as_ref().unwrap(), ahtd.directories()).unwrap();
+        assert_eq!(
+            (r.stage(), r.message_id),
+            (Stage::Delivered, o.envelope.id())
+        );
+    }
+
+    // On the wire: the third, a repeat of the first, and a receipt of a stage only a
+    // gateway signs (RECEIVED, signed by the recipient): refused on its own.
+    let signing = &ahtd.keys().signing;
+    let body = |o: &accord_client::org::Opened, stage: Stage| pb::ReceiptBody {
+        envelope_hash: o.envelope.hash().0.to_vec(),
+        message_id: o.envelope.id().as_bytes().to_vec(),
+        stage: stage as i32,
+        signer: to.to_string(),
+        signer_key_id: signing.key_id().to_owned(),
+        at_ms: accord_tests::now_ms(),
+        log_index: 0,
+        reason: 0,
+    };
+    let receipts = vec![
+        accord_proto::receipt::sign(&body(&opened[2], Stage::Delivered), signing),
+        taken[0].as_ref().unwrap().clone(),
+        accord_proto::receipt::sign(&body(&opened[2], Stage::Received), signing),
+    ];
+    let results = ahtd
+        .exchange()
+        .ack_many(pb::AckManyRequest { receipts })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let codes: Vec<tonic::Code> = results.iter().map(|r| tonic::Code::from(r.code)).collect();
+    assert_eq!(
+        codes,
+        [
+            tonic::Code::Ok,
+            tonic::Code::Ok,
+            tonic::Code::InvalidArgument
+        ],
+        "{results:?}"
+    );
+
+    // Each sender's chain ends in one delivery.
+    for s in &sent {
+        let chain = wait_stage(&mut c02, &s.id, Stage::Delivered).await;
+        let deliveries = chain.iter().filter(|r| r.stage() == Stage::Delivered);
+        assert_eq!(deliveries.count(), 1);
+    }
+    assert!(
+        ahtd.fetch(10).await.unwrap().is_empty(),
+        "the inbox is empty"
+    );
+
+    // More than a call may carry is refused whole.
+    let first = taken[0].as_ref().unwrap().clone();
+    let too_many = vec![first; accord_gateway::service::MAX_BATCH + 1];
+    let err = ahtd
+        .exchange()
+        .ack_many(pb::AckManyRequest { receipts: too_many })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    net.shutdown().await;
+}
