@@ -80,11 +80,18 @@ impl Records {
 
     /// Record `number`, which the caller knows is below the count.
     pub(crate) fn get(&self, number: u64) -> std::io::Result<Vec<u8>> {
-        let start = match number {
-            0 => 0,
-            i => self.end(i - 1)?,
+        // Where the record starts and ends are adjacent in `ends`: one read for both.
+        let (start, end) = match number {
+            0 => (0, self.end(0)?),
+            i => {
+                let mut both = [0; 16];
+                self.ends.read_exact_at(&mut both, offset(i - 1, 8)?)?;
+                let (mut start, mut end) = ([0; 8], [0; 8]);
+                start.copy_from_slice(&both[..8]);
+                end.copy_from_slice(&both[8..]);
+                (u64::from_be_bytes(start), u64::from_be_bytes(end))
+            }
         };
-        let end = self.end(number)?;
         if end < start || end - start > self.max {
             return Err(invalid("an `ends` file is damaged"));
         }

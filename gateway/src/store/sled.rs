@@ -24,7 +24,8 @@
 //!
 //! Key layout (all integers big-endian, so sled's byte order is the queue order):
 //! ```text
-//! m ‖ id(16)                         StoredMessage
+//! m ‖ id(16)                         StoredMessage of at most BESIDE_FROM bytes
+//! v ‖ id(16)                         number(8) of a longer one's record in `messages/`
 //! r ‖ id(16) ‖ seq(8)                pb::Receipt
 //! q ‖ queue name ‖ 0x00 ‖ 255-priority ‖ seq(8)   QueueEntry
 //! x ‖ queue name ‖ 0x00 ‖ id(16)     key of that message's queue entry (for RemoveMessage)
@@ -39,6 +40,16 @@
 //! l ‖ index(8)                       pb::LogEntry bytes
 //! n ‖ level(1) ‖ index(8)            RFC 6962 perfect-subtree hash (level 0: leaf hashes)
 //! ```
+//!
+//! Messages never change once stored and are read by id. A large one is kept beside sled,
+//! as a numbered record in `messages/` (`records.rs`), sled holding only its number (`v`):
+//! in a B-tree leaf its bytes were copied by every later insert into that leaf, rewritten
+//! to sled's log with it, and written to blob files that each cost a sync. A small one
+//! stays in sled: moved out, small messages gained nothing and cost memory, sled's cache
+//! then holding many more small values, and their overhead, in its byte budget
+//! (docs/performance.md).
+//! A group names a message's record with `M ‖ number(8)`, routed to `messages/` as the
+//! log's keys are to `log/`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -56,6 +67,7 @@ use prost::Message;
 use tokio::sync::oneshot;
 
 use super::log_files::{self, LogFiles};
+use super::records::Records;
 use super::wal::{self, Segment, WalError, WalGroup, WalWrite};
 use super::{
     Commit, Op, Queue, QueueEntry, QueueKey, Store, StoreError, StoredMessage, Tx, TxOutcome,
@@ -74,6 +86,14 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 const LOCK_WAIT: Duration = Duration::from_secs(3);
 const META_LOG: &[u8] = b"slog";
 const META_SEQ: &[u8] = b"sseq";
+/// How many message records `messages/` holds.
+const META_MESSAGES: &[u8] = b"smsg";
+/// A message whose encoding is longer than this is kept in `messages/`, not in sled (module
+/// docs). A 1 KiB alert encodes to about 1.3 KiB.
+const BESIDE_FROM: usize = 4 << 10;
+/// Longest message record read back: anything longer is a damaged `ends` file. Above what
+/// any gRPC call may carry (64 MiB).
+const MAX_MESSAGE: u64 = 256 << 20;
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
@@ -128,6 +148,7 @@ struct Pending {
 pub struct SledStore {
     db: sled::Db,
     log: Arc<LogFiles>,
+    messages: Arc<Records>,
     /// Held for writing while a group is answered and applied ([`apply`]), for reading by
     /// every read. Holds `true` once an apply failed part way: sled then holds part of a
     /// group, and reads fail until a restart replays it.
@@ -155,6 +176,7 @@ impl SledStore {
         let (committer, replayed_groups) = recover(path, cache_bytes)?;
         let (db, progress) = (committer.db.clone(), committer.progress.clone());
         let log = committer.log.clone();
+        let messages = committer.messages.clone();
         let applying = committer.applying.clone();
         let (sender, receiver) = mpsc::channel();
         let handle = std::thread::Builder::new()
@@ -163,6 +185,7 @@ impl SledStore {
         Ok(Self {
             db,
             log,
+            messages,
             applying,
             progress,
             replayed_groups,
@@ -181,28 +204,40 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     let wal_dir = path.join("wal");
     std::fs::create_dir_all(&wal_dir)?;
     let log = Arc::new(LogFiles::open(&path.join("log"))?);
-    // The directory entries of sled's files and of the two folders must survive a power
+    let messages = Arc::new(Records::open(&path.join("messages"), MAX_MESSAGE)?);
+    // The directory entries of sled's files and of the three folders must survive a power
     // cut too.
     sync_dir(path)?;
-    move_log_out_of_sled(&db, &log)?;
+    move_log_out_of_sled(&db, &log, &messages)?;
     let progress = Arc::new(Progress::default());
     let mut files = SledFiles {
         progress: progress.clone(),
         db: db.clone(),
         log: log.clone(),
+        messages: messages.clone(),
         log_file: File::open(path.join("db"))?,
         blob_dir: path.join("blobs"),
         synced_blobs: HashMap::new(),
     };
-    let (last_segment, replayed_groups) = replay(&db, &log, &wal_dir)?;
+    let (last_segment, replayed_groups) = replay(&db, &log, &messages, &wal_dir)?;
+    let restore = "Restore the whole store from one backup: sled, log/, messages/ and wal/ \
+                   together";
     log.check_holds(read_meta(&db, META_LOG)?).map_err(|e| {
         let what = format!(
-            "the log's files in {}: sled records more entries than they hold. Restore the \
-             whole store from one backup: sled, log/ and wal/ together",
+            "the log's files in {}: sled records more entries than they hold. {restore}",
             path.join("log").display()
         );
         log_read_error(e, what)
     })?;
+    messages
+        .check_holds(read_meta(&db, META_MESSAGES)?)
+        .map_err(|e| {
+            let what = format!(
+                "the message files in {}: sled records more messages than they hold. {restore}",
+                path.join("messages").display()
+            );
+            log_read_error(e, what)
+        })?;
     if replayed_groups > 0 {
         tracing::info!(
             groups = replayed_groups,
@@ -229,6 +264,7 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         progress,
         db: db.clone(),
         log,
+        messages,
         applying: Arc::default(),
         wal_dir,
         segment,
@@ -238,6 +274,7 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         files,
         next_log: read_meta(&db, META_LOG)?,
         next_seq: read_meta(&db, META_SEQ)?,
+        next_message: read_meta(&db, META_MESSAGES)?,
     };
     Ok((committer, replayed_groups))
 }
@@ -301,7 +338,12 @@ impl Drop for SledStore {
 
 /// Applies every record left in the write-ahead log to sled, oldest first. Returns the last
 /// segment's number (0 if there is none) and how many records were applied.
-fn replay(db: &sled::Db, log: &LogFiles, wal_dir: &Path) -> Result<(u64, u64), StoreError> {
+fn replay(
+    db: &sled::Db,
+    log: &LogFiles,
+    messages: &Records,
+    wal_dir: &Path,
+) -> Result<(u64, u64), StoreError> {
     let segments = wal::segments(wal_dir)?;
     let mut replayed = 0;
     for (i, (_, path, _)) in segments.iter().enumerate() {
@@ -315,33 +357,42 @@ fn replay(db: &sled::Db, log: &LogFiles, wal_dir: &Path) -> Result<(u64, u64), S
             );
         }
         for group in &contents.groups {
-            apply(db, log, group)?;
+            apply(db, log, messages, group)?;
             replayed += 1;
         }
     }
     Ok((segments.last().map_or(0, |s| s.0), replayed))
 }
 
-/// Writes a group into the log's files and into sled, key by key: how a commit reaches
-/// them, and how replay does. A crash part way leaves some of them written; replaying the
-/// group's record completes it.
-fn apply(db: &sled::Db, log: &LogFiles, group: &WalGroup) -> Result<(), StoreError> {
-    let (mut entries, mut nodes) = (Vec::new(), Vec::new());
+/// Writes a group into the log's files, the message files and sled, key by key: how a
+/// commit reaches them, and how replay does. A crash part way leaves some of them written;
+/// replaying the group's record completes it.
+fn apply(
+    db: &sled::Db,
+    log: &LogFiles,
+    messages: &Records,
+    group: &WalGroup,
+) -> Result<(), StoreError> {
+    let (mut entries, mut nodes, mut records) = (Vec::new(), Vec::new(), Vec::new());
     for write in &group.writes {
-        match (log_write(&write.key), &write.value) {
-            (Some(LogWrite::Entry(index)), Some(value)) => entries.push((index, value.as_slice())),
-            (Some(LogWrite::Node(position)), Some(value)) => {
+        match (file_write(&write.key), &write.value) {
+            (Some(FileWrite::Entry(index)), Some(value)) => entries.push((index, value.as_slice())),
+            (Some(FileWrite::Node(position)), Some(value)) => {
                 nodes.push((position, value.as_slice()))
+            }
+            (Some(FileWrite::Message(number)), Some(value)) => {
+                records.push((number, value.as_slice()))
             }
             (Some(_), None) => {
                 return Err(StoreError::Corrupt(
-                    "a removal of a log entry or node".into(),
+                    "a removal of a log entry, tree node or message record".into(),
                 ))
             }
             (None, Some(value)) => drop(db.insert(&write.key, value.as_slice())?),
             (None, None) => drop(db.remove(&write.key)?),
         }
     }
+    messages.write(&records)?;
     Ok(log.write(&entries, &mut nodes)?)
 }
 
@@ -363,20 +414,26 @@ fn log_read_error(e: std::io::Error, what: String) -> StoreError {
     }
 }
 
-/// Where a write of the log goes in the log's files.
-enum LogWrite {
+/// Where a group's write goes when it is not to sled.
+enum FileWrite {
+    /// A log entry, by index.
     Entry(u64),
     /// A tree node's position ([`log_files::node_position`]).
     Node(u64),
+    /// A message record, by number.
+    Message(u64),
 }
 
-fn log_write(key: &[u8]) -> Option<LogWrite> {
+fn file_write(key: &[u8]) -> Option<FileWrite> {
     match key {
-        [b'l', index @ ..] => Some(LogWrite::Entry(u64::from_be_bytes(index.try_into().ok()?))),
-        [b'n', level, index @ ..] => Some(LogWrite::Node(log_files::node_position(
+        [b'l', index @ ..] => Some(FileWrite::Entry(u64::from_be_bytes(index.try_into().ok()?))),
+        [b'n', level, index @ ..] => Some(FileWrite::Node(log_files::node_position(
             u32::from(*level),
             u64::from_be_bytes(index.try_into().ok()?),
         )?)),
+        [b'M', number @ ..] => Some(FileWrite::Message(u64::from_be_bytes(
+            number.try_into().ok()?,
+        ))),
         _ => None,
     }
 }
@@ -384,7 +441,11 @@ fn log_write(key: &[u8]) -> Option<LogWrite> {
 /// Stores of an earlier version kept the log's entries and nodes in sled: moves them to
 /// the log's files, syncs those, then removes them from sled. A crash part way repeats it
 /// at the next open, writing the same bytes again.
-fn move_log_out_of_sled(db: &sled::Db, log: &LogFiles) -> Result<(), StoreError> {
+fn move_log_out_of_sled(
+    db: &sled::Db,
+    log: &LogFiles,
+    messages: &Records,
+) -> Result<(), StoreError> {
     let in_sled = |prefix: &[u8]| db.scan_prefix(prefix).next().is_some();
     if !in_sled(b"l") && !in_sled(b"n") {
         return Ok(());
@@ -400,11 +461,11 @@ fn move_log_out_of_sled(db: &sled::Db, log: &LogFiles) -> Result<(), StoreError>
                 value: Some(value.to_vec()),
             });
             if batch.writes.len() == 4096 {
-                apply(db, log, &std::mem::take(&mut batch))?;
+                apply(db, log, messages, &std::mem::take(&mut batch))?;
             }
             moved += 1;
         }
-        apply(db, log, &batch)?;
+        apply(db, log, messages, &batch)?;
     }
     log.sync()?;
     for family in [b"l", b"n"] {
@@ -432,6 +493,16 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
 
 fn message_key(id: &MessageId) -> Vec<u8> {
     [b"m".as_slice(), id.as_bytes()].concat()
+}
+
+fn message_number_key(id: &MessageId) -> Vec<u8> {
+    [b"v".as_slice(), id.as_bytes()].concat()
+}
+
+fn message_record_key(number: u64) -> [u8; 9] {
+    let mut k = [b'M'; 9];
+    k[1..].copy_from_slice(&number.to_be_bytes());
+    k
 }
 
 fn receipt_prefix(id: &MessageId) -> Vec<u8> {
@@ -561,6 +632,7 @@ struct Committer {
     progress: Arc<Progress>,
     db: sled::Db,
     log: Arc<LogFiles>,
+    messages: Arc<Records>,
     /// See [`SledStore::applying`].
     applying: Arc<RwLock<bool>>,
     wal_dir: PathBuf,
@@ -573,6 +645,7 @@ struct Committer {
     files: Arc<Mutex<SledFiles>>,
     next_log: u64,
     next_seq: u64,
+    next_message: u64,
 }
 
 impl Committer {
@@ -640,7 +713,7 @@ impl Committer {
         let Some(logged) = logged? else {
             return Ok(());
         };
-        if let Err(e) = apply(&self.db, &self.log, &logged) {
+        if let Err(e) = apply(&self.db, &self.log, &self.messages, &logged) {
             *part_applied = true;
             return Err(format!("applying a logged group to sled: {e}"));
         }
@@ -729,6 +802,7 @@ impl Committer {
         let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         let mut first_log_index = None;
         let (mut next_log, mut next_seq) = (self.next_log, self.next_seq);
+        let mut next_message = self.next_message;
         let mut receipt_ops = Vec::new();
         for op in &tx.ops {
             if let Op::Log(_) = op {
@@ -743,11 +817,19 @@ impl Committer {
         for op in tx.ops.into_iter().chain(receipts) {
             match op {
                 Op::InsertMessage(id, msg) => {
-                    let key = message_key(&id);
-                    if view.contains_key(&key)? {
+                    let (key, number_key) = (message_key(&id), message_number_key(&id));
+                    if view.contains_key(&key)? || view.contains_key(&number_key)? {
                         return Ok(TxOutcome::Exists(id));
                     }
-                    writes.push((key, Some(msg.encode_to_vec())));
+                    let encoded = msg.encode_to_vec();
+                    if encoded.len() <= BESIDE_FROM {
+                        writes.push((key, Some(encoded)));
+                    } else {
+                        writes.push((number_key, Some(next_message.to_be_bytes().to_vec())));
+                        let record = message_record_key(next_message).to_vec();
+                        writes.push((record, Some(encoded)));
+                        next_message += 1;
+                    }
                 }
                 Op::PutReceipt(id, receipt) => {
                     let prefix = receipt_prefix(&id);
@@ -810,12 +892,17 @@ impl Committer {
         }
         writes.push((META_LOG.to_vec(), Some(next_log.to_be_bytes().to_vec())));
         writes.push((META_SEQ.to_vec(), Some(next_seq.to_be_bytes().to_vec())));
+        if next_message != self.next_message {
+            let count = next_message.to_be_bytes().to_vec();
+            writes.push((META_MESSAGES.to_vec(), Some(count)));
+        }
         for (key, value) in writes {
             group.bytes += key.len() + value.as_ref().map_or(0, Vec::len);
             group.writes.insert(key, value);
         }
         self.next_log = next_log;
         self.next_seq = next_seq;
+        self.next_message = next_message;
         Ok(TxOutcome::Committed { first_log_index })
     }
 }
@@ -825,6 +912,7 @@ struct SledFiles {
     progress: Arc<Progress>,
     db: sled::Db,
     log: Arc<LogFiles>,
+    messages: Arc<Records>,
     log_file: File,
     blob_dir: PathBuf,
     /// Blob files already synced, with their sizes (sled writes a blob file once).
@@ -907,14 +995,19 @@ impl SledFiles {
         self.log_file.sync_data()?;
         self.sync_blobs()?;
         self.log.sync()?;
+        self.messages.sync()?;
         self.note_sled_bytes();
         Ok(())
     }
 
     fn note_sled_bytes(&self) {
         // The quota figure only: a failed stat keeps the previous one.
-        if let (Ok(meta), Ok(log)) = (self.log_file.metadata(), self.log.bytes()) {
-            let bytes = meta.len() + self.synced_blobs.values().sum::<u64>() + log;
+        if let (Ok(meta), Ok(log), Ok(messages)) = (
+            self.log_file.metadata(),
+            self.log.bytes(),
+            self.messages.bytes(),
+        ) {
+            let bytes = meta.len() + self.synced_blobs.values().sum::<u64>() + log + messages;
             self.progress.sled_bytes.store(bytes, Ordering::Relaxed);
         }
     }
@@ -1018,12 +1111,27 @@ impl Store for SledStore {
 
     fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError> {
         let _whole = self.whole_groups()?;
-        self.db
-            .get(message_key(id))?
-            .map(|v| {
-                StoredMessage::decode(v.as_ref()).map_err(|_| StoreError::Corrupt(id.to_string()))
-            })
-            .transpose()
+        let corrupt = || StoreError::Corrupt(format!("message {id}"));
+        if let Some(v) = self.db.get(message_key(id))? {
+            return StoredMessage::decode(v.as_ref())
+                .map(Some)
+                .map_err(|_| corrupt());
+        }
+        let encoded = match self.db.get(message_number_key(id))? {
+            Some(number) => {
+                let number = u64::from_be_bytes(number.as_ref().try_into().map_err(|_| corrupt())?);
+                if number >= read_meta(&self.db, META_MESSAGES)? {
+                    return Err(corrupt());
+                }
+                self.messages
+                    .get(number)
+                    .map_err(|e| log_read_error(e, format!("message {id}, record {number}")))?
+            }
+            None => return Ok(None),
+        };
+        StoredMessage::decode(encoded.as_slice())
+            .map(Some)
+            .map_err(|_| corrupt())
     }
 
     fn receipts(&self, id: &MessageId) -> Result<Vec<pb::Receipt>, StoreError> {
@@ -1192,7 +1300,8 @@ mod tests {
             reopened >= 20 * (200 << 10),
             "{reopened} bytes after reopening"
         );
-        assert!(reopened <= store.db.size_on_disk().unwrap() + (1 << 20));
+        let files = store.log.bytes().unwrap() + store.messages.bytes().unwrap();
+        assert!(reopened <= store.db.size_on_disk().unwrap() + files + (1 << 20));
     }
 
     /// The `i`th message of concurrent writer `w`.
@@ -1404,15 +1513,30 @@ mod tests {
     /// them, and may leave garbage past that; replaying the write-ahead log writes it all
     /// again, byte for byte.
     #[test]
-    fn log_files_cut_back_to_the_last_checkpoint_are_rebuilt_by_replay() {
+    fn files_cut_back_to_the_last_checkpoint_are_rebuilt_by_replay() {
         let dir = tempfile::tempdir().unwrap();
         let wal_dir = dir.path().join("wal");
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let message = |i: u8| {
+            let id = MessageId::new_v7(5_000 + u64::from(i), [i; 10]);
+            // Every third one long enough to go beside sled.
+            let stored = StoredMessage {
+                sender_org: format!("org-{i}"),
+                envelope_hash: vec![i; if i.is_multiple_of(3) { BESIDE_FROM } else { 32 }],
+                stored_at_ms: i64::from(i),
+                ..Default::default()
+            };
+            (id, stored)
+        };
         let commit = |committer: &mut Committer, from: u8| {
             let mut group = Group::default();
             for i in from..from + 9 {
+                let (id, stored) = message(i);
                 let tx = Tx {
-                    ops: vec![Op::Log(vec![i; 3 + usize::from(i) * 5])],
+                    ops: vec![
+                        Op::InsertMessage(id, stored),
+                        Op::Log(vec![i; 3 + usize::from(i) * 5]),
+                    ],
                     receipts: None,
                 };
                 committer.build(tx, &mut group).unwrap();
@@ -1427,9 +1551,15 @@ mod tests {
             assert!(started.elapsed() < Duration::from_secs(30), "no checkpoint");
             std::thread::sleep(Duration::from_millis(10));
         }
-        let log_dir = dir.path().join("log");
-        let synced = ["entries", "ends", "nodes"].map(|f| {
-            let len = std::fs::metadata(log_dir.join(f)).unwrap().len();
+        let synced = [
+            "log/entries",
+            "log/ends",
+            "log/nodes",
+            "messages/entries",
+            "messages/ends",
+        ]
+        .map(|f| {
+            let len = std::fs::metadata(dir.path().join(f)).unwrap().len();
             (f, len)
         });
         commit(&mut committer, 9);
@@ -1441,7 +1571,7 @@ mod tests {
         for (file, len) in synced {
             let f = std::fs::OpenOptions::new()
                 .write(true)
-                .open(cut.path().join("log").join(file))
+                .open(cut.path().join(file))
                 .unwrap();
             f.set_len(len).unwrap();
             f.write_all_at(&[0xa5; 77], len).unwrap();
@@ -1456,6 +1586,124 @@ mod tests {
                 rebuilt.log_entry(u64::from(i)).unwrap(),
                 Some(vec![i; 3 + usize::from(i) * 5])
             );
+            let (id, stored) = message(i);
+            assert_eq!(rebuilt.message(&id).unwrap(), Some(stored), "message {i}");
+        }
+    }
+
+    /// A message longer than [`BESIDE_FROM`] goes to `messages/`, a shorter one stays in
+    /// sled; both read back, through a reopen, and either's id is taken for good.
+    #[tokio::test]
+    async fn large_messages_go_beside_sled_small_ones_stay_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let stored = |body: usize| StoredMessage {
+            envelope: Some(pb::Envelope {
+                header: vec![1; 40],
+                ciphertext: vec![2; body],
+                signature: vec![3; 64],
+            }),
+            recipient_org: "org".into(),
+            ..Default::default()
+        };
+        let (small, large) = (stored(1024), stored(BESIDE_FROM));
+        assert!(small.encoded_len() <= BESIDE_FROM && large.encoded_len() > BESIDE_FROM);
+        let (small_id, large_id) = (
+            MessageId::new_v7(7_000, [1; 10]),
+            MessageId::new_v7(7_001, [2; 10]),
+        );
+        let insert = |id, msg: &StoredMessage| Tx {
+            ops: vec![Op::InsertMessage(id, msg.clone())],
+            receipts: None,
+        };
+        for reopened in [false, true] {
+            let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+            if !reopened {
+                for (id, msg) in [(small_id, &small), (large_id, &large)] {
+                    let outcome = store.commit(insert(id, msg)).await.unwrap();
+                    assert!(matches!(outcome, TxOutcome::Committed { .. }));
+                }
+            }
+            assert_eq!(store.message(&small_id).unwrap(), Some(small.clone()));
+            assert_eq!(store.message(&large_id).unwrap(), Some(large.clone()));
+            // An id is taken whichever way its message went, and whatever the new one's size.
+            for id in [small_id, large_id] {
+                for msg in [&small, &large] {
+                    assert_eq!(
+                        store.commit(insert(id, msg)).await.unwrap(),
+                        TxOutcome::Exists(id)
+                    );
+                }
+            }
+            assert!(store.db.contains_key(message_key(&small_id)).unwrap());
+            assert!(!store
+                .db
+                .contains_key(message_number_key(&small_id))
+                .unwrap());
+            assert!(!store.db.contains_key(message_key(&large_id)).unwrap());
+            assert_eq!(read_meta(&store.db, META_MESSAGES).unwrap(), 1);
+            assert_eq!(store.messages.get(0).unwrap(), large.encode_to_vec());
+        }
+    }
+
+    /// Message files cut short are refused at open, naming them; a number sled holds past
+    /// the files' count, or a record that does not decode, fail the read, not answer.
+    #[tokio::test]
+    async fn damaged_message_files_and_numbers_fail_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        let ids: Vec<_> = (0..5u8)
+            .map(|i| MessageId::new_v7(9_000 + u64::from(i), [i; 10]))
+            .collect();
+        let mut record_len = 0;
+        for (i, id) in ids.iter().enumerate() {
+            let stored = StoredMessage {
+                envelope_hash: vec![i as u8; BESIDE_FROM],
+                ..Default::default()
+            };
+            record_len = stored.encoded_len() as u64;
+            let tx = Tx {
+                ops: vec![Op::InsertMessage(*id, stored)],
+                receipts: None,
+            };
+            store.commit(tx).await.unwrap();
+        }
+        assert!(store.message(&ids[4]).unwrap().is_some());
+        let stray = MessageId::new_v7(9_999, [9; 10]);
+        store
+            .db
+            .insert(message_number_key(&stray), 5u64.to_be_bytes().as_slice())
+            .unwrap();
+        assert!(matches!(store.message(&stray), Err(StoreError::Corrupt(_))));
+        store
+            .db
+            .insert(message_number_key(&stray), [0u8; 3].as_slice())
+            .unwrap();
+        assert!(matches!(store.message(&stray), Err(StoreError::Corrupt(_))));
+        store.db.remove(message_number_key(&stray)).unwrap();
+        // Record 2 overwritten with bytes that are no message.
+        store
+            .messages
+            .entries
+            .write_all_at(&[0xff; 34], 2 * record_len)
+            .unwrap();
+        assert!(matches!(
+            store.message(&ids[2]),
+            Err(StoreError::Corrupt(_))
+        ));
+        drop(store);
+
+        for file in ["ends", "entries"] {
+            let copy = tempfile::tempdir().unwrap();
+            copy_dir(dir.path(), copy.path());
+            let path = copy.path().join("messages").join(file);
+            let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            f.set_len(8).unwrap();
+            match SledStore::open(copy.path(), 16 << 20) {
+                Err(StoreError::Corrupt(why)) => {
+                    assert!(why.contains("message files"), "{why}")
+                }
+                other => panic!("messages/{file} cut short: {:?}", other.map(|_| ())),
+            }
         }
     }
 
@@ -1686,6 +1934,15 @@ mod tests {
             })
             .collect();
         drop(whole);
+        let numbers: Vec<u64> = contents
+            .iter()
+            .filter(|(k, _)| k.first() == Some(&b'v'))
+            .map(|(_, v)| u64::from_be_bytes(v.as_slice().try_into().unwrap()))
+            .collect();
+        for number in numbers {
+            let record = store.messages.get(number).unwrap();
+            contents.push((message_record_key(number).to_vec(), record));
+        }
         let size = store.log_size().unwrap();
         for index in 0..size {
             let entry = store.log_entry(index).unwrap().unwrap();
@@ -1896,6 +2153,7 @@ mod tests {
                 .open()
                 .unwrap();
             let log = LogFiles::open(&half_replayed.join("log")).unwrap();
+            let messages = Records::open(&half_replayed.join("messages"), MAX_MESSAGE).unwrap();
             let segments = wal::segments(&half_replayed.join("wal")).unwrap();
             let groups: Vec<_> = segments
                 .iter()
@@ -1908,14 +2166,14 @@ mod tests {
                 .collect();
             let half = groups.len() / 2;
             for group in &groups[..half] {
-                apply(&db, &log, group).unwrap();
+                apply(&db, &log, &messages, group).unwrap();
             }
             let cut_short = &groups[half];
             let part = WalGroup {
                 writes: cut_short.writes[..cut_short.writes.len() / 2].to_vec(),
             };
             assert!(!part.writes.is_empty());
-            apply(&db, &log, &part).unwrap();
+            apply(&db, &log, &messages, &part).unwrap();
             db.flush().unwrap();
         }
         let store = SledStore::open(&half_replayed, 16 << 20).unwrap();
