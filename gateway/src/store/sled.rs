@@ -91,9 +91,14 @@ const META_MESSAGES: &[u8] = b"smsg";
 /// A message whose encoding is longer than this is kept in `messages/`, not in sled (module
 /// docs). A 1 KiB alert encodes to about 1.3 KiB.
 const BESIDE_FROM: usize = 4 << 10;
-/// Longest message record read back: anything longer is a damaged `ends` file. Above what
-/// any gRPC call may carry (64 MiB).
+/// Longest message the store takes, and so the longest record read back (anything longer
+/// is a damaged `ends` file). Above what any gRPC call may carry (64 MiB).
 const MAX_MESSAGE: u64 = 256 << 20;
+/// The store's layout, recorded at every open. 1: messages over [`BESIDE_FROM`] are in
+/// `messages/`, which a binary from before it does not read. A store recorded with a later
+/// layout than this binary's is refused.
+const FORMAT: u64 = 1;
+const META_FORMAT: &[u8] = b"sfmt";
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
@@ -201,6 +206,8 @@ impl SledStore {
 fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError> {
     std::fs::create_dir_all(path)?;
     let db = open_sled(path, cache_bytes)?;
+    // Before anything is read or replayed in a layout this binary may not know.
+    record_format(&db, path)?;
     let wal_dir = path.join("wal");
     std::fs::create_dir_all(&wal_dir)?;
     let log = Arc::new(LogFiles::open(&path.join("log"))?);
@@ -275,8 +282,27 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         next_log: read_meta(&db, META_LOG)?,
         next_seq: read_meta(&db, META_SEQ)?,
         next_message: read_meta(&db, META_MESSAGES)?,
+        max_message: MAX_MESSAGE,
     };
     Ok((committer, replayed_groups))
+}
+
+/// Refuses a store whose recorded layout is later than [`FORMAT`]; records [`FORMAT`]
+/// otherwise. Written straight to sled, made durable by the next checkpoint, and written
+/// again at the next open if a crash loses it.
+fn record_format(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
+    let found = read_meta(db, META_FORMAT)?;
+    if found > FORMAT {
+        return Err(StoreError::Engine(format!(
+            "the store in {} has layout {found}, written by a later version of Accord; this \
+             one reads layouts up to {FORMAT}. Run that version or a later one",
+            path.display()
+        )));
+    }
+    if found < FORMAT {
+        db.insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
+    }
+    Ok(())
 }
 
 /// Opens sled without its flusher thread (the checkpointer makes it durable), waiting up to
@@ -646,6 +672,8 @@ struct Committer {
     next_log: u64,
     next_seq: u64,
     next_message: u64,
+    /// [`MAX_MESSAGE`]; lower in tests.
+    max_message: u64,
 }
 
 impl Committer {
@@ -822,6 +850,13 @@ impl Committer {
                         return Ok(TxOutcome::Exists(id));
                     }
                     let encoded = msg.encode_to_vec();
+                    if encoded.len() as u64 > self.max_message {
+                        return Err(StoreError::Engine(format!(
+                            "a message of {} bytes is over the store's {} byte limit",
+                            encoded.len(),
+                            self.max_message
+                        )));
+                    }
                     if encoded.len() <= BESIDE_FROM {
                         writes.push((key, Some(encoded)));
                     } else {
@@ -1643,6 +1678,83 @@ mod tests {
             assert_eq!(read_meta(&store.db, META_MESSAGES).unwrap(), 1);
             assert_eq!(store.messages.get(0).unwrap(), large.encode_to_vec());
         }
+
+        // A store from before `messages/` holds large messages in sled: still read, and
+        // their ids still taken.
+        let earlier = MessageId::new_v7(6_000, [3; 10]);
+        let big = stored(64 << 10);
+        {
+            let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+            store
+                .db
+                .insert(message_key(&earlier), big.encode_to_vec())
+                .unwrap();
+        }
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(store.message(&earlier).unwrap(), Some(big.clone()));
+        assert_eq!(
+            store.commit(insert(earlier, &big)).await.unwrap(),
+            TxOutcome::Exists(earlier)
+        );
+    }
+
+    /// Every open records the store's layout; a layout later than this binary's is
+    /// refused, naming it, and the store is left as it was.
+    #[test]
+    fn a_store_of_a_later_layout_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+            assert_eq!(read_meta(&store.db, META_FORMAT).unwrap(), FORMAT);
+            // As a later version would leave it.
+            store
+                .db
+                .insert(META_FORMAT, (FORMAT + 1).to_be_bytes().as_slice())
+                .unwrap();
+        }
+        match SledStore::open(dir.path(), 16 << 20) {
+            Err(StoreError::Engine(why)) => {
+                assert!(
+                    why.contains("layout 2") && why.contains("later version"),
+                    "{why}"
+                )
+            }
+            other => panic!("a later layout was opened: {:?}", other.map(|_| ())),
+        }
+        // Still refused: the refusal did not rewrite the record.
+        assert!(SledStore::open(dir.path(), 16 << 20).is_err());
+    }
+
+    /// A message over the store's limit is refused before it reaches the write-ahead log,
+    /// and the store goes on.
+    #[test]
+    fn a_message_over_the_limit_is_refused_at_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        committer.max_message = 64 << 10;
+        let message = |body: usize| StoredMessage {
+            envelope_hash: vec![7; body],
+            ..Default::default()
+        };
+        let insert = |i: u64, body| Tx {
+            ops: vec![Op::InsertMessage(
+                MessageId::new_v7(8_000 + i, [0; 10]),
+                message(body),
+            )],
+            receipts: None,
+        };
+        let mut group = Group::default();
+        match committer.build(insert(0, 64 << 10), &mut group) {
+            Err(StoreError::Engine(why)) => assert!(why.contains("over the store's"), "{why}"),
+            other => panic!("an oversize message was taken: {other:?}"),
+        }
+        assert!(group.writes.is_empty());
+        committer.build(insert(1, 60 << 10), &mut group).unwrap();
+        committer.write(group);
+        assert_eq!(committer.progress.poisoned(), None);
+        assert_eq!(committer.next_message, 1);
+        assert_eq!(read_meta(&committer.db, META_MESSAGES).unwrap(), 1);
+        crash(committer);
     }
 
     /// Message files cut short are refused at open, naming them; a number sled holds past
@@ -1668,6 +1780,14 @@ mod tests {
             store.commit(tx).await.unwrap();
         }
         assert!(store.message(&ids[4]).unwrap().is_some());
+        // Record 5 on file but past the count, as a crash before its group was logged
+        // leaves it: sled naming it is damage, not a message.
+        let leftover = StoredMessage {
+            sender_org: "a message never committed".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        store.messages.write(&[(5, leftover.as_slice())]).unwrap();
         let stray = MessageId::new_v7(9_999, [9; 10]);
         store
             .db
