@@ -226,9 +226,20 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         blob_dir: path.join("blobs"),
         synced_blobs: HashMap::new(),
     };
-    let (last_segment, replayed_groups) = replay(&db, &log, &messages, &wal_dir)?;
     let restore = "Restore the whole store from one backup: sled, log/, messages/ and wal/ \
                    together";
+    let (last_segment, replayed_groups) =
+        replay(&db, &log, &messages, &wal_dir).map_err(|e| match e {
+            // Files that end before the records the log adds to: restored without them.
+            StoreError::Io(e) => log_read_error(
+                e,
+                format!(
+                    "replaying the write-ahead log in {} into the files beside sled. {restore}",
+                    wal_dir.display()
+                ),
+            ),
+            other => other,
+        })?;
     log.check_holds(read_meta(&db, META_LOG)?).map_err(|e| {
         let what = format!(
             "the log's files in {}: sled records more entries than they hold. {restore}",
@@ -1623,6 +1634,51 @@ mod tests {
             );
             let (id, stored) = message(i);
             assert_eq!(rebuilt.message(&id).unwrap(), Some(stored), "message {i}");
+        }
+    }
+
+    /// A store restored without `messages/` while its write-ahead log still holds records
+    /// is refused at open with what to do, not with a bare I/O error.
+    #[test]
+    fn a_store_restored_without_its_message_files_is_refused_saying_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let commit = |committer: &mut Committer, i: u64| {
+            let mut group = Group::default();
+            let stored = StoredMessage {
+                envelope_hash: vec![1; BESIDE_FROM + 1],
+                ..Default::default()
+            };
+            let tx = Tx {
+                ops: vec![Op::InsertMessage(
+                    MessageId::new_v7(3_000 + i, [0; 10]),
+                    stored,
+                )],
+                receipts: None,
+            };
+            committer.build(tx, &mut group).unwrap();
+            committer.write(group);
+            assert_eq!(committer.progress.poisoned(), None);
+        };
+        commit(&mut committer, 0);
+        committer.rotate();
+        let started = Instant::now();
+        while wal::segments(&dir.path().join("wal"))
+            .unwrap()
+            .iter()
+            .any(|s| s.0 == 1)
+        {
+            assert!(started.elapsed() < Duration::from_secs(30), "no checkpoint");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        commit(&mut committer, 1);
+        crash(committer);
+        std::fs::remove_dir_all(dir.path().join("messages")).unwrap();
+        match SledStore::open(dir.path(), 16 << 20) {
+            Err(StoreError::Corrupt(why)) => {
+                assert!(why.contains("Restore the whole store"), "{why}")
+            }
+            other => panic!("opened without its messages: {:?}", other.map(|_| ())),
         }
     }
 
