@@ -1495,21 +1495,20 @@ mod tests {
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
         let mut ids = Vec::new();
         let mut commit = |committer: &mut Committer, n: u64| {
-            let mut group = Group::default();
-            for _ in 0..n {
-                let id = MessageId::new_v7(2_000 + ids.len() as u64, [1; 10]);
-                let tx = Tx {
-                    ops: vec![
-                        Op::InsertMessage(id, StoredMessage::default()),
-                        Op::Log(vec![6; 100]),
-                    ],
-                    receipts: None,
-                };
-                committer.build(tx, &mut group).unwrap();
-                ids.push(id);
-            }
-            committer.write(group);
-            assert_eq!(committer.progress.poisoned(), None);
+            let txs: Vec<Tx> = (0..n)
+                .map(|_| {
+                    let id = MessageId::new_v7(2_000 + ids.len() as u64, [1; 10]);
+                    ids.push(id);
+                    Tx {
+                        ops: vec![
+                            Op::InsertMessage(id, StoredMessage::default()),
+                            Op::Log(vec![6; 100]),
+                        ],
+                        receipts: None,
+                    }
+                })
+                .collect();
+            commit_group(committer, txs);
         };
         commit(&mut committer, 10);
         committer.rotate();
@@ -1542,6 +1541,32 @@ mod tests {
     }
 
     /// A crash: the committer stops without closing, and sled is not made durable.
+    /// Builds `txs` into one group and writes it, as the committer's loop does.
+    fn commit_group(committer: &mut Committer, txs: impl IntoIterator<Item = Tx>) {
+        let mut group = Group::default();
+        for tx in txs {
+            committer.build(tx, &mut group).unwrap();
+        }
+        committer.write(group);
+        assert_eq!(committer.progress.poisoned(), None);
+    }
+
+    /// Hands the current segment to the checkpointer and waits until it is deleted, that
+    /// is, until sled and the files beside it are durable through it.
+    fn checkpoint_current_segment(committer: &mut Committer) {
+        let seq = committer.segment.seq();
+        committer.rotate();
+        let started = Instant::now();
+        while wal::segments(&committer.wal_dir)
+            .unwrap()
+            .iter()
+            .any(|s| s.0 == seq)
+        {
+            assert!(started.elapsed() < Duration::from_secs(30), "no checkpoint");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn crash(committer: Committer) {
         let Committer {
             db,
@@ -1561,7 +1586,6 @@ mod tests {
     #[test]
     fn files_cut_back_to_the_last_checkpoint_are_rebuilt_by_replay() {
         let dir = tempfile::tempdir().unwrap();
-        let wal_dir = dir.path().join("wal");
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
         let message = |i: u8| {
             let id = MessageId::new_v7(5_000 + u64::from(i), [i; 10]);
@@ -1575,28 +1599,20 @@ mod tests {
             (id, stored)
         };
         let commit = |committer: &mut Committer, from: u8| {
-            let mut group = Group::default();
-            for i in from..from + 9 {
+            let txs = (from..from + 9).map(|i| {
                 let (id, stored) = message(i);
-                let tx = Tx {
+                Tx {
                     ops: vec![
                         Op::InsertMessage(id, stored),
                         Op::Log(vec![i; 3 + usize::from(i) * 5]),
                     ],
                     receipts: None,
-                };
-                committer.build(tx, &mut group).unwrap();
-            }
-            committer.write(group);
-            assert_eq!(committer.progress.poisoned(), None);
+                }
+            });
+            commit_group(committer, txs);
         };
         commit(&mut committer, 0);
-        committer.rotate();
-        let started = Instant::now();
-        while wal::segments(&wal_dir).unwrap().iter().any(|s| s.0 == 1) {
-            assert!(started.elapsed() < Duration::from_secs(30), "no checkpoint");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        checkpoint_current_segment(&mut committer);
         let synced = [
             "log/entries",
             "log/ends",
@@ -1644,33 +1660,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
         let commit = |committer: &mut Committer, i: u64| {
-            let mut group = Group::default();
             let stored = StoredMessage {
                 envelope_hash: vec![1; BESIDE_FROM + 1],
                 ..Default::default()
             };
+            let id = MessageId::new_v7(3_000 + i, [0; 10]);
             let tx = Tx {
-                ops: vec![Op::InsertMessage(
-                    MessageId::new_v7(3_000 + i, [0; 10]),
-                    stored,
-                )],
+                ops: vec![Op::InsertMessage(id, stored)],
                 receipts: None,
             };
-            committer.build(tx, &mut group).unwrap();
-            committer.write(group);
-            assert_eq!(committer.progress.poisoned(), None);
+            commit_group(committer, [tx]);
         };
         commit(&mut committer, 0);
-        committer.rotate();
-        let started = Instant::now();
-        while wal::segments(&dir.path().join("wal"))
-            .unwrap()
-            .iter()
-            .any(|s| s.0 == 1)
-        {
-            assert!(started.elapsed() < Duration::from_secs(30), "no checkpoint");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        checkpoint_current_segment(&mut committer);
         commit(&mut committer, 1);
         crash(committer);
         std::fs::remove_dir_all(dir.path().join("messages")).unwrap();
