@@ -234,11 +234,16 @@ async fn drain_once(
             }
             continue;
         }
+        if envelope.is_none() && !result.refused.is_empty() {
+            // Sending it again would be refused again: it leaves the outbox, and the
+            // refusal is on record here as well as at the peer.
+            tracing::error!(peer = %peer, message_id = %id, reason = %result.refused, "peer refused a receipt for good");
+        }
         let mut ops = vec![];
         if let Some(envelope) = envelope {
             let Some(r) = result.receipt else {
                 // Refused without a receipt: the sender must still learn how it ended.
-                tracing::error!(peer = %peer, message_id = %id, "peer refused an envelope without a receipt");
+                tracing::error!(peer = %peer, message_id = %id, reason = %result.refused, "peer refused an envelope without a receipt");
                 let Some(msg) = pipeline.store.message(&id)? else {
                     settle(pipeline, key, &entry, vec![]).await?;
                     continue;

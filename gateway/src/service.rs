@@ -407,31 +407,34 @@ impl PeerLink for PeerLinkService {
             async move {
                 match item.item {
                     Some(pb::peer_item::Item::Envelope(env)) => match pipeline.receive(&peer, env).await {
-                        Ok(r) => pb::PeerResult { receipt: Some(r), retry_reason: String::new() },
-                        Err(PipelineError::QuotaFull) => pb::PeerResult { receipt: None, retry_reason: "quota full".into() },
-                        Err(PipelineError::ChunksMissing) => pb::PeerResult { receipt: None, retry_reason: crate::transfer::CHUNKS_MISSING.into() },
+                        Ok(r) => pb::PeerResult { receipt: Some(r), ..Default::default() },
+                        Err(PipelineError::QuotaFull) => pb::PeerResult { retry_reason: "quota full".into(), ..Default::default() },
+                        Err(PipelineError::ChunksMissing) => pb::PeerResult { retry_reason: crate::transfer::CHUNKS_MISSING.into(), ..Default::default() },
                         Err(PipelineError::Store(e)) => {
                             tracing::error!(error = %e, "store failure on peer delivery");
-                            pb::PeerResult { receipt: None, retry_reason: "storage error".into() }
+                            pb::PeerResult { retry_reason: "storage error".into(), ..Default::default() }
                         }
                         Err(e) => {
                             tracing::warn!(peer = %peer, error = %e, "peer envelope refused without receipt");
-                            pb::PeerResult { receipt: None, retry_reason: String::new() }
+                            pb::PeerResult { refused: e.to_string(), ..Default::default() }
                         }
                     },
                     Some(pb::peer_item::Item::Receipt(r)) => match pipeline.receive_receipt(&peer, &r).await {
                         Ok(()) => pb::PeerResult::default(),
                         // Decided once the other ending is committed: the peer sends it again.
-                        Err(e @ PipelineError::EndingInProgress) => pb::PeerResult { receipt: None, retry_reason: e.to_string() },
+                        Err(e @ PipelineError::EndingInProgress) => pb::PeerResult { retry_reason: e.to_string(), ..Default::default() },
                         Err(PipelineError::Store(_)) | Err(PipelineError::QuotaFull) => {
-                            pb::PeerResult { receipt: None, retry_reason: "storage error".into() }
+                            pb::PeerResult { retry_reason: "storage error".into(), ..Default::default() }
                         }
                         Err(e) => {
                             tracing::warn!(peer = %peer, error = %e, "receipt from peer refused");
-                            pb::PeerResult::default()
+                            pb::PeerResult { refused: e.to_string(), ..Default::default() }
                         }
                     },
-                    None => pb::PeerResult::default(),
+                    None => pb::PeerResult {
+                        refused: "an item with neither an envelope nor a receipt".into(),
+                        ..Default::default()
+                    },
                 }
             }
         });

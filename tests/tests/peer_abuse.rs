@@ -92,7 +92,20 @@ async fn a_peer_cannot_inject_receipts_for_messages_it_never_handled_nor_replay_
             .unwrap()
             .into_inner();
         assert_eq!(resp.results.len(), 1);
+        // Refused for good, and the peer is told so and why, not answered as if stored.
+        let result = &resp.results[0];
+        assert!(result.refused.contains("does not fit"), "{result:?}");
+        assert!(result.retry_reason.is_empty() && result.receipt.is_none());
     }
+    // An item carrying nothing is refused too.
+    let empty = kh
+        .deliver(pb::DeliverRequest {
+            items: vec![pb::PeerItem { item: None }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!empty.results[0].refused.is_empty(), "{empty:?}");
     assert_eq!(
         vn.store.log_size().unwrap(),
         before,
@@ -143,26 +156,35 @@ async fn a_resent_delivered_receipt_is_stored_and_logged_once_and_a_second_endin
     let events_before = vn.store.message_events(&sent.id).unwrap().len();
     let mut kh = accord_tests::peer_link_as(&net, "kh", "vn").unwrap();
     for _ in 0..10 {
-        kh.deliver(pb::DeliverRequest {
+        let resp = kh
+            .deliver(pb::DeliverRequest {
+                items: vec![pb::PeerItem {
+                    item: Some(pb::peer_item::Item::Receipt(delivered.clone())),
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // Already held: answered as stored.
+        assert_eq!(resp.results, vec![pb::PeerResult::default()]);
+    }
+    // KH's gateway, which did receive the message, now says it expired: a delivery ends
+    // once, so VN refuses this second ending, neither stores nor logs it, and says so.
+    let late = rejected_by_kh_gateway(&net, &sent.id, &sent.hash, pb::RejectReason::Expired);
+    let resp = kh
+        .deliver(pb::DeliverRequest {
             items: vec![pb::PeerItem {
-                item: Some(pb::peer_item::Item::Receipt(delivered.clone())),
+                item: Some(pb::peer_item::Item::Receipt(late)),
             }],
         })
         .await
-        .unwrap();
-    }
-    // KH's gateway, which did receive the message, now says it expired: a delivery ends
-    // once, so VN refuses this second ending and neither stores nor logs it.
-    // (The peer link answers a refused receipt as it answers a stored one; the log and
-    // the chain below tell them apart.)
-    let late = rejected_by_kh_gateway(&net, &sent.id, &sent.hash, pb::RejectReason::Expired);
-    kh.deliver(pb::DeliverRequest {
-        items: vec![pb::PeerItem {
-            item: Some(pb::peer_item::Item::Receipt(late)),
-        }],
-    })
-    .await
-    .unwrap();
+        .unwrap()
+        .into_inner();
+    assert!(
+        resp.results[0].refused.contains("already ended"),
+        "{:?}",
+        resp.results
+    );
     assert_eq!(
         vn.store.message_events(&sent.id).unwrap().len(),
         events_before
