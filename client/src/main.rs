@@ -287,7 +287,8 @@ async fn refused(
 /// What `fetch` and `watch` do with each message they open.
 #[derive(clap::Args, Debug)]
 struct Intake {
-    /// Acknowledge each message (a delivered receipt signed by the organisation).
+    /// Acknowledge each message (a delivered receipt signed by the organisation). Messages
+    /// fetched together, or already waiting when watched, are acknowledged in one call.
     #[arg(long)]
     ack: bool,
     /// Show a child victim's identifying data and save their files (recorded in
@@ -305,9 +306,43 @@ struct Intake {
     export: Option<PathBuf>,
 }
 
-/// Shows an opened message, saves its files, exports it if asked and its handling allows,
-/// and acknowledges it if asked. False when it could not be shown or its files not saved:
-/// it then stays in the inbox, unacknowledged.
+/// Acknowledges the messages taken in, up to the gateway's batch in each call (one durable
+/// write at the gateway for many, as a backlog needs), and says which were acknowledged.
+/// One that is not taken stays in the inbox; the error then counts them.
+async fn acknowledge(
+    client: &mut OrgClient,
+    taken: &[accord_client::org::Opened],
+) -> anyhow::Result<()> {
+    let mut not_taken = 0;
+    for batch in taken.chunks(accord_gateway::service::MAX_BATCH) {
+        let results = client
+            .ack_many(batch)
+            .await
+            .context("acknowledging; the messages stay in the inbox, fetch again to retry")?;
+        for (opened, done) in batch.iter().zip(results) {
+            match done {
+                Ok(_) => println!("acknowledged {}", opened.envelope.id()),
+                Err(e) => {
+                    eprintln!(
+                        "could not acknowledge {}: {e}; it stays in the inbox",
+                        opened.envelope.id()
+                    );
+                    not_taken += 1;
+                }
+            }
+        }
+    }
+    anyhow::ensure!(
+        not_taken == 0,
+        "{not_taken} of {} acknowledgements were not taken (see above)",
+        taken.len()
+    );
+    Ok(())
+}
+
+/// Shows an opened message, saves its files, and exports it if asked and its handling
+/// allows. False when it could not be shown or its files not saved: it then stays in the
+/// inbox and is not to be acknowledged.
 async fn take_in(
     session: &Session,
     client: &mut OrgClient,
@@ -327,10 +362,6 @@ async fn take_in(
     }
     if let Some(dir) = &intake.export {
         export_message(client, opened, dir)?;
-    }
-    if intake.ack {
-        client.ack(opened).await?;
-        println!("acknowledged {}", opened.envelope.id());
     }
     Ok(true)
 }
@@ -795,13 +826,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Fetch { session, intake } => {
             let mut client = session.connect().await?;
+            let mut taken = Vec::new();
             for item in client.fetch_each(64).await? {
                 match item {
                     Ok(opened) => {
-                        take_in(&session, &mut client, &opened, &intake).await?;
+                        if take_in(&session, &mut client, &opened, &intake).await? {
+                            taken.push(opened);
+                        }
                     }
                     Err(e) => refused(&mut client, e, intake.ack).await?,
                 }
+            }
+            if intake.ack {
+                acknowledge(&mut client, &taken).await?;
             }
             Ok(())
         }
@@ -810,7 +847,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             intake,
             count,
         } => {
-            use futures::StreamExt;
+            use futures::{FutureExt, StreamExt};
             let mut client = session.connect().await?;
             let mut stream = std::pin::pin!(client.subscribe().await?);
             eprintln!(
@@ -818,7 +855,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 session.org.display()
             );
             let mut seen = 0;
-            while let Some(opened) = stream.next().await {
+            // Taken in and not yet acknowledged: what the stream already holds is taken in
+            // first, then acknowledged together.
+            let mut taken = Vec::new();
+            loop {
+                let next = match stream.next().now_or_never() {
+                    Some(next) => next,
+                    None => {
+                        acknowledge(&mut client, &std::mem::take(&mut taken)).await?;
+                        stream.next().await
+                    }
+                };
+                let Some(opened) = next else { break };
                 let opened = match opened {
                     Ok(opened) => opened,
                     // A refused message (a broken form, an answer that does not fit) is
@@ -834,12 +882,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if !take_in(&session, &mut client, &opened, &intake).await? {
                     continue;
                 }
+                if intake.ack {
+                    taken.push(opened);
+                }
                 seen += 1;
                 if count.is_some_and(|c| seen >= c) {
                     break;
                 }
             }
-            Ok(())
+            acknowledge(&mut client, &taken).await
         }
         Command::AuditEvidence {
             session,

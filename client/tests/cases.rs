@@ -405,3 +405,61 @@ async fn exports_carry_the_h1_notice_and_h2_or_h3_never_leave() {
     assert!(said.contains("H2: DO NOT PASS ON"), "{said}");
     net.shutdown().await;
 }
+
+/// Messages waiting together are acknowledged together, by `watch --ack` as they arrive and
+/// by `fetch --ack`, and each reaches its sender as delivered; an acknowledged message is
+/// not fetched again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_messages_are_acknowledged_together_and_each_reaches_its_sender() {
+    let net = vn_and_kh().await;
+    let kh = "spiffe://kh.accord/org/ahtd";
+    let send = |i: usize| {
+        let case = format!("VN-KH-2026-{:04}", 300 + i);
+        accepted_id(&ok(as_org(
+            &net,
+            "vn",
+            "c02",
+            &["send", "--to", kh, "--case", &case, &example("alert", "en")],
+        )))
+    };
+    let watched_ids: Vec<String> = (0..3).map(send).collect();
+    let watched = ok(as_org(
+        &net,
+        "kh",
+        "ahtd",
+        &["watch", "--ack", "--count", "3"],
+    ));
+    for id in &watched_ids {
+        assert!(watched.contains(&format!("acknowledged {id}")), "{watched}");
+    }
+
+    let fetched_ids: Vec<String> = (3..8).map(send).collect();
+    // Until all five wait in the inbox, shown and left there.
+    let mut shown = String::new();
+    for _ in 0..100 {
+        shown = ok(as_org(&net, "kh", "ahtd", &["fetch"]));
+        if fetched_ids.iter().all(|id| shown.contains(id.as_str())) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!shown.contains("acknowledged"), "{shown}");
+    let acked = ok(as_org(&net, "kh", "ahtd", &["fetch", "--ack"]));
+    for id in &fetched_ids {
+        assert!(acked.contains(&format!("acknowledged {id}")), "{acked}");
+    }
+    assert_eq!(ok(as_org(&net, "kh", "ahtd", &["fetch"])), "");
+
+    for id in watched_ids.iter().chain(&fetched_ids) {
+        let mut status = String::new();
+        for _ in 0..100 {
+            status = ok(as_org(&net, "vn", "c02", &["status", id]));
+            if status.contains(": Delivered") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert!(status.contains(": Delivered"), "{status}");
+    }
+    net.shutdown().await;
+}
