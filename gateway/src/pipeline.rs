@@ -19,6 +19,7 @@ use accord_proto::pb::{self, LogEvent, RejectReason, Stage};
 use accord_proto::receipt::{self, ReceiptError, VerifiedReceipt};
 use prost::Message;
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use crate::store::{
     Op, Queue, QueueEntry, QueueKey, Store, StoreError, StoredMessage, Tx, TxOutcome,
@@ -554,9 +555,19 @@ impl Pipeline {
         self: &Arc<Self>,
         (env, queue): (VerifiedEnvelope, Queue),
     ) -> Result<pb::Receipt, PipelineError> {
+        // Instrumented, not entered: a guard held across an await names this envelope in
+        // whatever else runs on the thread meanwhile.
+        let span =
+            tracing::info_span!("submit", message_id = %env.id(), envelope_hash = %env.hash());
+        self.accept_verified(env, queue).instrument(span).await
+    }
+
+    async fn accept_verified(
+        self: &Arc<Self>,
+        env: VerifiedEnvelope,
+        queue: Queue,
+    ) -> Result<pb::Receipt, PipelineError> {
         let (id, hash) = (env.id(), env.hash());
-        let span = tracing::info_span!("submit", message_id = %id, envelope_hash = %hash);
-        let _g = span.enter();
         if self.store.message(&id)?.is_some() {
             return self.repeat(&id, &hash, Stage::Accepted).await;
         }
@@ -645,14 +656,27 @@ impl Pipeline {
             Ok(env) => env,
             Err(reason) => return self.reject_from_peer(peer, &header, hash, reason).await,
         };
-        let (id, recipient) = (env.id(), env.recipient().clone());
-        let span =
-            tracing::info_span!("receive", message_id = %id, envelope_hash = %hash, peer = %peer);
-        let _g = span.enter();
+        let span = tracing::info_span!(
+            "receive", message_id = %env.id(), envelope_hash = %hash, peer = %peer
+        );
+        self.receive_admitted(peer, &header, env)
+            .instrument(span)
+            .await
+    }
+
+    /// An envelope from `peer` that passed [`Self::admit_from_peer`]; `header` names a
+    /// refusal.
+    async fn receive_admitted(
+        self: &Arc<Self>,
+        peer: &SpiffeId,
+        header: &HeaderBytes,
+        env: VerifiedEnvelope,
+    ) -> Result<pb::Receipt, PipelineError> {
+        let (id, hash, recipient) = (env.id(), env.hash(), env.recipient().clone());
         if self.store.message(&id)?.is_some() {
             return match self.repeat(&id, &hash, Stage::Received).await {
                 Err(PipelineError::Conflict) => {
-                    self.reject_from_peer(peer, &header, hash, RejectReason::Conflict)
+                    self.reject_from_peer(peer, header, hash, RejectReason::Conflict)
                         .await
                 }
                 other => other,
