@@ -51,6 +51,9 @@ pub struct Options {
     pub gateway_exe: PathBuf,
     /// Give up on the timed phase after this long.
     pub timeout: Duration,
+    /// The gateways' log filter (`RUST_LOG`). The deployed unit runs `info`, which logs
+    /// a line per message at each stage.
+    pub gateway_log: String,
 }
 
 /// A throughput and its latency distribution.
@@ -158,6 +161,8 @@ pub struct Machine {
     pub cpu: String,
     pub kernel: String,
     pub run_dir_filesystem: String,
+    /// The gateways' log filter in this run ([`Options::gateway_log`]).
+    pub gateway_log: String,
 }
 
 const SENDER_ORG: &str = "c02";
@@ -170,7 +175,7 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
         "--count must be at least --senders"
     );
     let net = bench_net(opts).await?;
-    let mut gateways = vec![GatewayProcess::spawn(&opts.gateway_exe, &net, "vn")?];
+    let mut gateways = vec![GatewayProcess::spawn(opts, &net, "vn")?];
     let result = phases(opts, &net, &mut gateways, progress).await;
     for g in &mut gateways {
         g.stop();
@@ -246,7 +251,7 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
         busiest_process,
     };
     let report = Report {
-        machine: machine(net.root()),
+        machine: machine(net.root(), &opts.gateway_log),
         senders: opts.senders,
         body_bytes: opts.body_bytes,
         messages: opts.messages,
@@ -404,7 +409,7 @@ async fn drain_after_kh_starts(
     queued: usize,
 ) -> anyhow::Result<(Rate, OrgClient)> {
     let start = Instant::now();
-    gateways.push(GatewayProcess::spawn(&opts.gateway_exe, net, "kh")?);
+    gateways.push(GatewayProcess::spawn(opts, net, "kh")?);
     let recipient = ready_client(net, "kh", RECIPIENT_ORG, gateways).await?;
     let delivered = tokio::time::timeout(
         opts.timeout,
@@ -666,13 +671,14 @@ struct GatewayProcess {
 }
 
 impl GatewayProcess {
-    fn spawn(exe: &Path, net: &LocalNet, cc: &str) -> anyhow::Result<Self> {
+    fn spawn(opts: &Options, net: &LocalNet, cc: &str) -> anyhow::Result<Self> {
+        let exe = &opts.gateway_exe;
         let log = net.root().join(format!("{cc}-gateway.log"));
         let out = std::fs::File::create(&log)?;
         let child = std::process::Command::new(exe)
             .arg("gateway")
             .arg(net.config_path(cc))
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", &opts.gateway_log)
             // As deploy/accord-gateway.service runs it: glibc's per-thread arenas otherwise
             // add about 35 MiB to a gateway draining a backlog.
             .env("MALLOC_ARENA_MAX", "2")
@@ -757,7 +763,7 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-fn machine(run_dir: &Path) -> Machine {
+fn machine(run_dir: &Path, gateway_log: &str) -> Machine {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
@@ -774,6 +780,7 @@ fn machine(run_dir: &Path) -> Machine {
         cpu,
         kernel,
         run_dir_filesystem: filesystem_of(run_dir),
+        gateway_log: gateway_log.to_owned(),
     }
 }
 
@@ -1129,7 +1136,7 @@ pub async fn run_backlog(
         "--backlog must be at least --senders"
     );
     let net = bench_net(opts).await?;
-    let mut vn = GatewayProcess::spawn(&opts.gateway_exe, &net, "vn")?;
+    let mut vn = GatewayProcess::spawn(opts, &net, "vn")?;
     let mut senders = Vec::new();
     for _ in 0..opts.senders {
         senders.push(ready_client(&net, "vn", SENDER_ORG, std::slice::from_ref(&vn)).await?);
@@ -1186,7 +1193,7 @@ pub async fn run_backlog(
     vn.stop();
     let vn_log_entries = log_entries(&net.data_dir("vn")?)?;
     let restarted = Instant::now();
-    let vn = GatewayProcess::spawn(&opts.gateway_exe, &net, "vn")?;
+    let vn = GatewayProcess::spawn(opts, &net, "vn")?;
     ready_client(&net, "vn", SENDER_ORG, std::slice::from_ref(&vn)).await?;
     let restart_to_ready_ms = restarted.elapsed().as_secs_f64() * 1e3;
 
@@ -1199,7 +1206,7 @@ pub async fn run_backlog(
     let (drain, _) = drained?;
     let (vn, kh) = (&gateways[0], &gateways[1]);
     let report = BacklogReport {
-        machine: machine(net.root()),
+        machine: machine(net.root(), &opts.gateway_log),
         senders: opts.senders,
         body_bytes: opts.body_bytes,
         backlog,
@@ -1227,7 +1234,7 @@ async fn exchange_history(
     history: usize,
     progress: &mut (impl Write + Send),
 ) -> anyhow::Result<GatewayProcess> {
-    let mut both = vec![vn, GatewayProcess::spawn(&opts.gateway_exe, net, "kh")?];
+    let mut both = vec![vn, GatewayProcess::spawn(opts, net, "kh")?];
     let result = async {
         let mut recipient = ready_client(net, "kh", RECIPIENT_ORG, &both).await?;
         let (to, body) = (
@@ -1265,8 +1272,9 @@ fn log_entries(data_dir: &Path) -> anyhow::Result<u64> {
 pub fn print_backlog(r: &BacklogReport, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(
         out,
-        "accord bench --backlog: {} envelopes of {} B, {} senders; {} cores ({})",
-        r.backlog, r.body_bytes, r.senders, r.machine.cores, r.machine.cpu
+        "accord bench --backlog: {} envelopes of {} B, {} senders; {} cores ({}), gateways \
+         logging at {}",
+        r.backlog, r.body_bytes, r.senders, r.machine.cores, r.machine.cpu, r.machine.gateway_log
     )?;
     writeln!(
         out,
@@ -1302,8 +1310,15 @@ pub fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     let m = &report.machine;
     writeln!(
         out,
-        "accord bench: {} senders, {} B bodies, {} messages; {} cores ({}), run folder on {}",
-        report.senders, report.body_bytes, report.messages, m.cores, m.cpu, m.run_dir_filesystem
+        "accord bench: {} senders, {} B bodies, {} messages; {} cores ({}), run folder on {}, \
+         gateways logging at {}",
+        report.senders,
+        report.body_bytes,
+        report.messages,
+        m.cores,
+        m.cpu,
+        m.run_dir_filesystem,
+        m.gateway_log
     )?;
     writeln!(
         out,

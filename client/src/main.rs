@@ -179,6 +179,10 @@ enum Command {
         /// restarts on a long log (each adds 4 entries to VN's log).
         #[arg(long, default_value_t = 0, requires = "backlog")]
         history: usize,
+        /// The gateways' log filter (`RUST_LOG`): `info`, as the deployed unit runs, logs a
+        /// line per message at each stage.
+        #[arg(long, default_value = "warn")]
+        gateway_log: String,
         /// Print the report as one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -544,6 +548,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             timeout,
             backlog,
             history,
+            gateway_log,
             json,
         } => {
             let opts = accord_client::bench::Options {
@@ -554,6 +559,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 dir,
                 gateway_exe: std::env::current_exe().context("locating this executable")?,
                 timeout: std::time::Duration::from_secs(timeout),
+                gateway_log,
             };
             if let Some(backlog) = backlog {
                 let report = accord_client::bench::run_backlog(
