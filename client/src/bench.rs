@@ -54,6 +54,17 @@ pub struct Options {
     /// The gateways' log filter (`RUST_LOG`). The deployed unit runs `info`, which logs
     /// a line per message at each stage.
     pub gateway_log: String,
+    /// Messages per second offered by all senders together, evenly spaced, in the timed
+    /// phases; `None`: each sender submits as soon as its last submit was accepted.
+    pub rate: Option<f64>,
+}
+
+impl Options {
+    /// How long each sender waits between the starts of its submits, with `rate`.
+    fn pace(&self) -> Option<Duration> {
+        self.rate
+            .map(|rate| Duration::from_secs_f64(self.senders as f64 / rate))
+    }
 }
 
 /// A throughput and its latency distribution.
@@ -136,6 +147,9 @@ pub struct Ratios {
 pub struct Report {
     pub machine: Machine,
     pub senders: usize,
+    /// [`Options::rate`]: with it, throughputs are the offered rate, and the latencies
+    /// are those of that load.
+    pub offered_per_sec: Option<f64>,
     pub body_bytes: usize,
     pub messages: usize,
     /// Durable submit→accepted with KH down, so that nothing else runs on the machine: a
@@ -253,6 +267,7 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
     let report = Report {
         machine: machine(net.root(), &opts.gateway_log),
         senders: opts.senders,
+        offered_per_sec: opts.rate,
         body_bytes: opts.body_bytes,
         messages: opts.messages,
         submit_alone: alone,
@@ -335,9 +350,12 @@ async fn phases(
     writeln!(progress, "submit alone: {} senders...", opts.senders)?;
     let vn_before = cpu_seconds(gateways[0].pid);
     let bench_before = cpu_seconds(std::process::id());
-    let (start, accepted) = tokio::time::timeout(opts.timeout, submit_all(&senders, batches, None))
-        .await
-        .with_context(|| format!("the submit-only phase took longer than {:?}", opts.timeout))??;
+    let (start, accepted) = tokio::time::timeout(
+        opts.timeout,
+        submit_all(&senders, batches, None, opts.pace()),
+    )
+    .await
+    .with_context(|| format!("the submit-only phase took longer than {:?}", opts.timeout))??;
     let alone = SubmitAlone {
         rate: rate(start, &accepted),
         vn_cpu_us_per_message: us_per_message(
@@ -360,7 +378,7 @@ async fn phases(
     if opts.warmup > 0 {
         writeln!(progress, "warm-up: {} messages end to end...", opts.warmup)?;
         let warm = preseal(&senders, &to, &body, &options, opts.warmup)?;
-        timed_phase(&mut senders, &mut recipient, warm, opts.timeout).await?;
+        timed_phase(&mut senders, &mut recipient, warm, None, opts.timeout).await?;
     }
     writeln!(
         progress,
@@ -375,8 +393,14 @@ async fn phases(
     )?;
     let before: Vec<f64> = gateways.iter().map(|g| cpu_seconds(g.pid)).collect();
     let bench_before = cpu_seconds(std::process::id());
-    let (submit, end_to_end) =
-        timed_phase(&mut senders, &mut recipient, batches, opts.timeout).await?;
+    let (submit, end_to_end) = timed_phase(
+        &mut senders,
+        &mut recipient,
+        batches,
+        opts.pace(),
+        opts.timeout,
+    )
+    .await?;
     let cpu = CpuUse {
         gateways: gateways
             .iter()
@@ -473,6 +497,7 @@ async fn timed_phase(
     senders: &mut [OrgClient],
     recipient: &mut OrgClient,
     batches: Vec<Vec<SealedEnvelope>>,
+    pace: Option<Duration>,
     timeout: Duration,
 ) -> anyhow::Result<(Rate, Rate)> {
     let total: usize = batches.iter().map(Vec::len).sum();
@@ -489,7 +514,7 @@ async fn timed_phase(
     }));
 
     let run = async {
-        let (_, accepted) = submit_all(senders, batches, Some(submitted_at)).await?;
+        let (_, accepted) = submit_all(senders, batches, Some(submitted_at), pace).await?;
         let delivered = receiving.await??;
         Ok::<_, anyhow::Error>((accepted, delivered))
     };
@@ -500,22 +525,35 @@ async fn timed_phase(
 }
 
 /// Submits every batch, one sender per batch with one envelope in flight each, noting in
-/// `submitted_at` when each submit started. Returns when the submits started and when
-/// each was accepted, with its latency.
+/// `submitted_at` when each submit started. With `pace`, each sender starts a submit
+/// every `pace` (the senders staggered across it), or as soon as the last is accepted if
+/// that took longer. Returns when the submits started and when each was accepted, with
+/// its latency.
 async fn submit_all(
     senders: &[OrgClient],
     batches: Vec<Vec<SealedEnvelope>>,
     submitted_at: Option<Arc<Mutex<HashMap<MessageId, Instant>>>>,
+    pace: Option<Duration>,
 ) -> anyhow::Result<(Instant, Vec<(Instant, Duration)>)> {
     let total: usize = batches.iter().map(Vec::len).sum();
     let start = Instant::now();
     let mut sending = tokio::task::JoinSet::new();
-    for (client, batch) in senders.iter().cloned().zip(batches) {
+    let count = senders.len() as u32;
+    for (k, (client, batch)) in senders.iter().cloned().zip(batches).enumerate() {
         let times = submitted_at.clone();
         let mut client = client;
+        let mut ticks = pace.map(|every| {
+            let first = tokio::time::Instant::from_std(start) + every * k as u32 / count;
+            let mut ticks = tokio::time::interval_at(first, every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks
+        });
         sending.spawn(async move {
             let mut accepted = Vec::with_capacity(batch.len());
             for sealed in batch {
+                if let Some(ticks) = &mut ticks {
+                    ticks.tick().await;
+                }
                 let t0 = Instant::now();
                 if let Some(times) = &times {
                     let id = crate::org::message_id_of(&sealed)?;
@@ -1246,7 +1284,7 @@ async fn exchange_history(
         while done < history {
             let n = (history - done).min(20_000).max(senders.len());
             let batches = preseal(senders, &to, &body, &options, n)?;
-            timed_phase(senders, &mut recipient, batches, opts.timeout).await?;
+            timed_phase(senders, &mut recipient, batches, None, opts.timeout).await?;
             done += n;
             writeln!(
                 progress,
@@ -1310,9 +1348,13 @@ pub fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     let m = &report.machine;
     writeln!(
         out,
-        "accord bench: {} senders, {} B bodies, {} messages; {} cores ({}), run folder on {}, \
-         gateways logging at {}",
+        "accord bench: {} senders{}, {} B bodies, {} messages; {} cores ({}), run folder on \
+         {}, gateways logging at {}",
         report.senders,
+        report
+            .offered_per_sec
+            .map(|r| format!(" offering {r} msg/s"))
+            .unwrap_or_default(),
         report.body_bytes,
         report.messages,
         m.cores,

@@ -179,6 +179,11 @@ enum Command {
         /// restarts on a long log (each adds 4 entries to VN's log).
         #[arg(long, default_value_t = 0, requires = "backlog")]
         history: usize,
+        /// Messages per second offered by all senders together, evenly spaced (light load:
+        /// `--senders 1 --rate 20`). Without it, each sender submits as soon as its last
+        /// submit was accepted.
+        #[arg(long, conflicts_with = "backlog", value_parser = positive_rate)]
+        rate: Option<f64>,
         /// The gateways' log filter (`RUST_LOG`): `info`, as the deployed unit runs, logs a
         /// line per message at each stage.
         #[arg(long, default_value = "warn")]
@@ -509,6 +514,16 @@ fn print_opened(
     Ok(())
 }
 
+/// `--rate`: a finite number of messages per second above zero.
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!(
+            "{text:?} is not a rate above zero (messages per second)"
+        )),
+    }
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     accord_gateway::tls::install_default_provider();
@@ -548,6 +563,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             timeout,
             backlog,
             history,
+            rate,
             gateway_log,
             json,
         } => {
@@ -560,6 +576,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 gateway_exe: std::env::current_exe().context("locating this executable")?,
                 timeout: std::time::Duration::from_secs(timeout),
                 gateway_log,
+                rate,
             };
             if let Some(backlog) = backlog {
                 let report = accord_client::bench::run_backlog(

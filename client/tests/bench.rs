@@ -85,3 +85,51 @@ fn the_backlog_benchmark_restarts_the_holder_and_drains_everything() {
     positive(&r, "/restart_to_ready_ms");
     positive(&r, "/vn_peak_rss_with_backlog_mib");
 }
+
+/// `--rate` spaces the submits: 40 messages from 2 senders at 100 msg/s cannot be accepted
+/// faster than the last one's start allows (390 ms), whatever the machine. The gateways
+/// log at the level asked for.
+#[test]
+fn an_offered_rate_paces_the_senders_and_the_log_level_is_the_one_asked_for() {
+    let r = accord(&[
+        "bench",
+        "--senders",
+        "2",
+        "--count",
+        "40",
+        "--warmup",
+        "0",
+        "--rate",
+        "100",
+        "--gateway-log",
+        "info",
+        "--json",
+    ]);
+    assert_eq!(r["offered_per_sec"], 100.0);
+    assert_eq!(r["machine"]["gateway_log"], "info");
+    assert_eq!(r["end_to_end"]["messages"], 40, "every message delivered");
+    for path in [
+        "/submit_alone/throughput_per_sec",
+        "/submit/throughput_per_sec",
+    ] {
+        let rate = positive(&r, path);
+        assert!(rate <= 105.0, "{path} = {rate} msg/s, offered 100");
+    }
+}
+
+#[test]
+fn a_rate_must_be_above_zero_and_is_not_for_the_backlog() {
+    for args in [
+        &["bench", "--rate", "0"][..],
+        &["bench", "--rate", "fast"],
+        &["bench", "--rate", "10", "--backlog", "10"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_accord"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} accepted");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("--rate"), "{args:?}: {said}");
+    }
+}
