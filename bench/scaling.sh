@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The scaling tables of docs/performance.md: `accord bench` at 1 KiB for 1, 4, 16, 64 and
-# 256 senders, then at 16 senders for 1 KiB, 64 KiB and 1 MiB bodies, then the backlog
+# 256 senders, one sender offering 20 msg/s (light load), then at 16 senders for 1 KiB, 64 KiB and 1 MiB bodies, then the backlog
 # scenario (after 200,000 envelopes end to end, so VN restarts on a log of about 1M
 # entries). Each row is one `accord bench ... --json` run; the JSON lines go to --out and
 # the tables, with the command of each row, to stdout.
@@ -39,6 +39,8 @@ for s in 1 4 16 64 256; do
     case $s in 1) c=3000 ;; 4) c=6000 ;; *) c=12000 ;; esac
     run "senders=$s" --senders "$s" --size 1024 --count "$(n $c)" --warmup "$(n 500)"
 done
+# The latency target's setting: one alert stream at light load, 20 msg/s offered.
+run "light load, 1 sender at 20 msg/s" --senders 1 --rate 20 --size 1024 --count "$(n 1200)" --warmup "$(n 100)"
 run "size=64KiB" --senders 16 --size 65536 --count "$(n 3000)" --warmup "$(n 200)"
 run "size=1MiB" --senders 16 --size 1048576 --count "$(n 400)" --warmup "$(n 40)"
 run "backlog=100k" --backlog "$(n 100000)" --history "$(n 200000)" --senders 64 --size 1024
