@@ -228,7 +228,7 @@ async fn drain_once(
     ) in sent.into_iter().zip(response.results)
     {
         if !result.retry_reason.is_empty() {
-            tracing::info!(peer = %peer, message_id = %id, reason = %result.retry_reason, "peer asks to retry");
+            tracing::info!(peer = %peer, message_id = %id, reason = ?peer_text(&result.retry_reason), "peer asks to retry");
             if result.retry_reason == crate::transfer::CHUNKS_MISSING && entry.receipt.is_none() {
                 start_push(pipeline, client.clone(), peer, id, pushes, cfg);
             }
@@ -237,13 +237,13 @@ async fn drain_once(
         if envelope.is_none() && !result.refused.is_empty() {
             // Sending it again would be refused again: it leaves the outbox, and the
             // refusal is on record here as well as at the peer.
-            tracing::error!(peer = %peer, message_id = %id, reason = %result.refused, "peer refused a receipt for good");
+            tracing::error!(peer = %peer, message_id = %id, reason = ?peer_text(&result.refused), "peer refused a receipt for good");
         }
         let mut ops = vec![];
         if let Some(envelope) = envelope {
             let Some(r) = result.receipt else {
                 // Refused without a receipt: the sender must still learn how it ended.
-                tracing::error!(peer = %peer, message_id = %id, reason = %result.refused, "peer refused an envelope without a receipt");
+                tracing::error!(peer = %peer, message_id = %id, reason = ?peer_text(&result.refused), "peer refused an envelope without a receipt");
                 let Some(msg) = pipeline.store.message(&id)? else {
                     settle(pipeline, key, &entry, vec![]).await?;
                     continue;
@@ -605,9 +605,27 @@ async fn push_attachments(
     Ok(())
 }
 
+/// Text a peer sent, for our logs: at most 256 characters, logged with `?` so that line
+/// breaks and control characters stay escaped.
+fn peer_text(text: &str) -> &str {
+    text.char_indices()
+        .nth(256)
+        .map_or(text, |(end, _)| &text[..end])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peers_text_is_cut_to_256_characters_on_a_character_boundary() {
+        assert_eq!(peer_text("quota full"), "quota full");
+        let long = "ស".repeat(300) + "\nforged line";
+        let cut = peer_text(&long);
+        assert_eq!(cut.chars().count(), 256);
+        assert!(long.starts_with(cut) && !cut.contains('\n'));
+        assert_eq!(format!("{:?}", peer_text("a\nb")), r#""a\nb""#);
+    }
 
     #[test]
     fn backoff_grows_exponentially_within_bounds() {

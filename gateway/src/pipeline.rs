@@ -68,6 +68,10 @@ pub enum PipelineError {
     /// A peer needed for the answer could not be reached; retry later.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// A peer's receipt is signed by a key our copy of the directory does not hold yet (the
+    /// peer's directory change has not reached us): retry once it has.
+    #[error("receipt signer not in our directory yet: {0}")]
+    SignerNotKnownYet(String),
     /// The store failed: our fault, never the caller's.
     #[error("storage: {0}")]
     Store(#[from] StoreError),
@@ -796,22 +800,25 @@ impl Pipeline {
         peer: &SpiffeId,
         r: &pb::Receipt,
     ) -> Result<(), PipelineError> {
-        let v = receipt::verify(r, &self.directories())?;
+        let v = receipt::verify(r, &self.directories()).map_err(|e| match e {
+            ReceiptError::UnknownSigner(who) => PipelineError::SignerNotKnownYet(who),
+            other => other.into(),
+        })?;
+        // No such message, another envelope under its id, or a message not sent to the
+        // peer's country: one answer, so that the peer learns nothing of messages that
+        // are not its business, not even whether their ids exist.
         let stored = self
             .store
             .message(&v.message_id)?
-            .ok_or(PipelineError::NotFound)?;
-        if stored.envelope_hash != v.envelope_hash.0 {
-            return Err(PipelineError::BadReceipt(
-                "envelope hash does not match the message".into(),
-            ));
-        }
-        // Only the peer that received the message (or its recipient organisation) can say
-        // how its delivery ended.
-        let recipient_here = stored
-            .recipient_org
-            .parse::<OrgId>()
-            .is_ok_and(|r| r.country() == peer.country());
+            .filter(|m| {
+                m.envelope_hash == v.envelope_hash.0
+                    && m.recipient_org
+                        .parse::<OrgId>()
+                        .is_ok_and(|r| r.country() == peer.country())
+            })
+            .ok_or_else(|| {
+                PipelineError::BadReceipt("it does not fit a message sent to your country".into())
+            })?;
         let signer_ok = match v.stage() {
             Stage::Delivered => v.signer.to_string() == stored.recipient_org,
             Stage::Rejected if v.body.reason == RejectReason::RefusedByRecipient as i32 => {
@@ -820,7 +827,7 @@ impl Pipeline {
             Stage::Rejected => &v.signer == peer,
             _ => false,
         };
-        if !recipient_here || !signer_ok || v.signer.country() != peer.country() {
+        if !signer_ok || v.signer.country() != peer.country() {
             return Err(PipelineError::BadReceipt(format!(
                 "{:?} receipt from {} does not fit",
                 v.stage(),

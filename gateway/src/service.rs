@@ -66,6 +66,7 @@ impl From<PipelineError> for Status {
                 "another acknowledgement or ending of this message is being committed; retry",
             ),
             PipelineError::Unavailable(m) => Status::unavailable(m),
+            e @ PipelineError::SignerNotKnownYet(_) => Status::unavailable(e.to_string()),
             PipelineError::Store(err) => {
                 tracing::error!(error = %err, "store failure");
                 Status::internal("internal storage error; the request was not accepted")
@@ -422,7 +423,9 @@ impl PeerLink for PeerLinkService {
                     Some(pb::peer_item::Item::Receipt(r)) => match pipeline.receive_receipt(&peer, &r).await {
                         Ok(()) => pb::PeerResult::default(),
                         // Decided once the other ending is committed: the peer sends it again.
-                        Err(e @ PipelineError::EndingInProgress) => pb::PeerResult { retry_reason: e.to_string(), ..Default::default() },
+                        Err(e @ (PipelineError::EndingInProgress | PipelineError::SignerNotKnownYet(_))) => {
+                            pb::PeerResult { retry_reason: e.to_string(), ..Default::default() }
+                        }
                         Err(PipelineError::Store(_)) | Err(PipelineError::QuotaFull) => {
                             pb::PeerResult { retry_reason: "storage error".into(), ..Default::default() }
                         }

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use accord_client::org::{furthest_stage, SendOptions};
@@ -28,13 +29,23 @@ fn rejected_by_kh_gateway(
     let kh_keys =
         accord_gateway::server::load_key_file(&net.root().join("pki/kh/gateway/keys.json"))
             .unwrap();
+    rejected_by(&kh_keys.signing, id, hash, reason)
+}
+
+/// A REJECTED receipt about `id` in the name of KH's gateway, signed with `key`.
+fn rejected_by(
+    key: &SigningKey,
+    id: &accord_proto::ids::MessageId,
+    hash: &accord_proto::ids::EnvelopeHash,
+    reason: pb::RejectReason,
+) -> pb::Receipt {
     accord_proto::receipt::sign(
         &pb::ReceiptBody {
             envelope_hash: hash.0.to_vec(),
             message_id: id.as_bytes().to_vec(),
             stage: Stage::Rejected as i32,
             signer: "spiffe://kh.accord/gateway/phnom-penh".into(),
-            signer_key_id: kh_keys.signing.key_id().into(),
+            signer_key_id: key.key_id().into(),
             at_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
@@ -42,7 +53,7 @@ fn rejected_by_kh_gateway(
             log_index: 0,
             reason: reason as i32,
         },
-        &kh_keys.signing,
+        key,
     )
 }
 
@@ -97,6 +108,46 @@ async fn a_peer_cannot_inject_receipts_for_messages_it_never_handled_nor_replay_
         assert!(result.refused.contains("does not fit"), "{result:?}");
         assert!(result.retry_reason.is_empty() && result.receipt.is_none());
     }
+    // A message that does not exist, and a real one named with another envelope's hash,
+    // are refused in the same words as the message that is not KH's business: the peer
+    // learns nothing of which ids exist here.
+    let unknown_id = accord_proto::ids::MessageId::new_v7(1, [9; 10]);
+    let wrong_hash = accord_proto::ids::EnvelopeHash([7; 32]);
+    let mut answers = HashSet::new();
+    for r in [
+        rejected_by_kh_gateway(&net, &local.id, &local.hash, pb::RejectReason::Expired),
+        rejected_by_kh_gateway(&net, &unknown_id, &local.hash, pb::RejectReason::Expired),
+        rejected_by_kh_gateway(&net, &local.id, &wrong_hash, pb::RejectReason::Expired),
+    ] {
+        let resp = kh
+            .deliver(pb::DeliverRequest {
+                items: vec![pb::PeerItem {
+                    item: Some(pb::peer_item::Item::Receipt(r)),
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        answers.insert(resp.results[0].refused.clone());
+    }
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    // Signed by a key VN's directory does not hold (yet): retried, not refused for good.
+    let stranger = SigningKey::generate("not-yet-published").unwrap();
+    let early = rejected_by(&stranger, &local.id, &local.hash, pb::RejectReason::Expired);
+    let resp = kh
+        .deliver(pb::DeliverRequest {
+            items: vec![pb::PeerItem {
+                item: Some(pb::peer_item::Item::Receipt(early)),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let result = &resp.results[0];
+    assert!(
+        result.refused.is_empty() && result.retry_reason.contains("not in our directory"),
+        "{result:?}"
+    );
     // An item carrying nothing is refused too.
     let empty = kh
         .deliver(pb::DeliverRequest {
