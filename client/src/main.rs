@@ -514,12 +514,13 @@ fn print_opened(
     Ok(())
 }
 
-/// `--rate`: a finite number of messages per second above zero.
+/// `--rate`: messages per second, from one every 1,000 s to a million a second (beyond
+/// that, no sender could keep up and the pacing means nothing).
 fn positive_rate(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
-        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        Ok(rate) if (0.001..=1e6).contains(&rate) => Ok(rate),
         _ => Err(format!(
-            "{text:?} is not a rate above zero (messages per second)"
+            "{text:?} is not a rate from 0.001 to 1000000 messages per second"
         )),
     }
 }
@@ -849,21 +850,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Fetch { session, intake } => {
             let mut client = session.connect().await?;
+            // Taken in (shown, files saved, exported) and to be acknowledged: even when a
+            // later message fails the command, these are acknowledged first, or the next
+            // fetch would show, save and export them again.
             let mut taken = Vec::new();
-            for item in client.fetch_each(64).await? {
-                match item {
-                    Ok(opened) => {
-                        if take_in(&session, &mut client, &opened, &intake).await? {
-                            taken.push(opened);
+            let took = async {
+                for item in client.fetch_each(64).await? {
+                    match item {
+                        Ok(opened) => {
+                            if take_in(&session, &mut client, &opened, &intake).await? && intake.ack
+                            {
+                                taken.push(opened);
+                            }
                         }
+                        Err(e) => refused(&mut client, e, intake.ack).await?,
                     }
-                    Err(e) => refused(&mut client, e, intake.ack).await?,
                 }
+                anyhow::Ok(())
             }
-            if intake.ack {
-                acknowledge(&mut client, &taken).await?;
-            }
-            Ok(())
+            .await;
+            let acked = acknowledge(&mut client, &taken).await;
+            took?;
+            acked
         }
         Command::Watch {
             session,
@@ -879,41 +887,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let mut seen = 0;
             // Taken in and not yet acknowledged: what the stream already holds is taken in
-            // first, then acknowledged together.
+            // first, then acknowledged together, a gateway batch at most. Whatever ends the
+            // watch, these are acknowledged first.
             let mut taken = Vec::new();
-            loop {
-                let next = match stream.next().now_or_never() {
-                    Some(next) => next,
-                    None => {
-                        acknowledge(&mut client, &std::mem::take(&mut taken)).await?;
-                        stream.next().await
-                    }
-                };
-                let Some(opened) = next else { break };
-                let opened = match opened {
-                    Ok(opened) => opened,
-                    // A refused message (a broken form, an answer that does not fit) is
-                    // reported; the stream goes on. A broken stream ends the watch.
-                    Err(accord_client::org::ClientError::Gateway(s)) => {
-                        return Err(accord_client::org::ClientError::Gateway(s).into())
-                    }
-                    Err(e) => {
-                        refused(&mut client, e, intake.ack).await?;
+            let watched = async {
+                loop {
+                    let ready = if taken.len() < accord_gateway::service::MAX_BATCH {
+                        stream.next().now_or_never()
+                    } else {
+                        None
+                    };
+                    let next = match ready {
+                        Some(next) => next,
+                        None => {
+                            acknowledge(&mut client, &std::mem::take(&mut taken)).await?;
+                            stream.next().await
+                        }
+                    };
+                    let Some(opened) = next else { break };
+                    let opened = match opened {
+                        Ok(opened) => opened,
+                        // A refused message (a broken form, an answer that does not fit) is
+                        // reported; the stream goes on. A broken stream ends the watch.
+                        Err(accord_client::org::ClientError::Gateway(s)) => {
+                            return Err(accord_client::org::ClientError::Gateway(s).into())
+                        }
+                        Err(e) => {
+                            refused(&mut client, e, intake.ack).await?;
+                            continue;
+                        }
+                    };
+                    if !take_in(&session, &mut client, &opened, &intake).await? {
                         continue;
                     }
-                };
-                if !take_in(&session, &mut client, &opened, &intake).await? {
-                    continue;
+                    if intake.ack {
+                        taken.push(opened);
+                    }
+                    seen += 1;
+                    if count.is_some_and(|c| seen >= c) {
+                        break;
+                    }
                 }
-                if intake.ack {
-                    taken.push(opened);
-                }
-                seen += 1;
-                if count.is_some_and(|c| seen >= c) {
-                    break;
-                }
+                anyhow::Ok(())
             }
-            acknowledge(&mut client, &taken).await
+            .await;
+            let acked = acknowledge(&mut client, &taken).await;
+            watched?;
+            acked
         }
         Command::AuditEvidence {
             session,

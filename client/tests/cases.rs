@@ -463,3 +463,49 @@ async fn waiting_messages_are_acknowledged_together_and_each_reaches_its_sender(
     }
     net.shutdown().await;
 }
+
+/// A fetch that fails part way (here: one message cannot be exported) still acknowledges
+/// what it took in before, so the next fetch does not show, save and export it again; the
+/// message that failed stays in the inbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_that_fails_part_way_acknowledges_what_it_took_in_before() {
+    let net = vn_and_kh().await;
+    let kh = "spiffe://kh.accord/org/ahtd";
+    let send = |case: &str| {
+        accepted_id(&ok(as_org(
+            &net,
+            "vn",
+            "c02",
+            &["send", "--to", kh, "--case", case, &example("alert", "en")],
+        )))
+    };
+    let (first, second) = (send("VN-KH-2026-0400"), send("VN-KH-2026-0401"));
+    for _ in 0..100 {
+        let shown = ok(as_org(&net, "kh", "ahtd", &["fetch"]));
+        if shown.contains(&first) && shown.contains(&second) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let exports = tempfile::tempdir().unwrap();
+    // The second message's export file cannot be written: a folder holds its name.
+    std::fs::create_dir(exports.path().join(format!("{second}.json"))).unwrap();
+    let out = as_org(
+        &net,
+        "kh",
+        "ahtd",
+        &[
+            "fetch",
+            "--ack",
+            "--export",
+            exports.path().to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(&format!("acknowledged {first}")), "{said}");
+    assert!(!said.contains(&format!("acknowledged {second}")), "{said}");
+    let left = ok(as_org(&net, "kh", "ahtd", &["fetch"]));
+    assert!(left.contains(&second) && !left.contains(&first), "{left}");
+    net.shutdown().await;
+}
