@@ -60,10 +60,14 @@ pub struct Options {
 }
 
 impl Options {
-    /// How long each sender waits between the starts of its submits, with `rate`.
+    /// How long each sender waits between the starts of its submits, with `rate`: at least
+    /// a microsecond, at most a year (the CLI keeps `rate` well inside both).
     fn pace(&self) -> Option<Duration> {
-        self.rate
-            .map(|rate| Duration::from_secs_f64(self.senders as f64 / rate))
+        self.rate.map(|rate| {
+            Duration::try_from_secs_f64(self.senders as f64 / rate)
+                .unwrap_or(Duration::MAX)
+                .clamp(Duration::from_micros(1), Duration::from_secs(365 * 86_400))
+        })
     }
 }
 
@@ -543,7 +547,8 @@ async fn submit_all(
         let times = submitted_at.clone();
         let mut client = client;
         let mut ticks = pace.map(|every| {
-            let first = tokio::time::Instant::from_std(start) + every * k as u32 / count;
+            // k < count, so this stays below `every`.
+            let first = tokio::time::Instant::from_std(start) + every / count * k as u32;
             let mut ticks = tokio::time::interval_at(first, every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ticks

@@ -122,6 +122,9 @@ fn a_rate_must_be_above_zero_and_is_not_for_the_backlog() {
     for args in [
         &["bench", "--rate", "0"][..],
         &["bench", "--rate", "fast"],
+        &["bench", "--rate", "1e-300"],
+        &["bench", "--rate", "1e12"],
+        &["bench", "--rate", "NaN"],
         &["bench", "--rate", "10", "--backlog", "10"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_accord"))
