@@ -148,6 +148,21 @@ async fn a_peer_cannot_inject_receipts_for_messages_it_never_handled_nor_replay_
         result.refused.is_empty() && result.retry_reason.contains("not in our directory"),
         "{result:?}"
     );
+    // An envelope too broken to name a refusal is refused without a receipt, and said so.
+    let broken = kh
+        .deliver(pb::DeliverRequest {
+            items: vec![pb::PeerItem {
+                item: Some(pb::peer_item::Item::Envelope(pb::Envelope::default())),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let result = &broken.results[0];
+    assert!(
+        result.receipt.is_none() && result.retry_reason.is_empty() && !result.refused.is_empty(),
+        "{result:?}"
+    );
     // An item carrying nothing is refused too.
     let empty = kh
         .deliver(pb::DeliverRequest {
