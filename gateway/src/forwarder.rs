@@ -203,7 +203,9 @@ async fn drain_once(
     let response = client
         .deliver(pb::DeliverRequest { items })
         .await
-        .map_err(|s| ForwardError::Unavailable(format!("{:?}: {}", s.code(), s.message())))?
+        .map_err(|s| {
+            ForwardError::Unavailable(format!("{:?}: {:?}", s.code(), peer_text(s.message())))
+        })?
         .into_inner();
     if response.results.len() != sent.len() {
         return Err(ForwardError::Unavailable(
@@ -544,8 +546,9 @@ async fn push_attachments(
     header: &pb::Header,
     hash: EnvelopeHash,
 ) -> Result<(), ForwardError> {
-    let link =
-        |s: tonic::Status| ForwardError::Unavailable(format!("{:?}: {}", s.code(), s.message()));
+    let link = |s: tonic::Status| {
+        ForwardError::Unavailable(format!("{:?}: {:?}", s.code(), peer_text(s.message())))
+    };
     for (a, digest) in header.attachments.iter().enumerate() {
         let a = a as u32;
         let n = accord_proto::attachment::chunk_count(digest) as u32;

@@ -92,6 +92,11 @@ impl From<ReceiptError> for PipelineError {
     }
 }
 
+/// How long a peer receipt signed by a key we do not hold is answered "retry" rather than
+/// refused: the peer sends its directory before each delivery, so a real change arrives
+/// within a round or two.
+const DIRECTORY_CATCH_UP_MS: i64 = 10 * 60 * 1000;
+
 /// Most envelope bytes one fetch returns (at least one envelope, whatever its size).
 const MAX_FETCH_BYTES: usize = 16 << 20;
 
@@ -794,6 +799,22 @@ impl Pipeline {
         }
     }
 
+    /// Whether a peer receipt whose signer key we do not hold may be signed by a key the
+    /// peer's next directory brings: only a signer of the peer's own country (the directory
+    /// the peer sends before it delivers), and only for a receipt signed within ten minutes
+    /// of now, either way. Anything else
+    /// would never verify; retrying it would only hold up the peer's outbox.
+    fn may_be_catching_up(&self, peer: &SpiffeId, r: &pb::Receipt) -> bool {
+        let Ok(body) = pb::ReceiptBody::decode(r.body.as_slice()) else {
+            return false;
+        };
+        let from_peer_country = body
+            .signer
+            .parse::<SpiffeId>()
+            .is_ok_and(|s| s.country() == peer.country() && s.country() != self.country());
+        from_peer_country && self.now().saturating_sub(body.at_ms).abs() < DIRECTORY_CATCH_UP_MS
+    }
+
     /// A receipt travelling back from a peer (delivered, or rejected at delivery).
     pub async fn receive_receipt(
         self: &Arc<Self>,
@@ -801,7 +822,9 @@ impl Pipeline {
         r: &pb::Receipt,
     ) -> Result<(), PipelineError> {
         let v = receipt::verify(r, &self.directories()).map_err(|e| match e {
-            ReceiptError::UnknownSigner(who) => PipelineError::SignerNotKnownYet(who),
+            ReceiptError::UnknownSigner(who) if self.may_be_catching_up(peer, r) => {
+                PipelineError::SignerNotKnownYet(who)
+            }
             other => other.into(),
         })?;
         // No such message, another envelope under its id, or a message not sent to the

@@ -29,15 +29,16 @@ fn rejected_by_kh_gateway(
     let kh_keys =
         accord_gateway::server::load_key_file(&net.root().join("pki/kh/gateway/keys.json"))
             .unwrap();
-    rejected_by(&kh_keys.signing, id, hash, reason)
+    rejected_by(&kh_keys.signing, id, hash, reason, accord_tests::now_ms())
 }
 
-/// A REJECTED receipt about `id` in the name of KH's gateway, signed with `key`.
+/// A REJECTED receipt about `id` in the name of KH's gateway, signed with `key` at `at_ms`.
 fn rejected_by(
     key: &SigningKey,
     id: &accord_proto::ids::MessageId,
     hash: &accord_proto::ids::EnvelopeHash,
     reason: pb::RejectReason,
+    at_ms: i64,
 ) -> pb::Receipt {
     accord_proto::receipt::sign(
         &pb::ReceiptBody {
@@ -46,10 +47,7 @@ fn rejected_by(
             stage: Stage::Rejected as i32,
             signer: "spiffe://kh.accord/gateway/phnom-penh".into(),
             signer_key_id: key.key_id().into(),
-            at_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis() as i64,
+            at_ms,
             log_index: 0,
             reason: reason as i32,
         },
@@ -84,6 +82,25 @@ async fn a_peer_cannot_inject_receipts_for_messages_it_never_handled_nor_replay_
         .unwrap();
     let got = accord_tests::fetch_n(&mut hotline, 1).await.unwrap();
     let delivered = hotline.ack(&got[0]).await.unwrap();
+    // A message to KH, for the receipts below that name it.
+    let to_kh = c02
+        .send(
+            &net.org_id("kh", "ahtd").unwrap(),
+            &alert("to kh"),
+            &SendOptions::new("P1"),
+        )
+        .await
+        .unwrap();
+    // Received at KH, so that its log entries are all in before the count below.
+    for _ in 0..200 {
+        let (_, chain) = c02.status(&to_kh.id).await.unwrap();
+        if furthest_stage(&chain) == Stage::Received {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, chain) = c02.status(&to_kh.id).await.unwrap();
+    assert_eq!(furthest_stage(&chain), Stage::Received);
     // A REJECTED receipt genuinely signed by KH's gateway key, about that VN-internal message.
     let forged_rejection =
         rejected_by_kh_gateway(&net, &local.id, &local.hash, pb::RejectReason::Expired);
@@ -108,16 +125,16 @@ async fn a_peer_cannot_inject_receipts_for_messages_it_never_handled_nor_replay_
         assert!(result.refused.contains("does not fit"), "{result:?}");
         assert!(result.retry_reason.is_empty() && result.receipt.is_none());
     }
-    // A message that does not exist, and a real one named with another envelope's hash,
-    // are refused in the same words as the message that is not KH's business: the peer
-    // learns nothing of which ids exist here.
+    // A message that does not exist, and a message sent to KH named with another
+    // envelope's hash, are answered exactly as the message that is not KH's business: the
+    // peer learns nothing of which ids exist here.
     let unknown_id = accord_proto::ids::MessageId::new_v7(1, [9; 10]);
     let wrong_hash = accord_proto::ids::EnvelopeHash([7; 32]);
     let mut answers = HashSet::new();
     for r in [
         rejected_by_kh_gateway(&net, &local.id, &local.hash, pb::RejectReason::Expired),
         rejected_by_kh_gateway(&net, &unknown_id, &local.hash, pb::RejectReason::Expired),
-        rejected_by_kh_gateway(&net, &local.id, &wrong_hash, pb::RejectReason::Expired),
+        rejected_by_kh_gateway(&net, &to_kh.id, &wrong_hash, pb::RejectReason::Expired),
     ] {
         let resp = kh
             .deliver(pb::DeliverRequest {
@@ -128,26 +145,45 @@ async fn a_peer_cannot_inject_receipts_for_messages_it_never_handled_nor_replay_
             .await
             .unwrap()
             .into_inner();
-        answers.insert(resp.results[0].refused.clone());
+        answers.insert(format!("{:?}", resp.results));
     }
     assert_eq!(answers.len(), 1, "{answers:?}");
-    // Signed by a key VN's directory does not hold (yet): retried, not refused for good.
+    // Signed by a KH key VN's directory does not hold (yet): retried, not refused for
+    // good; but signed an hour ago, that key will not come, and it is refused.
     let stranger = SigningKey::generate("not-yet-published").unwrap();
-    let early = rejected_by(&stranger, &local.id, &local.hash, pb::RejectReason::Expired);
-    let resp = kh
-        .deliver(pb::DeliverRequest {
-            items: vec![pb::PeerItem {
-                item: Some(pb::peer_item::Item::Receipt(early)),
-            }],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let result = &resp.results[0];
-    assert!(
-        result.refused.is_empty() && result.retry_reason.contains("not in our directory"),
-        "{result:?}"
-    );
+    let an_hour = 3_600_000;
+    for (at_ms, retried) in [
+        (accord_tests::now_ms(), true),
+        (accord_tests::now_ms() - an_hour, false),
+    ] {
+        let r = rejected_by(
+            &stranger,
+            &to_kh.id,
+            &to_kh.hash,
+            pb::RejectReason::Expired,
+            at_ms,
+        );
+        let resp = kh
+            .deliver(pb::DeliverRequest {
+                items: vec![pb::PeerItem {
+                    item: Some(pb::peer_item::Item::Receipt(r)),
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let result = &resp.results[0];
+        let said = if retried {
+            &result.retry_reason
+        } else {
+            &result.refused
+        };
+        assert!(
+            said.contains("unknown receipt signer") || said.contains("not in our directory"),
+            "{result:?}"
+        );
+        assert_eq!(result.refused.is_empty(), retried, "{result:?}");
+    }
     // An envelope too broken to name a refusal is refused without a receipt, and said so.
     let broken = kh
         .deliver(pb::DeliverRequest {
