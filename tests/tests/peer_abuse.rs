@@ -55,6 +55,24 @@ fn rejected_by(
     )
 }
 
+/// Delivers `receipts` to VN in one call over the peer link held as KH; the answers.
+async fn deliver_receipts(
+    kh: &mut pb::peer_link_client::PeerLinkClient<tonic::transport::Channel>,
+    receipts: impl IntoIterator<Item = pb::Receipt>,
+) -> Vec<pb::PeerResult> {
+    let items = receipts
+        .into_iter()
+        .map(|r| pb::PeerItem {
+            item: Some(pb::peer_item::Item::Receipt(r)),
+        })
+        .collect();
+    kh.deliver(pb::DeliverRequest { items })
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+}
+
 async fn net() -> TestNet {
     TestNet::builder()
         .policy("vn", WITH_DOMESTIC)
@@ -110,18 +128,10 @@ async fn a_peer_cannot_inject_receipts_for_messages_it_never_handled_nor_replay_
     let replays =
         std::iter::repeat_n(forged_rejection, 10).chain(std::iter::repeat_n(delivered, 10));
     for r in replays {
-        let resp = kh
-            .deliver(pb::DeliverRequest {
-                items: vec![pb::PeerItem {
-                    item: Some(pb::peer_item::Item::Receipt(r)),
-                }],
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(resp.results.len(), 1);
+        let resp = deliver_receipts(&mut kh, [r]).await;
+        assert_eq!(resp.len(), 1);
         // Refused for good, and the peer is told so and why, not answered as if stored.
-        let result = &resp.results[0];
+        let result = &resp[0];
         assert!(result.refused.contains("does not fit"), "{result:?}");
         assert!(result.retry_reason.is_empty() && result.receipt.is_none());
     }
@@ -136,16 +146,8 @@ async fn a_peer_cannot_inject_receipts_for_messages_it_never_handled_nor_replay_
         rejected_by_kh_gateway(&net, &unknown_id, &local.hash, pb::RejectReason::Expired),
         rejected_by_kh_gateway(&net, &to_kh.id, &wrong_hash, pb::RejectReason::Expired),
     ] {
-        let resp = kh
-            .deliver(pb::DeliverRequest {
-                items: vec![pb::PeerItem {
-                    item: Some(pb::peer_item::Item::Receipt(r)),
-                }],
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        answers.insert(format!("{:?}", resp.results));
+        let resp = deliver_receipts(&mut kh, [r]).await;
+        answers.insert(format!("{:?}", resp));
     }
     assert_eq!(answers.len(), 1, "{answers:?}");
     // Signed by a KH key VN's directory does not hold (yet): retried, not refused for
@@ -163,16 +165,8 @@ async fn a_peer_cannot_inject_receipts_for_messages_it_never_handled_nor_replay_
             pb::RejectReason::Expired,
             at_ms,
         );
-        let resp = kh
-            .deliver(pb::DeliverRequest {
-                items: vec![pb::PeerItem {
-                    item: Some(pb::peer_item::Item::Receipt(r)),
-                }],
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let result = &resp.results[0];
+        let resp = deliver_receipts(&mut kh, [r]).await;
+        let result = &resp[0];
         let said = if retried {
             &result.retry_reason
         } else {
@@ -258,35 +252,15 @@ async fn a_resent_delivered_receipt_is_stored_and_logged_once_and_a_second_endin
     let events_before = vn.store.message_events(&sent.id).unwrap().len();
     let mut kh = accord_tests::peer_link_as(&net, "kh", "vn").unwrap();
     for _ in 0..10 {
-        let resp = kh
-            .deliver(pb::DeliverRequest {
-                items: vec![pb::PeerItem {
-                    item: Some(pb::peer_item::Item::Receipt(delivered.clone())),
-                }],
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let resp = deliver_receipts(&mut kh, [delivered.clone()]).await;
         // Already held: answered as stored.
-        assert_eq!(resp.results, vec![pb::PeerResult::default()]);
+        assert_eq!(resp, vec![pb::PeerResult::default()]);
     }
     // KH's gateway, which did receive the message, now says it expired: a delivery ends
     // once, so VN refuses this second ending, neither stores nor logs it, and says so.
     let late = rejected_by_kh_gateway(&net, &sent.id, &sent.hash, pb::RejectReason::Expired);
-    let resp = kh
-        .deliver(pb::DeliverRequest {
-            items: vec![pb::PeerItem {
-                item: Some(pb::peer_item::Item::Receipt(late)),
-            }],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        resp.results[0].refused.contains("already ended"),
-        "{:?}",
-        resp.results
-    );
+    let resp = deliver_receipts(&mut kh, [late]).await;
+    assert!(resp[0].refused.contains("already ended"), "{:?}", resp);
     assert_eq!(
         vn.store.message_events(&sent.id).unwrap().len(),
         events_before
@@ -503,19 +477,7 @@ async fn two_endings_of_one_message_in_one_batch_end_it_once() {
     let endings = [pb::RejectReason::Expired, pb::RejectReason::Policy]
         .map(|reason| rejected_by_kh_gateway(&net, &sent.id, &sent.hash, reason));
     let mut kh = accord_tests::peer_link_as(&net, "kh", "vn").unwrap();
-    let results = kh
-        .deliver(pb::DeliverRequest {
-            items: endings
-                .iter()
-                .map(|r| pb::PeerItem {
-                    item: Some(pb::peer_item::Item::Receipt(r.clone())),
-                })
-                .collect(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
+    let results = deliver_receipts(&mut kh, endings.iter().cloned()).await;
     let retried: Vec<usize> = (0..2)
         .filter(|&i| !results[i].retry_reason.is_empty())
         .collect();
@@ -525,13 +487,7 @@ async fn two_endings_of_one_message_in_one_batch_end_it_once() {
         "one ending waits for the other: {results:?}"
     );
     // Sent again, as the peer's forwarder would: now refused, the delivery having ended.
-    kh.deliver(pb::DeliverRequest {
-        items: vec![pb::PeerItem {
-            item: Some(pb::peer_item::Item::Receipt(endings[retried[0]].clone())),
-        }],
-    })
-    .await
-    .unwrap();
+    deliver_receipts(&mut kh, [endings[retried[0]].clone()]).await;
     let (_, chain) = c02.status(&sent.id).await.unwrap();
     let ended: Vec<_> = chain
         .iter()
