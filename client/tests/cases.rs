@@ -66,6 +66,18 @@ fn accepted_id(stdout: &str) -> String {
     stdout.split_whitespace().nth(1).unwrap().to_owned()
 }
 
+/// `accord send` of the example alert from VN's c02 to KH's ahtd in `case`; its message id.
+fn alert_c02_to_ahtd(net: &LocalNet, case: &str) -> String {
+    let to = "spiffe://kh.accord/org/ahtd";
+    let alert = example("alert", "en");
+    accepted_id(&ok(as_org(
+        net,
+        "vn",
+        "c02",
+        &["send", "--to", to, "--case", case, &alert],
+    )))
+}
+
 /// VN with organisation c02 and KH with ahtd, gateways running.
 async fn vn_and_kh() -> LocalNet {
     LocalNet::builder()
@@ -412,16 +424,7 @@ async fn exports_carry_the_h1_notice_and_h2_or_h3_never_leave() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_messages_are_acknowledged_together_and_each_reaches_its_sender() {
     let net = vn_and_kh().await;
-    let kh = "spiffe://kh.accord/org/ahtd";
-    let send = |i: usize| {
-        let case = format!("VN-KH-2026-{:04}", 300 + i);
-        accepted_id(&ok(as_org(
-            &net,
-            "vn",
-            "c02",
-            &["send", "--to", kh, "--case", &case, &example("alert", "en")],
-        )))
-    };
+    let send = |i: usize| alert_c02_to_ahtd(&net, &format!("VN-KH-2026-{:04}", 300 + i));
     let watched_ids: Vec<String> = (0..3).map(send).collect();
     let watched = ok(as_org(
         &net,
@@ -470,15 +473,7 @@ async fn waiting_messages_are_acknowledged_together_and_each_reaches_its_sender(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_that_fails_part_way_acknowledges_what_it_took_in_before() {
     let net = vn_and_kh().await;
-    let kh = "spiffe://kh.accord/org/ahtd";
-    let send = |case: &str| {
-        accepted_id(&ok(as_org(
-            &net,
-            "vn",
-            "c02",
-            &["send", "--to", kh, "--case", case, &example("alert", "en")],
-        )))
-    };
+    let send = |case: &str| alert_c02_to_ahtd(&net, case);
     let (first, second) = (send("VN-KH-2026-0400"), send("VN-KH-2026-0401"));
     for _ in 0..100 {
         let shown = ok(as_org(&net, "kh", "ahtd", &["fetch"]));

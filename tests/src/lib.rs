@@ -9,6 +9,23 @@ use std::time::Duration;
 use accord_client::org::Opened;
 use accord_client::org::OrgClient;
 
+/// Polls `id`'s chain of receipts until its furthest stage is `stage` (or fails after
+/// ~15 s); the chain.
+pub async fn wait_stage(
+    client: &mut OrgClient,
+    id: &accord_proto::ids::MessageId,
+    stage: accord_proto::pb::Stage,
+) -> anyhow::Result<Vec<accord_proto::receipt::VerifiedReceipt>> {
+    for _ in 0..300 {
+        let (_, chain) = client.status(id).await?;
+        if accord_client::org::furthest_stage(&chain) == stage {
+            return Ok(chain);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("message {id} never reached {stage:?}")
+}
+
 /// Fetches until `want` envelopes arrived (or fails after ~10 s), acknowledging none.
 pub async fn fetch_n(client: &mut OrgClient, want: usize) -> anyhow::Result<Vec<Opened>> {
     let mut got = Vec::new();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use accord_client::org::{furthest_stage, SendOptions};
 use accord_proto::pb::{self, Stage};
-use accord_tests::{alert, fetch_n, TestNet};
+use accord_tests::{alert, fetch_n, wait_stage, TestNet};
 
 async fn two_countries() -> TestNet {
     TestNet::builder()
@@ -16,21 +16,6 @@ async fn two_countries() -> TestNet {
         .start()
         .await
         .unwrap()
-}
-
-async fn wait_stage(
-    client: &mut accord_client::org::OrgClient,
-    id: &accord_proto::ids::MessageId,
-    stage: Stage,
-) -> Vec<accord_proto::receipt::VerifiedReceipt> {
-    for _ in 0..300 {
-        let (_, chain) = client.status(id).await.unwrap();
-        if furthest_stage(&chain) == stage {
-            return chain;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("message {id} never reached {stage:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,7 +62,9 @@ async fn a_message_opens_to_what_was_sent_and_its_chain_is_complete() {
     assert_eq!(got[0].body, body);
     assert_eq!(got[0].envelope.id(), sent.id);
     kh.ack(&got[0]).await.unwrap();
-    let chain = wait_stage(&mut vn, &sent.id, Stage::Delivered).await;
+    let chain = wait_stage(&mut vn, &sent.id, Stage::Delivered)
+        .await
+        .unwrap();
     let stages: Vec<_> = chain.iter().map(|r| r.stage()).collect();
     for s in [Stage::Accepted, Stage::Received, Stage::Delivered] {
         assert!(stages.contains(&s), "{stages:?}");
@@ -212,7 +199,7 @@ async fn restarting_either_gateway_mid_flow_loses_nothing_and_delivers_nothing_t
     // The sender side still knows every message it accepted.
     let mut vn = net.client("vn", "c02").await.unwrap();
     for id in ids.iter().take(3) {
-        let chain = wait_stage(&mut vn, id, Stage::Received).await;
+        let chain = wait_stage(&mut vn, id, Stage::Received).await.unwrap();
         assert!(chain.iter().any(|r| r.stage() == Stage::Accepted));
     }
     net.shutdown().await;
@@ -328,7 +315,9 @@ async fn a_subscriber_gets_waiting_and_new_messages_live_and_can_ack_as_they_com
         .unwrap();
     assert_eq!(got.envelope.id(), second.id);
     kh.ack(&got).await.unwrap();
-    wait_stage(&mut vn, &second.id, Stage::Delivered).await;
+    wait_stage(&mut vn, &second.id, Stage::Delivered)
+        .await
+        .unwrap();
     assert!(
         tokio::time::timeout(Duration::from_millis(700), stream.next())
             .await
@@ -356,7 +345,9 @@ async fn an_envelope_that_expires_in_the_queue_is_not_delivered_and_its_sender_g
         .unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     net.start_gateway("kh").await.unwrap();
-    let chain = wait_stage(&mut vn, &doomed.id, Stage::Rejected).await;
+    let chain = wait_stage(&mut vn, &doomed.id, Stage::Rejected)
+        .await
+        .unwrap();
     let rejected = chain.iter().find(|r| r.stage() == Stage::Rejected).unwrap();
     assert_eq!(rejected.body.reason, pb::RejectReason::Expired as i32);
     let mut kh = net.client("kh", "ahtd").await.unwrap();
@@ -493,7 +484,7 @@ async fn a_backlog_is_acknowledged_in_one_call_each_receipt_decided_on_its_own()
 
     // Each sender's chain ends in one delivery.
     for s in &sent {
-        let chain = wait_stage(&mut c02, &s.id, Stage::Delivered).await;
+        let chain = wait_stage(&mut c02, &s.id, Stage::Delivered).await.unwrap();
         let deliveries = chain.iter().filter(|r| r.stage() == Stage::Delivered);
         assert_eq!(deliveries.count(), 1);
     }

@@ -110,15 +110,9 @@ async fn a_peer_cannot_inject_receipts_for_messages_it_never_handled_nor_replay_
         .await
         .unwrap();
     // Received at KH, so that its log entries are all in before the count below.
-    for _ in 0..200 {
-        let (_, chain) = c02.status(&to_kh.id).await.unwrap();
-        if furthest_stage(&chain) == Stage::Received {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let (_, chain) = c02.status(&to_kh.id).await.unwrap();
-    assert_eq!(furthest_stage(&chain), Stage::Received);
+    accord_tests::wait_stage(&mut c02, &to_kh.id, Stage::Received)
+        .await
+        .unwrap();
     // A REJECTED receipt genuinely signed by KH's gateway key, about that VN-internal message.
     let forged_rejection =
         rejected_by_kh_gateway(&net, &local.id, &local.hash, pb::RejectReason::Expired);
@@ -239,15 +233,9 @@ async fn a_resent_delivered_receipt_is_stored_and_logged_once_and_a_second_endin
     let delivered = ahtd.ack(&got[0]).await.unwrap();
     // Acking twice is harmless.
     ahtd.ack(&got[0]).await.unwrap();
-    for _ in 0..200 {
-        let (_, chain) = c02.status(&sent.id).await.unwrap();
-        if furthest_stage(&chain) == Stage::Delivered {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let (_, chain) = c02.status(&sent.id).await.unwrap();
-    assert_eq!(furthest_stage(&chain), Stage::Delivered, "never delivered");
+    accord_tests::wait_stage(&mut c02, &sent.id, Stage::Delivered)
+        .await
+        .unwrap();
     let vn = net.gateway("vn").unwrap().pipeline.clone();
     let events_before = vn.store.message_events(&sent.id).unwrap().len();
     let mut kh = accord_tests::peer_link_as(&net, "kh", "vn").unwrap();
@@ -467,13 +455,9 @@ async fn two_endings_of_one_message_in_one_batch_end_it_once() {
         .await
         .unwrap();
     // KH's gateway holds it (its received receipt reached VN), and no one acks it.
-    for _ in 0..200 {
-        let (_, chain) = c02.status(&sent.id).await.unwrap();
-        if furthest_stage(&chain) == Stage::Received {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    accord_tests::wait_stage(&mut c02, &sent.id, Stage::Received)
+        .await
+        .unwrap();
     let endings = [pb::RejectReason::Expired, pb::RejectReason::Policy]
         .map(|reason| rejected_by_kh_gateway(&net, &sent.id, &sent.hash, reason));
     let mut kh = accord_tests::peer_link_as(&net, "kh", "vn").unwrap();
