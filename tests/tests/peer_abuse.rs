@@ -29,11 +29,21 @@ fn rejected_by_kh_gateway(
     let kh_keys =
         accord_gateway::server::load_key_file(&net.root().join("pki/kh/gateway/keys.json"))
             .unwrap();
-    rejected_by(&kh_keys.signing, id, hash, reason, accord_tests::now_ms())
+    rejected_by(
+        KH_GATEWAY,
+        &kh_keys.signing,
+        id,
+        hash,
+        reason,
+        accord_tests::now_ms(),
+    )
 }
 
-/// A REJECTED receipt about `id` in the name of KH's gateway, signed with `key` at `at_ms`.
+const KH_GATEWAY: &str = "spiffe://kh.accord/gateway/phnom-penh";
+
+/// A REJECTED receipt about `id` in the name of `signer`, signed with `key` at `at_ms`.
 fn rejected_by(
+    signer: &str,
     key: &SigningKey,
     id: &accord_proto::ids::MessageId,
     hash: &accord_proto::ids::EnvelopeHash,
@@ -45,7 +55,7 @@ fn rejected_by(
             envelope_hash: hash.0.to_vec(),
             message_id: id.as_bytes().to_vec(),
             stage: Stage::Rejected as i32,
-            signer: "spiffe://kh.accord/gateway/phnom-penh".into(),
+            signer: signer.into(),
             signer_key_id: key.key_id().into(),
             at_ms,
             log_index: 0,
@@ -145,14 +155,18 @@ async fn a_peer_cannot_inject_receipts_for_messages_it_never_handled_nor_replay_
     }
     assert_eq!(answers.len(), 1, "{answers:?}");
     // Signed by a KH key VN's directory does not hold (yet): retried, not refused for
-    // good; but signed an hour ago, that key will not come, and it is refused.
+    // good. But signed an hour ago, that key will not come; and in the name of VN's own
+    // gateway, no directory from KH can bring it: both refused.
     let stranger = SigningKey::generate("not-yet-published").unwrap();
     let an_hour = 3_600_000;
-    for (at_ms, retried) in [
-        (accord_tests::now_ms(), true),
-        (accord_tests::now_ms() - an_hour, false),
+    let now = accord_tests::now_ms();
+    for (signer, at_ms, retried) in [
+        (KH_GATEWAY, now, true),
+        (KH_GATEWAY, now - an_hour, false),
+        ("spiffe://vn.accord/gateway/hanoi", now, false),
     ] {
         let r = rejected_by(
+            signer,
             &stranger,
             &to_kh.id,
             &to_kh.hash,
