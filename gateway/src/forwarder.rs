@@ -76,6 +76,7 @@ pub async fn run(
     let mut attempt = 0u32;
     let mut offered = None;
     let pushes = Arc::new(Pushes::default());
+    let mut retries = Retries::default();
     loop {
         if *shutdown.borrow() {
             return;
@@ -89,9 +90,10 @@ pub async fn run(
             &cfg,
             &mut offered,
             &pushes,
+            &mut retries,
         );
         let delay = match drained.await {
-            Ok(0) => {
+            Ok(Round::Idle) => {
                 attempt = 0;
                 tokio::select! {
                     _ = notified => {}
@@ -100,9 +102,17 @@ pub async fn run(
                 }
                 continue;
             }
-            Ok(_) => {
+            Ok(Round::Settled) => {
                 attempt = 0;
                 continue;
+            }
+            Ok(Round::AllRetried) => {
+                // The peer took nothing (its quota is full, or it cannot check these items
+                // yet): ask again later, not at the next wake-up. The items are held back
+                // meanwhile, so the next round offers what is behind them.
+                let d = backoff(&cfg, attempt, jitter());
+                attempt = attempt.saturating_add(1);
+                d
             }
             Err(e) => {
                 let d = backoff(&cfg, attempt, jitter());
@@ -118,7 +128,19 @@ pub async fn run(
     }
 }
 
-/// Sends one batch; returns how many entries it settled.
+/// What one round of [`drain_once`] came to, which decides when the next one runs.
+#[derive(Debug, PartialEq, Eq)]
+enum Round {
+    /// Nothing to send (or all of it held back): wait for new entries.
+    Idle,
+    /// Entries left the outbox: go on at once.
+    Settled,
+    /// The peer asked to retry every item it was sent: back off.
+    AllRetried,
+}
+
+/// Sends one batch and settles what the peer answered.
+#[allow(clippy::too_many_arguments)] // the forwarder's state, threaded through one round
 async fn drain_once(
     pipeline: &Arc<Pipeline>,
     peer: &SpiffeId,
@@ -127,15 +149,19 @@ async fn drain_once(
     cfg: &ForwarderConfig,
     offered: &mut Option<pb::SignedDirectory>,
     pushes: &Arc<Pushes>,
-) -> Result<usize, ForwardError> {
-    // Entries waiting for their chunks to reach the peer are skipped, so read past them: a
-    // batch of others still goes.
-    let entries = pipeline.store.queue(queue, cfg.batch + pushes.waiting())?;
+    retries: &mut Retries,
+) -> Result<Round, ForwardError> {
+    // Entries waiting for their chunks to reach the peer, or held back after the peer asked
+    // to retry them, are skipped, so read past them: a batch of others still goes.
+    let entries = pipeline
+        .store
+        .queue(queue, cfg.batch + pushes.waiting() + retries.held())?;
+    retries.keep_only(&entries);
     // Whether this round settled anything before delivering (an expiry, a vanished
     // message): if all it has left waits for attachment pushes, the caller waits too.
     let mut progressed = false;
     if entries.is_empty() {
-        return Ok(0);
+        return Ok(Round::Idle);
     }
     let now = pipeline.now();
     let mut sent: Vec<Sent> = Vec::new();
@@ -143,6 +169,9 @@ async fn drain_once(
     for (key, entry) in entries {
         if items.len() == cfg.batch {
             break;
+        }
+        if retries.holds_back(&key) {
+            continue;
         }
         let id = MessageId::from_slice(&entry.message_id)
             .map_err(|_| StoreError::Corrupt("outbox entry".into()))?;
@@ -187,7 +216,11 @@ async fn drain_once(
         });
     }
     if items.is_empty() {
-        return Ok(usize::from(progressed));
+        return Ok(if progressed {
+            Round::Settled
+        } else {
+            Round::Idle
+        });
     }
     // Envelopes may be signed under keys of a directory version the peer has not seen yet
     // (a rotation): offer it first, or the peer would reject them as UNKNOWN_SENDER for good.
@@ -215,6 +248,7 @@ async fn drain_once(
     // Every entry the peer answered is settled in one transaction: one durable commit per
     // batch, not one per envelope.
     let mut settled = 0;
+    let mut retried = 0;
     let mut batch_ops = Vec::new();
     // Envelopes whose delivery through this gateway ended: their chunks go after the commit.
     let mut ended = Vec::new();
@@ -231,8 +265,12 @@ async fn drain_once(
     {
         if !result.retry_reason.is_empty() {
             tracing::info!(peer = %peer, message_id = %id, reason = ?peer_text(&result.retry_reason), "peer asks to retry");
+            retried += 1;
             if result.retry_reason == crate::transfer::CHUNKS_MISSING && entry.receipt.is_none() {
+                // Held back by its push, which wakes the outbox when the chunks are there.
                 start_push(pipeline, client.clone(), peer, id, pushes, cfg);
+            } else {
+                retries.hold(key, cfg);
             }
             continue;
         }
@@ -309,7 +347,63 @@ async fn drain_once(
     }
     match fault {
         Some(e) => Err(e),
-        None => Ok(settled),
+        None if settled > 0 || progressed => Ok(Round::Settled),
+        None if retried > 0 => Ok(Round::AllRetried),
+        None => Ok(Round::Idle),
+    }
+}
+
+/// Outbox entries the peer asked to have again later, each held back on its own backoff
+/// while the rest of the outbox goes. Resent in every round instead, retried entries at the
+/// head (receipts signed under a key the peer does not know yet are urgent and oldest)
+/// would fill every batch, and nothing behind them would move.
+#[derive(Default)]
+struct Retries {
+    held: std::collections::HashMap<QueueKey, Held>,
+}
+
+struct Held {
+    attempts: u32,
+    until: tokio::time::Instant,
+}
+
+/// At most this many batches' worth of entries are held back at once, so that a round reads
+/// a bounded stretch of the outbox; past that, a retried entry goes again in the next round.
+const HELD_BATCHES: usize = 8;
+
+impl Retries {
+    fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    fn holds_back(&self, key: &QueueKey) -> bool {
+        self.held
+            .get(key)
+            .is_some_and(|h| tokio::time::Instant::now() < h.until)
+    }
+
+    /// Holds `key` back for its next backoff, longer each time the peer asks again.
+    fn hold(&mut self, key: QueueKey, cfg: &ForwarderConfig) {
+        if self.held.len() >= HELD_BATCHES * cfg.batch && !self.held.contains_key(&key) {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let h = self.held.entry(key).or_insert(Held {
+            attempts: 0,
+            until: now,
+        });
+        h.until = now + backoff(cfg, h.attempts, jitter());
+        h.attempts = h.attempts.saturating_add(1);
+    }
+
+    /// Forgets entries no longer among those `read`: settled, expired, or pushed past the
+    /// stretch read by entries of a higher priority (they are sent again when they are back).
+    fn keep_only(&mut self, read: &[(QueueKey, QueueEntry)]) {
+        if self.held.is_empty() {
+            return;
+        }
+        let read: std::collections::HashSet<&QueueKey> = read.iter().map(|(k, _)| k).collect();
+        self.held.retain(|k, _| read.contains(k));
     }
 }
 
@@ -628,6 +722,34 @@ mod tests {
         assert_eq!(cut.chars().count(), 256);
         assert!(long.starts_with(cut) && !cut.contains('\n'));
         assert_eq!(format!("{:?}", peer_text("a\nb")), r#""a\nb""#);
+    }
+
+    #[test]
+    fn retried_entries_are_held_back_each_on_its_own_and_only_a_bounded_number() {
+        let cfg = ForwarderConfig {
+            batch: 2,
+            initial_backoff_ms: 60_000,
+            max_backoff_ms: 600_000,
+        };
+        let key = |i: u8| QueueKey(vec![b'q', i]);
+        let mut retries = Retries::default();
+        for i in 0..20 {
+            retries.hold(key(i), &cfg);
+        }
+        assert_eq!(retries.held(), HELD_BATCHES * cfg.batch);
+        assert!(retries.holds_back(&key(0)));
+        assert!(!retries.holds_back(&key(19)), "past the bound: not held");
+        // Asked again: the same entry, held longer.
+        let first = retries.held[&key(0)].until;
+        retries.hold(key(0), &cfg);
+        assert_eq!(retries.held[&key(0)].attempts, 2);
+        assert!(retries.held[&key(0)].until >= first);
+        assert_eq!(retries.held(), HELD_BATCHES * cfg.batch);
+        // Entries that left the outbox (no longer read) are forgotten.
+        let entry = QueueEntry::default();
+        retries.keep_only(&[(key(1), entry.clone()), (key(19), entry)]);
+        assert_eq!(retries.held(), 1);
+        assert!(!retries.holds_back(&key(0)) && retries.holds_back(&key(1)));
     }
 
     #[test]

@@ -1,0 +1,349 @@
+//! VN's forwarder against a stand-in for KH's gateway that answers each item as the test
+//! says: the outbox's side of retries and refusals. The stand-in holds KH's real gateway
+//! certificate and receipt key and listens where KH's gateway listened, so VN's forwarder
+//! dials it over the same mutual TLS, and a received receipt it signs verifies at VN.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use accord_client::org::SendOptions;
+use accord_gateway::store::Queue;
+use accord_proto::crypto::SigningKey;
+use accord_proto::ids::MessageId;
+use accord_proto::pb::{self, Stage};
+use accord_tests::{alert, fetch_n, wait_stage, TestNet};
+use prost::Message as _;
+use tonic::{Request, Response, Status};
+
+const KH_GATEWAY: &str = "spiffe://kh.accord/gateway/phnom-penh";
+
+/// How the stand-in answers an item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    /// `retry_reason`: take it again later.
+    Retry,
+    /// `refused`: never send it again.
+    Refuse,
+    /// No field set, as a gateway from before `refused` answers a refusal.
+    Nothing,
+    /// For an envelope, a RECEIVED receipt signed with KH's key; for a receipt, stored.
+    Take,
+}
+
+#[derive(Default)]
+struct Script {
+    receipts: Option<Answer>,
+    envelopes: Option<Answer>,
+    /// Every item offered, in order: whether it was a receipt, and the message it names.
+    offered: Vec<(bool, MessageId)>,
+}
+
+#[derive(Clone)]
+struct StandIn {
+    key: Arc<SigningKey>,
+    script: Arc<Mutex<Script>>,
+}
+
+impl StandIn {
+    fn answer(&self, receipts: Answer, envelopes: Answer) {
+        let mut s = self.script.lock().unwrap();
+        s.receipts = Some(receipts);
+        s.envelopes = Some(envelopes);
+    }
+
+    /// How many times each message's receipt was offered.
+    fn receipts_offered(&self) -> HashMap<MessageId, usize> {
+        let mut seen = HashMap::new();
+        for (receipt, id) in &self.script.lock().unwrap().offered {
+            if *receipt {
+                *seen.entry(*id).or_default() += 1;
+            }
+        }
+        seen
+    }
+
+    fn envelopes_offered(&self) -> Vec<MessageId> {
+        let s = self.script.lock().unwrap();
+        s.offered
+            .iter()
+            .filter(|(r, _)| !r)
+            .map(|(_, id)| *id)
+            .collect()
+    }
+
+    fn result(&self, item: pb::peer_item::Item) -> pb::PeerResult {
+        let (receipt, id, envelope) = match item {
+            pb::peer_item::Item::Receipt(r) => {
+                let body = pb::ReceiptBody::decode(r.body.as_slice()).unwrap();
+                (true, MessageId::from_slice(&body.message_id).unwrap(), None)
+            }
+            pb::peer_item::Item::Envelope(env) => {
+                let sealed = accord_proto::envelope::SealedEnvelope::from_wire(
+                    env,
+                    &accord_proto::envelope::Limits::default(),
+                )
+                .unwrap();
+                let header = pb::Header::decode(sealed.header().as_bytes()).unwrap();
+                let id = MessageId::from_slice(&header.message_id).unwrap();
+                (false, id, Some(sealed.hash()))
+            }
+        };
+        let answer = {
+            let mut s = self.script.lock().unwrap();
+            s.offered.push((receipt, id));
+            if receipt { s.receipts } else { s.envelopes }.unwrap()
+        };
+        match (answer, envelope) {
+            (Answer::Retry, _) => pb::PeerResult {
+                retry_reason: "signer not known yet".into(),
+                ..Default::default()
+            },
+            (Answer::Refuse, _) => pb::PeerResult {
+                refused: "the stand-in refuses it".into(),
+                ..Default::default()
+            },
+            (Answer::Nothing, _) | (Answer::Take, None) => pb::PeerResult::default(),
+            (Answer::Take, Some(hash)) => pb::PeerResult {
+                receipt: Some(accord_proto::receipt::sign(
+                    &pb::ReceiptBody {
+                        envelope_hash: hash.0.to_vec(),
+                        message_id: id.as_bytes().to_vec(),
+                        stage: Stage::Received as i32,
+                        signer: KH_GATEWAY.into(),
+                        signer_key_id: self.key.key_id().into(),
+                        at_ms: accord_tests::now_ms(),
+                        log_index: 0,
+                        reason: 0,
+                    },
+                    &self.key,
+                )),
+                ..Default::default()
+            },
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::peer_link_server::PeerLink for StandIn {
+    async fn deliver(
+        &self,
+        req: Request<pb::DeliverRequest>,
+    ) -> Result<Response<pb::DeliverResponse>, Status> {
+        let results = req
+            .into_inner()
+            .items
+            .into_iter()
+            .map(|i| self.result(i.item.unwrap()))
+            .collect();
+        Ok(Response::new(pb::DeliverResponse { results }))
+    }
+    async fn witness(
+        &self,
+        _: Request<pb::WitnessRequest>,
+    ) -> Result<Response<pb::WitnessResponse>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
+    async fn prove_events(
+        &self,
+        _: Request<pb::ProveEventsRequest>,
+    ) -> Result<Response<pb::ProveEventsResponse>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
+    async fn exchange_directories(
+        &self,
+        _: Request<pb::ExchangeDirectoriesRequest>,
+    ) -> Result<Response<pb::ExchangeDirectoriesResponse>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
+    async fn put_chunks(
+        &self,
+        _: Request<tonic::Streaming<pb::ChunkUpload>>,
+    ) -> Result<Response<pb::ChunkState>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
+    async fn get_chunk_state(
+        &self,
+        _: Request<pb::ChunkStateRequest>,
+    ) -> Result<Response<pb::ChunkState>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
+}
+
+/// Stops KH's gateway and serves the stand-in on its peer address, with KH's credentials,
+/// admitting only VN's gateway.
+async fn replace_kh(net: &mut TestNet) -> StandIn {
+    use accord_gateway::tls::{self, Admission, CountryRoots, Credentials};
+    let addr: SocketAddr = net.gateway("kh").unwrap().peer_addr;
+    net.stop_gateway("kh").await.unwrap();
+    let pki = net.root().join("pki");
+    let creds = Credentials::load(
+        &pki.join("kh/gateway/cert.pem"),
+        &pki.join("kh/gateway/key.pem"),
+    )
+    .unwrap();
+    let mut roots = CountryRoots::default();
+    roots
+        .add("vn".parse().unwrap(), &pki.join("vn/ca.pem"))
+        .unwrap();
+    let admit = Admission::Exactly(vec![net.gateway_address("vn").unwrap().id]);
+    let config = tls::server_config(&creds, roots, admit).unwrap();
+    let keys = accord_gateway::server::load_key_file(&pki.join("kh/gateway/keys.json")).unwrap();
+    let stand_in = StandIn {
+        key: Arc::new(keys.signing),
+        script: Default::default(),
+    };
+    let mut listener = None;
+    for _ in 0..50 {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                listener = Some(l);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let incoming = accord_gateway::listener::incoming(listener.unwrap(), config, "stand-in");
+    let service = pb::peer_link_server::PeerLinkServer::new(stand_in.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(incoming),
+    );
+    stand_in
+}
+
+async fn net() -> TestNet {
+    TestNet::builder()
+        .country("vn", "hanoi", &["c02"])
+        .country("kh", "phnom-penh", &["ahtd"])
+        .start()
+        .await
+        .unwrap()
+}
+
+/// KH AHTD sends `n` alerts to VN C02; C02 takes them in and acknowledges them only once
+/// KH's gateway is replaced by the stand-in, so that their `n` DELIVERED receipts go to the
+/// stand-in (urgent: ahead of any envelope), which answers them with `answer`.
+async fn receipts_for_stand_in(
+    net: &mut TestNet,
+    n: usize,
+    answer: Answer,
+) -> (StandIn, Vec<MessageId>) {
+    let mut ahtd = net.client("kh", "ahtd").await.unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let to = net.org_id("vn", "c02").unwrap();
+    for i in 0..n {
+        ahtd.send(&to, &alert(&format!("alert {i}")), &SendOptions::new("P1"))
+            .await
+            .unwrap();
+    }
+    let got = fetch_n(&mut c02, n).await.unwrap();
+    assert_eq!(got.len(), n);
+    let stand_in = replace_kh(net).await;
+    stand_in.answer(answer, Answer::Take);
+    for r in c02.ack_many(&got).await.unwrap() {
+        r.unwrap();
+    }
+    (stand_in, got.iter().map(|o| o.envelope.id()).collect())
+}
+
+/// Receipts and envelopes waiting in VN's outbox for KH.
+fn vn_outbox(net: &TestNet) -> (usize, usize) {
+    let vn = net.gateway("vn").unwrap().pipeline.clone();
+    let entries = vn
+        .store
+        .queue(&Queue::Outbox("kh".parse().unwrap()), 10_000)
+        .unwrap();
+    let receipts = entries.iter().filter(|(_, e)| e.receipt.is_some()).count();
+    (receipts, entries.len() - receipts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_the_peer_asks_to_retry_do_not_hold_back_the_outbox_behind_them() {
+    let mut net = net().await;
+    // More retried receipts at the head of the outbox than one batch (64) holds.
+    let (stand_in, acked) = receipts_for_stand_in(&mut net, 70, Answer::Retry).await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let sent = c02
+        .send(
+            &net.org_id("kh", "ahtd").unwrap(),
+            &alert("behind the receipts"),
+            &SendOptions::new("P1"),
+        )
+        .await
+        .unwrap();
+    // The envelope behind them gets through, and KH's receipt for it is taken.
+    wait_stage(&mut c02, &sent.id, Stage::Received)
+        .await
+        .unwrap();
+    assert_eq!(stand_in.envelopes_offered(), vec![sent.id]);
+    // Every receipt was offered, and none is lost: all still wait for KH to take them.
+    let offered = stand_in.receipts_offered();
+    assert_eq!(offered.len(), acked.len(), "{offered:?}");
+    assert!(acked.iter().all(|id| offered.contains_key(id)));
+    assert_eq!(vn_outbox(&net), (acked.len(), 0));
+    // Once KH takes them, they leave the outbox.
+    stand_in.answer(Answer::Take, Answer::Take);
+    for _ in 0..100 {
+        if vn_outbox(&net) == (0, 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(vn_outbox(&net), (0, 0));
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_peer_refuses_leaves_the_outbox_and_the_sender_learns_it() {
+    let mut net = net().await;
+    let (stand_in, acked) = receipts_for_stand_in(&mut net, 3, Answer::Refuse).await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let to = net.org_id("kh", "ahtd").unwrap();
+    // A receipt refused for good is not sent again; an envelope refused without a receipt,
+    // or answered with nothing by a gateway from before `refused`, ends REJECTED for its
+    // sender, signed by VN.
+    stand_in.answer(Answer::Refuse, Answer::Refuse);
+    let refused = c02
+        .send(&to, &alert("refused"), &SendOptions::new("P1"))
+        .await
+        .unwrap();
+    let chain = wait_stage(&mut c02, &refused.id, Stage::Rejected)
+        .await
+        .unwrap();
+    let rejected = chain.iter().find(|r| r.stage() == Stage::Rejected).unwrap();
+    assert_eq!(rejected.body.reason, pb::RejectReason::RefusedByPeer as i32);
+    assert_eq!(
+        rejected.signer.to_string(),
+        "spiffe://vn.accord/gateway/hanoi"
+    );
+    stand_in.answer(Answer::Refuse, Answer::Nothing);
+    let unanswered = c02
+        .send(
+            &to,
+            &alert("answered with nothing"),
+            &SendOptions::new("P1"),
+        )
+        .await
+        .unwrap();
+    let chain = wait_stage(&mut c02, &unanswered.id, Stage::Rejected)
+        .await
+        .unwrap();
+    let rejected = chain.iter().find(|r| r.stage() == Stage::Rejected).unwrap();
+    assert_eq!(rejected.body.reason, pb::RejectReason::RefusedByPeer as i32);
+    assert_eq!(vn_outbox(&net), (0, 0));
+    // Rounds keep going (wake-ups, backoff up to 1 s); nothing refused is offered again.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let offered = stand_in.receipts_offered();
+    assert_eq!(offered.len(), acked.len());
+    assert!(offered.values().all(|n| *n == 1), "{offered:?}");
+    assert_eq!(
+        stand_in.envelopes_offered(),
+        vec![refused.id, unanswered.id]
+    );
+    net.shutdown().await;
+}
