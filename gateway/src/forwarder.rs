@@ -106,11 +106,24 @@ pub async fn run(
                 attempt = 0;
                 continue;
             }
-            Ok(Round::AllRetried) => {
-                // The peer took nothing (its quota is full, or it cannot check these items
-                // yet): ask again later, not at the next wake-up. The items are held back
-                // meanwhile, so the next round offers what is behind them.
+            Ok(Round::HeldBack) => {
+                // The peer took nothing this round, and each item is held back on its own
+                // backoff: what is behind them goes after a pause, or at once when the
+                // outbox gets something new (a FLASH alert).
                 let d = backoff(&cfg, attempt, jitter());
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(d) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            Ok(Round::AllRetried) => {
+                // More entries asked to be retried than are held back at once: the next
+                // round would send the same ones again, so the link waits out its backoff.
+                let d = backoff(&cfg, attempt, jitter());
+                tracing::warn!(peer = %peer, held = retries.held(), retry_in_ms = d.as_millis() as u64, "peer asks to retry more entries than are held back");
                 attempt = attempt.saturating_add(1);
                 d
             }
@@ -135,7 +148,9 @@ enum Round {
     Idle,
     /// Entries left the outbox: go on at once.
     Settled,
-    /// The peer asked to retry every item it was sent: back off.
+    /// The peer asked to retry every item it was sent, and each is held back now.
+    HeldBack,
+    /// The peer asked to retry every item it was sent, and some could not be held back.
     AllRetried,
 }
 
@@ -153,10 +168,9 @@ async fn drain_once(
 ) -> Result<Round, ForwardError> {
     // Entries waiting for their chunks to reach the peer, or held back after the peer asked
     // to retry them, are skipped, so read past them: a batch of others still goes.
-    let entries = pipeline
-        .store
-        .queue(queue, cfg.batch + pushes.waiting() + retries.held())?;
-    retries.keep_only(&entries);
+    let limit = cfg.batch + pushes.waiting() + retries.held();
+    let entries = pipeline.store.queue(queue, limit)?;
+    retries.keep_only(&entries, limit);
     // Whether this round settled anything before delivering (an expiry, a vanished
     // message): if all it has left waits for attachment pushes, the caller waits too.
     let mut progressed = false;
@@ -170,6 +184,8 @@ async fn drain_once(
         if items.len() == cfg.batch {
             break;
         }
+        // Before anything is read: a held envelope's expiry is noticed once its hold ends
+        // (at most `max_backoff_ms` late).
         if retries.holds_back(&key) {
             continue;
         }
@@ -248,7 +264,8 @@ async fn drain_once(
     // Every entry the peer answered is settled in one transaction: one durable commit per
     // batch, not one per envelope.
     let mut settled = 0;
-    let mut retried = 0;
+    // Items the peer asked to retry, and of those, the ones held back for a later round.
+    let (mut retried, mut held) = (0, 0);
     let mut batch_ops = Vec::new();
     // Envelopes whose delivery through this gateway ended: their chunks go after the commit.
     let mut ended = Vec::new();
@@ -266,11 +283,13 @@ async fn drain_once(
         if !result.retry_reason.is_empty() {
             tracing::info!(peer = %peer, message_id = %id, reason = ?peer_text(&result.retry_reason), "peer asks to retry");
             retried += 1;
-            if result.retry_reason == crate::transfer::CHUNKS_MISSING && entry.receipt.is_none() {
-                // Held back by its push, which wakes the outbox when the chunks are there.
-                start_push(pipeline, client.clone(), peer, id, pushes, cfg);
-            } else {
-                retries.hold(key, cfg);
+            // An envelope whose chunks the peer lacks is held back by its push, which wakes
+            // the outbox when they are there.
+            let pushing = result.retry_reason == crate::transfer::CHUNKS_MISSING
+                && entry.receipt.is_none()
+                && start_push(pipeline, client.clone(), peer, id, pushes, cfg);
+            if pushing || retries.hold(key, cfg) {
+                held += 1;
             }
             continue;
         }
@@ -286,6 +305,7 @@ async fn drain_once(
                 tracing::error!(peer = %peer, message_id = %id, reason = ?peer_text(&result.refused), "peer refused an envelope without a receipt");
                 let Some(msg) = pipeline.store.message(&id)? else {
                     settle(pipeline, key, &entry, vec![]).await?;
+                    settled += 1;
                     continue;
                 };
                 let dequeue = Op::RemoveMessage(Queue::Outbox(peer.country().clone()), id);
@@ -348,7 +368,8 @@ async fn drain_once(
     match fault {
         Some(e) => Err(e),
         None if settled > 0 || progressed => Ok(Round::Settled),
-        None if retried > 0 => Ok(Round::AllRetried),
+        None if retried > held => Ok(Round::AllRetried),
+        None if retried > 0 => Ok(Round::HeldBack),
         None => Ok(Round::Idle),
     }
 }
@@ -368,8 +389,9 @@ struct Held {
 }
 
 /// At most this many batches' worth of entries are held back at once, so that a round reads
-/// a bounded stretch of the outbox; past that, a retried entry goes again in the next round.
-const HELD_BATCHES: usize = 8;
+/// a bounded stretch of the outbox. Past that, a retried entry is not held: a round of only
+/// those backs the link off, and entries further back wait until the head moves.
+const HELD_BATCHES: usize = 16;
 
 impl Retries {
     fn held(&self) -> usize {
@@ -382,10 +404,11 @@ impl Retries {
             .is_some_and(|h| tokio::time::Instant::now() < h.until)
     }
 
-    /// Holds `key` back for its next backoff, longer each time the peer asks again.
-    fn hold(&mut self, key: QueueKey, cfg: &ForwarderConfig) {
+    /// Holds `key` back for its next backoff, longer each time the peer asks again; false
+    /// when as many entries as allowed are held already.
+    fn hold(&mut self, key: QueueKey, cfg: &ForwarderConfig) -> bool {
         if self.held.len() >= HELD_BATCHES * cfg.batch && !self.held.contains_key(&key) {
-            return;
+            return false;
         }
         let now = tokio::time::Instant::now();
         let h = self.held.entry(key).or_insert(Held {
@@ -394,16 +417,21 @@ impl Retries {
         });
         h.until = now + backoff(cfg, h.attempts, jitter());
         h.attempts = h.attempts.saturating_add(1);
+        true
     }
 
-    /// Forgets entries no longer among those `read`: settled, expired, or pushed past the
-    /// stretch read by entries of a higher priority (they are sent again when they are back).
-    fn keep_only(&mut self, read: &[(QueueKey, QueueEntry)]) {
+    /// Forgets entries that left the outbox (settled, expired): those not among the first
+    /// `limit` entries `read`, unless the read stopped at `limit` before reaching them.
+    fn keep_only(&mut self, read: &[(QueueKey, QueueEntry)], limit: usize) {
         if self.held.is_empty() {
             return;
         }
+        let past = (read.len() >= limit)
+            .then(|| read.last().map(|(k, _)| k))
+            .flatten();
         let read: std::collections::HashSet<&QueueKey> = read.iter().map(|(k, _)| k).collect();
-        self.held.retain(|k, _| read.contains(k));
+        self.held
+            .retain(|k, _| read.contains(k) || past.is_some_and(|last| k > last));
     }
 }
 
@@ -557,7 +585,8 @@ impl Drop for PushDone<'_> {
 }
 
 /// Starts pushing message `id`'s chunks to the peer, unless a push is running or backing
-/// off; once it succeeds the outbox is woken to deliver the envelope again.
+/// off; once it succeeds the outbox is woken to deliver the envelope again. Whether the
+/// envelope is now held back by a push (false: there is nothing to push).
 fn start_push(
     pipeline: &Arc<Pipeline>,
     mut client: PeerLinkClient<tonic::transport::Channel>,
@@ -565,25 +594,25 @@ fn start_push(
     id: MessageId,
     pushes: &Arc<Pushes>,
     cfg: &ForwarderConfig,
-) {
+) -> bool {
     let Ok(Some(msg)) = pipeline.store.message(&id) else {
-        return;
+        return false;
     };
     let (Some(env), Ok(hash)) = (msg.envelope, EnvelopeHash::from_slice(&msg.envelope_hash)) else {
-        return;
+        return false;
     };
     let Ok(header) = pb::Header::decode(env.header.as_slice()) else {
-        return;
+        return false;
     };
     if header.attachments.is_empty() {
         tracing::error!(peer = %peer, message_id = %id, "peer asks for chunks of an envelope without attachments");
-        return;
+        return false;
     }
     let attempts = {
         let mut state = pushes.lock();
         let s = state.entry(hash.0.to_vec()).or_default();
         if s.holds_back() {
-            return;
+            return true;
         }
         s.running = true;
         s.attempts = s.attempts.saturating_add(1);
@@ -629,6 +658,7 @@ fn start_push(
             }
         }
     });
+    true
 }
 
 /// Uploads to the peer every chunk of `env`'s attachments it does not hold: asks what it
@@ -724,32 +754,44 @@ mod tests {
         assert_eq!(format!("{:?}", peer_text("a\nb")), r#""a\nb""#);
     }
 
-    #[test]
-    fn retried_entries_are_held_back_each_on_its_own_and_only_a_bounded_number() {
+    #[tokio::test(start_paused = true)]
+    async fn retried_entries_are_held_back_each_on_its_own_and_only_a_bounded_number() {
         let cfg = ForwarderConfig {
             batch: 2,
-            initial_backoff_ms: 60_000,
+            initial_backoff_ms: 1_000,
             max_backoff_ms: 600_000,
         };
         let key = |i: u8| QueueKey(vec![b'q', i]);
         let mut retries = Retries::default();
-        for i in 0..20 {
-            retries.hold(key(i), &cfg);
+        for i in 0..40 {
+            assert_eq!(
+                retries.hold(key(i), &cfg),
+                usize::from(i) < HELD_BATCHES * 2
+            );
         }
         assert_eq!(retries.held(), HELD_BATCHES * cfg.batch);
         assert!(retries.holds_back(&key(0)));
-        assert!(!retries.holds_back(&key(19)), "past the bound: not held");
-        // Asked again: the same entry, held longer.
-        let first = retries.held[&key(0)].until;
-        retries.hold(key(0), &cfg);
+        assert!(!retries.holds_back(&key(39)), "past the bound: not held");
+        // Released after its backoff (0.5–1 s for a first retry), not before.
+        tokio::time::advance(Duration::from_millis(499)).await;
+        assert!(retries.holds_back(&key(0)));
+        tokio::time::advance(Duration::from_millis(502)).await;
+        assert!(!retries.holds_back(&key(0)));
+        // Asked again: held again, for longer (1–2 s), within the bound as it is the same entry.
+        assert!(retries.hold(key(0), &cfg));
         assert_eq!(retries.held[&key(0)].attempts, 2);
-        assert!(retries.held[&key(0)].until >= first);
-        assert_eq!(retries.held(), HELD_BATCHES * cfg.batch);
-        // Entries that left the outbox (no longer read) are forgotten.
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(retries.holds_back(&key(0)));
+        // Entries that left the outbox (no longer read) are forgotten; those past the end
+        // of a read that stopped at its limit are kept.
         let entry = QueueEntry::default();
-        retries.keep_only(&[(key(1), entry.clone()), (key(19), entry)]);
-        assert_eq!(retries.held(), 1);
-        assert!(!retries.holds_back(&key(0)) && retries.holds_back(&key(1)));
+        let read = [(key(1), entry.clone()), (key(5), entry)];
+        retries.keep_only(&read, 3);
+        assert_eq!(retries.held(), 2);
+        retries.hold(key(7), &cfg);
+        retries.keep_only(&read, 2);
+        assert_eq!(retries.held(), 3, "key 7 sorts after the last read: kept");
+        assert!(retries.holds_back(&key(7)) && !retries.holds_back(&key(3)));
     }
 
     #[test]

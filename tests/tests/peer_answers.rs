@@ -34,10 +34,9 @@ enum Answer {
     Take,
 }
 
-#[derive(Default)]
 struct Script {
-    receipts: Option<Answer>,
-    envelopes: Option<Answer>,
+    receipts: Answer,
+    envelopes: Answer,
     /// Every item offered, in order: whether it was a receipt, and the message it names.
     offered: Vec<(bool, MessageId)>,
 }
@@ -51,8 +50,8 @@ struct StandIn {
 impl StandIn {
     fn answer(&self, receipts: Answer, envelopes: Answer) {
         let mut s = self.script.lock().unwrap();
-        s.receipts = Some(receipts);
-        s.envelopes = Some(envelopes);
+        s.receipts = receipts;
+        s.envelopes = envelopes;
     }
 
     /// How many times each message's receipt was offered.
@@ -95,7 +94,11 @@ impl StandIn {
         let answer = {
             let mut s = self.script.lock().unwrap();
             s.offered.push((receipt, id));
-            if receipt { s.receipts } else { s.envelopes }.unwrap()
+            if receipt {
+                s.receipts
+            } else {
+                s.envelopes
+            }
         };
         match (answer, envelope) {
             (Answer::Retry, _) => pb::PeerResult {
@@ -174,8 +177,8 @@ impl pb::peer_link_server::PeerLink for StandIn {
 }
 
 /// Stops KH's gateway and serves the stand-in on its peer address, with KH's credentials,
-/// admitting only VN's gateway.
-async fn replace_kh(net: &mut TestNet) -> StandIn {
+/// admitting only VN's gateway; it answers receipts and envelopes as said.
+async fn replace_kh(net: &mut TestNet, receipts: Answer, envelopes: Answer) -> StandIn {
     use accord_gateway::tls::{self, Admission, CountryRoots, Credentials};
     let addr: SocketAddr = net.gateway("kh").unwrap().peer_addr;
     net.stop_gateway("kh").await.unwrap();
@@ -194,7 +197,11 @@ async fn replace_kh(net: &mut TestNet) -> StandIn {
     let keys = accord_gateway::server::load_key_file(&pki.join("kh/gateway/keys.json")).unwrap();
     let stand_in = StandIn {
         key: Arc::new(keys.signing),
-        script: Default::default(),
+        script: Arc::new(Mutex::new(Script {
+            receipts,
+            envelopes,
+            offered: Vec::new(),
+        })),
     };
     let mut listener = None;
     for _ in 0..50 {
@@ -227,7 +234,8 @@ async fn net() -> TestNet {
 
 /// KH AHTD sends `n` alerts to VN C02; C02 takes them in and acknowledges them only once
 /// KH's gateway is replaced by the stand-in, so that their `n` DELIVERED receipts go to the
-/// stand-in (urgent: ahead of any envelope), which answers them with `answer`.
+/// stand-in, which answers them with `answer`. Receipts are URGENT: they go ahead of ROUTINE
+/// and later URGENT envelopes.
 async fn receipts_for_stand_in(
     net: &mut TestNet,
     n: usize,
@@ -243,8 +251,7 @@ async fn receipts_for_stand_in(
     }
     let got = fetch_n(&mut c02, n).await.unwrap();
     assert_eq!(got.len(), n);
-    let stand_in = replace_kh(net).await;
-    stand_in.answer(answer, Answer::Take);
+    let stand_in = replace_kh(net, answer, Answer::Take).await;
     for r in c02.ack_many(&got).await.unwrap() {
         r.unwrap();
     }
@@ -266,21 +273,36 @@ fn vn_outbox(net: &TestNet) -> (usize, usize) {
 async fn receipts_the_peer_asks_to_retry_do_not_hold_back_the_outbox_behind_them() {
     let mut net = net().await;
     // More retried receipts at the head of the outbox than one batch (64) holds.
+    let start = std::time::Instant::now();
     let (stand_in, acked) = receipts_for_stand_in(&mut net, 70, Answer::Retry).await;
     let mut c02 = net.client("vn", "c02").await.unwrap();
+    let to = net.org_id("kh", "ahtd").unwrap();
     let sent = c02
-        .send(
-            &net.org_id("kh", "ahtd").unwrap(),
-            &alert("behind the receipts"),
-            &SendOptions::new("P1"),
-        )
+        .send(&to, &alert("behind the receipts"), &SendOptions::new("P1"))
         .await
         .unwrap();
-    // The envelope behind them gets through, and KH's receipt for it is taken.
+    // The ROUTINE envelope behind them gets through, and KH's receipt for it is taken.
     wait_stage(&mut c02, &sent.id, Stage::Received)
         .await
         .unwrap();
     assert_eq!(stand_in.envelopes_offered(), vec![sent.id]);
+    // A busy outbox (every envelope wakes it) does not resend them at each wake-up: each
+    // waits out its own backoff, at least 25, 50, 100, 200, 400 ms, then 500 ms each time
+    // here, so in t ms a receipt goes at most 7 + (t - 775) / 500 times: under the bound.
+    // Resent at each wake-up, they went about once per envelope (27 of 30 in a trial).
+    for i in 0..30 {
+        let m = c02
+            .send(&to, &alert(&format!("busy {i}")), &SendOptions::new("P1"))
+            .await
+            .unwrap();
+        wait_stage(&mut c02, &m.id, Stage::Received).await.unwrap();
+    }
+    let most = stand_in.receipts_offered().into_values().max().unwrap();
+    let bound = 6 + start.elapsed().as_millis() as usize / 500;
+    assert!(
+        most <= bound,
+        "a receipt was offered {most} times (bound {bound})"
+    );
     // Every receipt was offered, and none is lost: all still wait for KH to take them.
     let offered = stand_in.receipts_offered();
     assert_eq!(offered.len(), acked.len(), "{offered:?}");
@@ -301,12 +323,12 @@ async fn receipts_the_peer_asks_to_retry_do_not_hold_back_the_outbox_behind_them
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_the_peer_refuses_leaves_the_outbox_and_the_sender_learns_it() {
     let mut net = net().await;
-    let (stand_in, acked) = receipts_for_stand_in(&mut net, 3, Answer::Refuse).await;
-    let mut c02 = net.client("vn", "c02").await.unwrap();
-    let to = net.org_id("kh", "ahtd").unwrap();
     // A receipt refused for good is not sent again; an envelope refused without a receipt,
     // or answered with nothing by a gateway from before `refused`, ends REJECTED for its
     // sender, signed by VN.
+    let (stand_in, acked) = receipts_for_stand_in(&mut net, 3, Answer::Refuse).await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let to = net.org_id("kh", "ahtd").unwrap();
     stand_in.answer(Answer::Refuse, Answer::Refuse);
     let refused = c02
         .send(&to, &alert("refused"), &SendOptions::new("P1"))
