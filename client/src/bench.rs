@@ -82,6 +82,30 @@ pub struct Rate {
     pub p999_ms: f64,
 }
 
+/// The latency distribution of one stage of the end-to-end path, over every message.
+#[derive(Clone, Debug, Serialize)]
+pub struct StageLatency {
+    pub stage: &'static str,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+}
+
+/// The stages of [`StageLatency`], in the order a message passes them.
+pub const END_TO_END_STAGES: [&str; 3] = [
+    "submit -> accepted (VN durable)",
+    "accepted -> opened by recipient",
+    "opened -> ack durable at KH",
+];
+
+/// One message of the end-to-end phase: when its acknowledgement completed, its latency
+/// from the submit, and what each of [`END_TO_END_STAGES`] took.
+struct Delivery {
+    done: Instant,
+    latency: Duration,
+    stages: [Duration; 3],
+}
+
 /// One process's share of the work in the timed phase.
 #[derive(Clone, Debug, Serialize)]
 pub struct ProcessUse {
@@ -167,6 +191,8 @@ pub struct Report {
     pub submit: Rate,
     /// Submitted → delivered, opened and acknowledged by the recipient.
     pub end_to_end: Rate,
+    /// Where each end-to-end message's time went, stage by stage.
+    pub end_to_end_stages: Vec<StageLatency>,
     pub processes: Vec<ProcessUse>,
     pub disk_bytes_per_message: f64,
     pub limits: LimitFigures,
@@ -203,6 +229,7 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
         drain,
         submit,
         end_to_end,
+        end_to_end_stages,
         cpu,
     } = result?;
     let bench_cpu = cpu.bench;
@@ -278,6 +305,7 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
         drain,
         submit,
         end_to_end,
+        end_to_end_stages,
         processes,
         disk_bytes_per_message,
         limits: LimitFigures {
@@ -324,6 +352,7 @@ struct Phases {
     drain: Rate,
     submit: Rate,
     end_to_end: Rate,
+    end_to_end_stages: Vec<StageLatency>,
     /// Of the end-to-end phase.
     cpu: CpuUse,
 }
@@ -397,7 +426,7 @@ async fn phases(
     )?;
     let before: Vec<f64> = gateways.iter().map(|g| cpu_seconds(g.pid)).collect();
     let bench_before = cpu_seconds(std::process::id());
-    let (submit, end_to_end) = timed_phase(
+    let (submit, end_to_end, end_to_end_stages) = timed_phase(
         &mut senders,
         &mut recipient,
         batches,
@@ -418,6 +447,7 @@ async fn phases(
         drain,
         submit,
         end_to_end,
+        end_to_end_stages,
         cpu,
     })
 }
@@ -441,10 +471,11 @@ async fn drain_after_kh_starts(
     let recipient = ready_client(net, "kh", RECIPIENT_ORG, gateways).await?;
     let delivered = tokio::time::timeout(
         opts.timeout,
-        open_and_ack(recipient.clone(), queued, |_| Some(start)),
+        open_and_ack(recipient.clone(), queued, |_| Some((start, None))),
     )
     .await
     .with_context(|| format!("the drain took longer than {:?}", opts.timeout))??;
+    let delivered: Vec<_> = delivered.iter().map(|d| (d.done, d.latency)).collect();
     Ok((rate(start, &delivered), recipient))
 }
 
@@ -503,10 +534,9 @@ async fn timed_phase(
     batches: Vec<Vec<SealedEnvelope>>,
     pace: Option<Duration>,
     timeout: Duration,
-) -> anyhow::Result<(Rate, Rate)> {
+) -> anyhow::Result<(Rate, Rate, Vec<StageLatency>)> {
     let total: usize = batches.iter().map(Vec::len).sum();
-    let submitted_at: Arc<Mutex<HashMap<MessageId, Instant>>> =
-        Arc::new(Mutex::new(HashMap::with_capacity(total)));
+    let submitted_at: Arc<Mutex<Submitted>> = Arc::new(Mutex::new(HashMap::with_capacity(total)));
     let start = Instant::now();
     let times = submitted_at.clone();
     let receiving = tokio::spawn(open_and_ack(recipient.clone(), total, move |id| {
@@ -525,8 +555,26 @@ async fn timed_phase(
     let (accepted, delivered) = tokio::time::timeout(timeout, run)
         .await
         .with_context(|| format!("the timed phase took longer than {timeout:?}"))??;
-    Ok((rate(start, &accepted), rate(start, &delivered)))
+    let stages = END_TO_END_STAGES
+        .iter()
+        .enumerate()
+        .map(|(i, stage)| {
+            let (p50_ms, p99_ms, p999_ms) =
+                percentiles(delivered.iter().map(|d| d.stages[i]).collect());
+            StageLatency {
+                stage,
+                p50_ms,
+                p99_ms,
+                p999_ms,
+            }
+        })
+        .collect();
+    let delivered: Vec<_> = delivered.iter().map(|d| (d.done, d.latency)).collect();
+    Ok((rate(start, &accepted), rate(start, &delivered), stages))
 }
+
+/// When each message's submit started, and when it was accepted once it was.
+type Submitted = HashMap<MessageId, (Instant, Option<Instant>)>;
 
 /// Submits every batch, one sender per batch with one envelope in flight each, noting in
 /// `submitted_at` when each submit started. With `pace`, each sender starts a submit
@@ -536,7 +584,7 @@ async fn timed_phase(
 async fn submit_all(
     senders: &[OrgClient],
     batches: Vec<Vec<SealedEnvelope>>,
-    submitted_at: Option<Arc<Mutex<HashMap<MessageId, Instant>>>>,
+    submitted_at: Option<Arc<Mutex<Submitted>>>,
     pace: Option<Duration>,
 ) -> anyhow::Result<(Instant, Vec<(Instant, Duration)>)> {
     let total: usize = batches.iter().map(Vec::len).sum();
@@ -560,16 +608,25 @@ async fn submit_all(
                     ticks.tick().await;
                 }
                 let t0 = Instant::now();
-                if let Some(times) = &times {
-                    let id = crate::org::message_id_of(&sealed)?;
-                    times
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(id, t0);
-                }
+                let id = match &times {
+                    Some(times) => {
+                        let id = crate::org::message_id_of(&sealed)?;
+                        times
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(id, (t0, None));
+                        Some((times, id))
+                    }
+                    None => None,
+                };
                 client.submit(&sealed).await?;
                 let t1 = Instant::now();
                 accepted.push((t1, t1 - t0));
+                if let Some((times, id)) = id {
+                    if let Some(t) = times.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&id) {
+                        t.1 = Some(t1);
+                    }
+                }
             }
             Ok::<_, anyhow::Error>(accepted)
         });
@@ -589,16 +646,18 @@ const ACK_CALLS_IN_FLIGHT: usize = 2;
 /// The recipient's side: subscribes, opens each envelope and acknowledges it, until
 /// `total` are acknowledged. Acknowledgements go out in batches, up to
 /// [`ACK_CALLS_IN_FLIGHT`] calls at a time (each receipt is a durable write at its gateway).
-/// Returns when each ack completed and how long after `since(id)` it did.
+/// `since(id)` says when the message's submit started and, if known, when it was accepted;
+/// returns each message's [`Delivery`].
 async fn open_and_ack(
     mut recipient: OrgClient,
     total: usize,
-    since: impl Fn(&MessageId) -> Option<Instant>,
-) -> anyhow::Result<Vec<(Instant, Duration)>> {
+    since: impl Fn(&MessageId) -> Option<(Instant, Option<Instant>)>,
+) -> anyhow::Result<Vec<Delivery>> {
     let mut inbox = recipient.subscribe().await?;
     let mut delivered = Vec::with_capacity(total);
     let mut acks = futures::stream::FuturesUnordered::new();
     let mut opened: Vec<Opened> = Vec::new();
+    let mut opened_at: HashMap<MessageId, Instant> = HashMap::with_capacity(total);
     let mut received = 0;
     while delivered.len() < total {
         if !opened.is_empty() && acks.len() < ACK_CALLS_IN_FLIGHT {
@@ -616,15 +675,25 @@ async fn open_and_ack(
         }
         tokio::select! {
             item = inbox.next(), if received < total => {
-                opened.push(item.context("the inbox stream ended")??);
+                let item = item.context("the inbox stream ended")??;
+                opened_at.insert(item.envelope.id(), Instant::now());
+                opened.push(item);
                 received += 1;
             }
             Some(done) = acks.next() => {
                 let (ids, at) = done?;
                 for id in ids {
-                    if let Some(from) = since(&id) {
-                        delivered.push((at, at - from));
-                    }
+                    let (Some((from, accepted)), Some(opened)) = (since(&id), opened_at.remove(&id))
+                    else {
+                        continue;
+                    };
+                    // A push may overtake the submit's answer: the stages never go negative.
+                    let accepted = accepted.unwrap_or(from).min(opened);
+                    delivered.push(Delivery {
+                        done: at,
+                        latency: at - from,
+                        stages: [accepted - from, opened - accepted, at - opened],
+                    });
                 }
             }
         }
@@ -632,19 +701,24 @@ async fn open_and_ack(
     Ok(delivered)
 }
 
+/// p50, p99 and p99.9 of `latencies`, in milliseconds (zeros when there are none).
+fn percentiles(mut latencies: Vec<Duration>) -> (f64, f64, f64) {
+    latencies.sort();
+    let pct = |p: f64| {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[i].as_secs_f64() * 1e3
+    };
+    (pct(0.50), pct(0.99), pct(0.999))
+}
+
 /// Throughput from `start` to the last completion, and the latency percentiles.
 fn rate(start: Instant, done: &[(Instant, Duration)]) -> Rate {
     let end = done.iter().map(|d| d.0).max().unwrap_or(start);
     let seconds = (end - start).as_secs_f64();
-    let mut lat: Vec<f64> = done.iter().map(|d| d.1.as_secs_f64() * 1e3).collect();
-    lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        if lat.is_empty() {
-            return 0.0;
-        }
-        let i = ((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len()) - 1;
-        lat[i]
-    };
+    let (p50_ms, p99_ms, p999_ms) = percentiles(done.iter().map(|d| d.1).collect());
     Rate {
         messages: done.len(),
         seconds,
@@ -653,9 +727,9 @@ fn rate(start: Instant, done: &[(Instant, Duration)]) -> Rate {
         } else {
             0.0
         },
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        p999_ms: pct(0.999),
+        p50_ms,
+        p99_ms,
+        p999_ms,
     }
 }
 
@@ -1383,6 +1457,13 @@ pub fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     row(out, "drain once KH is up", &report.drain)?;
     row(out, "submit -> accepted (durable)", &report.submit)?;
     row(out, "submit -> delivered and acked", &report.end_to_end)?;
+    for s in &report.end_to_end_stages {
+        writeln!(
+            out,
+            "  {:<32} {:>10} {:>9.2} {:>9.2} {:>9.2}",
+            s.stage, "", s.p50_ms, s.p99_ms, s.p999_ms
+        )?;
+    }
     row(out, "limit: bare mTLS echo", &report.limits.transport)?;
     row(out, "limit: store, durable tx", &report.limits.store)?;
     let c = &report.limits.crypto;

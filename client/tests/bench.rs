@@ -60,6 +60,16 @@ fn the_exchange_benchmark_delivers_every_message_and_reports_every_figure() {
     }
     // Delivery comes after acceptance.
     assert!(positive(&r, "/end_to_end/p50_ms") >= positive(&r, "/submit/p50_ms"));
+    // Each message's stages add up to its latency, so no stage's percentile passes the
+    // end-to-end one.
+    let stages = r["end_to_end_stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 3, "{stages:?}");
+    for (i, s) in stages.iter().enumerate() {
+        for p in ["p50_ms", "p99_ms", "p999_ms"] {
+            let (v, total) = (s[p].as_f64().unwrap(), r["end_to_end"][p].as_f64().unwrap());
+            assert!(v > 0.0 && v <= total, "stage {i} {p}: {v} of {total}");
+        }
+    }
     let processes = r["processes"].as_array().unwrap();
     for gw in ["vn-gateway", "kh-gateway"] {
         let p = processes.iter().find(|p| p["name"] == gw).unwrap();
