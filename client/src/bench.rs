@@ -91,6 +91,70 @@ pub struct StageLatency {
     pub p999_ms: f64,
 }
 
+/// How much the machine got in the way during a phase, from the kernel's counters: the
+/// share of our CPUs' time the hypervisor gave to others (steal), and the share of wall
+/// time in which some task waited for a CPU, or for I/O (pressure stall information; our
+/// own processes' waits included). `None` where the kernel does not expose it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Noise {
+    pub steal_percent: Option<f64>,
+    pub cpu_pressure_percent: Option<f64>,
+    pub io_pressure_percent: Option<f64>,
+}
+
+/// The counters behind [`Noise`] at one instant.
+struct NoiseCounters {
+    at: Instant,
+    /// In clock ticks of 1/100 s (Linux's USER_HZ).
+    steal_ticks: Option<u64>,
+    cpu_waiting_us: Option<u64>,
+    io_waiting_us: Option<u64>,
+}
+
+impl NoiseCounters {
+    fn now() -> Self {
+        let steal_ticks = std::fs::read_to_string("/proc/stat").ok().and_then(|t| {
+            // "cpu  user nice system idle iowait irq softirq steal ..."
+            t.lines().next()?.split_whitespace().nth(8)?.parse().ok()
+        });
+        // "some avg10=… avg60=… avg300=… total=<µs>" on the first line.
+        let waiting = |file: &str| {
+            std::fs::read_to_string(file).ok().and_then(|t| {
+                t.lines()
+                    .next()?
+                    .split_whitespace()
+                    .find_map(|f| f.strip_prefix("total="))?
+                    .parse()
+                    .ok()
+            })
+        };
+        Self {
+            at: Instant::now(),
+            steal_ticks,
+            cpu_waiting_us: waiting("/proc/pressure/cpu"),
+            io_waiting_us: waiting("/proc/pressure/io"),
+        }
+    }
+
+    /// What happened between `self` and now.
+    fn since(&self) -> Noise {
+        let now = Self::now();
+        let wall_us = (now.at - self.at).as_micros().max(1) as f64;
+        let share = |before: Option<u64>, after: Option<u64>, of_us: f64| {
+            Some(after?.saturating_sub(before?) as f64 / of_us * 100.0)
+        };
+        Noise {
+            steal_percent: share(
+                self.steal_ticks,
+                now.steal_ticks,
+                wall_us / 10_000.0 * cores() as f64,
+            ),
+            cpu_pressure_percent: share(self.cpu_waiting_us, now.cpu_waiting_us, wall_us),
+            io_pressure_percent: share(self.io_waiting_us, now.io_waiting_us, wall_us),
+        }
+    }
+}
+
 /// The stages of [`StageLatency`], in the order a message passes them.
 pub const END_TO_END_STAGES: [&str; 3] = [
     "submit -> accepted (VN durable)",
@@ -193,6 +257,8 @@ pub struct Report {
     pub end_to_end: Rate,
     /// Where each end-to-end message's time went, stage by stage.
     pub end_to_end_stages: Vec<StageLatency>,
+    /// How much the machine got in the way during the end-to-end phase.
+    pub end_to_end_noise: Noise,
     pub processes: Vec<ProcessUse>,
     pub disk_bytes_per_message: f64,
     pub limits: LimitFigures,
@@ -230,6 +296,7 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
         submit,
         end_to_end,
         end_to_end_stages,
+        noise,
         cpu,
     } = result?;
     let bench_cpu = cpu.bench;
@@ -306,6 +373,7 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
         submit,
         end_to_end,
         end_to_end_stages,
+        end_to_end_noise: noise,
         processes,
         disk_bytes_per_message,
         limits: LimitFigures {
@@ -326,9 +394,14 @@ async fn bench_net(opts: &Options) -> anyhow::Result<LocalNet> {
         (1..=1024).contains(&opts.senders),
         "--senders must be 1 to 1024"
     );
+    // Checkpoints as often as a deployed gateway publishes them (tests' nets do it 5x as
+    // often).
     let mut builder = LocalNet::builder()
         .country("vn", "hanoi", &[SENDER_ORG])
-        .country("kh", "phnom-penh", &[RECIPIENT_ORG]);
+        .country("kh", "phnom-penh", &[RECIPIENT_ORG])
+        .checkpoint_interval_ms(
+            accord_gateway::config::LogConfig::default().checkpoint_interval_ms,
+        );
     if let Some(dir) = &opts.dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         builder = builder.dir(dir);
@@ -354,6 +427,7 @@ struct Phases {
     end_to_end: Rate,
     end_to_end_stages: Vec<StageLatency>,
     /// Of the end-to-end phase.
+    noise: Noise,
     cpu: CpuUse,
 }
 
@@ -426,6 +500,7 @@ async fn phases(
     )?;
     let before: Vec<f64> = gateways.iter().map(|g| cpu_seconds(g.pid)).collect();
     let bench_before = cpu_seconds(std::process::id());
+    let noise_before = NoiseCounters::now();
     let (submit, end_to_end, end_to_end_stages) = timed_phase(
         &mut senders,
         &mut recipient,
@@ -434,6 +509,7 @@ async fn phases(
         opts.timeout,
     )
     .await?;
+    let noise = noise_before.since();
     let cpu = CpuUse {
         gateways: gateways
             .iter()
@@ -448,6 +524,7 @@ async fn phases(
         submit,
         end_to_end,
         end_to_end_stages,
+        noise,
         cpu,
     })
 }
@@ -1464,6 +1541,15 @@ pub fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
             s.stage, "", s.p50_ms, s.p99_ms, s.p999_ms
         )?;
     }
+    let n = &report.end_to_end_noise;
+    let pct = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.1}%"));
+    writeln!(
+        out,
+        "  machine meanwhile: CPU stolen {}, some task waiting for a CPU {} / for I/O {} of the time",
+        pct(n.steal_percent),
+        pct(n.cpu_pressure_percent),
+        pct(n.io_pressure_percent)
+    )?;
     row(out, "limit: bare mTLS echo", &report.limits.transport)?;
     row(out, "limit: store, durable tx", &report.limits.store)?;
     let c = &report.limits.crypto;

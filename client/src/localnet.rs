@@ -35,7 +35,12 @@ pub struct Builder {
     dir: Option<PathBuf>,
     policies: BTreeMap<String, String>,
     limits: BTreeMap<String, String>,
+    checkpoint_interval_ms: Option<u64>,
 }
+
+/// How often gateways of a [`LocalNet`] publish checkpoints unless told otherwise: often,
+/// so that tests see them soon (a deployed gateway's default is a second).
+const TEST_CHECKPOINT_INTERVAL_MS: u64 = 200;
 
 impl Builder {
     pub fn country(mut self, cc: &str, gateway: &str, orgs: &[&str]) -> Self {
@@ -57,6 +62,12 @@ impl Builder {
     /// gateway configuration.
     pub fn limits(mut self, cc: &str, toml: &str) -> Self {
         self.limits.insert(cc.to_owned(), toml.to_owned());
+        self
+    }
+
+    /// How often every gateway publishes a checkpoint and has its peers cosign it.
+    pub fn checkpoint_interval_ms(mut self, ms: u64) -> Self {
+        self.checkpoint_interval_ms = Some(ms);
         self
     }
 
@@ -123,7 +134,10 @@ impl Builder {
         let names: Vec<String> = net.countries.keys().cloned().collect();
         for cc in &names {
             let limits = self.limits.get(cc).map_or("", String::as_str);
-            let config = net.write_config(cc, limits)?;
+            let every = self
+                .checkpoint_interval_ms
+                .unwrap_or(TEST_CHECKPOINT_INTERVAL_MS);
+            let config = net.write_config(cc, limits, every)?;
             let c = net.countries.get_mut(cc).context("country")?;
             c.config = Some(config);
         }
@@ -168,7 +182,7 @@ impl LocalNet {
         self.root.join(format!("{cc}-gateway.toml"))
     }
 
-    fn write_config(&self, cc: &str, limits: &str) -> anyhow::Result<Config> {
+    fn write_config(&self, cc: &str, limits: &str, checkpoint_ms: u64) -> anyhow::Result<Config> {
         let me = self.country(cc)?;
         let pki = self.root.join("pki");
         let mut toml = format!(
@@ -176,7 +190,7 @@ impl LocalNet {
              receipt_key = \"pki/{cc}/gateway/keys.json\"\nlog_key = \"pki/{cc}/gateway/log-key.json\"\n\
              witness_key = \"pki/{cc}/gateway/witness-key.json\"\ndirectory_trust = \"pki/directory-trust.json\"\npolicy = \"{cc}-policy.toml\"\ndirectories = [{dirs}]\n\n\
              [tls]\nroot = \"pki/{cc}/ca.pem\"\ncert = \"pki/{cc}/gateway/cert.pem\"\nkey = \"pki/{cc}/gateway/key.pem\"\ncrls = [\"pki/{cc}/crl.pem\"]\n\n\
-             [forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 1000\n\n[log]\ncheckpoint_interval_ms = 200\n",
+             [forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 1000\n\n[log]\ncheckpoint_interval_ms = {checkpoint_ms}\n",
             id = me.files.gateway_id,
             c = me.addrs.0,
             p = me.addrs.1,

@@ -70,6 +70,17 @@ fn the_exchange_benchmark_delivers_every_message_and_reports_every_figure() {
             assert!(v > 0.0 && v <= total, "stage {i} {p}: {v} of {total}");
         }
     }
+    // The machine's noise meanwhile: read from /proc on Linux, where this runs.
+    let noise = &r["end_to_end_noise"];
+    for key in [
+        "steal_percent",
+        "cpu_pressure_percent",
+        "io_pressure_percent",
+    ] {
+        let v = &noise[key];
+        assert!(v.is_null() || v.as_f64().unwrap() >= 0.0, "{key}: {v}");
+    }
+    assert!(noise["steal_percent"].as_f64().unwrap() < 100.0, "{noise}");
     let processes = r["processes"].as_array().unwrap();
     for gw in ["vn-gateway", "kh-gateway"] {
         let p = processes.iter().find(|p| p["name"] == gw).unwrap();
