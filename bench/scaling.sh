@@ -65,6 +65,17 @@ for r in ex:
           f"{l['store']['throughput_per_sec']:.0f} | {r['ratios']['end_to_end_vs_crypto']*100:.0f}% | "
           f"{vn['cpu_us_per_message']:.0f} / {kh['cpu_us_per_message']:.0f} | "
           f"{vn['peak_rss_mib']:.0f} / {kh['peak_rss_mib']:.0f} | {r['disk_bytes_per_message']:.0f} |")
+def pct(v):
+    return "n/a" if v is None else f"{v:.1f}%"
+print("\nEnd to end by stage (p50 / p99 ms) and the machine's noise meanwhile:\n")
+stages = ex[0]["end_to_end_stages"]
+print("| row | " + " | ".join(st["stage"] for st in stages) + " | CPU stolen | waiting for CPU / I/O |")
+print("|---|" + "---|" * len(stages) + "---|---|")
+for r in ex:
+    n = r["end_to_end_noise"]
+    cells = " | ".join(f"{st['p50_ms']:.1f} / {st['p99_ms']:.1f}" for st in r["end_to_end_stages"])
+    print(f"| {r['row']} | {cells} | {pct(n['steal_percent'])} | "
+          f"{pct(n['cpu_pressure_percent'])} / {pct(n['io_pressure_percent'])} |")
 print("\nCommands:\n")
 for r in rows:
     print(f"- {r['row']}: `{r['command']}`")
