@@ -92,9 +92,10 @@ pub struct StageLatency {
 }
 
 /// How much the machine got in the way during a phase, from the kernel's counters: the
-/// share of our CPUs' time the hypervisor gave to others (steal), and the share of wall
-/// time in which some task waited for a CPU, or for I/O (pressure stall information; our
-/// own processes' waits included). `None` where the kernel does not expose it.
+/// share of the machine's CPU time the hypervisor gave to others (steal), and the share of
+/// wall time in which some task waited for a CPU, or for I/O (pressure stall information;
+/// our own processes' waits included, so under load these are mostly ours). `None` where
+/// the kernel does not expose it.
 #[derive(Clone, Debug, Serialize)]
 pub struct Noise {
     pub steal_percent: Option<f64>,
@@ -105,34 +106,49 @@ pub struct Noise {
 /// The counters behind [`Noise`] at one instant.
 struct NoiseCounters {
     at: Instant,
-    /// In clock ticks of 1/100 s (Linux's USER_HZ).
-    steal_ticks: Option<u64>,
+    /// Summed over the machine's `cpus`, in clock ticks of 1/100 s (Linux's USER_HZ).
+    steal: Option<Steal>,
     cpu_waiting_us: Option<u64>,
     io_waiting_us: Option<u64>,
 }
 
+#[derive(Debug, PartialEq, Eq)]
+struct Steal {
+    ticks: u64,
+    cpus: usize,
+}
+
+/// The steal time in `/proc/stat` text: the `cpu` line's eighth figure ("cpu user nice
+/// system idle iowait irq softirq steal …"), summed over the `cpuN` lines that follow.
+fn parse_steal(stat: &str) -> Option<Steal> {
+    let mut lines = stat.lines();
+    let ticks = lines.next()?.split_whitespace().nth(8)?.parse().ok()?;
+    let cpus = lines.take_while(|l| l.starts_with("cpu")).count().max(1);
+    Some(Steal { ticks, cpus })
+}
+
+/// The "some" total, in µs, of a `/proc/pressure/*` file: its first line reads
+/// "some avg10=… avg60=… avg300=… total=<µs>".
+fn parse_pressure_total(text: &str) -> Option<u64> {
+    let some = text.lines().next()?.strip_prefix("some ")?;
+    some.split_whitespace()
+        .find_map(|f| f.strip_prefix("total="))?
+        .parse()
+        .ok()
+}
+
 impl NoiseCounters {
     fn now() -> Self {
-        let steal_ticks = std::fs::read_to_string("/proc/stat").ok().and_then(|t| {
-            // "cpu  user nice system idle iowait irq softirq steal ..."
-            t.lines().next()?.split_whitespace().nth(8)?.parse().ok()
-        });
-        // "some avg10=… avg60=… avg300=… total=<µs>" on the first line.
-        let waiting = |file: &str| {
-            std::fs::read_to_string(file).ok().and_then(|t| {
-                t.lines()
-                    .next()?
-                    .split_whitespace()
-                    .find_map(|f| f.strip_prefix("total="))?
-                    .parse()
-                    .ok()
-            })
-        };
+        let read = |path: &str| std::fs::read_to_string(path).ok();
         Self {
             at: Instant::now(),
-            steal_ticks,
-            cpu_waiting_us: waiting("/proc/pressure/cpu"),
-            io_waiting_us: waiting("/proc/pressure/io"),
+            steal: read("/proc/stat").as_deref().and_then(parse_steal),
+            cpu_waiting_us: read("/proc/pressure/cpu")
+                .as_deref()
+                .and_then(parse_pressure_total),
+            io_waiting_us: read("/proc/pressure/io")
+                .as_deref()
+                .and_then(parse_pressure_total),
         }
     }
 
@@ -143,11 +159,12 @@ impl NoiseCounters {
         let share = |before: Option<u64>, after: Option<u64>, of_us: f64| {
             Some(after?.saturating_sub(before?) as f64 / of_us * 100.0)
         };
+        let cpus = now.steal.as_ref().map_or(1, |s| s.cpus) as f64;
         Noise {
             steal_percent: share(
-                self.steal_ticks,
-                now.steal_ticks,
-                wall_us / 10_000.0 * cores() as f64,
+                self.steal.as_ref().map(|s| s.ticks),
+                now.steal.as_ref().map(|s| s.ticks),
+                wall_us / 10_000.0 * cpus,
             ),
             cpu_pressure_percent: share(self.cpu_waiting_us, now.cpu_waiting_us, wall_us),
             io_pressure_percent: share(self.io_waiting_us, now.io_waiting_us, wall_us),
@@ -157,7 +174,7 @@ impl NoiseCounters {
 
 /// The stages of [`StageLatency`], in the order a message passes them.
 pub const END_TO_END_STAGES: [&str; 3] = [
-    "submit -> accepted (VN durable)",
+    "submit -> accepted by VN",
     "accepted -> opened by recipient",
     "opened -> ack durable at KH",
 ];
@@ -764,8 +781,9 @@ async fn open_and_ack(
                     else {
                         continue;
                     };
-                    // A push may overtake the submit's answer: the stages never go negative.
-                    let accepted = accepted.unwrap_or(from).min(opened);
+                    // A push may overtake the submit's answer, or its sender may not have
+                    // noted it yet: the accept then ends at the open, never after it.
+                    let accepted = accepted.map_or(opened, |a| a.min(opened));
                     delivered.push(Delivery {
                         done: at,
                         latency: at - from,
@@ -773,6 +791,12 @@ async fn open_and_ack(
                     });
                 }
             }
+            // Everything received and acknowledged, yet not every message counted: an id
+            // came twice, or one nobody sent.
+            else => anyhow::bail!(
+                "{} of {total} messages acknowledged as sent in this phase",
+                delivered.len()
+            ),
         }
     }
     Ok(delivered)
@@ -1545,7 +1569,7 @@ pub fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     let pct = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.1}%"));
     writeln!(
         out,
-        "  machine meanwhile: CPU stolen {}, some task waiting for a CPU {} / for I/O {} of the time",
+        "  machine meanwhile: CPU stolen {}, some task (ours included) waiting for a CPU {} / for I/O {} of the time",
         pct(n.steal_percent),
         pct(n.cpu_pressure_percent),
         pct(n.io_pressure_percent)
@@ -1627,6 +1651,28 @@ mod tests {
         for size in [512, 1024, 8 * 1024, 64 * 1024, 1 << 20] {
             assert_eq!(body_of_size(size).encoded_len(), size, "{size}");
         }
+    }
+
+    #[test]
+    fn steal_and_pressure_are_read_from_the_kernels_text() {
+        let stat = "cpu  2915389 26961 385998 9454990 60446 0 39528 46607 0 0\n\
+                    cpu0 1457694 13480 192999 4727495 30223 0 19764 23303 0 0\n\
+                    cpu1 1457695 13481 192999 4727495 30223 0 19764 23304 0 0\n\
+                    intr 1 2 3\n";
+        assert_eq!(
+            parse_steal(stat),
+            Some(Steal {
+                ticks: 46607,
+                cpus: 2
+            })
+        );
+        assert_eq!(parse_steal("cpu  1 2 3\n"), None, "a kernel without steal");
+        assert_eq!(parse_steal(""), None);
+        let psi = "some avg10=0.39 avg60=1.43 avg300=2.20 total=5293099713\n\
+                   full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
+        assert_eq!(parse_pressure_total(psi), Some(5_293_099_713));
+        assert_eq!(parse_pressure_total("full avg10=0 total=5\n"), None);
+        assert_eq!(parse_pressure_total("some avg10=0.39\n"), None);
     }
 
     #[test]

@@ -65,9 +65,10 @@ impl Builder {
         self
     }
 
-    /// How often every gateway publishes a checkpoint and has its peers cosign it.
+    /// How often every gateway publishes a checkpoint and has its peers cosign it (at
+    /// least every millisecond, as the gateway requires).
     pub fn checkpoint_interval_ms(mut self, ms: u64) -> Self {
-        self.checkpoint_interval_ms = Some(ms);
+        self.checkpoint_interval_ms = Some(ms.max(1));
         self
     }
 

@@ -80,7 +80,9 @@ fn the_exchange_benchmark_delivers_every_message_and_reports_every_figure() {
         let v = &noise[key];
         assert!(v.is_null() || v.as_f64().unwrap() >= 0.0, "{key}: {v}");
     }
-    assert!(noise["steal_percent"].as_f64().unwrap() < 100.0, "{noise}");
+    if let Some(steal) = noise["steal_percent"].as_f64() {
+        assert!(steal < 100.0, "{noise}");
+    }
     let processes = r["processes"].as_array().unwrap();
     for gw in ["vn-gateway", "kh-gateway"] {
         let p = processes.iter().find(|p| p["name"] == gw).unwrap();
