@@ -9,6 +9,14 @@ use std::time::Duration;
 use accord_client::org::Opened;
 use accord_client::org::OrgClient;
 
+/// The net most tests run: VN's Hanoi gateway with organisation C02 and KH's Phnom Penh
+/// gateway with AHTD. Add countries, policies or limits before `start`.
+pub fn vn_and_kh() -> accord_client::localnet::Builder {
+    TestNet::builder()
+        .country("vn", "hanoi", &["c02"])
+        .country("kh", "phnom-penh", &["ahtd"])
+}
+
 /// Polls `id`'s chain of receipts until its furthest stage is `stage` (or fails after
 /// ~15 s); the chain.
 pub async fn wait_stage(

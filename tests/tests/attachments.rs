@@ -706,9 +706,7 @@ async fn malformed_uploads_replays_and_foreign_peers_get_nothing_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_beyond_the_chunk_quota_are_refused_and_envelopes_still_flow() {
     // Room for about one 40 KiB file of chunks at VN, not two.
-    let net = TestNet::builder()
-        .country("vn", "hanoi", &["c02"])
-        .country("kh", "phnom-penh", &["ahtd"])
+    let net = accord_tests::vn_and_kh()
         .limits("vn", "attachment_quota_bytes = 60000")
         .start()
         .await

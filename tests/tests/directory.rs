@@ -11,12 +11,7 @@ use accord_proto::pb;
 use accord_tests::{now_ms, TestNet};
 
 async fn net() -> TestNet {
-    TestNet::builder()
-        .country("vn", "hanoi", &["c02"])
-        .country("kh", "phnom-penh", &["ahtd"])
-        .start()
-        .await
-        .unwrap()
+    accord_tests::vn_and_kh().start().await.unwrap()
 }
 
 fn plain(net: &TestNet, cc: &str) -> pb::Directory {

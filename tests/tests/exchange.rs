@@ -94,9 +94,7 @@ async fn a_message_opens_to_what_was_sent_and_its_chain_is_complete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_countries_are_routed_by_the_recipients_country() {
-    let net = TestNet::builder()
-        .country("vn", "hanoi", &["c02"])
-        .country("kh", "phnom-penh", &["ahtd"])
+    let net = accord_tests::vn_and_kh()
         .country("la", "vientiane", &["dcp"])
         .start()
         .await
@@ -366,9 +364,7 @@ async fn an_envelope_that_expires_in_the_queue_is_not_delivered_and_its_sender_g
 /// the `quota-full` key once the store outgrows it, and loses nothing it accepted before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_over_its_quota_refuses_new_envelopes_and_keeps_what_it_accepted() {
-    let net = TestNet::builder()
-        .country("vn", "hanoi", &["c02"])
-        .country("kh", "phnom-penh", &["ahtd"])
+    let net = accord_tests::vn_and_kh()
         .limits("vn", "queue_quota_bytes = 4194304")
         .start()
         .await

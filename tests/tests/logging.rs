@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use accord_client::org::SendOptions;
-use accord_tests::{alert, TestNet};
+use accord_tests::alert;
 
 /// Where the test's subscriber writes: every line of both gateways.
 #[derive(Clone, Default)]
@@ -42,12 +42,7 @@ async fn every_line_names_only_its_own_message_while_many_are_in_flight() {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .init();
-    let net = TestNet::builder()
-        .country("vn", "hanoi", &["c02"])
-        .country("kh", "phnom-penh", &["ahtd"])
-        .start()
-        .await
-        .unwrap();
+    let net = accord_tests::vn_and_kh().start().await.unwrap();
     let to = net.org_id("kh", "ahtd").unwrap();
     let mut senders = tokio::task::JoinSet::new();
     for s in 0..8 {

@@ -329,9 +329,7 @@ async fn a_bad_envelope_reusing_a_message_id_does_not_touch_that_messages_chain(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_cannot_relay_envelopes_of_another_country_or_for_another_country() {
-    let net = TestNet::builder()
-        .country("vn", "hanoi", &["c02"])
-        .country("kh", "phnom-penh", &["ahtd"])
+    let net = accord_tests::vn_and_kh()
         .country("la", "vientiane", &["dcp"])
         .start()
         .await
@@ -366,9 +364,7 @@ async fn a_peer_cannot_relay_envelopes_of_another_country_or_for_another_country
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_can_neither_prove_others_messages_nor_witness_forged_notes_nor_offer_foreign_directories(
 ) {
-    let net = TestNet::builder()
-        .country("vn", "hanoi", &["c02"])
-        .country("kh", "phnom-penh", &["ahtd"])
+    let net = accord_tests::vn_and_kh()
         .country("la", "vientiane", &["dcp"])
         .start()
         .await

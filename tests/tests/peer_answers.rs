@@ -224,12 +224,7 @@ async fn replace_kh(net: &mut TestNet, receipts: Answer, envelopes: Answer) -> S
 }
 
 async fn net() -> TestNet {
-    TestNet::builder()
-        .country("vn", "hanoi", &["c02"])
-        .country("kh", "phnom-penh", &["ahtd"])
-        .start()
-        .await
-        .unwrap()
+    accord_tests::vn_and_kh().start().await.unwrap()
 }
 
 /// KH AHTD sends `n` alerts to VN C02; C02 takes them in and acknowledges them only once

@@ -11,12 +11,7 @@ use accord_proto::pb;
 use accord_tests::{alert, TestNet};
 
 async fn net() -> TestNet {
-    TestNet::builder()
-        .country("vn", "hanoi", &["c02"])
-        .country("kh", "phnom-penh", &["ahtd"])
-        .start()
-        .await
-        .unwrap()
+    accord_tests::vn_and_kh().start().await.unwrap()
 }
 
 /// Rewrites `path` so its modification stamp changes even within one clock tick.

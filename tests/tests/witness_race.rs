@@ -10,16 +10,11 @@ use accord_client::org::SendOptions;
 use accord_proto::merkle::{self, MemoryTree};
 use accord_proto::note::{self, Checkpoint};
 use accord_proto::pb;
-use accord_tests::{alert, TestNet};
+use accord_tests::alert;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_witness_never_cosigns_two_different_checkpoints_of_one_size() {
-    let mut net = TestNet::builder()
-        .country("vn", "hanoi", &["c02"])
-        .country("kh", "phnom-penh", &["ahtd"])
-        .start()
-        .await
-        .unwrap();
+    let mut net = accord_tests::vn_and_kh().start().await.unwrap();
     let mut c02 = net.client("vn", "c02").await.unwrap();
     c02.send(
         &net.org_id("kh", "ahtd").unwrap(),
