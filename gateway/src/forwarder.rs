@@ -95,22 +95,28 @@ pub async fn run(
         let delay = match drained.await {
             Ok(Round::Idle) => {
                 attempt = 0;
+                // New entries, or the first held one due again, or a look every second.
+                let wait = retries.next_due().map_or(Duration::from_secs(1), |due| {
+                    due.saturating_duration_since(tokio::time::Instant::now())
+                        .min(Duration::from_secs(1))
+                });
                 tokio::select! {
                     _ = notified => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.changed() => {}
                 }
                 continue;
             }
-            Ok(Round::Settled) => {
+            Ok(Round::Again) => {
                 attempt = 0;
                 continue;
             }
-            Ok(Round::HeldBack) => {
-                // The peer took nothing this round, and each item is held back on its own
-                // backoff: what is behind them goes after a pause, or at once when the
-                // outbox gets something new (a FLASH alert).
+            Ok(Round::AllRetried) => {
+                // More entries asked to be retried than are held back at once: the next
+                // round would send the same ones again, so it waits for the link's backoff,
+                // or for something new (a FLASH alert sorts ahead of them).
                 let d = backoff(&cfg, attempt, jitter());
+                tracing::warn!(peer = %peer, held = retries.held(), retry_in_ms = d.as_millis() as u64, "peer asks to retry more entries than are held back");
                 attempt = attempt.saturating_add(1);
                 tokio::select! {
                     _ = notified => {}
@@ -118,14 +124,6 @@ pub async fn run(
                     _ = shutdown.changed() => {}
                 }
                 continue;
-            }
-            Ok(Round::AllRetried) => {
-                // More entries asked to be retried than are held back at once: the next
-                // round would send the same ones again, so the link waits out its backoff.
-                let d = backoff(&cfg, attempt, jitter());
-                tracing::warn!(peer = %peer, held = retries.held(), retry_in_ms = d.as_millis() as u64, "peer asks to retry more entries than are held back");
-                attempt = attempt.saturating_add(1);
-                d
             }
             Err(e) => {
                 let d = backoff(&cfg, attempt, jitter());
@@ -144,12 +142,13 @@ pub async fn run(
 /// What one round of [`drain_once`] came to, which decides when the next one runs.
 #[derive(Debug, PartialEq, Eq)]
 enum Round {
-    /// Nothing to send (or all of it held back): wait for new entries.
+    /// Nothing more to send now (or all of it held back): wait for new entries or the
+    /// first held one due again.
     Idle,
-    /// Entries left the outbox: go on at once.
-    Settled,
-    /// The peer asked to retry every item it was sent, and each is held back now.
-    HeldBack,
+    /// Entries left the outbox, or a full batch was held back: there may be more behind
+    /// them, so go on at once. Each retried entry waits out its own backoff, so this does
+    /// not resend anything sooner; it only reads past what was held.
+    Again,
     /// The peer asked to retry every item it was sent, and some could not be held back.
     AllRetried,
 }
@@ -233,7 +232,7 @@ async fn drain_once(
     }
     if items.is_empty() {
         return Ok(if progressed {
-            Round::Settled
+            Round::Again
         } else {
             Round::Idle
         });
@@ -243,7 +242,12 @@ async fn drain_once(
     let own = pipeline.own_signed_directory();
     if own != *offered {
         match pipeline.exchange_directories(peer, client).await {
-            Ok(_) => *offered = own,
+            Ok(_) => {
+                *offered = own;
+                // What the peer could not check (receipts signed under keys it did not
+                // hold yet) may pass now: held entries go again from the next round.
+                retries.release_all();
+            }
             Err(e) => {
                 tracing::warn!(peer = %peer, error = %e, "directory not exchanged before delivery")
             }
@@ -367,9 +371,10 @@ async fn drain_once(
     }
     match fault {
         Some(e) => Err(e),
-        None if settled > 0 || progressed => Ok(Round::Settled),
+        None if settled > 0 || progressed => Ok(Round::Again),
         None if retried > held => Ok(Round::AllRetried),
-        None if retried > 0 => Ok(Round::HeldBack),
+        // A full batch held back: more may wait behind it.
+        None if held == cfg.batch => Ok(Round::Again),
         None => Ok(Round::Idle),
     }
 }
@@ -396,6 +401,21 @@ const HELD_BATCHES: usize = 16;
 impl Retries {
     fn held(&self) -> usize {
         self.held.len()
+    }
+
+    /// When the first entry still held back is due again.
+    fn next_due(&self) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        self.held
+            .values()
+            .map(|h| h.until)
+            .filter(|u| *u > now)
+            .min()
+    }
+
+    /// Lets every held entry go in the next round, keeping none of their backoffs.
+    fn release_all(&mut self) {
+        self.held.clear();
     }
 
     fn holds_back(&self, key: &QueueKey) -> bool {
@@ -792,6 +812,27 @@ mod tests {
         retries.keep_only(&read, 2);
         assert_eq!(retries.held(), 3, "key 7 sorts after the last read: kept");
         assert!(retries.holds_back(&key(7)) && !retries.holds_back(&key(3)));
+        // The idle forwarder wakes for the first entry still held, and a directory the peer
+        // took lets every held entry go.
+        let now = tokio::time::Instant::now();
+        let first = retries
+            .held
+            .values()
+            .map(|h| h.until)
+            .filter(|u| *u > now)
+            .min();
+        assert!(first.is_some());
+        assert_eq!(
+            retries.next_due(),
+            first,
+            "the first still held, not one due already"
+        );
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_eq!(retries.next_due(), None, "none is held any more");
+        retries.hold(key(8), &cfg);
+        retries.release_all();
+        assert_eq!(retries.held(), 0);
+        assert!(!retries.holds_back(&key(8)));
     }
 
     #[test]
