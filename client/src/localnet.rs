@@ -299,8 +299,9 @@ impl LocalNet {
     }
 }
 
-/// Rebinds a port just released by a stopped gateway (the OS may take a moment).
-async fn bind_again(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+/// Rebinds a port just released by a stopped gateway (the OS may take a moment), e.g. for a
+/// test that puts a stand-in where a gateway listened.
+pub async fn bind_again(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     let mut last = None;
     for _ in 0..50 {
         match TcpListener::bind(addr).await {

@@ -204,17 +204,8 @@ async fn replace_kh(net: &mut TestNet, receipts: Answer, envelopes: Answer) -> S
             offered: Vec::new(),
         })),
     };
-    let mut listener = None;
-    for _ in 0..50 {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => {
-                listener = Some(l);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    let incoming = accord_gateway::listener::incoming(listener.unwrap(), config, "stand-in");
+    let listener = accord_client::localnet::bind_again(addr).await.unwrap();
+    let incoming = accord_gateway::listener::incoming(listener, config, "stand-in");
     let service = pb::peer_link_server::PeerLinkServer::new(stand_in.clone());
     tokio::spawn(
         tonic::transport::Server::builder()
