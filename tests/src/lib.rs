@@ -17,6 +17,24 @@ pub fn vn_and_kh() -> accord_client::localnet::Builder {
         .country("kh", "phnom-penh", &["ahtd"])
 }
 
+/// Sends the alert `what` from VN C02 (`c02`, its client in `net`) to KH AHTD and waits
+/// until KH's gateway holds it (its received receipt is back at VN); what was sent.
+pub async fn alert_received_at_kh(
+    net: &TestNet,
+    c02: &mut OrgClient,
+    what: &str,
+) -> anyhow::Result<accord_client::org::Sent> {
+    let sent = c02
+        .send(
+            &net.org_id("kh", "ahtd")?,
+            &alert(what),
+            &accord_client::org::SendOptions::new("P1"),
+        )
+        .await?;
+    wait_stage(c02, &sent.id, accord_proto::pb::Stage::Received).await?;
+    Ok(sent)
+}
+
 /// Polls `id`'s chain of receipts until its furthest stage is `stage` (or fails after
 /// ~15 s); the chain.
 pub async fn wait_stage(

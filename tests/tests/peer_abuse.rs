@@ -111,16 +111,8 @@ async fn a_peer_cannot_inject_receipts_for_messages_it_never_handled_nor_replay_
     let got = accord_tests::fetch_n(&mut hotline, 1).await.unwrap();
     let delivered = hotline.ack(&got[0]).await.unwrap();
     // A message to KH, for the receipts below that name it.
-    let to_kh = c02
-        .send(
-            &net.org_id("kh", "ahtd").unwrap(),
-            &alert("to kh"),
-            &SendOptions::new("P1"),
-        )
-        .await
-        .unwrap();
     // Received at KH, so that its log entries are all in before the count below.
-    accord_tests::wait_stage(&mut c02, &to_kh.id, Stage::Received)
+    let to_kh = accord_tests::alert_received_at_kh(&net, &mut c02, "to kh")
         .await
         .unwrap();
     // A REJECTED receipt genuinely signed by KH's gateway key, about that VN-internal message.
@@ -456,16 +448,8 @@ async fn a_peer_can_neither_prove_others_messages_nor_witness_forged_notes_nor_o
 async fn two_endings_of_one_message_in_one_batch_end_it_once() {
     let net = net().await;
     let mut c02 = net.client("vn", "c02").await.unwrap();
-    let sent = c02
-        .send(
-            &net.org_id("kh", "ahtd").unwrap(),
-            &alert("twice"),
-            &SendOptions::new("P4"),
-        )
-        .await
-        .unwrap();
     // KH's gateway holds it (its received receipt reached VN), and no one acks it.
-    accord_tests::wait_stage(&mut c02, &sent.id, Stage::Received)
+    let sent = accord_tests::alert_received_at_kh(&net, &mut c02, "twice")
         .await
         .unwrap();
     let endings = [pb::RejectReason::Expired, pb::RejectReason::Policy]

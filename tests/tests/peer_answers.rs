@@ -15,7 +15,7 @@ use accord_gateway::store::Queue;
 use accord_proto::crypto::SigningKey;
 use accord_proto::ids::MessageId;
 use accord_proto::pb::{self, Stage};
-use accord_tests::{alert, fetch_n, wait_stage, TestNet};
+use accord_tests::{alert, alert_received_at_kh, fetch_n, wait_stage, TestNet};
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
@@ -275,13 +275,8 @@ async fn receipts_the_peer_asks_to_retry_do_not_hold_back_the_outbox_behind_them
     // Retried receipts at the head of the outbox, more than three batches (of 64) hold.
     let (stand_in, acked) = receipts_for_stand_in(&mut net, 200, Answer::Retry).await;
     let mut c02 = net.client("vn", "c02").await.unwrap();
-    let to = net.org_id("kh", "ahtd").unwrap();
-    let sent = c02
-        .send(&to, &alert("behind the receipts"), &SendOptions::new("P1"))
-        .await
-        .unwrap();
     // The ROUTINE envelope behind them gets through, and KH's receipt for it is taken.
-    wait_stage(&mut c02, &sent.id, Stage::Received)
+    let sent = alert_received_at_kh(&net, &mut c02, "behind the receipts")
         .await
         .unwrap();
     assert_eq!(stand_in.envelopes_offered(), vec![sent.id]);
@@ -290,11 +285,9 @@ async fn receipts_the_peer_asks_to_retry_do_not_hold_back_the_outbox_behind_them
     // here. Resent at each wake-up, they went about once per envelope (27 of 30 in a trial
     // with holds of 20 ms).
     for i in 0..30 {
-        let m = c02
-            .send(&to, &alert(&format!("busy {i}")), &SendOptions::new("P1"))
+        alert_received_at_kh(&net, &mut c02, &format!("busy {i}"))
             .await
             .unwrap();
-        wait_stage(&mut c02, &m.id, Stage::Received).await.unwrap();
     }
     for (id, at) in stand_in.receipts_offered() {
         let span = at[at.len() - 1] - at[0];
