@@ -196,7 +196,7 @@ async fn drain_once(
             None => {
                 let msg = pipeline.store.message(&id)?;
                 let Some(mut msg) = msg else {
-                    settle(pipeline, key, &entry, vec![]).await?;
+                    settle(pipeline, key).await?;
                     progressed = true;
                     continue;
                 };
@@ -308,13 +308,12 @@ async fn drain_once(
                 // Refused without a receipt: the sender must still learn how it ended.
                 tracing::error!(peer = %peer, message_id = %id, reason = ?peer_text(&result.refused), "peer refused an envelope without a receipt");
                 let Some(msg) = pipeline.store.message(&id)? else {
-                    settle(pipeline, key, &entry, vec![]).await?;
+                    settle(pipeline, key).await?;
                     settled += 1;
                     continue;
                 };
-                let dequeue = Op::RemoveMessage(Queue::Outbox(peer.country().clone()), id);
                 let tx = pipeline
-                    .retire(id, &msg, pb::RejectReason::RefusedByPeer, dequeue)
+                    .retire(id, &msg, pb::RejectReason::RefusedByPeer, Op::Dequeue(key))
                     .map_err(|e| ForwardError::Store(StoreError::Engine(e.to_string())))?;
                 pipeline.store.commit(tx).await?;
                 pipeline.drop_attachments_of(&msg).await;
@@ -351,7 +350,7 @@ async fn drain_once(
             }
         }
         batch_ops.extend(ops);
-        batch_ops.push(settle_op(key, &entry)?);
+        batch_ops.push(Op::Dequeue(key));
         settled += 1;
     }
     if !batch_ops.is_empty() {
@@ -478,44 +477,16 @@ fn check_peer_receipt(
     }
 }
 
-/// The op that takes a settled entry off the outbox.
-fn settle_op(key: QueueKey, entry: &QueueEntry) -> Result<Op, StoreError> {
-    Ok(
-        match (&entry.receipt, MessageId::from_slice(&entry.message_id)) {
-            (None, Ok(id)) => Op::RemoveMessage(Queue::Outbox(peer_country(&key)?), id),
-            _ => Op::Dequeue(key),
-        },
-    )
-}
-
-/// Removes a settled entry together with whatever records its outcome, on its own.
-async fn settle(
-    pipeline: &Pipeline,
-    key: QueueKey,
-    entry: &QueueEntry,
-    mut ops: Vec<Op>,
-) -> Result<(), StoreError> {
-    ops.push(settle_op(key, entry)?);
+/// Takes an entry off the outbox on its own, when nothing else records how it ended.
+async fn settle(pipeline: &Pipeline, key: QueueKey) -> Result<(), StoreError> {
     pipeline
         .store
         .commit(Tx {
-            ops,
+            ops: vec![Op::Dequeue(key)],
             receipts: None,
         })
         .await?;
     Ok(())
-}
-
-fn peer_country(key: &QueueKey) -> Result<accord_proto::ids::CountryCode, StoreError> {
-    // Queue keys start with b"qo:<cc>\0"; only outbox keys reach here.
-    std::str::from_utf8(
-        key.0
-            .get(3..5)
-            .ok_or_else(|| StoreError::Corrupt("queue key".into()))?,
-    )
-    .ok()
-    .and_then(|s| s.parse().ok())
-    .ok_or_else(|| StoreError::Corrupt("queue key".into()))
 }
 
 /// An envelope that expired before it left: its sender gets a rejected receipt from us.
@@ -525,9 +496,8 @@ async fn expire_unsent(
     id: MessageId,
     msg: &StoredMessage,
 ) -> Result<(), ForwardError> {
-    let dequeue = Op::RemoveMessage(Queue::Outbox(peer_country(&key)?), id);
     let tx = pipeline
-        .retire(id, msg, pb::RejectReason::Expired, dequeue)
+        .retire(id, msg, pb::RejectReason::Expired, Op::Dequeue(key))
         .map_err(|e| ForwardError::Store(StoreError::Engine(e.to_string())))?;
     pipeline.store.commit(tx).await?;
     tracing::info!(message_id = %id, "expired before forwarding");

@@ -978,7 +978,7 @@ impl Pipeline {
             .parse()
             .map_err(|_| StoreError::Corrupt(v.message_id.to_string()))?;
         let mut ops = vec![
-            Op::RemoveMessage(Queue::Inbox(org), v.message_id),
+            Op::RemoveFromInbox(org, v.message_id),
             Op::PutReceipt(v.message_id, r.clone()),
             receipt_entry(
                 if refused {
@@ -1108,7 +1108,7 @@ impl Pipeline {
         if final_stage(&self.store.receipts(&id)?, msg).is_some() {
             return Ok(());
         }
-        let dequeue = Op::RemoveMessage(Queue::Inbox(org.clone()), id);
+        let dequeue = Op::RemoveFromInbox(org.clone(), id);
         let tx = self.retire(id, msg, RejectReason::Expired, dequeue)?;
         self.store.commit(tx).await?;
         tracing::info!(message_id = %id, "expired before delivery");

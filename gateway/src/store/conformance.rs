@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use accord_proto::ids::MessageId;
+use accord_proto::ids::{MessageId, OrgId};
 use accord_proto::pb;
 
 use super::*;
@@ -23,6 +23,11 @@ fn msg(n: u8) -> (MessageId, StoredMessage) {
         expires_at_ms: i64::MAX,
     };
     (id, m)
+}
+
+/// The organisation whose inbox the tests use.
+pub(crate) fn ahtd() -> OrgId {
+    "spiffe://kh.accord/org/ahtd".parse().unwrap()
 }
 
 /// A queue entry for a stored message (no receipt).
@@ -137,22 +142,48 @@ pub(crate) async fn run<S: Store>(dir: &Path, open: impl Fn(&Path) -> S) {
         }
     );
     assert_eq!(store.queue(&kh, 10).unwrap().len(), 2);
-    // A message's entry can be removed by id, once; the rest of the queue stays.
-    for _ in 0..2 {
+    // Taking an entry off again changes nothing.
+    store
+        .commit(Tx {
+            ops: vec![Op::Dequeue(q[0].0.clone())],
+            receipts: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.queue(&kh, 10).unwrap().len(), 2);
+    // An inbox entry can be removed by its message's id, once; the rest of the inbox, and
+    // the same message's entry in another queue, stay.
+    let ahtd = ahtd();
+    let inbox = Queue::Inbox(ahtd.clone());
+    for id in [id1, id2] {
         store
             .commit(Tx {
-                ops: vec![Op::RemoveMessage(kh.clone(), id1)],
+                ops: vec![Op::Enqueue(
+                    inbox.clone(),
+                    pb::Priority::Routine,
+                    queued(&id),
+                )],
                 receipts: None,
             })
             .await
             .unwrap();
     }
-    let left = store.queue(&kh, 10).unwrap();
+    for _ in 0..2 {
+        store
+            .commit(Tx {
+                ops: vec![Op::RemoveFromInbox(ahtd.clone(), id1)],
+                receipts: None,
+            })
+            .await
+            .unwrap();
+    }
+    let left = store.queue(&inbox, 10).unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].1.message_id, id2.as_bytes().to_vec());
+    assert_eq!(store.queue(&kh, 10).unwrap().len(), 2);
     assert!(store
         .queue(
-            &Queue::Inbox("spiffe://kh.accord/org/ahtd".parse().unwrap()),
+            &Queue::Inbox("spiffe://kh.accord/org/nchr".parse().unwrap()),
             10
         )
         .unwrap()

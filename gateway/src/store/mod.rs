@@ -109,10 +109,13 @@ pub enum Op {
     PutReceipt(MessageId, pb::Receipt),
     /// Appends to a queue, ordered by priority (higher first) then arrival.
     Enqueue(Queue, pb::Priority, QueueEntry),
-    /// Removes a queue entry (idempotent).
+    /// Removes a queue entry (idempotent). How an outbox's entries leave it: whoever takes
+    /// one off read it from [`Store::queue`], key and all.
     Dequeue(QueueKey),
-    /// Removes a message's entry from a queue without knowing its key (idempotent).
-    RemoveMessage(Queue, MessageId),
+    /// Removes a message's entry from an inbox without knowing its key (idempotent): a
+    /// recipient ends a delivery by the message's id. Only inbox entries are indexed by id,
+    /// since an index is two more writes for every message that passes through a queue.
+    RemoveFromInbox(OrgId, MessageId),
     /// Appends an encoded `pb::LogEntry` to the log.
     Log(Vec<u8>),
     /// Sets a small metadata record (checkpoints, witness state).

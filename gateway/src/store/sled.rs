@@ -28,7 +28,7 @@
 //! v ‖ id(16)                         number(8) of a longer one's record in `messages/`
 //! r ‖ id(16) ‖ seq(8)                pb::Receipt
 //! q ‖ queue name ‖ 0x00 ‖ 255-priority ‖ seq(8)   QueueEntry
-//! x ‖ queue name ‖ 0x00 ‖ id(16)     key of that message's queue entry (for RemoveMessage)
+//! x ‖ inbox name ‖ 0x00 ‖ id(16)     key of that message's inbox entry (for RemoveFromInbox)
 //! e ‖ id(16) ‖ index(8)              the log entry `index` names message `id`
 //! k ‖ name                           metadata (checkpoints, witness state)
 //! s ‖ "log" / "seq"                  next log index / next sequence number
@@ -60,7 +60,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use accord_proto::ids::MessageId;
+use accord_proto::ids::{MessageId, OrgId};
 use accord_proto::merkle::{self, Hash, NodeSource, ProofError};
 use accord_proto::{log, pb};
 use prost::Message;
@@ -94,10 +94,13 @@ const BESIDE_FROM: usize = 4 << 10;
 /// Longest message the store takes, and so the longest record read back (anything longer
 /// is a damaged `ends` file). Above what any gRPC call may carry (64 MiB).
 const MAX_MESSAGE: u64 = 256 << 20;
-/// The store's layout, recorded at every open. 1: messages over [`BESIDE_FROM`] are in
-/// `messages/`, which a binary from before it does not read. A store recorded with a later
-/// layout than this binary's is refused.
-const FORMAT: u64 = 1;
+/// The store's layout, recorded at every open. A store recorded with a later layout than
+/// this binary's is refused.
+/// - 1: messages over [`BESIDE_FROM`] are in `messages/`, which a binary from before it
+///   does not read.
+/// - 2: outbox entries are not indexed by message id; a binary of layout 1 looks a settled
+///   one up by id, finds nothing, and would send it again for ever.
+const FORMAT: u64 = 2;
 const META_FORMAT: &[u8] = b"sfmt";
 
 impl From<sled::Error> for StoreError {
@@ -267,6 +270,8 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         files.synced_blobs = blob_sizes(&files.blob_dir)?;
         files.note_sled_bytes();
     }
+    // After the replay, which may hold index keys a binary of layout 1 wrote.
+    drop_outbox_index(&db)?;
     wal::remove_through(&wal_dir, last_segment)?;
     wal::remove_spares(&wal_dir)?;
     let segment = Segment::create(&wal_dir, last_segment + 1)?;
@@ -312,6 +317,9 @@ fn record_format(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
     }
     if found < FORMAT {
         db.insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
+        // Before this binary writes in its layout: an earlier binary opening the store after
+        // a crash must find the layout it cannot read.
+        db.flush()?;
     }
     Ok(())
 }
@@ -515,6 +523,21 @@ fn move_log_out_of_sled(
     Ok(())
 }
 
+/// Stores of layout 1 indexed outbox entries by message id (`x ‖ "o:" ‖ country ‖ 0x00 ‖
+/// id`); nothing reads those keys now. Removed straight from sled: a crash before the next
+/// checkpoint leaves some, and the next open removes them.
+fn drop_outbox_index(db: &sled::Db) -> Result<(), StoreError> {
+    let mut dropped = 0u64;
+    for key in db.scan_prefix(b"xo:").keys() {
+        db.remove(key?)?;
+        dropped += 1;
+    }
+    if dropped > 0 {
+        tracing::info!(keys = dropped, "dropped the outbox's index by message id");
+    }
+    Ok(())
+}
+
 fn read_meta(db: &sled::Db, key: &[u8]) -> Result<u64, StoreError> {
     match db.get(key)? {
         None => Ok(0),
@@ -558,8 +581,8 @@ fn queue_prefix(queue: &Queue) -> Vec<u8> {
     key
 }
 
-fn queue_index_key(queue: &Queue, id: &[u8]) -> Vec<u8> {
-    let mut key = queue_prefix(queue);
+fn inbox_index_key(org: &OrgId, id: &[u8]) -> Vec<u8> {
+    let mut key = queue_prefix(&Queue::Inbox(org.clone()));
     key[0] = b'x';
     key.extend_from_slice(id);
     key
@@ -891,15 +914,15 @@ impl Committer {
                     key.push(255 - (priority as i32).clamp(0, 255) as u8);
                     key.extend_from_slice(&next_seq.to_be_bytes());
                     next_seq += 1;
-                    if entry.receipt.is_none() {
-                        let index = queue_index_key(&queue, &entry.message_id);
+                    if let (Queue::Inbox(org), None) = (&queue, &entry.receipt) {
+                        let index = inbox_index_key(org, &entry.message_id);
                         writes.push((index, Some(key.clone())));
                     }
                     writes.push((key, Some(entry.encode_to_vec())));
                 }
                 Op::Dequeue(QueueKey(key)) => writes.push((key, None)),
-                Op::RemoveMessage(queue, id) => {
-                    let index = queue_index_key(&queue, id.as_bytes());
+                Op::RemoveFromInbox(org, id) => {
+                    let index = inbox_index_key(&org, id.as_bytes());
                     if let Some(key) = view.get(&index)? {
                         writes.push((key, None));
                     }
@@ -1267,7 +1290,7 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     use super::*;
-    use crate::store::conformance::{queued, receipt_naming_index};
+    use crate::store::conformance::{ahtd, queued, receipt_naming_index};
 
     #[tokio::test]
     async fn sled_store_passes_the_conformance_suite() {
@@ -1364,7 +1387,7 @@ mod tests {
     async fn large_values_churned_by_concurrent_writers_all_commit() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SledStore::open(dir.path(), 16 << 20).unwrap());
-        let queue = Queue::Outbox("kh".parse().unwrap());
+        let queue = Queue::Inbox(ahtd());
         let mut writers = tokio::task::JoinSet::new();
         for w in 0..16u16 {
             let (store, queue) = (store.clone(), queue.clone());
@@ -1395,7 +1418,7 @@ mod tests {
                         .await?;
                     store
                         .commit(Tx {
-                            ops: vec![Op::RemoveMessage(queue.clone(), id)],
+                            ops: vec![Op::RemoveFromInbox(ahtd(), id)],
                             receipts: None,
                         })
                         .await?;
@@ -1773,7 +1796,8 @@ mod tests {
         match SledStore::open(dir.path(), 16 << 20) {
             Err(StoreError::Engine(why)) => {
                 assert!(
-                    why.contains("layout 2") && why.contains("later version"),
+                    why.contains(&format!("layout {}", FORMAT + 1))
+                        && why.contains("later version"),
                     "{why}"
                 )
             }
@@ -1781,6 +1805,64 @@ mod tests {
         }
         // Still refused: the refusal did not rewrite the record.
         assert!(SledStore::open(dir.path(), 16 << 20).is_err());
+    }
+
+    /// Stores of layout 1 indexed outbox entries by message id. Such a store opens at this
+    /// layout without those keys, whether sled held them or a logged group still to be
+    /// replayed wrote them, and with its outbox as it was.
+    #[test]
+    fn a_store_of_layout_1_opens_without_its_outbox_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let kh = Queue::Outbox("kh".parse().unwrap());
+        let in_sled = MessageId::new_v7(1_000, [1; 10]);
+        let in_wal = MessageId::new_v7(1_001, [2; 10]);
+        let index = |id: &MessageId| [b"xo:kh\0".as_slice(), id.as_bytes()].concat();
+        {
+            let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+            let enqueue = |id| Tx {
+                ops: vec![
+                    Op::InsertMessage(id, StoredMessage::default()),
+                    Op::Enqueue(kh.clone(), pb::Priority::Routine, queued(&id)),
+                ],
+                receipts: None,
+            };
+            commit_group(&mut committer, [enqueue(in_sled), enqueue(in_wal)]);
+            let db = committer.db.clone();
+            let keys: Vec<Vec<u8>> = db
+                .scan_prefix(queue_prefix(&kh))
+                .keys()
+                .map(|k| k.unwrap().to_vec())
+                .collect();
+            assert_eq!(keys.len(), 2);
+            assert_eq!(db.scan_prefix(b"x").count(), 0, "an outbox entry indexed");
+            // As a binary of layout 1 leaves them.
+            db.insert(index(&in_sled), keys[0].as_slice()).unwrap();
+            db.insert(META_FORMAT, 1u64.to_be_bytes().as_slice())
+                .unwrap();
+            db.flush().unwrap();
+            let unapplied = WalGroup {
+                writes: vec![WalWrite {
+                    key: index(&in_wal),
+                    value: Some(keys[1].clone()),
+                }],
+            };
+            committer.segment.append(&unapplied).unwrap();
+            crash(committer);
+        }
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert!(store.replayed_groups() > 0, "nothing replayed");
+        assert_eq!(store.db.scan_prefix(b"x").count(), 0, "index keys left");
+        assert_eq!(read_meta(&store.db, META_FORMAT).unwrap(), FORMAT);
+        let queued: Vec<Vec<u8>> = store
+            .queue(&kh, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e.message_id)
+            .collect();
+        assert_eq!(
+            queued,
+            [in_sled, in_wal].map(|id| id.as_bytes().to_vec()).to_vec()
+        );
     }
 
     /// A message over the store's limit is refused before it reaches the write-ahead log,
@@ -1892,7 +1974,7 @@ mod tests {
     fn transactions_of_one_group_see_the_writes_before_them() {
         let dir = tempfile::tempdir().unwrap();
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
-        let queue = Queue::Outbox("kh".parse().unwrap());
+        let queue = Queue::Inbox(ahtd());
         let id = MessageId::new_v7(1_000, [7; 10]);
         let receipt = pb::Receipt {
             body: vec![1; 40],
@@ -1921,7 +2003,7 @@ mod tests {
         );
         let later = Tx {
             ops: vec![
-                Op::RemoveMessage(queue.clone(), id),
+                Op::RemoveFromInbox(ahtd(), id),
                 Op::PutReceipt(id, receipt.clone()),
                 Op::Log(vec![2]),
                 Op::Log(vec![3]),
@@ -1940,7 +2022,7 @@ mod tests {
             "still queued"
         );
         assert_eq!(
-            db.scan_prefix(queue_index_key(&queue, id.as_bytes()))
+            db.scan_prefix(inbox_index_key(&ahtd(), id.as_bytes()))
                 .count(),
             0
         );
@@ -2155,7 +2237,7 @@ mod tests {
             .unwrap();
         runtime.block_on(async {
             let store = Arc::new(SledStore::open(dir, 16 << 20).unwrap());
-            let queue = Queue::Outbox("kh".parse().unwrap());
+            let queue = Queue::Inbox(ahtd());
             for w in 0..8u16 {
                 let (store, queue) = (store.clone(), queue.clone());
                 tokio::spawn(async move {
@@ -2191,7 +2273,7 @@ mod tests {
                         println!("acked {id}");
                         if i % 2 == 1 {
                             let remove = Tx {
-                                ops: vec![Op::RemoveMessage(queue.clone(), id)],
+                                ops: vec![Op::RemoveFromInbox(ahtd(), id)],
                                 receipts: None,
                             };
                             store.commit(remove).await.unwrap();
@@ -2265,9 +2347,8 @@ mod tests {
             store.replayed_groups() > 0,
             "the kill left nothing to replay"
         );
-        let kh = Queue::Outbox("kh".parse().unwrap());
         let queued: HashSet<Vec<u8>> = store
-            .queue(&kh, usize::MAX)
+            .queue(&Queue::Inbox(ahtd()), usize::MAX)
             .unwrap()
             .into_iter()
             .map(|(_, e)| e.message_id)
