@@ -124,7 +124,9 @@ pub enum Op {
 
 /// Makes the ops that depend on a transaction's first log index (receipts that name it, and
 /// queue entries carrying them). Runs inside the commit, so a receipt is stored in the same
-/// durable batch as the event it proves.
+/// durable batch as the event it proves. A receipt it puts names one of this transaction's
+/// own log entries, so none like it can be stored yet: the store does not look for it among
+/// the message's receipts, as [`Op::PutReceipt`] otherwise does.
 pub type ReceiptMaker = Box<dyn FnOnce(LogIndex) -> Vec<Op> + Send>;
 
 /// An atomic set of changes.

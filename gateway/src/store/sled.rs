@@ -874,9 +874,10 @@ impl Committer {
         if let (Some(maker), Some(index)) = (tx.receipts, first_log_index) {
             receipt_ops = maker(index);
         }
-        let receipts = receipt_ops.into_iter();
+        // The maker's receipts name this transaction's log entries: new by construction.
+        let made_here = receipt_ops.into_iter().map(|op| (op, true));
         let mut fresh_nodes = HashMap::new();
-        for op in tx.ops.into_iter().chain(receipts) {
+        for (op, made_here) in tx.ops.into_iter().map(|op| (op, false)).chain(made_here) {
             match op {
                 Op::InsertMessage(id, msg) => {
                     let (key, number_key) = (message_key(&id), message_number_key(&id));
@@ -903,7 +904,7 @@ impl Committer {
                 Op::PutReceipt(id, receipt) => {
                     let prefix = receipt_prefix(&id);
                     let bytes = receipt.encode_to_vec();
-                    if !view.holds_under(&prefix, &bytes)? {
+                    if made_here || !view.holds_under(&prefix, &bytes)? {
                         let key = [prefix, next_seq.to_be_bytes().to_vec()].concat();
                         next_seq += 1;
                         writes.push((key, Some(bytes)));
