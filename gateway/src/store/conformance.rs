@@ -6,6 +6,8 @@ use std::path::Path;
 use accord_proto::ids::{MessageId, OrgId};
 use accord_proto::pb;
 
+use prost::Message as _;
+
 use super::*;
 
 fn msg(n: u8) -> (MessageId, StoredMessage) {
@@ -188,5 +190,35 @@ pub(crate) async fn run<S: Store>(dir: &Path, open: impl Fn(&Path) -> S) {
         )
         .unwrap()
         .is_empty());
+    // A message's events: every log entry that names it, ascending, whether one
+    // transaction logged several of them or one each.
+    let naming = |id: &MessageId| {
+        Op::Log(
+            pb::LogEntry {
+                message_id: id.as_bytes().to_vec(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        )
+    };
+    let base = store.log_size().unwrap();
+    for ops in [
+        vec![naming(&id1), naming(&id2), naming(&id1), naming(&id1)],
+        vec![Op::Log(b"no message".to_vec()), naming(&id1)],
+    ] {
+        store
+            .commit(Tx {
+                ops,
+                receipts: None,
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        store.message_events(&id1).unwrap(),
+        vec![base, base + 2, base + 3, base + 5]
+    );
+    assert_eq!(store.message_events(&id2).unwrap(), vec![base + 1]);
+    assert!(store.message_events(&id3).unwrap().is_empty());
     assert!(store.disk_usage().unwrap() > 0);
 }

@@ -29,7 +29,9 @@
 //! r ‖ id(16) ‖ seq(8)                pb::Receipt
 //! q ‖ queue name ‖ 0x00 ‖ 255-priority ‖ seq(8)   QueueEntry
 //! x ‖ inbox name ‖ 0x00 ‖ id(16)     key of that message's inbox entry (for RemoveFromInbox)
-//! e ‖ id(16) ‖ index(8)              the log entry `index` names message `id`
+//! e ‖ id(16) ‖ index(8)              log entries of one transaction that name message
+//!                                    `id`: the first, `index`; the later ones, index(8)…
+//!                                    in the value (one write for the transaction)
 //! k ‖ name                           metadata (checkpoints, witness state)
 //! s ‖ "log" / "seq"                  next log index / next sequence number
 //! ```
@@ -99,7 +101,8 @@ const MAX_MESSAGE: u64 = 256 << 20;
 /// - 1: messages over [`BESIDE_FROM`] are in `messages/`, which a binary from before it
 ///   does not read.
 /// - 2: outbox entries are not indexed by message id; a binary of layout 1 looks a settled
-///   one up by id, finds nothing, and would send it again for ever.
+///   one up by id, finds nothing, and would send it again for ever. An event key's value
+///   lists the transaction's later entries naming the message, which layout 1 ignores.
 const FORMAT: u64 = 2;
 const META_FORMAT: &[u8] = b"sfmt";
 
@@ -877,6 +880,8 @@ impl Committer {
         // The maker's receipts name this transaction's log entries: new by construction.
         let made_here = receipt_ops.into_iter().map(|op| (op, true));
         let mut fresh_nodes = HashMap::new();
+        // Per message named: its first log entry in this transaction, then the later ones.
+        let mut events: Vec<(MessageId, u64, Vec<u8>)> = Vec::new();
         for (op, made_here) in tx.ops.into_iter().map(|op| (op, false)).chain(made_here) {
             match op {
                 Op::InsertMessage(id, msg) => {
@@ -952,13 +957,19 @@ impl Committer {
                         .ok()
                         .and_then(|e| MessageId::from_slice(&e.message_id).ok());
                     if let Some(id) = message {
-                        writes.push((event_key(&id, next_log), Some(Vec::new())));
+                        match events.iter_mut().find(|(named, _, _)| *named == id) {
+                            Some((_, _, later)) => later.extend_from_slice(&next_log.to_be_bytes()),
+                            None => events.push((id, next_log, Vec::new())),
+                        }
                     }
                     writes.push((log_key(next_log).to_vec(), Some(entry)));
                     next_log += 1;
                 }
                 Op::PutMeta(name, value) => writes.push((meta_key(&name), Some(value))),
             }
+        }
+        for (id, first, later) in events {
+            writes.push((event_key(&id, first), Some(later)));
         }
         writes.push((META_LOG.to_vec(), Some(next_log.to_be_bytes().to_vec())));
         writes.push((META_SEQ.to_vec(), Some(next_seq.to_be_bytes().to_vec())));
@@ -1266,17 +1277,20 @@ impl Store for SledStore {
     fn message_events(&self, id: &MessageId) -> Result<Vec<u64>, StoreError> {
         let _whole = self.whole_groups()?;
         let prefix = [b"e".as_slice(), id.as_bytes()].concat();
-        self.db
-            .scan_prefix(&prefix)
-            .keys()
-            .map(|k| {
-                let k = k?;
-                let tail: [u8; 8] = k[prefix.len()..]
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("event index".into()))?;
-                Ok(u64::from_be_bytes(tail))
-            })
-            .collect()
+        let corrupt = || StoreError::Corrupt(format!("event index of {id}"));
+        let mut events = Vec::new();
+        for kv in self.db.scan_prefix(&prefix) {
+            let (k, later) = kv?;
+            let first: [u8; 8] = k[prefix.len()..].try_into().map_err(|_| corrupt())?;
+            events.push(u64::from_be_bytes(first));
+            let later = later
+                .chunks(8)
+                .map(|c| c.try_into().map(u64::from_be_bytes));
+            for index in later {
+                events.push(index.map_err(|_| corrupt())?);
+            }
+        }
+        Ok(events)
     }
 
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -1864,6 +1878,31 @@ mod tests {
             queued,
             [in_sled, in_wal].map(|id| id.as_bytes().to_vec()).to_vec()
         );
+    }
+
+    /// An event index whose key or value is not whole indexes is reported as damaged, not
+    /// read as some other entry.
+    #[test]
+    fn a_damaged_event_index_fails_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        let id = MessageId::new_v7(1_000, [4; 10]);
+        let key = event_key(&id, 7);
+        for (key, value) in [
+            (key.clone(), vec![0u8; 12]),
+            (key[..key.len() - 1].to_vec(), vec![]),
+        ] {
+            store.db.clear().unwrap();
+            store.db.insert(key, value).unwrap();
+            match store.message_events(&id) {
+                Err(StoreError::Corrupt(what)) => assert!(what.contains("event index"), "{what}"),
+                other => panic!("a damaged event index read as {other:?}"),
+            }
+        }
+        store.db.clear().unwrap();
+        let later = [9u64, 12].map(u64::to_be_bytes).concat();
+        store.db.insert(key, later).unwrap();
+        assert_eq!(store.message_events(&id).unwrap(), vec![7, 9, 12]);
     }
 
     /// A message over the store's limit is refused before it reaches the write-ahead log,
