@@ -213,7 +213,7 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     std::fs::create_dir_all(path)?;
     let db = open_sled(path, cache_bytes)?;
     // Before anything is read or replayed in a layout this binary may not know.
-    record_format(&db, path)?;
+    check_format(&db, path)?;
     let wal_dir = path.join("wal");
     std::fs::create_dir_all(&wal_dir)?;
     let log = Arc::new(LogFiles::open(&path.join("log"))?);
@@ -273,6 +273,9 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         files.synced_blobs = blob_sizes(&files.blob_dir)?;
         files.note_sled_bytes();
     }
+    // Once the open can no longer fail on what the store holds, and before this binary
+    // writes anything in its layout.
+    record_format(&db, path)?;
     // After the replay, which may hold index keys a binary of layout 1 wrote.
     drop_outbox_index(&db)?;
     wal::remove_through(&wal_dir, last_segment)?;
@@ -306,10 +309,8 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     Ok((committer, replayed_groups))
 }
 
-/// Refuses a store whose recorded layout is later than [`FORMAT`]; records [`FORMAT`]
-/// otherwise. Written straight to sled, made durable by the next checkpoint, and written
-/// again at the next open if a crash loses it.
-fn record_format(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
+/// Refuses a store whose recorded layout is later than [`FORMAT`].
+fn check_format(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
     let found = read_meta(db, META_FORMAT)?;
     if found > FORMAT {
         return Err(StoreError::Engine(format!(
@@ -318,11 +319,17 @@ fn record_format(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
             path.display()
         )));
     }
-    if found < FORMAT {
+    Ok(())
+}
+
+/// Records [`FORMAT`] if the store has an earlier layout, durably (sled's flush, then an
+/// `fdatasync` of its file): an earlier binary opening the store after a power cut must
+/// find the layout it cannot read before it finds anything written in it.
+fn record_format(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
+    if read_meta(db, META_FORMAT)? < FORMAT {
         db.insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
-        // Before this binary writes in its layout: an earlier binary opening the store after
-        // a crash must find the layout it cannot read.
         db.flush()?;
+        File::open(path.join("db"))?.sync_data()?;
     }
     Ok(())
 }
@@ -1282,12 +1289,16 @@ impl Store for SledStore {
         for kv in self.db.scan_prefix(&prefix) {
             let (k, later) = kv?;
             let first: [u8; 8] = k[prefix.len()..].try_into().map_err(|_| corrupt())?;
-            events.push(u64::from_be_bytes(first));
-            let later = later
-                .chunks(8)
-                .map(|c| c.try_into().map(u64::from_be_bytes));
-            for index in later {
-                events.push(index.map_err(|_| corrupt())?);
+            let mut last = u64::from_be_bytes(first);
+            events.push(last);
+            for index in later.chunks(8) {
+                let index = u64::from_be_bytes(index.try_into().map_err(|_| corrupt())?);
+                // A transaction's entries come after its first, in order.
+                if index <= last {
+                    return Err(corrupt());
+                }
+                events.push(index);
+                last = index;
             }
         }
         Ok(events)
@@ -1824,14 +1835,16 @@ mod tests {
 
     /// Stores of layout 1 indexed outbox entries by message id. Such a store opens at this
     /// layout without those keys, whether sled held them or a logged group still to be
-    /// replayed wrote them, and with its outbox as it was.
-    #[test]
-    fn a_store_of_layout_1_opens_without_its_outbox_index() {
+    /// replayed wrote them, with its outbox as it was, and with its inbox index kept.
+    #[tokio::test]
+    async fn a_store_of_layout_1_opens_without_its_outbox_index() {
         let dir = tempfile::tempdir().unwrap();
         let kh = Queue::Outbox("kh".parse().unwrap());
         let in_sled = MessageId::new_v7(1_000, [1; 10]);
         let in_wal = MessageId::new_v7(1_001, [2; 10]);
         let index = |id: &MessageId| [b"xo:kh\0".as_slice(), id.as_bytes()].concat();
+        let in_inbox = MessageId::new_v7(1_002, [3; 10]);
+        let inbox = Queue::Inbox(ahtd());
         {
             let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
             let enqueue = |id| Tx {
@@ -1841,7 +1854,17 @@ mod tests {
                 ],
                 receipts: None,
             };
-            commit_group(&mut committer, [enqueue(in_sled), enqueue(in_wal)]);
+            let for_ahtd = Tx {
+                ops: vec![
+                    Op::InsertMessage(in_inbox, StoredMessage::default()),
+                    Op::Enqueue(inbox.clone(), pb::Priority::Routine, queued(&in_inbox)),
+                ],
+                receipts: None,
+            };
+            commit_group(
+                &mut committer,
+                [enqueue(in_sled), enqueue(in_wal), for_ahtd],
+            );
             let db = committer.db.clone();
             let keys: Vec<Vec<u8>> = db
                 .scan_prefix(queue_prefix(&kh))
@@ -1849,7 +1872,12 @@ mod tests {
                 .map(|k| k.unwrap().to_vec())
                 .collect();
             assert_eq!(keys.len(), 2);
-            assert_eq!(db.scan_prefix(b"x").count(), 0, "an outbox entry indexed");
+            assert_eq!(db.scan_prefix(b"xo").count(), 0, "an outbox entry indexed");
+            assert_eq!(
+                db.scan_prefix(b"xi").count(),
+                1,
+                "the inbox entry not indexed"
+            );
             // As a binary of layout 1 leaves them.
             db.insert(index(&in_sled), keys[0].as_slice()).unwrap();
             db.insert(META_FORMAT, 1u64.to_be_bytes().as_slice())
@@ -1866,7 +1894,7 @@ mod tests {
         }
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
         assert!(store.replayed_groups() > 0, "nothing replayed");
-        assert_eq!(store.db.scan_prefix(b"x").count(), 0, "index keys left");
+        assert_eq!(store.db.scan_prefix(b"xo").count(), 0, "index keys left");
         assert_eq!(read_meta(&store.db, META_FORMAT).unwrap(), FORMAT);
         let queued: Vec<Vec<u8>> = store
             .queue(&kh, 10)
@@ -1878,19 +1906,31 @@ mod tests {
             queued,
             [in_sled, in_wal].map(|id| id.as_bytes().to_vec()).to_vec()
         );
+        let remove = Tx {
+            ops: vec![Op::RemoveFromInbox(ahtd(), in_inbox)],
+            receipts: None,
+        };
+        store.commit(remove).await.unwrap();
+        assert!(
+            store.queue(&inbox, 10).unwrap().is_empty(),
+            "inbox index lost"
+        );
     }
 
-    /// An event index whose key or value is not whole indexes is reported as damaged, not
-    /// read as some other entry.
+    /// An event index whose key or value is not whole indexes, or whose value does not
+    /// ascend from its key, is reported as damaged, not read as some other entry.
     #[test]
     fn a_damaged_event_index_fails_cleanly() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
         let id = MessageId::new_v7(1_000, [4; 10]);
         let key = event_key(&id, 7);
+        let out_of_order = [9u64, 8].map(u64::to_be_bytes).concat();
         for (key, value) in [
             (key.clone(), vec![0u8; 12]),
             (key[..key.len() - 1].to_vec(), vec![]),
+            (key.clone(), out_of_order),
+            (key.clone(), 7u64.to_be_bytes().to_vec()),
         ] {
             store.db.clear().unwrap();
             store.db.insert(key, value).unwrap();
