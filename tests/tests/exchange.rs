@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use accord_client::org::{furthest_stage, SendOptions};
+use accord_gateway::store::Queue;
 use accord_proto::pb::{self, Stage};
 use accord_tests::{alert, fetch_n, wait_stage, TestNet};
 
@@ -357,6 +358,26 @@ async fn an_envelope_that_expires_in_the_queue_is_not_delivered_and_its_sender_g
         vec![kept.id],
         "the expired envelope is never delivered"
     );
+    // Both left VN's outbox (the kept one once KH took it), and the expired one was
+    // retired once, not at every round.
+    let vn_store = net.gateway("vn").unwrap().pipeline.store.clone();
+    let outbox = Queue::Outbox("kh".parse().unwrap());
+    for _ in 0..100 {
+        if vn_store.queue(&outbox, 10).unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        vn_store.queue(&outbox, 10).unwrap().is_empty(),
+        "left in the outbox"
+    );
+    let (_, chain) = vn.status(&doomed.id).await.unwrap();
+    let rejected = chain
+        .iter()
+        .filter(|r| r.stage() == Stage::Rejected)
+        .count();
+    assert_eq!(rejected, 1, "retired {rejected} times");
     net.shutdown().await;
 }
 
