@@ -16,6 +16,11 @@
 //! - crypto: the signatures, verifications, HPKE and hashing one message costs on its way
 //!   (the same `ring` build), turned into a ceiling for the machine's cores;
 //! - store: durable transactions per second on the same store, disk and concurrency.
+//!
+//! With [`Options::attach`] it measures two gateways already running instead ([`Attach`]):
+//! the end-to-end phase only, since it cannot take the receiving gateway down, and each
+//! gateway's CPU, memory and disk growth where the attach file says where to read them.
+//! The limits are still measured in this process, on a throwaway PKI in the run folder.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -57,6 +62,109 @@ pub struct Options {
     /// Messages per second offered by all senders together, evenly spaced, in the timed
     /// phases; `None`: each sender submits as soon as its last submit was accepted.
     pub rate: Option<f64>,
+    /// Measure these running gateways instead of starting a pair.
+    pub attach: Option<Attach>,
+}
+
+/// Two running gateways to measure (`accord bench --attach FILE`, TOML): the organisation
+/// that sends, the one that receives, and each one's gateway. Use organisations kept for
+/// benchmarks: the recipient acknowledges what it is sent, and the run refuses to start
+/// while its inbox holds anything.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attach {
+    pub sender: AttachedOrg,
+    pub recipient: AttachedOrg,
+}
+
+/// One side of [`Attach`]. Paths are relative to the attach file's folder.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachedOrg {
+    /// Organisation folder with cert.pem, key.pem and keys.json (as `accord certs` writes).
+    pub org: PathBuf,
+    /// The gateway's client address, host:port.
+    pub gateway: std::net::SocketAddr,
+    /// The gateway's SPIFFE id.
+    pub gateway_id: String,
+    /// The country root CA that vouches for the gateway.
+    pub root: PathBuf,
+    /// Pinned directory keys of every country.
+    pub trust: PathBuf,
+    /// The gateway's process id, when it runs on this machine: its CPU and peak RSS.
+    pub pid: Option<u32>,
+    /// The gateway's `data_dir`, when it is on this machine: bytes on disk per message.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Attach {
+    /// Reads an attach file; relative paths in it are taken from its folder.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the attach file {}", path.display()))?;
+        let mut attach: Attach =
+            toml::from_str(&text).with_context(|| format!("the attach file {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for side in [&mut attach.sender, &mut attach.recipient] {
+            for p in [&mut side.org, &mut side.root, &mut side.trust] {
+                *p = base.join(&*p);
+            }
+            if let Some(d) = &mut side.data_dir {
+                *d = base.join(&*d);
+            }
+        }
+        Ok(attach)
+    }
+
+    /// The gateways' processes on this machine, named by side (one entry if both
+    /// organisations use the same gateway).
+    fn processes(&self) -> Vec<(String, u32)> {
+        let mut pids: Vec<(String, u32)> = Vec::new();
+        for (name, side) in [("sender", &self.sender), ("recipient", &self.recipient)] {
+            match (side.pid, pids.first()) {
+                (Some(pid), Some((_, first))) if *first == pid => {
+                    pids[0].0 = "gateway (attached, both sides)".into()
+                }
+                (Some(pid), _) => pids.push((format!("{name}'s gateway (attached)"), pid)),
+                (None, _) => {}
+            }
+        }
+        pids
+    }
+
+    /// The stores' folders on this machine, each once.
+    fn data_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = [&self.sender.data_dir, &self.recipient.data_dir]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        dirs.dedup();
+        dirs
+    }
+}
+
+impl AttachedOrg {
+    async fn connect(&self) -> anyhow::Result<OrgClient> {
+        let gateway = crate::org::GatewayAddress {
+            addr: self.gateway,
+            id: self
+                .gateway_id
+                .parse()
+                .with_context(|| format!("gateway_id {:?}", self.gateway_id))?,
+            root: self.root.clone(),
+            trust: self.trust.clone(),
+        };
+        OrgClient::connect(&self.org, &gateway)
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting {} to the gateway at {}",
+                    self.org.display(),
+                    self.gateway
+                )
+            })
+    }
 }
 
 impl Options {
@@ -261,12 +369,14 @@ pub struct Report {
     pub offered_per_sec: Option<f64>,
     pub body_bytes: usize,
     pub messages: usize,
+    /// Measured running gateways ([`Options::attach`]): no submit-alone or drain phase.
+    pub attached: bool,
     /// Durable submit→accepted with KH down, so that nothing else runs on the machine: a
     /// broker's publish+confirm phase. Envelopes sealed beforehand.
-    pub submit_alone: SubmitAlone,
+    pub submit_alone: Option<SubmitAlone>,
     /// Those envelopes drained once KH is up: forwarded, opened and acknowledged (a
     /// broker's consume+ack phase), timed from KH's start.
-    pub drain: Rate,
+    pub drain: Option<Rate>,
     /// Durable submit→accepted of envelopes sealed before the timed phase, while the
     /// recipient drains them (the end-to-end phase).
     pub submit: Rate,
@@ -277,7 +387,9 @@ pub struct Report {
     /// How much the machine got in the way during the end-to-end phase.
     pub end_to_end_noise: Noise,
     pub processes: Vec<ProcessUse>,
-    pub disk_bytes_per_message: f64,
+    /// Both stores' size over every envelope of the run; attached, their growth during it
+    /// (`None` where the attach file names no store).
+    pub disk_bytes_per_message: Option<f64>,
     pub limits: LimitFigures,
     pub ratios: Ratios,
 }
@@ -301,48 +413,32 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
         opts.messages >= opts.senders,
         "--count must be at least --senders"
     );
+    // Attached, the net only lends its PKI and folder to the limits.
     let net = bench_net(opts).await?;
-    let mut gateways = vec![GatewayProcess::spawn(opts, &net, "vn")?];
-    let result = phases(opts, &net, &mut gateways, progress).await;
-    for g in &mut gateways {
-        g.stop();
-    }
-    let Phases {
+    let measured = match &opts.attach {
+        Some(attach) => measure_attached(opts, attach, progress).await?,
+        None => measure_own_pair(opts, &net, progress).await?,
+    };
+    let Measured {
         alone,
         drain,
+        exchange,
+        mut processes,
+        disk_bytes_per_message,
+    } = measured;
+    let Exchange {
         submit,
         end_to_end,
-        end_to_end_stages,
+        stages: end_to_end_stages,
         noise,
-        cpu,
-    } = result?;
-    let bench_cpu = cpu.bench;
-    let per_msg = |cpu: f64| us_per_message(cpu, opts.messages);
-    let mut processes = Vec::new();
-    for (g, cpu) in gateways.iter().zip(cpu.gateways) {
-        processes.push(ProcessUse {
-            name: format!("{}-gateway", g.country),
-            cpu_seconds: cpu,
-            cpu_us_per_message: per_msg(cpu),
-            peak_rss_mib: g.peak_rss_mib,
-        });
-    }
+        bench_cpu,
+    } = exchange;
     processes.push(ProcessUse {
         name: "clients (bench process)".into(),
         cpu_seconds: bench_cpu,
-        cpu_us_per_message: per_msg(bench_cpu),
+        cpu_us_per_message: us_per_message(bench_cpu, opts.messages),
         peak_rss_mib: None,
     });
-    let on_disk: u64 = ["vn", "kh"]
-        .iter()
-        .map(|cc| {
-            net.data_dir(cc)
-                .map(|d| accord_gateway::attachments::dir_size(&d))
-        })
-        .sum::<anyhow::Result<u64>>()?;
-    // Every envelope of the three phases: submit alone (drained), warm-up, end to end.
-    let stored = 2 * opts.messages + opts.warmup;
-    let disk_bytes_per_message = on_disk as f64 / stored as f64;
 
     writeln!(progress, "limits: transport (bare mTLS echo)...")?;
     let transport = transport_limit(opts, &net).await?;
@@ -385,6 +481,7 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
         offered_per_sec: opts.rate,
         body_bytes: opts.body_bytes,
         messages: opts.messages,
+        attached: opts.attach.is_some(),
         submit_alone: alone,
         drain,
         submit,
@@ -402,6 +499,113 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
     };
     net.shutdown().await;
     Ok(report)
+}
+
+/// What a run measured of the gateways, before the limits.
+struct Measured {
+    alone: Option<SubmitAlone>,
+    drain: Option<Rate>,
+    exchange: Exchange,
+    /// The gateways' processes, with the CPU of the end-to-end phase.
+    processes: Vec<ProcessUse>,
+    disk_bytes_per_message: Option<f64>,
+}
+
+/// Starts VN and KH as processes, runs the three phases, stops them.
+async fn measure_own_pair(
+    opts: &Options,
+    net: &LocalNet,
+    progress: &mut (impl Write + Send),
+) -> anyhow::Result<Measured> {
+    let mut gateways = vec![GatewayProcess::spawn(opts, net, "vn")?];
+    let result = phases(opts, net, &mut gateways, progress).await;
+    for g in &mut gateways {
+        g.stop();
+    }
+    let (alone, drain, exchange) = result?;
+    let processes = gateways
+        .iter()
+        .zip(&exchange.gateway_cpu)
+        .map(|(g, &cpu)| ProcessUse {
+            name: format!("{}-gateway", g.country),
+            cpu_seconds: cpu,
+            cpu_us_per_message: us_per_message(cpu, opts.messages),
+            peak_rss_mib: g.peak_rss_mib,
+        })
+        .collect();
+    let on_disk: u64 = ["vn", "kh"]
+        .iter()
+        .map(|cc| {
+            net.data_dir(cc)
+                .map(|d| accord_gateway::attachments::dir_size(&d))
+        })
+        .sum::<anyhow::Result<u64>>()?;
+    // Every envelope of the three phases: submit alone (drained), warm-up, end to end.
+    let stored = 2 * opts.messages + opts.warmup;
+    Ok(Measured {
+        alone: Some(alone),
+        drain: Some(drain),
+        exchange: exchange.exchange,
+        processes,
+        disk_bytes_per_message: Some(on_disk as f64 / stored as f64),
+    })
+}
+
+/// Measures the running gateways of `attach`: the warm-up and the end-to-end phase.
+async fn measure_attached(
+    opts: &Options,
+    attach: &Attach,
+    progress: &mut (impl Write + Send),
+) -> anyhow::Result<Measured> {
+    writeln!(
+        progress,
+        "connecting to the attached gateways ({} and {})...",
+        attach.sender.gateway, attach.recipient.gateway
+    )?;
+    let mut senders = Vec::with_capacity(opts.senders);
+    for _ in 0..opts.senders {
+        // A connection each, as separate organisations' clients would have.
+        senders.push(attach.sender.connect().await?);
+    }
+    let mut recipient = attach.recipient.connect().await?;
+    let waiting = recipient.fetch(1).await?;
+    anyhow::ensure!(
+        waiting.is_empty(),
+        "the recipient {} has messages waiting in its inbox, and the bench acknowledges \
+         whatever it is sent: give it an organisation kept for benchmarks, or let the \
+         recipient take what is waiting first. Nothing was sent or acknowledged",
+        recipient.id
+    );
+    let to = recipient.id.clone();
+    let pids = attach.processes();
+    let dirs = attach.data_dirs();
+    let on_disk = || -> u64 {
+        dirs.iter()
+            .map(|d| accord_gateway::attachments::dir_size(d))
+            .sum()
+    };
+    let disk_before = on_disk();
+    let pid_list: Vec<u32> = pids.iter().map(|p| p.1).collect();
+    let exchange = exchange(opts, &mut senders, &mut recipient, &to, &pid_list, progress).await?;
+    let grown = on_disk().saturating_sub(disk_before);
+    let processes = pids
+        .into_iter()
+        .zip(&exchange.gateway_cpu)
+        .map(|((name, pid), &cpu)| ProcessUse {
+            name,
+            cpu_seconds: cpu,
+            cpu_us_per_message: us_per_message(cpu, opts.messages),
+            peak_rss_mib: peak_rss_mib(pid),
+        })
+        .collect();
+    Ok(Measured {
+        alone: None,
+        drain: None,
+        exchange: exchange.exchange,
+        processes,
+        disk_bytes_per_message: (!dirs.is_empty())
+            .then(|| grown as f64 / (opts.messages + opts.warmup) as f64),
+    })
 }
 
 /// The two-country net of a run, configured but with no gateway started: the gateways
@@ -430,22 +634,22 @@ async fn bench_net(opts: &Options) -> anyhow::Result<LocalNet> {
     Ok(net)
 }
 
-/// CPU seconds spent in the timed phase.
-struct CpuUse {
-    gateways: Vec<f64>,
-    bench: f64,
-}
-
-/// What the three phases measured.
-struct Phases {
-    alone: SubmitAlone,
-    drain: Rate,
+/// The end-to-end phase's figures.
+struct Exchange {
     submit: Rate,
     end_to_end: Rate,
-    end_to_end_stages: Vec<StageLatency>,
-    /// Of the end-to-end phase.
+    stages: Vec<StageLatency>,
+    /// How much the machine got in the way meanwhile.
     noise: Noise,
-    cpu: CpuUse,
+    /// CPU seconds of this process in the phase.
+    bench_cpu: f64,
+}
+
+/// [`Exchange`] with the CPU seconds the gateways' processes spent in it, in the order
+/// their ids were given.
+struct CostedExchange {
+    exchange: Exchange,
+    gateway_cpu: Vec<f64>,
 }
 
 /// Submit alone (KH down), drain (KH up), then the end-to-end exchange. `gateways` holds
@@ -455,7 +659,7 @@ async fn phases(
     net: &LocalNet,
     gateways: &mut Vec<GatewayProcess>,
     progress: &mut (impl Write + Send),
-) -> anyhow::Result<Phases> {
+) -> anyhow::Result<(SubmitAlone, Rate, CostedExchange)> {
     writeln!(progress, "waiting for VN...")?;
     let mut senders = Vec::new();
     for _ in 0..opts.senders {
@@ -463,14 +667,13 @@ async fn phases(
     }
     let to = net.org_id("kh", RECIPIENT_ORG)?;
     let body = body_of_size(opts.body_bytes);
-    let options = SendOptions::new("BENCH-1");
 
     writeln!(
         progress,
         "submit alone (KH down): sealing {} envelopes of {} bytes...",
         opts.messages, opts.body_bytes
     )?;
-    let batches = preseal(&senders, &to, &body, &options, opts.messages)?;
+    let batches = preseal(&senders, &to, &body, &bench_options(), opts.messages)?;
     writeln!(progress, "submit alone: {} senders...", opts.senders)?;
     let vn_before = cpu_seconds(gateways[0].pid);
     let bench_before = cpu_seconds(std::process::id());
@@ -498,51 +701,62 @@ async fn phases(
         opts.messages
     )?;
     let (drain, mut recipient) = drain_after_kh_starts(opts, net, gateways, opts.messages).await?;
+    let pids: Vec<u32> = gateways.iter().map(|g| g.pid).collect();
+    let exchange = exchange(opts, &mut senders, &mut recipient, &to, &pids, progress).await?;
+    Ok((alone, drain, exchange))
+}
 
+/// What every bench envelope is sent with.
+fn bench_options() -> SendOptions {
+    SendOptions::new("BENCH-1")
+}
+
+/// The warm-up, then the timed end-to-end phase, with the CPU it cost the processes `pids`
+/// and this one.
+async fn exchange(
+    opts: &Options,
+    senders: &mut [OrgClient],
+    recipient: &mut OrgClient,
+    to: &accord_proto::ids::OrgId,
+    pids: &[u32],
+    progress: &mut (impl Write + Send),
+) -> anyhow::Result<CostedExchange> {
+    let body = body_of_size(opts.body_bytes);
     if opts.warmup > 0 {
         writeln!(progress, "warm-up: {} messages end to end...", opts.warmup)?;
-        let warm = preseal(&senders, &to, &body, &options, opts.warmup)?;
-        timed_phase(&mut senders, &mut recipient, warm, None, opts.timeout).await?;
+        let warm = preseal(senders, to, &body, &bench_options(), opts.warmup)?;
+        timed_phase(senders, recipient, warm, None, opts.timeout).await?;
     }
     writeln!(
         progress,
         "sealing {} envelopes of {} bytes...",
         opts.messages, opts.body_bytes
     )?;
-    let batches = preseal(&senders, &to, &body, &options, opts.messages)?;
+    let batches = preseal(senders, to, &body, &bench_options(), opts.messages)?;
     writeln!(
         progress,
         "end to end: {} senders, {} messages...",
         opts.senders, opts.messages
     )?;
-    let before: Vec<f64> = gateways.iter().map(|g| cpu_seconds(g.pid)).collect();
+    let before: Vec<f64> = pids.iter().map(|&p| cpu_seconds(p)).collect();
     let bench_before = cpu_seconds(std::process::id());
     let noise_before = NoiseCounters::now();
-    let (submit, end_to_end, end_to_end_stages) = timed_phase(
-        &mut senders,
-        &mut recipient,
-        batches,
-        opts.pace(),
-        opts.timeout,
-    )
-    .await?;
+    let (submit, end_to_end, stages) =
+        timed_phase(senders, recipient, batches, opts.pace(), opts.timeout).await?;
     let noise = noise_before.since();
-    let cpu = CpuUse {
-        gateways: gateways
+    Ok(CostedExchange {
+        gateway_cpu: pids
             .iter()
             .zip(before)
-            .map(|(g, b)| cpu_seconds(g.pid) - b)
+            .map(|(&p, b)| cpu_seconds(p) - b)
             .collect(),
-        bench: cpu_seconds(std::process::id()) - bench_before,
-    };
-    Ok(Phases {
-        alone,
-        drain,
-        submit,
-        end_to_end,
-        end_to_end_stages,
-        noise,
-        cpu,
+        exchange: Exchange {
+            submit,
+            end_to_end,
+            stages,
+            noise,
+            bench_cpu: cpu_seconds(std::process::id()) - bench_before,
+        },
     })
 }
 
@@ -1353,6 +1567,10 @@ pub async fn run_backlog(
         backlog >= opts.senders,
         "--backlog must be at least --senders"
     );
+    anyhow::ensure!(
+        opts.attach.is_none(),
+        "--backlog stops and restarts the gateways it measures: it cannot attach to running ones"
+    );
     let net = bench_net(opts).await?;
     let mut vn = GatewayProcess::spawn(opts, &net, "vn")?;
     let mut senders = Vec::new();
@@ -1554,8 +1772,17 @@ pub fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
             name, r.throughput_per_sec, r.p50_ms, r.p99_ms, r.p999_ms
         )
     };
-    row(out, "submit alone (KH down)", &report.submit_alone.rate)?;
-    row(out, "drain once KH is up", &report.drain)?;
+    match (&report.submit_alone, &report.drain) {
+        (Some(alone), Some(drain)) => {
+            row(out, "submit alone (KH down)", &alone.rate)?;
+            row(out, "drain once KH is up", drain)?;
+        }
+        _ => writeln!(
+            out,
+            "{:<34} not measured: the gateways were attached, not started here",
+            "submit alone, drain"
+        )?,
+    }
     row(out, "submit -> accepted (durable)", &report.submit)?;
     row(out, "submit -> delivered and acked", &report.end_to_end)?;
     for s in &report.end_to_end_stages {
@@ -1595,11 +1822,13 @@ pub fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
         "seal and sign", c.seal_us
     )?;
     writeln!(out, "\nCPU per message and memory")?;
-    writeln!(
-        out,
-        "    submit alone: vn-gateway {:.0} µs CPU/msg, clients {:.0} µs CPU/msg",
-        report.submit_alone.vn_cpu_us_per_message, report.submit_alone.bench_cpu_us_per_message
-    )?;
+    if let Some(alone) = &report.submit_alone {
+        writeln!(
+            out,
+            "    submit alone: vn-gateway {:.0} µs CPU/msg, clients {:.0} µs CPU/msg",
+            alone.vn_cpu_us_per_message, alone.bench_cpu_us_per_message
+        )?;
+    }
     for p in &report.processes {
         let rss = p
             .peak_rss_mib
@@ -1610,11 +1839,20 @@ pub fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
             p.name, p.cpu_us_per_message, p.cpu_seconds, rss
         )?;
     }
-    writeln!(
-        out,
-        "    on disk (both gateways)      {:>8.0} bytes/msg",
-        report.disk_bytes_per_message
-    )?;
+    match report.disk_bytes_per_message {
+        Some(bytes) => {
+            let what = if report.attached {
+                "on disk (stores' growth)"
+            } else {
+                "on disk (both gateways)"
+            };
+            writeln!(out, "    {what:<28} {bytes:>8.0} bytes/msg")?
+        }
+        None => writeln!(
+            out,
+            "    on disk: not measured (no data_dir in the attach file)"
+        )?,
+    }
     let r = &report.ratios;
     writeln!(out, "\nend to end as a fraction of each ceiling")?;
     writeln!(

@@ -148,8 +148,9 @@ enum Command {
     /// Run a gateway from its TOML configuration until SIGINT or SIGTERM (the same as
     /// `accord-gateway run CONFIG`).
     Gateway { config: PathBuf },
-    /// Load-test two local gateways (separate processes, mutual TLS, fsynced stores) and
-    /// measure them against the transport, crypto and store limits of this machine.
+    /// Load-test two local gateways (separate processes, mutual TLS, fsynced stores), or
+    /// with --attach two running ones, and measure them against the transport, crypto and
+    /// store limits of this machine.
     Bench {
         /// Concurrent senders, each with one submit in flight (1 to 1024).
         #[arg(long, default_value_t = 16)]
@@ -188,6 +189,12 @@ enum Command {
         /// line per message at each stage.
         #[arg(long, default_value = "warn")]
         gateway_log: String,
+        /// Measure two running gateways instead of starting a pair: a TOML file with a
+        /// [sender] and a [recipient] table, each with org, gateway, gateway_id, root and
+        /// trust (as the other commands take them), and optionally the gateway's pid and
+        /// data_dir on this machine. Only the end-to-end phase runs.
+        #[arg(long, conflicts_with = "backlog")]
+        attach: Option<PathBuf>,
         /// Print the report as one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -566,8 +573,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             history,
             rate,
             gateway_log,
+            attach,
             json,
         } => {
+            let attach = attach
+                .map(|path| accord_client::bench::Attach::load(&path))
+                .transpose()?;
             let opts = accord_client::bench::Options {
                 senders,
                 body_bytes: size,
@@ -578,6 +589,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 timeout: std::time::Duration::from_secs(timeout),
                 gateway_log,
                 rate,
+                attach,
             };
             if let Some(backlog) = backlog {
                 let report = accord_client::bench::run_backlog(

@@ -6,16 +6,21 @@
 use std::process::Command;
 
 fn accord(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_accord"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = accord_output(args);
     assert!(
         out.status.success(),
         "accord {args:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Runs `accord ARGS` and returns what it printed and how it ended.
+fn accord_output(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_accord"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn positive(v: &serde_json::Value, path: &str) -> f64 {
@@ -157,5 +162,184 @@ fn a_rate_must_be_above_zero_and_is_not_for_the_backlog() {
         assert!(!out.status.success(), "{args:?} accepted");
         let said = String::from_utf8_lossy(&out.stderr);
         assert!(said.contains("--rate"), "{args:?}: {said}");
+    }
+}
+
+/// A gateway process the test started; killed when dropped, whatever the outcome.
+struct GatewayProcess(std::process::Child);
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `--attach` measures two gateways that were running before it and still run after it:
+/// the end-to-end phase, each gateway's CPU and memory by its pid, and the stores' growth.
+/// It refuses to start while the recipient has a message waiting, and leaves it there.
+#[test]
+fn an_attached_run_measures_running_gateways_and_leaves_a_waiting_inbox_alone() {
+    use accord_client::localnet::LocalNet;
+    use accord_client::org::SendOptions;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = runtime
+        .block_on(
+            LocalNet::builder()
+                .country("vn", "hanoi", &["c02"])
+                .country("kh", "phnom-penh", &["ahtd"])
+                .dir(&dir.path().join("net"))
+                .prepare(),
+        )
+        .unwrap();
+    let mut gateways = Vec::new();
+    let mut side = String::new();
+    for (cc, org, name) in [("vn", "c02", "sender"), ("kh", "ahtd", "recipient")] {
+        net.release_listeners(cc).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_accord"))
+            .arg("gateway")
+            .arg(net.config_path(cc))
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap();
+        let gw = net.gateway_address(cc).unwrap();
+        side += &format!(
+            "[{name}]\norg = {:?}\ngateway = \"{}\"\ngateway_id = \"{}\"\nroot = {:?}\n\
+             trust = {:?}\npid = {}\ndata_dir = {:?}\n",
+            net.org_dir(cc, org).unwrap(),
+            gw.addr,
+            gw.id,
+            gw.root,
+            gw.trust,
+            child.id(),
+            net.data_dir(cc).unwrap(),
+        );
+        gateways.push(GatewayProcess(child));
+    }
+    let attach = dir.path().join("attach.toml");
+    std::fs::write(&attach, side).unwrap();
+    let attach = attach.to_str().unwrap();
+
+    // A message waiting for the recipient, once both gateways answer.
+    let (to, mut ahtd) = runtime.block_on(async {
+        let mut tries = 0;
+        let (mut c02, ahtd) = loop {
+            tries += 1;
+            let both = async {
+                let mut c02 = net.client("vn", "c02").await?;
+                let mut ahtd = net.client("kh", "ahtd").await?;
+                c02.fetch(0).await?;
+                ahtd.fetch(0).await?;
+                Ok::<_, anyhow::Error>((c02, ahtd))
+            };
+            match both.await {
+                Ok(both) => break both,
+                Err(e) if tries > 300 => panic!("the gateways never answered: {e:#}"),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        };
+        let to = net.org_id("kh", "ahtd").unwrap();
+        let body = accord_client::bench::body_of_size(512);
+        c02.send(&to, &body, &SendOptions::new("T-1"))
+            .await
+            .unwrap();
+        (to, ahtd)
+    });
+    let waiting = runtime.block_on(async {
+        for _ in 0..300 {
+            let got = ahtd.fetch(1).await.unwrap();
+            if !got.is_empty() {
+                return got;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the message never reached {to}");
+    });
+
+    let args = [
+        "bench",
+        "--attach",
+        attach,
+        "--senders",
+        "2",
+        "--count",
+        "200",
+        "--warmup",
+        "2",
+        "--json",
+    ];
+    let refused = accord_output(&args);
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "ran with mail waiting: {why}");
+    assert!(
+        why.contains("inbox") && why.contains("Nothing was sent or acknowledged"),
+        "{why}"
+    );
+    runtime.block_on(async {
+        let still = ahtd.fetch(1).await.unwrap();
+        assert_eq!(still.len(), 1, "the waiting message was taken");
+        assert_eq!(still[0].envelope.id(), waiting[0].envelope.id());
+        ahtd.ack(&still[0]).await.unwrap();
+    });
+
+    let r = accord(&args);
+    assert_eq!(r["attached"], true);
+    assert!(r["submit_alone"].is_null() && r["drain"].is_null(), "{r}");
+    assert_eq!(r["submit"]["messages"], 200, "every submit accepted");
+    assert_eq!(r["end_to_end"]["messages"], 200, "every message acked");
+    for path in [
+        "/end_to_end/throughput_per_sec",
+        "/disk_bytes_per_message",
+        "/limits/transport/throughput_per_sec",
+        "/limits/crypto/ceiling_per_sec",
+        "/limits/store/throughput_per_sec",
+    ] {
+        positive(&r, path);
+    }
+    let processes = r["processes"].as_array().unwrap();
+    for name in [
+        "sender's gateway (attached)",
+        "recipient's gateway (attached)",
+    ] {
+        let p = processes.iter().find(|p| p["name"] == name).unwrap();
+        assert!(p["cpu_seconds"].as_f64().unwrap() > 0.0, "{p}");
+        assert!(p["peak_rss_mib"].as_f64().unwrap() > 1.0, "{p}");
+    }
+    // The table says what an attached run leaves out.
+    let table = accord_output(&[
+        "bench",
+        "--attach",
+        attach,
+        "--senders",
+        "1",
+        "--count",
+        "5",
+        "--warmup",
+        "0",
+    ]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.status.success(),
+        "{}",
+        String::from_utf8_lossy(&table.stderr)
+    );
+    println!("{text}");
+    assert!(
+        text.contains("not measured: the gateways were attached")
+            && text.contains("stores' growth")
+            && text.contains("recipient's gateway (attached)"),
+        "{text}"
+    );
+    for g in &mut gateways {
+        assert!(
+            g.0.try_wait().unwrap().is_none(),
+            "the bench stopped a gateway"
+        );
     }
 }
