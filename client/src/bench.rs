@@ -105,13 +105,18 @@ impl Attach {
         let mut attach: Attach =
             toml::from_str(&text).with_context(|| format!("the attach file {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for side in [&mut attach.sender, &mut attach.recipient] {
+        for (name, side) in [
+            ("sender", &mut attach.sender),
+            ("recipient", &mut attach.recipient),
+        ] {
             for p in [&mut side.org, &mut side.root, &mut side.trust] {
                 *p = base.join(&*p);
             }
             if let Some(d) = &mut side.data_dir {
                 *d = base.join(&*d);
             }
+            side.check()
+                .with_context(|| format!("[{name}] in the attach file {}", path.display()))?;
         }
         Ok(attach)
     }
@@ -145,6 +150,28 @@ impl Attach {
 }
 
 impl AttachedOrg {
+    /// What can be checked before anything is measured: the id, the process, the folder.
+    fn check(&self) -> anyhow::Result<()> {
+        self.gateway_id
+            .parse::<accord_proto::ids::SpiffeId>()
+            .with_context(|| format!("gateway_id {:?}", self.gateway_id))?;
+        if let Some(pid) = self.pid {
+            anyhow::ensure!(
+                runs_accord(pid),
+                "pid {pid} is not a running accord process on this machine"
+            );
+        }
+        if let Some(dir) = &self.data_dir {
+            std::fs::read_dir(dir).with_context(|| {
+                format!(
+                    "data_dir {}: this user must be able to read the store's folder",
+                    dir.display()
+                )
+            })?;
+        }
+        Ok(())
+    }
+
     async fn connect(&self) -> anyhow::Result<OrgClient> {
         let gateway = crate::org::GatewayAddress {
             addr: self.gateway,
@@ -568,7 +595,10 @@ async fn measure_attached(
         senders.push(attach.sender.connect().await?);
     }
     let mut recipient = attach.recipient.connect().await?;
-    let waiting = recipient.fetch(1).await?;
+    // Every item, whether it opens or not: any of them means the inbox is in use.
+    let waiting = recipient
+        .fetch_each(accord_gateway::service::MAX_BATCH as u32)
+        .await?;
     anyhow::ensure!(
         waiting.is_empty(),
         "the recipient {} has messages waiting in its inbox, and the bench acknowledges \
@@ -587,6 +617,13 @@ async fn measure_attached(
     let disk_before = on_disk();
     let pid_list: Vec<u32> = pids.iter().map(|p| p.1).collect();
     let exchange = exchange(opts, &mut senders, &mut recipient, &to, &pid_list, progress).await?;
+    for (name, pid) in &pids {
+        // Its CPU would read as what it spent before it went.
+        anyhow::ensure!(
+            runs_accord(*pid),
+            "the {name} (pid {pid}) stopped during the run: its figures would be wrong"
+        );
+    }
     let grown = on_disk().saturating_sub(disk_before);
     let processes = pids
         .into_iter()
@@ -954,8 +991,9 @@ const ACK_CALLS_IN_FLIGHT: usize = 2;
 /// The recipient's side: subscribes, opens each envelope and acknowledges it, until
 /// `total` are acknowledged. Acknowledgements go out in batches, up to
 /// [`ACK_CALLS_IN_FLIGHT`] calls at a time (each receipt is a durable write at its gateway).
-/// `since(id)` says when the message's submit started and, if known, when it was accepted;
-/// returns each message's [`Delivery`].
+/// `since(id)` says when the message's submit started and, if known, when it was accepted
+/// (ids are noted before their submit starts); a message it does not know was not sent by
+/// this run and is neither acknowledged nor counted. Returns each message's [`Delivery`].
 async fn open_and_ack(
     mut recipient: OrgClient,
     total: usize,
@@ -984,7 +1022,14 @@ async fn open_and_ack(
         tokio::select! {
             item = inbox.next(), if received < total => {
                 let item = item.context("the inbox stream ended")??;
-                opened_at.insert(item.envelope.id(), Instant::now());
+                let id = item.envelope.id();
+                if since(&id).is_none() {
+                    // Not sent by this run (an attached recipient's other mail): left in
+                    // the inbox, neither acknowledged nor counted.
+                    tracing::warn!(message_id = %id, "not sent by this bench: left unacknowledged");
+                    continue;
+                }
+                opened_at.insert(id, Instant::now());
                 opened.push(item);
                 received += 1;
             }
@@ -1157,6 +1202,17 @@ impl Drop for GatewayProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Whether process `pid` runs here and is an `accord` executable.
+fn runs_accord(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
+        cmd.split(|&b| b == 0)
+            .next()
+            .and_then(|exe| Path::new(std::str::from_utf8(exe).ok()?).file_name())
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| name.starts_with("accord"))
+    })
 }
 
 /// A process's peak resident set so far (`VmHWM`), in MiB.
@@ -1747,7 +1803,7 @@ pub fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(
         out,
         "accord bench: {} senders{}, {} B bodies, {} messages; {} cores ({}), run folder on \
-         {}, gateways logging at {}",
+         {}, {}",
         report.senders,
         report
             .offered_per_sec
@@ -1758,7 +1814,11 @@ pub fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
         m.cores,
         m.cpu,
         m.run_dir_filesystem,
-        m.gateway_log
+        if report.attached {
+            "gateways attached (running with their own log levels)".to_owned()
+        } else {
+            format!("gateways logging at {}", m.gateway_log)
+        }
     )?;
     writeln!(
         out,
@@ -1911,6 +1971,119 @@ mod tests {
         assert_eq!(parse_pressure_total(psi), Some(5_293_099_713));
         assert_eq!(parse_pressure_total("full avg10=0 total=5\n"), None);
         assert_eq!(parse_pressure_total("some avg10=0.39\n"), None);
+    }
+
+    /// An attached recipient may get mail the bench did not send while it runs: that is
+    /// left in its inbox, neither acknowledged nor counted as the bench's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_the_bench_did_not_send_is_left_unacknowledged() {
+        let net = LocalNet::builder()
+            .country("vn", "hanoi", &["c02", "tayninh-police"])
+            .country("kh", "phnom-penh", &["ahtd"])
+            .start()
+            .await
+            .unwrap();
+        let to = net.org_id("kh", "ahtd").unwrap();
+        let body = body_of_size(256);
+        let mut other = net.client("vn", "tayninh-police").await.unwrap();
+        let foreign = other.send(&to, &body, &bench_options()).await.unwrap().id;
+        let mut c02 = net.client("vn", "c02").await.unwrap();
+        let mut ours = HashMap::new();
+        for _ in 0..2 {
+            let at = Instant::now();
+            let id = c02.send(&to, &body, &bench_options()).await.unwrap().id;
+            ours.insert(id, at);
+        }
+        let recipient = net.client("kh", "ahtd").await.unwrap();
+        let delivered = tokio::time::timeout(
+            Duration::from_secs(30),
+            open_and_ack(recipient.clone(), 2, |id| {
+                ours.get(id).map(|&at| (at, None))
+            }),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(delivered.len(), 2);
+        let mut recipient = recipient;
+        let left: Vec<MessageId> = recipient
+            .fetch(10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|o| o.envelope.id())
+            .collect();
+        assert_eq!(
+            left,
+            vec![foreign],
+            "only the other sender's message is left"
+        );
+        net.shutdown().await;
+    }
+
+    /// An attach file's paths are taken from its folder; what can be wrong with it is
+    /// said before anything runs, naming the side; one gateway serving both sides is one
+    /// process.
+    #[test]
+    fn attach_files_are_resolved_and_checked_before_anything_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("attach.toml");
+        let me = std::process::id();
+        let side = |name: &str, id: &str, pid: u32| {
+            format!(
+                "[{name}]\norg = \"orgs/{name}\"\ngateway = \"127.0.0.1:7443\"\n\
+                 gateway_id = \"{id}\"\nroot = \"ca.pem\"\ntrust = \"trust.json\"\n\
+                 pid = {pid}\ndata_dir = \".\"\n"
+            )
+        };
+        let gw = "spiffe://vn.accord/gateway/hanoi";
+        let load = |text: String| {
+            std::fs::write(&file, text).unwrap();
+            Attach::load(&file)
+        };
+        // This test's own process is an `accord_client-…` executable; pid 1 is not one.
+        let why = |r: anyhow::Result<Attach>| format!("{:#}", r.unwrap_err());
+        let text = why(load(
+            side("sender", "not an id", me) + &side("recipient", gw, me),
+        ));
+        assert!(
+            text.contains("[sender]") && text.contains("gateway_id"),
+            "{text}"
+        );
+        let text = why(load(side("sender", gw, me) + &side("recipient", gw, 1)));
+        assert!(
+            text.contains("[recipient]") && text.contains("pid 1 is not"),
+            "{text}"
+        );
+        let unknown = side("sender", gw, me).replace("pid", "pidd") + &side("recipient", gw, me);
+        assert!(why(load(unknown)).contains("pidd"));
+        let no_pids = |t: String| {
+            t.lines()
+                .filter(|l| !l.starts_with("pid"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let missing_dir = no_pids(side("sender", gw, me) + &side("recipient", gw, me))
+            .replace("data_dir = \".\"", "data_dir = \"nowhere\"");
+        let text = why(load(missing_dir));
+        assert!(
+            text.contains("data_dir") && text.contains("nowhere"),
+            "{text}"
+        );
+
+        let attach = load(no_pids(side("sender", gw, me) + &side("recipient", gw, me))).unwrap();
+        assert_eq!(attach.sender.org, dir.path().join("orgs/sender"));
+        assert_eq!(attach.recipient.trust, dir.path().join("trust.json"));
+        assert_eq!(attach.data_dirs(), vec![dir.path().join(".")]);
+        assert!(attach.processes().is_empty());
+        let mut shared = attach.clone();
+        (shared.sender.pid, shared.recipient.pid) = (Some(7), Some(7));
+        assert_eq!(
+            shared.processes(),
+            vec![("gateway (attached, both sides)".to_owned(), 7)]
+        );
+        shared.recipient.pid = Some(8);
+        assert_eq!(shared.processes().len(), 2);
     }
 
     #[test]

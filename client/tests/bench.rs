@@ -272,6 +272,8 @@ fn an_attached_run_measures_running_gateways_and_leaves_a_waiting_inbox_alone() 
         "200",
         "--warmup",
         "2",
+        "--timeout",
+        "120",
         "--json",
     ];
     let refused = accord_output(&args);
