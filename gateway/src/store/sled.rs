@@ -1702,6 +1702,46 @@ mod tests {
         }
     }
 
+    /// Event keys come back whole from the write-ahead log when sled never got them: in
+    /// one group, a transaction names a message in two entries around another message's,
+    /// and a second transaction names it again.
+    #[test]
+    fn event_lists_are_replayed_from_the_write_ahead_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            MessageId::new_v7(1_000, [1; 10]),
+            MessageId::new_v7(1_001, [2; 10]),
+        );
+        let naming = |id: &MessageId| {
+            Op::Log(
+                pb::LogEntry {
+                    message_id: id.as_bytes().to_vec(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            )
+        };
+        {
+            let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+            let mut group = Group::default();
+            for ops in [vec![naming(&a), naming(&b), naming(&a)], vec![naming(&a)]] {
+                let tx = Tx {
+                    ops,
+                    receipts: None,
+                };
+                committer.build(tx, &mut group).unwrap();
+            }
+            // Logged, not applied: only a replay puts it in sled.
+            committer.log(group.writes).unwrap();
+            assert!(committer.db.scan_prefix(b"e").next().is_none());
+            crash(committer);
+        }
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert!(store.replayed_groups() > 0, "nothing replayed");
+        assert_eq!(store.message_events(&a).unwrap(), vec![0, 2, 3]);
+        assert_eq!(store.message_events(&b).unwrap(), vec![1]);
+    }
+
     /// A store restored without `messages/` while its write-ahead log still holds records
     /// is refused at open with what to do, not with a bare I/O error.
     #[test]
