@@ -40,6 +40,17 @@ pub(crate) fn queued(id: &MessageId) -> QueueEntry {
     }
 }
 
+/// Appends a log entry that names message `id`.
+pub(crate) fn log_naming(id: &MessageId) -> Op {
+    Op::Log(
+        pb::LogEntry {
+            message_id: id.as_bytes().to_vec(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    )
+}
+
 /// Stores, in the commit, a receipt for `id` whose body is the first log index it names.
 pub(crate) fn receipt_naming_index(id: MessageId) -> Option<ReceiptMaker> {
     Some(Box::new(move |index| {
@@ -192,19 +203,15 @@ pub(crate) async fn run<S: Store>(dir: &Path, open: impl Fn(&Path) -> S) {
         .is_empty());
     // A message's events: every log entry that names it, ascending, whether one
     // transaction logged several of them or one each.
-    let naming = |id: &MessageId| {
-        Op::Log(
-            pb::LogEntry {
-                message_id: id.as_bytes().to_vec(),
-                ..Default::default()
-            }
-            .encode_to_vec(),
-        )
-    };
     let base = store.log_size().unwrap();
     for ops in [
-        vec![naming(&id1), naming(&id2), naming(&id1), naming(&id1)],
-        vec![Op::Log(b"no message".to_vec()), naming(&id1)],
+        vec![
+            log_naming(&id1),
+            log_naming(&id2),
+            log_naming(&id1),
+            log_naming(&id1),
+        ],
+        vec![Op::Log(b"no message".to_vec()), log_naming(&id1)],
     ] {
         store
             .commit(Tx {

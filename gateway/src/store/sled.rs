@@ -1316,7 +1316,7 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     use super::*;
-    use crate::store::conformance::{ahtd, queued, receipt_naming_index};
+    use crate::store::conformance::{ahtd, log_naming, queued, receipt_naming_index};
 
     #[tokio::test]
     async fn sled_store_passes_the_conformance_suite() {
@@ -1712,19 +1712,13 @@ mod tests {
             MessageId::new_v7(1_000, [1; 10]),
             MessageId::new_v7(1_001, [2; 10]),
         );
-        let naming = |id: &MessageId| {
-            Op::Log(
-                pb::LogEntry {
-                    message_id: id.as_bytes().to_vec(),
-                    ..Default::default()
-                }
-                .encode_to_vec(),
-            )
-        };
         {
             let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
             let mut group = Group::default();
-            for ops in [vec![naming(&a), naming(&b), naming(&a)], vec![naming(&a)]] {
+            for ops in [
+                vec![log_naming(&a), log_naming(&b), log_naming(&a)],
+                vec![log_naming(&a)],
+            ] {
                 let tx = Tx {
                     ops,
                     receipts: None,
