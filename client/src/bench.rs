@@ -333,6 +333,18 @@ pub struct ProcessUse {
     pub peak_rss_mib: Option<f64>,
 }
 
+impl ProcessUse {
+    /// `cpu_seconds` spent on `messages`.
+    fn new(name: String, cpu_seconds: f64, messages: usize, peak_rss_mib: Option<f64>) -> Self {
+        Self {
+            name,
+            cpu_seconds,
+            cpu_us_per_message: us_per_message(cpu_seconds, messages),
+            peak_rss_mib,
+        }
+    }
+}
+
 /// The submit-only phase: its rate and what it cost the VN gateway.
 #[derive(Clone, Debug, Serialize)]
 pub struct SubmitAlone {
@@ -459,13 +471,14 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
         stages: end_to_end_stages,
         noise,
         bench_cpu,
+        gateway_cpu: _,
     } = exchange;
-    processes.push(ProcessUse {
-        name: "clients (bench process)".into(),
-        cpu_seconds: bench_cpu,
-        cpu_us_per_message: us_per_message(bench_cpu, opts.messages),
-        peak_rss_mib: None,
-    });
+    processes.push(ProcessUse::new(
+        "clients (bench process)".into(),
+        bench_cpu,
+        opts.messages,
+        None,
+    ));
 
     writeln!(progress, "limits: transport (bare mTLS echo)...")?;
     let transport = transport_limit(opts, &net).await?;
@@ -553,11 +566,13 @@ async fn measure_own_pair(
     let processes = gateways
         .iter()
         .zip(&exchange.gateway_cpu)
-        .map(|(g, &cpu)| ProcessUse {
-            name: format!("{}-gateway", g.country),
-            cpu_seconds: cpu,
-            cpu_us_per_message: us_per_message(cpu, opts.messages),
-            peak_rss_mib: g.peak_rss_mib,
+        .map(|(g, &cpu)| {
+            ProcessUse::new(
+                format!("{}-gateway", g.country),
+                cpu,
+                opts.messages,
+                g.peak_rss_mib,
+            )
         })
         .collect();
     let on_disk: u64 = ["vn", "kh"]
@@ -572,7 +587,7 @@ async fn measure_own_pair(
     Ok(Measured {
         alone: Some(alone),
         drain: Some(drain),
-        exchange: exchange.exchange,
+        exchange,
         processes,
         disk_bytes_per_message: Some(on_disk as f64 / stored as f64),
     })
@@ -628,17 +643,12 @@ async fn measure_attached(
     let processes = pids
         .into_iter()
         .zip(&exchange.gateway_cpu)
-        .map(|((name, pid), &cpu)| ProcessUse {
-            name,
-            cpu_seconds: cpu,
-            cpu_us_per_message: us_per_message(cpu, opts.messages),
-            peak_rss_mib: peak_rss_mib(pid),
-        })
+        .map(|((name, pid), &cpu)| ProcessUse::new(name, cpu, opts.messages, peak_rss_mib(pid)))
         .collect();
     Ok(Measured {
         alone: None,
         drain: None,
-        exchange: exchange.exchange,
+        exchange,
         processes,
         disk_bytes_per_message: (!dirs.is_empty())
             .then(|| grown as f64 / (opts.messages + opts.warmup) as f64),
@@ -680,12 +690,7 @@ struct Exchange {
     noise: Noise,
     /// CPU seconds of this process in the phase.
     bench_cpu: f64,
-}
-
-/// [`Exchange`] with the CPU seconds the gateways' processes spent in it, in the order
-/// their ids were given.
-struct CostedExchange {
-    exchange: Exchange,
+    /// CPU seconds the gateways' processes spent in it, in the order their ids were given.
     gateway_cpu: Vec<f64>,
 }
 
@@ -696,7 +701,7 @@ async fn phases(
     net: &LocalNet,
     gateways: &mut Vec<GatewayProcess>,
     progress: &mut (impl Write + Send),
-) -> anyhow::Result<(SubmitAlone, Rate, CostedExchange)> {
+) -> anyhow::Result<(SubmitAlone, Rate, Exchange)> {
     writeln!(progress, "waiting for VN...")?;
     let mut senders = Vec::new();
     for _ in 0..opts.senders {
@@ -757,7 +762,7 @@ async fn exchange(
     to: &accord_proto::ids::OrgId,
     pids: &[u32],
     progress: &mut (impl Write + Send),
-) -> anyhow::Result<CostedExchange> {
+) -> anyhow::Result<Exchange> {
     let body = body_of_size(opts.body_bytes);
     if opts.warmup > 0 {
         writeln!(progress, "warm-up: {} messages end to end...", opts.warmup)?;
@@ -781,19 +786,17 @@ async fn exchange(
     let (submit, end_to_end, stages) =
         timed_phase(senders, recipient, batches, opts.pace(), opts.timeout).await?;
     let noise = noise_before.since();
-    Ok(CostedExchange {
+    Ok(Exchange {
+        submit,
+        end_to_end,
+        stages,
+        noise,
+        bench_cpu: cpu_seconds(std::process::id()) - bench_before,
         gateway_cpu: pids
             .iter()
             .zip(before)
             .map(|(&p, b)| cpu_seconds(p) - b)
             .collect(),
-        exchange: Exchange {
-            submit,
-            end_to_end,
-            stages,
-            noise,
-            bench_cpu: cpu_seconds(std::process::id()) - bench_before,
-        },
     })
 }
 
