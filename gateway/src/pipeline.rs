@@ -593,14 +593,7 @@ impl Pipeline {
         };
         let ops = vec![
             Op::InsertMessage(id, stored(&env, now)),
-            Op::Enqueue(
-                queue,
-                env.priority(),
-                QueueEntry {
-                    message_id: id.as_bytes().to_vec(),
-                    receipt: None,
-                },
-            ),
+            Op::Enqueue(queue, env.priority(), QueueEntry::message(&id)),
             entry(
                 LogEvent::Submitted,
                 Some(&id),
@@ -702,10 +695,7 @@ impl Pipeline {
             Op::Enqueue(
                 Queue::Inbox(recipient.clone()),
                 env.priority(),
-                QueueEntry {
-                    message_id: id.as_bytes().to_vec(),
-                    receipt: None,
-                },
+                QueueEntry::message(&id),
             ),
             entry(LogEvent::Received, Some(&id), &hash, &peer.to_string(), now),
         ];
@@ -995,10 +985,7 @@ impl Pipeline {
             ops.push(Op::Enqueue(
                 Queue::Outbox(sender.country().clone()),
                 pb::Priority::Urgent,
-                QueueEntry {
-                    message_id: v.message_id.as_bytes().to_vec(),
-                    receipt: Some(r.clone()),
-                },
+                QueueEntry::receipt(&v.message_id, r.clone()),
             ));
         }
         self.store
@@ -1157,10 +1144,7 @@ impl Pipeline {
             let r = me.make_receipt(Stage::Rejected, id, hash, at, index, reason);
             let mut ops = vec![Op::PutReceipt(id, r.clone())];
             if let Some(cc) = abroad {
-                let back = QueueEntry {
-                    message_id: id.as_bytes().to_vec(),
-                    receipt: Some(r),
-                };
+                let back = QueueEntry::receipt(&id, r);
                 ops.push(Op::Enqueue(Queue::Outbox(cc), pb::Priority::Urgent, back));
             }
             ops

@@ -32,14 +32,6 @@ pub(crate) fn ahtd() -> OrgId {
     "spiffe://kh.accord/org/ahtd".parse().unwrap()
 }
 
-/// A queue entry for a stored message (no receipt).
-pub(crate) fn queued(id: &MessageId) -> QueueEntry {
-    QueueEntry {
-        message_id: id.as_bytes().to_vec(),
-        receipt: None,
-    }
-}
-
 /// Appends a log entry that names message `id`.
 pub(crate) fn log_naming(id: &MessageId) -> Op {
     Op::Log(
@@ -74,7 +66,7 @@ pub(crate) async fn run<S: Store>(dir: &Path, open: impl Fn(&Path) -> S) {
         let tx = |id: MessageId, m: StoredMessage, prio| Tx {
             ops: vec![
                 Op::InsertMessage(id, m),
-                Op::Enqueue(kh.clone(), prio, queued(&id)),
+                Op::Enqueue(kh.clone(), prio, QueueEntry::message(&id)),
                 Op::Log(id.as_bytes().to_vec()),
             ],
             receipts: receipt_naming_index(id),
@@ -174,7 +166,7 @@ pub(crate) async fn run<S: Store>(dir: &Path, open: impl Fn(&Path) -> S) {
                 ops: vec![Op::Enqueue(
                     inbox.clone(),
                     pb::Priority::Routine,
-                    queued(&id),
+                    QueueEntry::message(&id),
                 )],
                 receipts: None,
             })
@@ -228,4 +220,71 @@ pub(crate) async fn run<S: Store>(dir: &Path, open: impl Fn(&Path) -> S) {
     assert_eq!(store.message_events(&id2).unwrap(), vec![base + 1]);
     assert!(store.message_events(&id3).unwrap().is_empty());
     assert!(store.disk_usage().unwrap() > 0);
+
+    // A deferred outbox entry goes behind every priority, marked, after entries that
+    // arrive later; deferring it again moves it behind other deferred ones, and an entry
+    // that is gone is not brought back.
+    let ids = |store: &S| -> Vec<(Vec<u8>, bool)> {
+        let q = store.queue(&kh, 10).unwrap();
+        q.into_iter()
+            .map(|(_, e)| (e.message_id, e.deferred))
+            .collect()
+    };
+    let defer = |key: QueueKey| Tx {
+        ops: vec![Op::Defer(key)],
+        receipts: None,
+    };
+    let first = store.queue(&kh, 10).unwrap()[0].clone();
+    assert_eq!(first.1.message_id, id1.as_bytes().to_vec());
+    store.commit(defer(first.0.clone())).await.unwrap();
+    store
+        .commit(Tx {
+            ops: vec![Op::Enqueue(
+                kh.clone(),
+                pb::Priority::Routine,
+                QueueEntry::message(&id3),
+            )],
+            receipts: None,
+        })
+        .await
+        .unwrap();
+    let (b1, b2, b3) = (id1.as_bytes(), id2.as_bytes(), id3.as_bytes());
+    assert_eq!(
+        ids(&store),
+        vec![
+            (b2.to_vec(), false),
+            (b3.to_vec(), false),
+            (b1.to_vec(), true)
+        ]
+    );
+    store.commit(defer(first.0)).await.unwrap();
+    assert_eq!(
+        store.queue(&kh, 10).unwrap().len(),
+        3,
+        "gone: not brought back"
+    );
+    let second = store.queue(&kh, 10).unwrap()[0].0.clone();
+    store.commit(defer(second)).await.unwrap();
+    let q = store.queue(&kh, 10).unwrap();
+    assert_eq!(
+        ids(&store),
+        vec![
+            (b3.to_vec(), false),
+            (b1.to_vec(), true),
+            (b2.to_vec(), true)
+        ]
+    );
+    // Taken off by the key it is read under, as any entry.
+    store
+        .commit(Tx {
+            ops: vec![Op::Dequeue(q[1].0.clone())],
+            receipts: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids(&store), vec![(b3.to_vec(), false), (b2.to_vec(), true)]);
+    // Only outbox entries are deferred: an inbox entry is found by id, under its key.
+    let inbox_key = store.queue(&inbox, 1).unwrap()[0].0.clone();
+    assert!(store.commit(defer(inbox_key)).await.is_err());
+    assert_eq!(store.queue(&inbox, 10).unwrap().len(), 1);
 }

@@ -69,6 +69,27 @@ pub struct QueueEntry {
     pub message_id: Vec<u8>,
     #[prost(message, optional, tag = "2")]
     pub receipt: Option<pb::Receipt>,
+    /// Set by [`Op::Defer`]: the entry was put behind every priority at the peer's request.
+    #[prost(bool, tag = "3")]
+    pub deferred: bool,
+}
+
+impl QueueEntry {
+    /// An entry for a stored message.
+    pub fn message(id: &MessageId) -> Self {
+        Self {
+            message_id: id.as_bytes().to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// An entry carrying a receipt for message `id` to a peer.
+    pub fn receipt(id: &MessageId, receipt: pb::Receipt) -> Self {
+        Self {
+            receipt: Some(receipt),
+            ..Self::message(id)
+        }
+    }
 }
 
 /// A message as this gateway keeps it: the sender's bytes, untouched, and its hash.
@@ -112,6 +133,11 @@ pub enum Op {
     /// Removes a queue entry (idempotent). How an outbox's entries leave it: whoever takes
     /// one off read it from [`Store::queue`], key and all.
     Dequeue(QueueKey),
+    /// Moves an outbox entry behind every priority, as the newest there, and marks it
+    /// [`QueueEntry::deferred`]: a peer asked to have it later, so it stops standing in
+    /// front of entries the peer may take now. Nothing if the entry is gone (it left the
+    /// outbox earlier); not to follow a [`Op::Dequeue`] of the same key in one transaction.
+    Defer(QueueKey),
     /// Removes a message's entry from an inbox without knowing its key (idempotent): a
     /// recipient ends a delivery by the message's id. Only inbox entries are indexed by id,
     /// since an index is two more writes for every message that passes through a queue.
@@ -166,7 +192,8 @@ pub trait Store: Send + Sync + 'static {
     fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError>;
     /// Every receipt stored for a message, in the order they were stored.
     fn receipts(&self, id: &MessageId) -> Result<Vec<pb::Receipt>, StoreError>;
-    /// Up to `limit` entries of a queue, highest priority first, then oldest first.
+    /// Up to `limit` entries of a queue, highest priority first, then oldest first; deferred
+    /// entries ([`Op::Defer`]) after all others, in the order they were deferred.
     fn queue(&self, queue: &Queue, limit: usize)
         -> Result<Vec<(QueueKey, QueueEntry)>, StoreError>;
     /// Number of log entries.

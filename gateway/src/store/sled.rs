@@ -27,7 +27,7 @@
 //! m ‖ id(16)                         StoredMessage of at most BESIDE_FROM bytes
 //! v ‖ id(16)                         number(8) of a longer one's record in `messages/`
 //! r ‖ id(16) ‖ seq(8)                pb::Receipt
-//! q ‖ queue name ‖ 0x00 ‖ 255-priority ‖ seq(8)   QueueEntry
+//! q ‖ queue name ‖ 0x00 ‖ 255-priority ‖ seq(8)   QueueEntry; 255 (no priority): deferred
 //! x ‖ inbox name ‖ 0x00 ‖ id(16)     key of that message's inbox entry (for RemoveFromInbox)
 //! e ‖ id(16) ‖ index(8)              log entries of one transaction that name message
 //!                                    `id`: the first, `index`; the later ones, index(8)…
@@ -579,6 +579,9 @@ fn receipt_prefix(id: &MessageId) -> Vec<u8> {
     [b"r".as_slice(), id.as_bytes()].concat()
 }
 
+/// The priority byte of a queue key that sorts after every priority: deferred entries.
+const DEFERRED_BAND: u8 = 255;
+
 fn queue_prefix(queue: &Queue) -> Vec<u8> {
     let name = match queue {
         Queue::Outbox(cc) => format!("o:{cc}"),
@@ -924,7 +927,8 @@ impl Committer {
                 }
                 Op::Enqueue(queue, priority, entry) => {
                     let mut key = queue_prefix(&queue);
-                    key.push(255 - (priority as i32).clamp(0, 255) as u8);
+                    // Band 255 holds deferred entries only: no priority maps to it.
+                    key.push(255 - (priority as i32).clamp(1, 254) as u8);
                     key.extend_from_slice(&next_seq.to_be_bytes());
                     next_seq += 1;
                     if let (Queue::Inbox(org), None) = (&queue, &entry.receipt) {
@@ -934,6 +938,25 @@ impl Committer {
                     writes.push((key, Some(entry.encode_to_vec())));
                 }
                 Op::Dequeue(QueueKey(key)) => writes.push((key, None)),
+                Op::Defer(QueueKey(key)) => {
+                    let Some(at) = key.len().checked_sub(9).filter(|_| key.starts_with(b"qo:"))
+                    else {
+                        return Err(StoreError::Engine(
+                            "only outbox entries are deferred".into(),
+                        ));
+                    };
+                    if let Some(value) = view.get(&key)? {
+                        let mut entry = QueueEntry::decode(value.as_slice())
+                            .map_err(|_| StoreError::Corrupt("outbox entry".into()))?;
+                        entry.deferred = true;
+                        let mut moved = key[..at].to_vec();
+                        moved.push(DEFERRED_BAND);
+                        moved.extend_from_slice(&next_seq.to_be_bytes());
+                        next_seq += 1;
+                        writes.push((key, None));
+                        writes.push((moved, Some(entry.encode_to_vec())));
+                    }
+                }
                 Op::RemoveFromInbox(org, id) => {
                     let index = inbox_index_key(&org, id.as_bytes());
                     if let Some(key) = view.get(&index)? {
@@ -1316,7 +1339,7 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     use super::*;
-    use crate::store::conformance::{ahtd, log_naming, queued, receipt_naming_index};
+    use crate::store::conformance::{ahtd, log_naming, receipt_naming_index};
 
     #[tokio::test]
     async fn sled_store_passes_the_conformance_suite() {
@@ -1425,7 +1448,7 @@ mod tests {
                         ciphertext: vec![w as u8; 64 << 10],
                         signature: vec![3; 64],
                     };
-                    let entry = queued(&id);
+                    let entry = QueueEntry::message(&id);
                     store
                         .commit(Tx {
                             ops: vec![
@@ -1492,7 +1515,11 @@ mod tests {
                     let tx = Tx {
                         ops: vec![
                             Op::InsertMessage(id, StoredMessage::default()),
-                            Op::Enqueue(queue.clone(), pb::Priority::Routine, queued(&id)),
+                            Op::Enqueue(
+                                queue.clone(),
+                                pb::Priority::Routine,
+                                QueueEntry::message(&id),
+                            ),
                             Op::Log(vec![4; 200]),
                             Op::Log(vec![5; 200]),
                         ],
@@ -1884,14 +1911,18 @@ mod tests {
             let enqueue = |id| Tx {
                 ops: vec![
                     Op::InsertMessage(id, StoredMessage::default()),
-                    Op::Enqueue(kh.clone(), pb::Priority::Routine, queued(&id)),
+                    Op::Enqueue(kh.clone(), pb::Priority::Routine, QueueEntry::message(&id)),
                 ],
                 receipts: None,
             };
             let for_ahtd = Tx {
                 ops: vec![
                     Op::InsertMessage(in_inbox, StoredMessage::default()),
-                    Op::Enqueue(inbox.clone(), pb::Priority::Routine, queued(&in_inbox)),
+                    Op::Enqueue(
+                        inbox.clone(),
+                        pb::Priority::Routine,
+                        QueueEntry::message(&in_inbox),
+                    ),
                 ],
                 receipts: None,
             };
@@ -2097,7 +2128,11 @@ mod tests {
         let insert = || Tx {
             ops: vec![
                 Op::InsertMessage(id, StoredMessage::default()),
-                Op::Enqueue(queue.clone(), pb::Priority::Routine, queued(&id)),
+                Op::Enqueue(
+                    queue.clone(),
+                    pb::Priority::Routine,
+                    QueueEntry::message(&id),
+                ),
                 Op::Log(vec![1]),
                 Op::PutReceipt(id, receipt.clone()),
             ],
@@ -2378,7 +2413,11 @@ mod tests {
                                         ..Default::default()
                                     },
                                 ),
-                                Op::Enqueue(queue.clone(), pb::Priority::Routine, queued(&id)),
+                                Op::Enqueue(
+                                    queue.clone(),
+                                    pb::Priority::Routine,
+                                    QueueEntry::message(&id),
+                                ),
                                 Op::Log(entry.encode_to_vec()),
                             ],
                             receipts: receipt_naming_index(id),
