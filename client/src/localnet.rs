@@ -36,6 +36,7 @@ pub struct Builder {
     policies: BTreeMap<String, String>,
     limits: BTreeMap<String, String>,
     checkpoint_interval_ms: Option<u64>,
+    forwarder_batch: Option<usize>,
 }
 
 /// How often gateways of a [`LocalNet`] publish checkpoints unless told otherwise: often,
@@ -69,6 +70,13 @@ impl Builder {
     /// least every millisecond, as the gateway requires).
     pub fn checkpoint_interval_ms(mut self, ms: u64) -> Self {
         self.checkpoint_interval_ms = Some(ms.max(1));
+        self
+    }
+
+    /// How many outbox entries every gateway's forwarder sends to a peer at once (the
+    /// gateway's default unless told).
+    pub fn forwarder_batch(mut self, batch: usize) -> Self {
+        self.forwarder_batch = Some(batch);
         self
     }
 
@@ -138,7 +146,7 @@ impl Builder {
             let every = self
                 .checkpoint_interval_ms
                 .unwrap_or(TEST_CHECKPOINT_INTERVAL_MS);
-            let config = net.write_config(cc, limits, every)?;
+            let config = net.write_config(cc, limits, every, self.forwarder_batch)?;
             let c = net.countries.get_mut(cc).context("country")?;
             c.config = Some(config);
         }
@@ -183,7 +191,13 @@ impl LocalNet {
         self.root.join(format!("{cc}-gateway.toml"))
     }
 
-    fn write_config(&self, cc: &str, limits: &str, checkpoint_ms: u64) -> anyhow::Result<Config> {
+    fn write_config(
+        &self,
+        cc: &str,
+        limits: &str,
+        checkpoint_ms: u64,
+        batch: Option<usize>,
+    ) -> anyhow::Result<Config> {
         let me = self.country(cc)?;
         let pki = self.root.join("pki");
         let mut toml = format!(
@@ -191,10 +205,11 @@ impl LocalNet {
              receipt_key = \"pki/{cc}/gateway/keys.json\"\nlog_key = \"pki/{cc}/gateway/log-key.json\"\n\
              witness_key = \"pki/{cc}/gateway/witness-key.json\"\ndirectory_trust = \"pki/directory-trust.json\"\npolicy = \"{cc}-policy.toml\"\ndirectories = [{dirs}]\n\n\
              [tls]\nroot = \"pki/{cc}/ca.pem\"\ncert = \"pki/{cc}/gateway/cert.pem\"\nkey = \"pki/{cc}/gateway/key.pem\"\ncrls = [\"pki/{cc}/crl.pem\"]\n\n\
-             [forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 1000\n\n[log]\ncheckpoint_interval_ms = {checkpoint_ms}\n",
+             [forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 1000\n{batch}\n[log]\ncheckpoint_interval_ms = {checkpoint_ms}\n",
             id = me.files.gateway_id,
             c = me.addrs.0,
             p = me.addrs.1,
+            batch = batch.map_or(String::new(), |b| format!("batch = {b}\n")),
             dirs = self.countries.keys().map(|k| format!("\"pki/{k}/directory.signed.json\"")).collect::<Vec<_>>().join(", "),
         );
         if !limits.is_empty() {
@@ -274,6 +289,11 @@ impl LocalNet {
             root: c.files.ca(),
             trust: accord_certs::DevPki::trust_file(&self.root.join("pki")),
         })
+    }
+
+    /// Where `cc`'s gateway listens (or listened, and will again) for its peers.
+    pub fn peer_address(&self, cc: &str) -> anyhow::Result<SocketAddr> {
+        Ok(self.country(cc)?.addrs.1)
     }
 
     pub fn org_dir(&self, cc: &str, org: &str) -> anyhow::Result<PathBuf> {

@@ -112,11 +112,11 @@ pub async fn run(
                 continue;
             }
             Ok(Round::AllRetried) => {
-                // More entries asked to be retried than are held back at once: the next
-                // round would send the same ones again, so it waits for the link's backoff,
-                // or for something new (a FLASH alert sorts ahead of them).
+                // Only deferred entries were left to send, and the peer put them off again:
+                // the next round would send more of them at once, so it waits for the
+                // link's backoff, or for something new (which sorts ahead of them).
                 let d = backoff(&cfg, attempt, jitter());
-                tracing::warn!(peer = %peer, held = retries.held(), retry_in_ms = d.as_millis() as u64, "peer asks to retry more entries than are held back");
+                tracing::warn!(peer = %peer, held = retries.held(), retry_in_ms = d.as_millis() as u64, "peer asks to retry entries already put behind the rest of the outbox");
                 attempt = attempt.saturating_add(1);
                 tokio::select! {
                     _ = notified => {}
@@ -145,11 +145,12 @@ enum Round {
     /// Nothing more to send now (or all of it held back): wait for new entries or the
     /// first held one due again.
     Idle,
-    /// Entries left the outbox, or a full batch was held back: there may be more behind
-    /// them, so go on at once. Each retried entry waits out its own backoff, so this does
-    /// not resend anything sooner; it only reads past what was held.
+    /// Entries left the outbox or moved to its back, or a full batch was held back: there
+    /// may be more behind them, so go on at once. Each retried entry waits out its own
+    /// backoff, so this does not resend anything sooner; it only reads past what was held.
     Again,
-    /// The peer asked to retry every item it was sent, and some could not be held back.
+    /// The peer asked to retry every item it was sent, and some could not be held back:
+    /// they were at the back of the outbox already, behind everything else.
     AllRetried,
 }
 
@@ -181,6 +182,12 @@ async fn drain_once(
     let mut items = Vec::new();
     for (key, entry) in entries {
         if items.len() == cfg.batch {
+            break;
+        }
+        // Deferred entries sort last and go in batches of their own: a batch with others
+        // in it settles those, and resending what the peer put off with every such batch
+        // would only load both sides.
+        if entry.deferred && sent.iter().any(|s| !s.entry.deferred) {
             break;
         }
         // Before anything is read: a held envelope's expiry is noticed once its hold ends
@@ -268,8 +275,7 @@ async fn drain_once(
     // Every entry the peer answered is settled in one transaction: one durable commit per
     // batch, not one per envelope.
     let mut settled = 0;
-    // Items the peer asked to retry, and of those, the ones held back for a later round.
-    let (mut retried, mut held) = (0, 0);
+    let mut put_off = PutOffs::default();
     let mut batch_ops = Vec::new();
     // Envelopes whose delivery through this gateway ended: their chunks go after the commit.
     let mut ended = Vec::new();
@@ -286,15 +292,16 @@ async fn drain_once(
     {
         if !result.retry_reason.is_empty() {
             tracing::info!(peer = %peer, message_id = %id, reason = ?peer_text(&result.retry_reason), "peer asks to retry");
-            retried += 1;
             // An envelope whose chunks the peer lacks is held back by its push, which wakes
             // the outbox when they are there.
             let pushing = result.retry_reason == crate::transfer::CHUNKS_MISSING
                 && entry.receipt.is_none()
                 && start_push(pipeline, client.clone(), peer, id, pushes, cfg);
-            if pushing || retries.hold(key, cfg) {
-                held += 1;
-            }
+            put_off.count(if pushing {
+                PutOff::Held
+            } else {
+                retries.put_off(key, &entry, cfg, &mut batch_ops)
+            });
             continue;
         }
         if envelope.is_none() && !result.refused.is_empty() {
@@ -340,12 +347,15 @@ async fn drain_once(
                 }
                 Err(e) => {
                     // Keep the entry: a peer answering with a bad receipt is a fault to fix,
-                    // not a reason to lose the message.
+                    // not a reason to lose the message. Each receipt is checked on its own,
+                    // so the rest of the batch settles; this one is put off as if the peer
+                    // had asked to retry it, and the link backs off.
                     tracing::error!(peer = %peer, message_id = %id, error = %e, "peer answered with a receipt that does not verify");
-                    fault = Some(ForwardError::Unavailable(format!(
+                    fault.get_or_insert(ForwardError::Unavailable(format!(
                         "bad receipt from peer: {e}"
                     )));
-                    break;
+                    put_off.count(retries.put_off(key, &entry, cfg, &mut batch_ops));
+                    continue;
                 }
             }
         }
@@ -370,10 +380,11 @@ async fn drain_once(
     }
     match fault {
         Some(e) => Err(e),
-        None if settled > 0 || progressed => Ok(Round::Again),
-        None if retried > held => Ok(Round::AllRetried),
+        // Entries deferred for the first time no longer stand in front of the rest.
+        None if settled > 0 || progressed || put_off.deferred > 0 => Ok(Round::Again),
+        None if put_off.retried > put_off.held => Ok(Round::AllRetried),
         // A full batch held back: more may wait behind it.
-        None if held == cfg.batch => Ok(Round::Again),
+        None if put_off.held == cfg.batch => Ok(Round::Again),
         None => Ok(Round::Idle),
     }
 }
@@ -393,9 +404,41 @@ struct Held {
 }
 
 /// At most this many batches' worth of entries are held back at once, so that a round reads
-/// a bounded stretch of the outbox. Past that, a retried entry is not held: a round of only
-/// those backs the link off, and entries further back wait until the head moves.
+/// a bounded stretch of the outbox. Past that, a retried entry is deferred instead: moved
+/// behind every priority in the store ([`Op::Defer`]), so the entries behind it go first.
 const HELD_BATCHES: usize = 16;
+
+/// What became of an entry the peer could not take now.
+#[derive(Debug, PartialEq, Eq)]
+enum PutOff {
+    /// Held back where it is, on its own backoff.
+    Held,
+    /// Moved to the back of the outbox: the entries that were behind it can go now.
+    Deferred,
+    /// Already at the back, moved behind the other deferred entries: nothing new can go,
+    /// so the round counts it as neither held nor progress, and the link backs off.
+    DeferredAgain,
+}
+
+/// A round's items the peer asked to retry (or answered with a bad receipt), and of those,
+/// the ones held back for a later round and the ones deferred for the first time.
+#[derive(Default)]
+struct PutOffs {
+    retried: usize,
+    held: usize,
+    deferred: usize,
+}
+
+impl PutOffs {
+    fn count(&mut self, what: PutOff) {
+        self.retried += 1;
+        match what {
+            PutOff::Held => self.held += 1,
+            PutOff::Deferred => self.deferred += 1,
+            PutOff::DeferredAgain => {}
+        }
+    }
+}
 
 impl Retries {
     fn held(&self) -> usize {
@@ -437,6 +480,26 @@ impl Retries {
         h.until = now + backoff(cfg, h.attempts, jitter());
         h.attempts = h.attempts.saturating_add(1);
         true
+    }
+
+    /// Holds `key` back, or when as many entries as allowed are held, adds to `ops` the
+    /// move of its entry to the back of the outbox.
+    fn put_off(
+        &mut self,
+        key: QueueKey,
+        entry: &QueueEntry,
+        cfg: &ForwarderConfig,
+        ops: &mut Vec<Op>,
+    ) -> PutOff {
+        if self.hold(key.clone(), cfg) {
+            return PutOff::Held;
+        }
+        ops.push(Op::Defer(key));
+        if entry.deferred {
+            PutOff::DeferredAgain
+        } else {
+            PutOff::Deferred
+        }
     }
 
     /// Forgets entries that left the outbox (settled, expired): those not among the first
@@ -803,6 +866,46 @@ mod tests {
         retries.release_all();
         assert_eq!(retries.held(), 0);
         assert!(!retries.holds_back(&key(8)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_the_bound_a_retried_entry_is_moved_to_the_back_and_counted_once() {
+        let cfg = ForwarderConfig {
+            batch: 1,
+            initial_backoff_ms: 1_000,
+            max_backoff_ms: 600_000,
+        };
+        let key = |i: u8| QueueKey(vec![b'q', i]);
+        let (mut retries, mut ops) = (Retries::default(), Vec::new());
+        let fresh = QueueEntry::default();
+        for i in 0..HELD_BATCHES as u8 {
+            assert_eq!(
+                retries.put_off(key(i), &fresh, &cfg, &mut ops),
+                PutOff::Held
+            );
+        }
+        assert!(ops.is_empty(), "held in place: nothing written");
+        let far = key(HELD_BATCHES as u8);
+        assert_eq!(
+            retries.put_off(far.clone(), &fresh, &cfg, &mut ops),
+            PutOff::Deferred
+        );
+        let deferred = QueueEntry {
+            deferred: true,
+            ..fresh
+        };
+        assert_eq!(
+            retries.put_off(far.clone(), &deferred, &cfg, &mut ops),
+            PutOff::DeferredAgain
+        );
+        assert!(matches!(&ops[..], [Op::Defer(a), Op::Defer(b)] if *a == far && *b == far));
+        assert!(!retries.holds_back(&far));
+        // One already held is held again, however full the bound.
+        assert_eq!(
+            retries.put_off(key(0), &deferred, &cfg, &mut ops),
+            PutOff::Held
+        );
+        assert_eq!(ops.len(), 2);
     }
 
     #[test]

@@ -32,14 +32,20 @@ enum Answer {
     Nothing,
     /// For an envelope, a RECEIVED receipt signed with KH's key; for a receipt, stored.
     Take,
+    /// For an envelope, a RECEIVED receipt that claims KH's key but is signed with another.
+    Forge,
 }
 
 struct Script {
     receipts: Answer,
     envelopes: Answer,
+    /// Answers for the envelopes of these messages, over `envelopes`.
+    envelope_of: HashMap<MessageId, Answer>,
     /// Every item offered, in order: whether it was a receipt, the message it names, and
     /// when.
     offered: Vec<(bool, MessageId, std::time::Instant)>,
+    /// Where each delivery's items start in `offered`.
+    deliveries: Vec<usize>,
 }
 
 #[derive(Clone)]
@@ -55,6 +61,21 @@ impl StandIn {
         s.envelopes = envelopes;
     }
 
+    /// Answers the envelope of message `id` with `answer`, whatever the others get.
+    fn answer_envelope_of(&self, id: MessageId, answer: Answer) {
+        self.script.lock().unwrap().envelope_of.insert(id, answer);
+    }
+
+    /// When message `id`'s envelope was offered.
+    fn envelope_offers(&self, id: &MessageId) -> Vec<std::time::Instant> {
+        let s = self.script.lock().unwrap();
+        s.offered
+            .iter()
+            .filter(|(r, o, _)| !r && o == id)
+            .map(|(.., at)| *at)
+            .collect()
+    }
+
     /// When each message's receipt was offered.
     fn receipts_offered(&self) -> HashMap<MessageId, Vec<std::time::Instant>> {
         let mut seen: HashMap<_, Vec<_>> = HashMap::new();
@@ -64,6 +85,27 @@ impl StandIn {
             }
         }
         seen
+    }
+
+    /// The items of each delivery: whether each was a receipt, and the message it names.
+    fn deliveries(&self) -> Vec<Vec<(bool, MessageId)>> {
+        let s = self.script.lock().unwrap();
+        let ends = s
+            .deliveries
+            .iter()
+            .skip(1)
+            .copied()
+            .chain([s.offered.len()]);
+        s.deliveries
+            .iter()
+            .zip(ends)
+            .map(|(&from, to)| {
+                s.offered[from..to]
+                    .iter()
+                    .map(|(r, id, _)| (*r, *id))
+                    .collect()
+            })
+            .collect()
     }
 
     fn envelopes_offered(&self) -> Vec<MessageId> {
@@ -98,7 +140,7 @@ impl StandIn {
             if receipt {
                 s.receipts
             } else {
-                s.envelopes
+                s.envelope_of.get(&id).copied().unwrap_or(s.envelopes)
             }
         };
         match (answer, envelope) {
@@ -110,23 +152,29 @@ impl StandIn {
                 refused: "the stand-in refuses it".into(),
                 ..Default::default()
             },
-            (Answer::Nothing, _) | (Answer::Take, None) => pb::PeerResult::default(),
-            (Answer::Take, Some(hash)) => pb::PeerResult {
-                receipt: Some(accord_proto::receipt::sign(
-                    &pb::ReceiptBody {
-                        envelope_hash: hash.0.to_vec(),
-                        message_id: id.as_bytes().to_vec(),
-                        stage: Stage::Received as i32,
-                        signer: KH_GATEWAY.into(),
-                        signer_key_id: self.key.key_id().into(),
-                        at_ms: accord_tests::now_ms(),
-                        log_index: 0,
-                        reason: 0,
-                    },
-                    &self.key,
-                )),
-                ..Default::default()
-            },
+            (Answer::Nothing, _) | (Answer::Take | Answer::Forge, None) => {
+                pb::PeerResult::default()
+            }
+            (Answer::Take | Answer::Forge, Some(hash)) => {
+                let body = pb::ReceiptBody {
+                    envelope_hash: hash.0.to_vec(),
+                    message_id: id.as_bytes().to_vec(),
+                    stage: Stage::Received as i32,
+                    signer: KH_GATEWAY.into(),
+                    signer_key_id: self.key.key_id().into(),
+                    at_ms: accord_tests::now_ms(),
+                    log_index: 0,
+                    reason: 0,
+                };
+                let key = match answer {
+                    Answer::Forge => &SigningKey::generate(self.key.key_id()).unwrap(),
+                    _ => &*self.key,
+                };
+                pb::PeerResult {
+                    receipt: Some(accord_proto::receipt::sign(&body, key)),
+                    ..Default::default()
+                }
+            }
         }
     }
 }
@@ -137,6 +185,11 @@ impl pb::peer_link_server::PeerLink for StandIn {
         &self,
         req: Request<pb::DeliverRequest>,
     ) -> Result<Response<pb::DeliverResponse>, Status> {
+        {
+            let mut s = self.script.lock().unwrap();
+            let from = s.offered.len();
+            s.deliveries.push(from);
+        }
         let results = req
             .into_inner()
             .items
@@ -177,12 +230,17 @@ impl pb::peer_link_server::PeerLink for StandIn {
     }
 }
 
-/// Stops KH's gateway and serves the stand-in on its peer address, with KH's credentials,
-/// admitting only VN's gateway; it answers receipts and envelopes as said.
+/// Stops KH's gateway and serves the stand-in in its place ([`stand_in_for_kh`]).
 async fn replace_kh(net: &mut TestNet, receipts: Answer, envelopes: Answer) -> StandIn {
-    use accord_gateway::tls::{self, Admission, CountryRoots, Credentials};
-    let addr: SocketAddr = net.gateway("kh").unwrap().peer_addr;
     net.stop_gateway("kh").await.unwrap();
+    stand_in_for_kh(net, receipts, envelopes).await
+}
+
+/// Serves the stand-in where KH's stopped gateway listened for peers, with KH's
+/// credentials, admitting only VN's gateway; it answers receipts and envelopes as said.
+async fn stand_in_for_kh(net: &TestNet, receipts: Answer, envelopes: Answer) -> StandIn {
+    use accord_gateway::tls::{self, Admission, CountryRoots, Credentials};
+    let addr: SocketAddr = net.peer_address("kh").unwrap();
     let pki = net.root().join("pki");
     let creds = Credentials::load(
         &pki.join("kh/gateway/cert.pem"),
@@ -201,7 +259,9 @@ async fn replace_kh(net: &mut TestNet, receipts: Answer, envelopes: Answer) -> S
         script: Arc::new(Mutex::new(Script {
             receipts,
             envelopes,
+            envelope_of: HashMap::new(),
             offered: Vec::new(),
+            deliveries: Vec::new(),
         })),
     };
     let listener = accord_client::localnet::bind_again(addr).await.unwrap();
@@ -362,5 +422,113 @@ async fn what_the_peer_refuses_leaves_the_outbox_and_the_sender_learns_it() {
         stand_in.envelopes_offered(),
         vec![refused.id, unanswered.id]
     );
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_receipt_keeps_its_own_envelope_back_and_settles_the_rest_of_the_batch() {
+    let mut net = net().await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let to = net.org_id("kh", "ahtd").unwrap();
+    // Three envelopes wait in VN's outbox while KH is down, so that they go in one batch,
+    // in the order sent.
+    net.stop_gateway("kh").await.unwrap();
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        let s = c02
+            .send(&to, &alert(&format!("batch {i}")), &SendOptions::new("P1"))
+            .await
+            .unwrap();
+        sent.push(s.id);
+    }
+    assert_eq!(vn_outbox(&net), (0, 3));
+    // The stand-in answers the first with a receipt that does not verify.
+    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::Take).await;
+    stand_in.answer_envelope_of(sent[0], Answer::Forge);
+    // The two behind it are received: each receipt stands on its own.
+    for id in &sent[1..] {
+        wait_stage(&mut c02, id, Stage::Received).await.unwrap();
+    }
+    // The first is kept, not lost, and offered again later, not at once: it waits out its
+    // own backoff (25 ms at least), and the link backs off too.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(vn_outbox(&net), (0, 1));
+    let (_, chain) = c02.status(&sent[0]).await.unwrap();
+    assert_eq!(accord_client::org::furthest_stage(&chain), Stage::Accepted);
+    let at = stand_in.envelope_offers(&sent[0]);
+    let span = at[at.len() - 1] - at[0];
+    assert!(
+        at.len() >= 2 && at.len() <= offers_within(span),
+        "offered {} times in {span:?}",
+        at.len()
+    );
+    assert_eq!(stand_in.envelope_offers(&sent[1]).len(), 1);
+    // Once the peer answers it properly, it is received too.
+    stand_in.answer_envelope_of(sent[0], Answer::Take);
+    wait_stage(&mut c02, &sent[0], Stage::Received)
+        .await
+        .unwrap();
+    assert_eq!(vn_outbox(&net), (0, 0));
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_retried_past_the_hold_bound_move_behind_the_rest_of_the_outbox() {
+    // Batches of 2: the forwarder holds back at most 16 batches, 32 entries, in place.
+    let mut net = accord_tests::vn_and_kh()
+        .forwarder_batch(2)
+        .start()
+        .await
+        .unwrap();
+    let (stand_in, acked) = receipts_for_stand_in(&mut net, 40, Answer::Retry).await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    // The envelope behind 40 retried receipts goes: the 8 that could not be held were
+    // moved behind it. Resent with every round instead, those 8 filled every batch.
+    alert_received_at_kh(&net, &mut c02, "behind 40 receipts")
+        .await
+        .unwrap();
+    let vn = net.gateway("vn").unwrap().pipeline.clone();
+    let outbox = vn
+        .store
+        .queue(&Queue::Outbox("kh".parse().unwrap()), 100)
+        .unwrap();
+    assert_eq!(outbox.len(), acked.len(), "every receipt still waits");
+    let deferred = outbox.iter().filter(|(_, e)| e.deferred).count();
+    assert_eq!(deferred, 40 - 32, "the ones past the bound, and no more");
+    assert!(
+        outbox.iter().rev().take(deferred).all(|(_, e)| e.deferred),
+        "deferred entries are at the back"
+    );
+    // From now on they go in deliveries of their own, not with every envelope as filler.
+    let deferred: Vec<MessageId> = outbox
+        .iter()
+        .filter(|(_, e)| e.deferred)
+        .map(|(_, e)| MessageId::from_slice(&e.message_id).unwrap())
+        .collect();
+    let before = stand_in.deliveries().len();
+    for i in 0..5 {
+        alert_received_at_kh(&net, &mut c02, &format!("after {i}"))
+            .await
+            .unwrap();
+    }
+    for items in &stand_in.deliveries()[before..] {
+        let envelopes = items.iter().any(|(receipt, _)| !receipt);
+        let filler = items
+            .iter()
+            .any(|(receipt, id)| *receipt && deferred.contains(id));
+        assert!(!(envelopes && filler), "{items:?}");
+    }
+    // The deferred receipts are still offered (behind the rest), and once KH takes
+    // them, every receipt leaves the outbox.
+    let offered = stand_in.receipts_offered();
+    assert!(acked.iter().all(|id| offered.contains_key(id)));
+    stand_in.answer(Answer::Take, Answer::Take);
+    for _ in 0..100 {
+        if vn_outbox(&net) == (0, 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(vn_outbox(&net), (0, 0));
     net.shutdown().await;
 }
