@@ -221,70 +221,107 @@ pub(crate) async fn run<S: Store>(dir: &Path, open: impl Fn(&Path) -> S) {
     assert!(store.message_events(&id3).unwrap().is_empty());
     assert!(store.disk_usage().unwrap() > 0);
 
-    // A deferred outbox entry goes behind every priority, marked, after entries that
-    // arrive later; deferring it again moves it behind other deferred ones, and an entry
-    // that is gone is not brought back.
-    let ids = |store: &S| -> Vec<(Vec<u8>, bool)> {
+    // A deferred outbox entry goes behind every entry not deferred, FLASH ones that arrive
+    // later included. Deferred entries keep their priority among themselves, then the order
+    // they were deferred in; an entry that is gone is not brought back.
+    let order = |store: &S| -> Vec<(Vec<u8>, bool)> {
         let q = store.queue(&kh, 10).unwrap();
         q.into_iter()
             .map(|(_, e)| (e.message_id, e.deferred))
             .collect()
     };
-    let defer = |key: QueueKey| Tx {
-        ops: vec![Op::Defer(key)],
-        receipts: None,
+    let key_of = |store: &S, id: &MessageId| -> QueueKey {
+        let q = store.queue(&kh, 10).unwrap();
+        q.into_iter()
+            .find(|(_, e)| e.message_id == id.as_bytes())
+            .unwrap()
+            .0
     };
-    let first = store.queue(&kh, 10).unwrap()[0].clone();
-    assert_eq!(first.1.message_id, id1.as_bytes().to_vec());
-    store.commit(defer(first.0.clone())).await.unwrap();
-    store
-        .commit(Tx {
-            ops: vec![Op::Enqueue(
-                kh.clone(),
-                pb::Priority::Routine,
-                QueueEntry::message(&id3),
-            )],
+    let commit = |ops: Vec<Op>| {
+        store.commit(Tx {
+            ops,
             receipts: None,
         })
-        .await
-        .unwrap();
+    };
     let (b1, b2, b3) = (id1.as_bytes(), id2.as_bytes(), id3.as_bytes());
     assert_eq!(
-        ids(&store),
+        order(&store),
+        vec![(b1.to_vec(), false), (b2.to_vec(), false)]
+    );
+    let first_key = key_of(&store, &id1);
+    commit(vec![Op::Defer(first_key.clone())]).await.unwrap();
+    let flash = QueueEntry::message(&id3);
+    commit(vec![Op::Enqueue(kh.clone(), pb::Priority::Flash, flash)])
+        .await
+        .unwrap();
+    assert_eq!(
+        order(&store),
         vec![
-            (b2.to_vec(), false),
             (b3.to_vec(), false),
+            (b2.to_vec(), false),
             (b1.to_vec(), true)
         ]
     );
-    store.commit(defer(first.0)).await.unwrap();
+    commit(vec![Op::Defer(key_of(&store, &id2))]).await.unwrap();
+    commit(vec![Op::Defer(key_of(&store, &id3))]).await.unwrap();
     assert_eq!(
-        store.queue(&kh, 10).unwrap().len(),
-        3,
-        "gone: not brought back"
-    );
-    let second = store.queue(&kh, 10).unwrap()[0].0.clone();
-    store.commit(defer(second)).await.unwrap();
-    let q = store.queue(&kh, 10).unwrap();
-    assert_eq!(
-        ids(&store),
+        order(&store),
         vec![
-            (b3.to_vec(), false),
+            (b3.to_vec(), true),
             (b1.to_vec(), true),
             (b2.to_vec(), true)
+        ],
+        "FLASH first among deferred entries, then the order deferred"
+    );
+    // Deferred again: behind the other deferred entries of its priority.
+    commit(vec![Op::Defer(key_of(&store, &id1))]).await.unwrap();
+    assert_eq!(
+        order(&store),
+        vec![
+            (b3.to_vec(), true),
+            (b2.to_vec(), true),
+            (b1.to_vec(), true)
         ]
     );
-    // Taken off by the key it is read under, as any entry.
+    // Gone: under its old key, taken off earlier in the same transaction, or deferred twice
+    // in one transaction, it is not brought back or copied.
+    commit(vec![Op::Defer(first_key)]).await.unwrap();
+    let k2 = key_of(&store, &id2);
+    commit(vec![Op::Dequeue(k2.clone()), Op::Defer(k2)])
+        .await
+        .unwrap();
+    let k3 = key_of(&store, &id3);
+    commit(vec![Op::Defer(k3.clone()), Op::Defer(k3)])
+        .await
+        .unwrap();
+    assert_eq!(
+        order(&store),
+        vec![(b3.to_vec(), true), (b1.to_vec(), true)]
+    );
+    // Reopened (a replay of the write-ahead log): the same order, still marked, and taken
+    // off by the key it is read under, as any entry.
+    drop(store);
+    let store = open(dir);
+    assert_eq!(
+        order(&store),
+        vec![(b3.to_vec(), true), (b1.to_vec(), true)]
+    );
     store
         .commit(Tx {
-            ops: vec![Op::Dequeue(q[1].0.clone())],
+            ops: vec![Op::Dequeue(key_of(&store, &id1))],
             receipts: None,
         })
         .await
         .unwrap();
-    assert_eq!(ids(&store), vec![(b3.to_vec(), false), (b2.to_vec(), true)]);
+    assert_eq!(order(&store), vec![(b3.to_vec(), true)]);
     // Only outbox entries are deferred: an inbox entry is found by id, under its key.
     let inbox_key = store.queue(&inbox, 1).unwrap()[0].0.clone();
-    assert!(store.commit(defer(inbox_key)).await.is_err());
+    let refused = store
+        .commit(Tx {
+            ops: vec![Op::Defer(inbox_key)],
+            receipts: None,
+        })
+        .await;
+    assert!(refused.is_err());
     assert_eq!(store.queue(&inbox, 10).unwrap().len(), 1);
 }

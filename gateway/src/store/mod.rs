@@ -133,10 +133,12 @@ pub enum Op {
     /// Removes a queue entry (idempotent). How an outbox's entries leave it: whoever takes
     /// one off read it from [`Store::queue`], key and all.
     Dequeue(QueueKey),
-    /// Moves an outbox entry behind every priority, as the newest there, and marks it
+    /// Moves an outbox entry behind every entry that is not deferred, and marks it
     /// [`QueueEntry::deferred`]: a peer asked to have it later, so it stops standing in
-    /// front of entries the peer may take now. Nothing if the entry is gone (it left the
-    /// outbox earlier); not to follow a [`Op::Dequeue`] of the same key in one transaction.
+    /// front of entries the peer may take now. Deferred entries keep their priority among
+    /// themselves, then the order they were deferred in. Nothing if the entry is gone
+    /// (taken off or moved earlier, in this transaction or before); the entry is then read
+    /// under a new key, and the old one names nothing.
     Defer(QueueKey),
     /// Removes a message's entry from an inbox without knowing its key (idempotent): a
     /// recipient ends a delivery by the message's id. Only inbox entries are indexed by id,
@@ -193,7 +195,8 @@ pub trait Store: Send + Sync + 'static {
     /// Every receipt stored for a message, in the order they were stored.
     fn receipts(&self, id: &MessageId) -> Result<Vec<pb::Receipt>, StoreError>;
     /// Up to `limit` entries of a queue, highest priority first, then oldest first; deferred
-    /// entries ([`Op::Defer`]) after all others, in the order they were deferred.
+    /// entries ([`Op::Defer`]) after all others, highest priority first, then in the order
+    /// they were deferred.
     fn queue(&self, queue: &Queue, limit: usize)
         -> Result<Vec<(QueueKey, QueueEntry)>, StoreError>;
     /// Number of log entries.

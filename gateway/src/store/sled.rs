@@ -27,7 +27,8 @@
 //! m ‖ id(16)                         StoredMessage of at most BESIDE_FROM bytes
 //! v ‖ id(16)                         number(8) of a longer one's record in `messages/`
 //! r ‖ id(16) ‖ seq(8)                pb::Receipt
-//! q ‖ queue name ‖ 0x00 ‖ 255-priority ‖ seq(8)   QueueEntry; 255 (no priority): deferred
+//! q ‖ queue name ‖ 0x00 ‖ 255-priority ‖ seq(8)   QueueEntry
+//! q ‖ o:cc ‖ 0x00 ‖ 255 ‖ 255-priority ‖ seq(8)   a deferred outbox entry (`Op::Defer`)
 //! x ‖ inbox name ‖ 0x00 ‖ id(16)     key of that message's inbox entry (for RemoveFromInbox)
 //! e ‖ id(16) ‖ index(8)              log entries of one transaction that name message
 //!                                    `id`: the first, `index`; the later ones, index(8)…
@@ -579,8 +580,29 @@ fn receipt_prefix(id: &MessageId) -> Vec<u8> {
     [b"r".as_slice(), id.as_bytes()].concat()
 }
 
-/// The priority byte of a queue key that sorts after every priority: deferred entries.
+/// The priority byte of a queue key that sorts after every priority: deferred entries. The
+/// entry's own priority byte follows it, so deferred entries keep their priority order.
 const DEFERRED_BAND: u8 = 255;
+
+/// The key outbox entry `key` takes when deferred with sequence number `seq`:
+/// `q ‖ o:cc ‖ 0x00 ‖ 255 ‖ priority byte ‖ seq(8)`, the priority byte kept from `key`
+/// (already deferred or not). None for anything but an outbox entry's key.
+fn deferred_key(key: &[u8], seq: u64) -> Option<Vec<u8>> {
+    // q, "o:", a two-letter country code, 0x00.
+    const PREFIX: usize = 6;
+    if !key.starts_with(b"qo:") || key.get(PREFIX - 1) != Some(&0) {
+        return None;
+    }
+    let priority = match (key.len() - PREFIX, key[PREFIX..].first()) {
+        (10, Some(&DEFERRED_BAND)) => key[PREFIX + 1],
+        (9, Some(&band)) if band != DEFERRED_BAND => band,
+        _ => return None,
+    };
+    let mut moved = key[..PREFIX].to_vec();
+    moved.extend_from_slice(&[DEFERRED_BAND, priority]);
+    moved.extend_from_slice(&seq.to_be_bytes());
+    Some(moved)
+}
 
 fn queue_prefix(queue: &Queue) -> Vec<u8> {
     let name = match queue {
@@ -939,19 +961,21 @@ impl Committer {
                 }
                 Op::Dequeue(QueueKey(key)) => writes.push((key, None)),
                 Op::Defer(QueueKey(key)) => {
-                    let Some(at) = key.len().checked_sub(9).filter(|_| key.starts_with(b"qo:"))
-                    else {
+                    let Some(moved) = deferred_key(&key, next_seq) else {
                         return Err(StoreError::Engine(
                             "only outbox entries are deferred".into(),
                         ));
                     };
-                    if let Some(value) = view.get(&key)? {
+                    // This transaction's own writes first: what it took off or moved already
+                    // is gone.
+                    let value = match writes.iter().rev().find(|(k, _)| *k == key) {
+                        Some((_, value)) => value.clone(),
+                        None => view.get(&key)?,
+                    };
+                    if let Some(value) = value {
                         let mut entry = QueueEntry::decode(value.as_slice())
                             .map_err(|_| StoreError::Corrupt("outbox entry".into()))?;
                         entry.deferred = true;
-                        let mut moved = key[..at].to_vec();
-                        moved.push(DEFERRED_BAND);
-                        moved.extend_from_slice(&next_seq.to_be_bytes());
                         next_seq += 1;
                         writes.push((key, None));
                         writes.push((moved, Some(entry.encode_to_vec())));
@@ -1346,6 +1370,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let open = |p: &Path| SledStore::open(p, 16 << 20).unwrap();
         crate::store::conformance::run(dir.path(), open).await;
+    }
+
+    #[test]
+    fn only_an_outbox_entrys_key_is_deferred_and_it_keeps_its_priority() {
+        let outbox = queue_prefix(&Queue::Outbox("kh".parse().unwrap()));
+        let key = |band: &[u8]| [outbox.as_slice(), band, &7u64.to_be_bytes()].concat();
+        let flash = key(&[252]);
+        let moved = deferred_key(&flash, 9).unwrap();
+        assert_eq!(
+            moved,
+            key(&[DEFERRED_BAND, 252, 0, 0, 0, 0, 0, 0, 0, 9])[..16]
+        );
+        // Deferred again: the same priority, a new place.
+        let again = deferred_key(&moved, 10).unwrap();
+        assert_eq!(again[..8], moved[..8]);
+        assert_eq!(again[8..], 10u64.to_be_bytes());
+        // Not an outbox entry's key: an inbox's, a truncated one, one with a stray byte.
+        let inbox = queue_prefix(&Queue::Inbox(ahtd()));
+        for bad in [
+            [inbox.as_slice(), &[254], &7u64.to_be_bytes()].concat(),
+            outbox.clone(),
+            flash[..10].to_vec(),
+            [flash.as_slice(), &[0]].concat(),
+            key(&[DEFERRED_BAND]),
+        ] {
+            assert_eq!(deferred_key(&bad, 9), None, "{bad:?}");
+        }
     }
 
     #[test]
