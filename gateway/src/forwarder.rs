@@ -1,6 +1,6 @@
-//! Drains one peer's outbox over the peer link: batches in priority order, retries with
-//! exponential backoff and full jitter, and never drops an entry before the peer answered
-//! it. The receiving side is idempotent by message id, so a batch resent after a lost answer
+//! Drains one peer's outbox over the peer link: batches in priority order (entries the peer
+//! put off last), retries with exponential backoff and full jitter, and never drops an entry
+//! before the peer answered it. The receiving side is idempotent by message id, so a batch resent after a lost answer
 //! delivers nothing twice.
 
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::config::ForwarderConfig;
 use crate::pipeline::{Pipeline, PipelineError};
+use crate::service::{RETRY_QUOTA_FULL, RETRY_STORAGE_ERROR};
 use crate::store::{Op, Queue, QueueEntry, QueueKey, StoreError, StoredMessage, Tx};
 
 /// An outbox entry in a batch on its way to the peer, kept to settle it on the answer.
@@ -111,12 +112,13 @@ pub async fn run(
                 attempt = 0;
                 continue;
             }
-            Ok(Round::AllRetried) => {
-                // Only deferred entries were left to send, and the peer put them off again:
-                // the next round would send more of them at once, so it waits for the
-                // link's backoff, or for something new (which sorts ahead of them).
+            Ok(Round::BackOff) => {
+                // The peer cannot take anything now (its quota or store): the next round
+                // would send the same entries again, so it waits for the link's backoff, or
+                // for something new (a FLASH alert sorts ahead of them). Held entries coming
+                // due meanwhile wait too: the peer's store takes none of them either.
                 let d = backoff(&cfg, attempt, jitter());
-                tracing::warn!(peer = %peer, held = retries.held(), retry_in_ms = d.as_millis() as u64, "peer asks to retry entries already put behind the rest of the outbox");
+                tracing::warn!(peer = %peer, held = retries.held(), retry_in_ms = d.as_millis() as u64, "peer asks to retry more entries than are held back");
                 attempt = attempt.saturating_add(1);
                 tokio::select! {
                     _ = notified => {}
@@ -149,9 +151,9 @@ enum Round {
     /// may be more behind them, so go on at once. Each retried entry waits out its own
     /// backoff, so this does not resend anything sooner; it only reads past what was held.
     Again,
-    /// The peer asked to retry every item it was sent, and some could not be held back:
-    /// they were at the back of the outbox already, behind everything else.
-    AllRetried,
+    /// The peer put off entries for a reason of its own as a whole (its quota, its store),
+    /// and some could not be held back: they stay where they are, and the link backs off.
+    BackOff,
 }
 
 /// Sends one batch and settles what the peer answered.
@@ -184,14 +186,13 @@ async fn drain_once(
         if items.len() == cfg.batch {
             break;
         }
-        // Deferred entries sort last and go in batches of their own: a batch with others
-        // in it settles those, and resending what the peer put off with every such batch
-        // would only load both sides.
-        if entry.deferred && sent.iter().any(|s| !s.entry.deferred) {
+        // Deferred entries sort last, and wait out their own backoff together: resent in
+        // every round that has room, they would go again with every new entry.
+        if entry.deferred && !retries.deferred_due() {
             break;
         }
-        // Before anything is read: a held envelope's expiry is noticed once its hold ends
-        // (at most `max_backoff_ms` late).
+        // Before anything is read: a held or deferred envelope's expiry is noticed once its
+        // hold or the deferred entries' backoff ends (at most `max_backoff_ms` late).
         if retries.holds_back(&key) {
             continue;
         }
@@ -276,6 +277,8 @@ async fn drain_once(
     // batch, not one per envelope.
     let mut settled = 0;
     let mut put_off = PutOffs::default();
+    // Whether a deferred entry left the outbox: the peer takes them again.
+    let mut settled_deferred = false;
     let mut batch_ops = Vec::new();
     // Envelopes whose delivery through this gateway ended: their chunks go after the commit.
     let mut ended = Vec::new();
@@ -297,10 +300,12 @@ async fn drain_once(
             let pushing = result.retry_reason == crate::transfer::CHUNKS_MISSING
                 && entry.receipt.is_none()
                 && start_push(pipeline, client.clone(), peer, id, pushes, cfg);
+            let peer_wide =
+                [RETRY_QUOTA_FULL, RETRY_STORAGE_ERROR].contains(&result.retry_reason.as_str());
             put_off.count(if pushing {
                 PutOff::Held
             } else {
-                retries.put_off(key, &entry, cfg, &mut batch_ops)
+                retries.put_off(key, &entry, peer_wide, cfg, &mut batch_ops)
             });
             continue;
         }
@@ -354,7 +359,7 @@ async fn drain_once(
                     fault.get_or_insert(ForwardError::Unavailable(format!(
                         "bad receipt from peer: {e}"
                     )));
-                    put_off.count(retries.put_off(key, &entry, cfg, &mut batch_ops));
+                    put_off.count(retries.put_off(key, &entry, false, cfg, &mut batch_ops));
                     continue;
                 }
             }
@@ -362,6 +367,7 @@ async fn drain_once(
         batch_ops.extend(ops);
         batch_ops.push(Op::Dequeue(key));
         settled += 1;
+        settled_deferred |= entry.deferred;
     }
     if !batch_ops.is_empty() {
         pipeline
@@ -378,14 +384,11 @@ async fn drain_once(
         }
         pushes.forget(&hash.0);
     }
+    let moved = put_off.deferred + put_off.deferred_again > 0;
+    retries.deferred_answered(settled_deferred, moved, cfg);
     match fault {
         Some(e) => Err(e),
-        // Entries deferred for the first time no longer stand in front of the rest.
-        None if settled > 0 || progressed || put_off.deferred > 0 => Ok(Round::Again),
-        None if put_off.retried > put_off.held => Ok(Round::AllRetried),
-        // A full batch held back: more may wait behind it.
-        None if put_off.held == cfg.batch => Ok(Round::Again),
-        None => Ok(Round::Idle),
+        None => Ok(put_off.outcome(settled > 0 || progressed, cfg.batch)),
     }
 }
 
@@ -396,6 +399,9 @@ async fn drain_once(
 #[derive(Default)]
 struct Retries {
     held: std::collections::HashMap<QueueKey, Held>,
+    /// The backoff that deferred entries wait out together; none before the first is
+    /// deferred, and again once the peer takes one.
+    deferred: Option<Held>,
 }
 
 struct Held {
@@ -405,37 +411,58 @@ struct Held {
 
 /// At most this many batches' worth of entries are held back at once, so that a round reads
 /// a bounded stretch of the outbox. Past that, a retried entry is deferred instead: moved
-/// behind every priority in the store ([`Op::Defer`]), so the entries behind it go first.
+/// behind every entry not deferred, in the store ([`Op::Defer`]), so the entries behind it
+/// go first. Deferred entries then wait out one backoff together.
 const HELD_BATCHES: usize = 16;
 
 /// What became of an entry the peer could not take now.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum PutOff {
     /// Held back where it is, on its own backoff.
     Held,
     /// Moved to the back of the outbox: the entries that were behind it can go now.
     Deferred,
-    /// Already at the back, moved behind the other deferred entries: nothing new can go,
-    /// so the round counts it as neither held nor progress, and the link backs off.
+    /// Already deferred, moved behind the other deferred entries of its priority: the
+    /// deferred entries back off together.
     DeferredAgain,
+    /// Put off for a reason of the peer's as a whole, and not held: left where it is, and
+    /// the link backs off. Moved behind the rest, it would only make room for more entries
+    /// the peer cannot take either.
+    Left,
 }
 
-/// A round's items the peer asked to retry (or answered with a bad receipt), and of those,
-/// the ones held back for a later round and the ones deferred for the first time.
-#[derive(Default)]
+/// What became of a round's items the peer asked to retry (or answered with a bad receipt).
+#[derive(Debug, Default)]
 struct PutOffs {
-    retried: usize,
     held: usize,
     deferred: usize,
+    deferred_again: usize,
+    left: usize,
 }
 
 impl PutOffs {
     fn count(&mut self, what: PutOff) {
-        self.retried += 1;
-        match what {
-            PutOff::Held => self.held += 1,
-            PutOff::Deferred => self.deferred += 1,
-            PutOff::DeferredAgain => {}
+        *match what {
+            PutOff::Held => &mut self.held,
+            PutOff::Deferred => &mut self.deferred,
+            PutOff::DeferredAgain => &mut self.deferred_again,
+            PutOff::Left => &mut self.left,
+        } += 1;
+    }
+
+    /// How the round ends, given whether anything else moved (entries settled, expired).
+    fn outcome(&self, progressed: bool, batch: usize) -> Round {
+        if progressed || self.deferred > 0 {
+            // Entries left, or no longer stand in front of the rest.
+            Round::Again
+        } else if self.left > 0 {
+            Round::BackOff
+        } else if self.held == batch {
+            // A full batch held back: more may wait behind it.
+            Round::Again
+        } else {
+            // Deferred entries put off again wait out their own backoff.
+            Round::Idle
         }
     }
 }
@@ -445,19 +472,44 @@ impl Retries {
         self.held.len()
     }
 
-    /// When the first entry still held back is due again.
+    /// When the first entry still held back, or the deferred ones, are due again.
     fn next_due(&self) -> Option<tokio::time::Instant> {
         let now = tokio::time::Instant::now();
         self.held
             .values()
+            .chain(&self.deferred)
             .map(|h| h.until)
             .filter(|u| *u > now)
             .min()
     }
 
-    /// Lets every held entry go in the next round, keeping none of their backoffs.
+    /// Whether deferred entries may be sent: their backoff ended, or none is running.
+    fn deferred_due(&self) -> bool {
+        self.deferred
+            .as_ref()
+            .is_none_or(|h| tokio::time::Instant::now() >= h.until)
+    }
+
+    /// After a round: a deferred entry the peer took ends the deferred entries' backoff;
+    /// otherwise one deferred in the round, for the first time or again, starts the next,
+    /// longer one.
+    fn deferred_answered(&mut self, taken: bool, deferred: bool, cfg: &ForwarderConfig) {
+        if taken {
+            self.deferred = None;
+        } else if deferred {
+            let attempts = self.deferred.as_ref().map_or(0, |h| h.attempts);
+            self.deferred = Some(Held {
+                attempts: attempts.saturating_add(1),
+                until: tokio::time::Instant::now() + backoff(cfg, attempts, jitter()),
+            });
+        }
+    }
+
+    /// Lets every held and deferred entry go in the next round, keeping none of their
+    /// backoffs.
     fn release_all(&mut self) {
         self.held.clear();
+        self.deferred = None;
     }
 
     fn holds_back(&self, key: &QueueKey) -> bool {
@@ -483,16 +535,21 @@ impl Retries {
     }
 
     /// Holds `key` back, or when as many entries as allowed are held, adds to `ops` the
-    /// move of its entry to the back of the outbox.
+    /// move of its entry to the back of the outbox, unless the peer put it off for a reason
+    /// of its own as a whole (`peer_wide`).
     fn put_off(
         &mut self,
         key: QueueKey,
         entry: &QueueEntry,
+        peer_wide: bool,
         cfg: &ForwarderConfig,
         ops: &mut Vec<Op>,
     ) -> PutOff {
         if self.hold(key.clone(), cfg) {
             return PutOff::Held;
+        }
+        if peer_wide {
+            return PutOff::Left;
         }
         ops.push(Op::Defer(key));
         if entry.deferred {
@@ -869,7 +926,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn past_the_bound_a_retried_entry_is_moved_to_the_back_and_counted_once() {
+    async fn past_the_bound_a_retried_entry_is_moved_to_the_back_unless_the_whole_peer_is_busy() {
         let cfg = ForwarderConfig {
             batch: 1,
             initial_backoff_ms: 1_000,
@@ -879,33 +936,89 @@ mod tests {
         let (mut retries, mut ops) = (Retries::default(), Vec::new());
         let fresh = QueueEntry::default();
         for i in 0..HELD_BATCHES as u8 {
-            assert_eq!(
-                retries.put_off(key(i), &fresh, &cfg, &mut ops),
-                PutOff::Held
-            );
+            let put_off = retries.put_off(key(i), &fresh, false, &cfg, &mut ops);
+            assert_eq!(put_off, PutOff::Held);
         }
         assert!(ops.is_empty(), "held in place: nothing written");
         let far = key(HELD_BATCHES as u8);
-        assert_eq!(
-            retries.put_off(far.clone(), &fresh, &cfg, &mut ops),
-            PutOff::Deferred
-        );
+        let mut put_off = |entry: &QueueEntry, peer_wide: bool, ops: &mut Vec<Op>| {
+            retries.put_off(far.clone(), entry, peer_wide, &cfg, ops)
+        };
+        assert_eq!(put_off(&fresh, true, &mut ops), PutOff::Left);
+        assert!(ops.is_empty(), "the peer's quota is full: nothing moved");
+        assert_eq!(put_off(&fresh, false, &mut ops), PutOff::Deferred);
         let deferred = QueueEntry {
             deferred: true,
             ..fresh
         };
-        assert_eq!(
-            retries.put_off(far.clone(), &deferred, &cfg, &mut ops),
-            PutOff::DeferredAgain
-        );
+        assert_eq!(put_off(&deferred, false, &mut ops), PutOff::DeferredAgain);
         assert!(matches!(&ops[..], [Op::Defer(a), Op::Defer(b)] if *a == far && *b == far));
         assert!(!retries.holds_back(&far));
         // One already held is held again, however full the bound.
-        assert_eq!(
-            retries.put_off(key(0), &deferred, &cfg, &mut ops),
-            PutOff::Held
-        );
+        let again = retries.put_off(key(0), &deferred, true, &cfg, &mut ops);
+        assert_eq!(again, PutOff::Held);
         assert_eq!(ops.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deferred_entries_back_off_together_until_the_peer_takes_one() {
+        let cfg = ForwarderConfig {
+            batch: 4,
+            initial_backoff_ms: 1_000,
+            max_backoff_ms: 600_000,
+        };
+        let mut retries = Retries::default();
+        assert!(retries.deferred_due(), "none deferred: due");
+        retries.deferred_answered(false, false, &cfg);
+        assert!(
+            retries.deferred_due(),
+            "none deferred in the round: still due"
+        );
+        // Deferred: 0.5–1 s, then 1–2 s.
+        retries.deferred_answered(false, true, &cfg);
+        tokio::time::advance(Duration::from_millis(499)).await;
+        assert!(!retries.deferred_due());
+        assert!(
+            retries.next_due().is_some(),
+            "the idle forwarder wakes for them"
+        );
+        tokio::time::advance(Duration::from_millis(502)).await;
+        assert!(retries.deferred_due());
+        retries.deferred_answered(false, true, &cfg);
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(!retries.deferred_due(), "the second backoff is longer");
+        // The peer took one: all are due at once, the backoff starts over.
+        retries.deferred_answered(true, true, &cfg);
+        assert!(retries.deferred_due());
+        retries.deferred_answered(false, true, &cfg);
+        tokio::time::advance(Duration::from_millis(1_001)).await;
+        assert!(retries.deferred_due());
+        // A directory the peer took lets them go too.
+        retries.deferred_answered(false, true, &cfg);
+        retries.release_all();
+        assert!(retries.deferred_due());
+    }
+
+    #[test]
+    fn a_round_goes_on_backs_off_or_waits_by_what_the_peer_put_off() {
+        let round = |counted: &[PutOff], progressed: bool| {
+            let mut p = PutOffs::default();
+            for &what in counted {
+                p.count(what);
+            }
+            p.outcome(progressed, 4)
+        };
+        use PutOff::*;
+        assert_eq!(round(&[], true), Round::Again, "entries settled");
+        assert_eq!(round(&[Deferred], false), Round::Again, "the head moved");
+        assert_eq!(round(&[Left, Deferred], false), Round::Again);
+        assert_eq!(round(&[Left, Held], false), Round::BackOff);
+        assert_eq!(round(&[Left, DeferredAgain], false), Round::BackOff);
+        assert_eq!(round(&[Held; 4], false), Round::Again, "a full batch held");
+        assert_eq!(round(&[Held, Held], false), Round::Idle);
+        assert_eq!(round(&[DeferredAgain; 4], false), Round::Idle);
+        assert_eq!(round(&[Held, DeferredAgain], false), Round::Idle);
+        assert_eq!(round(&[], false), Round::Idle);
     }
 
     #[test]

@@ -82,6 +82,12 @@ pub const ERROR_KEY: &str = "accord-error";
 pub const QUOTA_FULL: &str = "quota-full";
 pub const CHUNKS_MISSING: &str = "chunks-missing";
 
+/// Retry reasons (`PeerResult::retry_reason`) a gateway gives a peer when its store as a
+/// whole cannot take an item now, whatever the item: the peer's forwarder then backs its link
+/// off rather than reach past the item (texts as gateways have always sent them).
+pub const RETRY_QUOTA_FULL: &str = "quota full";
+pub const RETRY_STORAGE_ERROR: &str = "storage error";
+
 fn with_error_key(mut status: Status, value: &'static str) -> Status {
     status.metadata_mut().insert(
         ERROR_KEY,
@@ -409,11 +415,11 @@ impl PeerLink for PeerLinkService {
                 match item.item {
                     Some(pb::peer_item::Item::Envelope(env)) => match pipeline.receive(&peer, env).await {
                         Ok(r) => pb::PeerResult { receipt: Some(r), ..Default::default() },
-                        Err(PipelineError::QuotaFull) => pb::PeerResult { retry_reason: "quota full".into(), ..Default::default() },
+                        Err(PipelineError::QuotaFull) => pb::PeerResult { retry_reason: RETRY_QUOTA_FULL.into(), ..Default::default() },
                         Err(PipelineError::ChunksMissing) => pb::PeerResult { retry_reason: crate::transfer::CHUNKS_MISSING.into(), ..Default::default() },
                         Err(PipelineError::Store(e)) => {
                             tracing::error!(error = %e, "store failure on peer delivery");
-                            pb::PeerResult { retry_reason: "storage error".into(), ..Default::default() }
+                            pb::PeerResult { retry_reason: RETRY_STORAGE_ERROR.into(), ..Default::default() }
                         }
                         Err(e) => {
                             tracing::warn!(peer = %peer, error = %e, "peer envelope refused without receipt");
@@ -427,7 +433,7 @@ impl PeerLink for PeerLinkService {
                             pb::PeerResult { retry_reason: e.to_string(), ..Default::default() }
                         }
                         Err(PipelineError::Store(_)) | Err(PipelineError::QuotaFull) => {
-                            pb::PeerResult { retry_reason: "storage error".into(), ..Default::default() }
+                            pb::PeerResult { retry_reason: RETRY_STORAGE_ERROR.into(), ..Default::default() }
                         }
                         Err(e) => {
                             tracing::warn!(peer = %peer, error = %e, "receipt from peer refused");

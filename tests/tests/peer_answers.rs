@@ -26,6 +26,8 @@ const KH_GATEWAY: &str = "spiffe://kh.accord/gateway/phnom-penh";
 enum Answer {
     /// `retry_reason`: take it again later.
     Retry,
+    /// `retry_reason` "quota full": the peer's store takes nothing now.
+    QuotaFull,
     /// `refused`: never send it again.
     Refuse,
     /// No field set, as a gateway from before `refused` answers a refusal.
@@ -44,8 +46,6 @@ struct Script {
     /// Every item offered, in order: whether it was a receipt, the message it names, and
     /// when.
     offered: Vec<(bool, MessageId, std::time::Instant)>,
-    /// Where each delivery's items start in `offered`.
-    deliveries: Vec<usize>,
 }
 
 #[derive(Clone)]
@@ -85,27 +85,6 @@ impl StandIn {
             }
         }
         seen
-    }
-
-    /// The items of each delivery: whether each was a receipt, and the message it names.
-    fn deliveries(&self) -> Vec<Vec<(bool, MessageId)>> {
-        let s = self.script.lock().unwrap();
-        let ends = s
-            .deliveries
-            .iter()
-            .skip(1)
-            .copied()
-            .chain([s.offered.len()]);
-        s.deliveries
-            .iter()
-            .zip(ends)
-            .map(|(&from, to)| {
-                s.offered[from..to]
-                    .iter()
-                    .map(|(r, id, _)| (*r, *id))
-                    .collect()
-            })
-            .collect()
     }
 
     fn envelopes_offered(&self) -> Vec<MessageId> {
@@ -148,6 +127,10 @@ impl StandIn {
                 retry_reason: "signer not known yet".into(),
                 ..Default::default()
             },
+            (Answer::QuotaFull, _) => pb::PeerResult {
+                retry_reason: accord_gateway::service::RETRY_QUOTA_FULL.into(),
+                ..Default::default()
+            },
             (Answer::Refuse, _) => pb::PeerResult {
                 refused: "the stand-in refuses it".into(),
                 ..Default::default()
@@ -185,11 +168,6 @@ impl pb::peer_link_server::PeerLink for StandIn {
         &self,
         req: Request<pb::DeliverRequest>,
     ) -> Result<Response<pb::DeliverResponse>, Status> {
-        {
-            let mut s = self.script.lock().unwrap();
-            let from = s.offered.len();
-            s.deliveries.push(from);
-        }
         let results = req
             .into_inner()
             .items
@@ -233,12 +211,18 @@ impl pb::peer_link_server::PeerLink for StandIn {
 /// Stops KH's gateway and serves the stand-in in its place ([`stand_in_for_kh`]).
 async fn replace_kh(net: &mut TestNet, receipts: Answer, envelopes: Answer) -> StandIn {
     net.stop_gateway("kh").await.unwrap();
-    stand_in_for_kh(net, receipts, envelopes).await
+    stand_in_for_kh(net, receipts, envelopes, HashMap::new()).await
 }
 
 /// Serves the stand-in where KH's stopped gateway listened for peers, with KH's
-/// credentials, admitting only VN's gateway; it answers receipts and envelopes as said.
-async fn stand_in_for_kh(net: &TestNet, receipts: Answer, envelopes: Answer) -> StandIn {
+/// credentials, admitting only VN's gateway; it answers receipts and envelopes as said, and
+/// the envelopes of the messages in `envelope_of` as it says.
+async fn stand_in_for_kh(
+    net: &TestNet,
+    receipts: Answer,
+    envelopes: Answer,
+    envelope_of: HashMap<MessageId, Answer>,
+) -> StandIn {
     use accord_gateway::tls::{self, Admission, CountryRoots, Credentials};
     let addr: SocketAddr = net.peer_address("kh").unwrap();
     let pki = net.root().join("pki");
@@ -259,9 +243,8 @@ async fn stand_in_for_kh(net: &TestNet, receipts: Answer, envelopes: Answer) -> 
         script: Arc::new(Mutex::new(Script {
             receipts,
             envelopes,
-            envelope_of: HashMap::new(),
+            envelope_of,
             offered: Vec::new(),
-            deliveries: Vec::new(),
         })),
     };
     let listener = accord_client::localnet::bind_again(addr).await.unwrap();
@@ -443,22 +426,27 @@ async fn a_bad_receipt_keeps_its_own_envelope_back_and_settles_the_rest_of_the_b
     }
     assert_eq!(vn_outbox(&net), (0, 3));
     // The stand-in answers the first with a receipt that does not verify.
-    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::Take).await;
-    stand_in.answer_envelope_of(sent[0], Answer::Forge);
+    let forged = HashMap::from([(sent[0], Answer::Forge)]);
+    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::Take, forged).await;
     // The two behind it are received: each receipt stands on its own.
     for id in &sent[1..] {
         wait_stage(&mut c02, id, Stage::Received).await.unwrap();
     }
     // The first is kept, not lost, and offered again later, not at once: it waits out its
     // own backoff (25 ms at least), and the link backs off too.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    for _ in 0..100 {
+        if stand_in.envelope_offers(&sent[0]).len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(vn_outbox(&net), (0, 1));
     let (_, chain) = c02.status(&sent[0]).await.unwrap();
     assert_eq!(accord_client::org::furthest_stage(&chain), Stage::Accepted);
     let at = stand_in.envelope_offers(&sent[0]);
     let span = at[at.len() - 1] - at[0];
     assert!(
-        at.len() >= 2 && at.len() <= offers_within(span),
+        at.len() >= 3 && at.len() <= offers_within(span),
         "offered {} times in {span:?}",
         at.len()
     );
@@ -480,47 +468,51 @@ async fn entries_retried_past_the_hold_bound_move_behind_the_rest_of_the_outbox(
         .start()
         .await
         .unwrap();
-    let (stand_in, acked) = receipts_for_stand_in(&mut net, 40, Answer::Retry).await;
+    let (stand_in, acked) = receipts_for_stand_in(&mut net, 34, Answer::Retry).await;
     let mut c02 = net.client("vn", "c02").await.unwrap();
-    // The envelope behind 40 retried receipts goes: the 8 that could not be held were
-    // moved behind it. Resent with every round instead, those 8 filled every batch.
-    alert_received_at_kh(&net, &mut c02, "behind 40 receipts")
+    // The envelope behind 34 retried receipts goes: the 2 that could not be held were
+    // moved behind it. Resent with every round instead, those 2 filled every batch.
+    alert_received_at_kh(&net, &mut c02, "behind 34 receipts")
         .await
         .unwrap();
     let vn = net.gateway("vn").unwrap().pipeline.clone();
-    let outbox = vn
-        .store
-        .queue(&Queue::Outbox("kh".parse().unwrap()), 100)
-        .unwrap();
+    let kh_outbox = Queue::Outbox("kh".parse().unwrap());
+    let outbox = vn.store.queue(&kh_outbox, 100).unwrap();
     assert_eq!(outbox.len(), acked.len(), "every receipt still waits");
-    let deferred = outbox.iter().filter(|(_, e)| e.deferred).count();
-    assert_eq!(deferred, 40 - 32, "the ones past the bound, and no more");
-    assert!(
-        outbox.iter().rev().take(deferred).all(|(_, e)| e.deferred),
-        "deferred entries are at the back"
-    );
-    // From now on they go in deliveries of their own, not with every envelope as filler.
     let deferred: Vec<MessageId> = outbox
         .iter()
         .filter(|(_, e)| e.deferred)
         .map(|(_, e)| MessageId::from_slice(&e.message_id).unwrap())
         .collect();
-    let before = stand_in.deliveries().len();
-    for i in 0..5 {
+    assert_eq!(
+        deferred.len(),
+        34 - 32,
+        "the ones past the bound, and no more"
+    );
+    assert!(
+        outbox[32..].iter().all(|(_, e)| e.deferred),
+        "deferred entries are at the back"
+    );
+    // Each envelope wakes the outbox with room left in its batch of 2; the deferred
+    // receipts still wait out their backoff (at least 25, 50, 100, 200, 400, then 500 ms
+    // between offers here), together. Sent whenever a batch had room, they went with
+    // about every envelope.
+    for i in 0..30 {
         alert_received_at_kh(&net, &mut c02, &format!("after {i}"))
             .await
             .unwrap();
     }
-    for items in &stand_in.deliveries()[before..] {
-        let envelopes = items.iter().any(|(receipt, _)| !receipt);
-        let filler = items
-            .iter()
-            .any(|(receipt, id)| *receipt && deferred.contains(id));
-        assert!(!(envelopes && filler), "{items:?}");
-    }
-    // The deferred receipts are still offered (behind the rest), and once KH takes
-    // them, every receipt leaves the outbox.
     let offered = stand_in.receipts_offered();
+    for id in &deferred {
+        let at = &offered[id];
+        let span = at[at.len() - 1] - at[0];
+        assert!(
+            at.len() <= offers_within(span),
+            "{id}: offered {} times in {span:?}",
+            at.len()
+        );
+    }
+    // None is lost: once KH takes them, every receipt leaves the outbox.
     assert!(acked.iter().all(|id| offered.contains_key(id)));
     stand_in.answer(Answer::Take, Answer::Take);
     for _ in 0..100 {
@@ -528,6 +520,62 @@ async fn entries_retried_past_the_hold_bound_move_behind_the_rest_of_the_outbox(
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(vn_outbox(&net), (0, 0));
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_quota_is_full_is_not_swept_with_the_whole_outbox() {
+    // Batches of 2: at most 32 entries held back in place.
+    let mut net = accord_tests::vn_and_kh()
+        .forwarder_batch(2)
+        .start()
+        .await
+        .unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let to = net.org_id("kh", "ahtd").unwrap();
+    net.stop_gateway("kh").await.unwrap();
+    let mut sent = Vec::new();
+    for i in 0..40 {
+        let s = c02
+            .send(
+                &to,
+                &alert(&format!("backlog {i}")),
+                &SendOptions::new("P1"),
+            )
+            .await
+            .unwrap();
+        sent.push(s.id);
+    }
+    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::QuotaFull, HashMap::new()).await;
+    // Past the 32 held, the next batch stays at the head and the link backs off: the
+    // entries behind it are not offered to a peer that takes nothing, and none is moved.
+    for _ in 0..100 {
+        if stand_in.envelopes_offered().len() >= 80 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let offered: std::collections::HashSet<_> = stand_in.envelopes_offered().into_iter().collect();
+    assert_eq!(
+        offered.len(),
+        32 + 2,
+        "held ones and one batch: {}",
+        offered.len()
+    );
+    assert!(offered.iter().all(|id| sent[..34].contains(id)));
+    let vn = net.gateway("vn").unwrap().pipeline.clone();
+    let outbox = vn
+        .store
+        .queue(&Queue::Outbox("kh".parse().unwrap()), 100)
+        .unwrap();
+    assert_eq!(outbox.len(), 40);
+    assert!(outbox.iter().all(|(_, e)| !e.deferred));
+    // Once the peer takes them again, all go.
+    stand_in.answer(Answer::Take, Answer::Take);
+    for id in &sent {
+        wait_stage(&mut c02, id, Stage::Received).await.unwrap();
     }
     assert_eq!(vn_outbox(&net), (0, 0));
     net.shutdown().await;
