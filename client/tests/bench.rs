@@ -175,12 +175,73 @@ impl Drop for GatewayProcess {
     }
 }
 
+/// A VN and a KH gateway, each in a process of its own, on a net prepared under `dir`;
+/// once both answer: the net, the processes, the `[sender]` and `[recipient]` tables of an
+/// attach file, and a client of each side. Fails if a gateway exits first (within 15 s).
+async fn attached_pair(
+    dir: &std::path::Path,
+) -> anyhow::Result<(
+    accord_client::localnet::LocalNet,
+    Vec<GatewayProcess>,
+    String,
+    accord_client::org::OrgClient,
+    accord_client::org::OrgClient,
+)> {
+    let mut net = accord_client::localnet::LocalNet::builder()
+        .country("vn", "hanoi", &["c02"])
+        .country("kh", "phnom-penh", &["ahtd"])
+        .dir(dir)
+        .prepare()
+        .await?;
+    let mut gateways = Vec::new();
+    let mut side = String::new();
+    for (cc, org, name) in [("vn", "c02", "sender"), ("kh", "ahtd", "recipient")] {
+        net.release_listeners(cc)?;
+        let child = Command::new(env!("CARGO_BIN_EXE_accord"))
+            .arg("gateway")
+            .arg(net.config_path(cc))
+            .env("RUST_LOG", "warn")
+            .spawn()?;
+        let gw = net.gateway_address(cc)?;
+        side += &format!(
+            "[{name}]\norg = {:?}\ngateway = \"{}\"\ngateway_id = \"{}\"\nroot = {:?}\n\
+             trust = {:?}\npid = {}\ndata_dir = {:?}\n",
+            net.org_dir(cc, org)?,
+            gw.addr,
+            gw.id,
+            gw.root,
+            gw.trust,
+            child.id(),
+            net.data_dir(cc)?,
+        );
+        gateways.push(GatewayProcess(child));
+    }
+    for _ in 0..300 {
+        for g in &mut gateways {
+            if let Some(status) = g.0.try_wait()? {
+                anyhow::bail!("a gateway exited at start: {status}");
+            }
+        }
+        let both = async {
+            let mut c02 = net.client("vn", "c02").await?;
+            let mut ahtd = net.client("kh", "ahtd").await?;
+            c02.fetch(0).await?;
+            ahtd.fetch(0).await?;
+            Ok::<_, anyhow::Error>((c02, ahtd))
+        };
+        if let Ok((c02, ahtd)) = both.await {
+            return Ok((net, gateways, side, c02, ahtd));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("no answer from both gateways in 15 s")
+}
+
 /// `--attach` measures two gateways that were running before it and still run after it:
 /// the end-to-end phase, each gateway's CPU and memory by its pid, and the stores' growth.
 /// It refuses to start while the recipient has a message waiting, and leaves it there.
 #[test]
 fn an_attached_run_measures_running_gateways_and_leaves_a_waiting_inbox_alone() {
-    use accord_client::localnet::LocalNet;
     use accord_client::org::SendOptions;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -189,67 +250,30 @@ fn an_attached_run_measures_running_gateways_and_leaves_a_waiting_inbox_alone() 
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut net = runtime
-        .block_on(
-            LocalNet::builder()
-                .country("vn", "hanoi", &["c02"])
-                .country("kh", "phnom-penh", &["ahtd"])
-                .dir(&dir.path().join("net"))
-                .prepare(),
-        )
-        .unwrap();
-    let mut gateways = Vec::new();
-    let mut side = String::new();
-    for (cc, org, name) in [("vn", "c02", "sender"), ("kh", "ahtd", "recipient")] {
-        net.release_listeners(cc).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_accord"))
-            .arg("gateway")
-            .arg(net.config_path(cc))
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap();
-        let gw = net.gateway_address(cc).unwrap();
-        side += &format!(
-            "[{name}]\norg = {:?}\ngateway = \"{}\"\ngateway_id = \"{}\"\nroot = {:?}\n\
-             trust = {:?}\npid = {}\ndata_dir = {:?}\n",
-            net.org_dir(cc, org).unwrap(),
-            gw.addr,
-            gw.id,
-            gw.root,
-            gw.trust,
-            child.id(),
-            net.data_dir(cc).unwrap(),
-        );
-        gateways.push(GatewayProcess(child));
-    }
+    // Each gateway process binds the address its net chose and released: another test of
+    // this binary can take that port in between. A gateway that exits at start is
+    // therefore retried, on a fresh net with other ports.
+    let mut attempt = 0;
+    let (net, mut gateways, side, mut c02, mut ahtd) = loop {
+        attempt += 1;
+        match runtime.block_on(attached_pair(&dir.path().join(format!("net-{attempt}")))) {
+            Ok(started) => break started,
+            Err(e) if attempt < 5 => eprintln!("attempt {attempt}: {e:#}"),
+            Err(e) => panic!("the gateways never answered: {e:#}"),
+        }
+    };
     let attach = dir.path().join("attach.toml");
     std::fs::write(&attach, side).unwrap();
     let attach = attach.to_str().unwrap();
 
-    // A message waiting for the recipient, once both gateways answer.
-    let (to, mut ahtd) = runtime.block_on(async {
-        let mut tries = 0;
-        let (mut c02, ahtd) = loop {
-            tries += 1;
-            let both = async {
-                let mut c02 = net.client("vn", "c02").await?;
-                let mut ahtd = net.client("kh", "ahtd").await?;
-                c02.fetch(0).await?;
-                ahtd.fetch(0).await?;
-                Ok::<_, anyhow::Error>((c02, ahtd))
-            };
-            match both.await {
-                Ok(both) => break both,
-                Err(e) if tries > 300 => panic!("the gateways never answered: {e:#}"),
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
-            }
-        };
+    // A message waiting for the recipient.
+    let to = runtime.block_on(async {
         let to = net.org_id("kh", "ahtd").unwrap();
         let body = accord_client::bench::body_of_size(512);
         c02.send(&to, &body, &SendOptions::new("T-1"))
             .await
             .unwrap();
-        (to, ahtd)
+        to
     });
     let waiting = runtime.block_on(async {
         for _ in 0..300 {
