@@ -580,11 +580,12 @@ impl Pipeline {
         if self.store.message(&id)?.is_some() {
             return self.repeat(&id, &hash, Stage::Accepted).await;
         }
+        // A full store says so before it asks for chunks it could not keep.
+        self.check_quota()?;
         // Held until the commit: the sweep cannot drop these chunks in between.
         let Some(_chunks_kept) = self.keep_attachments(&env).await? else {
             return Err(PipelineError::ChunksMissing);
         };
-        self.check_quota()?;
         let now = self.now();
         let local = matches!(queue, Queue::Inbox(_));
         let signal = match &queue {
@@ -684,11 +685,13 @@ impl Pipeline {
                 other => other,
             };
         }
+        // A full store says so before it asks for chunks it could not keep: the peer's
+        // forwarder then backs off instead of pushing them.
+        self.check_quota()?;
         let Some(_chunks_kept) = self.keep_attachments(&env).await? else {
             // The peer's forwarder pushes the chunks on this answer and delivers again.
             return Err(PipelineError::ChunksMissing);
         };
-        self.check_quota()?;
         let now = self.now();
         let ops = vec![
             Op::InsertMessage(id, stored(&env, now)),

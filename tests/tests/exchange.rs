@@ -417,6 +417,38 @@ async fn a_store_over_its_quota_refuses_new_envelopes_and_keeps_what_it_accepted
         Some(accord_gateway::service::QUOTA_FULL)
     );
     assert!(!accepted.is_empty());
+    // An envelope whose attachment was never uploaded: the full store says it is full,
+    // rather than asking for chunks it could not keep (a peer's forwarder would push them).
+    let files = tempfile::tempdir().unwrap();
+    let scan = files.path().join("scan.pdf");
+    std::fs::write(&scan, vec![7u8; 1000]).unwrap();
+    let letter = pb::Body {
+        form: Some(pb::body::Form::Correspondence(pb::Correspondence {
+            text: "the scan".into(),
+            attachments: vec![],
+        })),
+    };
+    let mut chunks = Vec::new();
+    let (sealed, _) = vn
+        .seal_with_files(
+            &kh,
+            &letter,
+            &SendOptions::new("VN-KH-2026-0099"),
+            &mut [accord_client::attach::FileToSend {
+                path: &scan,
+                media_type: "application/pdf".into(),
+                out: &mut chunks,
+            }],
+        )
+        .unwrap();
+    match vn.submit(&sealed).await {
+        Err(accord_client::org::ClientError::Gateway(status)) => assert_eq!(
+            accord_gateway::service::error_key(&status),
+            Some(accord_gateway::service::QUOTA_FULL),
+            "{status:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
     // Everything accepted before the refusal is delivered.
     let mut kh_client = net.client("kh", "ahtd").await.unwrap();
     let got: HashSet<_> = fetch_n(&mut kh_client, accepted.len())
