@@ -135,8 +135,9 @@ pub enum Op {
     Dequeue(QueueKey),
     /// Moves an outbox entry behind every entry that is not deferred, and marks it
     /// [`QueueEntry::deferred`]: a peer asked to have it later, so it stops standing in
-    /// front of entries the peer may take now. Deferred entries keep their priority among
-    /// themselves, then the order they were deferred in. Nothing if the entry is gone
+    /// front of entries the peer may take now. Among deferred entries, an entry deferred
+    /// for the first time keeps its priority, and one deferred again drops a step (down to
+    /// ROUTINE); then the order they were deferred in. Nothing if the entry is gone
     /// (taken off or moved earlier, in this transaction or before); the entry is then read
     /// under a new key, and the old one names nothing.
     Defer(QueueKey),
@@ -195,8 +196,8 @@ pub trait Store: Send + Sync + 'static {
     /// Every receipt stored for a message, in the order they were stored.
     fn receipts(&self, id: &MessageId) -> Result<Vec<pb::Receipt>, StoreError>;
     /// Up to `limit` entries of a queue, highest priority first, then oldest first; deferred
-    /// entries ([`Op::Defer`]) after all others, highest priority first, then in the order
-    /// they were deferred.
+    /// entries ([`Op::Defer`]) after all others, in their own priority order, then in the
+    /// order they were deferred.
     fn queue(&self, queue: &Queue, limit: usize)
         -> Result<Vec<(QueueKey, QueueEntry)>, StoreError>;
     /// Number of log entries.

@@ -581,12 +581,19 @@ fn receipt_prefix(id: &MessageId) -> Vec<u8> {
 }
 
 /// The priority byte of a queue key that sorts after every priority: deferred entries. The
-/// entry's own priority byte follows it, so deferred entries keep their priority order.
+/// entry's priority byte follows it, so deferred entries keep a priority order among
+/// themselves.
 const DEFERRED_BAND: u8 = 255;
 
+/// The lowest priority's byte (ROUTINE).
+const LOWEST_PRIORITY: u8 = 254;
+
 /// The key outbox entry `key` takes when deferred with sequence number `seq`:
-/// `q ‖ o:cc ‖ 0x00 ‖ 255 ‖ priority byte ‖ seq(8)`, the priority byte kept from `key`
-/// (already deferred or not). None for anything but an outbox entry's key.
+/// `q ‖ o:cc ‖ 0x00 ‖ 255 ‖ priority byte ‖ seq(8)`. The first deferral keeps the entry's
+/// priority; each later one lowers it a step, so that high-priority entries the peer keeps
+/// putting off cannot hold the deferred ones behind them back for ever. None for anything
+/// but an outbox entry's key. (A band-255 key without a priority byte, as written by
+/// c3b73b2 and 45ca78a, is taken as ROUTINE.)
 fn deferred_key(key: &[u8], seq: u64) -> Option<Vec<u8>> {
     // q, "o:", a two-letter country code, 0x00.
     const PREFIX: usize = 6;
@@ -594,8 +601,9 @@ fn deferred_key(key: &[u8], seq: u64) -> Option<Vec<u8>> {
         return None;
     }
     let priority = match (key.len() - PREFIX, key[PREFIX..].first()) {
-        (10, Some(&DEFERRED_BAND)) => key[PREFIX + 1],
-        (9, Some(&band)) if band != DEFERRED_BAND => band,
+        (10, Some(&DEFERRED_BAND)) => key[PREFIX + 1].saturating_add(1).min(LOWEST_PRIORITY),
+        (9, Some(&DEFERRED_BAND)) => LOWEST_PRIORITY,
+        (9, Some(&band)) => band,
         _ => return None,
     };
     let mut moved = key[..PREFIX].to_vec();
@@ -1373,7 +1381,7 @@ mod tests {
     }
 
     #[test]
-    fn only_an_outbox_entrys_key_is_deferred_and_it_keeps_its_priority() {
+    fn only_an_outbox_entrys_key_is_deferred_keeping_its_priority_once() {
         let outbox = queue_prefix(&Queue::Outbox("kh".parse().unwrap()));
         let key = |band: &[u8]| [outbox.as_slice(), band, &7u64.to_be_bytes()].concat();
         let flash = key(&[252]);
@@ -1382,10 +1390,15 @@ mod tests {
             moved,
             key(&[DEFERRED_BAND, 252, 0, 0, 0, 0, 0, 0, 0, 9])[..16]
         );
-        // Deferred again: the same priority, a new place.
+        // Deferred again: a priority lower each time, down to ROUTINE, and a new place.
         let again = deferred_key(&moved, 10).unwrap();
-        assert_eq!(again[..8], moved[..8]);
+        assert_eq!(again[..8], [&outbox[..], &[DEFERRED_BAND, 253]].concat());
         assert_eq!(again[8..], 10u64.to_be_bytes());
+        let again = deferred_key(&deferred_key(&again, 11).unwrap(), 12).unwrap();
+        assert_eq!(again[6..8], [DEFERRED_BAND, 254]);
+        // A deferred key of c3b73b2's layout, without the priority byte: ROUTINE.
+        let old = deferred_key(&key(&[DEFERRED_BAND]), 13).unwrap();
+        assert_eq!(old[6..8], [DEFERRED_BAND, 254]);
         // Not an outbox entry's key: an inbox's, a truncated one, one with a stray byte.
         let inbox = queue_prefix(&Queue::Inbox(ahtd()));
         for bad in [
@@ -1393,7 +1406,7 @@ mod tests {
             outbox.clone(),
             flash[..10].to_vec(),
             [flash.as_slice(), &[0]].concat(),
-            key(&[DEFERRED_BAND]),
+            [moved.as_slice(), &[0]].concat(),
         ] {
             assert_eq!(deferred_key(&bad, 9), None, "{bad:?}");
         }
@@ -1665,6 +1678,53 @@ mod tests {
         }
         assert_eq!(store.log_size().unwrap(), 30);
         assert!(!spare.exists() && !wal_dir.join("spare.tmp").exists());
+    }
+
+    /// A deferral that only the write-ahead log holds at a crash comes back whole: the entry
+    /// at the back under its new key, marked, and not under its old one.
+    #[test]
+    fn a_deferral_comes_back_from_a_write_ahead_log_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let outbox = Queue::Outbox("kh".parse().unwrap());
+        let ids: Vec<MessageId> = (0..3)
+            .map(|i| MessageId::new_v7(9_000 + i, [4; 10]))
+            .collect();
+        let enqueue = |id: &MessageId| Tx {
+            ops: vec![Op::Enqueue(
+                outbox.clone(),
+                pb::Priority::Urgent,
+                QueueEntry::message(id),
+            )],
+            receipts: None,
+        };
+        commit_group(&mut committer, ids.iter().map(enqueue));
+        let first = committer
+            .db
+            .scan_prefix(queue_prefix(&outbox))
+            .keys()
+            .next()
+            .unwrap()
+            .unwrap()
+            .to_vec();
+        let defer = Tx {
+            ops: vec![Op::Defer(QueueKey(first))],
+            receipts: None,
+        };
+        commit_group(&mut committer, [defer]);
+        crash(committer);
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert!(store.replayed_groups() >= 1, "nothing replayed");
+        let order: Vec<_> = store
+            .queue(&outbox, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| (MessageId::from_slice(&e.message_id).unwrap(), e.deferred))
+            .collect();
+        assert_eq!(
+            order,
+            vec![(ids[1], false), (ids[2], false), (ids[0], true)]
+        );
     }
 
     /// A crash: the committer stops without closing, and sled is not made durable.
