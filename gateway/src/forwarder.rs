@@ -1,6 +1,6 @@
 //! Drains one peer's outbox over the peer link: batches in priority order (entries the peer
-//! put off last), retries with exponential backoff and full jitter, and never drops an entry
-//! before the peer answered it. The receiving side is idempotent by message id, so a batch resent after a lost answer
+//! put off past the hold bound last), retries with exponential backoff and full jitter, and
+//! never drops an entry before the peer answered it. The receiving side is idempotent by message id, so a batch resent after a lost answer
 //! delivers nothing twice.
 
 use std::sync::Arc;
@@ -95,7 +95,6 @@ pub async fn run(
         );
         let delay = match drained.await {
             Ok(Round::Idle) => {
-                attempt = 0;
                 // New entries, or the first held one due again, or a look every second.
                 let wait = retries.next_due().map_or(Duration::from_secs(1), |due| {
                     due.saturating_duration_since(tokio::time::Instant::now())
@@ -112,13 +111,14 @@ pub async fn run(
                 attempt = 0;
                 continue;
             }
+            Ok(Round::ReadOn) => continue,
             Ok(Round::BackOff) => {
-                // The peer cannot take anything now (its quota or store): the next round
-                // would send the same entries again, so it waits for the link's backoff, or
-                // for something new (a FLASH alert sorts ahead of them). Held entries coming
+                // The peer's store takes nothing now (its quota, a storage error): the link
+                // waits out its backoff, longer each time until something goes through, or
+                // until something new arrives (a FLASH alert sorts ahead). Held entries coming
                 // due meanwhile wait too: the peer's store takes none of them either.
                 let d = backoff(&cfg, attempt, jitter());
-                tracing::warn!(peer = %peer, held = retries.held(), retry_in_ms = d.as_millis() as u64, "peer asks to retry more entries than are held back");
+                tracing::warn!(peer = %peer, held = retries.held(), retry_in_ms = d.as_millis() as u64, "peer's store takes nothing now");
                 attempt = attempt.saturating_add(1);
                 tokio::select! {
                     _ = notified => {}
@@ -147,12 +147,15 @@ enum Round {
     /// Nothing more to send now (or all of it held back): wait for new entries or the
     /// first held one due again.
     Idle,
-    /// Entries left the outbox or moved to its back, or a full batch was held back: there
-    /// may be more behind them, so go on at once. Each retried entry waits out its own
-    /// backoff, so this does not resend anything sooner; it only reads past what was held.
+    /// Entries left the outbox or moved to its back: the link works, and there may be more
+    /// behind them, so go on at once.
     Again,
+    /// A full batch was held back, and nothing else moved: there may be more behind it, so
+    /// go on at once, without counting the link as working. Each held entry waits out its
+    /// own backoff, so this resends nothing sooner; it only reads past what was held.
+    ReadOn,
     /// The peer put off entries for a reason of its own as a whole (its quota, its store),
-    /// and some could not be held back: they stay where they are, and the link backs off.
+    /// and nothing moved: the link backs off.
     BackOff,
 }
 
@@ -191,8 +194,8 @@ async fn drain_once(
         if entry.deferred && !retries.deferred_due() {
             break;
         }
-        // Before anything is read: a held or deferred envelope's expiry is noticed once its
-        // hold or the deferred entries' backoff ends (at most `max_backoff_ms` late).
+        // Before anything is read: a held envelope's expiry is noticed once its hold ends
+        // (at most `max_backoff_ms` late), a deferred one's when a round has room for it.
         if retries.holds_back(&key) {
             continue;
         }
@@ -302,6 +305,7 @@ async fn drain_once(
                 && start_push(pipeline, client.clone(), peer, id, pushes, cfg);
             let peer_wide =
                 [RETRY_QUOTA_FULL, RETRY_STORAGE_ERROR].contains(&result.retry_reason.as_str());
+            put_off.peer_wide += usize::from(peer_wide);
             put_off.count(if pushing {
                 PutOff::Held
             } else {
@@ -384,8 +388,12 @@ async fn drain_once(
         }
         pushes.forget(&hash.0);
     }
-    let moved = put_off.deferred + put_off.deferred_again > 0;
-    retries.deferred_answered(settled_deferred, moved, cfg);
+    retries.deferred_answered(
+        settled_deferred,
+        put_off.deferred > 0,
+        put_off.deferred_again > 0,
+        cfg,
+    );
     match fault {
         Some(e) => Err(e),
         None => Ok(put_off.outcome(settled > 0 || progressed, cfg.batch)),
@@ -400,7 +408,7 @@ async fn drain_once(
 struct Retries {
     held: std::collections::HashMap<QueueKey, Held>,
     /// The backoff that deferred entries wait out together; none before the first is
-    /// deferred, and again once the peer takes one.
+    /// deferred, or after a directory exchange.
     deferred: Option<Held>,
 }
 
@@ -412,7 +420,8 @@ struct Held {
 /// At most this many batches' worth of entries are held back at once, so that a round reads
 /// a bounded stretch of the outbox. Past that, a retried entry is deferred instead: moved
 /// behind every entry not deferred, in the store ([`Op::Defer`]), so the entries behind it
-/// go first. Deferred entries then wait out one backoff together.
+/// go first. Deferred entries then wait out one backoff together. Entries the peer's store
+/// as a whole puts off are never deferred: the link backs off instead.
 const HELD_BATCHES: usize = 16;
 
 /// What became of an entry the peer could not take now.
@@ -438,6 +447,8 @@ struct PutOffs {
     deferred: usize,
     deferred_again: usize,
     left: usize,
+    /// Of all of them, those put off for a reason of the peer's store as a whole.
+    peer_wide: usize,
 }
 
 impl PutOffs {
@@ -455,11 +466,13 @@ impl PutOffs {
         if progressed || self.deferred > 0 {
             // Entries left, or no longer stand in front of the rest.
             Round::Again
-        } else if self.left > 0 {
+        } else if self.peer_wide > 0 {
+            // Held or not, the peer's store takes nothing now: reading on would only send
+            // it more.
             Round::BackOff
         } else if self.held == batch {
             // A full batch held back: more may wait behind it.
-            Round::Again
+            Round::ReadOn
         } else {
             // Deferred entries put off again wait out their own backoff.
             Round::Idle
@@ -490,18 +503,26 @@ impl Retries {
             .is_none_or(|h| tokio::time::Instant::now() >= h.until)
     }
 
-    /// After a round: a deferred entry the peer took ends the deferred entries' backoff;
-    /// otherwise one deferred in the round, for the first time or again, starts the next,
-    /// longer one.
-    fn deferred_answered(&mut self, taken: bool, deferred: bool, cfg: &ForwarderConfig) {
-        if taken {
-            self.deferred = None;
-        } else if deferred {
-            let attempts = self.deferred.as_ref().map_or(0, |h| h.attempts);
-            self.deferred = Some(Held {
-                attempts: attempts.saturating_add(1),
-                until: tokio::time::Instant::now() + backoff(cfg, attempts, jitter()),
-            });
+    /// After a round: a deferred entry the peer took makes the others due at once (their
+    /// next backoff, if the peer puts them off again, is no shorter); one put off again
+    /// starts the next, longer backoff; an entry deferred for the first time starts the
+    /// first, but never moves one that runs, or a steady stream of new ones would keep the
+    /// deferred entries back for ever.
+    fn deferred_answered(&mut self, taken: bool, first: bool, again: bool, cfg: &ForwarderConfig) {
+        let now = tokio::time::Instant::now();
+        match &mut self.deferred {
+            Some(h) if taken => h.until = now,
+            Some(h) if again => {
+                h.until = now + backoff(cfg, h.attempts, jitter());
+                h.attempts = h.attempts.saturating_add(1);
+            }
+            None if first || again => {
+                self.deferred = Some(Held {
+                    attempts: 1,
+                    until: now + backoff(cfg, 0, jitter()),
+                })
+            }
+            _ => {}
         }
     }
 
@@ -961,64 +982,91 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn deferred_entries_back_off_together_until_the_peer_takes_one() {
+    async fn deferred_entries_back_off_together_and_new_ones_do_not_push_them_back() {
         let cfg = ForwarderConfig {
             batch: 4,
             initial_backoff_ms: 1_000,
-            max_backoff_ms: 600_000,
+            max_backoff_ms: 4_000,
         };
+        let ms = Duration::from_millis;
         let mut retries = Retries::default();
         assert!(retries.deferred_due(), "none deferred: due");
-        retries.deferred_answered(false, false, &cfg);
+        retries.deferred_answered(false, false, false, &cfg);
         assert!(
             retries.deferred_due(),
             "none deferred in the round: still due"
         );
-        // Deferred: 0.5–1 s, then 1–2 s.
-        retries.deferred_answered(false, true, &cfg);
-        tokio::time::advance(Duration::from_millis(499)).await;
+        // The first deferred: 0.5–1 s.
+        retries.deferred_answered(false, true, false, &cfg);
+        tokio::time::advance(ms(499)).await;
         assert!(!retries.deferred_due());
         assert!(
             retries.next_due().is_some(),
             "the idle forwarder wakes for them"
         );
-        tokio::time::advance(Duration::from_millis(502)).await;
+        // More deferred for the first time, every 100 ms for 5 s: they never push the
+        // backoff that runs, so the deferred entries are due within the first second.
+        let mut due_at = None;
+        for i in 0..50 {
+            if due_at.is_none() && retries.deferred_due() {
+                due_at = Some(i);
+            }
+            retries.deferred_answered(false, true, false, &cfg);
+            tokio::time::advance(ms(100)).await;
+        }
+        assert!(due_at.is_some_and(|i| i <= 6), "{due_at:?}");
+        // Put off again: 1–2 s, then 2–4 s (the maximum).
+        retries.deferred_answered(false, false, true, &cfg);
+        tokio::time::advance(ms(999)).await;
+        assert!(!retries.deferred_due());
+        tokio::time::advance(ms(1_002)).await;
         assert!(retries.deferred_due());
-        retries.deferred_answered(false, true, &cfg);
-        tokio::time::advance(Duration::from_millis(999)).await;
+        retries.deferred_answered(false, true, true, &cfg);
+        tokio::time::advance(ms(1_999)).await;
         assert!(!retries.deferred_due(), "the second backoff is longer");
-        // The peer took one: all are due at once, the backoff starts over.
-        retries.deferred_answered(true, true, &cfg);
+        // The peer took one: the rest are due at once, and put off again they wait no less
+        // than before (2–4 s).
+        retries.deferred_answered(true, false, true, &cfg);
         assert!(retries.deferred_due());
-        retries.deferred_answered(false, true, &cfg);
-        tokio::time::advance(Duration::from_millis(1_001)).await;
-        assert!(retries.deferred_due());
+        retries.deferred_answered(false, false, true, &cfg);
+        tokio::time::advance(ms(1_999)).await;
+        assert!(!retries.deferred_due());
         // A directory the peer took lets them go too.
-        retries.deferred_answered(false, true, &cfg);
         retries.release_all();
         assert!(retries.deferred_due());
     }
 
     #[test]
     fn a_round_goes_on_backs_off_or_waits_by_what_the_peer_put_off() {
-        let round = |counted: &[PutOff], progressed: bool| {
-            let mut p = PutOffs::default();
+        let round = |counted: &[PutOff], peer_wide: usize, progressed: bool| {
+            let mut p = PutOffs {
+                peer_wide,
+                ..Default::default()
+            };
             for &what in counted {
                 p.count(what);
             }
             p.outcome(progressed, 4)
         };
         use PutOff::*;
-        assert_eq!(round(&[], true), Round::Again, "entries settled");
-        assert_eq!(round(&[Deferred], false), Round::Again, "the head moved");
-        assert_eq!(round(&[Left, Deferred], false), Round::Again);
-        assert_eq!(round(&[Left, Held], false), Round::BackOff);
-        assert_eq!(round(&[Left, DeferredAgain], false), Round::BackOff);
-        assert_eq!(round(&[Held; 4], false), Round::Again, "a full batch held");
-        assert_eq!(round(&[Held, Held], false), Round::Idle);
-        assert_eq!(round(&[DeferredAgain; 4], false), Round::Idle);
-        assert_eq!(round(&[Held, DeferredAgain], false), Round::Idle);
-        assert_eq!(round(&[], false), Round::Idle);
+        assert_eq!(round(&[], 0, true), Round::Again, "entries settled");
+        assert_eq!(round(&[Deferred], 0, false), Round::Again, "the head moved");
+        assert_eq!(round(&[Held, Left], 2, true), Round::Again);
+        assert_eq!(round(&[Left, Held], 2, false), Round::BackOff);
+        assert_eq!(
+            round(&[Held; 4], 4, false),
+            Round::BackOff,
+            "the peer is full"
+        );
+        assert_eq!(
+            round(&[Held; 4], 0, false),
+            Round::ReadOn,
+            "a full batch held"
+        );
+        assert_eq!(round(&[Held, Held], 0, false), Round::Idle);
+        assert_eq!(round(&[DeferredAgain; 4], 0, false), Round::Idle);
+        assert_eq!(round(&[Held, DeferredAgain], 0, false), Round::Idle);
+        assert_eq!(round(&[], 0, false), Round::Idle);
     }
 
     #[test]

@@ -46,6 +46,8 @@ struct Script {
     /// Every item offered, in order: whether it was a receipt, the message it names, and
     /// when.
     offered: Vec<(bool, MessageId, std::time::Instant)>,
+    /// When each delivery came.
+    deliveries: Vec<std::time::Instant>,
 }
 
 #[derive(Clone)]
@@ -168,6 +170,8 @@ impl pb::peer_link_server::PeerLink for StandIn {
         &self,
         req: Request<pb::DeliverRequest>,
     ) -> Result<Response<pb::DeliverResponse>, Status> {
+        let now = std::time::Instant::now();
+        self.script.lock().unwrap().deliveries.push(now);
         let results = req
             .into_inner()
             .items
@@ -245,6 +249,7 @@ async fn stand_in_for_kh(
             envelopes,
             envelope_of,
             offered: Vec::new(),
+            deliveries: Vec::new(),
         })),
     };
     let listener = accord_client::localnet::bind_again(addr).await.unwrap();
@@ -526,7 +531,7 @@ async fn entries_retried_past_the_hold_bound_move_behind_the_rest_of_the_outbox(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_whose_quota_is_full_is_not_swept_with_the_whole_outbox() {
+async fn a_peer_whose_quota_is_full_is_sent_one_batch_per_backoff() {
     // Batches of 2: at most 32 entries held back in place.
     let mut net = accord_tests::vn_and_kh()
         .forwarder_batch(2)
@@ -549,22 +554,24 @@ async fn a_peer_whose_quota_is_full_is_not_swept_with_the_whole_outbox() {
         sent.push(s.id);
     }
     let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::QuotaFull, HashMap::new()).await;
-    // Past the 32 held, the next batch stays at the head and the link backs off: the
-    // entries behind it are not offered to a peer that takes nothing, and none is moved.
-    for _ in 0..100 {
-        if stand_in.envelopes_offered().len() >= 80 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let offered: std::collections::HashSet<_> = stand_in.envelopes_offered().into_iter().collect();
-    assert_eq!(
-        offered.len(),
-        32 + 2,
-        "held ones and one batch: {}",
-        offered.len()
+    // Whether held back or not, a batch the full peer puts off backs the link off: one
+    // delivery per backoff (at least 25, 50, 100, 200, 400, then 500 ms apart here), the
+    // head of the outbox first, and nothing moved. Reading on past each held batch at once,
+    // the forwarder offered all 40 within milliseconds.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let deliveries = stand_in.script.lock().unwrap().deliveries.clone();
+    assert!(deliveries.len() >= 2, "{deliveries:?}");
+    let span = deliveries[deliveries.len() - 1] - deliveries[0];
+    assert!(
+        deliveries.len() <= offers_within(span),
+        "{} deliveries in {span:?}",
+        deliveries.len()
     );
-    assert!(offered.iter().all(|id| sent[..34].contains(id)));
+    let offered: std::collections::HashSet<_> = stand_in.envelopes_offered().into_iter().collect();
+    assert!(
+        sent[..offered.len()].iter().all(|id| offered.contains(id)),
+        "the head first"
+    );
     let vn = net.gateway("vn").unwrap().pipeline.clone();
     let outbox = vn
         .store
