@@ -74,7 +74,10 @@ pub async fn run(
 ) {
     let queue = Queue::Outbox(peer.country().clone());
     let signal = pipeline.outbox_signal(peer.country());
-    let mut attempt = 0u32;
+    // Failed rounds in a row (the link, our store), and rounds in a row the peer's store
+    // took nothing: two backoffs, so that a link that failed for a while does not make the
+    // first "quota full" after it wait the longest, nor the other way round.
+    let (mut attempt, mut full_attempt) = (0u32, 0u32);
     let mut offered = None;
     let pushes = Arc::new(Pushes::default());
     let mut retries = Retries::default();
@@ -93,7 +96,11 @@ pub async fn run(
             &pushes,
             &mut retries,
         );
-        let delay = match drained.await {
+        let round = drained.await;
+        if round.is_ok() {
+            attempt = 0;
+        }
+        let delay = match round {
             Ok(Round::Idle) => {
                 // New entries, or the first held one due again, or a look every second.
                 let wait = retries.next_due().map_or(Duration::from_secs(1), |due| {
@@ -108,24 +115,19 @@ pub async fn run(
                 continue;
             }
             Ok(Round::Again) => {
-                attempt = 0;
+                full_attempt = 0;
                 continue;
             }
             Ok(Round::ReadOn) => continue,
             Ok(Round::BackOff) => {
-                // The peer's store takes nothing now (its quota, a storage error): the link
-                // waits out its backoff, longer each time until something goes through, or
-                // until something new arrives (a FLASH alert sorts ahead). Held entries coming
-                // due meanwhile wait too: the peer's store takes none of them either.
-                let d = backoff(&cfg, attempt, jitter());
-                tracing::warn!(peer = %peer, held = retries.held(), retry_in_ms = d.as_millis() as u64, "peer's store takes nothing now");
-                attempt = attempt.saturating_add(1);
-                tokio::select! {
-                    _ = notified => {}
-                    _ = tokio::time::sleep(d) => {}
-                    _ = shutdown.changed() => {}
-                }
-                continue;
+                // The peer's store takes no envelope now (its quota, a storage error): the
+                // link waits out its backoff, longer each time until an envelope goes
+                // through. New entries do not cut it short: the full store would refuse
+                // them too, FLASH alerts included. Held entries coming due wait as well.
+                let d = backoff(&cfg, full_attempt, jitter());
+                tracing::warn!(peer = %peer, held = retries.held(), retry_in_ms = d.as_millis() as u64, "peer's store takes no envelope now");
+                full_attempt = full_attempt.saturating_add(1);
+                d
             }
             Err(e) => {
                 let d = backoff(&cfg, attempt, jitter());
@@ -155,7 +157,7 @@ enum Round {
     /// own backoff, so this resends nothing sooner; it only reads past what was held.
     ReadOn,
     /// The peer put off entries for a reason of its own as a whole (its quota, its store),
-    /// and nothing moved: the link backs off.
+    /// and took no envelope: the link backs off.
     BackOff,
 }
 
@@ -280,8 +282,9 @@ async fn drain_once(
     // batch, not one per envelope.
     let mut settled = 0;
     let mut put_off = PutOffs::default();
-    // Whether a deferred entry left the outbox: the peer takes them again.
-    let mut settled_deferred = false;
+    // Whether a deferred entry left the outbox (the peer takes them again), and whether an
+    // envelope did (the peer's store takes envelopes).
+    let (mut settled_deferred, mut envelopes_went) = (false, false);
     let mut batch_ops = Vec::new();
     // Envelopes whose delivery through this gateway ended: their chunks go after the commit.
     let mut ended = Vec::new();
@@ -372,6 +375,7 @@ async fn drain_once(
         batch_ops.push(Op::Dequeue(key));
         settled += 1;
         settled_deferred |= entry.deferred;
+        envelopes_went |= entry.receipt.is_none();
     }
     if !batch_ops.is_empty() {
         pipeline
@@ -396,7 +400,7 @@ async fn drain_once(
     );
     match fault {
         Some(e) => Err(e),
-        None => Ok(put_off.outcome(settled > 0 || progressed, cfg.batch)),
+        None => Ok(put_off.outcome(settled > 0 || progressed, envelopes_went, cfg.batch)),
     }
 }
 
@@ -461,15 +465,16 @@ impl PutOffs {
         } += 1;
     }
 
-    /// How the round ends, given whether anything else moved (entries settled, expired).
-    fn outcome(&self, progressed: bool, batch: usize) -> Round {
-        if progressed || self.deferred > 0 {
+    /// How the round ends, given whether anything else moved (entries settled, expired)
+    /// and whether an envelope was among the entries settled.
+    fn outcome(&self, progressed: bool, envelopes_went: bool, batch: usize) -> Round {
+        if self.peer_wide > 0 && !envelopes_went {
+            // Held or not, the peer's store takes no envelope now (receipts it may still
+            // take, and those that went are settled): reading on would only send it more.
+            Round::BackOff
+        } else if progressed || self.deferred > 0 {
             // Entries left, or no longer stand in front of the rest.
             Round::Again
-        } else if self.peer_wide > 0 {
-            // Held or not, the peer's store takes nothing now: reading on would only send
-            // it more.
-            Round::BackOff
         } else if self.held == batch {
             // A full batch held back: more may wait behind it.
             Round::ReadOn
@@ -506,8 +511,8 @@ impl Retries {
     /// After a round: a deferred entry the peer took makes the others due at once (their
     /// next backoff, if the peer puts them off again, is no shorter); one put off again
     /// starts the next, longer backoff; an entry deferred for the first time starts the
-    /// first, but never moves one that runs, or a steady stream of new ones would keep the
-    /// deferred entries back for ever.
+    /// first backoff over unless one runs: moving one that runs, a steady stream of new ones
+    /// would keep the deferred entries back for ever.
     fn deferred_answered(&mut self, taken: bool, first: bool, again: bool, cfg: &ForwarderConfig) {
         let now = tokio::time::Instant::now();
         match &mut self.deferred {
@@ -515,6 +520,11 @@ impl Retries {
             Some(h) if again => {
                 h.until = now + backoff(cfg, h.attempts, jitter());
                 h.attempts = h.attempts.saturating_add(1);
+            }
+            // One that ran out: new deferred entries start over.
+            Some(h) if first && h.until <= now => {
+                h.attempts = 1;
+                h.until = now + backoff(cfg, 0, jitter());
             }
             None if first || again => {
                 self.deferred = Some(Held {
@@ -875,6 +885,19 @@ fn peer_text(text: &str) -> &str {
 mod tests {
     use super::*;
 
+    fn config(batch: usize, initial_backoff_ms: u64, max_backoff_ms: u64) -> ForwarderConfig {
+        ForwarderConfig {
+            batch,
+            initial_backoff_ms,
+            max_backoff_ms,
+        }
+    }
+
+    /// An outbox key, as far as the forwarder is concerned: opaque, ordered bytes.
+    fn key(i: u8) -> QueueKey {
+        QueueKey(vec![b'q', i])
+    }
+
     #[test]
     fn a_peers_text_is_cut_to_256_characters_on_a_character_boundary() {
         assert_eq!(peer_text("quota full"), "quota full");
@@ -887,12 +910,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retried_entries_are_held_back_each_on_its_own_and_only_a_bounded_number() {
-        let cfg = ForwarderConfig {
-            batch: 2,
-            initial_backoff_ms: 1_000,
-            max_backoff_ms: 600_000,
-        };
-        let key = |i: u8| QueueKey(vec![b'q', i]);
+        let cfg = config(2, 1_000, 600_000);
         let mut retries = Retries::default();
         for i in 0..40 {
             assert_eq!(
@@ -948,12 +966,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn past_the_bound_a_retried_entry_is_moved_to_the_back_unless_the_whole_peer_is_busy() {
-        let cfg = ForwarderConfig {
-            batch: 1,
-            initial_backoff_ms: 1_000,
-            max_backoff_ms: 600_000,
-        };
-        let key = |i: u8| QueueKey(vec![b'q', i]);
+        let cfg = config(1, 1_000, 600_000);
         let (mut retries, mut ops) = (Retries::default(), Vec::new());
         let fresh = QueueEntry::default();
         for i in 0..HELD_BATCHES as u8 {
@@ -983,11 +996,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn deferred_entries_back_off_together_and_new_ones_do_not_push_them_back() {
-        let cfg = ForwarderConfig {
-            batch: 4,
-            initial_backoff_ms: 1_000,
-            max_backoff_ms: 4_000,
-        };
+        let cfg = config(4, 1_000, 4_000);
         let ms = Duration::from_millis;
         let mut retries = Retries::default();
         assert!(retries.deferred_due(), "none deferred: due");
@@ -1031,14 +1040,25 @@ mod tests {
         retries.deferred_answered(false, false, true, &cfg);
         tokio::time::advance(ms(1_999)).await;
         assert!(!retries.deferred_due());
+        // Once it ran out, one deferred for the first time starts over (0.5–1 s).
+        tokio::time::advance(ms(2_002)).await;
+        assert!(retries.deferred_due());
+        retries.deferred_answered(false, true, false, &cfg);
+        tokio::time::advance(ms(499)).await;
+        assert!(!retries.deferred_due());
+        tokio::time::advance(ms(502)).await;
+        assert!(retries.deferred_due());
         // A directory the peer took lets them go too.
+        retries.deferred_answered(false, false, true, &cfg);
         retries.release_all();
         assert!(retries.deferred_due());
     }
 
     #[test]
     fn a_round_goes_on_backs_off_or_waits_by_what_the_peer_put_off() {
-        let round = |counted: &[PutOff], peer_wide: usize, progressed: bool| {
+        // What the peer put off, how many for its store as a whole, whether anything moved,
+        // and whether an envelope went.
+        let round = |counted: &[PutOff], peer_wide: usize, progressed: bool, envelope: bool| {
             let mut p = PutOffs {
                 peer_wide,
                 ..Default::default()
@@ -1046,36 +1066,41 @@ mod tests {
             for &what in counted {
                 p.count(what);
             }
-            p.outcome(progressed, 4)
+            p.outcome(progressed, envelope, 4)
         };
         use PutOff::*;
-        assert_eq!(round(&[], 0, true), Round::Again, "entries settled");
-        assert_eq!(round(&[Deferred], 0, false), Round::Again, "the head moved");
-        assert_eq!(round(&[Held, Left], 2, true), Round::Again);
-        assert_eq!(round(&[Left, Held], 2, false), Round::BackOff);
+        assert_eq!(round(&[], 0, true, true), Round::Again, "entries settled");
+        assert_eq!(round(&[], 0, true, false), Round::Again, "receipts settled");
         assert_eq!(
-            round(&[Held; 4], 4, false),
-            Round::BackOff,
-            "the peer is full"
+            round(&[Deferred], 0, false, false),
+            Round::Again,
+            "the head moved"
         );
         assert_eq!(
-            round(&[Held; 4], 0, false),
-            Round::ReadOn,
-            "a full batch held"
+            round(&[Held, Left], 2, true, true),
+            Round::Again,
+            "an envelope went"
         );
-        assert_eq!(round(&[Held, Held], 0, false), Round::Idle);
-        assert_eq!(round(&[DeferredAgain; 4], 0, false), Round::Idle);
-        assert_eq!(round(&[Held, DeferredAgain], 0, false), Round::Idle);
-        assert_eq!(round(&[], 0, false), Round::Idle);
+        let full = Round::BackOff;
+        assert_eq!(
+            round(&[Held, Left], 2, true, false),
+            full,
+            "only receipts went"
+        );
+        assert_eq!(round(&[Left, Held], 2, false, false), full);
+        assert_eq!(round(&[Held; 4], 4, false, false), full, "held, and full");
+        assert_eq!(round(&[Deferred, Left], 1, false, false), full);
+        let held = round(&[Held; 4], 0, false, false);
+        assert_eq!(held, Round::ReadOn, "a full batch held");
+        assert_eq!(round(&[Held, Held], 0, false, false), Round::Idle);
+        assert_eq!(round(&[DeferredAgain; 4], 0, false, false), Round::Idle);
+        assert_eq!(round(&[Held, DeferredAgain], 0, false, false), Round::Idle);
+        assert_eq!(round(&[], 0, false, false), Round::Idle);
     }
 
     #[test]
     fn backoff_grows_exponentially_within_bounds() {
-        let cfg = ForwarderConfig {
-            batch: 1,
-            initial_backoff_ms: 100,
-            max_backoff_ms: 5_000,
-        };
+        let cfg = config(1, 100, 5_000);
         for attempt in 0..40 {
             for j in [0.0, 0.3, 1.0] {
                 let d = backoff(&cfg, attempt, j).as_millis() as u64;

@@ -46,8 +46,6 @@ struct Script {
     /// Every item offered, in order: whether it was a receipt, the message it names, and
     /// when.
     offered: Vec<(bool, MessageId, std::time::Instant)>,
-    /// When each delivery came.
-    deliveries: Vec<std::time::Instant>,
 }
 
 #[derive(Clone)]
@@ -170,8 +168,6 @@ impl pb::peer_link_server::PeerLink for StandIn {
         &self,
         req: Request<pb::DeliverRequest>,
     ) -> Result<Response<pb::DeliverResponse>, Status> {
-        let now = std::time::Instant::now();
-        self.script.lock().unwrap().deliveries.push(now);
         let results = req
             .into_inner()
             .items
@@ -249,7 +245,6 @@ async fn stand_in_for_kh(
             envelopes,
             envelope_of,
             offered: Vec::new(),
-            deliveries: Vec::new(),
         })),
     };
     let listener = accord_client::localnet::bind_again(addr).await.unwrap();
@@ -304,6 +299,17 @@ fn vn_outbox(net: &TestNet) -> (usize, usize) {
     (receipts, entries.len() - receipts)
 }
 
+/// Waits (up to 10 s) until VN's outbox for KH is empty; fails if it never is.
+async fn outbox_empties(net: &TestNet) {
+    for _ in 0..100 {
+        if vn_outbox(net) == (0, 0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(vn_outbox(net), (0, 0));
+}
+
 /// The most times one entry can be offered in `span` from its first offer, with this net's
 /// forwarder backoff (50 ms doubling to 1 s, jitter into the upper half: at least 25, 50,
 /// 100, 200, 400, then 500 ms between offers).
@@ -353,13 +359,7 @@ async fn receipts_the_peer_asks_to_retry_do_not_hold_back_the_outbox_behind_them
     assert_eq!(vn_outbox(&net), (acked.len(), 0));
     // Once KH takes them, they leave the outbox.
     stand_in.answer(Answer::Take, Answer::Take);
-    for _ in 0..100 {
-        if vn_outbox(&net) == (0, 0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(vn_outbox(&net), (0, 0));
+    outbox_empties(&net).await;
     net.shutdown().await;
 }
 
@@ -520,18 +520,12 @@ async fn entries_retried_past_the_hold_bound_move_behind_the_rest_of_the_outbox(
     // None is lost: once KH takes them, every receipt leaves the outbox.
     assert!(acked.iter().all(|id| offered.contains_key(id)));
     stand_in.answer(Answer::Take, Answer::Take);
-    for _ in 0..100 {
-        if vn_outbox(&net) == (0, 0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(vn_outbox(&net), (0, 0));
+    outbox_empties(&net).await;
     net.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_whose_quota_is_full_is_sent_one_batch_per_backoff() {
+async fn a_peer_whose_quota_is_full_is_sent_one_batch_per_backoff_and_nothing_is_moved() {
     // Batches of 2: at most 32 entries held back in place.
     let mut net = accord_tests::vn_and_kh()
         .forwarder_batch(2)
@@ -553,37 +547,51 @@ async fn a_peer_whose_quota_is_full_is_sent_one_batch_per_backoff() {
             .unwrap();
         sent.push(s.id);
     }
-    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::QuotaFull, HashMap::new()).await;
-    // Whether held back or not, a batch the full peer puts off backs the link off: one
-    // delivery per backoff (at least 25, 50, 100, 200, 400, then 500 ms apart here), the
-    // head of the outbox first, and nothing moved. Reading on past each held batch at once,
-    // the forwarder offered all 40 within milliseconds.
-    tokio::time::sleep(Duration::from_millis(2_000)).await;
-    let deliveries = stand_in.script.lock().unwrap().deliveries.clone();
-    assert!(deliveries.len() >= 2, "{deliveries:?}");
-    let span = deliveries[deliveries.len() - 1] - deliveries[0];
+    // The first 32 are put off one by one (held, to the bound); then the store is full.
+    let retried = sent[..32].iter().map(|id| (*id, Answer::Retry)).collect();
+    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::QuotaFull, retried).await;
+    // The head past the bound stays where it is and goes once per backoff of the link (at
+    // least 25, 50, 100, 200, 400, then 500 ms apart here), and new entries do not cut
+    // the backoff short. Moved behind the rest instead, the 8 behind it went as well.
+    for i in 0..100 {
+        if stand_in.envelope_offers(&sent[32]).len() >= 6 {
+            break;
+        }
+        c02.send(&to, &alert(&format!("more {i}")), &SendOptions::new("P1"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let at = stand_in.envelope_offers(&sent[32]);
+    assert!(at.len() >= 6, "offered {} times", at.len());
+    let span = at[at.len() - 1] - at[0];
     assert!(
-        deliveries.len() <= offers_within(span),
-        "{} deliveries in {span:?}",
-        deliveries.len()
+        at.len() <= offers_within(span),
+        "offered {} times in {span:?}",
+        at.len()
     );
     let offered: std::collections::HashSet<_> = stand_in.envelopes_offered().into_iter().collect();
-    assert!(
-        sent[..offered.len()].iter().all(|id| offered.contains(id)),
-        "the head first"
+    assert_eq!(
+        offered.len(),
+        34,
+        "the held ones and the head, nothing behind"
     );
+    assert!(sent[..34].iter().all(|id| offered.contains(id)));
     let vn = net.gateway("vn").unwrap().pipeline.clone();
     let outbox = vn
         .store
         .queue(&Queue::Outbox("kh".parse().unwrap()), 100)
         .unwrap();
-    assert_eq!(outbox.len(), 40);
-    assert!(outbox.iter().all(|(_, e)| !e.deferred));
+    assert!(outbox.len() >= 40);
+    assert!(outbox.iter().all(|(_, e)| !e.deferred), "nothing moved");
     // Once the peer takes them again, all go.
     stand_in.answer(Answer::Take, Answer::Take);
+    for id in &sent[..32] {
+        stand_in.answer_envelope_of(*id, Answer::Take);
+    }
     for id in &sent {
         wait_stage(&mut c02, id, Stage::Received).await.unwrap();
     }
-    assert_eq!(vn_outbox(&net), (0, 0));
+    outbox_empties(&net).await;
     net.shutdown().await;
 }
