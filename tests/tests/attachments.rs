@@ -742,3 +742,50 @@ async fn uploads_beyond_the_chunk_quota_are_refused_and_envelopes_still_flow() {
     .unwrap();
     net.shutdown().await;
 }
+
+/// A peer whose store is over its quota says so before it asks for an envelope's chunks: the
+/// sending gateway pushes it none, and keeps the envelope, where it is, for later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_peer_is_pushed_no_chunks() {
+    let net = TestNet::builder()
+        .country("vn", "hanoi", &["c02"])
+        .country("kh", "phnom-penh", &["ahtd"])
+        .limits("kh", "queue_quota_bytes = 1")
+        .start()
+        .await
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let scan = write_file(tmp.path(), "scan.pdf", 3_000);
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    let outbox = Outbox::open(&net.org_dir("vn", "c02").unwrap()).unwrap();
+    let (progress, _) = recorder();
+    vn.send_files(
+        &net.org_id("kh", "ahtd").unwrap(),
+        &letter("the scan"),
+        &SendOptions::new("VN-KH-2026-0043"),
+        &[(scan, "application/pdf".to_owned())],
+        &outbox,
+        progress,
+    )
+    .await
+    .unwrap();
+    // VN's forwarder offers it (KH answers "quota full", and backs off) several times.
+    let vn_gateway = net.gateway("vn").unwrap().pipeline.clone();
+    let waiting = || {
+        vn_gateway
+            .store
+            .queue(
+                &accord_gateway::store::Queue::Outbox("kh".parse().unwrap()),
+                10,
+            )
+            .unwrap()
+    };
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let entries = waiting();
+    assert_eq!(entries.len(), 1, "kept");
+    assert!(!entries[0].1.deferred, "not moved");
+    let kh_chunks = net.data_dir("kh").unwrap().join("attachments");
+    let held = std::fs::read_dir(&kh_chunks).map_or(0, |d| d.count());
+    assert_eq!(held, 0, "chunks pushed to a full store");
+    net.shutdown().await;
+}
