@@ -262,6 +262,24 @@ async fn net() -> TestNet {
     accord_tests::vn_and_kh().start().await.unwrap()
 }
 
+/// Stops KH's gateway, then has VN C02 (`c02`) send `n` alerts to KH AHTD: they wait
+/// in VN's outbox in that order. Their ids.
+async fn queued_while_kh_is_down(
+    net: &mut TestNet,
+    c02: &mut accord_client::org::OrgClient,
+    n: usize,
+) -> Vec<MessageId> {
+    net.stop_gateway("kh").await.unwrap();
+    let to = net.org_id("kh", "ahtd").unwrap();
+    let mut sent = Vec::new();
+    for i in 0..n {
+        let what = alert(&format!("queued {i}"));
+        let s = c02.send(&to, &what, &SendOptions::new("P1")).await.unwrap();
+        sent.push(s.id);
+    }
+    sent
+}
+
 /// KH AHTD sends `n` alerts to VN C02; C02 takes them in and acknowledges them only once
 /// KH's gateway is replaced by the stand-in, so that their `n` DELIVERED receipts go to the
 /// stand-in, which answers them with `answer`. Receipts are URGENT: they go ahead of ROUTINE
@@ -417,18 +435,9 @@ async fn what_the_peer_refuses_leaves_the_outbox_and_the_sender_learns_it() {
 async fn a_bad_receipt_keeps_its_own_envelope_back_and_settles_the_rest_of_the_batch() {
     let mut net = net().await;
     let mut c02 = net.client("vn", "c02").await.unwrap();
-    let to = net.org_id("kh", "ahtd").unwrap();
     // Three envelopes wait in VN's outbox while KH is down, so that they go in one batch,
     // in the order sent.
-    net.stop_gateway("kh").await.unwrap();
-    let mut sent = Vec::new();
-    for i in 0..3 {
-        let s = c02
-            .send(&to, &alert(&format!("batch {i}")), &SendOptions::new("P1"))
-            .await
-            .unwrap();
-        sent.push(s.id);
-    }
+    let sent = queued_while_kh_is_down(&mut net, &mut c02, 3).await;
     assert_eq!(vn_outbox(&net), (0, 3));
     // The stand-in answers the first with a receipt that does not verify.
     let forged = HashMap::from([(sent[0], Answer::Forge)]);
@@ -534,19 +543,7 @@ async fn a_peer_whose_quota_is_full_is_sent_one_batch_per_backoff_and_nothing_is
         .unwrap();
     let mut c02 = net.client("vn", "c02").await.unwrap();
     let to = net.org_id("kh", "ahtd").unwrap();
-    net.stop_gateway("kh").await.unwrap();
-    let mut sent = Vec::new();
-    for i in 0..40 {
-        let s = c02
-            .send(
-                &to,
-                &alert(&format!("backlog {i}")),
-                &SendOptions::new("P1"),
-            )
-            .await
-            .unwrap();
-        sent.push(s.id);
-    }
+    let sent = queued_while_kh_is_down(&mut net, &mut c02, 40).await;
     // The first 32 are put off one by one (held, to the bound); then the store is full.
     let retried = sent[..32].iter().map(|id| (*id, Answer::Retry)).collect();
     let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::QuotaFull, retried).await;
