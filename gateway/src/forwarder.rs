@@ -308,12 +308,12 @@ async fn drain_once(
                 && start_push(pipeline, client.clone(), peer, id, pushes, cfg);
             let peer_wide =
                 [RETRY_QUOTA_FULL, RETRY_STORAGE_ERROR].contains(&result.retry_reason.as_str());
-            put_off.peer_wide += usize::from(peer_wide);
-            put_off.count(if pushing {
+            let what = if pushing {
                 PutOff::Held
             } else {
                 retries.put_off(key, &entry, peer_wide, cfg, &mut batch_ops)
-            });
+            };
+            put_off.count(what, peer_wide);
             continue;
         }
         if envelope.is_none() && !result.refused.is_empty() {
@@ -366,7 +366,8 @@ async fn drain_once(
                     fault.get_or_insert(ForwardError::Unavailable(format!(
                         "bad receipt from peer: {e}"
                     )));
-                    put_off.count(retries.put_off(key, &entry, false, cfg, &mut batch_ops));
+                    let what = retries.put_off(key, &entry, false, cfg, &mut batch_ops);
+                    put_off.count(what, false);
                     continue;
                 }
             }
@@ -450,19 +451,21 @@ struct PutOffs {
     held: usize,
     deferred: usize,
     deferred_again: usize,
-    left: usize,
-    /// Of all of them, those put off for a reason of the peer's store as a whole.
+    /// Of all of them, those put off for a reason of the peer's store as a whole (every
+    /// [`PutOff::Left`] among them).
     peer_wide: usize,
 }
 
 impl PutOffs {
-    fn count(&mut self, what: PutOff) {
-        *match what {
-            PutOff::Held => &mut self.held,
-            PutOff::Deferred => &mut self.deferred,
-            PutOff::DeferredAgain => &mut self.deferred_again,
-            PutOff::Left => &mut self.left,
-        } += 1;
+    fn count(&mut self, what: PutOff, peer_wide: bool) {
+        self.peer_wide += usize::from(peer_wide);
+        match what {
+            PutOff::Held => self.held += 1,
+            PutOff::Deferred => self.deferred += 1,
+            PutOff::DeferredAgain => self.deferred_again += 1,
+            // Left where it is: what the round does about it follows from `peer_wide`.
+            PutOff::Left => {}
+        }
     }
 
     /// How the round ends, given whether anything else moved (entries settled, expired)
@@ -1064,7 +1067,7 @@ mod tests {
                 ..Default::default()
             };
             for &what in counted {
-                p.count(what);
+                p.count(what, false);
             }
             p.outcome(progressed, envelope, 4)
         };

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use accord_client::org::SendOptions;
-use accord_gateway::store::Queue;
+use accord_gateway::store::{Queue, QueueEntry, QueueKey};
 use accord_proto::crypto::SigningKey;
 use accord_proto::ids::MessageId;
 use accord_proto::pb::{self, Stage};
@@ -262,6 +262,13 @@ async fn net() -> TestNet {
     accord_tests::vn_and_kh().start().await.unwrap()
 }
 
+/// [`net`] with forwarders that send `batch` entries at once (and so hold back at most 16
+/// times that many in place).
+async fn net_with_batches_of(batch: usize) -> TestNet {
+    let net = accord_tests::vn_and_kh().forwarder_batch(batch);
+    net.start().await.unwrap()
+}
+
 /// Stops KH's gateway, then has VN C02 (`c02`) send `n` alerts to KH AHTD: they wait
 /// in VN's outbox in that order. Their ids.
 async fn queued_while_kh_is_down(
@@ -306,13 +313,17 @@ async fn receipts_for_stand_in(
     (stand_in, got.iter().map(|o| o.envelope.id()).collect())
 }
 
+/// The entries of VN's outbox for KH, in the order they go.
+fn vn_outbox_entries(net: &TestNet) -> Vec<(QueueKey, QueueEntry)> {
+    let vn = net.gateway("vn").unwrap().pipeline.clone();
+    vn.store
+        .queue(&Queue::Outbox("kh".parse().unwrap()), 10_000)
+        .unwrap()
+}
+
 /// Receipts and envelopes waiting in VN's outbox for KH.
 fn vn_outbox(net: &TestNet) -> (usize, usize) {
-    let vn = net.gateway("vn").unwrap().pipeline.clone();
-    let entries = vn
-        .store
-        .queue(&Queue::Outbox("kh".parse().unwrap()), 10_000)
-        .unwrap();
+    let entries = vn_outbox_entries(net);
     let receipts = entries.iter().filter(|(_, e)| e.receipt.is_some()).count();
     (receipts, entries.len() - receipts)
 }
@@ -477,11 +488,7 @@ async fn a_bad_receipt_keeps_its_own_envelope_back_and_settles_the_rest_of_the_b
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_retried_past_the_hold_bound_move_behind_the_rest_of_the_outbox() {
     // Batches of 2: the forwarder holds back at most 16 batches, 32 entries, in place.
-    let mut net = accord_tests::vn_and_kh()
-        .forwarder_batch(2)
-        .start()
-        .await
-        .unwrap();
+    let mut net = net_with_batches_of(2).await;
     let (stand_in, acked) = receipts_for_stand_in(&mut net, 34, Answer::Retry).await;
     let mut c02 = net.client("vn", "c02").await.unwrap();
     // The envelope behind 34 retried receipts goes: the 2 that could not be held were
@@ -489,9 +496,7 @@ async fn entries_retried_past_the_hold_bound_move_behind_the_rest_of_the_outbox(
     alert_received_at_kh(&net, &mut c02, "behind 34 receipts")
         .await
         .unwrap();
-    let vn = net.gateway("vn").unwrap().pipeline.clone();
-    let kh_outbox = Queue::Outbox("kh".parse().unwrap());
-    let outbox = vn.store.queue(&kh_outbox, 100).unwrap();
+    let outbox = vn_outbox_entries(&net);
     assert_eq!(outbox.len(), acked.len(), "every receipt still waits");
     let deferred: Vec<MessageId> = outbox
         .iter()
@@ -536,11 +541,7 @@ async fn entries_retried_past_the_hold_bound_move_behind_the_rest_of_the_outbox(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_whose_quota_is_full_is_sent_one_batch_per_backoff_and_nothing_is_moved() {
     // Batches of 2: at most 32 entries held back in place.
-    let mut net = accord_tests::vn_and_kh()
-        .forwarder_batch(2)
-        .start()
-        .await
-        .unwrap();
+    let mut net = net_with_batches_of(2).await;
     let mut c02 = net.client("vn", "c02").await.unwrap();
     let to = net.org_id("kh", "ahtd").unwrap();
     let sent = queued_while_kh_is_down(&mut net, &mut c02, 40).await;
@@ -574,11 +575,7 @@ async fn a_peer_whose_quota_is_full_is_sent_one_batch_per_backoff_and_nothing_is
         "the held ones and the head, nothing behind"
     );
     assert!(sent[..34].iter().all(|id| offered.contains(id)));
-    let vn = net.gateway("vn").unwrap().pipeline.clone();
-    let outbox = vn
-        .store
-        .queue(&Queue::Outbox("kh".parse().unwrap()), 100)
-        .unwrap();
+    let outbox = vn_outbox_entries(&net);
     assert!(outbox.len() >= 40);
     assert!(outbox.iter().all(|(_, e)| !e.deferred), "nothing moved");
     // Once the peer takes them again, all go.
