@@ -26,13 +26,16 @@
 //! ```text
 //! m ‖ id(16)                         StoredMessage of at most BESIDE_FROM bytes
 //! v ‖ id(16)                         number(8) of a longer one's record in `messages/`
-//! r ‖ id(16) ‖ seq(8)                pb::Receipt
+//! r ‖ id(16) ‖ seq(8)                pb::Receipt, or 0x00 ‖ u32be(len) ‖ pb::Receipt ‖
+//!                                    index(8)…: the log entries naming message `id` of the
+//!                                    transaction that stored it, in place of its `e` key
 //! q ‖ queue name ‖ 0x00 ‖ 255-priority ‖ seq(8)   QueueEntry
 //! q ‖ o:cc ‖ 0x00 ‖ 255 ‖ 255-priority ‖ seq(8)   a deferred outbox entry (`Op::Defer`)
 //! x ‖ inbox name ‖ 0x00 ‖ id(16)     key of that message's inbox entry (for RemoveFromInbox)
 //! e ‖ id(16) ‖ index(8)              log entries of one transaction that name message
 //!                                    `id`: the first, `index`; the later ones, index(8)…
-//!                                    in the value (one write for the transaction)
+//!                                    in the value (one write for the transaction), where
+//!                                    the transaction stores no receipt of `id` to hold them
 //! k ‖ name                           metadata (checkpoints, witness state)
 //! s ‖ "log" / "seq"                  next log index / next sequence number
 //! ```
@@ -104,7 +107,9 @@ const MAX_MESSAGE: u64 = 256 << 20;
 /// - 2: outbox entries are not indexed by message id; a binary of layout 1 looks a settled
 ///   one up by id, finds nothing, and would send it again for ever. An event key's value
 ///   lists the transaction's later entries naming the message, which layout 1 ignores.
-const FORMAT: u64 = 2;
+/// - 3: a receipt's record may carry its transaction's log entries naming the message
+///   ([`receipt_record`]), which layout 2 reads as a damaged receipt.
+const FORMAT: u64 = 3;
 const META_FORMAT: &[u8] = b"sfmt";
 
 impl From<sled::Error> for StoreError {
@@ -580,6 +585,27 @@ fn receipt_prefix(id: &MessageId) -> Vec<u8> {
     [b"r".as_slice(), id.as_bytes()].concat()
 }
 
+/// A receipt's record with the log entries of its transaction that name its message
+/// (`index(8)…`, ascending): `0x00 ‖ u32be(len(receipt)) ‖ receipt ‖ indexes`. It spares the
+/// transaction its `e` key, a sled insert for nearly every message's every step. A record
+/// without entries is the receipt's bytes alone, which never start with 0x00 (no protobuf
+/// field has number 0).
+fn receipt_record(receipt: &[u8], indexes: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(receipt.len()).expect("a receipt is far under 4 GiB");
+    [&[0u8][..], &len.to_be_bytes(), receipt, indexes].concat()
+}
+
+/// A receipt record's receipt bytes and the log entries it carries (`index(8)…`, maybe
+/// none); None if it is damaged.
+fn split_receipt_record(record: &[u8]) -> Option<(&[u8], &[u8])> {
+    let Some((0, rest)) = record.split_first() else {
+        return Some((record, &[]));
+    };
+    let (len, rest) = rest.split_first_chunk::<4>()?;
+    let (receipt, indexes) = rest.split_at_checked(u32::from_be_bytes(*len) as usize)?;
+    (!indexes.is_empty() && indexes.len() % 8 == 0).then_some((receipt, indexes))
+}
+
 /// The priority byte of a queue key that sorts after every priority: deferred entries. The
 /// entry's priority byte follows it, so deferred entries keep a priority order among
 /// themselves.
@@ -684,19 +710,25 @@ impl View<'_> {
         }
     }
 
-    /// Whether some key under `prefix` holds exactly `value`.
-    fn holds_under(&self, prefix: &[u8], value: &[u8]) -> Result<bool, StoreError> {
-        let in_group = self
+    /// Whether one of message `id`'s receipt records holds `receipt`.
+    fn holds_receipt(&self, id: &MessageId, receipt: &[u8]) -> Result<bool, StoreError> {
+        let prefix = &receipt_prefix(id);
+        let holds = |record: &[u8]| match split_receipt_record(record) {
+            Some((held, _)) => Ok(held == receipt),
+            None => Err(StoreError::Corrupt(format!("receipt of {id}"))),
+        };
+        for (_, record) in self
             .group
             .range(prefix.to_vec()..)
             .take_while(|(k, _)| k.starts_with(prefix))
-            .any(|(_, v)| v.as_deref() == Some(value));
-        if in_group {
-            return Ok(true);
+        {
+            if holds(record.as_deref().unwrap_or_default())? {
+                return Ok(true);
+            }
         }
         for kv in self.db.scan_prefix(prefix) {
-            let (k, v) = kv?;
-            if v.as_ref() == value && !self.group.contains_key(k.as_ref()) {
+            let (k, record) = kv?;
+            if holds(&record)? && !self.group.contains_key(k.as_ref()) {
                 return Ok(true);
             }
         }
@@ -923,6 +955,8 @@ impl Committer {
         let mut fresh_nodes = HashMap::new();
         // Per message named: its first log entry in this transaction, then the later ones.
         let mut events: Vec<(MessageId, u64, Vec<u8>)> = Vec::new();
+        // The receipts this transaction stores: their message and where in `writes`.
+        let mut receipt_writes: Vec<(MessageId, usize)> = Vec::new();
         for (op, made_here) in tx.ops.into_iter().map(|op| (op, false)).chain(made_here) {
             match op {
                 Op::InsertMessage(id, msg) => {
@@ -950,9 +984,10 @@ impl Committer {
                 Op::PutReceipt(id, receipt) => {
                     let prefix = receipt_prefix(&id);
                     let bytes = receipt.encode_to_vec();
-                    if made_here || !view.holds_under(&prefix, &bytes)? {
+                    if made_here || !view.holds_receipt(&id, &bytes)? {
                         let key = [prefix, next_seq.to_be_bytes().to_vec()].concat();
                         next_seq += 1;
+                        receipt_writes.push((id, writes.len()));
                         writes.push((key, Some(bytes)));
                     }
                 }
@@ -1032,7 +1067,14 @@ impl Committer {
             }
         }
         for (id, first, later) in events {
-            writes.push((event_key(&id, first), Some(later)));
+            match receipt_writes.iter().find(|(named, _)| *named == id) {
+                Some(&(_, at)) => {
+                    let receipt = writes[at].1.take().unwrap_or_default();
+                    let indexes = [&first.to_be_bytes()[..], &later].concat();
+                    writes[at].1 = Some(receipt_record(&receipt, &indexes));
+                }
+                None => writes.push((event_key(&id, first), Some(later))),
+            }
         }
         writes.push((META_LOG.to_vec(), Some(next_log.to_be_bytes().to_vec())));
         writes.push((META_SEQ.to_vec(), Some(next_seq.to_be_bytes().to_vec())));
@@ -1283,8 +1325,11 @@ impl Store for SledStore {
         self.db
             .scan_prefix(receipt_prefix(id))
             .values()
-            .map(|v| {
-                pb::Receipt::decode(v?.as_ref()).map_err(|_| StoreError::Corrupt(id.to_string()))
+            .map(|record| {
+                let record = record?;
+                split_receipt_record(&record)
+                    .and_then(|(receipt, _)| pb::Receipt::decode(receipt).ok())
+                    .ok_or_else(|| StoreError::Corrupt(format!("receipt of {id}")))
             })
             .collect()
     }
@@ -1342,21 +1387,32 @@ impl Store for SledStore {
         let prefix = [b"e".as_slice(), id.as_bytes()].concat();
         let corrupt = || StoreError::Corrupt(format!("event index of {id}"));
         let mut events = Vec::new();
-        for kv in self.db.scan_prefix(&prefix) {
-            let (k, later) = kv?;
-            let first: [u8; 8] = k[prefix.len()..].try_into().map_err(|_| corrupt())?;
-            let mut last = u64::from_be_bytes(first);
-            events.push(last);
-            for index in later.chunks(8) {
+        // One transaction's entries, in order: `indexes` after `first`, if it is known.
+        let mut read = |first: Option<u64>, indexes: &[u8]| {
+            let mut last = first;
+            events.extend(first);
+            for index in indexes.chunks(8) {
                 let index = u64::from_be_bytes(index.try_into().map_err(|_| corrupt())?);
-                // A transaction's entries come after its first, in order.
-                if index <= last {
+                if last.is_some_and(|last| index <= last) {
                     return Err(corrupt());
                 }
                 events.push(index);
-                last = index;
+                last = Some(index);
             }
+            Ok(())
+        };
+        for kv in self.db.scan_prefix(&prefix) {
+            let (k, later) = kv?;
+            let first: [u8; 8] = k[prefix.len()..].try_into().map_err(|_| corrupt())?;
+            read(Some(u64::from_be_bytes(first)), &later)?;
         }
+        for record in self.db.scan_prefix(receipt_prefix(id)).values() {
+            let record = record?;
+            let (_, indexes) = split_receipt_record(&record).ok_or_else(corrupt)?;
+            read(None, indexes)?;
+        }
+        // Each source is in log order; together they interleave.
+        events.sort_unstable();
         Ok(events)
     }
 
@@ -1873,6 +1929,109 @@ mod tests {
         assert!(store.replayed_groups() > 0, "nothing replayed");
         assert_eq!(store.message_events(&a).unwrap(), vec![0, 2, 3]);
         assert_eq!(store.message_events(&b).unwrap(), vec![1]);
+    }
+
+    /// A transaction that stores a receipt of a message keeps its log entries naming that
+    /// message in the receipt's record instead of an event key; a message it names without
+    /// storing a receipt keeps its key. Both come back whole from the write-ahead log, in
+    /// log order, and the receipt stored again is found in its record, not stored twice.
+    #[tokio::test]
+    async fn a_receipt_record_carries_its_transactions_log_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            MessageId::new_v7(1_000, [1; 10]),
+            MessageId::new_v7(1_001, [2; 10]),
+        );
+        let receipt = pb::Receipt {
+            body: vec![1; 40],
+            signature: vec![2; 64],
+        };
+        {
+            let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+            let mut group = Group::default();
+            for ops in [
+                vec![log_naming(&a)],
+                vec![
+                    log_naming(&a),
+                    log_naming(&b),
+                    Op::PutReceipt(a, receipt.clone()),
+                    log_naming(&a),
+                ],
+            ] {
+                let tx = Tx {
+                    ops,
+                    receipts: None,
+                };
+                committer.build(tx, &mut group).unwrap();
+            }
+            committer.log(group.writes).unwrap();
+            crash(committer);
+        }
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert!(store.replayed_groups() > 0, "nothing replayed");
+        assert_eq!(store.message_events(&a).unwrap(), vec![0, 1, 3]);
+        assert_eq!(store.message_events(&b).unwrap(), vec![2]);
+        // a's first transaction and b's: a's second is in the receipt's record.
+        assert_eq!(store.db.scan_prefix(b"e").count(), 2);
+        assert_eq!(store.receipts(&a).unwrap(), vec![receipt.clone()]);
+
+        let again = Tx {
+            ops: vec![Op::PutReceipt(a, receipt.clone()), log_naming(&a)],
+            receipts: None,
+        };
+        store.commit(again).await.unwrap();
+        assert_eq!(store.receipts(&a).unwrap(), vec![receipt]);
+        // Not stored again, so this transaction's entry takes an event key.
+        assert_eq!(store.message_events(&a).unwrap(), vec![0, 1, 3, 4]);
+        assert_eq!(store.db.scan_prefix(b"e").count(), 3);
+    }
+
+    /// A receipt record that is cut short, carries part of an index, or carries indexes out
+    /// of order is reported as damaged by every read of it.
+    #[test]
+    fn a_damaged_receipt_record_fails_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        let id = MessageId::new_v7(1_000, [4; 10]);
+        let key = [receipt_prefix(&id), 1u64.to_be_bytes().to_vec()].concat();
+        let receipt = pb::Receipt {
+            body: vec![1; 40],
+            signature: vec![2; 64],
+        }
+        .encode_to_vec();
+        let record = |indexes: &[u64]| {
+            let indexes = indexes
+                .iter()
+                .flat_map(|i| i.to_be_bytes())
+                .collect::<Vec<_>>();
+            receipt_record(&receipt, &indexes)
+        };
+        let whole = record(&[3, 5]);
+        for (what, value, receipt_too) in [
+            ("only the marker", vec![0u8], true),
+            ("no indexes", record(&[]), true),
+            ("cut in the receipt", whole[..20].to_vec(), true),
+            ("part of an index", whole[..whole.len() - 3].to_vec(), true),
+            ("indexes out of order", record(&[5, 3]), false),
+            ("an index twice", record(&[3, 3]), false),
+        ] {
+            store.db.clear().unwrap();
+            store.db.insert(&key, value).unwrap();
+            match store.message_events(&id) {
+                Err(StoreError::Corrupt(_)) => {}
+                other => panic!("{what}: events read as {other:?}"),
+            }
+            if receipt_too {
+                match store.receipts(&id) {
+                    Err(StoreError::Corrupt(why)) => assert!(why.contains("receipt"), "{why}"),
+                    other => panic!("{what}: receipts read as {other:?}"),
+                }
+            }
+        }
+        store.db.clear().unwrap();
+        store.db.insert(&key, whole).unwrap();
+        assert_eq!(store.message_events(&id).unwrap(), vec![3, 5]);
+        assert_eq!(store.receipts(&id).unwrap().len(), 1);
     }
 
     /// A store restored without `messages/` while its write-ahead log still holds records
