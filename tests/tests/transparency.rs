@@ -222,7 +222,9 @@ async fn a_log_rewritten_behind_the_gateways_back_is_caught_by_its_peer() {
     drop((c02, vn_auditor));
     net.stop_gateway("vn").await.unwrap();
 
-    // Rewrite history: drop every log entry and tree node, then append different entries.
+    // Rewrite history: drop every log entry and tree node, and what indexes them (event keys,
+    // and the receipts, whose records carry their transactions' entries), then append
+    // different entries.
     let dir = net.data_dir("vn").unwrap();
     {
         // The stopped gateway's sled lets go of its lock from a background thread.
@@ -234,7 +236,7 @@ async fn a_log_rewritten_behind_the_gateways_back_is_caught_by_its_peer() {
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         };
-        for prefix in [b"l", b"n", b"e", b"k"] {
+        for prefix in [b"l", b"n", b"e", b"r", b"k"] {
             for key in db.scan_prefix(prefix).keys() {
                 db.remove(key.unwrap()).unwrap();
             }
