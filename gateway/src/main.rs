@@ -5,11 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-/// jemalloc instead of glibc's malloc: 9–18% less CPU per message in the gateways, for
-/// 10–20 MiB more peak memory (docs/performance.md, "jemalloc instead of glibc's malloc").
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static ALLOCATOR: accord_gateway::Allocator = accord_gateway::ALLOCATOR;
 
 #[derive(Parser)]
 #[command(
