@@ -717,12 +717,14 @@ impl View<'_> {
             Some((held, _)) => Ok(held == receipt),
             None => Err(StoreError::Corrupt(format!("receipt of {id}"))),
         };
-        for (_, record) in self
+        // Receipts are never removed: a group's writes under the prefix are all records.
+        for record in self
             .group
             .range(prefix.to_vec()..)
             .take_while(|(k, _)| k.starts_with(prefix))
+            .filter_map(|(_, record)| record.as_deref())
         {
-            if holds(record.as_deref().unwrap_or_default())? {
+            if holds(record)? {
                 return Ok(true);
             }
         }
