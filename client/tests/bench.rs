@@ -88,6 +88,32 @@ fn the_exchange_benchmark_delivers_every_message_and_reports_every_figure() {
     if let Some(steal) = noise["steal_percent"].as_f64() {
         assert!(steal < 100.0, "{noise}");
     }
+    // The ceiling is the mean of its timing rounds, so it lies within their spread, and
+    // its stages add up to it.
+    let crypto = &r["limits"]["crypto"];
+    let ceiling = crypto["ceiling_per_sec"].as_f64().unwrap();
+    let rounds: Vec<f64> = crypto["round_ceilings_per_sec"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert!(
+        rounds.len() == 2 && 0.0 < rounds[0] && rounds[0] <= rounds[1],
+        "{crypto}"
+    );
+    assert!(
+        rounds[0] * 0.999 <= ceiling && ceiling <= rounds[1] * 1.001,
+        "{crypto}"
+    );
+    let stages_us: f64 = crypto["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["times_per_message"].as_f64().unwrap() * s["us_each"].as_f64().unwrap())
+        .sum();
+    let us = crypto["us_per_message"].as_f64().unwrap();
+    assert!((stages_us - us).abs() <= us * 1e-9, "{crypto}");
     let processes = r["processes"].as_array().unwrap();
     for gw in ["vn-gateway", "kh-gateway"] {
         let p = processes.iter().find(|p| p["name"] == gw).unwrap();
