@@ -423,21 +423,20 @@ impl Pipeline {
         }
     }
 
-    /// The stored receipt of `stage` signed by this gateway, for idempotent answers.
+    /// The stored receipt of `stage` signed by this gateway for message `id`, whose stored
+    /// envelope hashes to `envelope_hash`.
     fn own_receipt(
         &self,
         id: &MessageId,
+        envelope_hash: &[u8],
         stage: Stage,
     ) -> Result<Option<pb::Receipt>, PipelineError> {
         let me = self.identity.to_string();
-        let Some(msg) = self.store.message(id)? else {
-            return Ok(None);
-        };
         for r in self.store.receipts(id)? {
             if let Ok(body) = pb::ReceiptBody::decode(r.body.as_slice()) {
                 if body.stage == stage as i32
                     && body.signer == me
-                    && body.envelope_hash == msg.envelope_hash
+                    && body.envelope_hash == envelope_hash
                 {
                     return Ok(Some(r));
                 }
@@ -457,7 +456,7 @@ impl Pipeline {
         if stored.envelope_hash != hash.0 {
             return Err(PipelineError::Conflict);
         }
-        self.own_receipt(id, stage)?
+        self.own_receipt(id, &stored.envelope_hash, stage)?
             .ok_or_else(|| PipelineError::Store(StoreError::Corrupt(id.to_string())))
     }
 
@@ -1072,12 +1071,13 @@ impl Pipeline {
             if !items.is_empty() && bytes > MAX_FETCH_BYTES {
                 break; // the rest waits for the next fetch
             }
+            let received = self.own_receipt(&id, &msg.envelope_hash, Stage::Received)?;
             items.push((
                 key,
                 pb::InboxItem {
                     envelope: msg.envelope,
                     envelope_hash: msg.envelope_hash,
-                    received: self.own_receipt(&id, Stage::Received)?,
+                    received,
                 },
             ));
         }

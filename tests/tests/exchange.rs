@@ -205,6 +205,43 @@ async fn restarting_either_gateway_mid_flow_loses_nothing_and_delivers_nothing_t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbox_item_carries_its_gateways_received_receipt() {
+    use prost::Message;
+    let net = two_countries().await;
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    for text in ["first", "second"] {
+        vn.send(
+            &net.org_id("kh", "ahtd").unwrap(),
+            &alert(text),
+            &SendOptions::new("C4"),
+        )
+        .await
+        .unwrap();
+    }
+    let mut kh = net.client("kh", "ahtd").await.unwrap();
+    fetch_n(&mut kh, 2).await.unwrap();
+    let items = kh
+        .exchange()
+        .fetch(pb::FetchRequest { max: 10 })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert_eq!(items.len(), 2);
+    let kh_gateway = net.gateway_address("kh").unwrap().id.to_string();
+    for item in &items {
+        let receipt = item.received.as_ref().expect("a RECEIVED receipt");
+        let body = pb::ReceiptBody::decode(receipt.body.as_slice()).unwrap();
+        assert_eq!(body.stage, Stage::Received as i32);
+        assert_eq!(body.signer, kh_gateway);
+        // Each item's own receipt, not its neighbour's.
+        assert_eq!(body.envelope_hash, item.envelope_hash);
+    }
+    assert_ne!(items[0].envelope_hash, items[1].envelope_hash);
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_submit_is_idempotent_and_returns_the_same_receipt() {
     let net = two_countries().await;
     let mut vn = net.client("vn", "c02").await.unwrap();
