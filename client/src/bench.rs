@@ -1522,7 +1522,7 @@ fn crypto_limit(body_bytes: usize, net: &LocalNet) -> anyhow::Result<CryptoLimit
         for (_, _, work) in &mut stages {
             round.push(time_us(work, CRYPTO_SLICE)?);
         }
-        round[0] = (round[0] - time_us(&mut copy, CRYPTO_SLICE / 4)?).max(0.0);
+        round[0] = (round[0] - time_us(&mut copy, CRYPTO_SLICE)?).max(0.0);
         let ceiling = cores as f64 * 1e6 / per_message(&round);
         (lowest, highest) = (lowest.min(ceiling), highest.max(ceiling));
         for (total, r) in us.iter_mut().zip(round) {
@@ -1557,7 +1557,9 @@ fn crypto_limit(body_bytes: usize, net: &LocalNet) -> anyhow::Result<CryptoLimit
 /// one second to the next (`openssl speed` on this project's CI machine, idle, read 17,200
 /// to 23,200 Ed25519 signatures per second in twelve one-second runs): one short timing
 /// per stage made the ceiling, and the ratio to it, swing by as much. Rounds spread each
-/// change over every stage alike, and about 2.5 s of timing averages over most of it.
+/// change over every stage alike, and about 2.4 s of timing (8 rounds of 5 slices: the
+/// four stages and the copy) averages over most of it. Slices are whole multiples of the
+/// scheduler's 4 ms tick, at which `/proc/thread-self/schedstat` is updated.
 const CRYPTO_ROUNDS: usize = 8;
 const CRYPTO_SLICE: Duration = Duration::from_millis(60);
 

@@ -88,8 +88,8 @@ fn the_exchange_benchmark_delivers_every_message_and_reports_every_figure() {
     if let Some(steal) = noise["steal_percent"].as_f64() {
         assert!(steal < 100.0, "{noise}");
     }
-    // The ceiling is the mean of its timing rounds, so it lies within their spread, and
-    // its stages add up to it.
+    // Each stage's cost is the mean of its timing rounds', so the ceiling lies within the
+    // rounds' ceilings, and the stages add up to the cost per message.
     let crypto = &r["limits"]["crypto"];
     let ceiling = crypto["ceiling_per_sec"].as_f64().unwrap();
     let rounds: Vec<f64> = crypto["round_ceilings_per_sec"]
