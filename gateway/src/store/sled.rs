@@ -6,7 +6,10 @@
 //! 1. build each transaction's writes, reading through the group's earlier writes;
 //! 2. append the group's writes to the write-ahead log (`wal.rs`) and `fdatasync` it;
 //! 3. with readers held back, answer the group's transactions, then apply the writes to
-//!    sled key by key, without a flush.
+//!    sled key by key, without a flush; queue keys (`q`, `x`) are applied to a map in
+//!    memory instead ([`QueueWrites`]), which readers see over sled, and which the
+//!    checkpointer moves into sled before each flush. Most leave their queue within a
+//!    fraction of a second, and so never cost sled an insert and a removal.
 //!
 //! Readers therefore only ever see whole groups of durable transactions, and whoever reads
 //! after an answer sees its transaction; sled's work no longer delays the answers. The writes are not
@@ -166,10 +169,10 @@ pub struct SledStore {
     db: sled::Db,
     log: Arc<LogFiles>,
     messages: Arc<Records>,
-    /// Held for writing while a group is answered and applied ([`apply`]), for reading by
-    /// every read. Holds `true` once an apply failed part way: sled then holds part of a
-    /// group, and reads fail until a restart replays it.
-    applying: Arc<RwLock<bool>>,
+    /// Held for writing while a group is answered and applied ([`apply`]) and while the
+    /// checkpointer moves the queue keys held in memory into sled, for reading by every
+    /// read ([`Applied`]).
+    applying: Arc<RwLock<Applied>>,
     progress: Arc<Progress>,
     /// Commit groups the last open replayed from the write-ahead log.
     replayed_groups: u64,
@@ -229,9 +232,11 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     sync_dir(path)?;
     move_log_out_of_sled(&db, &log, &messages)?;
     let progress = Arc::new(Progress::default());
+    let applying = Arc::<RwLock<Applied>>::default();
     let mut files = SledFiles {
         progress: progress.clone(),
         db: db.clone(),
+        applying: applying.clone(),
         log: log.clone(),
         messages: messages.clone(),
         log_file: File::open(path.join("db"))?,
@@ -300,7 +305,7 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         db: db.clone(),
         log,
         messages,
-        applying: Arc::default(),
+        applying,
         wal_dir,
         segment,
         segment_opened: Instant::now(),
@@ -364,19 +369,19 @@ fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
 
 impl SledStore {
     /// Waits for the group being applied, if any, so that what follows sees whole groups.
-    fn whole_groups(&self) -> Result<RwLockReadGuard<'_, bool>, StoreError> {
-        let part_applied = self
+    fn whole_groups(&self) -> Result<RwLockReadGuard<'_, Applied>, StoreError> {
+        let applied = self
             .applying
             .read()
-            .map_err(|_| StoreError::Engine("a commit panicked while applying a group".into()))?;
-        if *part_applied {
+            .map_err(|_| StoreError::Engine("a store thread panicked while holding it".into()))?;
+        if applied.failed {
             return Err(StoreError::Engine(
                 "sled holds part of a commit group after a failed write; restart the gateway \
                  to replay the write-ahead log"
                     .into(),
             ));
         }
-        Ok(part_applied)
+        Ok(applied)
     }
 
     /// Commit groups the last open replayed from the write-ahead log: zero after a clean
@@ -418,7 +423,7 @@ fn replay(
             );
         }
         for group in &contents.groups {
-            apply(db, log, messages, group)?;
+            apply(db, log, messages, group, None)?;
             replayed += 1;
         }
     }
@@ -427,12 +432,14 @@ fn replay(
 
 /// Writes a group into the log's files, the message files and sled, key by key: how a
 /// commit reaches them, and how replay does. A crash part way leaves some of them written;
-/// replaying the group's record completes it.
+/// replaying the group's record completes it. With `queues`, queue keys are written there
+/// instead of to sled ([`QueueWrites`]); a replay writes them to sled.
 fn apply(
     db: &sled::Db,
     log: &LogFiles,
     messages: &Records,
     group: &WalGroup,
+    mut queues: Option<&mut QueueWrites>,
 ) -> Result<(), StoreError> {
     let (mut entries, mut nodes, mut records) = (Vec::new(), Vec::new(), Vec::new());
     for write in &group.writes {
@@ -449,8 +456,14 @@ fn apply(
                     "a removal of a log entry, tree node or message record".into(),
                 ))
             }
-            (None, Some(value)) => drop(db.insert(&write.key, value.as_slice())?),
-            (None, None) => drop(db.remove(&write.key)?),
+            (None, value) => match (queues.as_deref_mut(), value) {
+                (Some(queues), Some(value)) if is_queue_key(&write.key) => {
+                    queues.put(db, &write.key, value)?
+                }
+                (Some(queues), None) if is_queue_key(&write.key) => queues.remove(&write.key),
+                (_, Some(value)) => drop(db.insert(&write.key, value.as_slice())?),
+                (_, None) => drop(db.remove(&write.key)?),
+            },
         }
     }
     messages.write(&records)?;
@@ -522,11 +535,11 @@ fn move_log_out_of_sled(
                 value: Some(value.to_vec()),
             });
             if batch.writes.len() == 4096 {
-                apply(db, log, messages, &std::mem::take(&mut batch))?;
+                apply(db, log, messages, &std::mem::take(&mut batch), None)?;
             }
             moved += 1;
         }
-        apply(db, log, messages, &batch)?;
+        apply(db, log, messages, &batch, None)?;
     }
     log.sync()?;
     for family in [b"l", b"n"] {
@@ -689,23 +702,183 @@ fn parse_node(value: Option<&[u8]>, level: u32, index: u64) -> Result<Hash, Proo
 /// Writes of the group being built, by key (`None`: removed); the last write of a key wins.
 type GroupWrites = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
-/// The store as a transaction being built sees it: the group's earlier writes over sled.
+/// What applied groups left where readers see it, behind [`SledStore::applying`].
+#[derive(Default)]
+struct Applied {
+    /// An apply failed part way: sled holds part of a group, and reads fail until a restart
+    /// replays it.
+    failed: bool,
+    queues: QueueWrites,
+}
+
+/// Held queue keys a checkpoint moves into sled per turn of the lock ([`SledFiles::make_durable`]):
+/// about a millisecond of sled inserts.
+const MOVE_AT_ONCE: usize = 256;
+
+/// Whether a key is a queue's: an entry (`q`) or the inbox index (`x`). Their writes are
+/// held in memory until a checkpoint ([`QueueWrites`]).
+fn is_queue_key(key: &[u8]) -> bool {
+    matches!(key.first(), Some(b'q' | b'x'))
+}
+
+/// Queue keys written by groups since the last checkpoint, held over sled instead of in it.
+/// An inbox entry, its index key and the receipt queued back to the sender all leave
+/// within a fraction of a second of their insert (docs/performance.md, "How long queue
+/// entries live"), long before the checkpointer makes sled durable: in sled, each cost an
+/// insert and a removal that sled copies a leaf and writes its log for. Held here, one that
+/// leaves before the next checkpoint never reaches sled; the rest are written to sled just
+/// before it is flushed ([`QueueWrites::move_into`]). The write-ahead log holds them until
+/// then, as it holds every write sled has not made durable, and a restart replays them.
+#[derive(Default)]
+struct QueueWrites(BTreeMap<Vec<u8>, Held>);
+
+type KeyValue = (Vec<u8>, Vec<u8>);
+
+#[derive(Debug)]
+enum Held {
+    /// The key's value; `over_sled` if sled may hold an older value of the key.
+    Put { value: Vec<u8>, over_sled: bool },
+    /// Removed since the last checkpoint; sled may still hold it.
+    Removed,
+}
+
+impl QueueWrites {
+    fn put(&mut self, db: &sled::Db, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let over_sled = match self.0.get(key) {
+            Some(Held::Put { over_sled, .. }) => *over_sled,
+            Some(Held::Removed) => true,
+            None => db.contains_key(key)?,
+        };
+        let value = value.to_vec();
+        self.0.insert(key.to_vec(), Held::Put { value, over_sled });
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &[u8]) {
+        match self.0.get(key) {
+            // Never reached sled: nothing to undo there.
+            Some(Held::Put {
+                over_sled: false, ..
+            }) => drop(self.0.remove(key)),
+            _ => drop(self.0.insert(key.to_vec(), Held::Removed)),
+        }
+    }
+
+    /// `key`'s value as readers see it: held here, else sled's.
+    fn get(&self, db: &sled::Db, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.0.get(key) {
+            Some(Held::Put { value, .. }) => Ok(Some(value.clone())),
+            Some(Held::Removed) => Ok(None),
+            None => Ok(db.get(key)?.map(|v| v.to_vec())),
+        }
+    }
+
+    /// The first `limit` keys and values under `prefix` as readers see them, in key order:
+    /// sled's, with what is held here written over them.
+    fn scan(
+        &self,
+        db: &sled::Db,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let mut held = self
+            .0
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .peekable();
+        let mut sled = db.scan_prefix(prefix).peekable();
+        let mut out = Vec::new();
+        while out.len() < limit {
+            if matches!(sled.peek(), Some(Err(_))) {
+                sled.next().transpose()?;
+            }
+            let sled_key = sled
+                .peek()
+                .and_then(|kv| kv.as_ref().ok())
+                .map(|kv| kv.0.clone());
+            let next_held = match (held.peek(), &sled_key) {
+                (None, None) => break,
+                (Some((k, _)), Some(sk)) => k.as_slice() <= sk.as_ref(),
+                (held, _) => held.is_some(),
+            };
+            if next_held {
+                let Some((k, h)) = held.next() else { break };
+                if sled_key.as_deref() == Some(k.as_slice()) {
+                    sled.next(); // written over
+                }
+                if let Held::Put { value, .. } = h {
+                    out.push((k.clone(), value.clone()));
+                }
+            } else if let Some(Ok((k, v))) = sled.next() {
+                out.push((k.to_vec(), v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes what is held into sled, then forgets it. On an error sled holds part of it,
+    /// and the caller must stop reads ([`Applied::failed`]).
+    #[cfg(test)]
+    fn move_into(&mut self, db: &sled::Db) -> Result<(), StoreError> {
+        let mut from = Vec::new();
+        while let Some(next) = self.move_some(db, &from, usize::MAX)? {
+            from = next;
+        }
+        Ok(())
+    }
+
+    /// Writes up to `most` held keys, from `from` on in key order, into sled and forgets
+    /// them; returns where the next move starts, or `None` once nothing from `from` on is
+    /// held. Keys written in between, before `from`, are left for the next checkpoint. On
+    /// an error sled holds part of the keys, and the caller must stop reads
+    /// ([`Applied::failed`]).
+    fn move_some(
+        &mut self,
+        db: &sled::Db,
+        from: &[u8],
+        most: usize,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let keys: Vec<Vec<u8>> = self
+            .0
+            .range(from.to_vec()..)
+            .take(most)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let Some(last) = keys.last() else {
+            return Ok(None);
+        };
+        for key in &keys {
+            match self.0.remove(key) {
+                Some(Held::Put { value, .. }) => drop(db.insert(key.as_slice(), value)?),
+                Some(Held::Removed) => drop(db.remove(key.as_slice())?),
+                None => {}
+            }
+        }
+        // The least key after `last`.
+        Ok(Some([last.as_slice(), &[0]].concat()))
+    }
+}
+
+/// The store as a transaction being built sees it: the group's earlier writes over the
+/// queue keys held in memory, over sled.
 struct View<'a> {
     db: &'a sled::Db,
     group: &'a GroupWrites,
+    queues: &'a QueueWrites,
 }
 
 impl View<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         match self.group.get(key) {
             Some(value) => Ok(value.clone()),
-            None => Ok(self.db.get(key)?.map(|v| v.to_vec())),
+            None => self.queues.get(self.db, key),
         }
     }
 
     fn contains_key(&self, key: &[u8]) -> Result<bool, StoreError> {
         match self.group.get(key) {
             Some(value) => Ok(value.is_some()),
+            None if is_queue_key(key) => Ok(self.queues.get(self.db, key)?.is_some()),
             None => Ok(self.db.contains_key(key)?),
         }
     }
@@ -772,7 +945,7 @@ struct Committer {
     log: Arc<LogFiles>,
     messages: Arc<Records>,
     /// See [`SledStore::applying`].
-    applying: Arc<RwLock<bool>>,
+    applying: Arc<RwLock<Applied>>,
     wal_dir: PathBuf,
     segment: Segment,
     segment_opened: Instant,
@@ -839,7 +1012,7 @@ impl Committer {
     fn write_group(&mut self, group: Group) -> Result<(), String> {
         let logged = self.log(group.writes);
         // Only the committer takes it for writing, and a panic here ends the committer.
-        let mut part_applied = self
+        let mut applied = self
             .applying
             .write()
             .unwrap_or_else(PoisonError::into_inner);
@@ -853,11 +1026,12 @@ impl Committer {
         let Some(logged) = logged? else {
             return Ok(());
         };
-        if let Err(e) = apply(&self.db, &self.log, &self.messages, &logged) {
-            *part_applied = true;
+        let queues = Some(&mut applied.queues);
+        if let Err(e) = apply(&self.db, &self.log, &self.messages, &logged, queues) {
+            applied.failed = true;
             return Err(format!("applying a logged group to sled: {e}"));
         }
-        drop(part_applied);
+        drop(applied);
         self.files
             .lock()
             .map_err(|_| "the checkpointer panicked".to_string())?
@@ -935,9 +1109,13 @@ impl Committer {
         if let Some(why) = self.progress.poisoned() {
             return Err(StoreError::Engine(format!("store poisoned: {why}")));
         }
+        let applied = self.applying.clone();
+        // Only the checkpointer writes it besides this thread, and never while it waits.
+        let applied = applied.read().unwrap_or_else(PoisonError::into_inner);
         let view = View {
             db: &self.db,
             group: &group.writes,
+            queues: &applied.queues,
         };
         let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         let mut first_log_index = None;
@@ -1099,6 +1277,8 @@ impl Committer {
 struct SledFiles {
     progress: Arc<Progress>,
     db: sled::Db,
+    /// Whose queue keys are written into sled before each flush.
+    applying: Arc<RwLock<Applied>>,
     log: Arc<LogFiles>,
     messages: Arc<Records>,
     log_file: File,
@@ -1179,6 +1359,28 @@ impl SledFiles {
     /// flush + fdatasync of sled's log file and of any blob file not yet synced; then notes
     /// sled's size on disk.
     fn make_durable(&mut self) -> Result<(), StoreError> {
+        // Everything applied so far reaches sled before the flush. A few hundred keys at a
+        // time: readers and the committer's answers wait while they move (each key is held
+        // or in sled, never missing from both), so a second of a backlog's enqueues does
+        // not hold them up at once. Keys applied in between are held until the next
+        // checkpoint, and are in segments it does not delete.
+        let mut from = Vec::new();
+        loop {
+            let mut applied = self.applying.write().map_err(|_| {
+                StoreError::Engine("a store thread panicked while holding it".into())
+            })?;
+            match applied.queues.move_some(&self.db, &from, MOVE_AT_ONCE) {
+                Ok(Some(next)) => from = next,
+                Ok(None) => break,
+                Err(e) => {
+                    // sled now holds some of them, which the map no longer says: reads fail
+                    // until a restart replays the log, as after an apply that failed part
+                    // way.
+                    applied.failed = true;
+                    return Err(e);
+                }
+            }
+        }
         self.db.flush()?;
         self.log_file.sync_data()?;
         self.sync_blobs()?;
@@ -1341,15 +1543,15 @@ impl Store for SledStore {
         queue: &Queue,
         limit: usize,
     ) -> Result<Vec<(QueueKey, QueueEntry)>, StoreError> {
-        let _whole = self.whole_groups()?;
-        self.db
-            .scan_prefix(queue_prefix(queue))
-            .take(limit)
-            .map(|kv| {
-                let (k, v) = kv?;
-                let entry = QueueEntry::decode(v.as_ref())
+        let whole = self.whole_groups()?;
+        whole
+            .queues
+            .scan(&self.db, &queue_prefix(queue), limit)?
+            .into_iter()
+            .map(|(k, v)| {
+                let entry = QueueEntry::decode(v.as_slice())
                     .map_err(|_| StoreError::Corrupt(format!("{queue:?}")))?;
-                Ok((QueueKey(k.to_vec()), entry))
+                Ok((QueueKey(k), entry))
             })
             .collect()
     }
@@ -1676,7 +1878,7 @@ mod tests {
         };
         store.commit(tx).await.unwrap();
         assert!(store.message(&id).unwrap().is_some());
-        *store.applying.write().unwrap() = true;
+        store.applying.write().unwrap().failed = true;
         let err = store.message(&id).unwrap_err().to_string();
         assert!(err.contains("restart"), "{err}");
         assert!(store.log_size().is_err());
@@ -1739,6 +1941,244 @@ mod tests {
         assert!(!spare.exists() && !wal_dir.join("spare.tmp").exists());
     }
 
+    /// Queue keys live in memory between checkpoints: one removed before the checkpoint never
+    /// reaches sled, one still there is moved into sled by it, and readers see the same
+    /// queue throughout: held entries over sled's, held removals hiding sled's.
+    #[test]
+    fn queue_keys_reach_sled_only_if_still_there_at_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let outbox = Queue::Outbox("kh".parse().unwrap());
+        let prefix = queue_prefix(&outbox);
+        let enqueue = |i: u64| Tx {
+            ops: vec![Op::Enqueue(
+                outbox.clone(),
+                pb::Priority::Routine,
+                QueueEntry::message(&MessageId::new_v7(7_000 + i, [6; 10])),
+            )],
+            receipts: None,
+        };
+        let dequeue = |key: &Vec<u8>| Tx {
+            ops: vec![Op::Dequeue(QueueKey(key.clone()))],
+            receipts: None,
+        };
+        let in_sled = |committer: &Committer| -> Vec<Vec<u8>> {
+            let keys = committer.db.scan_prefix(&prefix).keys();
+            keys.map(|k| k.unwrap().to_vec()).collect()
+        };
+        commit_group(&mut committer, (0..4).map(enqueue));
+        let first_four = keys_under(&committer, &prefix);
+        assert_eq!(first_four.len(), 4);
+        assert!(
+            in_sled(&committer).is_empty(),
+            "held in memory until a checkpoint"
+        );
+        // Taken off before any checkpoint: it never reaches sled.
+        commit_group(&mut committer, [dequeue(&first_four[0])]);
+        checkpoint_current_segment(&mut committer);
+        assert_eq!(in_sled(&committer), first_four[1..].to_vec());
+        assert!(committer.applying.read().unwrap().queues.0.is_empty());
+        // In sled now: its removal is held, and hides it from readers until the next
+        // checkpoint removes it from sled too. Newer entries sort after sled's.
+        commit_group(&mut committer, [dequeue(&first_four[2])]);
+        commit_group(&mut committer, (4..6).map(enqueue));
+        let seen = keys_under(&committer, &prefix);
+        assert_eq!(seen.len(), 4);
+        assert_eq!(seen[..2], [first_four[1].clone(), first_four[3].clone()]);
+        assert!(!seen.contains(&first_four[2]));
+        assert_eq!(
+            in_sled(&committer).len(),
+            3,
+            "sled still holds the removed one"
+        );
+        // The first two as a reader with a limit sees them, the building view likewise.
+        let applied = committer.applying.read().unwrap();
+        let two = applied.queues.scan(&committer.db, &prefix, 2).unwrap();
+        assert_eq!(
+            two.iter().map(|kv| kv.0.clone()).collect::<Vec<_>>(),
+            seen[..2]
+        );
+        let group = GroupWrites::new();
+        let view = View {
+            db: &committer.db,
+            group: &group,
+            queues: &applied.queues,
+        };
+        assert!(!view.contains_key(&first_four[2]).unwrap());
+        assert!(view.get(&first_four[2]).unwrap().is_none());
+        assert!(view.get(&seen[3]).unwrap().is_some(), "a held entry");
+        assert!(
+            view.contains_key(&first_four[1]).unwrap(),
+            "an entry in sled"
+        );
+        drop(applied);
+        checkpoint_current_segment(&mut committer);
+        assert_eq!(in_sled(&committer), seen);
+        // A crash with entries only held: the write-ahead log brings them back.
+        commit_group(&mut committer, [dequeue(&seen[0])]);
+        commit_group(&mut committer, (6..7).map(enqueue));
+        let before_crash = keys_under(&committer, &prefix);
+        crash(committer);
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(store.replayed_groups(), 2);
+        let after: Vec<_> = store
+            .queue(&outbox, 100)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k.0)
+            .collect();
+        assert_eq!(after, before_crash);
+    }
+
+    /// A clean close moves the queue keys held in memory into sled: the store reopens with
+    /// nothing to replay and the same queues, removals included.
+    #[tokio::test]
+    async fn a_clean_close_leaves_the_held_queue_keys_in_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Queue::Inbox(ahtd());
+        let ids: Vec<MessageId> = (0..4)
+            .map(|i| MessageId::new_v7(8_000 + i, [5; 10]))
+            .collect();
+        let before = {
+            let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+            for id in &ids {
+                let tx = Tx {
+                    ops: vec![
+                        Op::InsertMessage(*id, StoredMessage::default()),
+                        Op::Enqueue(
+                            inbox.clone(),
+                            pb::Priority::Routine,
+                            QueueEntry::message(id),
+                        ),
+                    ],
+                    receipts: None,
+                };
+                store.commit(tx).await.unwrap();
+            }
+            let remove = Tx {
+                ops: vec![Op::RemoveFromInbox(ahtd(), ids[1])],
+                receipts: None,
+            };
+            store.commit(remove).await.unwrap();
+            store.queue(&inbox, 10).unwrap()
+        };
+        assert_eq!(before.len(), 3);
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(
+            store.replayed_groups(),
+            0,
+            "a clean close left nothing to replay"
+        );
+        assert_eq!(store.queue(&inbox, 10).unwrap(), before);
+        // The index found the removed one's entry, and still finds the others'.
+        let remove = Tx {
+            ops: vec![Op::RemoveFromInbox(ahtd(), ids[2])],
+            receipts: None,
+        };
+        store.commit(remove).await.unwrap();
+        let left: Vec<_> = store.queue(&inbox, 10).unwrap();
+        assert_eq!(left, [before[0].clone(), before[2].clone()]);
+    }
+
+    /// A sled of its own in `dir`, for what is tested on sled alone.
+    fn bare_sled(dir: &Path) -> sled::Db {
+        let config = sled::Config::new().path(dir.join("db"));
+        config.flush_every_ms(None).open().unwrap()
+    }
+
+    /// Random puts, removals and partial moves over a sled that already holds some keys: what
+    /// readers see (a whole scan, a limited one, each key) is always what a plain map of
+    /// the same writes holds, and so is sled after the last checkpoint.
+    #[test]
+    fn held_queue_keys_read_as_a_plain_map_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = bare_sled(dir.path());
+        // xorshift64: reproducible without a dependency.
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let key = |k: u64| vec![b'q', b'0' + k as u8];
+        let mut truth = BTreeMap::new();
+        for k in 0..6 {
+            let value = vec![b's', k as u8];
+            db.insert(key(k), value.clone()).unwrap();
+            truth.insert(key(k), value);
+        }
+        db.insert(b"r-not-a-queue-key", b"x".as_slice()).unwrap();
+        let mut held = QueueWrites::default();
+        for step in 0..5_000u64 {
+            let k = key(next(12));
+            match next(10) {
+                0..=4 => {
+                    let value = step.to_be_bytes().to_vec();
+                    held.put(&db, &k, &value).unwrap();
+                    truth.insert(k.clone(), value);
+                }
+                5..=8 => {
+                    held.remove(&k);
+                    truth.remove(&k);
+                }
+                // A checkpoint's turn of the lock: a few keys from somewhere on.
+                _ => drop(
+                    held.move_some(&db, &key(next(12)), 1 + next(4) as usize)
+                        .unwrap(),
+                ),
+            }
+            assert_eq!(
+                held.get(&db, &k).unwrap(),
+                truth.get(&k).cloned(),
+                "step {step}"
+            );
+            let all: Vec<_> = truth.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            assert_eq!(
+                held.scan(&db, b"q", usize::MAX).unwrap(),
+                all,
+                "step {step}"
+            );
+            let limit = next(5) as usize;
+            assert_eq!(
+                held.scan(&db, b"q", limit).unwrap(),
+                all[..limit.min(all.len())]
+            );
+        }
+        held.move_into(&db).unwrap();
+        let in_sled: BTreeMap<Vec<u8>, Vec<u8>> = db
+            .scan_prefix(b"q")
+            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap())
+            .collect();
+        assert_eq!(in_sled, truth);
+    }
+
+    /// A key sled already holds, written again and then removed while held, stays removed:
+    /// the removal must reach sled, or sled's older value would come back.
+    #[test]
+    fn a_held_removal_of_a_key_sled_holds_reaches_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = bare_sled(dir.path());
+        db.insert(b"qa", b"old".as_slice()).unwrap();
+        let mut held = QueueWrites::default();
+        held.put(&db, b"qa", b"new").unwrap();
+        held.put(&db, b"qb", b"fresh").unwrap();
+        assert_eq!(held.get(&db, b"qa").unwrap(), Some(b"new".to_vec()));
+        held.remove(b"qa");
+        held.remove(b"qb");
+        assert_eq!(
+            held.0.len(),
+            1,
+            "a key sled never held leaves nothing behind"
+        );
+        assert_eq!(held.get(&db, b"qa").unwrap(), None);
+        assert!(held.scan(&db, b"q", 10).unwrap().is_empty());
+        held.move_into(&db).unwrap();
+        assert!(held.0.is_empty());
+        assert!(db.get(b"qa").unwrap().is_none());
+        assert!(db.get(b"qb").unwrap().is_none());
+    }
+
     /// A deferral that only the write-ahead log holds at a crash comes back whole: the entry
     /// at the back under its new key, marked, and not under its old one.
     #[test]
@@ -1758,14 +2198,7 @@ mod tests {
             receipts: None,
         };
         commit_group(&mut committer, ids.iter().map(enqueue));
-        let first = committer
-            .db
-            .scan_prefix(queue_prefix(&outbox))
-            .keys()
-            .next()
-            .unwrap()
-            .unwrap()
-            .to_vec();
+        let first = keys_under(&committer, &queue_prefix(&outbox))[0].clone();
         let defer = Tx {
             ops: vec![Op::Defer(QueueKey(first))],
             receipts: None,
@@ -1811,6 +2244,14 @@ mod tests {
             assert!(started.elapsed() < Duration::from_secs(30), "no checkpoint");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The keys under `prefix` as readers see them: the queue keys held in memory over
+    /// sled's.
+    fn keys_under(committer: &Committer, prefix: &[u8]) -> Vec<Vec<u8>> {
+        let applied = committer.applying.read().unwrap();
+        let pairs = applied.queues.scan(&committer.db, prefix, usize::MAX);
+        pairs.unwrap().into_iter().map(|(k, _)| k).collect()
     }
 
     fn crash(committer: Committer) {
@@ -2204,15 +2645,14 @@ mod tests {
                 [enqueue(in_sled), enqueue(in_wal), for_ahtd],
             );
             let db = committer.db.clone();
-            let keys: Vec<Vec<u8>> = db
-                .scan_prefix(queue_prefix(&kh))
-                .keys()
-                .map(|k| k.unwrap().to_vec())
-                .collect();
+            let keys = keys_under(&committer, &queue_prefix(&kh));
             assert_eq!(keys.len(), 2);
-            assert_eq!(db.scan_prefix(b"xo").count(), 0, "an outbox entry indexed");
+            assert!(
+                keys_under(&committer, b"xo").is_empty(),
+                "an outbox entry indexed"
+            );
             assert_eq!(
-                db.scan_prefix(b"xi").count(),
+                keys_under(&committer, b"xi").len(),
                 1,
                 "the inbox entry not indexed"
             );
@@ -2438,16 +2878,13 @@ mod tests {
 
         let db = &committer.db;
         assert!(db.get(message_key(&id)).unwrap().is_some());
+        // Queue keys as readers see them: held in memory over sled.
         assert_eq!(
-            db.scan_prefix(queue_prefix(&queue)).count(),
+            keys_under(&committer, &queue_prefix(&queue)).len(),
             0,
             "still queued"
         );
-        assert_eq!(
-            db.scan_prefix(inbox_index_key(&ahtd(), id.as_bytes()))
-                .count(),
-            0
-        );
+        assert!(keys_under(&committer, &inbox_index_key(&ahtd(), id.as_bytes())).is_empty());
         assert_eq!(
             db.scan_prefix(receipt_prefix(&id)).count(),
             1,
@@ -2607,14 +3044,8 @@ mod tests {
     fn contents(store: &SledStore) -> Vec<(Vec<u8>, Vec<u8>)> {
         // As every reader does: an answered commit's group may still be being applied.
         let whole = store.whole_groups().unwrap();
-        let mut contents: Vec<_> = store
-            .db
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv.unwrap();
-                (k.to_vec(), v.to_vec())
-            })
-            .collect();
+        // sled's keys, with the queue keys held in memory written over them.
+        let mut contents = whole.queues.scan(&store.db, b"", usize::MAX).unwrap();
         drop(whole);
         let numbers: Vec<u64> = contents
             .iter()
@@ -2851,14 +3282,14 @@ mod tests {
                 .collect();
             let half = groups.len() / 2;
             for group in &groups[..half] {
-                apply(&db, &log, &messages, group).unwrap();
+                apply(&db, &log, &messages, group, None).unwrap();
             }
             let cut_short = &groups[half];
             let part = WalGroup {
                 writes: cut_short.writes[..cut_short.writes.len() / 2].to_vec(),
             };
             assert!(!part.writes.is_empty());
-            apply(&db, &log, &messages, &part).unwrap();
+            apply(&db, &log, &messages, &part, None).unwrap();
             db.flush().unwrap();
         }
         let store = SledStore::open(&half_replayed, 16 << 20).unwrap();
