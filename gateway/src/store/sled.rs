@@ -711,8 +711,8 @@ struct Applied {
     queues: QueueWrites,
 }
 
-/// Held queue keys a checkpoint moves into sled per turn of the lock ([`SledFiles::make_durable`]):
-/// about a millisecond of sled inserts.
+/// Held queue keys a checkpoint moves into sled per turn of the lock
+/// ([`SledFiles::make_durable`]): one or two milliseconds of sled inserts.
 const MOVE_AT_ONCE: usize = 256;
 
 /// Whether a key is a queue's: an entry (`q`) or the inbox index (`x`). Their writes are
@@ -727,7 +727,7 @@ fn is_queue_key(key: &[u8]) -> bool {
 /// entries live"), long before the checkpointer makes sled durable: in sled, each cost an
 /// insert and a removal that sled copies a leaf and writes its log for. Held here, one that
 /// leaves before the next checkpoint never reaches sled; the rest are written to sled just
-/// before it is flushed ([`QueueWrites::move_into`]). The write-ahead log holds them until
+/// before it is flushed ([`QueueWrites::move_some`]). The write-ahead log holds them until
 /// then, as it holds every write sled has not made durable, and a restart replays them.
 #[derive(Default)]
 struct QueueWrites(BTreeMap<Vec<u8>, Held>);
@@ -1109,8 +1109,9 @@ impl Committer {
         if let Some(why) = self.progress.poisoned() {
             return Err(StoreError::Engine(format!("store poisoned: {why}")));
         }
+        // Between two builds the checkpointer may move held keys into sled; each reads the
+        // same either way.
         let applied = self.applying.clone();
-        // Only the checkpointer writes it besides this thread, and never while it waits.
         let applied = applied.read().unwrap_or_else(PoisonError::into_inner);
         let view = View {
             db: &self.db,
