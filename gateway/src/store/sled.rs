@@ -443,6 +443,13 @@ fn apply(
 ) -> Result<(), StoreError> {
     let (mut entries, mut nodes, mut records) = (Vec::new(), Vec::new(), Vec::new());
     for write in &group.writes {
+        if let (Some(queues), true) = (queues.as_deref_mut(), is_queue_key(&write.key)) {
+            match &write.value {
+                Some(value) => queues.put(db, &write.key, value)?,
+                None => queues.remove(&write.key),
+            }
+            continue;
+        }
         match (file_write(&write.key), &write.value) {
             (Some(FileWrite::Entry(index)), Some(value)) => entries.push((index, value.as_slice())),
             (Some(FileWrite::Node(position)), Some(value)) => {
@@ -456,14 +463,8 @@ fn apply(
                     "a removal of a log entry, tree node or message record".into(),
                 ))
             }
-            (None, value) => match (queues.as_deref_mut(), value) {
-                (Some(queues), Some(value)) if is_queue_key(&write.key) => {
-                    queues.put(db, &write.key, value)?
-                }
-                (Some(queues), None) if is_queue_key(&write.key) => queues.remove(&write.key),
-                (_, Some(value)) => drop(db.insert(&write.key, value.as_slice())?),
-                (_, None) => drop(db.remove(&write.key)?),
-            },
+            (None, Some(value)) => drop(db.insert(&write.key, value.as_slice())?),
+            (None, None) => drop(db.remove(&write.key)?),
         }
     }
     messages.write(&records)?;
@@ -773,6 +774,14 @@ impl QueueWrites {
         }
     }
 
+    /// Whether readers see `key`: held here, else in sled.
+    fn contains(&self, db: &sled::Db, key: &[u8]) -> Result<bool, StoreError> {
+        match self.0.get(key) {
+            Some(held) => Ok(matches!(held, Held::Put { .. })),
+            None => Ok(db.contains_key(key)?),
+        }
+    }
+
     /// The first `limit` keys and values under `prefix` as readers see them, in key order:
     /// sled's, with what is held here written over them.
     fn scan(
@@ -878,8 +887,7 @@ impl View<'_> {
     fn contains_key(&self, key: &[u8]) -> Result<bool, StoreError> {
         match self.group.get(key) {
             Some(value) => Ok(value.is_some()),
-            None if is_queue_key(key) => Ok(self.queues.get(self.db, key)?.is_some()),
-            None => Ok(self.db.contains_key(key)?),
+            None => self.queues.contains(self.db, key),
         }
     }
 
@@ -2081,19 +2089,13 @@ mod tests {
         assert_eq!(left, [before[0].clone(), before[2].clone()]);
     }
 
-    /// A sled of its own in `dir`, for what is tested on sled alone.
-    fn bare_sled(dir: &Path) -> sled::Db {
-        let config = sled::Config::new().path(dir.join("db"));
-        config.flush_every_ms(None).open().unwrap()
-    }
-
     /// Random puts, removals and partial moves over a sled that already holds some keys: what
     /// readers see (a whole scan, a limited one, each key) is always what a plain map of
     /// the same writes holds, and so is sled after the last checkpoint.
     #[test]
     fn held_queue_keys_read_as_a_plain_map_would() {
         let dir = tempfile::tempdir().unwrap();
-        let db = bare_sled(dir.path());
+        let db = open_sled(dir.path(), 16 << 20).unwrap();
         // xorshift64: reproducible without a dependency.
         let mut state = 0x9E37_79B9_7F4A_7C15_u64;
         let mut next = move |n: u64| {
@@ -2134,6 +2136,7 @@ mod tests {
                 truth.get(&k).cloned(),
                 "step {step}"
             );
+            assert_eq!(held.contains(&db, &k).unwrap(), truth.contains_key(&k));
             let all: Vec<_> = truth.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             assert_eq!(
                 held.scan(&db, b"q", usize::MAX).unwrap(),
@@ -2159,7 +2162,7 @@ mod tests {
     #[test]
     fn a_held_removal_of_a_key_sled_holds_reaches_sled() {
         let dir = tempfile::tempdir().unwrap();
-        let db = bare_sled(dir.path());
+        let db = open_sled(dir.path(), 16 << 20).unwrap();
         db.insert(b"qa", b"old".as_slice()).unwrap();
         let mut held = QueueWrites::default();
         held.put(&db, b"qa", b"new").unwrap();
@@ -3264,11 +3267,8 @@ mod tests {
         // A crash during replay: sled holds the first half of the log's records and part of
         // the next one's writes, durably.
         {
-            let db = sled::Config::new()
-                .path(&half_replayed)
-                .flush_every_ms(None) // no flusher thread to hold the lock after the drop
-                .open()
-                .unwrap();
+            // No flusher thread to hold the lock after the drop.
+            let db = open_sled(&half_replayed, 16 << 20).unwrap();
             let log = LogFiles::open(&half_replayed.join("log")).unwrap();
             let messages = Records::open(&half_replayed.join("messages"), MAX_MESSAGE).unwrap();
             let segments = wal::segments(&half_replayed.join("wal")).unwrap();
