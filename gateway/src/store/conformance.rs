@@ -107,15 +107,28 @@ pub(crate) async fn run<S: Store>(dir: &Path, open: impl Fn(&Path) -> S) {
         let receipts = store.receipts(&id2).unwrap();
         assert_eq!(receipts.len(), 1);
         assert_eq!(receipts[0].body, 1u64.to_be_bytes());
-        // An identical receipt is stored once.
+        // An identical receipt is stored once, even when one transaction names it twice.
+        let again = || Op::PutReceipt(id2, receipts[0].clone());
         store
             .commit(Tx {
-                ops: vec![Op::PutReceipt(id2, receipts[0].clone())],
+                ops: vec![again()],
                 receipts: None,
             })
             .await
             .unwrap();
         assert_eq!(store.receipts(&id2).unwrap().len(), 1);
+        let mut other = receipts[0].clone();
+        other.body = 9u64.to_be_bytes().to_vec();
+        let twice = || Op::PutReceipt(id2, other.clone());
+        store
+            .commit(Tx {
+                ops: vec![twice(), again(), twice()],
+                receipts: None,
+            })
+            .await
+            .unwrap();
+        let stored = store.receipts(&id2).unwrap();
+        assert_eq!(stored, vec![receipts[0].clone(), other.clone()]);
     }
     // Reopen: everything acknowledged is there, queue order is priority then arrival.
     let store = open(dir);

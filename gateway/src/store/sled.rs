@@ -1173,7 +1173,11 @@ impl Committer {
                 Op::PutReceipt(id, receipt) => {
                     let prefix = receipt_prefix(&id);
                     let bytes = receipt.encode_to_vec();
-                    if made_here || !view.holds_receipt(&id, &bytes)? {
+                    // Stored once, even if this transaction names it twice.
+                    let earlier = receipt_writes.iter().any(|(named, at)| {
+                        *named == id && writes[*at].1.as_deref() == Some(bytes.as_slice())
+                    });
+                    if made_here || !(earlier || view.holds_receipt(&id, &bytes)?) {
                         let key = [prefix, next_seq.to_be_bytes().to_vec()].concat();
                         next_seq += 1;
                         receipt_writes.push((id, writes.len()));
