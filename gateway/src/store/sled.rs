@@ -2187,6 +2187,141 @@ mod tests {
         assert!(db.get(b"qb").unwrap().is_none());
     }
 
+    /// Readers scanning a queue while the checkpointer moves its held keys into sled, a few
+    /// hundred per turn of the lock, and while the committer enqueues and dequeues, some of
+    /// the keys it dequeues in the middle of a move. Every scan shows each entry answered
+    /// before it began, unless removed while it ran, no entry removed before it began, and
+    /// nothing never enqueued. After a crash the store holds exactly the entries left.
+    #[test]
+    fn readers_see_a_whole_queue_while_checkpoints_move_it() {
+        use std::sync::atomic::AtomicBool;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let outbox = Queue::Outbox("kh".parse().unwrap());
+        let prefix = queue_prefix(&outbox);
+        // Where each entry stands, by key, as its groups are answered.
+        #[derive(Clone, Copy, PartialEq, Debug)]
+        enum Stage {
+            In,
+            /// Its dequeue is being committed: readers may or may not see it.
+            Leaving,
+            Out,
+        }
+        let answered = Arc::new(Mutex::new(BTreeMap::<Vec<u8>, Stage>::new()));
+        // Message ids of every entry enqueued or about to be.
+        let enqueued = Arc::new(Mutex::new(HashSet::<Vec<u8>>::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let applying = committer.applying.clone();
+                let db = committer.db.clone();
+                let (prefix, stop) = (prefix.clone(), stop.clone());
+                let (answered, enqueued) = (answered.clone(), enqueued.clone());
+                std::thread::spawn(move || {
+                    let mut scans = 0u32;
+                    while !stop.load(Ordering::Relaxed) {
+                        let before = answered.lock().unwrap().clone();
+                        let seen: BTreeMap<Vec<u8>, Vec<u8>> = {
+                            let applied = applying.read().unwrap();
+                            assert!(!applied.failed);
+                            let scan = applied.queues.scan(&db, &prefix, usize::MAX);
+                            scan.unwrap().into_iter().collect()
+                        };
+                        let after = answered.lock().unwrap().clone();
+                        for (key, stage) in &before {
+                            match stage {
+                                Stage::In => assert!(
+                                    seen.contains_key(key) || after[key] != Stage::In,
+                                    "an entry in the queue is missing from a scan"
+                                ),
+                                Stage::Out => {
+                                    assert!(!seen.contains_key(key), "a removed entry came back")
+                                }
+                                Stage::Leaving => {}
+                            }
+                        }
+                        let enqueued = enqueued.lock().unwrap();
+                        for value in seen.values() {
+                            let entry = QueueEntry::decode(value.as_slice()).unwrap();
+                            assert!(enqueued.contains(&entry.message_id), "a phantom entry");
+                        }
+                        scans += 1;
+                    }
+                    scans
+                })
+            })
+            .collect();
+
+        let mut largest_move = 0;
+        for round in 0..24u64 {
+            let ids: Vec<MessageId> = (0..400)
+                .map(|i| MessageId::new_v7(20_000 + round * 1_000 + i, [9; 10]))
+                .collect();
+            let mut pending = enqueued.lock().unwrap();
+            pending.extend(ids.iter().map(|id| id.as_bytes().to_vec()));
+            drop(pending);
+            let txs = ids.iter().map(|id| Tx {
+                ops: vec![Op::Enqueue(
+                    outbox.clone(),
+                    pb::Priority::Routine,
+                    QueueEntry::message(id),
+                )],
+                receipts: None,
+            });
+            commit_group(&mut committer, txs);
+            let mut state = answered.lock().unwrap();
+            for key in keys_under(&committer, &prefix) {
+                state.entry(key).or_insert(Stage::In);
+            }
+            // Every other live entry leaves, those of this round among them.
+            let leaving: Vec<Vec<u8>> = state
+                .iter()
+                .filter(|(_, stage)| **stage == Stage::In)
+                .map(|(key, _)| key.clone())
+                .step_by(2)
+                .collect();
+            for key in &leaving {
+                state.insert(key.clone(), Stage::Leaving);
+            }
+            drop(state);
+            let txs = leaving.iter().map(|key| Tx {
+                ops: vec![Op::Dequeue(QueueKey(key.clone()))],
+                receipts: None,
+            });
+            commit_group(&mut committer, txs);
+            let mut state = answered.lock().unwrap();
+            for key in &leaving {
+                state.insert(key.clone(), Stage::Out);
+            }
+            drop(state);
+            if round % 4 == 3 {
+                // The checkpointer moves the held keys while the next rounds commit.
+                largest_move = largest_move.max(committer.applying.read().unwrap().queues.0.len());
+                committer.rotate();
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for reader in readers {
+            assert!(reader.join().unwrap() > 0, "a reader never scanned");
+        }
+        assert!(
+            largest_move > 2 * MOVE_AT_ONCE,
+            "no checkpoint took several turns: {largest_move} keys"
+        );
+
+        let left: Vec<Vec<u8>> = answered
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, stage)| **stage == Stage::In)
+            .map(|(key, _)| key.clone())
+            .collect();
+        assert_eq!(keys_under(&committer, &prefix), left);
+        crash(committer);
+        let (committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        assert_eq!(keys_under(&committer, &prefix), left);
+    }
+
     /// A deferral that only the write-ahead log holds at a crash comes back whole: the entry
     /// at the back under its new key, marked, and not under its old one.
     #[test]
