@@ -65,7 +65,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -373,7 +373,7 @@ impl SledStore {
         let applied = self
             .applying
             .read()
-            .map_err(|_| StoreError::Engine("a store thread panicked while holding it".into()))?;
+            .map_err(|_| StoreError::Engine(PANICKED.into()))?;
         if applied.failed {
             return Err(StoreError::Engine(
                 "sled holds part of a commit group after a failed write; restart the gateway \
@@ -712,6 +712,12 @@ struct Applied {
     queues: QueueWrites,
 }
 
+/// Why the store stops once a thread panicked holding [`SledStore::applying`] (the committer
+/// applying a group, the checkpointer moving held queue keys): a held key may have left the
+/// map without reaching sled, so nothing is read or built over what it left.
+const PANICKED: &str = "a store thread panicked while applying writes; restart the gateway to \
+                        replay the write-ahead log";
+
 /// Held queue keys a checkpoint moves into sled per turn of the lock
 /// ([`SledFiles::make_durable`]): one or two milliseconds of sled inserts.
 const MOVE_AT_ONCE: usize = 256;
@@ -1019,17 +1025,22 @@ impl Committer {
 
     fn write_group(&mut self, group: Group) -> Result<(), String> {
         let logged = self.log(group.writes);
-        // Only the committer takes it for writing, and a panic here ends the committer.
-        let mut applied = self
-            .applying
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        // The checkpointer takes it for writing too ([`PANICKED`]). The group's log record is
+        // durable (or failed) either way, so it is answered first.
+        let (mut applied, panicked) = match self.applying.write() {
+            Ok(applied) => (applied, false),
+            Err(poisoned) => (poisoned.into_inner(), true),
+        };
         for (reply, outcome) in group.waiting {
             let result = match &logged {
                 Ok(_) => outcome,
                 Err(e) => Err(StoreError::Engine(format!("commit failed: {e}"))),
             };
             let _ = reply.send(result);
+        }
+        if panicked {
+            applied.failed = true;
+            return Err(PANICKED.into());
         }
         let Some(logged) = logged? else {
             return Ok(());
@@ -1120,7 +1131,10 @@ impl Committer {
         // Between two builds the checkpointer may move held keys into sled; each reads the
         // same either way.
         let applied = self.applying.clone();
-        let applied = applied.read().unwrap_or_else(PoisonError::into_inner);
+        let Ok(applied) = applied.read() else {
+            self.progress.poison(PANICKED.into());
+            return Err(StoreError::Engine(PANICKED.into()));
+        };
         let view = View {
             db: &self.db,
             group: &group.writes,
@@ -1379,9 +1393,10 @@ impl SledFiles {
         // checkpoint, and are in segments it does not delete.
         let mut from = Vec::new();
         loop {
-            let mut applied = self.applying.write().map_err(|_| {
-                StoreError::Engine("a store thread panicked while holding it".into())
-            })?;
+            let mut applied = self
+                .applying
+                .write()
+                .map_err(|_| StoreError::Engine(PANICKED.into()))?;
             match applied.queues.move_some(&self.db, &from, MOVE_AT_ONCE) {
                 Ok(Some(next)) => from = next,
                 Ok(None) => break,
@@ -2320,6 +2335,76 @@ mod tests {
         crash(committer);
         let (committer, _) = recover(dir.path(), 16 << 20).unwrap();
         assert_eq!(keys_under(&committer, &prefix), left);
+    }
+
+    /// A thread that panics holding the applied state (the checkpointer moving held queue
+    /// keys, the committer applying a group) may leave a key neither held nor in sled.
+    /// Nothing is built over it: a group built before is answered, its log record being
+    /// durable, and comes back at the next open; what comes after fails, saying to restart.
+    #[test]
+    fn a_panic_holding_the_applied_state_stops_the_store_until_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let outbox = Queue::Outbox("kh".parse().unwrap());
+        let prefix = queue_prefix(&outbox);
+        let enqueue = |i: u64| Tx {
+            ops: vec![Op::Enqueue(
+                outbox.clone(),
+                pb::Priority::Routine,
+                QueueEntry::message(&MessageId::new_v7(30_000 + i, [4; 10])),
+            )],
+            receipts: None,
+        };
+        commit_group(&mut committer, [enqueue(0)]);
+        let mut built = Group::default();
+        let outcome = committer.build(enqueue(1), &mut built);
+        let (reply, mut answer) = oneshot::channel();
+        built.waiting.push((reply, outcome));
+
+        let applying = committer.applying.clone();
+        let panicked = std::thread::spawn(move || {
+            let _moving = applying.write().unwrap();
+            panic!("a checkpointer panicking mid-move (expected by this test)");
+        });
+        assert!(panicked.join().is_err());
+        committer.write(built);
+        assert!(matches!(
+            answer.try_recv(),
+            Ok(Ok(TxOutcome::Committed { .. }))
+        ));
+        let why = committer.progress.poisoned().expect("the store stops");
+        assert!(why.contains("restart"), "{why}");
+        let mut after = Group::default();
+        assert!(committer.build(enqueue(2), &mut after).is_err());
+
+        crash(committer);
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let applied = committer.applying.read().unwrap();
+        let queued: Vec<Vec<u8>> = (applied.queues.scan(&committer.db, &prefix, usize::MAX))
+            .unwrap()
+            .into_iter()
+            .map(|(_, value)| QueueEntry::decode(value.as_slice()).unwrap().message_id)
+            .collect();
+        let answered: Vec<Vec<u8>> = (0..2)
+            .map(|i| MessageId::new_v7(30_000 + i, [4; 10]).as_bytes().to_vec())
+            .collect();
+        assert_eq!(
+            queued, answered,
+            "the group answered before the panic is kept"
+        );
+        drop(applied);
+
+        // A panic between two builds: the next one is refused and stops the store.
+        let applying = committer.applying.clone();
+        let panicked = std::thread::spawn(move || {
+            let _moving = applying.write().unwrap();
+            panic!("a checkpointer panicking mid-move (expected by this test)");
+        });
+        assert!(panicked.join().is_err());
+        let refused = committer.build(enqueue(3), &mut Group::default());
+        let refused = refused.unwrap_err().to_string();
+        assert!(refused.contains("restart"), "{refused}");
+        assert!(committer.progress.poisoned().is_some());
     }
 
     /// A deferral that only the write-ahead log holds at a crash comes back whole: the entry
