@@ -2407,6 +2407,119 @@ mod tests {
         assert!(committer.progress.poisoned().is_some());
     }
 
+    /// A power cut keeps only what was synced: sled and the log's files as the last
+    /// checkpoint left them (and garbage past the files' synced ends), and every
+    /// write-ahead log record, synced before its group was answered. The queue keys held in
+    /// memory at the cut, the removals and the deferral of entries sled holds, come back
+    /// from the log: the store reads as the one that lost nothing.
+    #[test]
+    fn a_power_cut_after_a_checkpoint_is_rebuilt_from_the_write_ahead_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let outbox = Queue::Outbox("kh".parse().unwrap());
+        let prefix = queue_prefix(&outbox);
+        let id = |i: u64| MessageId::new_v7(40_000 + i, [5; 10]);
+        let submit = |i: u64| {
+            let stored = StoredMessage {
+                envelope_hash: vec![i as u8; 32],
+                ..Default::default()
+            };
+            Tx {
+                ops: vec![
+                    Op::InsertMessage(id(i), stored),
+                    Op::Enqueue(
+                        outbox.clone(),
+                        pb::Priority::Routine,
+                        QueueEntry::message(&id(i)),
+                    ),
+                    log_naming(&id(i)),
+                ],
+                receipts: receipt_naming_index(id(i)),
+            }
+        };
+        let key_of = |committer: &Committer, i: u64| -> Vec<u8> {
+            let applied = committer.applying.read().unwrap();
+            let queued = applied.queues.scan(&committer.db, &prefix, usize::MAX);
+            let wanted = id(i).as_bytes().to_vec();
+            (queued.unwrap().into_iter())
+                .find(|(_, v)| QueueEntry::decode(v.as_slice()).unwrap().message_id == wanted)
+                .map(|(k, _)| k)
+                .unwrap()
+        };
+        let dequeue = |committer: &mut Committer, from: u64, to: u64| {
+            let keys: Vec<Vec<u8>> = (from..to).map(|i| key_of(committer, i)).collect();
+            let txs = keys.into_iter().map(|key| Tx {
+                ops: vec![Op::Dequeue(QueueKey(key))],
+                receipts: None,
+            });
+            commit_group(committer, txs);
+        };
+
+        commit_group(&mut committer, (0..20).map(submit));
+        commit_group(&mut committer, (20..40).map(submit));
+        dequeue(&mut committer, 0, 5); // never reach sled
+        checkpoint_current_segment(&mut committer);
+        // Everything is synced and nothing writes: this is what a power cut from here on
+        // leaves of sled and the log's files.
+        let synced = tempfile::tempdir().unwrap();
+        copy_dir(dir.path(), synced.path());
+        assert!(!keys_under(&committer, &prefix).is_empty());
+
+        dequeue(&mut committer, 5, 15); // sled holds them
+        let deferred = key_of(&committer, 15);
+        commit_group(
+            &mut committer,
+            [Tx {
+                ops: vec![Op::Defer(QueueKey(deferred.clone()))],
+                receipts: None,
+            }],
+        );
+        commit_group(&mut committer, (40..60).map(submit));
+        dequeue(&mut committer, 40, 45); // held, then gone
+        assert!(
+            !committer.applying.read().unwrap().queues.0.is_empty(),
+            "queue writes held at the cut"
+        );
+        crash(committer);
+
+        // The cut: the write-ahead log as synced, the rest as at the checkpoint, with
+        // garbage where the log's files were written past it.
+        let cut = tempfile::tempdir().unwrap();
+        copy_dir(synced.path(), cut.path());
+        std::fs::remove_dir_all(cut.path().join("wal")).unwrap();
+        copy_dir(&dir.path().join("wal"), &cut.path().join("wal"));
+        for file in ["log/entries", "log/ends", "log/nodes"] {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(cut.path().join(file))
+                .unwrap();
+            let len = f.metadata().unwrap().len();
+            f.write_all_at(&[0x5a; 61], len).unwrap();
+        }
+
+        let whole = SledStore::open(dir.path(), 16 << 20).unwrap();
+        let rebuilt = SledStore::open(cut.path(), 16 << 20).unwrap();
+        assert_eq!(
+            rebuilt.replayed_groups(),
+            4,
+            "the groups after the checkpoint"
+        );
+        assert_eq!(contents(&rebuilt), contents(&whole));
+        let queued: Vec<Vec<u8>> = (rebuilt.queue(&outbox, usize::MAX).unwrap().into_iter())
+            .map(|(_, entry)| entry.message_id)
+            .collect();
+        let expected: Vec<Vec<u8>> = (16..40)
+            .chain(45..60)
+            .chain([15])
+            .map(|i| id(i).as_bytes().to_vec())
+            .collect();
+        assert_eq!(queued, expected, "the deferred entry last");
+        assert_eq!(rebuilt.log_size().unwrap(), 60);
+        for i in 0..60 {
+            assert_eq!(rebuilt.receipts(&id(i)).unwrap().len(), 1, "receipt of {i}");
+        }
+    }
+
     /// A deferral that only the write-ahead log holds at a crash comes back whole: the entry
     /// at the back under its new key, marked, and not under its old one.
     #[test]
