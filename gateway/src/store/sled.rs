@@ -375,11 +375,7 @@ impl SledStore {
             .read()
             .map_err(|_| StoreError::Engine(PANICKED.into()))?;
         if applied.failed {
-            return Err(StoreError::Engine(
-                "sled holds part of a commit group after a failed write; restart the gateway \
-                 to replay the write-ahead log"
-                    .into(),
-            ));
+            return Err(StoreError::Engine(SLED_FAILED.into()));
         }
         Ok(applied)
     }
@@ -706,8 +702,8 @@ type GroupWrites = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 /// What applied groups left where readers see it, behind [`SledStore::applying`].
 #[derive(Default)]
 struct Applied {
-    /// An apply failed part way: sled holds part of a group, and reads fail until a restart
-    /// replays it.
+    /// A write to sled failed part way (an apply, or a checkpoint's move): sled may hold
+    /// part of a group, and reads and builds fail until a restart replays the log.
     failed: bool,
     queues: QueueWrites,
 }
@@ -717,6 +713,11 @@ struct Applied {
 /// map without reaching sled, so nothing is read or built over what it left.
 const PANICKED: &str = "a store thread panicked while applying writes; restart the gateway to \
                         replay the write-ahead log";
+
+/// Why the store stops once sled failed part way through a write ([`Applied::failed`]): it
+/// may hold part of a commit group.
+const SLED_FAILED: &str = "sled failed part way through a write; restart the gateway to \
+                           replay the write-ahead log";
 
 /// Held queue keys a checkpoint moves into sled per turn of the lock
 /// ([`SledFiles::make_durable`]): one or two milliseconds of sled inserts.
@@ -750,7 +751,7 @@ enum Held {
 }
 
 impl QueueWrites {
-    fn put(&mut self, db: &sled::Db, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+    fn put(&mut self, db: &sled::Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         let over_sled = match self.0.get(key) {
             Some(Held::Put { over_sled, .. }) => *over_sled,
             Some(Held::Removed) => true,
@@ -831,8 +832,7 @@ impl QueueWrites {
         Ok(out)
     }
 
-    /// Writes what is held into sled, then forgets it. On an error sled holds part of it,
-    /// and the caller must stop reads ([`Applied::failed`]).
+    /// Writes what is held into sled, then forgets it; see [`Self::move_some`] for an error.
     #[cfg(test)]
     fn move_into(&mut self, db: &sled::Db) -> Result<(), StoreError> {
         let mut from = Vec::new();
@@ -844,12 +844,13 @@ impl QueueWrites {
 
     /// Writes up to `most` held keys, from `from` on in key order, into sled and forgets
     /// them; returns where the next move starts, or `None` once nothing from `from` on is
-    /// held. Keys written in between, before `from`, are left for the next checkpoint. On
-    /// an error sled holds part of the keys, and the caller must stop reads
-    /// ([`Applied::failed`]).
+    /// held. Keys written in between, before `from`, are left for the next checkpoint. A key
+    /// is forgotten only once sled took it, so after an error each key is still held or in
+    /// sled, as readers need; the caller stops the store all the same ([`Applied::failed`]),
+    /// since sled failed.
     fn move_some(
         &mut self,
-        db: &sled::Db,
+        db: &sled::Tree,
         from: &[u8],
         most: usize,
     ) -> Result<Option<Vec<u8>>, StoreError> {
@@ -863,11 +864,12 @@ impl QueueWrites {
             return Ok(None);
         };
         for key in &keys {
-            match self.0.remove(key) {
-                Some(Held::Put { value, .. }) => drop(db.insert(key.as_slice(), value)?),
+            match self.0.get(key) {
+                Some(Held::Put { value, .. }) => drop(db.insert(key.as_slice(), value.as_slice())?),
                 Some(Held::Removed) => drop(db.remove(key.as_slice())?),
                 None => {}
             }
+            self.0.remove(key);
         }
         // The least key after `last`.
         Ok(Some([last.as_slice(), &[0]].concat()))
@@ -1131,9 +1133,18 @@ impl Committer {
         // Between two builds the checkpointer may move held keys into sled; each reads the
         // same either way.
         let applied = self.applying.clone();
-        let Ok(applied) = applied.read() else {
-            self.progress.poison(PANICKED.into());
-            return Err(StoreError::Engine(PANICKED.into()));
+        let applied = match applied.read() {
+            Ok(applied) if !applied.failed => applied,
+            // Between a failed checkpoint and the store's poisoning, nothing is built over
+            // what sled failed to take.
+            Ok(_) => {
+                self.progress.poison(SLED_FAILED.into());
+                return Err(StoreError::Engine(SLED_FAILED.into()));
+            }
+            Err(_) => {
+                self.progress.poison(PANICKED.into());
+                return Err(StoreError::Engine(PANICKED.into()));
+            }
         };
         let view = View {
             db: &self.db,
@@ -1401,9 +1412,8 @@ impl SledFiles {
                 Ok(Some(next)) => from = next,
                 Ok(None) => break,
                 Err(e) => {
-                    // sled now holds some of them, which the map no longer says: reads fail
-                    // until a restart replays the log, as after an apply that failed part
-                    // way.
+                    // Each key is still held or in sled, but sled failed: the store stops
+                    // until a restart replays the log, as after an apply that failed.
                     applied.failed = true;
                     return Err(e);
                 }
@@ -1912,6 +1922,32 @@ mod tests {
         assert!(store.log_size().is_err());
         let outbox = Queue::Outbox("kh".parse().unwrap());
         assert!(store.queue(&outbox, 10).is_err());
+        // Nor is anything built over it.
+        let next = Tx {
+            ops: vec![Op::InsertMessage(
+                writer_message_id(1, 2),
+                Default::default(),
+            )],
+            receipts: None,
+        };
+        let err = store.commit(next).await.unwrap_err().to_string();
+        assert!(err.contains("restart"), "{err}");
+    }
+
+    /// A checkpoint's move that sled fails keeps the key it failed on held, so that readers
+    /// would still find it; the store stops all the same (above).
+    #[test]
+    fn a_move_sled_fails_keeps_the_key_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_sled(dir.path(), 16 << 20).unwrap();
+        let gone = db.open_tree("dropped").unwrap();
+        let mut held = QueueWrites::default();
+        held.put(&gone, b"qa", b"1").unwrap();
+        held.remove(b"qb");
+        db.drop_tree("dropped").unwrap();
+        assert!(held.move_some(&gone, b"", 10).is_err());
+        assert_eq!(held.get(&db, b"qa").unwrap(), Some(b"1".to_vec()));
+        assert!(matches!(held.0.get(b"qb".as_slice()), Some(Held::Removed)));
     }
 
     /// After a checkpoint the checkpointer prepares a spare, sized after the segment it
