@@ -531,6 +531,12 @@ impl OrgClient {
             .max_decoding_message_size(256 << 20)
     }
 
+    /// The gateway's standard gRPC health service on the same connection: NOT_SERVING once
+    /// its store stopped taking commits.
+    pub fn health(&self) -> tonic_health::pb::health_client::HealthClient<Channel> {
+        tonic_health::pb::health_client::HealthClient::new(self.channel.clone())
+    }
+
     /// Raw access for tests that must send what a well-behaved client would not.
     pub fn exchange(&mut self) -> &mut ExchangeClient<Channel> {
         &mut self.exchange

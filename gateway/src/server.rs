@@ -426,6 +426,11 @@ pub async fn start(
     ));
 
     tasks.spawn(sweep_attachments(pipeline.clone(), shutdown.subscribe()));
+    tasks.spawn(report_store_health(
+        pipeline.clone(),
+        health,
+        shutdown.subscribe(),
+    ));
 
     for peer in &config.peers {
         let client = pipeline
@@ -630,6 +635,42 @@ async fn sweep_attachments(pipeline: Arc<Pipeline>, shutdown: watch::Receiver<bo
         pipeline.sweep_attachments().await;
         tokio::select! {
             _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
+            _ = &mut stop => return,
+        }
+    }
+}
+
+/// How often the health service looks at the store.
+const STORE_HEALTH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Turns the gateway's health (the server's and both services', on both listeners) to
+/// NOT_SERVING once its store stopped taking commits, so that monitors and load balancers
+/// see what every call would now fail with. Only a restart brings the store back.
+async fn report_store_health(
+    pipeline: Arc<Pipeline>,
+    health: tonic_health::server::HealthReporter,
+    shutdown: watch::Receiver<bool>,
+) {
+    let stop = wait_for(shutdown);
+    tokio::pin!(stop);
+    loop {
+        if let Some(why) = pipeline.store.stopped() {
+            tracing::error!(
+                error = %why,
+                "the store stopped taking commits: health is NOT_SERVING; restart the gateway"
+            );
+            let not_serving = tonic_health::ServingStatus::NotServing;
+            health.set_service_status("", not_serving).await;
+            health
+                .set_not_serving::<ExchangeServer<ExchangeService>>()
+                .await;
+            health
+                .set_not_serving::<PeerLinkServer<PeerLinkService>>()
+                .await;
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(STORE_HEALTH_EVERY) => {}
             _ = &mut stop => return,
         }
     }

@@ -128,6 +128,67 @@ async fn three_countries_are_routed_by_the_recipients_country() {
     net.shutdown().await;
 }
 
+/// A store that can no longer write stops the gateway accepting, and its health service
+/// says so. The write-ahead log's folder is replaced by a file, so the next segment cannot
+/// be made: submits then fail, nothing is accepted, and the health of the server, of the
+/// exchange and of the peer link turns NOT_SERVING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_write_turns_the_gateway_not_serving() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::HealthCheckRequest;
+    let net = two_countries().await;
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    let to = net.org_id("kh", "ahtd").unwrap();
+    let exchange = pb::exchange_server::SERVICE_NAME;
+    let peer_link = pb::peer_link_server::SERVICE_NAME;
+    let checker = vn.health();
+    let health = move |service: &str| {
+        let mut client = checker.clone();
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        async move { client.check(request).await.unwrap().into_inner().status() }
+    };
+    for service in ["", exchange, peer_link] {
+        assert_eq!(health(service).await, ServingStatus::Serving, "{service:?}");
+    }
+    vn.send(&to, &alert("before"), &SendOptions::new("C2"))
+        .await
+        .unwrap();
+
+    let wal = net.data_dir("vn").unwrap().join("wal");
+    std::fs::rename(&wal, wal.with_extension("moved")).unwrap();
+    std::fs::write(&wal, b"not a folder").unwrap();
+    let started = std::time::Instant::now();
+    let refused = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still accepting"
+        );
+        match vn.send(&to, &alert("after"), &SendOptions::new("C2")).await {
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(refused.contains("not accepted"), "{refused}");
+    while health("").await != ServingStatus::NotServing {
+        assert!(started.elapsed() < Duration::from_secs(10), "still serving");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for service in [exchange, peer_link] {
+        assert_eq!(
+            health(service).await,
+            ServingStatus::NotServing,
+            "{service:?}"
+        );
+    }
+    assert!(vn
+        .send(&to, &alert("still after"), &SendOptions::new("C2"))
+        .await
+        .is_err());
+    net.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_down_queues_and_delivers_when_it_returns() {
     let mut net = two_countries().await;

@@ -213,6 +213,10 @@ pub trait Store: Send + Sync + 'static {
     fn message_events(&self, id: &MessageId) -> Result<Vec<LogIndex>, StoreError>;
     /// A metadata record set by [`Op::PutMeta`].
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Why the store takes no more commits, once it stopped (a write or sync that failed, a
+    /// thread that panicked): it stays stopped until the gateway restarts and replays what
+    /// it logged. `None` while it works.
+    fn stopped(&self) -> Option<String>;
 }
 
 #[cfg(test)]

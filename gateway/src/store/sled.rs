@@ -1662,6 +1662,10 @@ impl Store for SledStore {
         let _whole = self.whole_groups()?;
         Ok(self.db.get(meta_key(key))?.map(|v| v.to_vec()))
     }
+
+    fn stopped(&self) -> Option<String> {
+        self.progress.poisoned()
+    }
 }
 
 #[cfg(test)]
