@@ -146,10 +146,11 @@ struct Progress {
 
 impl Progress {
     fn poison(&self, why: String) {
-        tracing::error!(error = %why, "store write failed; refusing further writes");
+        // Set before it is logged: whoever looks meanwhile is refused.
         if let Ok(mut p) = self.poisoned.lock() {
-            p.get_or_insert(why);
+            p.get_or_insert(why.clone());
         }
+        tracing::error!(error = %why, "store write failed; refusing further writes");
     }
 
     fn poisoned(&self) -> Option<String> {
@@ -241,7 +242,7 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         messages: messages.clone(),
         log_file: File::open(path.join("db"))?,
         blob_dir: path.join("blobs"),
-        synced_blobs: HashMap::new(),
+        synced_blobs: Arc::default(),
     };
     let restore = "Restore the whole store from one backup: sled, log/, messages/ and wal/ \
                    together";
@@ -281,7 +282,7 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         files.make_durable()?;
     } else {
         // A clean close left sled durable: note its files without syncing each again.
-        files.synced_blobs = blob_sizes(&files.blob_dir)?;
+        *files.synced() = blob_sizes(&files.blob_dir)?;
         files.note_sled_bytes();
     }
     // Once the open can no longer fail on what the store holds, and before this binary
@@ -292,6 +293,7 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     wal::remove_through(&wal_dir, last_segment)?;
     wal::remove_spares(&wal_dir)?;
     let segment = Segment::create(&wal_dir, last_segment + 1)?;
+    let (blob_dir, synced_blobs) = (files.blob_dir.clone(), files.synced_blobs.clone());
     let files = Arc::new(Mutex::new(files));
     let (checkpoints, checkpoint_requests) = mpsc::channel();
     let checkpointer = {
@@ -312,6 +314,8 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         checkpoints,
         checkpointer: Some(checkpointer),
         files,
+        blob_dir,
+        synced_blobs,
         next_log: read_meta(&db, META_LOG)?,
         next_seq: read_meta(&db, META_SEQ)?,
         next_message: read_meta(&db, META_MESSAGES)?,
@@ -968,8 +972,12 @@ struct Committer {
     /// Numbers of segments sled now holds, for the checkpointer to make durable and delete.
     checkpoints: mpsc::Sender<Handover>,
     checkpointer: Option<JoinHandle<()>>,
-    /// For a group that made sled write a blob file ([`SledFiles::sync_if_new_blobs`]).
+    /// For a group that made sled write a blob file ([`Committer::sync_if_new_blobs`]).
     files: Arc<Mutex<SledFiles>>,
+    /// sled's blob folder, and what the last checkpoint synced of it
+    /// ([`SledFiles::synced_blobs`]).
+    blob_dir: PathBuf,
+    synced_blobs: Arc<Mutex<BlobSizes>>,
     next_log: u64,
     next_seq: u64,
     next_message: u64,
@@ -1053,11 +1061,29 @@ impl Committer {
             return Err(format!("applying a logged group to sled: {e}"));
         }
         drop(applied);
-        self.files
-            .lock()
-            .map_err(|_| "the checkpointer panicked".to_string())?
-            .sync_if_new_blobs()
+        self.sync_if_new_blobs()
             .map_err(|e| format!("syncing sled after a blob write: {e}"))
+    }
+
+    /// sled writes a large page to a blob file, and deletes the page's previous blob file
+    /// once the new one is written, not once it is durable. Left to the next checkpoint, a
+    /// power cut could find sled's last durable state pointing at a deleted file. So right
+    /// after a group that made sled write a blob file (after its answers, which only need
+    /// the log), sled is made durable, as after every group before this log existed. One
+    /// directory listing per group tells, without waiting for a checkpoint in progress: the
+    /// next group waits only when there is a new blob file to sync.
+    fn sync_if_new_blobs(&self) -> Result<(), String> {
+        let names = blob_names(&self.blob_dir).map_err(|e| e.to_string())?;
+        let synced = self
+            .synced_blobs
+            .lock()
+            .map_err(|_| CHECKPOINTER_PANICKED)?;
+        if names.iter().all(|n| synced.contains_key(n)) {
+            return Ok(());
+        }
+        drop(synced);
+        let mut files = self.files.lock().map_err(|_| CHECKPOINTER_PANICKED)?;
+        files.make_durable().map_err(|e| e.to_string())
     }
 
     /// Appends the writes to the log as one record and syncs it; `None` if there are none.
@@ -1114,8 +1140,7 @@ impl Committer {
                     bytes: full.bytes(),
                 };
                 if self.checkpoints.send(handover).is_err() {
-                    self.progress
-                        .poison("the checkpointer thread is gone".into());
+                    self.progress.poison(CHECKPOINTER_PANICKED.into());
                 }
             }
             Err(e) => self
@@ -1321,9 +1346,17 @@ struct SledFiles {
     messages: Arc<Records>,
     log_file: File,
     blob_dir: PathBuf,
-    /// Blob files already synced, with their sizes (sled writes a blob file once).
-    synced_blobs: HashMap<std::ffi::OsString, u64>,
+    /// Blob files already synced, with their sizes (sled writes a blob file once); shared
+    /// with the committer, which looks for new ones after each group.
+    synced_blobs: Arc<Mutex<BlobSizes>>,
 }
+
+/// sled's blob files by name, with their sizes.
+type BlobSizes = HashMap<std::ffi::OsString, u64>;
+
+/// Why the store stops when the checkpointer thread is gone.
+const CHECKPOINTER_PANICKED: &str =
+    "the store's checkpointer thread panicked; restart the gateway to replay the write-ahead log";
 
 /// A full segment, handed by the committer to the checkpointer.
 struct Handover {
@@ -1435,34 +1468,32 @@ impl SledFiles {
             self.log.bytes(),
             self.messages.bytes(),
         ) {
-            let bytes = meta.len() + self.synced_blobs.values().sum::<u64>() + log + messages;
+            let blobs = self.synced().values().sum::<u64>();
+            let bytes = meta.len() + blobs + log + messages;
             self.progress.sled_bytes.store(bytes, Ordering::Relaxed);
         }
-    }
-
-    /// sled writes a large page to a blob file, and deletes the page's previous blob file
-    /// once the new one is written, not once it is durable. Left to the next checkpoint, a
-    /// power cut could find sled's last durable state pointing at a deleted file. So right
-    /// after a group that made sled write a blob file (after its answers, which only need
-    /// the log), sled is made durable, as after every group before this log existed. One
-    /// directory listing per group tells.
-    fn sync_if_new_blobs(&mut self) -> Result<(), StoreError> {
-        let names = blob_names(&self.blob_dir)?;
-        if names.iter().all(|n| self.synced_blobs.contains_key(n)) {
-            return Ok(());
-        }
-        self.make_durable()
     }
 
     /// Syncs new blob files and notes what every blob file holds.
     fn sync_blobs(&mut self) -> std::io::Result<()> {
         let names = blob_names(&self.blob_dir)?;
-        let (present, changed) = sync_new_files(&self.blob_dir, names, &self.synced_blobs)?;
+        // Not held while new files are synced: the committer compares names meanwhile.
+        let synced = self.synced().clone();
+        let (present, changed) = sync_new_files(&self.blob_dir, names, &synced)?;
         if changed {
             sync_dir(&self.blob_dir)?;
         }
-        self.synced_blobs = present;
+        *self.synced() = present;
         Ok(())
+    }
+
+    /// Only the checkpointer (and the open, before it starts) writes it, each time whole,
+    /// and the committer only compares names: a panic while holding it leaves nothing half
+    /// done.
+    fn synced(&self) -> std::sync::MutexGuard<'_, BlobSizes> {
+        self.synced_blobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -1475,7 +1506,7 @@ fn blob_names(dir: &Path) -> std::io::Result<Vec<std::ffi::OsString>> {
 }
 
 /// The blob files and their sizes, as a clean close left them (already synced).
-fn blob_sizes(dir: &Path) -> std::io::Result<HashMap<std::ffi::OsString, u64>> {
+fn blob_sizes(dir: &Path) -> std::io::Result<BlobSizes> {
     let mut sizes = HashMap::new();
     for name in blob_names(dir)? {
         match std::fs::metadata(dir.join(&name)) {
@@ -2243,8 +2274,9 @@ mod tests {
     }
 
     /// Readers scanning a queue while the checkpointer moves its held keys into sled, a few
-    /// hundred per turn of the lock, and while the committer enqueues and dequeues, some of
-    /// the keys it dequeues in the middle of a move. Every scan shows each entry answered
+    /// hundred per turn of the lock, and while the committer enqueues and dequeues (it does
+    /// not wait for a checkpoint, so its groups may fall between two turns; whether one does
+    /// is up to the scheduler). Every scan shows each entry answered
     /// before it began, unless removed while it ran, no entry removed before it began, and
     /// nothing never enqueued. After a crash the store holds exactly the entries left.
     #[test]
@@ -2274,7 +2306,8 @@ mod tests {
                 let (answered, enqueued) = (answered.clone(), enqueued.clone());
                 std::thread::spawn(move || {
                     let mut scans = 0u32;
-                    while !stop.load(Ordering::Relaxed) {
+                    // At least once, however late this thread first runs.
+                    while scans == 0 || !stop.load(Ordering::Relaxed) {
                         let before = answered.lock().unwrap().clone();
                         let seen: BTreeMap<Vec<u8>, Vec<u8>> = {
                             let applied = applying.read().unwrap();
@@ -2325,9 +2358,11 @@ mod tests {
             });
             commit_group(&mut committer, txs);
             let mut state = answered.lock().unwrap();
+            let known = state.len();
             for key in keys_under(&committer, &prefix) {
                 state.entry(key).or_insert(Stage::In);
             }
+            assert_eq!(state.len(), known + 400, "round {round}: entries missing");
             // Every other live entry leaves, those of this round among them.
             let leaving: Vec<Vec<u8>> = state
                 .iter()
@@ -2558,6 +2593,61 @@ mod tests {
         for i in 0..60 {
             assert_eq!(rebuilt.receipts(&id(i)).unwrap().len(), 1, "receipt of {i}");
         }
+    }
+
+    /// The committer waits for a checkpoint in progress only after a group that made sled
+    /// write a new blob file, to make sled durable itself (the group's answers went out
+    /// before). After any other group it goes on while the checkpointer holds sled's files.
+    #[test]
+    fn only_a_new_blob_file_makes_the_committer_wait_for_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let (files, synced) = (committer.files.clone(), committer.synced_blobs.clone());
+        let blob_dir = committer.blob_dir.clone();
+        let insert = |i: u64| Tx {
+            ops: vec![Op::InsertMessage(
+                MessageId::new_v7(50_000 + i, [2; 10]),
+                StoredMessage::default(),
+            )],
+            receipts: None,
+        };
+        let (held, release) = (mpsc::channel(), mpsc::channel::<()>());
+        let checkpoint = std::thread::spawn(move || {
+            let _files = files.lock().unwrap();
+            held.0.send(()).unwrap();
+            release.1.recv().unwrap();
+        });
+        held.1.recv().unwrap();
+        let (done, groups) = mpsc::channel();
+        let committing = std::thread::spawn(move || {
+            let mut committer = committer;
+            commit_group(&mut committer, [insert(1)]);
+            done.send(1).unwrap();
+            std::fs::create_dir_all(&blob_dir).unwrap();
+            std::fs::write(blob_dir.join("4242"), b"a page").unwrap();
+            commit_group(&mut committer, [insert(2)]);
+            done.send(2).unwrap();
+            committer
+        });
+        let wait = Duration::from_secs(10);
+        assert_eq!(
+            groups.recv_timeout(wait),
+            Ok(1),
+            "waited for the checkpoint"
+        );
+        assert!(
+            groups.recv_timeout(Duration::from_millis(300)).is_err(),
+            "a new blob file was not synced"
+        );
+        release.0.send(()).unwrap();
+        assert_eq!(groups.recv_timeout(wait), Ok(2));
+        checkpoint.join().unwrap();
+        let committer = committing.join().unwrap();
+        assert!(synced
+            .lock()
+            .unwrap()
+            .contains_key(std::ffi::OsStr::new("4242")));
+        crash(committer);
     }
 
     /// A deferral that only the write-ahead log holds at a crash comes back whole: the entry
