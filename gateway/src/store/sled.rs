@@ -2650,6 +2650,42 @@ mod tests {
         crash(committer);
     }
 
+    /// A receipt named twice in a transaction that also logs an entry naming its message:
+    /// one record is kept, and it carries the entry, so the message's events find it, before
+    /// and after a restart.
+    #[tokio::test]
+    async fn a_receipt_named_twice_beside_a_log_entry_keeps_one_record_with_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = MessageId::new_v7(60_000, [3; 10]);
+        let receipt = pb::Receipt {
+            body: vec![7; 40],
+            signature: vec![8; 64],
+        };
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        let put = || Op::PutReceipt(id, receipt.clone());
+        let ops = vec![
+            log_naming(&id),
+            put(),
+            Op::Log(vec![1]),
+            put(),
+            log_naming(&id),
+        ];
+        store
+            .commit(Tx {
+                ops,
+                receipts: None,
+            })
+            .await
+            .unwrap();
+        let check = |store: &SledStore| {
+            assert_eq!(store.receipts(&id).unwrap(), vec![receipt.clone()]);
+            assert_eq!(store.message_events(&id).unwrap(), vec![0, 2]);
+        };
+        check(&store);
+        drop(store);
+        check(&SledStore::open(dir.path(), 16 << 20).unwrap());
+    }
+
     /// A deferral that only the write-ahead log holds at a crash comes back whole: the entry
     /// at the back under its new key, marked, and not under its old one.
     #[test]
