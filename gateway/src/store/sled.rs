@@ -241,8 +241,10 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         log: log.clone(),
         messages: messages.clone(),
         log_file: File::open(path.join("db"))?,
-        blob_dir: path.join("blobs"),
-        synced_blobs: Arc::default(),
+        blobs: Arc::new(BlobFiles {
+            dir: path.join("blobs"),
+            synced: Mutex::default(),
+        }),
     };
     let restore = "Restore the whole store from one backup: sled, log/, messages/ and wal/ \
                    together";
@@ -282,7 +284,7 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         files.make_durable()?;
     } else {
         // A clean close left sled durable: note its files without syncing each again.
-        *files.synced() = blob_sizes(&files.blob_dir)?;
+        *files.blobs.synced() = blob_sizes(&files.blobs.dir)?;
         files.note_sled_bytes();
     }
     // Once the open can no longer fail on what the store holds, and before this binary
@@ -293,7 +295,7 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     wal::remove_through(&wal_dir, last_segment)?;
     wal::remove_spares(&wal_dir)?;
     let segment = Segment::create(&wal_dir, last_segment + 1)?;
-    let (blob_dir, synced_blobs) = (files.blob_dir.clone(), files.synced_blobs.clone());
+    let blobs = files.blobs.clone();
     let files = Arc::new(Mutex::new(files));
     let (checkpoints, checkpoint_requests) = mpsc::channel();
     let checkpointer = {
@@ -314,8 +316,7 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         checkpoints,
         checkpointer: Some(checkpointer),
         files,
-        blob_dir,
-        synced_blobs,
+        blobs,
         next_log: read_meta(&db, META_LOG)?,
         next_seq: read_meta(&db, META_SEQ)?,
         next_message: read_meta(&db, META_MESSAGES)?,
@@ -974,10 +975,7 @@ struct Committer {
     checkpointer: Option<JoinHandle<()>>,
     /// For a group that made sled write a blob file ([`Committer::sync_if_new_blobs`]).
     files: Arc<Mutex<SledFiles>>,
-    /// sled's blob folder, and what the last checkpoint synced of it
-    /// ([`SledFiles::synced_blobs`]).
-    blob_dir: PathBuf,
-    synced_blobs: Arc<Mutex<BlobSizes>>,
+    blobs: Arc<BlobFiles>,
     next_log: u64,
     next_seq: u64,
     next_message: u64,
@@ -1073,15 +1071,9 @@ impl Committer {
     /// directory listing per group tells, without waiting for a checkpoint in progress: the
     /// next group waits only when there is a new blob file to sync.
     fn sync_if_new_blobs(&self) -> Result<(), String> {
-        let names = blob_names(&self.blob_dir).map_err(|e| e.to_string())?;
-        let synced = self
-            .synced_blobs
-            .lock()
-            .map_err(|_| CHECKPOINTER_PANICKED)?;
-        if names.iter().all(|n| synced.contains_key(n)) {
+        if !self.blobs.any_new().map_err(|e| e.to_string())? {
             return Ok(());
         }
-        drop(synced);
         let mut files = self.files.lock().map_err(|_| CHECKPOINTER_PANICKED)?;
         files.make_durable().map_err(|e| e.to_string())
     }
@@ -1345,10 +1337,44 @@ struct SledFiles {
     log: Arc<LogFiles>,
     messages: Arc<Records>,
     log_file: File,
-    blob_dir: PathBuf,
-    /// Blob files already synced, with their sizes (sled writes a blob file once); shared
-    /// with the committer, which looks for new ones after each group.
-    synced_blobs: Arc<Mutex<BlobSizes>>,
+    blobs: Arc<BlobFiles>,
+}
+
+/// sled's blob folder, and the files in it known synced, with their sizes (sled writes a
+/// blob file once). Shared by whoever makes sled durable, which syncs new ones, and the
+/// committer, which looks for new ones after each group.
+struct BlobFiles {
+    dir: PathBuf,
+    synced: Mutex<BlobSizes>,
+}
+
+impl BlobFiles {
+    /// Replaced whole at every write: a panic while holding it leaves nothing half done.
+    fn synced(&self) -> std::sync::MutexGuard<'_, BlobSizes> {
+        self.synced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the folder holds a file not known synced.
+    fn any_new(&self) -> std::io::Result<bool> {
+        let names = blob_names(&self.dir)?;
+        let synced = self.synced();
+        Ok(!names.iter().all(|n| synced.contains_key(n)))
+    }
+
+    /// `fdatasync`s the files among `names` (a listing) not known synced, and the folder if
+    /// any was, then knows exactly `names` as synced: a file listed after them stays new.
+    fn sync(&self, names: Vec<std::ffi::OsString>) -> std::io::Result<()> {
+        // Not held while files are synced: the committer compares names meanwhile.
+        let known = self.synced().clone();
+        let (present, changed) = sync_new_files(&self.dir, names, &known)?;
+        if changed {
+            sync_dir(&self.dir)?;
+        }
+        *self.synced() = present;
+        Ok(())
+    }
 }
 
 /// sled's blob files by name, with their sizes.
@@ -1427,7 +1453,8 @@ fn checkpoint(files: &mut SledFiles, wal_dir: &Path, through: u64) {
 }
 
 impl SledFiles {
-    /// flush + fdatasync of sled's log file and of any blob file not yet synced; then notes
+    /// Moves the held queue keys into sled; `fdatasync`s the blob files not yet synced, then
+    /// flushes sled and `fdatasync`s its log file and the files beside it; then notes
     /// sled's size on disk.
     fn make_durable(&mut self) -> Result<(), StoreError> {
         // Everything applied so far reaches sled before the flush. A few hundred keys at a
@@ -1436,14 +1463,17 @@ impl SledFiles {
         // not hold them up at once. Keys applied in between are held until the next
         // checkpoint, and are in segments it does not delete.
         let mut from = Vec::new();
-        loop {
+        let blobs = loop {
             let mut applied = self
                 .applying
                 .write()
                 .map_err(|_| StoreError::Engine(PANICKED.into()))?;
             match applied.queues.move_some(&self.db, &from, MOVE_AT_ONCE) {
                 Ok(Some(next)) => from = next,
-                Ok(None) => break,
+                // Listed while no group applies: sled writes a blob file whole within the
+                // insert that needs it, so each file listed is complete, and the groups
+                // that wrote them are all in the flush below.
+                Ok(None) => break blob_names(&self.blobs.dir)?,
                 Err(e) => {
                     // Each key is still held or in sled, but sled failed: the store stops
                     // until a restart replays the log, as after an apply that failed.
@@ -1451,10 +1481,11 @@ impl SledFiles {
                     return Err(e);
                 }
             }
-        }
+        };
+        // The blob files first: sled's log, once durable, may point at them.
+        self.blobs.sync(blobs)?;
         self.db.flush()?;
         self.log_file.sync_data()?;
-        self.sync_blobs()?;
         self.log.sync()?;
         self.messages.sync()?;
         self.note_sled_bytes();
@@ -1468,32 +1499,10 @@ impl SledFiles {
             self.log.bytes(),
             self.messages.bytes(),
         ) {
-            let blobs = self.synced().values().sum::<u64>();
+            let blobs = self.blobs.synced().values().sum::<u64>();
             let bytes = meta.len() + blobs + log + messages;
             self.progress.sled_bytes.store(bytes, Ordering::Relaxed);
         }
-    }
-
-    /// Syncs new blob files and notes what every blob file holds.
-    fn sync_blobs(&mut self) -> std::io::Result<()> {
-        let names = blob_names(&self.blob_dir)?;
-        // Not held while new files are synced: the committer compares names meanwhile.
-        let synced = self.synced().clone();
-        let (present, changed) = sync_new_files(&self.blob_dir, names, &synced)?;
-        if changed {
-            sync_dir(&self.blob_dir)?;
-        }
-        *self.synced() = present;
-        Ok(())
-    }
-
-    /// Only the checkpointer (and the open, before it starts) writes it, each time whole,
-    /// and the committer only compares names: a panic while holding it leaves nothing half
-    /// done.
-    fn synced(&self) -> std::sync::MutexGuard<'_, BlobSizes> {
-        self.synced_blobs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -1695,7 +1704,16 @@ impl Store for SledStore {
     }
 
     fn stopped(&self) -> Option<String> {
-        self.progress.poisoned()
+        let ended = (self.committer.lock().ok())
+            .is_some_and(|handle| handle.as_ref().is_some_and(JoinHandle::is_finished));
+        match self.progress.poisoned() {
+            None if ended => Some(
+                "the store's commit thread ended; restart the gateway to replay the write-ahead \
+                 log"
+                .into(),
+            ),
+            why => why,
+        }
     }
 }
 
@@ -2536,9 +2554,14 @@ mod tests {
         checkpoint_current_segment(&mut committer);
         // Everything is synced and nothing writes: this is what a power cut from here on
         // leaves of sled and the log's files.
+        assert!(committer.applying.read().unwrap().queues.0.is_empty());
+        assert_eq!(
+            committer.db.scan_prefix(&prefix).count(),
+            35,
+            "moved into sled"
+        );
         let synced = tempfile::tempdir().unwrap();
         copy_dir(dir.path(), synced.path());
-        assert!(!keys_under(&committer, &prefix).is_empty());
 
         dequeue(&mut committer, 5, 15); // sled holds them
         let deferred = key_of(&committer, 15);
@@ -2602,8 +2625,8 @@ mod tests {
     fn only_a_new_blob_file_makes_the_committer_wait_for_a_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let (committer, _) = recover(dir.path(), 16 << 20).unwrap();
-        let (files, synced) = (committer.files.clone(), committer.synced_blobs.clone());
-        let blob_dir = committer.blob_dir.clone();
+        let (files, blobs) = (committer.files.clone(), committer.blobs.clone());
+        let blob_dir = blobs.dir.clone();
         let insert = |i: u64| Tx {
             ops: vec![Op::InsertMessage(
                 MessageId::new_v7(50_000 + i, [2; 10]),
@@ -2643,10 +2666,7 @@ mod tests {
         assert_eq!(groups.recv_timeout(wait), Ok(2));
         checkpoint.join().unwrap();
         let committer = committing.join().unwrap();
-        assert!(synced
-            .lock()
-            .unwrap()
-            .contains_key(std::ffi::OsStr::new("4242")));
+        assert!(blobs.synced().contains_key(std::ffi::OsStr::new("4242")));
         crash(committer);
     }
 
@@ -2684,6 +2704,25 @@ mod tests {
         check(&store);
         drop(store);
         check(&SledStore::open(dir.path(), 16 << 20).unwrap());
+    }
+
+    /// A store whose commit thread ended takes no more commits, and says so (health reads
+    /// it), though nothing was poisoned.
+    #[test]
+    fn a_store_whose_commit_thread_ended_says_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(store.stopped(), None);
+        store.sender.lock().unwrap().take();
+        let started = Instant::now();
+        let why = loop {
+            if let Some(why) = store.stopped() {
+                break why;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "still working");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(why.contains("restart"), "{why}");
     }
 
     /// A deferral that only the write-ahead log holds at a crash comes back whole: the entry
@@ -3580,7 +3619,11 @@ mod tests {
             if entry.file_type().unwrap().is_dir() {
                 copy_dir(&entry.path(), &to.join(entry.file_name()));
             } else {
-                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+                // A spare the checkpointer renames meanwhile: it holds nothing.
+                match std::fs::copy(entry.path(), to.join(entry.file_name())) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    copied => drop(copied.unwrap()),
+                }
             }
         }
     }
