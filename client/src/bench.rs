@@ -379,6 +379,31 @@ pub struct CryptoLimit {
     pub seal_us: f64,
 }
 
+impl CryptoLimit {
+    /// Two timings of as many rounds each, taken as one.
+    fn merged(self, other: CryptoLimit) -> CryptoLimit {
+        let stages: Vec<CryptoStage> = (self.stages.into_iter().zip(other.stages))
+            .map(|(a, b)| CryptoStage {
+                us_each: (a.us_each + b.us_each) / 2.0,
+                ..a
+            })
+            .collect();
+        let us_per_message = (stages.iter())
+            .map(|s| f64::from(s.times_per_message) * s.us_each)
+            .sum::<f64>();
+        let [low, high] = self.round_ceilings_per_sec;
+        let [other_low, other_high] = other.round_ceilings_per_sec;
+        CryptoLimit {
+            ceiling_per_sec: self.cores as f64 * 1e6 / us_per_message,
+            round_ceilings_per_sec: [low.min(other_low), high.max(other_high)],
+            seal_us: (self.seal_us + other.seal_us) / 2.0,
+            stages,
+            us_per_message,
+            cores: self.cores,
+        }
+    }
+}
+
 /// The limits measured in the same run.
 #[derive(Clone, Debug, Serialize)]
 pub struct LimitFigures {
@@ -458,7 +483,7 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
     // Attached, the net only lends its PKI and folder to the limits.
     let net = bench_net(opts).await?;
     let measured = match &opts.attach {
-        Some(attach) => measure_attached(opts, attach, progress).await?,
+        Some(attach) => measure_attached(opts, attach, &net, progress).await?,
         None => measure_own_pair(opts, &net, progress).await?,
     };
     let Measured {
@@ -475,6 +500,7 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
         noise,
         bench_cpu,
         gateway_cpu: _,
+        crypto,
     } = exchange;
     processes.push(ProcessUse::new(
         "clients (bench process)".into(),
@@ -485,8 +511,6 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
 
     writeln!(progress, "limits: transport (bare mTLS echo)...")?;
     let transport = transport_limit(opts, &net).await?;
-    writeln!(progress, "limits: crypto (per-message work)...")?;
-    let crypto = crypto_limit(opts.body_bytes, &net)?;
     writeln!(progress, "limits: store (durable transactions)...")?;
     let store = store_limit(opts, net.root()).await?;
 
@@ -600,6 +624,7 @@ async fn measure_own_pair(
 async fn measure_attached(
     opts: &Options,
     attach: &Attach,
+    net: &LocalNet,
     progress: &mut (impl Write + Send),
 ) -> anyhow::Result<Measured> {
     writeln!(
@@ -634,7 +659,16 @@ async fn measure_attached(
     };
     let disk_before = on_disk();
     let pid_list: Vec<u32> = pids.iter().map(|p| p.1).collect();
-    let exchange = exchange(opts, &mut senders, &mut recipient, &to, &pid_list, progress).await?;
+    let exchange = exchange(
+        opts,
+        net,
+        &mut senders,
+        &mut recipient,
+        &to,
+        &pid_list,
+        progress,
+    )
+    .await?;
     for (name, pid) in &pids {
         // Its CPU would read as what it spent before it went.
         anyhow::ensure!(
@@ -695,6 +729,8 @@ struct Exchange {
     bench_cpu: f64,
     /// CPU seconds the gateways' processes spent in it, in the order their ids were given.
     gateway_cpu: Vec<f64>,
+    /// The crypto ceiling, timed half right before the phase and half right after.
+    crypto: CryptoLimit,
 }
 
 /// Submit alone (KH down), drain (KH up), then the end-to-end exchange. `gateways` holds
@@ -747,7 +783,16 @@ async fn phases(
     )?;
     let (drain, mut recipient) = drain_after_kh_starts(opts, net, gateways, opts.messages).await?;
     let pids: Vec<u32> = gateways.iter().map(|g| g.pid).collect();
-    let exchange = exchange(opts, &mut senders, &mut recipient, &to, &pids, progress).await?;
+    let exchange = exchange(
+        opts,
+        net,
+        &mut senders,
+        &mut recipient,
+        &to,
+        &pids,
+        progress,
+    )
+    .await?;
     Ok((alone, drain, exchange))
 }
 
@@ -757,9 +802,10 @@ fn bench_options() -> SendOptions {
 }
 
 /// The warm-up, then the timed end-to-end phase, with the CPU it cost the processes `pids`
-/// and this one.
+/// and this one, between the two halves of the crypto ceiling's rounds.
 async fn exchange(
     opts: &Options,
+    net: &LocalNet,
     senders: &mut [OrgClient],
     recipient: &mut OrgClient,
     to: &accord_proto::ids::OrgId,
@@ -778,6 +824,8 @@ async fn exchange(
         opts.messages, opts.body_bytes
     )?;
     let batches = preseal(senders, to, &body, &bench_options(), opts.messages)?;
+    writeln!(progress, "limits: crypto (per-message work), first half...")?;
+    let ceiling_before = crypto_limit(opts.body_bytes, net, CRYPTO_ROUNDS / 2)?;
     writeln!(
         progress,
         "end to end: {} senders, {} messages...",
@@ -789,17 +837,25 @@ async fn exchange(
     let (submit, end_to_end, stages) =
         timed_phase(senders, recipient, batches, opts.pace(), opts.timeout).await?;
     let noise = noise_before.since();
+    let bench_cpu = cpu_seconds(std::process::id()) - bench_before;
+    let gateway_cpu = pids
+        .iter()
+        .zip(before)
+        .map(|(&p, b)| cpu_seconds(p) - b)
+        .collect();
+    writeln!(
+        progress,
+        "limits: crypto (per-message work), second half..."
+    )?;
+    let ceiling_after = crypto_limit(opts.body_bytes, net, CRYPTO_ROUNDS / 2)?;
     Ok(Exchange {
         submit,
         end_to_end,
         stages,
         noise,
-        bench_cpu: cpu_seconds(std::process::id()) - bench_before,
-        gateway_cpu: pids
-            .iter()
-            .zip(before)
-            .map(|(&p, b)| cpu_seconds(p) - b)
-            .collect(),
+        bench_cpu,
+        gateway_cpu,
+        crypto: ceiling_before.merged(ceiling_after),
     })
 }
 
@@ -1396,7 +1452,8 @@ async fn transport_limit(opts: &Options, net: &LocalNet) -> anyhow::Result<Rate>
 /// The crypto ceiling: each stage's cost measured here, single-threaded, with the same
 /// library code and `ring` build the gateways and clients use, weighted by how often one
 /// message passes through it between submit and acknowledgement.
-fn crypto_limit(body_bytes: usize, net: &LocalNet) -> anyhow::Result<CryptoLimit> {
+/// The crypto ceiling over `rounds` rounds ([`CRYPTO_ROUNDS`]).
+fn crypto_limit(body_bytes: usize, net: &LocalNet, rounds: usize) -> anyhow::Result<CryptoLimit> {
     use accord_proto::directory::Directories;
     use accord_proto::receipt;
 
@@ -1517,7 +1574,7 @@ fn crypto_limit(body_bytes: usize, net: &LocalNet) -> anyhow::Result<CryptoLimit
     // rounds' lowest and highest.
     let mut us = vec![0.0; stages.len()];
     let (mut lowest, mut highest) = (f64::MAX, 0.0f64);
-    for _ in 0..CRYPTO_ROUNDS {
+    for _ in 0..rounds {
         let mut round = Vec::with_capacity(stages.len());
         for (_, _, work) in &mut stages {
             round.push(time_us(work, CRYPTO_SLICE)?);
@@ -1526,7 +1583,7 @@ fn crypto_limit(body_bytes: usize, net: &LocalNet) -> anyhow::Result<CryptoLimit
         let ceiling = cores as f64 * 1e6 / per_message(&round);
         (lowest, highest) = (lowest.min(ceiling), highest.max(ceiling));
         for (total, r) in us.iter_mut().zip(round) {
-            *total += r / CRYPTO_ROUNDS as f64;
+            *total += r / rounds as f64;
         }
     }
     let us_per_message = per_message(&us);
@@ -1558,8 +1615,10 @@ fn crypto_limit(body_bytes: usize, net: &LocalNet) -> anyhow::Result<CryptoLimit
 /// to 23,200 Ed25519 signatures per second in twelve one-second runs): one short timing
 /// per stage made the ceiling, and the ratio to it, swing by as much. Rounds spread each
 /// change over every stage alike, and about 2.4 s of timing (8 rounds of 5 slices: the
-/// four stages and the copy) averages over most of it. Slices are whole multiples of the
-/// scheduler's 4 ms tick, at which `/proc/thread-self/schedstat` is updated.
+/// four stages and the copy) averages over most of it. Half the rounds run right before the
+/// end-to-end phase and half right after it, so that the ceiling is taken at the speed of
+/// the seconds the phase ran in. Slices are whole multiples of the scheduler's 4 ms tick,
+/// at which `/proc/thread-self/schedstat` is updated.
 const CRYPTO_ROUNDS: usize = 8;
 const CRYPTO_SLICE: Duration = Duration::from_millis(60);
 
@@ -2014,6 +2073,36 @@ pub fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The halves timed before and after the end-to-end phase make one ceiling: each
+    /// stage's mean, the work per message and the ceiling from them, the widest round spread.
+    #[test]
+    fn two_halves_of_the_crypto_rounds_make_one_ceiling() {
+        let half = |verify: f64, sign: f64, spread: [f64; 2]| {
+            let stage = |name: &str, times: u32, us_each: f64| CryptoStage {
+                stage: name.into(),
+                times_per_message: times,
+                us_each,
+            };
+            let us_per_message = 3.0 * verify + 3.0 * sign;
+            CryptoLimit {
+                stages: vec![stage("verify", 3, verify), stage("sign", 3, sign)],
+                us_per_message,
+                cores: 2,
+                ceiling_per_sec: 2e6 / us_per_message,
+                round_ceilings_per_sec: spread,
+                seal_us: 100.0,
+            }
+        };
+        let merged =
+            half(60.0, 20.0, [3_000.0, 4_000.0]).merged(half(40.0, 30.0, [3_500.0, 4_500.0]));
+        let each: Vec<f64> = merged.stages.iter().map(|s| s.us_each).collect();
+        assert_eq!(each, [50.0, 25.0]);
+        assert_eq!(merged.us_per_message, 225.0);
+        assert_eq!(merged.ceiling_per_sec, 2e6 / 225.0);
+        assert_eq!(merged.round_ceilings_per_sec, [3_000.0, 4_500.0]);
+        assert_eq!(merged.stages[0].times_per_message, 3);
+    }
 
     #[test]
     fn bodies_have_the_size_asked_for() {
