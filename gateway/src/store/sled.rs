@@ -231,7 +231,7 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     // The directory entries of sled's files and of the three folders must survive a power
     // cut too.
     sync_dir(path)?;
-    move_log_out_of_sled(&db, &log, &messages)?;
+    let migrated = move_log_out_of_sled(&db, &log, &messages)?;
     let progress = Arc::new(Progress::default());
     let applying = Arc::<RwLock<Applied>>::default();
     let mut files = SledFiles {
@@ -276,11 +276,14 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
             );
             log_read_error(e, what)
         })?;
-    if replayed_groups > 0 {
-        tracing::info!(
-            groups = replayed_groups,
-            "replayed the write-ahead log into sled"
-        );
+    if replayed_groups > 0 || migrated {
+        if replayed_groups > 0 {
+            tracing::info!(
+                groups = replayed_groups,
+                "replayed the write-ahead log into sled"
+            );
+        }
+        // The pages sled wrote for them may be in new blob files, synced by nothing yet.
         files.make_durable()?;
     } else {
         // A clean close left sled durable: note its files without syncing each again.
@@ -516,15 +519,16 @@ fn file_write(key: &[u8]) -> Option<FileWrite> {
 
 /// Stores of an earlier version kept the log's entries and nodes in sled: moves them to
 /// the log's files, syncs those, then removes them from sled. A crash part way repeats it
-/// at the next open, writing the same bytes again.
+/// at the next open, writing the same bytes again. Whether it moved anything: the open
+/// then makes sled durable, blob files included.
 fn move_log_out_of_sled(
     db: &sled::Db,
     log: &LogFiles,
     messages: &Records,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let in_sled = |prefix: &[u8]| db.scan_prefix(prefix).next().is_some();
     if !in_sled(b"l") && !in_sled(b"n") {
-        return Ok(());
+        return Ok(false);
     }
     tracing::info!("moving the log's entries and tree nodes out of sled into log/");
     let mut moved = 0u64;
@@ -551,7 +555,7 @@ fn move_log_out_of_sled(
     }
     db.flush()?;
     tracing::info!(records = moved, "moved the log out of sled");
-    Ok(())
+    Ok(true)
 }
 
 /// Stores of layout 1 indexed outbox entries by message id (`x ‖ "o:" ‖ country ‖ 0x00 ‖
@@ -1364,16 +1368,22 @@ impl BlobFiles {
     }
 
     /// `fdatasync`s the files among `names` (a listing) not known synced, and the folder if
-    /// any was, then knows exactly `names` as synced: a file listed after them stays new.
-    fn sync(&self, names: Vec<std::ffi::OsString>) -> std::io::Result<()> {
+    /// any was; returns the files of `names` still there, for [`BlobFiles::record`].
+    fn sync(&self, names: Vec<std::ffi::OsString>) -> std::io::Result<BlobSizes> {
         // Not held while files are synced: the committer compares names meanwhile.
         let known = self.synced().clone();
         let (present, changed) = sync_new_files(&self.dir, names, &known)?;
         if changed {
             sync_dir(&self.dir)?;
         }
+        Ok(present)
+    }
+
+    /// Knows exactly `present` as synced: a file listed after them stays new. Called once
+    /// sled is durable as well, so that until then a group that wrote one of them still
+    /// makes the committer wait for sled to be durable.
+    fn record(&self, present: BlobSizes) {
         *self.synced() = present;
-        Ok(())
     }
 }
 
@@ -1482,12 +1492,15 @@ impl SledFiles {
                 }
             }
         };
-        // The blob files first: sled's log, once durable, may point at them.
-        self.blobs.sync(blobs)?;
+        // The blob files first: sled's log may point at them once synced here. (sled also
+        // writes its log on its own while groups apply, so this narrows the window in
+        // which a durable log names a blob that is not; it does not close it.)
+        let blobs = self.blobs.sync(blobs)?;
         self.db.flush()?;
         self.log_file.sync_data()?;
         self.log.sync()?;
         self.messages.sync()?;
+        self.blobs.record(blobs);
         self.note_sled_bytes();
         Ok(())
     }
@@ -2616,6 +2629,38 @@ mod tests {
         for i in 0..60 {
             assert_eq!(rebuilt.receipts(&id(i)).unwrap().len(), 1, "receipt of {i}");
         }
+    }
+
+    /// Syncing blob files records nothing: until `record`, after sled is durable, a group
+    /// that wrote one still counts as new. Then exactly the names given are known, so a
+    /// file listed after them stays new, and a listed file sled deleted is skipped.
+    #[test]
+    fn blob_files_are_known_synced_only_once_recorded_and_only_those_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobFiles {
+            dir: dir.path().to_path_buf(),
+            synced: Mutex::default(),
+        };
+        std::fs::write(dir.path().join("1"), b"page one").unwrap();
+        std::fs::write(dir.path().join("2"), b"page two, longer").unwrap();
+        let listed = ["1", "gone"].map(std::ffi::OsString::from).to_vec();
+
+        let present = blobs.sync(listed).unwrap();
+        assert!(blobs.synced().is_empty(), "recorded before sled is durable");
+        assert!(blobs.any_new().unwrap());
+        assert_eq!(
+            present,
+            HashMap::from([(std::ffi::OsString::from("1"), 8)]),
+            "a deleted file is skipped"
+        );
+        blobs.record(present);
+        assert!(blobs.any_new().unwrap(), "a file listed later stays new");
+
+        let all = blob_names(dir.path()).unwrap();
+        let present = blobs.sync(all).unwrap();
+        blobs.record(present);
+        assert!(!blobs.any_new().unwrap());
+        assert_eq!(blobs.synced().values().sum::<u64>(), 8 + 16);
     }
 
     /// The committer waits for a checkpoint in progress only after a group that made sled
