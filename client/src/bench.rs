@@ -372,9 +372,12 @@ pub struct CryptoLimit {
     pub cores: usize,
     /// `cores` seconds of CPU divided by the per-message work.
     pub ceiling_per_sec: f64,
-    /// The lowest and highest ceiling of a single round ([`CRYPTO_ROUNDS`]): how much the
-    /// machine's speed moved while the ceiling was timed.
+    /// The lowest and highest ceiling of a single round ([`CRYPTO_ROUNDS`]), over both
+    /// halves: how much the machine's speed moved while the ceiling was timed.
     pub round_ceilings_per_sec: [f64; 2],
+    /// The ceiling of the half of the rounds timed before the end-to-end phase, and of the
+    /// half after it: a gap between them says the machine's speed moved during the phase.
+    pub halves_per_sec: [f64; 2],
     /// Sealing and signing at the sender, done before the timed phase (not in the ceiling).
     pub seal_us: f64,
 }
@@ -396,6 +399,7 @@ impl CryptoLimit {
         CryptoLimit {
             ceiling_per_sec: self.cores as f64 * 1e6 / us_per_message,
             round_ceilings_per_sec: [low.min(other_low), high.max(other_high)],
+            halves_per_sec: [self.ceiling_per_sec, other.ceiling_per_sec],
             seal_us: (self.seal_us + other.seal_us) / 2.0,
             stages,
             us_per_message,
@@ -568,7 +572,8 @@ pub async fn run(opts: &Options, progress: &mut (impl Write + Send)) -> anyhow::
     Ok(report)
 }
 
-/// What a run measured of the gateways, before the limits.
+/// What a run measured of the gateways, with the crypto ceiling timed around the
+/// end-to-end phase; the other limits are measured after it.
 struct Measured {
     alone: Option<SubmitAlone>,
     drain: Option<Rate>,
@@ -843,6 +848,9 @@ async fn exchange(
         .zip(before)
         .map(|(&p, b)| cpu_seconds(p) - b)
         .collect();
+    // The gateways may still be writing the last receipts, or checkpointing: the second
+    // half is timed once they are idle, as the first was.
+    wait_until_idle(pids).await;
     writeln!(
         progress,
         "limits: crypto (per-message work), second half..."
@@ -1294,6 +1302,22 @@ fn proc_status(pid: u32, field: &str) -> Option<String> {
 
 /// User plus system CPU seconds of a process so far (`/proc/PID/stat`, in clock ticks of
 /// 1/100 s, the kernel's USER_HZ on Linux).
+/// Waits, up to 3 s, for a 100 ms window in which the processes `pids` used together at
+/// most one tick (10 ms) of CPU.
+async fn wait_until_idle(pids: &[u32]) {
+    let used = || pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut last = used();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = used();
+        if now - last <= 0.0105 {
+            return;
+        }
+        last = now;
+    }
+}
+
 fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
@@ -1449,10 +1473,10 @@ async fn transport_limit(opts: &Options, net: &LocalNet) -> anyhow::Result<Rate>
     Ok(rate(start, &done))
 }
 
-/// The crypto ceiling: each stage's cost measured here, single-threaded, with the same
+/// The crypto ceiling over `rounds` rounds (half of [`CRYPTO_ROUNDS`] on each side of the
+/// end-to-end phase): each stage's cost measured here, single-threaded, with the same
 /// library code and `ring` build the gateways and clients use, weighted by how often one
 /// message passes through it between submit and acknowledgement.
-/// The crypto ceiling over `rounds` rounds ([`CRYPTO_ROUNDS`]).
 fn crypto_limit(body_bytes: usize, net: &LocalNet, rounds: usize) -> anyhow::Result<CryptoLimit> {
     use accord_proto::directory::Directories;
     use accord_proto::receipt;
@@ -1594,6 +1618,7 @@ fn crypto_limit(body_bytes: usize, net: &LocalNet, rounds: usize) -> anyhow::Res
     Ok(CryptoLimit {
         ceiling_per_sec: cores as f64 * 1e6 / us_per_message,
         round_ceilings_per_sec: [lowest, highest],
+        halves_per_sec: [cores as f64 * 1e6 / us_per_message; 2],
         stages: stages
             .iter()
             .zip(us)
@@ -1620,6 +1645,10 @@ fn crypto_limit(body_bytes: usize, net: &LocalNet, rounds: usize) -> anyhow::Res
 /// the seconds the phase ran in. Slices are whole multiples of the scheduler's 4 ms tick,
 /// at which `/proc/thread-self/schedstat` is updated.
 const CRYPTO_ROUNDS: usize = 8;
+const _: () = assert!(
+    CRYPTO_ROUNDS.is_multiple_of(2),
+    "half the rounds on each side of the phase"
+);
 const CRYPTO_SLICE: Duration = Duration::from_millis(60);
 
 /// Mean microseconds of this thread's CPU per call of `work` (of wall time where the
@@ -1992,13 +2021,15 @@ pub fn print(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     let c = &report.limits.crypto;
     writeln!(
         out,
-        "{:<34} {:>10.0}   ({:.1} µs of crypto per message on {} cores; {:.0} to {:.0} in single rounds)",
+        "{:<34} {:>10.0}   ({:.1} µs of crypto per message on {} cores; {:.0} to {:.0} in single rounds; {:.0} before the phase, {:.0} after)",
         "limit: crypto ceiling",
         c.ceiling_per_sec,
         c.us_per_message,
         c.cores,
         c.round_ceilings_per_sec[0],
-        c.round_ceilings_per_sec[1]
+        c.round_ceilings_per_sec[1],
+        c.halves_per_sec[0],
+        c.halves_per_sec[1]
     )?;
     for s in &c.stages {
         writeln!(
@@ -2091,6 +2122,7 @@ mod tests {
                 cores: 2,
                 ceiling_per_sec: 2e6 / us_per_message,
                 round_ceilings_per_sec: spread,
+                halves_per_sec: [2e6 / us_per_message; 2],
                 seal_us: 100.0,
             }
         };
@@ -2101,6 +2133,7 @@ mod tests {
         assert_eq!(merged.us_per_message, 225.0);
         assert_eq!(merged.ceiling_per_sec, 2e6 / 225.0);
         assert_eq!(merged.round_ceilings_per_sec, [3_000.0, 4_500.0]);
+        assert_eq!(merged.halves_per_sec, [2e6 / 240.0, 2e6 / 210.0]);
         assert_eq!(merged.stages[0].times_per_message, 3);
     }
 

@@ -106,6 +106,23 @@ fn the_exchange_benchmark_delivers_every_message_and_reports_every_figure() {
         rounds[0] * 0.999 <= ceiling && ceiling <= rounds[1] * 1.001,
         "{crypto}"
     );
+    // Half the rounds before the end-to-end phase, half after: the ceiling lies between
+    // the two halves' ceilings, each within the rounds'.
+    let halves: Vec<f64> = crypto["halves_per_sec"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let (low, high) = (halves[0].min(halves[1]), halves[0].max(halves[1]));
+    assert!(
+        halves.len() == 2 && low * 0.999 <= ceiling && ceiling <= high * 1.001,
+        "{crypto}"
+    );
+    assert!(
+        rounds[0] * 0.999 <= low && high <= rounds[1] * 1.001,
+        "{crypto}"
+    );
     let stages_us: f64 = crypto["stages"]
         .as_array()
         .unwrap()
