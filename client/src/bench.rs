@@ -850,10 +850,12 @@ async fn exchange(
         .collect();
     // The gateways may still be writing the last receipts, or checkpointing: the second
     // half is timed once they are idle, as the first was.
-    wait_until_idle(pids).await;
+    let (waited, idle) = wait_until_idle(pids).await;
     writeln!(
         progress,
-        "limits: crypto (per-message work), second half..."
+        "limits: crypto (per-message work), second half, after {:.1} s with the gateways {}...",
+        waited.as_secs_f64(),
+        if idle { "idle" } else { "still busy" }
     )?;
     let ceiling_after = crypto_limit(opts.body_bytes, net, CRYPTO_ROUNDS / 2)?;
     Ok(Exchange {
@@ -1303,19 +1305,20 @@ fn proc_status(pid: u32, field: &str) -> Option<String> {
 /// User plus system CPU seconds of a process so far (`/proc/PID/stat`, in clock ticks of
 /// 1/100 s, the kernel's USER_HZ on Linux).
 /// Waits, up to 3 s, for a 100 ms window in which the processes `pids` used together at
-/// most one tick (10 ms) of CPU.
-async fn wait_until_idle(pids: &[u32]) {
+/// most one tick (10 ms) of CPU; says how long it waited, and whether they went idle.
+async fn wait_until_idle(pids: &[u32]) -> (Duration, bool) {
     let used = || pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let start = Instant::now();
     let mut last = used();
-    while Instant::now() < deadline {
+    while start.elapsed() < Duration::from_secs(3) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let now = used();
         if now - last <= 0.0105 {
-            return;
+            return (start.elapsed(), true);
         }
         last = now;
     }
+    (start.elapsed(), false)
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
