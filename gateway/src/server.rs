@@ -11,15 +11,15 @@ use accord_proto::envelope::Limits;
 use accord_proto::ids::{CountryCode, Role};
 use accord_proto::keyfile::KeyFile;
 use accord_proto::pb::{
-    self as pb, exchange_server::ExchangeServer, peer_link_client::PeerLinkClient,
-    peer_link_server::PeerLinkServer,
+    self as pb, audit_server::AuditServer, exchange_server::ExchangeServer,
+    peer_link_client::PeerLinkClient, peer_link_server::PeerLinkServer,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::pipeline::{Clock, Pipeline, Signals};
-use crate::service::{ExchangeService, PeerLinkService};
+use crate::service::{AuditService, ExchangeService, PeerLinkService};
 use crate::store::sled::SledStore;
 use crate::tls::{self, Admission, CountryRoots, Credentials};
 
@@ -350,6 +350,7 @@ pub async fn start(
     health
         .set_serving::<PeerLinkServer<PeerLinkService>>()
         .await;
+    health.set_serving::<AuditServer<AuditService>>().await;
 
     let stop = wait_for(shutdown.subscribe());
     let exchange = ExchangeServer::new(ExchangeService {
@@ -357,7 +358,7 @@ pub async fn start(
         shutdown: shutdown.subscribe(),
     })
     .max_decoding_message_size(max_upload_message(config));
-    let audit = accord_proto::pb::audit_server::AuditServer::new(crate::service::AuditService {
+    let audit = AuditServer::new(AuditService {
         pipeline: pipeline.clone(),
     })
     .max_encoding_message_size(256 << 20);
@@ -643,9 +644,11 @@ async fn sweep_attachments(pipeline: Arc<Pipeline>, shutdown: watch::Receiver<bo
 /// How often the health service looks at the store.
 const STORE_HEALTH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Turns the gateway's health (the server's and both services', on both listeners) to
-/// NOT_SERVING once its store stopped taking commits, so that monitors and load balancers
-/// see what every call would now fail with. Only a restart brings the store back.
+/// Turns the gateway's health (the server's and the exchange and peer services', on both
+/// listeners) to NOT_SERVING once its store stopped taking commits, so that monitors and
+/// load balancers see what every call would now fail with. Only a restart brings the store
+/// back. The audit service only reads: it stays SERVING while the store still answers reads
+/// (auditors can check the log as it was when commits stopped).
 async fn report_store_health(
     pipeline: Arc<Pipeline>,
     health: tonic_health::server::HealthReporter,
@@ -667,6 +670,10 @@ async fn report_store_health(
             health
                 .set_not_serving::<PeerLinkServer<PeerLinkService>>()
                 .await;
+            if let Err(e) = pipeline.store.log_size() {
+                tracing::error!(error = %e, "the store's log cannot be read: the audit service is NOT_SERVING");
+                health.set_not_serving::<AuditServer<AuditService>>().await;
+            }
             return;
         }
         tokio::select! {

@@ -136,11 +136,18 @@ async fn three_countries_are_routed_by_the_recipients_country() {
 async fn a_store_that_cannot_write_turns_the_gateway_not_serving() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::HealthCheckRequest;
-    let net = two_countries().await;
+    let net = TestNet::builder()
+        .country("vn", "hanoi", &["c02", "inspectorate:auditor"])
+        .country("kh", "phnom-penh", &["ahtd"])
+        .start()
+        .await
+        .unwrap();
     let mut vn = net.client("vn", "c02").await.unwrap();
     let to = net.org_id("kh", "ahtd").unwrap();
     let exchange = pb::exchange_server::SERVICE_NAME;
     let peer_link = pb::peer_link_server::SERVICE_NAME;
+    let audit = pb::audit_server::SERVICE_NAME;
+    let auditor = net.client("vn", "inspectorate").await.unwrap();
     let checker = vn.health();
     let health = move |service: &str| {
         let mut client = checker.clone();
@@ -149,7 +156,7 @@ async fn a_store_that_cannot_write_turns_the_gateway_not_serving() {
         };
         async move { client.check(request).await.unwrap().into_inner().status() }
     };
-    for service in ["", exchange, peer_link] {
+    for service in ["", exchange, peer_link, audit] {
         assert_eq!(health(service).await, ServingStatus::Serving, "{service:?}");
     }
     vn.send(&to, &alert("before"), &SendOptions::new("C2"))
@@ -186,6 +193,16 @@ async fn a_store_that_cannot_write_turns_the_gateway_not_serving() {
         .send(&to, &alert("still after"), &SendOptions::new("C2"))
         .await
         .is_err());
+    // Reads still work: the audit service says so, and answers.
+    assert_eq!(health(audit).await, ServingStatus::Serving);
+    let entries = auditor
+        .audit()
+        .get_entries(pb::GetEntriesRequest { start: 0, end: 1 })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(entries.len(), 1);
     net.shutdown().await;
 }
 
