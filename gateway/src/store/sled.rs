@@ -89,7 +89,9 @@ const MAX_GROUP_BYTES: usize = 16 << 20;
 /// A segment is handed to the checkpointer once it holds this much, or is this old: what a
 /// restart replays, and what sled holds in memory only, stay within these bounds.
 const SEGMENT_BYTES: u64 = 32 << 20;
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// The longest a segment holding commits waits before a checkpoint: a store goes idle this
+/// long after its last commit (public for the benchmark, which waits that long).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// How long an open waits for sled's lock: a store closed in this process releases it only
 /// once sled's background writes end.
 const LOCK_WAIT: Duration = Duration::from_secs(3);
@@ -224,6 +226,10 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     let db = open_sled(path, cache_bytes)?;
     // Before anything is read or replayed in a layout this binary may not know.
     check_format(&db, path)?;
+    // A store this open upgrades (or a new one) is made durable, blob files included, after
+    // the migrations below: they write to sled outside the write-ahead log. The layout is
+    // recorded only after that, so an open that stops half way upgrades again next time.
+    let upgrading = read_meta(&db, META_FORMAT)? < FORMAT;
     let wal_dir = path.join("wal");
     std::fs::create_dir_all(&wal_dir)?;
     let log = Arc::new(LogFiles::open(&path.join("log"))?);
@@ -231,7 +237,7 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     // The directory entries of sled's files and of the three folders must survive a power
     // cut too.
     sync_dir(path)?;
-    let migrated = move_log_out_of_sled(&db, &log, &messages)?;
+    move_log_out_of_sled(&db, &log, &messages)?;
     let progress = Arc::new(Progress::default());
     let applying = Arc::<RwLock<Applied>>::default();
     let mut files = SledFiles {
@@ -276,7 +282,7 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
             );
             log_read_error(e, what)
         })?;
-    if replayed_groups > 0 || migrated {
+    if replayed_groups > 0 || upgrading {
         if replayed_groups > 0 {
             tracing::info!(
                 groups = replayed_groups,
@@ -294,7 +300,9 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     // writes anything in its layout.
     record_format(&db, path)?;
     // After the replay, which may hold index keys a binary of layout 1 wrote.
-    drop_outbox_index(&db)?;
+    if drop_outbox_index(&db)? > 0 {
+        files.make_durable()?;
+    }
     wal::remove_through(&wal_dir, last_segment)?;
     wal::remove_spares(&wal_dir)?;
     let segment = Segment::create(&wal_dir, last_segment + 1)?;
@@ -519,16 +527,15 @@ fn file_write(key: &[u8]) -> Option<FileWrite> {
 
 /// Stores of an earlier version kept the log's entries and nodes in sled: moves them to
 /// the log's files, syncs those, then removes them from sled. A crash part way repeats it
-/// at the next open, writing the same bytes again. Whether it moved anything: the open
-/// then makes sled durable, blob files included.
+/// at the next open, writing the same bytes again.
 fn move_log_out_of_sled(
     db: &sled::Db,
     log: &LogFiles,
     messages: &Records,
-) -> Result<bool, StoreError> {
+) -> Result<(), StoreError> {
     let in_sled = |prefix: &[u8]| db.scan_prefix(prefix).next().is_some();
     if !in_sled(b"l") && !in_sled(b"n") {
-        return Ok(false);
+        return Ok(());
     }
     tracing::info!("moving the log's entries and tree nodes out of sled into log/");
     let mut moved = 0u64;
@@ -555,13 +562,15 @@ fn move_log_out_of_sled(
     }
     db.flush()?;
     tracing::info!(records = moved, "moved the log out of sled");
-    Ok(true)
+    Ok(())
 }
 
 /// Stores of layout 1 indexed outbox entries by message id (`x ‖ "o:" ‖ country ‖ 0x00 ‖
-/// id`); nothing reads those keys now. Removed straight from sled: a crash before the next
-/// checkpoint leaves some, and the next open removes them.
-fn drop_outbox_index(db: &sled::Db) -> Result<(), StoreError> {
+/// id`); nothing reads those keys now. Removed straight from sled, after the layout is
+/// recorded (a binary of layout 1 must not find them missing); returns how many, and the
+/// open then makes sled durable. A crash before that leaves some, and the next open removes
+/// them.
+fn drop_outbox_index(db: &sled::Db) -> Result<u64, StoreError> {
     let mut dropped = 0u64;
     for key in db.scan_prefix(b"xo:").keys() {
         db.remove(key?)?;
@@ -570,7 +579,7 @@ fn drop_outbox_index(db: &sled::Db) -> Result<(), StoreError> {
     if dropped > 0 {
         tracing::info!(keys = dropped, "dropped the outbox's index by message id");
     }
-    Ok(())
+    Ok(dropped)
 }
 
 fn read_meta(db: &sled::Db, key: &[u8]) -> Result<u64, StoreError> {
@@ -1079,6 +1088,10 @@ impl Committer {
             return Ok(());
         }
         let mut files = self.files.lock().map_err(|_| CHECKPOINTER_PANICKED)?;
+        // The checkpoint waited for may have made it durable already.
+        if !self.blobs.any_new().map_err(|e| e.to_string())? {
+            return Ok(());
+        }
         files.make_durable().map_err(|e| e.to_string())
     }
 
