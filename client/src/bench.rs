@@ -829,7 +829,14 @@ async fn exchange(
         opts.messages, opts.body_bytes
     )?;
     let batches = preseal(senders, to, &body, &bench_options(), opts.messages)?;
-    writeln!(progress, "limits: crypto (per-message work), first half...")?;
+    // The warm-up's last checkpoint may still be due: both halves are timed on idle gateways.
+    let (waited, idle) = wait_until_idle(pids).await;
+    writeln!(
+        progress,
+        "limits: crypto (per-message work), first half, after {:.1} s with the gateways {}...",
+        waited.as_secs_f64(),
+        if idle { "idle" } else { "still busy" }
+    )?;
     let ceiling_before = crypto_limit(opts.body_bytes, net, CRYPTO_ROUNDS / 2)?;
     writeln!(
         progress,
@@ -848,8 +855,7 @@ async fn exchange(
         .zip(before)
         .map(|(&p, b)| cpu_seconds(p) - b)
         .collect();
-    // The gateways may still be writing the last receipts, or checkpointing: the second
-    // half is timed once they are idle, as the first was.
+    // The gateways may still be writing the last receipts, or checkpointing.
     let (waited, idle) = wait_until_idle(pids).await;
     writeln!(
         progress,
@@ -1302,13 +1308,15 @@ fn proc_status(pid: u32, field: &str) -> Option<String> {
         .map(|v| v.trim().to_owned())
 }
 
-/// User plus system CPU seconds of a process so far (`/proc/PID/stat`, in clock ticks of
-/// 1/100 s, the kernel's USER_HZ on Linux).
-/// Waits, up to 3 s, for a 100 ms window in which the processes `pids` used together at
-/// most one tick (10 ms) of CPU; says how long it waited, and whether they went idle.
+/// Waits for the gateways' last checkpoint (each store makes one up to
+/// [`CHECKPOINT_EVERY`] after its last commit), then, up to 3 s in all, for a 100 ms window
+/// in which the processes `pids` used together at most one tick (10 ms) of CPU; says how
+/// long it waited, and whether they went idle.
 async fn wait_until_idle(pids: &[u32]) -> (Duration, bool) {
+    use accord_gateway::store::sled::CHECKPOINT_EVERY;
     let used = || pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
     let start = Instant::now();
+    tokio::time::sleep(CHECKPOINT_EVERY + Duration::from_millis(100)).await;
     let mut last = used();
     while start.elapsed() < Duration::from_secs(3) {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1321,6 +1329,8 @@ async fn wait_until_idle(pids: &[u32]) -> (Duration, bool) {
     (start.elapsed(), false)
 }
 
+/// User plus system CPU seconds of a process so far (`/proc/PID/stat`, in clock ticks of
+/// 1/100 s, the kernel's USER_HZ on Linux).
 fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
