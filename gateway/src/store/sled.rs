@@ -116,6 +116,10 @@ const MAX_MESSAGE: u64 = 256 << 20;
 ///   ([`receipt_record`]), which layout 2 reads as a damaged receipt.
 const FORMAT: u64 = 3;
 const META_FORMAT: &[u8] = b"sfmt";
+/// Recorded with the layout by an open that upgrades, removed once the open made sled
+/// durable after its last migration: present at an open, it says the last one stopped in
+/// between.
+const META_UPGRADING: &[u8] = b"supg";
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
@@ -227,9 +231,10 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     // Before anything is read or replayed in a layout this binary may not know.
     check_format(&db, path)?;
     // A store this open upgrades (or a new one) is made durable, blob files included, after
-    // the migrations below: they write to sled outside the write-ahead log. The layout is
-    // recorded only after that, so an open that stops half way upgrades again next time.
-    let upgrading = read_meta(&db, META_FORMAT)? < FORMAT;
+    // each migration below: they write to sled outside the write-ahead log. An open that
+    // stops half way upgrades again next time: before the layout is recorded, by its
+    // number; after, by the mark recorded with it, which goes once all is durable.
+    let upgrading = read_meta(&db, META_FORMAT)? < FORMAT || read_meta(&db, META_UPGRADING)? != 0;
     let wal_dir = path.join("wal");
     std::fs::create_dir_all(&wal_dir)?;
     let log = Arc::new(LogFiles::open(&path.join("log"))?);
@@ -237,7 +242,6 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     // The directory entries of sled's files and of the three folders must survive a power
     // cut too.
     sync_dir(path)?;
-    move_log_out_of_sled(&db, &log, &messages)?;
     let progress = Arc::new(Progress::default());
     let applying = Arc::<RwLock<Applied>>::default();
     let mut files = SledFiles {
@@ -252,6 +256,7 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
             synced: Mutex::default(),
         }),
     };
+    move_log_out_of_sled(&mut files)?;
     let restore = "Restore the whole store from one backup: sled, log/, messages/ and wal/ \
                    together";
     let (last_segment, replayed_groups) =
@@ -300,7 +305,8 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     // writes anything in its layout.
     record_format(&db, path)?;
     // After the replay, which may hold index keys a binary of layout 1 wrote.
-    if drop_outbox_index(&db)? > 0 {
+    if drop_outbox_index(&db)? > 0 || upgrading {
+        db.remove(META_UPGRADING)?;
         files.make_durable()?;
     }
     wal::remove_through(&wal_dir, last_segment)?;
@@ -355,6 +361,7 @@ fn check_format(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
 fn record_format(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
     if read_meta(db, META_FORMAT)? < FORMAT {
         db.insert(META_FORMAT, FORMAT.to_be_bytes().as_slice())?;
+        db.insert(META_UPGRADING, 1u64.to_be_bytes().as_slice())?;
         db.flush()?;
         File::open(path.join("db"))?.sync_data()?;
     }
@@ -528,11 +535,12 @@ fn file_write(key: &[u8]) -> Option<FileWrite> {
 /// Stores of an earlier version kept the log's entries and nodes in sled: moves them to
 /// the log's files, syncs those, then removes them from sled. A crash part way repeats it
 /// at the next open, writing the same bytes again.
-fn move_log_out_of_sled(
-    db: &sled::Db,
-    log: &LogFiles,
-    messages: &Records,
-) -> Result<(), StoreError> {
+fn move_log_out_of_sled(files: &mut SledFiles) -> Result<(), StoreError> {
+    let (db, log, messages) = (
+        &files.db.clone(),
+        &files.log.clone(),
+        &files.messages.clone(),
+    );
     let in_sled = |prefix: &[u8]| db.scan_prefix(prefix).next().is_some();
     if !in_sled(b"l") && !in_sled(b"n") {
         return Ok(());
@@ -560,7 +568,8 @@ fn move_log_out_of_sled(
             db.remove(key?)?;
         }
     }
-    db.flush()?;
+    // Blob files first, as at every checkpoint.
+    files.make_durable()?;
     tracing::info!(records = moved, "moved the log out of sled");
     Ok(())
 }
@@ -3545,6 +3554,8 @@ mod tests {
                 for (key, value) in &earlier_layout {
                     store.db.insert(key, value.as_slice()).unwrap();
                 }
+                // Such stores recorded no layout.
+                store.db.remove(META_FORMAT).unwrap();
             }
             if !files_written {
                 std::fs::remove_dir_all(dir.path().join("log")).unwrap();
@@ -3556,7 +3567,40 @@ mod tests {
             );
             assert!(store.db.scan_prefix(b"l").next().is_none());
             assert!(store.db.scan_prefix(b"n").next().is_none());
+            assert_eq!(read_meta(&store.db, META_FORMAT).unwrap(), FORMAT);
+            assert_eq!(read_meta(&store.db, META_UPGRADING).unwrap(), 0);
         }
+    }
+
+    /// An open that upgrades records its layout with a mark and removes the mark once sled
+    /// is durable after its last migration. An open that finds the mark (the last one
+    /// stopped in between) takes the upgrading path again, which removes it.
+    #[tokio::test]
+    async fn an_open_that_stopped_after_recording_the_layout_finishes_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+            assert_eq!(read_meta(&store.db, META_FORMAT).unwrap(), FORMAT);
+            assert_eq!(
+                read_meta(&store.db, META_UPGRADING).unwrap(),
+                0,
+                "new store"
+            );
+            let tx = Tx {
+                ops: vec![Op::Log(vec![7; 20])],
+                receipts: None,
+            };
+            store.commit(tx).await.unwrap();
+            // As an open that stopped between recording the layout and the end leaves it.
+            (store
+                .db
+                .insert(META_UPGRADING, 1u64.to_be_bytes().as_slice()))
+            .unwrap();
+        }
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(store.replayed_groups(), 0, "a clean close otherwise");
+        assert_eq!(read_meta(&store.db, META_UPGRADING).unwrap(), 0);
+        assert_eq!(store.log_size().unwrap(), 1);
     }
 
     /// Log reads with indexes from outside (audit requests) past the log or past `u64`
