@@ -833,9 +833,9 @@ async fn exchange(
     let (waited, idle) = wait_until_idle(pids).await;
     writeln!(
         progress,
-        "limits: crypto (per-message work), first half, after {:.1} s with the gateways {}...",
+        "limits: crypto (per-message work), first half, after {:.1} s {}...",
         waited.as_secs_f64(),
-        if idle { "idle" } else { "still busy" }
+        idle_words(idle)
     )?;
     let ceiling_before = crypto_limit(opts.body_bytes, net, CRYPTO_ROUNDS / 2)?;
     writeln!(
@@ -859,9 +859,9 @@ async fn exchange(
     let (waited, idle) = wait_until_idle(pids).await;
     writeln!(
         progress,
-        "limits: crypto (per-message work), second half, after {:.1} s with the gateways {}...",
+        "limits: crypto (per-message work), second half, after {:.1} s {}...",
         waited.as_secs_f64(),
-        if idle { "idle" } else { "still busy" }
+        idle_words(idle)
     )?;
     let ceiling_after = crypto_limit(opts.body_bytes, net, CRYPTO_ROUNDS / 2)?;
     Ok(Exchange {
@@ -1308,25 +1308,41 @@ fn proc_status(pid: u32, field: &str) -> Option<String> {
         .map(|v| v.trim().to_owned())
 }
 
-/// Waits for the gateways' last checkpoint (each store makes one up to
-/// [`CHECKPOINT_EVERY`] after its last commit), then, up to 3 s in all, for a 100 ms window
-/// in which the processes `pids` used together at most one tick (10 ms) of CPU; says how
-/// long it waited, and whether they went idle.
-async fn wait_until_idle(pids: &[u32]) -> (Duration, bool) {
+/// Waits for the gateways' last store checkpoint, then, up to 4 s in all, for a 100 ms
+/// window in which the processes `pids` used together at most one tick (10 ms) of CPU; says
+/// how long it waited, and whether they went idle (`None`: no process to watch). The last
+/// commit to a store can come one transparency checkpoint interval after the traffic (the
+/// witness loop commits cosignatures while the log grew), and the store's checkpoint up to
+/// [`CHECKPOINT_EVERY`] after that.
+async fn wait_until_idle(pids: &[u32]) -> (Duration, Option<bool>) {
+    use accord_gateway::config::LogConfig;
     use accord_gateway::store::sled::CHECKPOINT_EVERY;
     let used = || pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
     let start = Instant::now();
-    tokio::time::sleep(CHECKPOINT_EVERY + Duration::from_millis(100)).await;
+    let witness = Duration::from_millis(LogConfig::default().checkpoint_interval_ms);
+    tokio::time::sleep(witness + CHECKPOINT_EVERY + Duration::from_millis(200)).await;
+    if pids.is_empty() {
+        return (start.elapsed(), None);
+    }
     let mut last = used();
-    while start.elapsed() < Duration::from_secs(3) {
+    while start.elapsed() < Duration::from_secs(4) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let now = used();
         if now - last <= 0.0105 {
-            return (start.elapsed(), true);
+            return (start.elapsed(), Some(true));
         }
         last = now;
     }
-    (start.elapsed(), false)
+    (start.elapsed(), Some(false))
+}
+
+/// How [`wait_until_idle`] ended, for the progress line.
+fn idle_words(idle: Option<bool>) -> &'static str {
+    match idle {
+        Some(true) => "with the gateways idle",
+        Some(false) => "with the gateways still busy",
+        None => "(gateways not watched: no pid given)",
+    }
 }
 
 /// User plus system CPU seconds of a process so far (`/proc/PID/stat`, in clock ticks of
