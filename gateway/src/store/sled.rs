@@ -536,11 +536,9 @@ fn file_write(key: &[u8]) -> Option<FileWrite> {
 /// the log's files, syncs those, then removes them from sled. A crash part way repeats it
 /// at the next open, writing the same bytes again.
 fn move_log_out_of_sled(files: &mut SledFiles) -> Result<(), StoreError> {
-    let (db, log, messages) = (
-        &files.db.clone(),
-        &files.log.clone(),
-        &files.messages.clone(),
-    );
+    // Handles of their own: `files` is borrowed again to make sled durable at the end.
+    let (db, log, messages) = (files.db.clone(), files.log.clone(), files.messages.clone());
+    let (db, log, messages) = (&db, &*log, &*messages);
     let in_sled = |prefix: &[u8]| db.scan_prefix(prefix).next().is_some();
     if !in_sled(b"l") && !in_sled(b"n") {
         return Ok(());
@@ -2102,13 +2100,9 @@ mod tests {
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
         let outbox = Queue::Outbox("kh".parse().unwrap());
         let prefix = queue_prefix(&outbox);
-        let enqueue = |i: u64| Tx {
-            ops: vec![Op::Enqueue(
-                outbox.clone(),
-                pb::Priority::Routine,
-                QueueEntry::message(&MessageId::new_v7(7_000 + i, [6; 10])),
-            )],
-            receipts: None,
+        let enqueue = |i: u64| {
+            let id = MessageId::new_v7(7_000 + i, [6; 10]);
+            enqueue_message(&outbox, pb::Priority::Routine, &id)
         };
         let dequeue = |key: &Vec<u8>| Tx {
             ops: vec![Op::Dequeue(QueueKey(key.clone()))],
@@ -2475,13 +2469,9 @@ mod tests {
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
         let outbox = Queue::Outbox("kh".parse().unwrap());
         let prefix = queue_prefix(&outbox);
-        let enqueue = |i: u64| Tx {
-            ops: vec![Op::Enqueue(
-                outbox.clone(),
-                pb::Priority::Routine,
-                QueueEntry::message(&MessageId::new_v7(30_000 + i, [4; 10])),
-            )],
-            receipts: None,
+        let enqueue = |i: u64| {
+            let id = MessageId::new_v7(30_000 + i, [4; 10]);
+            enqueue_message(&outbox, pb::Priority::Routine, &id)
         };
         commit_group(&mut committer, [enqueue(0)]);
         let mut built = Group::default();
@@ -2802,14 +2792,7 @@ mod tests {
         let ids: Vec<MessageId> = (0..3)
             .map(|i| MessageId::new_v7(9_000 + i, [4; 10]))
             .collect();
-        let enqueue = |id: &MessageId| Tx {
-            ops: vec![Op::Enqueue(
-                outbox.clone(),
-                pb::Priority::Urgent,
-                QueueEntry::message(id),
-            )],
-            receipts: None,
-        };
+        let enqueue = |id: &MessageId| enqueue_message(&outbox, pb::Priority::Urgent, id);
         commit_group(&mut committer, ids.iter().map(enqueue));
         let first = keys_under(&committer, &queue_prefix(&outbox))[0].clone();
         let defer = Tx {
@@ -2832,7 +2815,18 @@ mod tests {
         );
     }
 
-    /// A crash: the committer stops without closing, and sled is not made durable.
+    /// A transaction that queues message `id` on `queue`.
+    fn enqueue_message(queue: &Queue, priority: pb::Priority, id: &MessageId) -> Tx {
+        Tx {
+            ops: vec![Op::Enqueue(
+                queue.clone(),
+                priority,
+                QueueEntry::message(id),
+            )],
+            receipts: None,
+        }
+    }
+
     /// Builds `txs` into one group and writes it, as the committer's loop does.
     fn commit_group(committer: &mut Committer, txs: impl IntoIterator<Item = Tx>) {
         let mut group = Group::default();
@@ -2867,6 +2861,7 @@ mod tests {
         pairs.unwrap().into_iter().map(|(k, _)| k).collect()
     }
 
+    /// A crash: the committer stops without closing, and sled is not made durable.
     fn crash(committer: Committer) {
         let Committer {
             db,
@@ -3592,10 +3587,8 @@ mod tests {
             };
             store.commit(tx).await.unwrap();
             // As an open that stopped between recording the layout and the end leaves it.
-            (store
-                .db
-                .insert(META_UPGRADING, 1u64.to_be_bytes().as_slice()))
-            .unwrap();
+            let mark = 1u64.to_be_bytes();
+            store.db.insert(META_UPGRADING, mark.as_slice()).unwrap();
         }
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
         assert_eq!(store.replayed_groups(), 0, "a clean close otherwise");
