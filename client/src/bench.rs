@@ -1644,10 +1644,11 @@ fn crypto_limit(body_bytes: usize, net: &LocalNet, rounds: usize) -> anyhow::Res
         &mut || seal().map(|_| ()).map_err(Into::into),
         CRYPTO_SLICE * 3,
     )?;
+    let ceiling_per_sec = cores as f64 * 1e6 / us_per_message;
     Ok(CryptoLimit {
-        ceiling_per_sec: cores as f64 * 1e6 / us_per_message,
+        ceiling_per_sec,
         round_ceilings_per_sec: [lowest, highest],
-        halves_per_sec: [cores as f64 * 1e6 / us_per_message; 2],
+        halves_per_sec: [ceiling_per_sec; 2],
         stages: stages
             .iter()
             .zip(us)

@@ -92,12 +92,12 @@ fn the_exchange_benchmark_delivers_every_message_and_reports_every_figure() {
     // rounds' ceilings, and the stages add up to the cost per message.
     let crypto = &r["limits"]["crypto"];
     let ceiling = crypto["ceiling_per_sec"].as_f64().unwrap();
-    let rounds: Vec<f64> = crypto["round_ceilings_per_sec"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let floats = |key: &str| -> Vec<f64> {
+        (crypto[key].as_array().unwrap().iter())
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    let rounds = floats("round_ceilings_per_sec");
     assert!(
         rounds.len() == 2 && 0.0 < rounds[0] && rounds[0] <= rounds[1],
         "{crypto}"
@@ -108,12 +108,7 @@ fn the_exchange_benchmark_delivers_every_message_and_reports_every_figure() {
     );
     // Half the rounds before the end-to-end phase, half after: the ceiling lies between
     // the two halves' ceilings, each within the rounds'.
-    let halves: Vec<f64> = crypto["halves_per_sec"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let halves = floats("halves_per_sec");
     assert_eq!(halves.len(), 2, "{crypto}");
     let (low, high) = (halves[0].min(halves[1]), halves[0].max(halves[1]));
     assert!(
