@@ -295,6 +295,8 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
             );
         }
         // The pages sled wrote for them may be in new blob files, synced by nothing yet.
+        // Needed before `record_format` even when the end of the open makes sled durable
+        // again: its flush would otherwise make sled's log durable before those files.
         files.make_durable()?;
     } else {
         // A clean close left sled durable: note its files without syncing each again.
