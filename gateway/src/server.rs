@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::pipeline::{Clock, Pipeline, Signals};
 use crate::service::{AuditService, ExchangeService, PeerLinkService};
 use crate::store::sled::SledStore;
+use crate::store::Store;
 use crate::tls::{self, Admission, CountryRoots, Credentials};
 
 /// Why a gateway could not start.
@@ -428,7 +429,7 @@ pub async fn start(
 
     tasks.spawn(sweep_attachments(pipeline.clone(), shutdown.subscribe()));
     tasks.spawn(report_store_health(
-        pipeline.clone(),
+        pipeline.store.clone(),
         health,
         shutdown.subscribe(),
     ));
@@ -648,33 +649,44 @@ const STORE_HEALTH_EVERY: std::time::Duration = std::time::Duration::from_millis
 /// listeners) to NOT_SERVING once its store stopped taking commits, so that monitors and
 /// load balancers see what every call would now fail with. Only a restart brings the store
 /// back. The audit service only reads: it stays SERVING while the store still answers reads
-/// (auditors can check the log as it was when commits stopped).
+/// (auditors can check the log as it was when commits stopped), and is looked at on every
+/// turn until they fail too.
 async fn report_store_health(
-    pipeline: Arc<Pipeline>,
+    store: Arc<dyn Store>,
     health: tonic_health::server::HealthReporter,
     shutdown: watch::Receiver<bool>,
 ) {
     let stop = wait_for(shutdown);
     tokio::pin!(stop);
+    let mut commits_stopped = false;
     loop {
-        if let Some(why) = pipeline.store.stopped() {
-            tracing::error!(
-                error = %why,
-                "the store stopped taking commits: health is NOT_SERVING; restart the gateway"
-            );
-            let not_serving = tonic_health::ServingStatus::NotServing;
-            health.set_service_status("", not_serving).await;
-            health
-                .set_not_serving::<ExchangeServer<ExchangeService>>()
-                .await;
-            health
-                .set_not_serving::<PeerLinkServer<PeerLinkService>>()
-                .await;
-            if let Err(e) = pipeline.store.log_size() {
-                tracing::error!(error = %e, "the store's log cannot be read: the audit service is NOT_SERVING");
-                health.set_not_serving::<AuditServer<AuditService>>().await;
+        if !commits_stopped {
+            if let Some(why) = store.stopped() {
+                tracing::error!(
+                    error = %why,
+                    "the store stopped taking commits: health is NOT_SERVING; restart the gateway"
+                );
+                let not_serving = tonic_health::ServingStatus::NotServing;
+                health.set_service_status("", not_serving).await;
+                health
+                    .set_not_serving::<ExchangeServer<ExchangeService>>()
+                    .await;
+                health
+                    .set_not_serving::<PeerLinkServer<PeerLinkService>>()
+                    .await;
+                commits_stopped = true;
             }
-            return;
+        }
+        // Reads are only looked at once commits stopped: a working store answers them.
+        if commits_stopped {
+            if let Err(e) = store.log_size() {
+                tracing::error!(
+                    error = %e,
+                    "the store's log cannot be read: the audit service is NOT_SERVING"
+                );
+                health.set_not_serving::<AuditServer<AuditService>>().await;
+                return;
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(STORE_HEALTH_EVERY) => {}
@@ -697,5 +709,136 @@ async fn wait_for(mut rx: watch::Receiver<bool>) {
         if rx.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    use accord_proto::ids::MessageId;
+    use accord_proto::log::LogIndex;
+    use accord_proto::pb;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_server::Health;
+    use tonic_health::pb::HealthCheckRequest;
+
+    use super::*;
+    use crate::store::{Commit, Queue, QueueEntry, QueueKey, StoreError, StoredMessage, Tx};
+
+    /// A store whose commits and reads stop when the test says so: the failures a real one
+    /// meets (a full disk, sled failing part way) cannot be provoked from outside.
+    #[derive(Default)]
+    struct FailingStore {
+        stopped: Mutex<Option<String>>,
+        reads_fail: AtomicBool,
+    }
+
+    impl FailingStore {
+        fn read<T>(&self, value: T) -> Result<T, StoreError> {
+            if self.reads_fail.load(Ordering::SeqCst) {
+                return Err(StoreError::Engine("sled failed part way".into()));
+            }
+            Ok(value)
+        }
+    }
+
+    impl Store for FailingStore {
+        fn commit(&self, _: Tx) -> Commit {
+            Box::pin(async { Err(StoreError::Closed) })
+        }
+        fn message(&self, _: &MessageId) -> Result<Option<StoredMessage>, StoreError> {
+            self.read(None)
+        }
+        fn receipts(&self, _: &MessageId) -> Result<Vec<pb::Receipt>, StoreError> {
+            self.read(Vec::new())
+        }
+        fn queue(&self, _: &Queue, _: usize) -> Result<Vec<(QueueKey, QueueEntry)>, StoreError> {
+            self.read(Vec::new())
+        }
+        fn log_size(&self) -> Result<u64, StoreError> {
+            self.read(7)
+        }
+        fn log_entry(&self, _: LogIndex) -> Result<Option<Vec<u8>>, StoreError> {
+            self.read(None)
+        }
+        fn disk_usage(&self) -> Result<u64, StoreError> {
+            self.read(0)
+        }
+        fn log_node(&self, _: u32, _: u64) -> Result<Option<[u8; 32]>, StoreError> {
+            self.read(None)
+        }
+        fn message_events(&self, _: &MessageId) -> Result<Vec<LogIndex>, StoreError> {
+            self.read(Vec::new())
+        }
+        fn meta(&self, _: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.read(None)
+        }
+        fn stopped(&self) -> Option<String> {
+            self.stopped.lock().unwrap().clone()
+        }
+    }
+
+    async fn status(health: &tonic_health::server::HealthService, service: &str) -> ServingStatus {
+        let request = tonic::Request::new(HealthCheckRequest {
+            service: service.into(),
+        });
+        let answer = health.check(request).await.expect("registered service");
+        answer.into_inner().status()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn audit_turns_not_serving_when_reads_fail_after_commits_stopped() {
+        use ServingStatus::{NotServing, Serving};
+        let store = Arc::new(FailingStore::default());
+        let reporter = tonic_health::server::HealthReporter::new();
+        let health = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        reporter
+            .set_serving::<ExchangeServer<ExchangeService>>()
+            .await;
+        reporter.set_serving::<AuditServer<AuditService>>().await;
+        let (shutdown, watching) = watch::channel(false);
+        let task = tokio::spawn(report_store_health(store.clone(), reporter, watching));
+        let (exchange, audit) = ("accord.v1.Exchange", "accord.v1.Audit");
+        let a_few_turns = STORE_HEALTH_EVERY * 3;
+
+        tokio::time::sleep(a_few_turns).await;
+        assert_eq!(status(&health, "").await, Serving);
+        assert_eq!(status(&health, exchange).await, Serving);
+
+        *store.stopped.lock().unwrap() = Some("disk full".into());
+        tokio::time::sleep(a_few_turns).await;
+        assert_eq!(status(&health, "").await, NotServing);
+        assert_eq!(status(&health, exchange).await, NotServing);
+        assert_eq!(status(&health, audit).await, Serving, "reads still work");
+
+        // Reads failing later, not only when commits stopped, turn the audit service off.
+        store.reads_fail.store(true, Ordering::SeqCst);
+        tokio::time::sleep(a_few_turns).await;
+        assert_eq!(status(&health, audit).await, NotServing);
+        assert!(task.is_finished(), "nothing is left to report");
+        drop(shutdown);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_working_store_keeps_every_service_serving_until_shutdown() {
+        let store = Arc::new(FailingStore::default());
+        let reporter = tonic_health::server::HealthReporter::new();
+        let health = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        reporter.set_serving::<AuditServer<AuditService>>().await;
+        let (shutdown, watching) = watch::channel(false);
+        let task = tokio::spawn(report_store_health(store, reporter, watching));
+        tokio::time::sleep(STORE_HEALTH_EVERY * 3).await;
+        assert_eq!(status(&health, "").await, ServingStatus::Serving);
+        assert_eq!(
+            status(&health, "accord.v1.Audit").await,
+            ServingStatus::Serving
+        );
+        shutdown.send(true).unwrap();
+        tokio::time::timeout(STORE_HEALTH_EVERY, task)
+            .await
+            .expect("the reporter stops at shutdown")
+            .unwrap();
     }
 }
