@@ -255,6 +255,8 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
             dir: path.join("blobs"),
             synced: Mutex::default(),
         }),
+        #[cfg(test)]
+        synced: None,
     };
     move_log_out_of_sled(&mut files)?;
     let restore = "Restore the whole store from one backup: sled, log/, messages/ and wal/ \
@@ -1364,7 +1366,14 @@ struct SledFiles {
     messages: Arc<Records>,
     log_file: File,
     blobs: Arc<BlobFiles>,
+    /// Called by [`SledFiles::make_durable`] once sled and the files beside it are synced,
+    /// with the blob files as known then: a test sees whether they were recorded too early.
+    #[cfg(test)]
+    synced: Option<SyncedProbe>,
 }
+
+#[cfg(test)]
+type SyncedProbe = Box<dyn FnMut(&BlobFiles) + Send>;
 
 /// sled's blob folder, and the files in it known synced, with their sizes (sled writes a
 /// blob file once). Shared by whoever makes sled durable, which syncs new ones, and the
@@ -1522,6 +1531,10 @@ impl SledFiles {
         self.log_file.sync_data()?;
         self.log.sync()?;
         self.messages.sync()?;
+        #[cfg(test)]
+        if let Some(synced) = &mut self.synced {
+            synced(&self.blobs);
+        }
         self.blobs.record(blobs);
         self.note_sled_bytes();
         Ok(())
@@ -2677,6 +2690,35 @@ mod tests {
         assert_eq!(blobs.synced().values().sum::<u64>(), 8 + 16);
     }
 
+    /// A blob file a checkpoint synced is recorded only once sled's flush and the syncs of
+    /// its log and the files beside it are done: until then, a group that wrote it must
+    /// still make the committer wait for sled to be durable.
+    #[test]
+    fn a_checkpoint_records_its_blob_files_only_after_sled_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let blob_dir = committer.blobs.dir.clone();
+        std::fs::create_dir_all(&blob_dir).unwrap();
+        std::fs::write(blob_dir.join("4242"), b"a page").unwrap();
+        let (seen, looks) = mpsc::channel();
+        let mut files = committer.files.lock().unwrap();
+        files.synced = Some(Box::new(move |blobs: &BlobFiles| {
+            seen.send(blobs.any_new().unwrap()).unwrap();
+        }));
+        files.make_durable().unwrap();
+        assert_eq!(
+            looks.try_iter().collect::<Vec<_>>(),
+            vec![true],
+            "the new blob file stays new until sled is durable"
+        );
+        assert!(
+            !committer.blobs.any_new().unwrap(),
+            "and is known synced after"
+        );
+        drop(files);
+        crash(committer);
+    }
+
     /// The committer waits for a checkpoint in progress only after a group that made sled
     /// write a new blob file, to make sled durable itself (the group's answers went out
     /// before). After any other group it goes on while the checkpointer holds sled's files.
@@ -3716,7 +3758,9 @@ mod tests {
             if entry.file_type().unwrap().is_dir() {
                 copy_dir(&entry.path(), &to.join(entry.file_name()));
             } else {
-                // A spare the checkpointer renames meanwhile: it holds nothing.
+                // A live store removes files as it goes: the spare the committer renames into
+                // a segment, segments a checkpoint deleted, blobs sled rewrote. What a copy
+                // taken now would not hold either.
                 match std::fs::copy(entry.path(), to.join(entry.file_name())) {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     copied => drop(copied.unwrap()),
