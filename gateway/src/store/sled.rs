@@ -997,7 +997,7 @@ struct Committer {
     /// Numbers of segments sled now holds, for the checkpointer to make durable and delete.
     checkpoints: mpsc::Sender<Handover>,
     checkpointer: Option<JoinHandle<()>>,
-    /// For a group that made sled write a blob file ([`Committer::sync_if_new_blobs`]).
+    /// For a group that made sled write a blob file ([`Committer::sync_if_blobs_changed`]).
     files: Arc<Mutex<SledFiles>>,
     blobs: Arc<BlobFiles>,
     next_log: u64,
@@ -1083,7 +1083,7 @@ impl Committer {
             return Err(format!("applying a logged group to sled: {e}"));
         }
         drop(applied);
-        self.sync_if_new_blobs()
+        self.sync_if_blobs_changed()
             .map_err(|e| format!("syncing sled after a blob write: {e}"))
     }
 
@@ -1091,16 +1091,19 @@ impl Committer {
     /// once the new one is written, not once it is durable. Left to the next checkpoint, a
     /// power cut could find sled's last durable state pointing at a deleted file. So right
     /// after a group that made sled write a blob file (after its answers, which only need
-    /// the log), sled is made durable, as after every group before this log existed. One
-    /// directory listing per group tells, without waiting for a checkpoint in progress: the
-    /// next group waits only when there is a new blob file to sync.
-    fn sync_if_new_blobs(&self) -> Result<(), String> {
-        if !self.blobs.any_new().map_err(|e| e.to_string())? {
+    /// the log), sled is made durable, as after every group before this log existed. A page
+    /// that shrinks back inline leaves no new file, only the old one deleted (later, when
+    /// sled retires the segment that replaced it): a file known synced that is gone makes
+    /// sled durable too, which narrows that window to the next group's end. One directory
+    /// listing per group tells, without waiting for a checkpoint in progress: the next
+    /// group waits only when the folder changed.
+    fn sync_if_blobs_changed(&self) -> Result<(), String> {
+        if !self.blobs.changed().map_err(|e| e.to_string())? {
             return Ok(());
         }
         let mut files = self.files.lock().map_err(|_| CHECKPOINTER_PANICKED)?;
         // The checkpoint waited for may have made it durable already.
-        if !self.blobs.any_new().map_err(|e| e.to_string())? {
+        if !self.blobs.changed().map_err(|e| e.to_string())? {
             return Ok(());
         }
         files.make_durable().map_err(|e| e.to_string())
@@ -1391,11 +1394,13 @@ impl BlobFiles {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether the folder holds a file not known synced.
-    fn any_new(&self) -> std::io::Result<bool> {
+    /// Whether the folder differs from the files known synced: it holds one not known
+    /// synced, or lacks one known synced (sled deleted it).
+    fn changed(&self) -> std::io::Result<bool> {
         let names = blob_names(&self.dir)?;
         let synced = self.synced();
-        Ok(!names.iter().all(|n| synced.contains_key(n)))
+        // Names in a folder are distinct: all known and as many means the same set.
+        Ok(names.len() != synced.len() || !names.iter().all(|n| synced.contains_key(n)))
     }
 
     /// `fdatasync`s the files among `names` (a listing) not known synced, and the folder if
@@ -2674,19 +2679,19 @@ mod tests {
 
         let present = blobs.sync(listed).unwrap();
         assert!(blobs.synced().is_empty(), "recorded before sled is durable");
-        assert!(blobs.any_new().unwrap());
+        assert!(blobs.changed().unwrap());
         assert_eq!(
             present,
             HashMap::from([(std::ffi::OsString::from("1"), 8)]),
             "a deleted file is skipped"
         );
         blobs.record(present);
-        assert!(blobs.any_new().unwrap(), "a file listed later stays new");
+        assert!(blobs.changed().unwrap(), "a file listed later stays new");
 
         let all = blob_names(dir.path()).unwrap();
         let present = blobs.sync(all).unwrap();
         blobs.record(present);
-        assert!(!blobs.any_new().unwrap());
+        assert!(!blobs.changed().unwrap());
         assert_eq!(blobs.synced().values().sum::<u64>(), 8 + 16);
     }
 
@@ -2703,7 +2708,7 @@ mod tests {
         let (seen, looks) = mpsc::channel();
         let mut files = committer.files.lock().unwrap();
         files.synced = Some(Box::new(move |blobs: &BlobFiles| {
-            seen.send(blobs.any_new().unwrap()).unwrap();
+            seen.send(blobs.changed().unwrap()).unwrap();
         }));
         files.make_durable().unwrap();
         assert_eq!(
@@ -2712,10 +2717,48 @@ mod tests {
             "the new blob file stays new until sled is durable"
         );
         assert!(
-            !committer.blobs.any_new().unwrap(),
+            !committer.blobs.changed().unwrap(),
             "and is known synced after"
         );
         drop(files);
+        crash(committer);
+    }
+
+    /// A blob file known synced that sled deleted (its page went back inline) makes the
+    /// committer make sled durable after the group, as a new one does; a group that left
+    /// the folder as it was does not.
+    #[test]
+    fn a_deleted_blob_file_makes_the_committer_make_sled_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let blob_dir = committer.blobs.dir.clone();
+        std::fs::create_dir_all(&blob_dir).unwrap();
+        std::fs::write(blob_dir.join("77"), b"a page").unwrap();
+        committer.files.lock().unwrap().make_durable().unwrap();
+        assert!(!committer.blobs.changed().unwrap());
+        let (made_durable, times) = mpsc::channel();
+        committer.files.lock().unwrap().synced = Some(Box::new(move |_: &BlobFiles| {
+            made_durable.send(()).unwrap();
+        }));
+        let insert = |i: u64| Tx {
+            ops: vec![Op::InsertMessage(
+                MessageId::new_v7(80_000 + i, [4; 10]),
+                StoredMessage::default(),
+            )],
+            receipts: None,
+        };
+
+        commit_group(&mut committer, [insert(1)]);
+        assert_eq!(times.try_iter().count(), 0, "nothing changed in the folder");
+        std::fs::remove_file(blob_dir.join("77")).unwrap();
+        assert!(committer.blobs.changed().unwrap());
+        commit_group(&mut committer, [insert(2)]);
+        assert_eq!(times.try_iter().count(), 1, "made durable after the group");
+        assert!(
+            !committer.blobs.changed().unwrap(),
+            "and the file is forgotten"
+        );
+        assert!(committer.blobs.synced().is_empty());
         crash(committer);
     }
 
