@@ -17,6 +17,7 @@
 
 mod log_files;
 mod records;
+mod runs;
 pub mod sled;
 mod wal;
 

@@ -1,0 +1,633 @@
+//! Immutable sorted runs: a checkpoint's keys, written once to a file of their own and read
+//! by key or by prefix. Step 1 of docs/store-next.md; the store does not use them yet.
+//!
+//! A run file:
+//! ```text
+//! block…   entries, then crc32(entries): u32; a block closes once it passes BLOCK_BYTES
+//!          entry: u32 len(key) ‖ key ‖ 0x00 ‖ u32 len(value) ‖ value   (a value)
+//!                 u32 len(key) ‖ key ‖ 0x01                            (a removal)
+//! index    u32 blocks, then per block: u64 offset ‖ u32 len ‖ u32 len(first key) ‖ first key
+//! filter   u32 hashes ‖ u64 bits ‖ the bits, bytes rounded up
+//! tail     u64 index offset ‖ u64 filter offset ‖ u64 keys ‖ crc32(index ‖ filter): u32 ‖ "ARN1"
+//! ```
+//! Integers are big-endian. Keys are strictly ascending, within and across blocks. A run is
+//! written under a temporary name, synced, then renamed into place and its folder synced
+//! ([`write`]): a run that can be opened is whole, and its blocks' checksums catch what the
+//! disk damaged since.
+#![cfg_attr(not(test), allow(dead_code))]
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write as _};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// A block closes once its entries pass this many bytes (an entry is never split).
+const BLOCK_BYTES: usize = 4 << 10;
+/// Filter bits per key: about 1% of absent keys pass it with [`HASHES`] hashes.
+const BITS_PER_KEY: u64 = 10;
+const HASHES: u32 = 7;
+const MAGIC: &[u8; 4] = b"ARN1";
+const TAIL_BYTES: u64 = 8 + 8 + 8 + 4 + 4;
+/// Longest block or footer read back: anything longer is a damaged length.
+const MAX_READ: u64 = 1 << 30;
+
+/// What a run holds for a key: a value, or its removal (which hides older runs' values).
+pub(crate) type Held = Option<Vec<u8>>;
+
+/// Writes `entries` (strictly ascending keys) as a run at `path`: under a temporary name,
+/// synced, then renamed, and the folder synced. Returns how many keys it holds.
+pub(crate) fn write<'a>(
+    path: &Path,
+    entries: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+) -> std::io::Result<u64> {
+    let temporary = temporary_path(path);
+    let written = write_file(&temporary, entries);
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    let keys = written?;
+    std::fs::rename(&temporary, path)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    File::open(dir.unwrap_or(Path::new(".")))?.sync_all()?;
+    Ok(keys)
+}
+
+/// Where [`write`] puts a run before it is whole: a file the store deletes at open.
+pub(crate) fn temporary_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    PathBuf::from(name)
+}
+
+fn write_file<'a>(
+    path: &Path,
+    entries: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+) -> std::io::Result<u64> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    let mut out = BufWriter::new(&file);
+    let (mut offset, mut block, mut index) = (0u64, Vec::new(), Vec::new());
+    let mut first_key: Option<Vec<u8>> = None;
+    let mut last_key: Option<Vec<u8>> = None;
+    let mut hashes = Vec::new();
+    let mut close = |block: &mut Vec<u8>, first: Vec<u8>, out: &mut BufWriter<&File>| {
+        block.extend_from_slice(&crc32fast::hash(block).to_be_bytes());
+        out.write_all(block)?;
+        index.push((offset, block.len() as u32, first));
+        offset += block.len() as u64;
+        block.clear();
+        std::io::Result::Ok(())
+    };
+    for (key, value) in entries {
+        if last_key.as_deref().is_some_and(|last| last >= key) {
+            return Err(invalid("run keys must be strictly ascending"));
+        }
+        last_key = Some(key.to_vec());
+        hashes.push(key_hash(key));
+        first_key.get_or_insert_with(|| key.to_vec());
+        put_bytes(&mut block, key);
+        match value {
+            Some(value) => {
+                block.push(0);
+                put_bytes(&mut block, value);
+            }
+            None => block.push(1),
+        }
+        if block.len() >= BLOCK_BYTES {
+            let first = first_key.take().expect("set for this block");
+            close(&mut block, first, &mut out)?;
+        }
+    }
+    if let Some(first) = first_key.take() {
+        close(&mut block, first, &mut out)?;
+    }
+    let keys = hashes.len() as u64;
+    let mut footer = Vec::new();
+    footer.extend_from_slice(&(index.len() as u32).to_be_bytes());
+    for (at, len, first) in &index {
+        footer.extend_from_slice(&at.to_be_bytes());
+        footer.extend_from_slice(&len.to_be_bytes());
+        put_bytes(&mut footer, first);
+    }
+    let filter_offset = offset + footer.len() as u64;
+    Filter::of(&hashes).encode(&mut footer);
+    let mut tail = Vec::with_capacity(TAIL_BYTES as usize);
+    tail.extend_from_slice(&offset.to_be_bytes());
+    tail.extend_from_slice(&filter_offset.to_be_bytes());
+    tail.extend_from_slice(&keys.to_be_bytes());
+    tail.extend_from_slice(&crc32fast::hash(&footer).to_be_bytes());
+    tail.extend_from_slice(MAGIC);
+    out.write_all(&footer)?;
+    out.write_all(&tail)?;
+    out.flush()?;
+    drop(out);
+    file.sync_all()?;
+    Ok(keys)
+}
+
+/// An open run: its blocks' first keys and its filter in memory, its entries on disk.
+#[derive(Debug)]
+pub(crate) struct Run {
+    file: File,
+    path: PathBuf,
+    blocks: Vec<Block>,
+    filter: Filter,
+    keys: u64,
+}
+
+#[derive(Debug)]
+struct Block {
+    offset: u64,
+    len: u32,
+    first_key: Vec<u8>,
+}
+
+impl Run {
+    /// Opens a run [`write`] wrote, checking its footer.
+    pub(crate) fn open(path: &Path) -> std::io::Result<Self> {
+        let file = File::open(path)?;
+        let size = file.metadata()?.len();
+        let damaged = |what: &str| invalid(&format!("run {}: {what}", path.display()));
+        if size < TAIL_BYTES {
+            return Err(damaged("shorter than its tail"));
+        }
+        let mut tail = [0u8; TAIL_BYTES as usize];
+        file.read_exact_at(&mut tail, size - TAIL_BYTES)?;
+        let word = |at: usize| u64::from_be_bytes(tail[at..at + 8].try_into().expect("8 bytes"));
+        let (index_at, filter_at, keys) = (word(0), word(8), word(16));
+        let crc = u32::from_be_bytes(tail[24..28].try_into().expect("4 bytes"));
+        if &tail[28..] != MAGIC {
+            return Err(damaged("no run tail (torn or not a run)"));
+        }
+        let footer_end = size - TAIL_BYTES;
+        if !(index_at <= filter_at && filter_at <= footer_end && footer_end - index_at <= MAX_READ)
+        {
+            return Err(damaged("footer offsets out of range"));
+        }
+        let mut footer = vec![0; (footer_end - index_at) as usize];
+        file.read_exact_at(&mut footer, index_at)?;
+        if crc32fast::hash(&footer) != crc {
+            return Err(damaged("footer checksum"));
+        }
+        let (index, filter) = footer.split_at((filter_at - index_at) as usize);
+        let mut reader = Reader(index);
+        let count = reader.u32().ok_or_else(|| damaged("index"))?;
+        let mut blocks = Vec::new();
+        let mut expected_at = 0;
+        for _ in 0..count {
+            let block = (|| {
+                Some(Block {
+                    offset: reader.u64()?,
+                    len: reader.u32()?,
+                    first_key: reader.bytes()?.to_vec(),
+                })
+            })()
+            .ok_or_else(|| damaged("index"))?;
+            let ordered = blocks
+                .last()
+                .is_none_or(|b: &Block| b.first_key < block.first_key);
+            if block.offset != expected_at || block.len < 4 || !ordered {
+                return Err(damaged("index out of order"));
+            }
+            expected_at = block.offset + u64::from(block.len);
+            blocks.push(block);
+        }
+        if expected_at != index_at || !reader.0.is_empty() {
+            return Err(damaged("index does not cover the blocks"));
+        }
+        let filter = Filter::decode(filter).ok_or_else(|| damaged("filter"))?;
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+            blocks,
+            filter,
+            keys,
+        })
+    }
+
+    /// How many keys the run holds.
+    pub(crate) fn keys(&self) -> u64 {
+        self.keys
+    }
+
+    /// What the run holds for `key`: `None` if it does not name it.
+    pub(crate) fn get(&self, key: &[u8]) -> std::io::Result<Option<Held>> {
+        if !self.filter.may_hold(key_hash(key)) {
+            return Ok(None);
+        }
+        let Some(at) = self.block_for(key) else {
+            return Ok(None);
+        };
+        for (k, held) in self.read_block(at)? {
+            if k.as_slice() >= key {
+                return Ok((k == key).then_some(held));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The run's entries whose keys start with `prefix`, in key order, removals included.
+    pub(crate) fn scan<'a>(&'a self, prefix: &'a [u8]) -> Scan<'a> {
+        Scan {
+            run: self,
+            prefix,
+            next_block: self.block_for(prefix).unwrap_or(0),
+            entries: Vec::new().into_iter(),
+            done: false,
+        }
+    }
+
+    /// The last block whose first key is at most `key`.
+    fn block_for(&self, key: &[u8]) -> Option<usize> {
+        let after = self
+            .blocks
+            .partition_point(|b| b.first_key.as_slice() <= key);
+        after.checked_sub(1)
+    }
+
+    fn read_block(&self, at: usize) -> std::io::Result<Vec<(Vec<u8>, Held)>> {
+        let block = &self.blocks[at];
+        let mut bytes = vec![0; block.len as usize];
+        self.file.read_exact_at(&mut bytes, block.offset)?;
+        let damaged = || {
+            invalid(&format!(
+                "run {}: block at {} damaged",
+                self.path.display(),
+                block.offset
+            ))
+        };
+        let (entries, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32fast::hash(entries).to_be_bytes() != crc {
+            return Err(damaged());
+        }
+        let mut reader = Reader(entries);
+        let mut out = Vec::new();
+        while !reader.0.is_empty() {
+            let entry = (|| {
+                let key = reader.bytes()?.to_vec();
+                let held = match reader.u8()? {
+                    0 => Some(reader.bytes()?.to_vec()),
+                    1 => None,
+                    _ => return None,
+                };
+                Some((key, held))
+            })()
+            .ok_or_else(damaged)?;
+            out.push(entry);
+        }
+        Ok(out)
+    }
+}
+
+/// Entries under a prefix, block by block ([`Run::scan`]).
+pub(crate) struct Scan<'a> {
+    run: &'a Run,
+    prefix: &'a [u8],
+    next_block: usize,
+    entries: std::vec::IntoIter<(Vec<u8>, Held)>,
+    done: bool,
+}
+
+impl Iterator for Scan<'_> {
+    type Item = std::io::Result<(Vec<u8>, Held)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.done {
+            for (key, held) in self.entries.by_ref() {
+                if key.as_slice() < self.prefix {
+                    continue;
+                }
+                if !key.starts_with(self.prefix) {
+                    self.done = true;
+                    return None;
+                }
+                return Some(Ok((key, held)));
+            }
+            if self.next_block >= self.run.blocks.len() {
+                self.done = true;
+                return None;
+            }
+            match self.run.read_block(self.next_block) {
+                Ok(entries) => self.entries = entries.into_iter(),
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+            self.next_block += 1;
+        }
+        None
+    }
+}
+
+/// A Bloom filter over the keys' hashes: a key it refuses is not in the run.
+#[derive(Debug)]
+struct Filter {
+    hashes: u32,
+    bits: u64,
+    words: Vec<u8>,
+}
+
+impl Filter {
+    fn of(hashes: &[u64]) -> Self {
+        let bits = (hashes.len() as u64 * BITS_PER_KEY).max(64);
+        let mut filter = Self {
+            hashes: HASHES,
+            bits,
+            words: vec![0; bits.div_ceil(8) as usize],
+        };
+        for &h in hashes {
+            let bits: Vec<u64> = filter.bits_of(h).collect();
+            for bit in bits {
+                filter.words[(bit / 8) as usize] |= 1 << (bit % 8);
+            }
+        }
+        filter
+    }
+
+    fn may_hold(&self, hash: u64) -> bool {
+        self.bits_of(hash)
+            .all(|bit| self.words[(bit / 8) as usize] & (1 << (bit % 8)) != 0)
+    }
+
+    /// Double hashing (Kirsch and Mitzenmacher): bit i is h1 + i·h2 modulo the bits.
+    fn bits_of(&self, hash: u64) -> impl Iterator<Item = u64> + '_ {
+        let (h1, h2) = (hash, mix(hash) | 1);
+        (0..u64::from(self.hashes)).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)) % self.bits)
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.hashes.to_be_bytes());
+        out.extend_from_slice(&self.bits.to_be_bytes());
+        out.extend_from_slice(&self.words);
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let mut reader = Reader(bytes);
+        let (hashes, bits) = (reader.u32()?, reader.u64()?);
+        let words = reader.0.to_vec();
+        let fits = bits > 0 && (1..=32).contains(&hashes) && words.len() as u64 == bits.div_ceil(8);
+        fits.then_some(Self {
+            hashes,
+            bits,
+            words,
+        })
+    }
+}
+
+/// FNV-1a over the key, then mixed: stable across Rust versions, as a stored filter needs
+/// (std's hashers promise no such thing).
+fn key_hash(key: &[u8]) -> u64 {
+    let fnv = key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    mix(fnv)
+}
+
+/// splitmix64's finaliser.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    let len = u32::try_from(bytes.len()).expect("a key or value far under 4 GiB");
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let len = self.u32()? as usize;
+        self.take(len)
+    }
+}
+
+fn invalid(what: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, what)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// xorshift64*: the same keys on every run of the tests.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn bytes(&mut self, max: u64) -> Vec<u8> {
+            // Few distinct leading bytes, so that prefixes are shared as in the store's keys.
+            let len = 1 + self.below(max);
+            (0..len)
+                .map(|i| {
+                    if i == 0 {
+                        b'a' + self.below(4) as u8
+                    } else {
+                        self.next() as u8
+                    }
+                })
+                .collect()
+        }
+    }
+
+    fn written(dir: &Path, map: &BTreeMap<Vec<u8>, Held>) -> Run {
+        let path = dir.join("run-1");
+        let entries = map.iter().map(|(k, v)| (k.as_slice(), v.as_deref()));
+        assert_eq!(write(&path, entries).unwrap(), map.len() as u64);
+        assert!(!temporary_path(&path).exists(), "renamed into place");
+        Run::open(&path).unwrap()
+    }
+
+    fn sample(seed: u64, keys: usize) -> BTreeMap<Vec<u8>, Held> {
+        let mut rng = Rng(seed);
+        let mut map = BTreeMap::new();
+        while map.len() < keys {
+            let value = (rng.below(5) > 0).then(|| rng.bytes(300));
+            map.insert(rng.bytes(40), value);
+        }
+        map
+    }
+
+    #[test]
+    fn a_run_answers_every_key_and_prefix_as_the_map_it_was_written_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = sample(0x5eed, 5_000);
+        let run = written(dir.path(), &map);
+        assert!(run.blocks.len() > 50, "many blocks: {}", run.blocks.len());
+        assert_eq!(run.keys(), 5_000);
+        for (key, held) in &map {
+            assert_eq!(run.get(key).unwrap().as_ref(), Some(held), "{key:?}");
+        }
+        let mut rng = Rng(7);
+        for _ in 0..5_000 {
+            let absent = rng.bytes(40);
+            if !map.contains_key(&absent) {
+                assert_eq!(run.get(&absent).unwrap(), None);
+            }
+        }
+        for _ in 0..300 {
+            let prefix = rng.bytes(3);
+            let expected: Vec<_> = map
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let scanned: Vec<_> = run.scan(&prefix).map(Result::unwrap).collect();
+            assert_eq!(scanned, expected, "prefix {prefix:?}");
+        }
+        let everything: Vec<_> = run.scan(b"").map(Result::unwrap).collect();
+        assert_eq!(everything.len(), map.len());
+    }
+
+    #[test]
+    fn keys_at_block_edges_and_entries_larger_than_a_block_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut map = BTreeMap::new();
+        // Each entry is exactly a quarter block with its framing, so blocks close on an
+        // entry's last byte; then one value of three blocks.
+        let framing = 4 + 9 + 1 + 4;
+        for i in 0..16u64 {
+            let key = [b"q".as_slice(), &i.to_be_bytes()].concat();
+            map.insert(key, Some(vec![i as u8; BLOCK_BYTES / 4 - framing]));
+        }
+        map.insert(b"r-large".to_vec(), Some(vec![9; 3 * BLOCK_BYTES]));
+        map.insert(b"s".to_vec(), None);
+        let run = written(dir.path(), &map);
+        assert_eq!(
+            run.blocks.len(),
+            6,
+            "4 full blocks, the large one, the last"
+        );
+        for (key, held) in &map {
+            assert_eq!(run.get(key).unwrap().as_ref(), Some(held));
+        }
+        let queue: Vec<_> = run.scan(b"q").map(Result::unwrap).collect();
+        assert_eq!(queue.len(), 16);
+        assert_eq!(
+            run.scan(b"s").map(Result::unwrap).collect::<Vec<_>>(),
+            vec![(b"s".to_vec(), None)]
+        );
+        assert_eq!(run.scan(b"t").count(), 0);
+        assert_eq!(run.scan(b"0").count(), 0, "before every key");
+    }
+
+    #[test]
+    fn an_empty_run_holds_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = written(dir.path(), &BTreeMap::new());
+        assert_eq!((run.keys(), run.blocks.len()), (0, 0));
+        assert_eq!(run.get(b"any").unwrap(), None);
+        assert_eq!(run.scan(b"").count(), 0);
+    }
+
+    #[test]
+    fn keys_out_of_order_or_repeated_are_refused_and_leave_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run-1");
+        for keys in [[&b"b"[..], b"a"], [b"a", b"a"]] {
+            let err = write(&path, keys.map(|k| (k, Some(&b"v"[..])))).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+            assert!(!path.exists() && !temporary_path(&path).exists());
+        }
+    }
+
+    #[test]
+    fn a_damaged_block_fails_its_reads_and_only_those() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = sample(0xb10c, 2_000);
+        let run = written(dir.path(), &map);
+        let second = &run.blocks[1];
+        let file = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("run-1"))
+            .unwrap();
+        file.write_all_at(&[0xff], second.offset + 10).unwrap();
+        let in_second = run.blocks[1].first_key.clone();
+        let err = run.get(&in_second).unwrap_err();
+        assert!(err.to_string().contains("damaged"), "{err}");
+        let in_first = run.blocks[0].first_key.clone();
+        assert!(run.get(&in_first).unwrap().is_some());
+        let scanned: Vec<_> = run.scan(b"").collect();
+        assert!(
+            scanned.last().unwrap().is_err(),
+            "a scan ends with the error"
+        );
+    }
+
+    #[test]
+    fn a_torn_or_damaged_footer_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = sample(0xf007, 500);
+        drop(written(dir.path(), &map));
+        let path = dir.path().join("run-1");
+        let whole = std::fs::read(&path).unwrap();
+
+        std::fs::write(&path, &whole[..whole.len() - 1]).unwrap();
+        let err = Run::open(&path).unwrap_err();
+        assert!(err.to_string().contains("tail"), "{err}");
+
+        let mut flipped = whole.clone();
+        let in_footer = whole.len() - TAIL_BYTES as usize - 20;
+        flipped[in_footer] ^= 1;
+        std::fs::write(&path, &flipped).unwrap();
+        let err = Run::open(&path).unwrap_err();
+        assert!(err.to_string().contains("footer checksum"), "{err}");
+
+        std::fs::write(&path, &whole[..3]).unwrap();
+        assert!(Run::open(&path).is_err());
+        std::fs::write(&path, &whole).unwrap();
+        assert_eq!(Run::open(&path).unwrap().keys(), 500);
+    }
+
+    #[test]
+    fn the_filter_refuses_most_absent_keys() {
+        let hashes: Vec<u64> = (0..10_000u64).map(|i| key_hash(&i.to_be_bytes())).collect();
+        let filter = Filter::of(&hashes);
+        assert!(
+            hashes.iter().all(|&h| filter.may_hold(h)),
+            "no false negatives"
+        );
+        let passed = (10_000..110_000u64)
+            .filter(|i| filter.may_hold(key_hash(&i.to_be_bytes())))
+            .count();
+        assert!(passed < 2_000, "{passed} of 100,000 absent keys passed");
+    }
+
+    #[test]
+    fn key_hashes_are_stable() {
+        // Stored in every run's filter: a change here makes every run refuse its own keys.
+        assert_eq!(key_hash(b""), mix(0xcbf2_9ce4_8422_2325));
+        assert_eq!(key_hash(b"m"), 0xcf6b_2b49_3a85_337d);
+    }
+}
