@@ -36,9 +36,9 @@ pub(crate) type Held = Option<Vec<u8>>;
 
 /// Writes `entries` (strictly ascending keys) as a run at `path`: under a temporary name,
 /// synced, then renamed, and the folder synced. Returns how many keys it holds.
-pub(crate) fn write<'a>(
+pub(crate) fn write<K: AsRef<[u8]>, V: AsRef<[u8]>>(
     path: &Path,
-    entries: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+    entries: impl IntoIterator<Item = std::io::Result<(K, Option<V>)>>,
 ) -> std::io::Result<u64> {
     let temporary = temporary_path(path);
     let written = write_file(&temporary, entries);
@@ -59,9 +59,9 @@ pub(crate) fn temporary_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn write_file<'a>(
+fn write_file<K: AsRef<[u8]>, V: AsRef<[u8]>>(
     path: &Path,
-    entries: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+    entries: impl IntoIterator<Item = std::io::Result<(K, Option<V>)>>,
 ) -> std::io::Result<u64> {
     let file = OpenOptions::new()
         .write(true)
@@ -81,7 +81,9 @@ fn write_file<'a>(
         block.clear();
         std::io::Result::Ok(())
     };
-    for (key, value) in entries {
+    for entry in entries {
+        let (key, value) = entry?;
+        let (key, value) = (key.as_ref(), value.as_ref().map(AsRef::as_ref));
         if last_key.as_deref().is_some_and(|last| last >= key) {
             return Err(invalid("run keys must be strictly ascending"));
         }
@@ -323,6 +325,68 @@ impl Iterator for Scan<'_> {
     }
 }
 
+/// Several sources of entries in key order, merged into one, newest first winning: where
+/// sources name the same key, the first source's entry is taken and the others' skipped.
+/// The sources are the held keys and the runs, newest first, for a read; the runs being
+/// compacted, for [`compact`]. An error from a source ends the merge.
+pub(crate) struct Merged<I: Iterator> {
+    sources: Vec<std::iter::Peekable<I>>,
+    failed: bool,
+}
+
+impl<I: Iterator<Item = std::io::Result<(Vec<u8>, Held)>>> Merged<I> {
+    /// `sources` newest first.
+    pub(crate) fn new(sources: impl IntoIterator<Item = I>) -> Self {
+        Self {
+            sources: sources.into_iter().map(Iterator::peekable).collect(),
+            failed: false,
+        }
+    }
+}
+
+impl<I: Iterator<Item = std::io::Result<(Vec<u8>, Held)>>> Iterator for Merged<I> {
+    type Item = std::io::Result<(Vec<u8>, Held)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        // The least key any source is at, and the newest source at it. Few sources are
+        // merged at a time, so a scan of them beats a heap.
+        let mut least: Option<(usize, &[u8])> = None;
+        for (i, source) in self.sources.iter_mut().enumerate() {
+            match source.peek() {
+                Some(Err(_)) => {
+                    self.failed = true;
+                    return source.next();
+                }
+                Some(Ok((key, _))) if least.is_none_or(|(_, l)| key.as_slice() < l) => {
+                    least = Some((i, key.as_slice()));
+                }
+                _ => {}
+            }
+        }
+        let (winner, key) = least?;
+        let key = key.to_vec();
+        let taken = self.sources[winner].next();
+        for source in &mut self.sources[winner + 1..] {
+            if matches!(source.peek(), Some(Ok((k, _))) if *k == key) {
+                source.next();
+            }
+        }
+        taken
+    }
+}
+
+/// Merges `runs` (newest first) into one run at `path`, values shadowed by newer ones
+/// dropped. Removals are kept unless `oldest` says no older run remains below these, where
+/// a removal has nothing left to hide. Returns how many keys the new run holds.
+pub(crate) fn compact(path: &Path, runs: &[&Run], oldest: bool) -> std::io::Result<u64> {
+    let merged = Merged::new(runs.iter().map(|run| run.scan(b"")));
+    let kept = merged.filter(|entry| !(oldest && matches!(entry, Ok((_, None)))));
+    write(path, kept)
+}
+
 /// A Bloom filter over the keys' hashes: a key it refuses is not in the run.
 #[derive(Debug)]
 struct Filter {
@@ -463,7 +527,7 @@ mod tests {
 
     fn written(dir: &Path, map: &BTreeMap<Vec<u8>, Held>) -> Run {
         let path = dir.join("run-1");
-        let entries = map.iter().map(|(k, v)| (k.as_slice(), v.as_deref()));
+        let entries = map.iter().map(|(k, v)| Ok((k.as_slice(), v.as_deref())));
         assert_eq!(write(&path, entries).unwrap(), map.len() as u64);
         assert!(!temporary_path(&path).exists(), "renamed into place");
         Run::open(&path).unwrap()
@@ -556,7 +620,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run-1");
         for keys in [[&b"b"[..], b"a"], [b"a", b"a"]] {
-            let err = write(&path, keys.map(|k| (k, Some(&b"v"[..])))).unwrap_err();
+            let err = write(&path, keys.map(|k| Ok((k, Some(&b"v"[..]))))).unwrap_err();
             assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
             assert!(!path.exists() && !temporary_path(&path).exists());
         }
@@ -608,6 +672,95 @@ mod tests {
         assert!(Run::open(&path).is_err());
         std::fs::write(&path, &whole).unwrap();
         assert_eq!(Run::open(&path).unwrap().keys(), 500);
+    }
+
+    /// Four generations of writes over one key space, each a run; merged newest first,
+    /// they read as the generations applied in order to one map.
+    #[test]
+    fn merged_runs_read_as_their_generations_applied_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Rng(0xc0de);
+        let space: Vec<Vec<u8>> = (0..3_000).map(|_| rng.bytes(12)).collect();
+        let mut applied = BTreeMap::new();
+        let mut runs = Vec::new();
+        for generation in 0..4 {
+            let mut writes = BTreeMap::new();
+            for _ in 0..1_500 {
+                let key = space[rng.below(space.len() as u64) as usize].clone();
+                let value = (rng.below(4) > 0).then(|| vec![generation; rng.below(50) as usize]);
+                writes.insert(key, value);
+            }
+            applied.extend(writes.clone());
+            let path = dir.path().join(format!("run-{generation}"));
+            let entries = writes.iter().map(|(k, v)| Ok((k.as_slice(), v.as_deref())));
+            write(&path, entries).unwrap();
+            runs.push(Run::open(&path).unwrap());
+        }
+        runs.reverse();
+        let newest_first: Vec<&Run> = runs.iter().collect();
+
+        let merged: Vec<_> = Merged::new(newest_first.iter().map(|r| r.scan(b"")))
+            .map(Result::unwrap)
+            .collect();
+        let expected: Vec<_> = applied.clone().into_iter().collect();
+        assert_eq!(merged, expected);
+        let prefix = &space[0][..1];
+        let under: Vec<_> = Merged::new(newest_first.iter().map(|r| r.scan(prefix)))
+            .map(Result::unwrap)
+            .collect();
+        let expected_under: Vec<_> = expected
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        assert_eq!(under, expected_under);
+
+        // Compacted above an older run, removals stay; as the oldest, they go.
+        let above = dir.path().join("above");
+        assert_eq!(
+            compact(&above, &newest_first, false).unwrap(),
+            applied.len() as u64
+        );
+        let above = Run::open(&above).unwrap();
+        let read: Vec<_> = above.scan(b"").map(Result::unwrap).collect();
+        assert_eq!(read, expected);
+        let bottom = dir.path().join("bottom");
+        compact(&bottom, &newest_first, true).unwrap();
+        let bottom = Run::open(&bottom).unwrap();
+        let read: Vec<_> = bottom.scan(b"").map(Result::unwrap).collect();
+        let live: Vec<_> = expected.into_iter().filter(|(_, v)| v.is_some()).collect();
+        assert!(live.len() < applied.len(), "some keys end removed");
+        assert_eq!(read, live);
+        for (key, held) in &applied {
+            let want = held.as_ref().map(|v| Some(v.clone()));
+            assert_eq!(bottom.get(key).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn a_merge_ends_at_a_sources_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = sample(0xe770, 2_000);
+        let run = written(dir.path(), &map);
+        let file = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("run-1"))
+            .unwrap();
+        file.write_all_at(&[0xff], run.blocks[3].offset + 5)
+            .unwrap();
+        let newer = dir.path().join("newer");
+        write(&newer, [Ok((&b"a"[..], Some(&b"1"[..])))]).unwrap();
+        let newer = Run::open(&newer).unwrap();
+        let merged: Vec<_> = Merged::new([newer.scan(b""), run.scan(b"")]).collect();
+        assert!(merged.last().unwrap().is_err());
+        assert_eq!(
+            merged.iter().filter(|e| e.is_err()).count(),
+            1,
+            "and nothing after"
+        );
+        let target = dir.path().join("compacted");
+        assert!(compact(&target, &[&newer, &run], true).is_err());
+        assert!(!target.exists() && !temporary_path(&target).exists());
     }
 
     #[test]
