@@ -835,6 +835,7 @@ mod tests {
             status(&health, "accord.v1.Audit").await,
             ServingStatus::Serving
         );
+        assert!(!task.is_finished(), "still watching a working store");
         shutdown.send(true).unwrap();
         tokio::time::timeout(STORE_HEALTH_EVERY, task)
             .await

@@ -256,7 +256,7 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
             synced: Mutex::default(),
         }),
         #[cfg(test)]
-        synced: None,
+        after_syncs: None,
     };
     move_log_out_of_sled(&mut files)?;
     let restore = "Restore the whole store from one backup: sled, log/, messages/ and wal/ \
@@ -1372,7 +1372,7 @@ struct SledFiles {
     /// Called by [`SledFiles::make_durable`] once sled and the files beside it are synced,
     /// with the blob files as known then: a test sees whether they were recorded too early.
     #[cfg(test)]
-    synced: Option<SyncedProbe>,
+    after_syncs: Option<SyncedProbe>,
 }
 
 #[cfg(test)]
@@ -1380,7 +1380,7 @@ type SyncedProbe = Box<dyn FnMut(&BlobFiles) + Send>;
 
 /// sled's blob folder, and the files in it known synced, with their sizes (sled writes a
 /// blob file once). Shared by whoever makes sled durable, which syncs new ones, and the
-/// committer, which looks for new ones after each group.
+/// committer, which compares the folder with them after each group.
 struct BlobFiles {
     dir: PathBuf,
     synced: Mutex<BlobSizes>,
@@ -1404,12 +1404,13 @@ impl BlobFiles {
     }
 
     /// `fdatasync`s the files among `names` (a listing) not known synced, and the folder if
-    /// any was; returns the files of `names` still there, for [`BlobFiles::record`].
+    /// any was; returns the files of `names` that exist or are known synced, for
+    /// [`BlobFiles::record`].
     fn sync(&self, names: Vec<std::ffi::OsString>) -> std::io::Result<BlobSizes> {
         // Not held while files are synced: the committer compares names meanwhile.
         let known = self.synced().clone();
-        let (present, changed) = sync_new_files(&self.dir, names, &known)?;
-        if changed {
+        let (present, added) = sync_new_files(&self.dir, names, &known)?;
+        if added {
             sync_dir(&self.dir)?;
         }
         Ok(present)
@@ -1537,8 +1538,8 @@ impl SledFiles {
         self.log.sync()?;
         self.messages.sync()?;
         #[cfg(test)]
-        if let Some(synced) = &mut self.synced {
-            synced(&self.blobs);
+        if let Some(probe) = &mut self.after_syncs {
+            probe(&self.blobs);
         }
         self.blobs.record(blobs);
         self.note_sled_bytes();
@@ -2707,7 +2708,7 @@ mod tests {
         std::fs::write(blob_dir.join("4242"), b"a page").unwrap();
         let (seen, looks) = mpsc::channel();
         let mut files = committer.files.lock().unwrap();
-        files.synced = Some(Box::new(move |blobs: &BlobFiles| {
+        files.after_syncs = Some(Box::new(move |blobs: &BlobFiles| {
             seen.send(blobs.changed().unwrap()).unwrap();
         }));
         files.make_durable().unwrap();
@@ -2737,7 +2738,7 @@ mod tests {
         committer.files.lock().unwrap().make_durable().unwrap();
         assert!(!committer.blobs.changed().unwrap());
         let (made_durable, times) = mpsc::channel();
-        committer.files.lock().unwrap().synced = Some(Box::new(move |_: &BlobFiles| {
+        committer.files.lock().unwrap().after_syncs = Some(Box::new(move |_: &BlobFiles| {
             made_durable.send(()).unwrap();
         }));
         let insert = |i: u64| Tx {
@@ -2766,7 +2767,7 @@ mod tests {
     /// write a new blob file, to make sled durable itself (the group's answers went out
     /// before). After any other group it goes on while the checkpointer holds sled's files.
     #[test]
-    fn only_a_new_blob_file_makes_the_committer_wait_for_a_checkpoint() {
+    fn only_a_changed_blob_folder_makes_the_committer_wait_for_a_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let (committer, _) = recover(dir.path(), 16 << 20).unwrap();
         let (files, blobs) = (committer.files.clone(), committer.blobs.clone());
