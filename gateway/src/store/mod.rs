@@ -17,6 +17,7 @@
 
 mod log_files;
 mod records;
+mod run_set;
 mod runs;
 pub mod sled;
 mod wal;

@@ -1,0 +1,404 @@
+//! The runs of one folder, newest first: what checkpoints add and compaction merges (step 3
+//! of docs/store-next.md; the store does not use them yet).
+//!
+//! A run's file is named by the checkpoints it holds: `first-last`, two 20-digit numbers.
+//! A checkpoint's run holds one (`n-n`); a merge of runs holds all of theirs, and is
+//! written before its inputs are deleted. An open that finds a run whose checkpoints another
+//! run holds too (a merge that a crash stopped before it deleted its inputs) deletes it: the
+//! merge holds everything it held, and may have dropped removals that it would otherwise
+//! bring back.
+#![cfg_attr(not(test), allow(dead_code))]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::runs::{self, Run};
+
+/// Runs of about one size merged at once: a key is rewritten about once for each fourfold
+/// growth of the data written after it, and the runs stay a few per size.
+const MERGE_AT: usize = 4;
+
+/// The runs of a folder, newest first.
+#[derive(Debug)]
+pub(crate) struct RunSet {
+    dir: PathBuf,
+    /// Newest first; readers take a copy of the list ([`RunSet::runs`]) and keep reading the
+    /// files they hold while a merge replaces them.
+    runs: Arc<Vec<Arc<Named>>>,
+}
+
+/// A run and the checkpoints it holds.
+#[derive(Debug)]
+pub(crate) struct Named {
+    pub(crate) run: Run,
+    first: u64,
+    last: u64,
+    bytes: u64,
+}
+
+impl RunSet {
+    /// Opens the runs in `dir`, deleting unfinished writes and runs a finished merge holds.
+    pub(crate) fn open(dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut found = Vec::new();
+        let mut deleted = false;
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            match parse_name(&name) {
+                Some(span) => found.push((span, entry.path())),
+                None if name.ends_with(".tmp") => {
+                    std::fs::remove_file(entry.path())?;
+                    deleted = true;
+                }
+                None => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{} is not a run", entry.path().display()),
+                    ))
+                }
+            }
+        }
+        // Newest first; of runs ending at one checkpoint, the widest first.
+        found.sort_by(|((f1, l1), _), ((f2, l2), _)| l2.cmp(l1).then(f1.cmp(f2)));
+        let mut runs: Vec<Arc<Named>> = Vec::new();
+        for ((first, last), path) in found {
+            let held_by_another = runs.iter().any(|r| r.first <= first && last <= r.last);
+            let overlaps = runs.iter().any(|r| r.first <= last && first <= r.last);
+            if held_by_another {
+                std::fs::remove_file(&path)?;
+                deleted = true;
+                continue;
+            }
+            if overlaps {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} overlaps another run", path.display()),
+                ));
+            }
+            let bytes = std::fs::metadata(&path)?.len();
+            let run = Run::open(&path)?;
+            runs.push(Arc::new(Named {
+                run,
+                first,
+                last,
+                bytes,
+            }));
+        }
+        if deleted {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            runs: Arc::new(runs),
+        })
+    }
+
+    /// The runs, newest first, as they are now.
+    pub(crate) fn runs(&self) -> Arc<Vec<Arc<Named>>> {
+        self.runs.clone()
+    }
+
+    /// The last checkpoint the runs hold, 0 if none.
+    pub(crate) fn last_checkpoint(&self) -> u64 {
+        self.runs.first().map_or(0, |r| r.last)
+    }
+
+    /// Writes checkpoint `number`'s keys (ascending; later than every run's) as the newest
+    /// run.
+    pub(crate) fn add<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &mut self,
+        number: u64,
+        entries: impl IntoIterator<Item = std::io::Result<(K, Option<V>)>>,
+    ) -> std::io::Result<()> {
+        if number <= self.last_checkpoint() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("checkpoint {number} is not after the runs' last"),
+            ));
+        }
+        let path = self.dir.join(name(number, number));
+        runs::write(&path, entries)?;
+        let named = open_named(&path, number, number)?;
+        let mut runs = Vec::with_capacity(self.runs.len() + 1);
+        runs.push(Arc::new(named));
+        runs.extend(self.runs.iter().cloned());
+        self.runs = Arc::new(runs);
+        Ok(())
+    }
+
+    /// Merges runs while [`MERGE_AT`] or more in a row are of about one size; returns how
+    /// many merges it made.
+    pub(crate) fn compact(&mut self) -> std::io::Result<usize> {
+        let mut merges = 0;
+        while let Some(window) = self.due() {
+            self.merge(window)?;
+            merges += 1;
+        }
+        Ok(merges)
+    }
+
+    /// The first window of runs (indexes, newest first) due a merge: [`MERGE_AT`] or more
+    /// in a row of about one size, at most twice that many.
+    fn due(&self) -> Option<std::ops::Range<usize>> {
+        let runs = &self.runs;
+        (0..runs.len()).find_map(|start| {
+            let size = runs[start].bytes;
+            let alike = runs[start..]
+                .iter()
+                .take_while(|r| about_one_size(r.bytes, size))
+                .count();
+            (alike >= MERGE_AT).then(|| start..start + alike.min(2 * MERGE_AT))
+        })
+    }
+
+    /// Merges a window of runs in a row into one, written before they are deleted.
+    fn merge(&mut self, window: std::ops::Range<usize>) -> std::io::Result<()> {
+        let replaced = &self.runs[window.clone()];
+        let inputs: Vec<&Run> = replaced.iter().map(|r| &r.run).collect();
+        let (first, last) = (replaced[replaced.len() - 1].first, replaced[0].last);
+        let oldest = window.end == self.runs.len();
+        let path = self.dir.join(name(first, last));
+        runs::compact(&path, &inputs, oldest)?;
+        let merged = Arc::new(open_named(&path, first, last)?);
+        let gone: Vec<PathBuf> = replaced
+            .iter()
+            .map(|r| self.dir.join(name(r.first, r.last)))
+            .collect();
+        let mut runs = self.runs[..window.start].to_vec();
+        runs.push(merged);
+        runs.extend(self.runs[window.end..].iter().cloned());
+        self.runs = Arc::new(runs);
+        for path in gone {
+            std::fs::remove_file(path)?;
+        }
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+}
+
+/// Runs below this size count as one size, so that a quiet hour's small checkpoints merge
+/// too.
+const SMALL_RUN: u64 = 1 << 20;
+
+/// Whether two runs' sizes are within a factor of two, small ones counted as [`SMALL_RUN`].
+fn about_one_size(a: u64, b: u64) -> bool {
+    let (a, b) = (a.max(SMALL_RUN), b.max(SMALL_RUN));
+    a <= 2 * b && b <= 2 * a
+}
+
+fn open_named(path: &Path, first: u64, last: u64) -> std::io::Result<Named> {
+    Ok(Named {
+        run: Run::open(path)?,
+        first,
+        last,
+        bytes: std::fs::metadata(path)?.len(),
+    })
+}
+
+fn name(first: u64, last: u64) -> String {
+    format!("{first:020}-{last:020}")
+}
+
+fn parse_name(name: &str) -> Option<(u64, u64)> {
+    let (first, last) = name.split_once('-')?;
+    let digits = |s: &str| s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit());
+    if !(digits(first) && digits(last)) {
+        return None;
+    }
+    let span = (first.parse().ok()?, last.parse().ok()?);
+    (span.0 <= span.1).then_some(span)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::store::runs::{Held, Merged};
+
+    type Map = BTreeMap<Vec<u8>, Held>;
+
+    fn key(i: u32) -> Vec<u8> {
+        format!("k{i:05}").into_bytes()
+    }
+
+    /// Checkpoint `n`'s writes: puts of keys n..n+40 (value n), and a removal of key n-1.
+    fn writes(n: u64) -> Map {
+        let n32 = n as u32;
+        let mut map: Map = (n32..n32 + 40)
+            .map(|i| (key(i), Some(vec![n as u8; 30])))
+            .collect();
+        if n32 > 0 {
+            map.insert(key(n32 - 1), None);
+        }
+        map
+    }
+
+    fn add(set: &mut RunSet, n: u64, applied: &mut Map) {
+        let map = writes(n);
+        set.add(n, map.iter().map(|(k, v)| Ok((k.as_slice(), v.as_deref()))))
+            .unwrap();
+        applied.extend(map);
+    }
+
+    /// What readers see: every run merged, newest first, removals hidden.
+    fn contents(set: &RunSet) -> Map {
+        let runs = set.runs();
+        Merged::new(runs.iter().map(|r| r.run.scan(b"")))
+            .map(Result::unwrap)
+            .filter(|(_, v)| v.is_some())
+            .collect()
+    }
+
+    fn live(applied: &Map) -> Map {
+        applied
+            .iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn four_small_runs_in_a_row_become_one_and_read_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut set = RunSet::open(dir.path()).unwrap();
+        let mut applied = Map::new();
+        for n in 1..=3 {
+            add(&mut set, n, &mut applied);
+            assert_eq!(set.compact().unwrap(), 0);
+        }
+        add(&mut set, 4, &mut applied);
+        assert_eq!(set.compact().unwrap(), 1);
+        assert_eq!(files(dir.path()), vec![name(1, 4)]);
+        assert_eq!(contents(&set), live(&applied));
+        assert_eq!(set.last_checkpoint(), 4);
+        let err = set.add(4, [Ok((b"a", Some(b"b")))]).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+
+        // The merge was the oldest run: its removals are gone, not only hidden.
+        let merged = &set.runs()[0].run;
+        // Key 1: put by checkpoint 1, removed by checkpoint 2.
+        assert_eq!(
+            merged.get(&key(1)).unwrap(),
+            None,
+            "removed, and nothing below"
+        );
+        assert_eq!(merged.get(&key(4)).unwrap(), Some(Some(vec![4; 30])));
+        drop(set);
+        let set = RunSet::open(dir.path()).unwrap();
+        assert_eq!(contents(&set), live(&applied));
+    }
+
+    #[test]
+    fn many_checkpoints_keep_few_runs_and_every_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut set = RunSet::open(dir.path()).unwrap();
+        let mut applied = Map::new();
+        let mut most = 0;
+        for n in 1..=200 {
+            add(&mut set, n, &mut applied);
+            set.compact().unwrap();
+            most = most.max(set.runs().len());
+        }
+        assert!(most <= MERGE_AT * 2, "{most} runs at once");
+        assert_eq!(contents(&set), live(&applied));
+        assert_eq!(files(dir.path()).len(), set.runs().len());
+    }
+
+    /// A crash after a merge's run was renamed into place, before its inputs were deleted:
+    /// the open deletes the inputs. Read beside the merge, an input would bring back a key
+    /// that a removal in a later input took away and the merge (the oldest run) dropped.
+    #[test]
+    fn an_open_after_a_merge_cut_short_deletes_the_merged_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let aside = tempfile::tempdir().unwrap();
+        let mut set = RunSet::open(dir.path()).unwrap();
+        let mut applied = Map::new();
+        for n in 1..=4 {
+            add(&mut set, n, &mut applied);
+        }
+        let inputs = files(dir.path());
+        for f in &inputs {
+            std::fs::copy(dir.path().join(f), aside.path().join(f)).unwrap();
+        }
+        set.compact().unwrap();
+        drop(set);
+        for f in &inputs {
+            std::fs::copy(aside.path().join(f), dir.path().join(f)).unwrap();
+        }
+        std::fs::write(
+            dir.path().join(format!("{}.tmp", name(5, 5))),
+            b"half a run",
+        )
+        .unwrap();
+        assert_eq!(files(dir.path()).len(), 6);
+
+        let set = RunSet::open(dir.path()).unwrap();
+        assert_eq!(files(dir.path()), vec![name(1, 4)]);
+        assert_eq!(set.runs().len(), 1);
+        assert_eq!(contents(&set), live(&applied));
+        assert!(!contents(&set).contains_key(&key(1)), "key 1 stays removed");
+    }
+
+    #[test]
+    fn readers_keep_the_runs_they_took_while_a_merge_replaces_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut set = RunSet::open(dir.path()).unwrap();
+        let mut applied = Map::new();
+        for n in 1..=4 {
+            add(&mut set, n, &mut applied);
+        }
+        let taken = set.runs();
+        set.compact().unwrap();
+        assert_eq!(taken.len(), 4);
+        let read: Map = Merged::new(taken.iter().map(|r| r.run.scan(b"")))
+            .map(Result::unwrap)
+            .filter(|(_, v)| v.is_some())
+            .collect();
+        assert_eq!(read, live(&applied), "deleted files still read");
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_run_or_runs_that_overlap_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"").unwrap();
+        let err = RunSet::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("not a run"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        for (first, last) in [(1, 4), (3, 6)] {
+            let path = dir.path().join(name(first, last));
+            runs::write(&path, [Ok((b"a", Some(b"b")))]).unwrap();
+        }
+        let err = RunSet::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("overlaps"), "{err}");
+    }
+
+    #[test]
+    fn only_runs_of_about_one_size_merge() {
+        assert!(
+            about_one_size(10, SMALL_RUN * 2),
+            "small ones count as SMALL_RUN"
+        );
+        assert!(!about_one_size(SMALL_RUN, SMALL_RUN * 3));
+        assert!(about_one_size(SMALL_RUN * 8, SMALL_RUN * 5));
+        assert_eq!(parse_name(&name(3, 9)), Some((3, 9)));
+        for bad in [
+            "3-9",
+            &name(9, 3),
+            "00000000000000000003-0000000000000000000x",
+        ] {
+            assert_eq!(parse_name(bad), None, "{bad}");
+        }
+    }
+}
