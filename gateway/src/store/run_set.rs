@@ -25,6 +25,9 @@ pub(crate) struct RunSet {
     /// Newest first; readers take a copy of the list ([`RunSet::runs`]) and keep reading the
     /// files they hold while a merge replaces them.
     runs: Arc<Vec<Arc<Named>>>,
+    /// Whether nothing under the runs holds keys (no sled below them): only then does a
+    /// merge that takes the oldest run drop removals.
+    nothing_below: bool,
 }
 
 /// A run and the checkpoints it holds.
@@ -38,7 +41,8 @@ pub(crate) struct Named {
 
 impl RunSet {
     /// Opens the runs in `dir`, deleting unfinished writes and runs a finished merge holds.
-    pub(crate) fn open(dir: &Path) -> std::io::Result<Self> {
+    /// `nothing_below`: no other store under the runs holds keys their removals hide.
+    pub(crate) fn open(dir: &Path, nothing_below: bool) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut found = Vec::new();
         let mut deleted = false;
@@ -92,6 +96,7 @@ impl RunSet {
         Ok(Self {
             dir: dir.to_owned(),
             runs: Arc::new(runs),
+            nothing_below,
         })
     }
 
@@ -158,9 +163,9 @@ impl RunSet {
         let replaced = &self.runs[window.clone()];
         let inputs: Vec<&Run> = replaced.iter().map(|r| &r.run).collect();
         let (first, last) = (replaced[replaced.len() - 1].first, replaced[0].last);
-        let oldest = window.end == self.runs.len();
+        let nothing_below = self.nothing_below && window.end == self.runs.len();
         let path = self.dir.join(name(first, last));
-        runs::compact(&path, &inputs, oldest)?;
+        runs::compact(&path, &inputs, nothing_below)?;
         let merged = Arc::new(open_named(&path, first, last)?);
         let gone: Vec<PathBuf> = replaced
             .iter()
@@ -271,7 +276,7 @@ mod tests {
     #[test]
     fn four_small_runs_in_a_row_become_one_and_read_the_same() {
         let dir = tempfile::tempdir().unwrap();
-        let mut set = RunSet::open(dir.path()).unwrap();
+        let mut set = RunSet::open(dir.path(), true).unwrap();
         let mut applied = Map::new();
         for n in 1..=3 {
             add(&mut set, n, &mut applied);
@@ -295,14 +300,33 @@ mod tests {
         );
         assert_eq!(merged.get(&key(4)).unwrap(), Some(Some(vec![4; 30])));
         drop(set);
-        let set = RunSet::open(dir.path()).unwrap();
+        let set = RunSet::open(dir.path(), true).unwrap();
         assert_eq!(contents(&set), live(&applied));
+    }
+
+    /// Over another store (sled, until it is folded away), the oldest run's removals stay:
+    /// they hide what that store holds.
+    #[test]
+    fn over_another_store_a_merge_keeps_its_removals() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut set = RunSet::open(dir.path(), false).unwrap();
+        let mut applied = Map::new();
+        for n in 1..=4 {
+            add(&mut set, n, &mut applied);
+        }
+        assert_eq!(set.compact().unwrap(), 1);
+        let merged = &set.runs()[0].run;
+        assert_eq!(
+            merged.get(&key(1)).unwrap(),
+            Some(None),
+            "the removal is kept"
+        );
     }
 
     #[test]
     fn many_checkpoints_keep_few_runs_and_every_value() {
         let dir = tempfile::tempdir().unwrap();
-        let mut set = RunSet::open(dir.path()).unwrap();
+        let mut set = RunSet::open(dir.path(), true).unwrap();
         let mut applied = Map::new();
         let mut most = 0;
         for n in 1..=200 {
@@ -322,7 +346,7 @@ mod tests {
     fn an_open_after_a_merge_cut_short_deletes_the_merged_runs() {
         let dir = tempfile::tempdir().unwrap();
         let aside = tempfile::tempdir().unwrap();
-        let mut set = RunSet::open(dir.path()).unwrap();
+        let mut set = RunSet::open(dir.path(), true).unwrap();
         let mut applied = Map::new();
         for n in 1..=4 {
             add(&mut set, n, &mut applied);
@@ -343,7 +367,7 @@ mod tests {
         .unwrap();
         assert_eq!(files(dir.path()).len(), 6);
 
-        let set = RunSet::open(dir.path()).unwrap();
+        let set = RunSet::open(dir.path(), true).unwrap();
         assert_eq!(files(dir.path()), vec![name(1, 4)]);
         assert_eq!(set.runs().len(), 1);
         assert_eq!(contents(&set), live(&applied));
@@ -353,7 +377,7 @@ mod tests {
     #[test]
     fn readers_keep_the_runs_they_took_while_a_merge_replaces_them() {
         let dir = tempfile::tempdir().unwrap();
-        let mut set = RunSet::open(dir.path()).unwrap();
+        let mut set = RunSet::open(dir.path(), true).unwrap();
         let mut applied = Map::new();
         for n in 1..=4 {
             add(&mut set, n, &mut applied);
@@ -372,7 +396,7 @@ mod tests {
     fn a_file_that_is_not_a_run_or_runs_that_overlap_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("notes.txt"), b"").unwrap();
-        let err = RunSet::open(dir.path()).unwrap_err();
+        let err = RunSet::open(dir.path(), true).unwrap_err();
         assert!(err.to_string().contains("not a run"), "{err}");
 
         let dir = tempfile::tempdir().unwrap();
@@ -380,7 +404,7 @@ mod tests {
             let path = dir.path().join(name(first, last));
             runs::write(&path, [Ok((b"a", Some(b"b")))]).unwrap();
         }
-        let err = RunSet::open(dir.path()).unwrap_err();
+        let err = RunSet::open(dir.path(), true).unwrap_err();
         assert!(err.to_string().contains("overlaps"), "{err}");
     }
 
