@@ -264,6 +264,16 @@ mod tests {
             .collect()
     }
 
+    /// A set in `dir` with checkpoints 1 to 4 added, none merged yet, and what they wrote.
+    fn four_checkpoints(dir: &Path, nothing_below: bool) -> (RunSet, Map) {
+        let mut set = RunSet::open(dir, nothing_below).unwrap();
+        let mut applied = Map::new();
+        for n in 1..=4 {
+            add(&mut set, n, &mut applied);
+        }
+        (set, applied)
+    }
+
     fn files(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
@@ -309,11 +319,7 @@ mod tests {
     #[test]
     fn over_another_store_a_merge_keeps_its_removals() {
         let dir = tempfile::tempdir().unwrap();
-        let mut set = RunSet::open(dir.path(), false).unwrap();
-        let mut applied = Map::new();
-        for n in 1..=4 {
-            add(&mut set, n, &mut applied);
-        }
+        let (mut set, _) = four_checkpoints(dir.path(), false);
         assert_eq!(set.compact().unwrap(), 1);
         let merged = &set.runs()[0].run;
         assert_eq!(
@@ -346,11 +352,7 @@ mod tests {
     fn an_open_after_a_merge_cut_short_deletes_the_merged_runs() {
         let dir = tempfile::tempdir().unwrap();
         let aside = tempfile::tempdir().unwrap();
-        let mut set = RunSet::open(dir.path(), true).unwrap();
-        let mut applied = Map::new();
-        for n in 1..=4 {
-            add(&mut set, n, &mut applied);
-        }
+        let (mut set, applied) = four_checkpoints(dir.path(), true);
         let inputs = files(dir.path());
         for f in &inputs {
             std::fs::copy(dir.path().join(f), aside.path().join(f)).unwrap();
@@ -377,11 +379,7 @@ mod tests {
     #[test]
     fn readers_keep_the_runs_they_took_while_a_merge_replaces_them() {
         let dir = tempfile::tempdir().unwrap();
-        let mut set = RunSet::open(dir.path(), true).unwrap();
-        let mut applied = Map::new();
-        for n in 1..=4 {
-            add(&mut set, n, &mut applied);
-        }
+        let (mut set, applied) = four_checkpoints(dir.path(), true);
         let taken = set.runs();
         set.compact().unwrap();
         assert_eq!(taken.len(), 4);

@@ -605,10 +605,14 @@ mod tests {
         }
     }
 
+    fn write_map(path: &Path, map: &BTreeMap<Vec<u8>, Held>) {
+        let entries = map.iter().map(|(k, v)| Ok((k.as_slice(), v.as_deref())));
+        assert_eq!(write(path, entries).unwrap(), map.len() as u64);
+    }
+
     fn written(dir: &Path, map: &BTreeMap<Vec<u8>, Held>) -> Run {
         let path = dir.join("run-1");
-        let entries = map.iter().map(|(k, v)| Ok((k.as_slice(), v.as_deref())));
-        assert_eq!(write(&path, entries).unwrap(), map.len() as u64);
+        write_map(&path, map);
         assert!(!temporary_path(&path).exists(), "renamed into place");
         Run::open(&path).unwrap()
     }
@@ -972,11 +976,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let map = three_block_sample();
         let good = dir.path().join("good");
-        write(
-            &good,
-            map.iter().map(|(k, v)| Ok((k.as_slice(), v.as_deref()))),
-        )
-        .unwrap();
+        write_map(&good, &map);
         assert!(Run::open(&good).unwrap().blocks.len() >= 3);
         let whole = std::fs::read(&good).unwrap();
         let bad = dir.path().join("bad");
@@ -1018,11 +1018,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let map = three_block_sample();
         let path = dir.path().join("run");
-        write(
-            &path,
-            map.iter().map(|(k, v)| Ok((k.as_slice(), v.as_deref()))),
-        )
-        .unwrap();
+        write_map(&path, &map);
         let whole = std::fs::read(&path).unwrap();
         let run = Run::open(&path).unwrap();
         let (second, third) = (&run.blocks[1], &run.blocks[2]);
