@@ -23,7 +23,7 @@ use std::io::{BufWriter, Write as _};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-/// A block closes once its entries pass this many bytes (an entry is never split).
+/// A block closes once its entries reach this many bytes (an entry is never split).
 const BLOCK_BYTES: usize = 4 << 10;
 /// Filter bits per key: about 1% of absent keys pass it with [`HASHES`] hashes.
 const BITS_PER_KEY: u64 = 10;
@@ -96,7 +96,13 @@ fn write_file<K: AsRef<[u8]>, V: AsRef<[u8]>>(
         if last_key.as_deref().is_some_and(|last| last >= key) {
             return Err(invalid("run keys must be strictly ascending"));
         }
-        last_key = Some(key.to_vec());
+        match &mut last_key {
+            Some(last) => {
+                last.clear();
+                last.extend_from_slice(key);
+            }
+            None => last_key = Some(key.to_vec()),
+        }
         hashes.push(key_hash(key));
         first_key.get_or_insert_with(|| key.to_vec());
         put_bytes(&mut block, key)?;
@@ -236,6 +242,11 @@ impl Run {
             return Ok(None);
         }
         let Some(at) = self.block_for(key) else {
+            // Below the first block's first key: that block is read all the same, for the
+            // reason below.
+            if !self.blocks.is_empty() {
+                self.read_block(0)?;
+            }
             return Ok(None);
         };
         let block = self.read_block(at)?;
@@ -1030,6 +1041,16 @@ mod tests {
             index[at + first.len() - 1] += 1;
         });
         assert_eq!(read_against(&path, &map), Ok(false));
+        let err = Run::open(&path).unwrap().get(&first).unwrap_err();
+        assert!(err.to_string().contains("out of place"), "{err}");
+
+        // The same with the first block's, which no block before it covers.
+        std::fs::write(&path, &whole).unwrap();
+        let first = run.blocks[0].first_key.clone();
+        rewrite_index(&path, |index| {
+            let at = index.windows(first.len()).position(|w| w == first).unwrap();
+            index[at + first.len() - 1] += 1;
+        });
         let err = Run::open(&path).unwrap().get(&first).unwrap_err();
         assert!(err.to_string().contains("out of place"), "{err}");
 
