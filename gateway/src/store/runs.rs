@@ -7,7 +7,8 @@
 //!          entry: u32 len(key) ‖ key ‖ 0x00 ‖ u32 len(value) ‖ value   (a value)
 //!                 u32 len(key) ‖ key ‖ 0x01                            (a removal)
 //! index    u32 blocks, then per block: u64 offset ‖ u32 len ‖ u32 len(first key) ‖ first key
-//! filter   u32 hashes ‖ u64 bits ‖ the bits, bytes rounded up
+//! filter   u32 hashes ‖ u32 prefix bytes ‖ u64 bits ‖ the bits, bytes rounded up: every
+//!          key, and every distinct first PREFIX_BYTES of a key at least that long
 //! tail     u64 index offset ‖ u64 filter offset ‖ u64 keys
 //!          ‖ crc32(index ‖ filter ‖ the tail's first 24 bytes): u32 ‖ "ARN1"
 //! ```
@@ -28,6 +29,10 @@ const BLOCK_BYTES: usize = 4 << 10;
 /// Filter bits per key: about 1% of absent keys pass it with [`HASHES`] hashes.
 const BITS_PER_KEY: u64 = 10;
 const HASHES: u32 = 7;
+/// Key prefixes the filter holds too, for prefix scans: a message's keys share their first
+/// 17 bytes (family, id), and its receipts and events are read by that prefix. A scan
+/// under such a prefix skips a run whose filter refuses it, as a lookup does.
+const PREFIX_BYTES: u32 = 17;
 const MAGIC: &[u8; 4] = b"ARN1";
 const TAIL_BYTES: u64 = 8 + 8 + 8 + 4 + 4;
 /// Longest footer read back: anything longer is a damaged offset. (A block's length is at
@@ -80,7 +85,7 @@ fn write_file<K: AsRef<[u8]>, V: AsRef<[u8]>>(
     let (mut offset, mut block, mut index) = (0u64, Vec::new(), Vec::new());
     let mut first_key: Option<Vec<u8>> = None;
     let mut last_key: Option<Vec<u8>> = None;
-    let mut hashes = Vec::new();
+    let (mut hashes, mut keys) = (Vec::new(), 0u64);
     let mut close = |block: &mut Vec<u8>, first: Vec<u8>, out: &mut BufWriter<&File>| {
         block.extend_from_slice(&crc32fast::hash(block).to_be_bytes());
         let len = u32::try_from(block.len()).map_err(|_| invalid("a block of 4 GiB or more"))?;
@@ -96,6 +101,14 @@ fn write_file<K: AsRef<[u8]>, V: AsRef<[u8]>>(
         if last_key.as_deref().is_some_and(|last| last >= key) {
             return Err(invalid("run keys must be strictly ascending"));
         }
+        let p = PREFIX_BYTES as usize;
+        let new_prefix = key.len() >= p
+            && last_key
+                .as_deref()
+                .is_none_or(|last| last.get(..p) != Some(&key[..p]));
+        if new_prefix {
+            hashes.push(key_hash(&key[..p]));
+        }
         match &mut last_key {
             Some(last) => {
                 last.clear();
@@ -104,6 +117,7 @@ fn write_file<K: AsRef<[u8]>, V: AsRef<[u8]>>(
             None => last_key = Some(key.to_vec()),
         }
         hashes.push(key_hash(key));
+        keys += 1;
         first_key.get_or_insert_with(|| key.to_vec());
         put_bytes(&mut block, key)?;
         match value {
@@ -121,7 +135,6 @@ fn write_file<K: AsRef<[u8]>, V: AsRef<[u8]>>(
     if let Some(first) = first_key.take() {
         close(&mut block, first, &mut out)?;
     }
-    let keys = hashes.len() as u64;
     let mut footer = Vec::new();
     footer.extend_from_slice(&(index.len() as u32).to_be_bytes());
     for (at, len, first) in &index {
@@ -266,13 +279,17 @@ impl Run {
     }
 
     /// The run's entries whose keys start with `prefix`, in key order, removals included.
+    /// Nothing is read when the prefix is at least the filter's prefix length and the
+    /// filter refuses its start.
     pub(crate) fn scan<'a>(&'a self, prefix: &'a [u8]) -> Scan<'a> {
+        let p = self.filter.prefix_bytes as usize;
+        let refused = p > 0 && prefix.len() >= p && !self.filter.may_hold(key_hash(&prefix[..p]));
         Scan {
             run: self,
             prefix,
             next_block: self.block_for(prefix).unwrap_or(0),
             entries: Vec::new().into_iter(),
-            done: false,
+            done: refused,
         }
     }
 
@@ -484,6 +501,8 @@ pub(crate) fn compact(path: &Path, runs: &[&Run], nothing_below: bool) -> std::i
 #[derive(Debug)]
 struct Filter {
     hashes: u32,
+    /// The key prefixes' length it holds as well as the keys ([`PREFIX_BYTES`]).
+    prefix_bytes: u32,
     bits: u64,
     words: Vec<u8>,
 }
@@ -493,6 +512,7 @@ impl Filter {
         let bits = (hashes.len() as u64 * BITS_PER_KEY).max(64);
         let mut filter = Self {
             hashes: HASHES,
+            prefix_bytes: PREFIX_BYTES,
             bits,
             words: vec![0; bits.div_ceil(8) as usize],
         };
@@ -518,17 +538,19 @@ impl Filter {
 
     fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.hashes.to_be_bytes());
+        out.extend_from_slice(&self.prefix_bytes.to_be_bytes());
         out.extend_from_slice(&self.bits.to_be_bytes());
         out.extend_from_slice(&self.words);
     }
 
     fn decode(bytes: &[u8]) -> Option<Self> {
         let mut reader = Reader(bytes);
-        let (hashes, bits) = (reader.u32()?, reader.u64()?);
+        let (hashes, prefix_bytes, bits) = (reader.u32()?, reader.u32()?, reader.u64()?);
         let words = reader.0.to_vec();
         let fits = bits > 0 && (1..=32).contains(&hashes) && words.len() as u64 == bits.div_ceil(8);
         fits.then_some(Self {
             hashes,
+            prefix_bytes,
             bits,
             words,
         })
@@ -874,6 +896,45 @@ mod tests {
         assert!(!target.exists() && !temporary_path(&target).exists());
     }
 
+    /// A message's keys share their first 17 bytes: a scan under an absent message's
+    /// prefix reads no block of most runs, and one under a present one reads them all.
+    #[test]
+    fn a_scan_under_an_absent_messages_prefix_reads_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = |i: u64| [b"r".as_slice(), &[7; 8], &i.to_be_bytes()].concat();
+        let mut map = BTreeMap::new();
+        for i in 0..500u64 {
+            for seq in 0..3u64 {
+                map.insert(
+                    [id(i * 2), seq.to_be_bytes().to_vec()].concat(),
+                    Some(vec![1; 60]),
+                );
+            }
+        }
+        let run = written(dir.path(), &map);
+        // Every block damaged: a scan that reads one fails.
+        let file = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("run-1"))
+            .unwrap();
+        for block in &run.blocks {
+            file.write_all_at(&[0xff, 0xff], block.offset + 2).unwrap();
+        }
+        let present = id(10);
+        assert!(
+            run.scan(&present).any(|e| e.is_err()),
+            "a present one is read"
+        );
+        let read = (0..1_000u64)
+            .filter(|i| run.scan(&id(i * 2 + 1)).next().is_some())
+            .count();
+        assert!(read < 30, "{read} of 1,000 absent prefixes read a block");
+        assert!(
+            run.scan(&b"r"[..]).next().unwrap().is_err(),
+            "short prefixes are read"
+        );
+    }
+
     #[test]
     fn the_filter_refuses_most_absent_keys() {
         let hashes: Vec<u64> = (0..10_000u64).map(|i| key_hash(&i.to_be_bytes())).collect();
@@ -915,15 +976,16 @@ mod tests {
     }
 
     const GOLDEN_RUN: &str = concat!(
-        "000000026b3100000000017600000002",         // block: "k1" = "v",
-        "6b3201",                                   //   "k2" removed,
-        "fe03ae2a",                                 //   the block's CRC
-        "00000001",                                 // index: one block,
-        "000000000000000000000017",                 //   at 0, 23 bytes,
-        "000000026b31",                             //   first key "k1"
-        "00000007000000000000004052004a0100a50094", // filter: 7 hashes, 64 bits
-        "0000000000000017000000000000002d",         // tail: index at 23, filter at 45,
-        "0000000000000002a6aa09fe41524e31",         //   2 keys, CRC, "ARN1"
+        "000000026b3100000000017600000002", // block: "k1" = "v",
+        "6b3201",                           //   "k2" removed,
+        "fe03ae2a",                         //   the block's CRC
+        "00000001",                         // index: one block,
+        "000000000000000000000017",         //   at 0, 23 bytes,
+        "000000026b31",                     //   first key "k1"
+        "0000000700000011",                 // filter: 7 hashes, 17-byte prefixes,
+        "000000000000004052004a0100a50094", //   64 bits
+        "0000000000000017000000000000002d", // tail: index at 23, filter at 45,
+        "0000000000000002785a26a441524e31", //   2 keys, CRC, "ARN1"
     );
 
     /// Loads the run at `path`, checks every key, some absent ones and some prefixes
