@@ -975,6 +975,36 @@ mod tests {
         assert_eq!(run.get(b"k2").unwrap(), Some(None));
     }
 
+    /// The filter of a run whose keys share a 17-byte prefix, byte for byte: it pins the
+    /// prefix half of the filter, which the run above (short keys) does not reach.
+    #[test]
+    fn the_filter_of_keys_under_one_message_is_laid_out_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run-1");
+        let message = [b"r".as_slice(), &[0x11; 16]].concat();
+        let keys = [
+            [message.as_slice(), b"1"].concat(),
+            [message.as_slice(), b"2"].concat(),
+        ];
+        write(
+            &path,
+            keys.iter().map(|k| Ok((k.as_slice(), Some(&b"v"[..])))),
+        )
+        .unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let tail_at = bytes.len() - TAIL_BYTES as usize;
+        let filter_at = u64::from_be_bytes(bytes[tail_at + 8..tail_at + 16].try_into().unwrap());
+        let filter: String = bytes[filter_at as usize..tail_at]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(filter, GOLDEN_PREFIX_FILTER);
+        let run = Run::open(&path).unwrap();
+        assert_eq!(run.scan(&message).count(), 2);
+    }
+
+    const GOLDEN_PREFIX_FILTER: &str = "0000000700000011000000000000004091098a4470205281";
+
     const GOLDEN_RUN: &str = concat!(
         "000000026b3100000000017600000002", // block: "k1" = "v",
         "6b3201",                           //   "k2" removed,
