@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use super::runs::{self, Run};
 
-/// Runs of about one size merged at once: a key is rewritten about once for each fourfold
-/// growth of the data written after it, and the runs stay a few per size.
+/// The fewest runs a merge takes ([`due`]): a key is rewritten about once for each
+/// fourfold growth of the data written after it, and the runs stay a few per size.
 const MERGE_AT: usize = 4;
 
 /// The runs of a folder, newest first.
@@ -164,8 +164,7 @@ impl RunSet {
         Ok(())
     }
 
-    /// Merges runs while [`MERGE_AT`] or more in a row are of about one size; returns how
-    /// many merges it made.
+    /// Merges runs while [`due`] finds a window; returns how many merges it made.
     pub(crate) fn compact(&mut self) -> std::io::Result<usize> {
         self.writing(|set| {
             let mut merges = 0;
