@@ -40,7 +40,6 @@ pub(crate) struct Named {
     pub(crate) run: Run,
     first: u64,
     last: u64,
-    bytes: u64,
 }
 
 impl RunSet {
@@ -56,7 +55,7 @@ impl RunSet {
             let name = name.to_string_lossy();
             match parse_name(&name) {
                 Some(span) => found.push((span, entry.path())),
-                None if name.ends_with(".tmp") => {
+                None if name.ends_with(runs::TEMPORARY_SUFFIX) => {
                     std::fs::remove_file(entry.path())?;
                     deleted = true;
                 }
@@ -85,14 +84,7 @@ impl RunSet {
                     format!("{} overlaps another run", path.display()),
                 ));
             }
-            let bytes = std::fs::metadata(&path)?.len();
-            let run = Run::open(&path)?;
-            runs.push(Arc::new(Named {
-                run,
-                first,
-                last,
-                bytes,
-            }));
+            runs.push(Arc::new(open_named(&path, first, last)?));
         }
         if deleted {
             std::fs::File::open(dir)?.sync_all()?;
@@ -178,7 +170,7 @@ impl RunSet {
 
     /// The first window of runs (indexes, newest first) due a merge ([`due`]).
     fn due(&self) -> Option<std::ops::Range<usize>> {
-        due(&self.runs.iter().map(|r| r.bytes).collect::<Vec<_>>())
+        due(&self.runs.iter().map(|r| r.run.bytes()).collect::<Vec<_>>())
     }
 
     /// Merges a window of runs in a row into one, written before they are deleted.
@@ -230,12 +222,8 @@ fn due(sizes: &[u64]) -> Option<std::ops::Range<usize>> {
 }
 
 fn open_named(path: &Path, first: u64, last: u64) -> std::io::Result<Named> {
-    Ok(Named {
-        run: Run::open(path)?,
-        first,
-        last,
-        bytes: std::fs::metadata(path)?.len(),
-    })
+    let run = Run::open(path)?;
+    Ok(Named { run, first, last })
 }
 
 fn name(first: u64, last: u64) -> String {

@@ -65,11 +65,22 @@ pub(crate) fn write<K: AsRef<[u8]>, V: AsRef<[u8]>>(
     Ok(keys)
 }
 
+/// How the name of a run not yet whole ends ([`temporary_path`]).
+pub(crate) const TEMPORARY_SUFFIX: &str = ".tmp";
+
 /// Where [`write`] puts a run before it is whole: a file the store deletes at open.
 pub(crate) fn temporary_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
-    name.push(".tmp");
+    name.push(TEMPORARY_SUFFIX);
     PathBuf::from(name)
+}
+
+/// The footer's checksum: the index and filter, then the tail's offsets and key count.
+fn footer_crc(footer: &[u8], tail_head: &[u8]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(footer);
+    crc.update(tail_head);
+    crc.finalize()
 }
 
 fn write_file<K: AsRef<[u8]>, V: AsRef<[u8]>>(
@@ -148,10 +159,7 @@ fn write_file<K: AsRef<[u8]>, V: AsRef<[u8]>>(
     tail.extend_from_slice(&offset.to_be_bytes());
     tail.extend_from_slice(&filter_offset.to_be_bytes());
     tail.extend_from_slice(&keys.to_be_bytes());
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&footer);
-    crc.update(&tail);
-    tail.extend_from_slice(&crc.finalize().to_be_bytes());
+    tail.extend_from_slice(&footer_crc(&footer, &tail).to_be_bytes());
     tail.extend_from_slice(MAGIC);
     out.write_all(&footer)?;
     out.write_all(&tail)?;
@@ -169,6 +177,8 @@ pub(crate) struct Run {
     blocks: Vec<Block>,
     filter: Filter,
     keys: u64,
+    /// The file's size when opened (a run is never written again).
+    bytes: u64,
 }
 
 #[derive(Debug)]
@@ -202,10 +212,7 @@ impl Run {
         }
         let mut footer = vec![0; (footer_end - index_at) as usize];
         file.read_exact_at(&mut footer, index_at)?;
-        let mut summed = crc32fast::Hasher::new();
-        summed.update(&footer);
-        summed.update(&tail[..24]);
-        if summed.finalize() != crc {
+        if footer_crc(&footer, &tail[..24]) != crc {
             return Err(damaged("footer checksum"));
         }
         let (index, filter) = footer.split_at((filter_at - index_at) as usize);
@@ -241,12 +248,18 @@ impl Run {
             blocks,
             filter,
             keys,
+            bytes: size,
         })
     }
 
     /// How many keys the run holds.
     pub(crate) fn keys(&self) -> u64 {
         self.keys
+    }
+
+    /// The run file's size.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// What the run holds for `key`: `None` if it does not name it.
@@ -646,7 +659,10 @@ mod tests {
     fn written(dir: &Path, map: &BTreeMap<Vec<u8>, Held>) -> Run {
         let path = dir.join("run-1");
         write_map(&path, map);
-        assert!(!temporary_path(&path).exists(), "renamed into place");
+        assert!(
+            !temporary_path(&path).exists(),
+            "linked into place, the temporary name gone"
+        );
         Run::open(&path).unwrap()
     }
 
@@ -1109,10 +1125,11 @@ mod tests {
         let index_at = u64::from_be_bytes(bytes[tail_at..tail_at + 8].try_into().unwrap());
         let filter_at = u64::from_be_bytes(bytes[tail_at + 8..tail_at + 16].try_into().unwrap());
         edit(&mut bytes[index_at as usize..filter_at as usize]);
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&bytes[index_at as usize..tail_at]);
-        crc.update(&bytes[tail_at..tail_at + 24]);
-        bytes[tail_at + 24..tail_at + 28].copy_from_slice(&crc.finalize().to_be_bytes());
+        let crc = footer_crc(
+            &bytes[index_at as usize..tail_at],
+            &bytes[tail_at..tail_at + 24],
+        );
+        bytes[tail_at + 24..tail_at + 28].copy_from_slice(&crc.to_be_bytes());
         std::fs::write(path, bytes).unwrap();
     }
 
