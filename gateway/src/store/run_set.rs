@@ -28,6 +28,9 @@ pub(crate) struct RunSet {
     /// Whether nothing under the runs holds keys (no sled below them): only then does a
     /// merge that takes the oldest run drop removals.
     nothing_below: bool,
+    /// Keys written once only, whose removal a merge drops once it hid their value
+    /// ([`runs::compact`]).
+    put_once: fn(&[u8]) -> bool,
     /// Why an `add` or a merge failed part way: the folder may hold a run the list does
     /// not, so nothing more is written until the set is opened again, which reads the
     /// folder as it is (a merge's leftover inputs deleted, an added run taken in).
@@ -93,8 +96,16 @@ impl RunSet {
             dir: dir.to_owned(),
             runs: Arc::new(runs),
             nothing_below,
+            put_once: |_| false,
             broken: None,
         })
+    }
+
+    /// Says which keys are written once only, never again after a removal: a merge that
+    /// finds such a key's removal over its value drops both ([`runs::compact`]).
+    pub(crate) fn with_put_once(mut self, put_once: fn(&[u8]) -> bool) -> Self {
+        self.put_once = put_once;
+        self
     }
 
     /// The runs, newest first, as they are now.
@@ -180,7 +191,7 @@ impl RunSet {
         let (first, last) = (replaced[replaced.len() - 1].first, replaced[0].last);
         let nothing_below = self.nothing_below && window.end == self.runs.len();
         let path = self.dir.join(name(first, last));
-        runs::compact(&path, &inputs, nothing_below)?;
+        runs::compact(&path, &inputs, nothing_below, self.put_once)?;
         let merged = Arc::new(open_named(&path, first, last)?);
         let gone: Vec<PathBuf> = replaced
             .iter()
@@ -352,6 +363,24 @@ mod tests {
             Some(None),
             "the removal is kept"
         );
+    }
+
+    /// Over another store, a removal of a key written once only goes with the value it hid
+    /// in the merge; one that hid no value there may hide one below, and stays.
+    #[test]
+    fn a_merge_drops_a_put_once_keys_removal_with_its_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let (set, applied) = four_checkpoints(dir.path(), false);
+        let mut set = set.with_put_once(|key| key != self::key(2).as_slice());
+        assert_eq!(set.compact().unwrap(), 1);
+        let merged = &set.runs()[0].run;
+        // Key 1: put by checkpoint 1, removed by checkpoint 2, both in the merge.
+        assert_eq!(merged.get(&key(1)).unwrap(), None, "both gone");
+        // Key 0: removed by checkpoint 1, put by none of them: sled may hold it.
+        assert_eq!(merged.get(&key(0)).unwrap(), Some(None));
+        // Key 2: its value hidden too, but not a key written once.
+        assert_eq!(merged.get(&key(2)).unwrap(), Some(None));
+        assert_eq!(contents(&set), live(&applied));
     }
 
     #[test]

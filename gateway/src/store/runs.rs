@@ -262,6 +262,12 @@ impl Run {
         self.bytes
     }
 
+    /// Whether the run may name `key`: its filter, in memory, without reading a block
+    /// (about 1% of absent keys pass).
+    pub(crate) fn may_hold(&self, key: &[u8]) -> bool {
+        self.filter.may_hold(key_hash(key))
+    }
+
     /// What the run holds for `key`: `None` if it does not name it.
     pub(crate) fn get(&self, key: &[u8]) -> std::io::Result<Option<Held>> {
         if !self.filter.may_hold(key_hash(key)) {
@@ -451,6 +457,8 @@ impl Iterator for Scan<'_> {
 pub(crate) struct Merged<I: Iterator> {
     sources: Vec<std::iter::Peekable<I>>,
     failed: bool,
+    /// Whether the last entry taken hid an older source's value of its key.
+    hid_a_value: bool,
 }
 
 impl<I: Iterator<Item = std::io::Result<(Vec<u8>, Held)>>> Merged<I> {
@@ -459,7 +467,14 @@ impl<I: Iterator<Item = std::io::Result<(Vec<u8>, Held)>>> Merged<I> {
         Self {
             sources: sources.into_iter().map(Iterator::peekable).collect(),
             failed: false,
+            hid_a_value: false,
         }
+    }
+
+    /// Whether the entry [`Iterator::next`] returned last hid a value an older source held
+    /// for its key.
+    pub(crate) fn hid_a_value(&self) -> bool {
+        self.hid_a_value
     }
 }
 
@@ -490,8 +505,13 @@ impl<I: Iterator<Item = std::io::Result<(Vec<u8>, Held)>>> Iterator for Merged<I
         let taken = self.sources[winner].next();
         // Every older source's entries for the key are shadowed (a run names a key once;
         // a source that repeats one is skipped past all of them).
+        self.hid_a_value = false;
         for source in &mut self.sources[winner..] {
-            while matches!(source.peek(), Some(Ok((k, _))) if *k == key) {
+            while let Some(Ok((k, held))) = source.peek() {
+                if *k != key {
+                    break;
+                }
+                self.hid_a_value |= held.is_some();
                 source.next();
             }
         }
@@ -500,13 +520,30 @@ impl<I: Iterator<Item = std::io::Result<(Vec<u8>, Held)>>> Iterator for Merged<I
 }
 
 /// Merges `runs` (newest first) into one run at `path`, values shadowed by newer ones
-/// dropped. Removals are kept unless `nothing_below` says that nothing older than these
-/// runs holds keys (no older run, and no other store under the runs, such as sled until
-/// step 4 of docs/store-next.md): only then has a removal nothing left to hide. Returns
-/// how many keys the new run holds.
-pub(crate) fn compact(path: &Path, runs: &[&Run], nothing_below: bool) -> std::io::Result<u64> {
-    let merged = Merged::new(runs.iter().map(|run| run.scan(b"")));
-    let kept = merged.filter(|entry| !(nothing_below && matches!(entry, Ok((_, None)))));
+/// dropped. A removal is kept while something older may still hold its key, and dropped
+/// when nothing can:
+/// - `nothing_below`: nothing older than these runs holds keys (no older run, and no other
+///   store under the runs, such as sled until step 4 of docs/store-next.md);
+/// - or the removal hid a value of its key in these runs, and `put_once` says that keys
+///   like it are written once only (a queue entry's key holds a sequence number never
+///   used again), so that no older value exists.
+///
+/// Returns how many keys the new run holds.
+pub(crate) fn compact(
+    path: &Path,
+    runs: &[&Run],
+    nothing_below: bool,
+    put_once: fn(&[u8]) -> bool,
+) -> std::io::Result<u64> {
+    let mut merged = Merged::new(runs.iter().map(|run| run.scan(b"")));
+    let kept = std::iter::from_fn(|| loop {
+        let entry = merged.next()?;
+        let has_nothing_to_hide = matches!(&entry, Ok((key, None))
+            if nothing_below || (merged.hid_a_value() && put_once(key)));
+        if !has_nothing_to_hide {
+            return Some(entry);
+        }
+    });
     write(path, kept)
 }
 
@@ -851,14 +888,14 @@ mod tests {
         // Compacted above an older run, removals stay; as the oldest, they go.
         let above = dir.path().join("above");
         assert_eq!(
-            compact(&above, &newest_first, false).unwrap(),
+            compact(&above, &newest_first, false, |_| false).unwrap(),
             applied.len() as u64
         );
         let above = Run::open(&above).unwrap();
         let read: Vec<_> = above.scan(b"").map(Result::unwrap).collect();
         assert_eq!(read, expected);
         let bottom = dir.path().join("bottom");
-        compact(&bottom, &newest_first, true).unwrap();
+        compact(&bottom, &newest_first, true, |_| false).unwrap();
         let bottom = Run::open(&bottom).unwrap();
         let read: Vec<_> = bottom.scan(b"").map(Result::unwrap).collect();
         let live: Vec<_> = expected.into_iter().filter(|(_, v)| v.is_some()).collect();
@@ -908,7 +945,7 @@ mod tests {
             "and nothing after"
         );
         let target = dir.path().join("compacted");
-        assert!(compact(&target, &[&newer, &run], true).is_err());
+        assert!(compact(&target, &[&newer, &run], true, |_| false).is_err());
         assert!(!target.exists() && !temporary_path(&target).exists());
     }
 

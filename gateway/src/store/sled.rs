@@ -1,31 +1,31 @@
-//! [`Store`] on sled 0.34.7, made truly durable by a write-ahead log of our own.
+//! [`Store`] over a write-ahead log of our own, immutable sorted runs, and sled 0.34.7
+//! below them for what stores of earlier layouts wrote (docs/store-next.md, step 2).
 //!
 //! sled's `flush` ends in `sync_file_range`, which survives a process crash but not a power
-//! cut, and it writes large values to blob files without syncing them; a flush per commit
-//! also cost a second device round trip. So a group commit here is:
+//! cut, it writes large values to blob files without syncing them, and its inserts and
+//! page rewrites were a quarter of a gateway's CPU. From layout 4 on, nothing writes to
+//! sled but the migrations at open. A group commit is:
 //! 1. build each transaction's writes, reading through the group's earlier writes;
 //! 2. append the group's writes to the write-ahead log (`wal.rs`) and `fdatasync` it;
-//! 3. with readers held back, answer the group's transactions, then apply the writes to
-//!    sled key by key, without a flush; queue keys (`q`, `x`) are applied to a map in
-//!    memory instead ([`QueueWrites`]), which readers see over sled, and which the
-//!    checkpointer moves into sled before each flush. Most leave their queue within a
-//!    fraction of a second, and so never cost sled an insert and a removal.
+//! 3. with readers held back, answer the group's transactions, then apply the writes: to
+//!    the log's and message files, and every other key to a map in memory
+//!    ([`HeldWrites`]), which readers see over the runs and sled.
 //!
 //! Readers therefore only ever see whole groups of durable transactions, and whoever reads
-//! after an answer sees its transaction; sled's work no longer delays the answers. The writes are not
-//! a sled batch: sled seals and writes its I/O buffer twice for every batch, so a batch per
-//! group cost two more writes, waits and thread wake-ups per commit. Atomicity comes from
-//! the log instead: a crash in the middle of applying a group leaves the group's segment in
-//! place, and its replay completes the group. A checkpointer thread makes sled
-//! durable in bulk (flush, then `fdatasync` of its log file, of any new blob file and of
-//! the blob directory) once a segment is full or a second old, then deletes the segments
-//! sled now holds. On open, whatever segments remain are replayed into sled: their records
-//! hold absolute values, so replaying over a sled that already has some of them is safe.
+//! after an answer sees its transaction. Atomicity comes from the log: a crash in the
+//! middle of applying a group leaves the group's segment in place, and its replay
+//! completes the group. A checkpointer thread, once a segment is full or a second old,
+//! takes the held writes, syncs the files beside them, writes them as a run (`runs.rs`, in
+//! the folder `run_set.rs` keeps), merges runs when due, then deletes the segments the runs
+//! now hold. Queue entries that leave before the checkpoint never reach a run. On open,
+//! whatever segments remain are replayed over the runs: their records hold absolute
+//! values, so a replay over runs that hold some of them is safe; it is then written as a
+//! run before the store answers.
 //!
 //! One thread owns the write side, which also gives log indexes and queue sequence numbers
 //! a single order.
 //!
-//! Key layout (all integers big-endian, so sled's byte order is the queue order):
+//! Key layout (all integers big-endian, so byte order is the queue order):
 //! ```text
 //! m ‖ id(16)                         StoredMessage of at most BESIDE_FROM bytes
 //! v ‖ id(16)                         number(8) of a longer one's record in `messages/`
@@ -44,18 +44,16 @@
 //! ```
 //!
 //! The log's entries and tree nodes live in files of their own (`log_files.rs`). A group's
-//! writes name them with keys the apply step routes there, not to sled:
+//! writes name them with keys the apply step routes there, not to the held writes:
 //! ```text
 //! l ‖ index(8)                       pb::LogEntry bytes
 //! n ‖ level(1) ‖ index(8)            RFC 6962 perfect-subtree hash (level 0: leaf hashes)
 //! ```
 //!
-//! Messages never change once stored and are read by id. A large one is kept beside sled,
-//! as a numbered record in `messages/` (`records.rs`), sled holding only its number (`v`):
-//! in a B-tree leaf its bytes were copied by every later insert into that leaf, rewritten
-//! to sled's log with it, and written to blob files that each cost a sync. A small one
-//! stays in sled: moved out, small messages gained nothing and cost memory, sled's cache
-//! then holding many more small values, and their overhead, in its byte budget
+//! Messages never change once stored and are read by id. A large one is kept beside the
+//! runs, as a numbered record in `messages/` (`records.rs`), the runs holding only its
+//! number (`v`): in sled, its bytes were copied by every later insert into its B-tree leaf;
+//! in runs, they would be copied by every merge. A small one stays in the runs
 //! (docs/performance.md).
 //! A group names a message's record with `M ‖ number(8)`, routed to `messages/` as the
 //! log's keys are to `log/`.
@@ -77,6 +75,8 @@ use tokio::sync::oneshot;
 
 use super::log_files::{self, LogFiles};
 use super::records::Records;
+use super::run_set::{Named, RunSet};
+use super::runs;
 use super::wal::{self, Segment, WalError, WalGroup, WalWrite};
 use super::{
     Commit, Op, Queue, QueueEntry, QueueKey, Store, StoreError, StoredMessage, Tx, TxOutcome,
@@ -87,7 +87,7 @@ const MAX_GROUP: usize = 512;
 /// A group closes once its writes reach this many bytes (large bodies), for the same reason.
 const MAX_GROUP_BYTES: usize = 16 << 20;
 /// A segment is handed to the checkpointer once it holds this much, or is this old: what a
-/// restart replays, and what sled holds in memory only, stay within these bounds.
+/// restart replays, and what is held in memory only, stay within these bounds.
 const SEGMENT_BYTES: u64 = 32 << 20;
 /// The longest a segment holding commits waits before a checkpoint: a store goes idle this
 /// long after its last commit (public for the benchmark, which waits that long).
@@ -99,7 +99,7 @@ const META_LOG: &[u8] = b"slog";
 const META_SEQ: &[u8] = b"sseq";
 /// How many message records `messages/` holds.
 const META_MESSAGES: &[u8] = b"smsg";
-/// A message whose encoding is longer than this is kept in `messages/`, not in sled (module
+/// A message whose encoding is longer than this is kept in `messages/`, not in runs (module
 /// docs). A 1 KiB alert encodes to about 1.3 KiB.
 const BESIDE_FROM: usize = 4 << 10;
 /// Longest message the store takes, and so the longest record read back (anything longer
@@ -114,7 +114,9 @@ const MAX_MESSAGE: u64 = 256 << 20;
 ///   lists the transaction's later entries naming the message, which layout 1 ignores.
 /// - 3: a receipt's record may carry its transaction's log entries naming the message
 ///   ([`receipt_record`]), which layout 2 reads as a damaged receipt.
-const FORMAT: u64 = 3;
+/// - 4: checkpoints write runs (`runs/`), which hold every write since the upgrade; sled
+///   holds only what was written before it, and a binary of layout 3 would miss the rest.
+const FORMAT: u64 = 4;
 const META_FORMAT: &[u8] = b"sfmt";
 /// Recorded with the layout by an open that upgrades, removed once the open made sled
 /// durable after its last migration: present at an open, it says the last one stopped in
@@ -137,12 +139,11 @@ impl From<WalError> for StoreError {
 }
 
 /// What the store, its committer and its checkpointer share. The two sizes make the quota's
-/// figure: asking sled (`size_on_disk`) lists and stats every blob file, too much for every
-/// submit.
+/// figure without listing and stat-ing files on every submit.
 #[derive(Debug, Default)]
 struct Progress {
-    /// sled's log and blob files, as of the last checkpoint.
-    sled_bytes: AtomicU64,
+    /// The runs, sled's files, the log's and the message files, as of the last checkpoint.
+    stored_bytes: AtomicU64,
     /// Write-ahead log segments not yet deleted.
     wal_bytes: AtomicU64,
     /// Set after a failed write or sync: what is on disk is unknown, so every later commit
@@ -171,14 +172,15 @@ struct Pending {
     reply: Reply,
 }
 
-/// The sled-backed store. Dropping it drains pending commits, checkpoints sled and closes it.
+/// The store. Dropping it drains pending commits, writes what is held as a run and closes
+/// it.
 pub struct SledStore {
     db: sled::Db,
     log: Arc<LogFiles>,
     messages: Arc<Records>,
     /// Held for writing while a group is answered and applied ([`apply`]) and while the
-    /// checkpointer moves the queue keys held in memory into sled, for reading by every
-    /// read ([`Applied`]).
+    /// checkpointer swaps the held writes or the runs, for reading by every read
+    /// ([`Applied`]).
     applying: Arc<RwLock<Applied>>,
     progress: Arc<Progress>,
     /// Commit groups the last open replayed from the write-ahead log.
@@ -197,8 +199,8 @@ impl std::fmt::Debug for SledStore {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store at `path` with a bounded page cache, replaying whatever
-    /// the write-ahead log holds beyond sled's last checkpoint.
+    /// Opens (or creates) the store at `path`, sled with a bounded page cache, replaying
+    /// whatever the write-ahead log holds beyond the last checkpoint.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let (committer, replayed_groups) = recover(path, cache_bytes)?;
         let (db, progress) = (committer.db.clone(), committer.progress.clone());
@@ -223,46 +225,50 @@ impl SledStore {
     }
 }
 
-/// Opens sled, replays the write-ahead log into it, starts the checkpointer and returns the
-/// committer that will own the write side, with how many groups were replayed.
+/// Opens sled and the runs, replays the write-ahead log over them, writes what it replayed
+/// as a run, starts the checkpointer and returns the committer that will own the write
+/// side, with how many groups were replayed.
 fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError> {
     std::fs::create_dir_all(path)?;
     let db = open_sled(path, cache_bytes)?;
     // Before anything is read or replayed in a layout this binary may not know.
     check_format(&db, path)?;
-    // A store this open upgrades (or a new one) is made durable, blob files included, after
-    // each migration below: they write to sled outside the write-ahead log. An open that
-    // stops half way upgrades again next time: before the layout is recorded, by its
-    // number; after, by the mark recorded with it, which goes once all is durable.
+    // An open that upgrades (or makes a new store) makes sled durable, blob files
+    // included, after each migration below: they write to sled outside the write-ahead
+    // log. An open that stops half way upgrades again next time: before the layout is
+    // recorded, by its number; after, by the mark recorded with it, which goes once all is
+    // durable.
     let upgrading = read_meta(&db, META_FORMAT)? < FORMAT || read_meta(&db, META_UPGRADING)? != 0;
     let wal_dir = path.join("wal");
     std::fs::create_dir_all(&wal_dir)?;
     let log = Arc::new(LogFiles::open(&path.join("log"))?);
     let messages = Arc::new(Records::open(&path.join("messages"), MAX_MESSAGE)?);
-    // The directory entries of sled's files and of the three folders must survive a power
+    let runs_dir = path.join("runs");
+    let runs = RunSet::open(&runs_dir, false)
+        .map_err(|e| log_read_error(e, format!("the runs in {}", runs_dir.display())))?
+        .with_put_once(is_put_once);
+    // The directory entries of sled's files and of the four folders must survive a power
     // cut too.
     sync_dir(path)?;
-    let progress = Arc::new(Progress::default());
-    let applying = Arc::<RwLock<Applied>>::default();
-    let mut files = SledFiles {
-        progress: progress.clone(),
+    let sled_files = SledFiles {
         db: db.clone(),
-        applying: applying.clone(),
+        log_file: File::open(path.join("db"))?,
+        blob_dir: path.join("blobs"),
         log: log.clone(),
         messages: messages.clone(),
-        log_file: File::open(path.join("db"))?,
-        blobs: Arc::new(BlobFiles {
-            dir: path.join("blobs"),
-            synced: Mutex::default(),
-        }),
-        #[cfg(test)]
-        after_syncs: None,
     };
-    move_log_out_of_sled(&mut files)?;
-    let restore = "Restore the whole store from one backup: sled, log/, messages/ and wal/ \
-                   together";
-    let (last_segment, replayed_groups) =
-        replay(&db, &log, &messages, &wal_dir).map_err(|e| match e {
+    move_log_out_of_sled(&sled_files)?;
+    let applying = Arc::new(RwLock::new(Applied {
+        runs: runs.runs(),
+        ..Applied::default()
+    }));
+    let restore = "Restore the whole store from one backup: sled, runs/, log/, messages/ and \
+                   wal/ together";
+    let (last_segment, replayed_groups) = {
+        let mut applied = applying
+            .write()
+            .map_err(|_| StoreError::Engine(PANICKED.into()))?;
+        replay(&db, &log, &messages, &mut applied, &wal_dir).map_err(|e| match e {
             // Files that end before the records the log adds to: restored without them.
             StoreError::Io(e) => log_read_error(
                 e,
@@ -272,62 +278,77 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
                 ),
             ),
             other => other,
-        })?;
-    log.check_holds(read_meta(&db, META_LOG)?).map_err(|e| {
+        })?
+    };
+    let meta = |key: &[u8]| -> Result<u64, StoreError> {
+        let applied = applying
+            .read()
+            .map_err(|_| StoreError::Engine(PANICKED.into()))?;
+        applied.read_meta(&db, key)
+    };
+    log.check_holds(meta(META_LOG)?).map_err(|e| {
         let what = format!(
-            "the log's files in {}: sled records more entries than they hold. {restore}",
+            "the log's files in {}: the store records more entries than they hold. {restore}",
             path.join("log").display()
         );
         log_read_error(e, what)
     })?;
-    messages
-        .check_holds(read_meta(&db, META_MESSAGES)?)
-        .map_err(|e| {
-            let what = format!(
-                "the message files in {}: sled records more messages than they hold. {restore}",
-                path.join("messages").display()
-            );
-            log_read_error(e, what)
-        })?;
-    if replayed_groups > 0 || upgrading {
-        if replayed_groups > 0 {
-            tracing::info!(
-                groups = replayed_groups,
-                "replayed the write-ahead log into sled"
-            );
-        }
-        // The pages sled wrote for them may be in new blob files, synced by nothing yet.
-        // Needed before `record_format` even when the end of the open makes sled durable
-        // again: its flush would otherwise make sled's log durable before those files.
-        files.make_durable()?;
-    } else {
-        // A clean close left sled durable: note its files without syncing each again.
-        *files.blobs.synced() = blob_sizes(&files.blobs.dir)?;
-        files.note_sled_bytes();
+    messages.check_holds(meta(META_MESSAGES)?).map_err(|e| {
+        let what = format!(
+            "the message files in {}: the store records more messages than they hold. \
+             {restore}",
+            path.join("messages").display()
+        );
+        log_read_error(e, what)
+    })?;
+    if upgrading {
+        // No write reaches sled from this layout on: what earlier ones left in sled's
+        // buffers and new blob files is made durable once, before the layout is recorded
+        // (whose flush would make sled's log durable before those files).
+        sled_files.make_durable()?;
     }
     // Once the open can no longer fail on what the store holds, and before this binary
-    // writes anything in its layout.
+    // writes anything in its layout, runs included.
     record_format(&db, path)?;
     // After the replay, which may hold index keys a binary of layout 1 wrote.
     if drop_outbox_index(&db)? > 0 || upgrading {
         db.remove(META_UPGRADING)?;
-        files.make_durable()?;
+        sled_files.make_durable()?;
     }
-    wal::remove_through(&wal_dir, last_segment)?;
+    if replayed_groups > 0 {
+        tracing::info!(
+            groups = replayed_groups,
+            "replayed the write-ahead log; writing it as a run"
+        );
+    }
+    let progress = Arc::new(Progress::default());
+    let mut checkpointer = Checkpointer {
+        progress: progress.clone(),
+        applying: applying.clone(),
+        log: log.clone(),
+        messages: messages.clone(),
+        runs,
+        sled_bytes: sled_files.bytes()?,
+    };
+    // What the replay held is written as a run before anything is answered, and the
+    // segments it came from go.
+    checkpointer.checkpoint(&wal_dir, last_segment)?;
     wal::remove_spares(&wal_dir)?;
     let segment = Segment::create(&wal_dir, last_segment + 1)?;
-    let blobs = files.blobs.clone();
-    let files = Arc::new(Mutex::new(files));
+    progress.wal_bytes.store(segment.len(), Ordering::Relaxed);
     let (checkpoints, checkpoint_requests) = mpsc::channel();
     let checkpointer = {
-        let (files, wal_dir) = (files.clone(), wal_dir.clone());
+        let wal_dir = wal_dir.clone();
         std::thread::Builder::new()
             .name("accord-store-checkpoint".into())
-            .spawn(move || run_checkpoints(files, wal_dir, checkpoint_requests))?
+            .spawn(move || run_checkpoints(checkpointer, wal_dir, checkpoint_requests))?
     };
     let committer = Committer {
         progress,
-        db: db.clone(),
+        next_log: meta(META_LOG)?,
+        next_seq: meta(META_SEQ)?,
+        next_message: meta(META_MESSAGES)?,
+        db,
         log,
         messages,
         applying,
@@ -336,11 +357,6 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         segment_opened: Instant::now(),
         checkpoints,
         checkpointer: Some(checkpointer),
-        files,
-        blobs,
-        next_log: read_meta(&db, META_LOG)?,
-        next_seq: read_meta(&db, META_SEQ)?,
-        next_message: read_meta(&db, META_MESSAGES)?,
         max_message: MAX_MESSAGE,
     };
     Ok((committer, replayed_groups))
@@ -372,7 +388,7 @@ fn record_format(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Opens sled without its flusher thread (the checkpointer makes it durable), waiting up to
+/// Opens sled without its flusher thread (the migrations make it durable), waiting up to
 /// [`LOCK_WAIT`] for the lock of a store just closed in this process.
 fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
     let started = Instant::now();
@@ -402,7 +418,7 @@ impl SledStore {
             .read()
             .map_err(|_| StoreError::Engine(PANICKED.into()))?;
         if applied.failed {
-            return Err(StoreError::Engine(SLED_FAILED.into()));
+            return Err(StoreError::Engine(APPLY_FAILED.into()));
         }
         Ok(applied)
     }
@@ -425,12 +441,14 @@ impl Drop for SledStore {
     }
 }
 
-/// Applies every record left in the write-ahead log to sled, oldest first. Returns the last
-/// segment's number (0 if there is none) and how many records were applied.
+/// Applies every record left in the write-ahead log over what the runs and sled hold,
+/// oldest first. Returns the last segment's number (0 if there is none) and how many
+/// records were applied.
 fn replay(
     db: &sled::Db,
     log: &LogFiles,
     messages: &Records,
+    applied: &mut Applied,
     wal_dir: &Path,
 ) -> Result<(u64, u64), StoreError> {
     let segments = wal::segments(wal_dir)?;
@@ -446,33 +464,37 @@ fn replay(
             );
         }
         for group in &contents.groups {
-            apply(db, log, messages, group, None)?;
+            apply(db, log, messages, group, applied, Replay::Yes)?;
             replayed += 1;
         }
     }
     Ok((segments.last().map_or(0, |s| s.0), replayed))
 }
 
-/// Writes a group into the log's files, the message files and sled, key by key: how a
-/// commit reaches them, and how replay does. A crash part way leaves some of them written;
-/// replaying the group's record completes it. With `queues`, queue keys are written there
-/// instead of to sled ([`QueueWrites`]); a replay writes them to sled.
+/// Whether [`apply`] is replaying the write-ahead log.
+#[derive(Clone, Copy, PartialEq)]
+enum Replay {
+    Yes,
+    No,
+}
+
+/// Writes a group into the log's files, the message files and the held writes
+/// ([`Applied::held`]), key by key: how a commit reaches them, and how replay does. A crash
+/// part way leaves some of them written; replaying the group's record completes it.
+///
+/// A replay may find a write already in a run (a checkpoint wrote it, then the crash came
+/// before its segments were deleted): such a write changes nothing readers see, and is
+/// skipped, so that a queue entry's key is put in one run only, as [`is_put_once`] needs.
 fn apply(
     db: &sled::Db,
     log: &LogFiles,
     messages: &Records,
     group: &WalGroup,
-    mut queues: Option<&mut QueueWrites>,
+    applied: &mut Applied,
+    replay: Replay,
 ) -> Result<(), StoreError> {
     let (mut entries, mut nodes, mut records) = (Vec::new(), Vec::new(), Vec::new());
     for write in &group.writes {
-        if let (Some(queues), true) = (queues.as_deref_mut(), is_queue_key(&write.key)) {
-            match &write.value {
-                Some(value) => queues.put(db, &write.key, value)?,
-                None => queues.remove(&write.key),
-            }
-            continue;
-        }
         match (file_write(&write.key), &write.value) {
             (Some(FileWrite::Entry(index)), Some(value)) => entries.push((index, value.as_slice())),
             (Some(FileWrite::Node(position)), Some(value)) => {
@@ -486,8 +508,15 @@ fn apply(
                     "a removal of a log entry, tree node or message record".into(),
                 ))
             }
-            (None, Some(value)) => drop(db.insert(&write.key, value.as_slice())?),
-            (None, None) => drop(db.remove(&write.key)?),
+            (None, value) => {
+                if replay == Replay::Yes && applied.get(db, &write.key)? == *value {
+                    continue;
+                }
+                match value {
+                    Some(value) => applied.put(db, &write.key, value)?,
+                    None => applied.held.remove(&write.key),
+                }
+            }
         }
     }
     messages.write(&records)?;
@@ -512,7 +541,7 @@ fn log_read_error(e: std::io::Error, what: String) -> StoreError {
     }
 }
 
-/// Where a group's write goes when it is not to sled.
+/// Where a group's write goes when it is not to the held writes.
 enum FileWrite {
     /// A log entry, by index.
     Entry(u64),
@@ -539,16 +568,16 @@ fn file_write(key: &[u8]) -> Option<FileWrite> {
 /// Stores of an earlier version kept the log's entries and nodes in sled: moves them to
 /// the log's files, syncs those, then removes them from sled. A crash part way repeats it
 /// at the next open, writing the same bytes again.
-fn move_log_out_of_sled(files: &mut SledFiles) -> Result<(), StoreError> {
-    // Handles of their own: `files` is borrowed again to make sled durable at the end.
-    let (db, log, messages) = (files.db.clone(), files.log.clone(), files.messages.clone());
-    let (db, log, messages) = (&db, &*log, &*messages);
+fn move_log_out_of_sled(files: &SledFiles) -> Result<(), StoreError> {
+    let (db, log, messages) = (&files.db, &*files.log, &*files.messages);
     let in_sled = |prefix: &[u8]| db.scan_prefix(prefix).next().is_some();
     if !in_sled(b"l") && !in_sled(b"n") {
         return Ok(());
     }
     tracing::info!("moving the log's entries and tree nodes out of sled into log/");
     let mut moved = 0u64;
+    // Every write of these batches goes to the log's files: nothing is held.
+    let mut nothing_held = Applied::default();
     for family in [b"l", b"n"] {
         let mut batch = WalGroup::default();
         for kv in db.scan_prefix(family) {
@@ -558,11 +587,12 @@ fn move_log_out_of_sled(files: &mut SledFiles) -> Result<(), StoreError> {
                 value: Some(value.to_vec()),
             });
             if batch.writes.len() == 4096 {
-                apply(db, log, messages, &std::mem::take(&mut batch), None)?;
+                let batch = std::mem::take(&mut batch);
+                apply(db, log, messages, &batch, &mut nothing_held, Replay::No)?;
             }
             moved += 1;
         }
-        apply(db, log, messages, &batch, None)?;
+        apply(db, log, messages, &batch, &mut nothing_held, Replay::No)?;
     }
     log.sync()?;
     for family in [b"l", b"n"] {
@@ -570,7 +600,6 @@ fn move_log_out_of_sled(files: &mut SledFiles) -> Result<(), StoreError> {
             db.remove(key?)?;
         }
     }
-    // Blob files first, as at every checkpoint.
     files.make_durable()?;
     tracing::info!(records = moved, "moved the log out of sled");
     Ok(())
@@ -626,7 +655,7 @@ fn receipt_prefix(id: &MessageId) -> Vec<u8> {
 
 /// A receipt's record with the log entries of its transaction that name its message
 /// (`index(8)…`, ascending): `0x00 ‖ u32be(len(receipt)) ‖ receipt ‖ indexes`. It spares the
-/// transaction its `e` key, a sled insert for nearly every message's every step. A record
+/// transaction its `e` key, a write for nearly every message's every step. A record
 /// without entries is the receipt's bytes alone, which never start with 0x00 (no protobuf
 /// field has number 0).
 fn receipt_record(receipt: &[u8], indexes: &[u8]) -> Vec<u8> {
@@ -728,203 +757,214 @@ fn parse_node(value: Option<&[u8]>, level: u32, index: u64) -> Result<Hash, Proo
 /// Writes of the group being built, by key (`None`: removed); the last write of a key wins.
 type GroupWrites = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
-/// What applied groups left where readers see it, behind [`SledStore::applying`].
+/// What applied groups left where readers see it, behind [`SledStore::applying`]: the held
+/// writes, over the run being written, over the runs, over sled. A key's value is the first
+/// of these that names it.
 #[derive(Default)]
 struct Applied {
-    /// A write to sled failed part way (an apply, or a checkpoint's move): sled may hold
-    /// part of a group, and reads and builds fail until a restart replays the log.
+    /// A write failed part way through a group (an apply): the files beside the runs may
+    /// hold part of it, and reads and builds fail until a restart replays the log.
     failed: bool,
-    queues: QueueWrites,
+    /// Writes applied since the checkpointer last took them.
+    held: HeldWrites,
+    /// The writes a checkpoint is writing as a run, until that run is in `runs`; kept after
+    /// a failed write, so that readers still find them while the store stops.
+    writing: Option<Arc<HeldWrites>>,
+    /// The runs, newest first, as the checkpointer last installed them.
+    runs: Arc<Vec<Arc<Named>>>,
 }
 
 /// Why the store stops once a thread panicked holding [`SledStore::applying`] (the committer
-/// applying a group, the checkpointer moving held queue keys): a held key may have left the
-/// map without reaching sled, so nothing is read or built over what it left.
+/// applying a group, the checkpointer swapping what readers see): what it held may be
+/// half changed, so nothing is read or built over it.
 const PANICKED: &str = "a store thread panicked while applying writes; restart the gateway to \
                         replay the write-ahead log";
 
-/// Why the store stops once sled failed part way through a write ([`Applied::failed`]): it
-/// may hold part of a commit group.
-const SLED_FAILED: &str = "sled failed part way through a write; restart the gateway to \
-                           replay the write-ahead log";
+/// Why the store stops once a write failed part way through a group ([`Applied::failed`]).
+const APPLY_FAILED: &str = "a write failed part way through a commit group; restart the \
+                            gateway to replay the write-ahead log";
 
-/// Held queue keys a checkpoint moves into sled per turn of the lock
-/// ([`SledFiles::make_durable`]): one or two milliseconds of sled inserts.
-const MOVE_AT_ONCE: usize = 256;
-
-/// Whether a key is a queue's: an entry (`q`) or the inbox index (`x`). Their writes are
-/// held in memory until a checkpoint ([`QueueWrites`]).
+/// Whether a key is a queue's: an entry (`q`) or the inbox index (`x`). Only these are ever
+/// removed, so only these need to know whether a removal has anything to hide
+/// ([`Held::Put`]).
 fn is_queue_key(key: &[u8]) -> bool {
     matches!(key.first(), Some(b'q' | b'x'))
 }
 
-/// Queue keys written by groups since the last checkpoint, held over sled instead of in it.
-/// An inbox entry, its index key and the receipt queued back to the sender all leave
-/// within a fraction of a second of their insert (docs/performance.md, "How long queue
-/// entries live"), long before the checkpointer makes sled durable: in sled, each cost an
-/// insert and a removal that sled copies a leaf and writes its log for. Held here, one that
-/// leaves before the next checkpoint never reaches sled; the rest are written to sled just
-/// before it is flushed ([`QueueWrites::move_some`]). The write-ahead log holds them until
-/// then, as it holds every write sled has not made durable, and a restart replays them.
+/// Whether a key is written once only: a queue entry's (`q`), which holds a sequence
+/// number never used again, so that a merge may drop its removal with its value
+/// ([`RunSet::with_put_once`]). The inbox index (`x`) is not: it is named by message id.
+fn is_put_once(key: &[u8]) -> bool {
+    key.first() == Some(&b'q')
+}
+
+/// Writes applied since a checkpoint, by key, held in memory over the runs and sled until
+/// the checkpointer writes them as a run (docs/store-next.md). A queue entry, its inbox
+/// index key and the receipt queued back to the sender all leave within a fraction of a
+/// second of their insert (docs/performance.md, "How long queue entries live"): one that
+/// leaves before the next checkpoint never reaches a run, and leaves no removal there. The
+/// write-ahead log holds the writes until their run is durable, and a restart replays them.
 #[derive(Default)]
-struct QueueWrites(BTreeMap<Vec<u8>, Held>);
+struct HeldWrites(BTreeMap<Vec<u8>, Held>);
 
 type KeyValue = (Vec<u8>, Vec<u8>);
 
 #[derive(Debug)]
 enum Held {
-    /// The key's value; `over_sled` if sled may hold an older value of the key.
-    Put { value: Vec<u8>, over_sled: bool },
-    /// Removed since the last checkpoint; sled may still hold it.
+    /// The key's value; `over_disk` if a run, the run being written or sled may hold an
+    /// older value of the key (always, for keys never removed).
+    Put { value: Vec<u8>, over_disk: bool },
+    /// Removed since the checkpointer last took the held writes; something below may hold
+    /// it.
     Removed,
 }
 
-impl QueueWrites {
-    fn put(&mut self, db: &sled::Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        let over_sled = match self.0.get(key) {
-            Some(Held::Put { over_sled, .. }) => *over_sled,
-            Some(Held::Removed) => true,
-            None => db.contains_key(key)?,
-        };
-        let value = value.to_vec();
-        self.0.insert(key.to_vec(), Held::Put { value, over_sled });
-        Ok(())
+impl Held {
+    /// What a run records for the key: its value, or its removal.
+    fn value(&self) -> Option<&[u8]> {
+        match self {
+            Held::Put { value, .. } => Some(value),
+            Held::Removed => None,
+        }
     }
+}
 
+impl HeldWrites {
     fn remove(&mut self, key: &[u8]) {
         match self.0.get(key) {
-            // Never reached sled: nothing to undo there.
+            // Nothing below holds it: nothing to hide.
             Some(Held::Put {
-                over_sled: false, ..
+                over_disk: false, ..
             }) => drop(self.0.remove(key)),
             _ => drop(self.0.insert(key.to_vec(), Held::Removed)),
         }
     }
+}
 
-    /// `key`'s value as readers see it: held here, else sled's.
+/// A source of entries for [`runs::Merged`]: held writes, a run, or sled.
+type Source<'a> = Box<dyn Iterator<Item = std::io::Result<(Vec<u8>, runs::Held)>> + 'a>;
+
+impl Applied {
+    /// The held writes, then the ones being written as a run.
+    fn maps(&self) -> impl Iterator<Item = &HeldWrites> {
+        std::iter::once(&self.held).chain(self.writing.as_deref())
+    }
+
+    /// `key`'s value as readers see it.
     fn get(&self, db: &sled::Db, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.0.get(key) {
-            Some(Held::Put { value, .. }) => Ok(Some(value.clone())),
-            Some(Held::Removed) => Ok(None),
-            None => Ok(db.get(key)?.map(|v| v.to_vec())),
+        for map in self.maps() {
+            if let Some(held) = map.0.get(key) {
+                return Ok(held.value().map(<[u8]>::to_vec));
+            }
+        }
+        for named in self.runs.iter() {
+            let found = named.run.get(key).map_err(run_read_error)?;
+            if let Some(held) = found {
+                return Ok(held);
+            }
+        }
+        Ok(db.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Whether readers see `key`.
+    fn contains(&self, db: &sled::Db, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.get(db, key)?.is_some())
+    }
+
+    /// A metadata counter (`s…`), 0 if never written.
+    fn read_meta(&self, db: &sled::Db, key: &[u8]) -> Result<u64, StoreError> {
+        match self.get(db, key)? {
+            None => Ok(0),
+            Some(v) => Ok(u64::from_be_bytes(v.as_slice().try_into().map_err(
+                |_| StoreError::Corrupt(String::from_utf8_lossy(key).into()),
+            )?)),
         }
     }
 
-    /// Whether readers see `key`: held here, else in sled.
-    fn contains(&self, db: &sled::Db, key: &[u8]) -> Result<bool, StoreError> {
-        match self.0.get(key) {
-            Some(held) => Ok(matches!(held, Held::Put { .. })),
-            None => Ok(db.contains_key(key)?),
-        }
+    /// Whether something below the held writes may hold `key`: the run being written, a
+    /// run's filter (in memory; about 1% of absent keys pass), or sled.
+    fn may_be_below(&self, db: &sled::Db, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.writing.as_ref().is_some_and(|w| w.0.contains_key(key))
+            || self.runs.iter().any(|named| named.run.may_hold(key))
+            || db.contains_key(key)?)
+    }
+
+    fn put(&mut self, db: &sled::Db, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let over_disk = match self.held.0.get(key) {
+            Some(Held::Put { over_disk, .. }) => *over_disk,
+            Some(Held::Removed) => true,
+            None => !is_queue_key(key) || self.may_be_below(db, key)?,
+        };
+        let value = value.to_vec();
+        self.held
+            .0
+            .insert(key.to_vec(), Held::Put { value, over_disk });
+        Ok(())
     }
 
     /// The first `limit` keys and values under `prefix` as readers see them, in key order:
-    /// sled's, with what is held here written over them.
+    /// the held writes, the run being written, the runs and sled merged, the newest of each
+    /// key winning and removals hiding what is below them.
     fn scan(
         &self,
         db: &sled::Db,
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
-        let mut held = self
-            .0
-            .range(prefix.to_vec()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .peekable();
-        let mut sled = db.scan_prefix(prefix).peekable();
+        let mut sources: Vec<Source<'_>> = Vec::with_capacity(self.runs.len() + 3);
+        for map in self.maps() {
+            let under = map.0.range(prefix.to_vec()..);
+            let under = under.take_while(move |(k, _)| k.starts_with(prefix));
+            sources.push(Box::new(
+                under.map(|(k, held)| Ok((k.clone(), held.value().map(<[u8]>::to_vec)))),
+            ));
+        }
+        for named in self.runs.iter() {
+            sources.push(Box::new(named.run.scan(prefix)));
+        }
+        sources.push(Box::new(db.scan_prefix(prefix).map(|kv| {
+            kv.map(|(k, v)| (k.to_vec(), Some(v.to_vec())))
+                .map_err(std::io::Error::other)
+        })));
         let mut out = Vec::new();
-        while out.len() < limit {
-            if matches!(sled.peek(), Some(Err(_))) {
-                sled.next().transpose()?;
+        for entry in runs::Merged::new(sources) {
+            if out.len() >= limit {
+                break;
             }
-            let sled_key = sled
-                .peek()
-                .and_then(|kv| kv.as_ref().ok())
-                .map(|kv| kv.0.clone());
-            let next_held = match (held.peek(), &sled_key) {
-                (None, None) => break,
-                (Some((k, _)), Some(sk)) => k.as_slice() <= sk.as_ref(),
-                (held, _) => held.is_some(),
-            };
-            if next_held {
-                let Some((k, h)) = held.next() else { break };
-                if sled_key.as_deref() == Some(k.as_slice()) {
-                    sled.next(); // written over
-                }
-                if let Held::Put { value, .. } = h {
-                    out.push((k.clone(), value.clone()));
-                }
-            } else if let Some(Ok((k, v))) = sled.next() {
-                out.push((k.to_vec(), v.to_vec()));
+            if let (key, Some(value)) = entry.map_err(run_read_error)? {
+                out.push((key, value));
             }
         }
         Ok(out)
     }
-
-    /// Writes what is held into sled, then forgets it; see [`Self::move_some`] for an error.
-    #[cfg(test)]
-    fn move_into(&mut self, db: &sled::Db) -> Result<(), StoreError> {
-        let mut from = Vec::new();
-        while let Some(next) = self.move_some(db, &from, usize::MAX)? {
-            from = next;
-        }
-        Ok(())
-    }
-
-    /// Writes up to `most` held keys, from `from` on in key order, into sled and forgets
-    /// them; returns where the next move starts, or `None` once nothing from `from` on is
-    /// held. Keys written in between, before `from`, are left for the next checkpoint. A key
-    /// is forgotten only once sled took it, so after an error each key is still held or in
-    /// sled, as readers need; the caller stops the store all the same ([`Applied::failed`]),
-    /// since sled failed.
-    fn move_some(
-        &mut self,
-        db: &sled::Tree,
-        from: &[u8],
-        most: usize,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        let keys: Vec<Vec<u8>> = self
-            .0
-            .range(from.to_vec()..)
-            .take(most)
-            .map(|(k, _)| k.clone())
-            .collect();
-        let Some(last) = keys.last() else {
-            return Ok(None);
-        };
-        for key in &keys {
-            match self.0.get(key) {
-                Some(Held::Put { value, .. }) => drop(db.insert(key.as_slice(), value.as_slice())?),
-                Some(Held::Removed) => drop(db.remove(key.as_slice())?),
-                None => {}
-            }
-            self.0.remove(key);
-        }
-        // The least key after `last`.
-        Ok(Some([last.as_slice(), &[0]].concat()))
-    }
 }
 
-/// The store as a transaction being built sees it: the group's earlier writes over the
-/// queue keys held in memory, over sled.
+/// A read of the runs (or of sled through a merge) that failed: a damaged run is
+/// corruption, any other error the device's.
+fn run_read_error(e: std::io::Error) -> StoreError {
+    log_read_error(e, "reading the store's runs".into())
+}
+
+/// The store as a transaction being built sees it: the group's earlier writes over what
+/// readers see.
 struct View<'a> {
     db: &'a sled::Db,
     group: &'a GroupWrites,
-    queues: &'a QueueWrites,
+    applied: &'a Applied,
 }
 
 impl View<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         match self.group.get(key) {
             Some(value) => Ok(value.clone()),
-            None => self.queues.get(self.db, key),
+            None => self.applied.get(self.db, key),
         }
     }
 
     fn contains_key(&self, key: &[u8]) -> Result<bool, StoreError> {
         match self.group.get(key) {
             Some(value) => Ok(value.is_some()),
-            None => self.queues.contains(self.db, key),
+            None => self.applied.contains(self.db, key),
         }
     }
 
@@ -946,9 +986,8 @@ impl View<'_> {
                 return Ok(true);
             }
         }
-        for kv in self.db.scan_prefix(prefix) {
-            let (k, record) = kv?;
-            if holds(&record)? && !self.group.contains_key(k.as_ref()) {
+        for (k, record) in self.applied.scan(self.db, prefix, usize::MAX)? {
+            if holds(&record)? && !self.group.contains_key(&k) {
                 return Ok(true);
             }
         }
@@ -994,12 +1033,10 @@ struct Committer {
     wal_dir: PathBuf,
     segment: Segment,
     segment_opened: Instant,
-    /// Numbers of segments sled now holds, for the checkpointer to make durable and delete.
+    /// Segments whose groups are all applied, for the checkpointer to write as a run and
+    /// delete.
     checkpoints: mpsc::Sender<Handover>,
     checkpointer: Option<JoinHandle<()>>,
-    /// For a group that made sled write a blob file ([`Committer::sync_if_blobs_changed`]).
-    files: Arc<Mutex<SledFiles>>,
-    blobs: Arc<BlobFiles>,
     next_log: u64,
     next_seq: u64,
     next_message: u64,
@@ -1032,7 +1069,7 @@ impl Committer {
             self.write(group);
             self.rotate_if_due();
         }
-        // Closing: sled is made durable through the last segment, which is then deleted.
+        // Closing: what is held is written as a run, and the last segment deleted.
         let _ = self.checkpoints.send(Handover {
             seq: self.segment.seq(),
             bytes: 0,
@@ -1045,8 +1082,8 @@ impl Committer {
     }
 
     /// Logs the group's writes and syncs the log, answers the group's transactions, then
-    /// applies the writes to sled. Readers wait from before the answers until sled holds
-    /// the writes, so whoever reads after an answer sees its transaction. A failure poisons
+    /// applies the writes. Readers wait from before the answers until the writes are
+    /// applied, so whoever reads after an answer sees its transaction. A failure poisons
     /// the store: before the log is synced the group is answered with it; after, the group
     /// is durable and replayed at the next open.
     fn write(&mut self, group: Group) {
@@ -1077,36 +1114,19 @@ impl Committer {
         let Some(logged) = logged? else {
             return Ok(());
         };
-        let queues = Some(&mut applied.queues);
-        if let Err(e) = apply(&self.db, &self.log, &self.messages, &logged, queues) {
+        let applying = apply(
+            &self.db,
+            &self.log,
+            &self.messages,
+            &logged,
+            &mut applied,
+            Replay::No,
+        );
+        if let Err(e) = applying {
             applied.failed = true;
-            return Err(format!("applying a logged group to sled: {e}"));
+            return Err(format!("applying a logged group: {e}"));
         }
-        drop(applied);
-        self.sync_if_blobs_changed()
-            .map_err(|e| format!("syncing sled after a blob write: {e}"))
-    }
-
-    /// sled writes a large page to a blob file, and deletes the page's previous blob file
-    /// once the new one is written, not once it is durable. Left to the next checkpoint, a
-    /// power cut could find sled's last durable state pointing at a deleted file. So right
-    /// after a group that made sled write a blob file (after its answers, which only need
-    /// the log), sled is made durable, as after every group before this log existed. A page
-    /// that shrinks back inline leaves no new file, only the old one deleted (later, when
-    /// sled retires the segment that replaced it): a file known synced that is gone makes
-    /// sled durable too, which narrows that window to the next group's end. One directory
-    /// listing per group tells, without waiting for a checkpoint in progress: the next
-    /// group waits only when the folder changed.
-    fn sync_if_blobs_changed(&self) -> Result<(), String> {
-        if !self.blobs.changed().map_err(|e| e.to_string())? {
-            return Ok(());
-        }
-        let mut files = self.files.lock().map_err(|_| CHECKPOINTER_PANICKED)?;
-        // The checkpoint waited for may have made it durable already.
-        if !self.blobs.changed().map_err(|e| e.to_string())? {
-            return Ok(());
-        }
-        files.make_durable().map_err(|e| e.to_string())
+        Ok(())
     }
 
     /// Appends the writes to the log as one record and syncs it; `None` if there are none.
@@ -1178,16 +1198,16 @@ impl Committer {
         if let Some(why) = self.progress.poisoned() {
             return Err(StoreError::Engine(format!("store poisoned: {why}")));
         }
-        // Between two builds the checkpointer may move held keys into sled; each reads the
-        // same either way.
+        // Between two builds the checkpointer may swap the held writes for a run; each reads
+        // the same either way.
         let applied = self.applying.clone();
         let applied = match applied.read() {
             Ok(applied) if !applied.failed => applied,
-            // Between a failed checkpoint and the store's poisoning, nothing is built over
-            // what sled failed to take.
+            // Between a failed apply and the store's poisoning, nothing is built over what
+            // it left half done.
             Ok(_) => {
-                self.progress.poison(SLED_FAILED.into());
-                return Err(StoreError::Engine(SLED_FAILED.into()));
+                self.progress.poison(APPLY_FAILED.into());
+                return Err(StoreError::Engine(APPLY_FAILED.into()));
             }
             Err(_) => {
                 self.progress.poison(PANICKED.into());
@@ -1197,7 +1217,7 @@ impl Committer {
         let view = View {
             db: &self.db,
             group: &group.writes,
-            queues: &applied.queues,
+            applied: &applied,
         };
         let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         let mut first_log_index = None;
@@ -1359,73 +1379,40 @@ impl Committer {
     }
 }
 
-/// sled's files, and which blob files are known synced.
+/// sled's files, written only by the migrations of earlier layouts at open: from layout 4
+/// on, nothing else writes to sled.
 struct SledFiles {
-    progress: Arc<Progress>,
     db: sled::Db,
-    /// Whose queue keys are written into sled before each flush.
-    applying: Arc<RwLock<Applied>>,
+    log_file: File,
+    blob_dir: PathBuf,
     log: Arc<LogFiles>,
     messages: Arc<Records>,
-    log_file: File,
-    blobs: Arc<BlobFiles>,
-    /// Called by [`SledFiles::make_durable`] once sled and the files beside it are synced,
-    /// with the blob files as known then: a test sees whether they were recorded too early.
-    #[cfg(test)]
-    after_syncs: Option<SyncedProbe>,
 }
 
-#[cfg(test)]
-type SyncedProbe = Box<dyn FnMut(&BlobFiles) + Send>;
-
-/// sled's blob folder, and the files in it known synced, with their sizes (sled writes a
-/// blob file once). Shared by whoever makes sled durable, which syncs new ones, and the
-/// committer, which compares the folder with them after each group.
-struct BlobFiles {
-    dir: PathBuf,
-    synced: Mutex<BlobSizes>,
-}
-
-impl BlobFiles {
-    /// Replaced whole at every write: a panic while holding it leaves nothing half done.
-    fn synced(&self) -> std::sync::MutexGuard<'_, BlobSizes> {
-        self.synced
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Whether the folder differs from the files known synced: it holds one not known
-    /// synced, or lacks one known synced (sled deleted it).
-    fn changed(&self) -> std::io::Result<bool> {
-        let names = blob_names(&self.dir)?;
-        let synced = self.synced();
-        // Names in a folder are distinct: all known and as many means the same set.
-        Ok(names.len() != synced.len() || !names.iter().all(|n| synced.contains_key(n)))
-    }
-
-    /// `fdatasync`s the files among `names` (a listing) not known synced, and the folder if
-    /// any was; returns the files of `names` that exist or are known synced, for
-    /// [`BlobFiles::record`].
-    fn sync(&self, names: Vec<std::ffi::OsString>) -> std::io::Result<BlobSizes> {
-        // Not held while files are synced: the committer compares names meanwhile.
-        let known = self.synced().clone();
-        let (present, added) = sync_new_files(&self.dir, names, &known)?;
+impl SledFiles {
+    /// Makes what was written to sled durable, with the files beside it: sled's blob files
+    /// and their folder first (sled's log may point at them), then sled's flush, its log
+    /// file, and the log's and message files. sled's own flush ends in `sync_file_range`,
+    /// which a power cut does not respect, and it does not sync blob files.
+    fn make_durable(&self) -> Result<(), StoreError> {
+        let names = blob_names(&self.blob_dir)?;
+        let (_, added) = sync_new_files(&self.blob_dir, names, &HashMap::new())?;
         if added {
-            sync_dir(&self.dir)?;
+            sync_dir(&self.blob_dir)?;
         }
-        Ok(present)
+        self.db.flush()?;
+        self.log_file.sync_data()?;
+        self.log.sync()?;
+        self.messages.sync()?;
+        Ok(())
     }
 
-    /// Knows exactly `present` as synced: a file listed after them stays new. Called once
-    /// sled is durable as well, so that until then a group that wrote one of them still
-    /// makes the committer wait for sled to be durable.
-    fn record(&self, present: BlobSizes) {
-        *self.synced() = present;
+    /// sled's log and blob files' bytes, which stay as they are once the open is done.
+    fn bytes(&self) -> Result<u64, StoreError> {
+        let blobs: u64 = blob_sizes(&self.blob_dir)?.values().sum();
+        Ok(self.log_file.metadata()?.len() + blobs)
     }
 }
-
-/// sled's blob files by name, with their sizes.
-type BlobSizes = HashMap<std::ffi::OsString, u64>;
 
 /// Why the store stops when the checkpointer thread is gone.
 const CHECKPOINTER_PANICKED: &str =
@@ -1438,10 +1425,10 @@ struct Handover {
     bytes: u64,
 }
 
-/// The checkpointer thread: makes sled durable in bulk, deletes the log segments it now
-/// holds, then prepares the spare the next segment will be made from.
+/// The checkpointer thread: writes the held writes as a run, merges runs, deletes the log
+/// segments the runs now hold, then prepares the spare the next segment will be made from.
 fn run_checkpoints(
-    files: Arc<Mutex<SledFiles>>,
+    mut checkpointer: Checkpointer,
     wal_dir: PathBuf,
     requests: mpsc::Receiver<Handover>,
 ) {
@@ -1450,16 +1437,19 @@ fn run_checkpoints(
         while let Ok(later) = requests.try_recv() {
             handover = later;
         }
-        {
-            let Ok(mut files) = files.lock() else {
-                return;
-            };
-            if files.progress.poisoned().is_some() {
+        let progress = checkpointer.progress.clone();
+        if progress.poisoned().is_some() {
+            continue;
+        }
+        // Every group in those segments was applied before they were handed over, so the
+        // run covers them.
+        match checkpointer.checkpoint(&wal_dir, handover.seq) {
+            // Only segments the committer counted are deleted here.
+            Ok(freed) => drop(progress.wal_bytes.fetch_sub(freed, Ordering::Relaxed)),
+            Err(e) => {
+                progress.poison(format!("checkpoint: {e}"));
                 continue;
             }
-            // Everything in those segments was applied to sled before they were handed
-            // over, so the flush covers it.
-            checkpoint(&mut files, &wal_dir, handover.seq);
         }
         if handover.bytes > 0 {
             if let Err(e) = wal::prepare_spare(&wal_dir, spare_bytes(handover.bytes)) {
@@ -1480,82 +1470,88 @@ fn spare_bytes(last_segment: u64) -> u64 {
         .clamp(16 << 10, 4 << 20)
 }
 
-/// Makes sled durable, then deletes the segments through `through`.
-fn checkpoint(files: &mut SledFiles, wal_dir: &Path, through: u64) {
-    let done = files
-        .make_durable()
-        .map_err(|e| e.to_string())
-        .and_then(|()| {
-            wal::remove_through(wal_dir, through)
-                .map_err(|e| format!("deleting write-ahead log segments: {e}"))
-        });
-    match done {
-        // Only segments the committer counted are deleted here.
-        Ok(freed) => files.progress.wal_bytes.fetch_sub(freed, Ordering::Relaxed),
-        Err(e) => {
-            files.progress.poison(format!("checkpoint: {e}"));
-            0
-        }
-    };
+/// What the checkpointer owns: the runs, and what it makes durable before it deletes the
+/// write-ahead log's segments.
+struct Checkpointer {
+    progress: Arc<Progress>,
+    /// Whose held writes it takes, and where it installs the runs readers see.
+    applying: Arc<RwLock<Applied>>,
+    log: Arc<LogFiles>,
+    messages: Arc<Records>,
+    runs: RunSet,
+    /// sled's files' bytes, fixed since the open ([`SledFiles::bytes`]).
+    sled_bytes: u64,
 }
 
-impl SledFiles {
-    /// Moves the held queue keys into sled; `fdatasync`s the blob files not yet synced, then
-    /// flushes sled and `fdatasync`s its log file and the files beside it; then notes
-    /// sled's size on disk.
-    fn make_durable(&mut self) -> Result<(), StoreError> {
-        // Everything applied so far reaches sled before the flush. A few hundred keys at a
-        // time: readers and the committer's answers wait while they move (each key is held
-        // or in sled, never missing from both), so a second of a backlog's enqueues does
-        // not hold them up at once. Keys applied in between are held until the next
-        // checkpoint, and are in segments it does not delete.
-        let mut from = Vec::new();
-        let blobs = loop {
-            let mut applied = self
-                .applying
-                .write()
-                .map_err(|_| StoreError::Engine(PANICKED.into()))?;
-            match applied.queues.move_some(&self.db, &from, MOVE_AT_ONCE) {
-                Ok(Some(next)) => from = next,
-                // Listed while no group applies: sled writes a blob file whole within the
-                // insert that needs it, so each file listed is complete, and the groups
-                // that wrote them are all in the flush below.
-                Ok(None) => break blob_names(&self.blobs.dir)?,
-                Err(e) => {
-                    // Each key is still held or in sled, but sled failed: the store stops
-                    // until a restart replays the log, as after an apply that failed.
-                    applied.failed = true;
-                    return Err(e);
-                }
+impl Checkpointer {
+    /// Makes every write applied so far durable outside the write-ahead log, then deletes
+    /// its segments through `through` (each of their groups was applied before they were
+    /// handed over); returns the bytes deleted.
+    /// 1. Under the lock, the held writes become the ones being written: readers read them
+    ///    below the new held writes, and nobody waits while they are written.
+    /// 2. The log's and message files are synced.
+    /// 3. The writes become a run (synced, linked in, its folder synced), installed under
+    ///    the lock. Writes applied since step 1 stay held for the next checkpoint.
+    /// 4. Runs due a merge are merged ([`Checkpointer::merge_runs`]).
+    /// 5. The segments go.
+    fn checkpoint(&mut self, wal_dir: &Path, through: u64) -> Result<u64, StoreError> {
+        let writing = {
+            let mut applied = self.lock()?;
+            if applied.writing.is_some() {
+                return Err(StoreError::Engine(
+                    "a checkpoint's run was not written; restart the gateway to replay the \
+                     write-ahead log"
+                        .into(),
+                ));
             }
+            let writing = Arc::new(std::mem::take(&mut applied.held));
+            applied.writing = Some(writing.clone());
+            writing
         };
-        // The blob files first: sled's log may point at them once synced here. (sled also
-        // writes its log on its own while groups apply, so this narrows the window in
-        // which a durable log names a blob that is not; it does not close it.)
-        let blobs = self.blobs.sync(blobs)?;
-        self.db.flush()?;
-        self.log_file.sync_data()?;
         self.log.sync()?;
         self.messages.sync()?;
-        #[cfg(test)]
-        if let Some(probe) = &mut self.after_syncs {
-            probe(&self.blobs);
+        if !writing.0.is_empty() {
+            let number = self.runs.last_checkpoint() + 1;
+            let entries = writing.0.iter().map(|(key, held)| Ok((key, held.value())));
+            // On failure the writes stay where readers find them; the caller stops the
+            // store, and the reopen takes in a run that was linked before the failure.
+            self.runs.add(number, entries)?;
         }
-        self.blobs.record(blobs);
-        self.note_sled_bytes();
+        {
+            let mut applied = self.lock()?;
+            applied.runs = self.runs.runs();
+            applied.writing = None;
+        }
+        self.merge_runs()?;
+        let freed = wal::remove_through(wal_dir, through)
+            .map_err(|e| StoreError::Engine(format!("deleting write-ahead log segments: {e}")))?;
+        self.note_bytes();
+        Ok(freed)
+    }
+
+    /// Merges runs while some are due ([`RunSet::compact`]) and installs the result.
+    /// Readers keep the runs they took meanwhile: a merged run's file is deleted, but
+    /// stays readable through the handles they hold.
+    fn merge_runs(&mut self) -> Result<(), StoreError> {
+        if self.runs.compact()? > 0 {
+            self.lock()?.runs = self.runs.runs();
+            self.note_bytes();
+        }
         Ok(())
     }
 
-    fn note_sled_bytes(&self) {
+    fn lock(&self) -> Result<std::sync::RwLockWriteGuard<'_, Applied>, StoreError> {
+        self.applying
+            .write()
+            .map_err(|_| StoreError::Engine(PANICKED.into()))
+    }
+
+    fn note_bytes(&self) {
         // The quota figure only: a failed stat keeps the previous one.
-        if let (Ok(meta), Ok(log), Ok(messages)) = (
-            self.log_file.metadata(),
-            self.log.bytes(),
-            self.messages.bytes(),
-        ) {
-            let blobs = self.blobs.synced().values().sum::<u64>();
-            let bytes = meta.len() + blobs + log + messages;
-            self.progress.sled_bytes.store(bytes, Ordering::Relaxed);
+        if let (Ok(log), Ok(messages)) = (self.log.bytes(), self.messages.bytes()) {
+            let runs: u64 = self.runs.runs().iter().map(|r| r.run.bytes()).sum();
+            let bytes = self.sled_bytes + runs + log + messages;
+            self.progress.stored_bytes.store(bytes, Ordering::Relaxed);
         }
     }
 }
@@ -1568,7 +1564,10 @@ fn blob_names(dir: &Path) -> std::io::Result<Vec<std::ffi::OsString>> {
     }
 }
 
-/// The blob files and their sizes, as a clean close left them (already synced).
+/// sled's blob files by name, with their sizes.
+type BlobSizes = HashMap<std::ffi::OsString, u64>;
+
+/// The blob files and their sizes.
 fn blob_sizes(dir: &Path) -> std::io::Result<BlobSizes> {
     let mut sizes = HashMap::new();
     for name in blob_names(dir)? {
@@ -1632,17 +1631,18 @@ impl Store for SledStore {
     }
 
     fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError> {
-        let _whole = self.whole_groups()?;
+        let whole = self.whole_groups()?;
         let corrupt = || StoreError::Corrupt(format!("message {id}"));
-        if let Some(v) = self.db.get(message_key(id))? {
-            return StoredMessage::decode(v.as_ref())
+        if let Some(v) = whole.get(&self.db, &message_key(id))? {
+            return StoredMessage::decode(v.as_slice())
                 .map(Some)
                 .map_err(|_| corrupt());
         }
-        let encoded = match self.db.get(message_number_key(id))? {
+        let encoded = match whole.get(&self.db, &message_number_key(id))? {
             Some(number) => {
-                let number = u64::from_be_bytes(number.as_ref().try_into().map_err(|_| corrupt())?);
-                if number >= read_meta(&self.db, META_MESSAGES)? {
+                let number =
+                    u64::from_be_bytes(number.as_slice().try_into().map_err(|_| corrupt())?);
+                if number >= whole.read_meta(&self.db, META_MESSAGES)? {
                     return Err(corrupt());
                 }
                 self.messages
@@ -1657,12 +1657,11 @@ impl Store for SledStore {
     }
 
     fn receipts(&self, id: &MessageId) -> Result<Vec<pb::Receipt>, StoreError> {
-        let _whole = self.whole_groups()?;
-        self.db
-            .scan_prefix(receipt_prefix(id))
-            .values()
-            .map(|record| {
-                let record = record?;
+        let whole = self.whole_groups()?;
+        whole
+            .scan(&self.db, &receipt_prefix(id), usize::MAX)?
+            .into_iter()
+            .map(|(_, record)| {
                 split_receipt_record(&record)
                     .and_then(|(receipt, _)| pb::Receipt::decode(receipt).ok())
                     .ok_or_else(|| StoreError::Corrupt(format!("receipt of {id}")))
@@ -1677,7 +1676,6 @@ impl Store for SledStore {
     ) -> Result<Vec<(QueueKey, QueueEntry)>, StoreError> {
         let whole = self.whole_groups()?;
         whole
-            .queues
             .scan(&self.db, &queue_prefix(queue), limit)?
             .into_iter()
             .map(|(k, v)| {
@@ -1689,13 +1687,12 @@ impl Store for SledStore {
     }
 
     fn log_size(&self) -> Result<u64, StoreError> {
-        let _whole = self.whole_groups()?;
-        read_meta(&self.db, META_LOG)
+        self.whole_groups()?.read_meta(&self.db, META_LOG)
     }
 
     fn log_entry(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        let _whole = self.whole_groups()?;
-        if index >= read_meta(&self.db, META_LOG)? {
+        let whole = self.whole_groups()?;
+        if index >= whole.read_meta(&self.db, META_LOG)? {
             return Ok(None);
         }
         Ok(Some(self.log.entry(index).map_err(|e| {
@@ -1704,13 +1701,13 @@ impl Store for SledStore {
     }
 
     fn disk_usage(&self) -> Result<u64, StoreError> {
-        let sled = self.progress.sled_bytes.load(Ordering::Relaxed);
-        Ok(sled + self.progress.wal_bytes.load(Ordering::Relaxed))
+        let stored = self.progress.stored_bytes.load(Ordering::Relaxed);
+        Ok(stored + self.progress.wal_bytes.load(Ordering::Relaxed))
     }
 
     fn log_node(&self, level: u32, index: u64) -> Result<Option<Hash>, StoreError> {
-        let _whole = self.whole_groups()?;
-        if !log_files::node_exists(level, index, read_meta(&self.db, META_LOG)?) {
+        let whole = self.whole_groups()?;
+        if !log_files::node_exists(level, index, whole.read_meta(&self.db, META_LOG)?) {
             return Ok(None);
         }
         Ok(Some(self.log.node(level, index).map_err(|e| {
@@ -1719,7 +1716,7 @@ impl Store for SledStore {
     }
 
     fn message_events(&self, id: &MessageId) -> Result<Vec<u64>, StoreError> {
-        let _whole = self.whole_groups()?;
+        let whole = self.whole_groups()?;
         let prefix = [b"e".as_slice(), id.as_bytes()].concat();
         let corrupt = || StoreError::Corrupt(format!("event index of {id}"));
         let mut events = Vec::new();
@@ -1737,13 +1734,11 @@ impl Store for SledStore {
             }
             Ok(())
         };
-        for kv in self.db.scan_prefix(&prefix) {
-            let (k, later) = kv?;
+        for (k, later) in whole.scan(&self.db, &prefix, usize::MAX)? {
             let first: [u8; 8] = k[prefix.len()..].try_into().map_err(|_| corrupt())?;
             read(Some(u64::from_be_bytes(first)), &later)?;
         }
-        for record in self.db.scan_prefix(receipt_prefix(id)).values() {
-            let record = record?;
+        for (_, record) in whole.scan(&self.db, &receipt_prefix(id), usize::MAX)? {
             let (_, indexes) = split_receipt_record(&record).ok_or_else(corrupt)?;
             read(None, indexes)?;
         }
@@ -1753,8 +1748,7 @@ impl Store for SledStore {
     }
 
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let _whole = self.whole_groups()?;
-        Ok(self.db.get(meta_key(key))?.map(|v| v.to_vec()))
+        self.whole_groups()?.get(&self.db, &meta_key(key))
     }
 
     fn stopped(&self) -> Option<String> {
@@ -2041,22 +2035,6 @@ mod tests {
         assert!(err.contains("restart"), "{err}");
     }
 
-    /// A checkpoint's move that sled fails keeps the key it failed on held, so that readers
-    /// would still find it; the store stops all the same (above).
-    #[test]
-    fn a_move_sled_fails_keeps_the_key_held() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = open_sled(dir.path(), 16 << 20).unwrap();
-        let gone = db.open_tree("dropped").unwrap();
-        let mut held = QueueWrites::default();
-        held.put(&gone, b"qa", b"1").unwrap();
-        held.remove(b"qb");
-        db.drop_tree("dropped").unwrap();
-        assert!(held.move_some(&gone, b"", 10).is_err());
-        assert_eq!(held.get(&db, b"qa").unwrap(), Some(b"1".to_vec()));
-        assert!(matches!(held.0.get(b"qb".as_slice()), Some(Held::Removed)));
-    }
-
     /// After a checkpoint the checkpointer prepares a spare, sized after the segment it
     /// checkpointed, and the next segment is made from it. A crash then leaves the spare's
     /// zeros after the last record, and open replays the records and removes spares.
@@ -2113,10 +2091,12 @@ mod tests {
     }
 
     /// Queue keys live in memory between checkpoints: one removed before the checkpoint never
-    /// reaches sled, one still there is moved into sled by it, and readers see the same
-    /// queue throughout: held entries over sled's, held removals hiding sled's.
+    /// reaches a run, one still there is written into the checkpoint's run, and readers see
+    /// the same queue throughout: held entries over the runs', held removals hiding theirs.
+    /// A removal of a key a run holds reaches the next run; a merge that takes both drops
+    /// them both.
     #[test]
-    fn queue_keys_reach_sled_only_if_still_there_at_a_checkpoint() {
+    fn queue_keys_reach_a_run_only_if_still_there_at_a_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
         let outbox = Queue::Outbox("kh".parse().unwrap());
@@ -2129,38 +2109,34 @@ mod tests {
             ops: vec![Op::Dequeue(QueueKey(key.clone()))],
             receipts: None,
         };
-        let in_sled = |committer: &Committer| -> Vec<Vec<u8>> {
-            let keys = committer.db.scan_prefix(&prefix).keys();
-            keys.map(|k| k.unwrap().to_vec()).collect()
+        // The runs' entries under the prefix, newest first winning, removals as `None`.
+        let in_runs = |committer: &Committer| -> Vec<(Vec<u8>, bool)> {
+            let runs = committer.applying.read().unwrap().runs.clone();
+            runs::Merged::new(runs.iter().map(|r| r.run.scan(&prefix)))
+                .map(|entry| entry.map(|(k, held)| (k, held.is_some())).unwrap())
+                .collect()
         };
         commit_group(&mut committer, (0..4).map(enqueue));
         let first_four = keys_under(&committer, &prefix);
         assert_eq!(first_four.len(), 4);
-        assert!(
-            in_sled(&committer).is_empty(),
-            "held in memory until a checkpoint"
-        );
-        // Taken off before any checkpoint: it never reaches sled.
+        assert!(in_runs(&committer).is_empty(), "held until a checkpoint");
+        // Taken off before any checkpoint: it never reaches a run.
         commit_group(&mut committer, [dequeue(&first_four[0])]);
         checkpoint_current_segment(&mut committer);
-        assert_eq!(in_sled(&committer), first_four[1..].to_vec());
-        assert!(committer.applying.read().unwrap().queues.0.is_empty());
-        // In sled now: its removal is held, and hides it from readers until the next
-        // checkpoint removes it from sled too. Newer entries sort after sled's.
+        let put = |keys: &[Vec<u8>]| keys.iter().map(|k| (k.clone(), true)).collect::<Vec<_>>();
+        assert_eq!(in_runs(&committer), put(&first_four[1..]));
+        assert!(committer.applying.read().unwrap().held.0.is_empty());
+        // In a run now: its removal is held, and hides it from readers. Newer entries sort
+        // after the run's.
         commit_group(&mut committer, [dequeue(&first_four[2])]);
         commit_group(&mut committer, (4..6).map(enqueue));
         let seen = keys_under(&committer, &prefix);
         assert_eq!(seen.len(), 4);
         assert_eq!(seen[..2], [first_four[1].clone(), first_four[3].clone()]);
         assert!(!seen.contains(&first_four[2]));
-        assert_eq!(
-            in_sled(&committer).len(),
-            3,
-            "sled still holds the removed one"
-        );
         // The first two as a reader with a limit sees them, the building view likewise.
         let applied = committer.applying.read().unwrap();
-        let two = applied.queues.scan(&committer.db, &prefix, 2).unwrap();
+        let two = applied.scan(&committer.db, &prefix, 2).unwrap();
         assert_eq!(
             two.iter().map(|kv| kv.0.clone()).collect::<Vec<_>>(),
             seen[..2]
@@ -2169,21 +2145,35 @@ mod tests {
         let view = View {
             db: &committer.db,
             group: &group,
-            queues: &applied.queues,
+            applied: &applied,
         };
         assert!(!view.contains_key(&first_four[2]).unwrap());
         assert!(view.get(&first_four[2]).unwrap().is_none());
         assert!(view.get(&seen[3]).unwrap().is_some(), "a held entry");
         assert!(
             view.contains_key(&first_four[1]).unwrap(),
-            "an entry in sled"
+            "an entry in a run"
         );
         drop(applied);
         checkpoint_current_segment(&mut committer);
-        assert_eq!(in_sled(&committer), seen);
+        let mut expected = put(&seen);
+        expected.insert(1, (first_four[2].clone(), false));
+        assert_eq!(in_runs(&committer), expected, "the removal reached a run");
+        // Two more checkpoints make four runs, which merge: the removal and the value it
+        // hid both go, since a queue entry's key is never written again.
+        for i in 6..8 {
+            commit_group(&mut committer, [enqueue(i)]);
+            checkpoint_current_segment(&mut committer);
+        }
+        let runs = committer.applying.read().unwrap().runs.clone();
+        assert_eq!(runs.len(), 1, "merged");
+        let merged: Vec<Vec<u8>> = in_runs(&committer).into_iter().map(|e| e.0).collect();
+        assert_eq!(merged, keys_under(&committer, &prefix));
+        assert!(!merged.contains(&first_four[2]));
         // A crash with entries only held: the write-ahead log brings them back.
+        let seen = keys_under(&committer, &prefix);
         commit_group(&mut committer, [dequeue(&seen[0])]);
-        commit_group(&mut committer, (6..7).map(enqueue));
+        commit_group(&mut committer, (8..9).map(enqueue));
         let before_crash = keys_under(&committer, &prefix);
         crash(committer);
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
@@ -2197,10 +2187,108 @@ mod tests {
         assert_eq!(after, before_crash);
     }
 
-    /// A clean close moves the queue keys held in memory into sled: the store reopens with
-    /// nothing to replay and the same queues, removals included.
+    /// A crash after a checkpoint linked its run but before it deleted the segments: the
+    /// open replays groups the run already holds. Those writes change nothing, and are not
+    /// written again: a queue entry's key stays in one run, so that a merge may drop its
+    /// removal with it.
+    #[test]
+    fn a_replay_over_a_run_that_holds_it_writes_nothing_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal_dir = dir.path().join("wal");
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let outbox = Queue::Outbox("kh".parse().unwrap());
+        let prefix = queue_prefix(&outbox);
+        let id = |i: u64| MessageId::new_v7(50_000 + i, [3; 10]);
+        let submit = |i: u64| Tx {
+            ops: vec![
+                Op::InsertMessage(id(i), StoredMessage::default()),
+                Op::Enqueue(
+                    outbox.clone(),
+                    pb::Priority::Routine,
+                    QueueEntry::message(&id(i)),
+                ),
+                log_naming(&id(i)),
+            ],
+            receipts: None,
+        };
+        commit_group(&mut committer, (0..3).map(submit));
+        let kept = tempfile::tempdir().unwrap();
+        copy_dir(&wal_dir, kept.path());
+        checkpoint_current_segment(&mut committer);
+        assert_eq!(committer.applying.read().unwrap().runs.len(), 1);
+        crash(committer);
+        // The segments come back, as if the crash came before their deletion.
+        for entry in std::fs::read_dir(kept.path()).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), wal_dir.join(entry.file_name())).unwrap();
+        }
+
+        let (mut committer, replayed) = recover(dir.path(), 16 << 20).unwrap();
+        assert_eq!(replayed, 1);
+        let runs = committer.applying.read().unwrap().runs.clone();
+        assert_eq!(runs.len(), 1, "the replay's writes were all in the run");
+        let queued = keys_under(&committer, &prefix);
+        assert_eq!(queued.len(), 3);
+        // Dequeued, then three more checkpoints: the four runs merge, and the entries go
+        // with their removals.
+        let txs = queued.iter().map(|key| Tx {
+            ops: vec![Op::Dequeue(QueueKey(key.clone()))],
+            receipts: None,
+        });
+        commit_group(&mut committer, txs);
+        for i in 3..6 {
+            commit_group(&mut committer, [submit(i)]);
+            checkpoint_current_segment(&mut committer);
+        }
+        let runs = committer.applying.read().unwrap().runs.clone();
+        assert_eq!(runs.len(), 1, "merged");
+        let in_run: Vec<Vec<u8>> = runs[0].run.scan(&prefix).map(|e| e.unwrap().0).collect();
+        assert_eq!(in_run, keys_under(&committer, &prefix));
+        assert_eq!(in_run.len(), 3, "the three later entries, and no removal");
+        crash(committer);
+    }
+
+    /// A run that cannot be written (its folder gone) stops the store; its writes stay where
+    /// readers find them, its segments stay, and the reopen replays them.
+    #[test]
+    fn a_run_that_cannot_be_written_stops_the_store_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let outbox = Queue::Outbox("kh".parse().unwrap());
+        let prefix = queue_prefix(&outbox);
+        let enqueue = |i: u64| {
+            let id = MessageId::new_v7(60_000 + i, [2; 10]);
+            enqueue_message(&outbox, pb::Priority::Routine, &id)
+        };
+        commit_group(&mut committer, (0..5).map(enqueue));
+        let queued = keys_under(&committer, &prefix);
+        std::fs::remove_dir_all(dir.path().join("runs")).unwrap();
+        committer.rotate();
+        let started = Instant::now();
+        let why = loop {
+            if let Some(why) = committer.progress.poisoned() {
+                break why;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "not stopped");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(why.starts_with("checkpoint"), "{why}");
+        assert!(committer.applying.read().unwrap().writing.is_some());
+        assert_eq!(keys_under(&committer, &prefix), queued, "still readable");
+        assert!(committer.build(enqueue(5), &mut Group::default()).is_err());
+        crash(committer);
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(store.replayed_groups(), 1);
+        let reopened: Vec<Vec<u8>> = (store.queue(&outbox, 10).unwrap().into_iter())
+            .map(|(k, _)| k.0)
+            .collect();
+        assert_eq!(reopened, queued);
+    }
+
+    /// A clean close writes the held writes as a run: the store reopens with nothing to
+    /// replay and the same queues, removals included.
     #[tokio::test]
-    async fn a_clean_close_leaves_the_held_queue_keys_in_sled() {
+    async fn a_clean_close_leaves_the_held_writes_in_a_run() {
         let dir = tempfile::tempdir().unwrap();
         let inbox = Queue::Inbox(ahtd());
         let ids: Vec<MessageId> = (0..4)
@@ -2247,13 +2335,37 @@ mod tests {
         assert_eq!(left, [before[0].clone(), before[2].clone()]);
     }
 
-    /// Random puts, removals and partial moves over a sled that already holds some keys: what
-    /// readers see (a whole scan, a limited one, each key) is always what a plain map of
-    /// the same writes holds, and so is sled after the last checkpoint.
+    /// A checkpoint as the checkpointer makes one, in two steps that readers may see between:
+    /// the held writes become the ones being written; then they become a run, merged with
+    /// others when due, and installed.
+    fn take_held(applied: &mut Applied) {
+        assert!(applied.writing.is_none());
+        applied.writing = Some(Arc::new(std::mem::take(&mut applied.held)));
+    }
+
+    fn install_run(applied: &mut Applied, set: &mut RunSet) {
+        let writing = applied.writing.take().expect("held writes taken");
+        if !writing.0.is_empty() {
+            let entries = writing.0.iter().map(|(k, held)| Ok((k, held.value())));
+            set.add(set.last_checkpoint() + 1, entries).unwrap();
+        }
+        set.compact().unwrap();
+        applied.runs = set.runs();
+    }
+
+    /// Random puts and removals over a sled that already holds some keys, with checkpoints
+    /// taken in two steps and runs merged: what readers see (a whole scan, a limited one,
+    /// each key) is always what a plain map of the same writes holds, and so are the runs
+    /// over sled once reopened. Index keys (`x`) are written again and again; queue entries
+    /// (`q`) once each, as the committer writes them, and removed once or twice.
     #[test]
-    fn held_queue_keys_read_as_a_plain_map_would() {
+    fn held_writes_and_runs_read_as_a_plain_map_would() {
         let dir = tempfile::tempdir().unwrap();
         let db = open_sled(dir.path(), 16 << 20).unwrap();
+        let runs_dir = dir.path().join("runs");
+        let mut set = RunSet::open(&runs_dir, false)
+            .unwrap()
+            .with_put_once(is_put_once);
         // xorshift64: reproducible without a dependency.
         let mut state = 0x9E37_79B9_7F4A_7C15_u64;
         let mut next = move |n: u64| {
@@ -2262,93 +2374,148 @@ mod tests {
             state ^= state << 17;
             state % n
         };
-        let key = |k: u64| vec![b'q', b'0' + k as u8];
+        let index_key = |k: u64| vec![b'x', b'0' + k as u8];
+        let entry_key = |seq: u64| [b"q".as_slice(), &seq.to_be_bytes()].concat();
         let mut truth = BTreeMap::new();
+        let mut entries = Vec::new();
         for k in 0..6 {
             let value = vec![b's', k as u8];
-            db.insert(key(k), value.clone()).unwrap();
-            truth.insert(key(k), value);
+            db.insert(index_key(k), value.clone()).unwrap();
+            truth.insert(index_key(k), value.clone());
+            db.insert(entry_key(k), value.clone()).unwrap();
+            truth.insert(entry_key(k), value);
+            entries.push(entry_key(k));
         }
-        db.insert(b"r-not-a-queue-key", b"x".as_slice()).unwrap();
-        let mut held = QueueWrites::default();
-        for step in 0..5_000u64 {
-            let k = key(next(12));
-            match next(10) {
-                0..=4 => {
-                    let value = step.to_be_bytes().to_vec();
-                    held.put(&db, &k, &value).unwrap();
+        db.insert(b"r-never-written-again", b"x".as_slice())
+            .unwrap();
+        let mut applied = Applied::default();
+        let (mut checkpoints, mut merged_runs) = (0, 0);
+        for step in 0..4_000u64 {
+            let value = step.to_be_bytes().to_vec();
+            let k = match next(20) {
+                0..=5 => {
+                    let k = index_key(next(12));
+                    applied.put(&db, &k, &value).unwrap();
                     truth.insert(k.clone(), value);
+                    k
                 }
-                5..=8 => {
-                    held.remove(&k);
+                6..=9 => {
+                    let k = index_key(next(12));
+                    applied.held.remove(&k);
                     truth.remove(&k);
+                    k
                 }
-                // A checkpoint's turn of the lock: a few keys from somewhere on.
-                _ => drop(
-                    held.move_some(&db, &key(next(12)), 1 + next(4) as usize)
-                        .unwrap(),
-                ),
-            }
+                10..=12 => {
+                    let k = entry_key(100 + step);
+                    applied.put(&db, &k, &value).unwrap();
+                    truth.insert(k.clone(), value);
+                    entries.push(k.clone());
+                    k
+                }
+                13..=15 => {
+                    let k = entries[next(entries.len() as u64) as usize].clone();
+                    applied.held.remove(&k);
+                    truth.remove(&k);
+                    k
+                }
+                16 | 17 if applied.writing.is_none() => {
+                    take_held(&mut applied);
+                    index_key(next(12))
+                }
+                _ if applied.writing.is_some() => {
+                    let before = set.runs().len() + 1;
+                    install_run(&mut applied, &mut set);
+                    checkpoints += 1;
+                    merged_runs += usize::from(set.runs().len() < before);
+                    index_key(next(12))
+                }
+                _ => index_key(next(12)),
+            };
             assert_eq!(
-                held.get(&db, &k).unwrap(),
+                applied.get(&db, &k).unwrap(),
                 truth.get(&k).cloned(),
                 "step {step}"
             );
-            assert_eq!(held.contains(&db, &k).unwrap(), truth.contains_key(&k));
+            assert_eq!(applied.contains(&db, &k).unwrap(), truth.contains_key(&k));
             let all: Vec<_> = truth.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            assert_eq!(
-                held.scan(&db, b"q", usize::MAX).unwrap(),
-                all,
-                "step {step}"
-            );
+            let queue_and_index: Vec<_> = (applied.scan(&db, b"q", usize::MAX).unwrap())
+                .into_iter()
+                .chain(applied.scan(&db, b"x", usize::MAX).unwrap())
+                .collect();
+            assert_eq!(queue_and_index, all, "step {step}");
             let limit = next(5) as usize;
-            assert_eq!(
-                held.scan(&db, b"q", limit).unwrap(),
-                all[..limit.min(all.len())]
-            );
+            let first = applied.scan(&db, b"q", limit).unwrap();
+            assert_eq!(first, all[..limit.min(entries_live(&all))], "step {step}");
         }
-        held.move_into(&db).unwrap();
-        let in_sled: BTreeMap<Vec<u8>, Vec<u8>> = db
-            .scan_prefix(b"q")
-            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap())
-            .collect();
-        assert_eq!(in_sled, truth);
+        assert!(
+            checkpoints > 100 && merged_runs > 10,
+            "{checkpoints} {merged_runs}"
+        );
+        if applied.writing.is_none() {
+            take_held(&mut applied);
+        }
+        install_run(&mut applied, &mut set);
+        assert!(set.runs().len() <= 8, "{} runs", set.runs().len());
+        drop(set);
+        let reopened = Applied {
+            runs: RunSet::open(&runs_dir, false).unwrap().runs(),
+            ..Applied::default()
+        };
+        let mut read = reopened.scan(&db, b"q", usize::MAX).unwrap();
+        read.extend(reopened.scan(&db, b"x", usize::MAX).unwrap());
+        let all: Vec<_> = truth.into_iter().collect();
+        assert_eq!(read, all);
     }
 
-    /// A key sled already holds, written again and then removed while held, stays removed:
-    /// the removal must reach sled, or sled's older value would come back.
+    /// How many of `all`'s keys are queue entries' (`q`, sorted first).
+    fn entries_live(all: &[KeyValue]) -> usize {
+        all.iter().take_while(|(k, _)| k[0] == b'q').count()
+    }
+
+    /// A key something below holds, written again and then removed while held, stays
+    /// removed: the removal reaches the next run, or the older value would come back. A key
+    /// nothing below holds leaves nothing behind.
     #[test]
-    fn a_held_removal_of_a_key_sled_holds_reaches_sled() {
+    fn a_held_removal_of_a_key_below_reaches_the_next_run() {
         let dir = tempfile::tempdir().unwrap();
         let db = open_sled(dir.path(), 16 << 20).unwrap();
+        let mut set = RunSet::open(&dir.path().join("runs"), false).unwrap();
         db.insert(b"qa", b"old".as_slice()).unwrap();
-        let mut held = QueueWrites::default();
-        held.put(&db, b"qa", b"new").unwrap();
-        held.put(&db, b"qb", b"fresh").unwrap();
-        assert_eq!(held.get(&db, b"qa").unwrap(), Some(b"new".to_vec()));
-        held.remove(b"qa");
-        held.remove(b"qb");
+        let mut applied = Applied::default();
+        applied.put(&db, b"qc", b"in a run").unwrap();
+        take_held(&mut applied);
+        install_run(&mut applied, &mut set);
+        for key in [b"qa", b"qb", b"qc"] {
+            applied.put(&db, key, b"new").unwrap();
+        }
+        assert_eq!(applied.get(&db, b"qa").unwrap(), Some(b"new".to_vec()));
+        for key in [b"qa", b"qb", b"qc"] {
+            applied.held.remove(key);
+        }
+        let held: Vec<&[u8]> = applied.held.0.keys().map(Vec::as_slice).collect();
         assert_eq!(
-            held.0.len(),
-            1,
-            "a key sled never held leaves nothing behind"
+            held,
+            [b"qa", b"qc"],
+            "a key nothing below held left nothing"
         );
-        assert_eq!(held.get(&db, b"qa").unwrap(), None);
-        assert!(held.scan(&db, b"q", 10).unwrap().is_empty());
-        held.move_into(&db).unwrap();
-        assert!(held.0.is_empty());
-        assert!(db.get(b"qa").unwrap().is_none());
-        assert!(db.get(b"qb").unwrap().is_none());
+        assert!(applied.scan(&db, b"q", 10).unwrap().is_empty());
+        take_held(&mut applied);
+        install_run(&mut applied, &mut set);
+        assert!(applied.held.0.is_empty());
+        assert_eq!(set.runs()[0].run.get(b"qa").unwrap(), Some(None));
+        assert_eq!(set.runs()[0].run.get(b"qb").unwrap(), None);
+        assert!(applied.scan(&db, b"q", 10).unwrap().is_empty());
+        assert_eq!(applied.get(&db, b"qc").unwrap(), None);
     }
 
-    /// Readers scanning a queue while the checkpointer moves its held keys into sled, a few
-    /// hundred per turn of the lock, and while the committer enqueues and dequeues (it does
-    /// not wait for a checkpoint, so its groups may fall between two turns; whether one does
-    /// is up to the scheduler). Every scan shows each entry answered
+    /// Readers scanning a queue while the checkpointer writes the held writes as runs and
+    /// merges runs, and while the committer enqueues and dequeues (it does not wait for a
+    /// checkpoint, so its groups may fall between taking the held writes and installing
+    /// their run; whether one does is up to the scheduler). Every scan shows each entry answered
     /// before it began, unless removed while it ran, no entry removed before it began, and
     /// nothing never enqueued. After a crash the store holds exactly the entries left.
     #[test]
-    fn readers_see_a_whole_queue_while_checkpoints_move_it() {
+    fn readers_see_a_whole_queue_while_checkpoints_write_runs() {
         use std::sync::atomic::AtomicBool;
         let dir = tempfile::tempdir().unwrap();
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
@@ -2380,7 +2547,7 @@ mod tests {
                         let seen: BTreeMap<Vec<u8>, Vec<u8>> = {
                             let applied = applying.read().unwrap();
                             assert!(!applied.failed);
-                            let scan = applied.queues.scan(&db, &prefix, usize::MAX);
+                            let scan = applied.scan(&db, &prefix, usize::MAX);
                             scan.unwrap().into_iter().collect()
                         };
                         let after = answered.lock().unwrap().clone();
@@ -2408,7 +2575,7 @@ mod tests {
             })
             .collect();
 
-        let mut largest_move = 0;
+        let mut largest_checkpoint = 0;
         for round in 0..24u64 {
             let ids: Vec<MessageId> = (0..400)
                 .map(|i| MessageId::new_v7(20_000 + round * 1_000 + i, [9; 10]))
@@ -2453,8 +2620,9 @@ mod tests {
             }
             drop(state);
             if round % 4 == 3 {
-                // The checkpointer moves the held keys while the next rounds commit.
-                largest_move = largest_move.max(committer.applying.read().unwrap().queues.0.len());
+                // The checkpointer writes the held keys while the next rounds commit.
+                let held = committer.applying.read().unwrap().held.0.len();
+                largest_checkpoint = largest_checkpoint.max(held);
                 committer.rotate();
             }
         }
@@ -2463,8 +2631,8 @@ mod tests {
             assert!(reader.join().unwrap() > 0, "a reader never scanned");
         }
         assert!(
-            largest_move > 2 * MOVE_AT_ONCE,
-            "no checkpoint took several turns: {largest_move} keys"
+            largest_checkpoint > 400,
+            "checkpoints of {largest_checkpoint} keys at most"
         );
 
         let left: Vec<Vec<u8>> = answered
@@ -2519,7 +2687,7 @@ mod tests {
         crash(committer);
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
         let applied = committer.applying.read().unwrap();
-        let queued: Vec<Vec<u8>> = (applied.queues.scan(&committer.db, &prefix, usize::MAX))
+        let queued: Vec<Vec<u8>> = (applied.scan(&committer.db, &prefix, usize::MAX))
             .unwrap()
             .into_iter()
             .map(|(_, value)| QueueEntry::decode(value.as_slice()).unwrap().message_id)
@@ -2546,10 +2714,10 @@ mod tests {
         assert!(committer.progress.poisoned().is_some());
     }
 
-    /// A power cut keeps only what was synced: sled and the log's files as the last
+    /// A power cut keeps only what was synced: the runs and the log's files as the last
     /// checkpoint left them (and garbage past the files' synced ends), and every
-    /// write-ahead log record, synced before its group was answered. The queue keys held in
-    /// memory at the cut, the removals and the deferral of entries sled holds, come back
+    /// write-ahead log record, synced before its group was answered. The writes held in
+    /// memory at the cut, the removals and the deferral of entries a run holds, come back
     /// from the log: the store reads as the one that lost nothing.
     #[test]
     fn a_power_cut_after_a_checkpoint_is_rebuilt_from_the_write_ahead_log() {
@@ -2578,7 +2746,7 @@ mod tests {
         };
         let key_of = |committer: &Committer, i: u64| -> Vec<u8> {
             let applied = committer.applying.read().unwrap();
-            let queued = applied.queues.scan(&committer.db, &prefix, usize::MAX);
+            let queued = applied.scan(&committer.db, &prefix, usize::MAX);
             let wanted = id(i).as_bytes().to_vec();
             (queued.unwrap().into_iter())
                 .find(|(_, v)| QueueEntry::decode(v.as_slice()).unwrap().message_id == wanted)
@@ -2596,20 +2764,23 @@ mod tests {
 
         commit_group(&mut committer, (0..20).map(submit));
         commit_group(&mut committer, (20..40).map(submit));
-        dequeue(&mut committer, 0, 5); // never reach sled
+        dequeue(&mut committer, 0, 5); // never reach a run
         checkpoint_current_segment(&mut committer);
         // Everything is synced and nothing writes: this is what a power cut from here on
-        // leaves of sled and the log's files.
-        assert!(committer.applying.read().unwrap().queues.0.is_empty());
+        // leaves of the runs and the log's files.
+        let applied = committer.applying.read().unwrap();
+        assert!(applied.held.0.is_empty());
+        assert_eq!(applied.runs.len(), 1);
         assert_eq!(
-            committer.db.scan_prefix(&prefix).count(),
+            applied.runs[0].run.scan(&prefix).count(),
             35,
-            "moved into sled"
+            "written as a run"
         );
+        drop(applied);
         let synced = tempfile::tempdir().unwrap();
         copy_dir(dir.path(), synced.path());
 
-        dequeue(&mut committer, 5, 15); // sled holds them
+        dequeue(&mut committer, 5, 15); // a run holds them
         let deferred = key_of(&committer, 15);
         commit_group(
             &mut committer,
@@ -2621,7 +2792,7 @@ mod tests {
         commit_group(&mut committer, (40..60).map(submit));
         dequeue(&mut committer, 40, 45); // held, then gone
         assert!(
-            !committer.applying.read().unwrap().queues.0.is_empty(),
+            !committer.applying.read().unwrap().held.0.is_empty(),
             "queue writes held at the cut"
         );
         crash(committer);
@@ -2662,157 +2833,6 @@ mod tests {
         for i in 0..60 {
             assert_eq!(rebuilt.receipts(&id(i)).unwrap().len(), 1, "receipt of {i}");
         }
-    }
-
-    /// Syncing blob files records nothing: until `record`, after sled is durable, a group
-    /// that wrote one still counts as new. Then exactly the names given are known, so a
-    /// file listed after them stays new, and a listed file sled deleted is skipped.
-    #[test]
-    fn blob_files_are_known_synced_only_once_recorded_and_only_those_listed() {
-        let dir = tempfile::tempdir().unwrap();
-        let blobs = BlobFiles {
-            dir: dir.path().to_path_buf(),
-            synced: Mutex::default(),
-        };
-        std::fs::write(dir.path().join("1"), b"page one").unwrap();
-        std::fs::write(dir.path().join("2"), b"page two, longer").unwrap();
-        let listed = ["1", "gone"].map(std::ffi::OsString::from).to_vec();
-
-        let present = blobs.sync(listed).unwrap();
-        assert!(blobs.synced().is_empty(), "recorded before sled is durable");
-        assert!(blobs.changed().unwrap());
-        assert_eq!(
-            present,
-            HashMap::from([(std::ffi::OsString::from("1"), 8)]),
-            "a deleted file is skipped"
-        );
-        blobs.record(present);
-        assert!(blobs.changed().unwrap(), "a file listed later stays new");
-
-        let all = blob_names(dir.path()).unwrap();
-        let present = blobs.sync(all).unwrap();
-        blobs.record(present);
-        assert!(!blobs.changed().unwrap());
-        assert_eq!(blobs.synced().values().sum::<u64>(), 8 + 16);
-    }
-
-    /// A blob file a checkpoint synced is recorded only once sled's flush and the syncs of
-    /// its log and the files beside it are done: until then, a group that wrote it must
-    /// still make the committer wait for sled to be durable.
-    #[test]
-    fn a_checkpoint_records_its_blob_files_only_after_sled_is_durable() {
-        let dir = tempfile::tempdir().unwrap();
-        let (committer, _) = recover(dir.path(), 16 << 20).unwrap();
-        let blob_dir = committer.blobs.dir.clone();
-        std::fs::create_dir_all(&blob_dir).unwrap();
-        std::fs::write(blob_dir.join("4242"), b"a page").unwrap();
-        let (seen, looks) = mpsc::channel();
-        let mut files = committer.files.lock().unwrap();
-        files.after_syncs = Some(Box::new(move |blobs: &BlobFiles| {
-            seen.send(blobs.changed().unwrap()).unwrap();
-        }));
-        files.make_durable().unwrap();
-        assert_eq!(
-            looks.try_iter().collect::<Vec<_>>(),
-            vec![true],
-            "the new blob file stays new until sled is durable"
-        );
-        assert!(
-            !committer.blobs.changed().unwrap(),
-            "and is known synced after"
-        );
-        drop(files);
-        crash(committer);
-    }
-
-    /// A blob file known synced that sled deleted (its page went back inline) makes the
-    /// committer make sled durable after the group, as a new one does; a group that left
-    /// the folder as it was does not.
-    #[test]
-    fn a_deleted_blob_file_makes_the_committer_make_sled_durable() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
-        let blob_dir = committer.blobs.dir.clone();
-        std::fs::create_dir_all(&blob_dir).unwrap();
-        std::fs::write(blob_dir.join("77"), b"a page").unwrap();
-        committer.files.lock().unwrap().make_durable().unwrap();
-        assert!(!committer.blobs.changed().unwrap());
-        let (made_durable, times) = mpsc::channel();
-        committer.files.lock().unwrap().after_syncs = Some(Box::new(move |_: &BlobFiles| {
-            made_durable.send(()).unwrap();
-        }));
-        let insert = |i: u64| Tx {
-            ops: vec![Op::InsertMessage(
-                MessageId::new_v7(80_000 + i, [4; 10]),
-                StoredMessage::default(),
-            )],
-            receipts: None,
-        };
-
-        commit_group(&mut committer, [insert(1)]);
-        assert_eq!(times.try_iter().count(), 0, "nothing changed in the folder");
-        std::fs::remove_file(blob_dir.join("77")).unwrap();
-        assert!(committer.blobs.changed().unwrap());
-        commit_group(&mut committer, [insert(2)]);
-        assert_eq!(times.try_iter().count(), 1, "made durable after the group");
-        assert!(
-            !committer.blobs.changed().unwrap(),
-            "and the file is forgotten"
-        );
-        assert!(committer.blobs.synced().is_empty());
-        crash(committer);
-    }
-
-    /// The committer waits for a checkpoint in progress only after a group that made sled
-    /// write a new blob file, to make sled durable itself (the group's answers went out
-    /// before). After any other group it goes on while the checkpointer holds sled's files.
-    #[test]
-    fn only_a_changed_blob_folder_makes_the_committer_wait_for_a_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        let (committer, _) = recover(dir.path(), 16 << 20).unwrap();
-        let (files, blobs) = (committer.files.clone(), committer.blobs.clone());
-        let blob_dir = blobs.dir.clone();
-        let insert = |i: u64| Tx {
-            ops: vec![Op::InsertMessage(
-                MessageId::new_v7(50_000 + i, [2; 10]),
-                StoredMessage::default(),
-            )],
-            receipts: None,
-        };
-        let (held, release) = (mpsc::channel(), mpsc::channel::<()>());
-        let checkpoint = std::thread::spawn(move || {
-            let _files = files.lock().unwrap();
-            held.0.send(()).unwrap();
-            release.1.recv().unwrap();
-        });
-        held.1.recv().unwrap();
-        let (done, groups) = mpsc::channel();
-        let committing = std::thread::spawn(move || {
-            let mut committer = committer;
-            commit_group(&mut committer, [insert(1)]);
-            done.send(1).unwrap();
-            std::fs::create_dir_all(&blob_dir).unwrap();
-            std::fs::write(blob_dir.join("4242"), b"a page").unwrap();
-            commit_group(&mut committer, [insert(2)]);
-            done.send(2).unwrap();
-            committer
-        });
-        let wait = Duration::from_secs(10);
-        assert_eq!(
-            groups.recv_timeout(wait),
-            Ok(1),
-            "waited for the checkpoint"
-        );
-        assert!(
-            groups.recv_timeout(Duration::from_millis(300)).is_err(),
-            "a new blob file was not synced"
-        );
-        release.0.send(()).unwrap();
-        assert_eq!(groups.recv_timeout(wait), Ok(2));
-        checkpoint.join().unwrap();
-        let committer = committing.join().unwrap();
-        assert!(blobs.synced().contains_key(std::ffi::OsStr::new("4242")));
-        crash(committer);
     }
 
     /// A receipt named twice in a transaction that also logs an entry naming its message:
@@ -2945,7 +2965,7 @@ mod tests {
     /// sled's.
     fn keys_under(committer: &Committer, prefix: &[u8]) -> Vec<Vec<u8>> {
         let applied = committer.applying.read().unwrap();
-        let pairs = applied.queues.scan(&committer.db, prefix, usize::MAX);
+        let pairs = applied.scan(&committer.db, prefix, usize::MAX);
         pairs.unwrap().into_iter().map(|(k, _)| k).collect()
     }
 
@@ -2955,12 +2975,11 @@ mod tests {
             db,
             checkpoints,
             checkpointer,
-            files,
             ..
         } = committer;
         drop(checkpoints);
         checkpointer.unwrap().join().unwrap();
-        drop((db, files));
+        drop(db);
     }
 
     /// A power cut loses what the log's files were given after the last checkpoint synced
@@ -3111,7 +3130,7 @@ mod tests {
         assert_eq!(store.message_events(&a).unwrap(), vec![0, 1, 3]);
         assert_eq!(store.message_events(&b).unwrap(), vec![2]);
         // a's first transaction and b's: a's second is in the receipt's record.
-        assert_eq!(store.db.scan_prefix(b"e").count(), 2);
+        assert_eq!(stored_under(&store, b"e").len(), 2);
         assert_eq!(store.receipts(&a).unwrap(), vec![receipt.clone()]);
 
         let again = Tx {
@@ -3122,7 +3141,7 @@ mod tests {
         assert_eq!(store.receipts(&a).unwrap(), vec![receipt]);
         // Not stored again, so this transaction's entry takes an event key.
         assert_eq!(store.message_events(&a).unwrap(), vec![0, 1, 3, 4]);
-        assert_eq!(store.db.scan_prefix(b"e").count(), 3);
+        assert_eq!(stored_under(&store, b"e").len(), 3);
     }
 
     /// A receipt record that is cut short, carries part of an index, or carries indexes out
@@ -3247,13 +3266,13 @@ mod tests {
                     );
                 }
             }
-            assert!(store.db.contains_key(message_key(&small_id)).unwrap());
-            assert!(!store
-                .db
-                .contains_key(message_number_key(&small_id))
-                .unwrap());
-            assert!(!store.db.contains_key(message_key(&large_id)).unwrap());
-            assert_eq!(read_meta(&store.db, META_MESSAGES).unwrap(), 1);
+            let whole = store.whole_groups().unwrap();
+            let holds = |key: Vec<u8>| whole.contains(&store.db, &key).unwrap();
+            assert!(holds(message_key(&small_id)));
+            assert!(!holds(message_number_key(&small_id)));
+            assert!(!holds(message_key(&large_id)));
+            assert_eq!(whole.read_meta(&store.db, META_MESSAGES).unwrap(), 1);
+            drop(whole);
             assert_eq!(store.messages.get(0).unwrap(), large.encode_to_vec());
         }
 
@@ -3447,7 +3466,9 @@ mod tests {
         committer.write(group);
         assert_eq!(committer.progress.poisoned(), None);
         assert_eq!(committer.next_message, 1);
-        assert_eq!(read_meta(&committer.db, META_MESSAGES).unwrap(), 1);
+        let applied = committer.applying.read().unwrap();
+        assert_eq!(applied.read_meta(&committer.db, META_MESSAGES).unwrap(), 1);
+        drop(applied);
         crash(committer);
     }
 
@@ -3572,21 +3593,18 @@ mod tests {
         committer.write(group);
         assert_eq!(committer.progress.poisoned(), None);
 
-        let db = &committer.db;
-        assert!(db.get(message_key(&id)).unwrap().is_some());
-        // Queue keys as readers see them: held in memory over sled.
         assert_eq!(
             keys_under(&committer, &queue_prefix(&queue)).len(),
             0,
             "still queued"
         );
         assert!(keys_under(&committer, &inbox_index_key(&ahtd(), id.as_bytes())).is_empty());
-        assert_eq!(
-            db.scan_prefix(receipt_prefix(&id)).count(),
-            1,
-            "receipt twice"
-        );
-        assert_eq!(read_meta(db, META_LOG).unwrap(), 3);
+        let (db, applied) = (&committer.db, committer.applying.read().unwrap());
+        assert!(applied.get(db, &message_key(&id)).unwrap().is_some());
+        let receipts = applied.scan(db, &receipt_prefix(&id), usize::MAX).unwrap();
+        assert_eq!(receipts.len(), 1, "receipt twice");
+        assert_eq!(applied.read_meta(db, META_LOG).unwrap(), 3);
+        drop(applied);
         let mut tree = merkle::MemoryTree::new();
         for entry in [[1u8], [2], [3]] {
             tree.push(log::leaf_hash(&entry));
@@ -3770,12 +3788,15 @@ mod tests {
 
     /// Every key and value sled holds, then every log entry and the log's root, to compare
     /// two stores.
+    /// The keys and values under `prefix` as readers see them.
+    fn stored_under(store: &SledStore, prefix: &[u8]) -> Vec<KeyValue> {
+        let whole = store.whole_groups().unwrap();
+        whole.scan(&store.db, prefix, usize::MAX).unwrap()
+    }
+
     fn contents(store: &SledStore) -> Vec<(Vec<u8>, Vec<u8>)> {
         // As every reader does: an answered commit's group may still be being applied.
-        let whole = store.whole_groups().unwrap();
-        // sled's keys, with the queue keys held in memory written over them.
-        let mut contents = whole.queues.scan(&store.db, b"", usize::MAX).unwrap();
-        drop(whole);
+        let mut contents = stored_under(store, b"");
         let numbers: Vec<u64> = contents
             .iter()
             .filter(|(k, _)| k.first() == Some(&b'v'))
@@ -3976,16 +3997,15 @@ mod tests {
             None,
             "an entry past the log's size"
         );
-        let highest_seq = store
-            .db
-            .iter()
-            .keys()
-            .map(|k| k.unwrap())
-            .filter(|k| k[0] == b'r' || k[0] == b'q')
+        let highest_seq = contents(&store)
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| (k[0] == b'r' || k[0] == b'q') && k != b"root")
             .map(|k| u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap()))
             .max()
             .unwrap();
-        assert!(read_meta(&store.db, META_SEQ).unwrap() > highest_seq);
+        let next_seq = store.whole_groups().unwrap().read_meta(&store.db, META_SEQ);
+        assert!(next_seq.unwrap() > highest_seq);
         let mut tree = merkle::MemoryTree::new();
         for index in 0..size {
             tree.push(log::leaf_hash(&store.log_entry(index).unwrap().unwrap()));
@@ -3995,11 +4015,17 @@ mod tests {
         let expected = contents(&store);
         drop(store);
 
-        // A crash during replay: sled holds the first half of the log's records and part of
-        // the next one's writes, durably.
+        // A crash during the open's checkpoint of a replay: a run holds the first half of
+        // the log's records and part of the next one's writes, as do the log's files, and
+        // the segments are all still there.
         {
             // No flusher thread to hold the lock after the drop.
             let db = open_sled(&half_replayed, 16 << 20).unwrap();
+            let mut runs = RunSet::open(&half_replayed.join("runs"), false).unwrap();
+            let mut replayed = Applied {
+                runs: runs.runs(),
+                ..Applied::default()
+            };
             let log = LogFiles::open(&half_replayed.join("log")).unwrap();
             let messages = Records::open(&half_replayed.join("messages"), MAX_MESSAGE).unwrap();
             let segments = wal::segments(&half_replayed.join("wal")).unwrap();
@@ -4014,15 +4040,18 @@ mod tests {
                 .collect();
             let half = groups.len() / 2;
             for group in &groups[..half] {
-                apply(&db, &log, &messages, group, None).unwrap();
+                apply(&db, &log, &messages, group, &mut replayed, Replay::Yes).unwrap();
             }
             let cut_short = &groups[half];
             let part = WalGroup {
                 writes: cut_short.writes[..cut_short.writes.len() / 2].to_vec(),
             };
             assert!(!part.writes.is_empty());
-            apply(&db, &log, &messages, &part, None).unwrap();
-            db.flush().unwrap();
+            apply(&db, &log, &messages, &part, &mut replayed, Replay::Yes).unwrap();
+            let held = replayed.held.0.iter();
+            let entries = held.map(|(key, held)| Ok((key, held.value())));
+            runs.add(runs.last_checkpoint() + 1, entries).unwrap();
+            log.sync().unwrap();
         }
         let store = SledStore::open(&half_replayed, 16 << 20).unwrap();
         assert!(
