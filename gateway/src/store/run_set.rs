@@ -1,13 +1,14 @@
-//! The runs of one folder, newest first: what checkpoints add and compaction merges (step 3
-//! of docs/store-next.md; the store does not use them yet).
+//! The runs of one folder, newest first: what checkpoints add and compaction merges
+//! (docs/store-next.md).
 //!
 //! A run's file is named by the checkpoints it holds: `first-last`, two 20-digit numbers.
 //! A checkpoint's run holds one (`n-n`); a merge of runs holds all of theirs, and is
 //! written before its inputs are deleted. An open that finds a run whose checkpoints another
 //! run holds too (a merge that a crash stopped before it deleted its inputs) deletes it: the
 //! merge holds everything it held, and may have dropped removals that it would otherwise
-//! bring back.
-#![cfg_attr(not(test), allow(dead_code))]
+//! bring back. Checkpoints are numbered from 1 without gaps, so an open that finds one
+//! missing refuses the folder: a run lost from it would silently take its keys back to
+//! older values.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -89,6 +90,23 @@ impl RunSet {
             }
             runs.push(Arc::new(open_named(&path, first, last)?));
         }
+        // Oldest to newest, each run starts where the one before it ended.
+        let mut expected = 1;
+        for named in runs.iter().rev() {
+            if named.first != expected {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{} lacks the run of checkpoint {expected} (the next run holds {} to \
+                         {}): a run was lost",
+                        dir.display(),
+                        named.first,
+                        named.last
+                    ),
+                ));
+            }
+            expected = named.last + 1;
+        }
         if deleted {
             std::fs::File::open(dir)?.sync_all()?;
         }
@@ -99,6 +117,18 @@ impl RunSet {
             put_once: |_| false,
             broken: None,
         })
+    }
+
+    /// The same folder opened again, as [`RunSet::open`] reads it now: how a set that refuses
+    /// writes after a failure ([`RunSet::add`]) is replaced.
+    pub(crate) fn reopen(&self) -> std::io::Result<Self> {
+        let set = Self::open(&self.dir, self.nothing_below)?;
+        Ok(set.with_put_once(self.put_once))
+    }
+
+    /// Says whether another store under the runs holds keys their removals hide.
+    pub(crate) fn set_nothing_below(&mut self, nothing_below: bool) {
+        self.nothing_below = nothing_below;
     }
 
     /// Says which keys are written once only, never again after a removal: a merge that
@@ -529,6 +559,26 @@ mod tests {
         let mut set = RunSet::open(dir.path(), true).unwrap();
         add(&mut set, 2, &mut applied);
         assert_eq!(contents(&set), live(&applied));
+    }
+
+    /// A run lost from the folder (a restore that missed it, a deleted file) is refused at
+    /// open, whether it was the oldest or one in between, rather than read around.
+    #[test]
+    fn a_folder_missing_a_run_is_refused() {
+        for lost in [1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut set = RunSet::open(dir.path(), true).unwrap();
+            let mut applied = Map::new();
+            for n in 1..=3 {
+                add(&mut set, n, &mut applied);
+            }
+            drop(set);
+            std::fs::remove_file(dir.path().join(name(lost, lost))).unwrap();
+            let err = RunSet::open(dir.path(), true).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+            let said = format!("lacks the run of checkpoint {lost}");
+            assert!(err.to_string().contains(&said), "{err}");
+        }
     }
 
     #[test]

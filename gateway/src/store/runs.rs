@@ -1,5 +1,5 @@
 //! Immutable sorted runs: a checkpoint's keys, written once to a file of their own and read
-//! by key or by prefix. Step 1 of docs/store-next.md; the store does not use them yet.
+//! by key or by prefix (docs/store-next.md).
 //!
 //! A run file:
 //! ```text
@@ -17,7 +17,6 @@
 //! into place (never over another run) and its folder synced ([`write`]): a run that can be
 //! opened is whole, and its checksums, with each block's keys checked against the index,
 //! catch what the disk damaged since.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write as _};

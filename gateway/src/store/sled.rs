@@ -244,6 +244,14 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     let log = Arc::new(LogFiles::open(&path.join("log"))?);
     let messages = Arc::new(Records::open(&path.join("messages"), MAX_MESSAGE)?);
     let runs_dir = path.join("runs");
+    if read_meta(&db, META_FORMAT)? >= 4 && !runs_dir.exists() {
+        return Err(StoreError::Corrupt(format!(
+            "{} is missing: the store's layout keeps every write since its upgrade there. \
+             Restore the whole store from one backup: sled, runs/, log/, messages/ and wal/ \
+             together",
+            runs_dir.display()
+        )));
+    }
     let runs = RunSet::open(&runs_dir, false)
         .map_err(|e| log_read_error(e, format!("the runs in {}", runs_dir.display())))?
         .with_put_once(is_put_once);
@@ -260,6 +268,8 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     move_log_out_of_sled(&sled_files)?;
     let applying = Arc::new(RwLock::new(Applied {
         runs: runs.runs(),
+        // Until the migrations are done, below.
+        sled_holds_queue_keys: true,
         ..Applied::default()
     }));
     let restore = "Restore the whole store from one backup: sled, runs/, log/, messages/ and \
@@ -310,11 +320,21 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     // Once the open can no longer fail on what the store holds, and before this binary
     // writes anything in its layout, runs included.
     record_format(&db, path)?;
-    // After the replay, which may hold index keys a binary of layout 1 wrote.
     if drop_outbox_index(&db)? > 0 || upgrading {
         db.remove(META_UPGRADING)?;
         sled_files.make_durable()?;
     }
+    // sled takes no more writes: whether it holds queue keys, the only ones ever removed,
+    // is settled. A store made at layout 4 holds none, and its removals need not hide
+    // anything in sled.
+    let sled_holds_queue_keys =
+        db.scan_prefix(b"q").next().is_some() || db.scan_prefix(b"x").next().is_some();
+    let mut runs = runs;
+    runs.set_nothing_below(!sled_holds_queue_keys);
+    applying
+        .write()
+        .map_err(|_| StoreError::Engine(PANICKED.into()))?
+        .sled_holds_queue_keys = sled_holds_queue_keys;
     if replayed_groups > 0 {
         tracing::info!(
             groups = replayed_groups,
@@ -328,11 +348,12 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         log: log.clone(),
         messages: messages.clone(),
         runs,
+        merges_stopped: false,
         sled_bytes: sled_files.bytes()?,
     };
     // What the replay held is written as a run before anything is answered, and the
     // segments it came from go.
-    checkpointer.checkpoint(&wal_dir, last_segment)?;
+    checkpointer.checkpoint(&wal_dir, last_segment, Merge::Not)?;
     wal::remove_spares(&wal_dir)?;
     let segment = Segment::create(&wal_dir, last_segment + 1)?;
     progress.wal_bytes.store(segment.len(), Ordering::Relaxed);
@@ -509,12 +530,14 @@ fn apply(
                 ))
             }
             (None, value) => {
-                if replay == Replay::Yes && applied.get(db, &write.key)? == *value {
+                if replay == Replay::Yes
+                    && (is_outbox_index_key(&write.key) || applied.get(db, &write.key)? == *value)
+                {
                     continue;
                 }
                 match value {
                     Some(value) => applied.put(db, &write.key, value)?,
-                    None => applied.held.remove(&write.key),
+                    None => applied.remove(db, &write.key)?,
                 }
             }
         }
@@ -609,10 +632,11 @@ fn move_log_out_of_sled(files: &SledFiles) -> Result<(), StoreError> {
 /// id`); nothing reads those keys now. Removed straight from sled, after the layout is
 /// recorded (a binary of layout 1 must not find them missing); returns how many, and the
 /// open then makes sled durable. A crash before that leaves some, and the next open removes
-/// them.
+/// them. A replay leaves out the ones a layout-1 group in the write-ahead log wrote
+/// ([`is_outbox_index_key`]).
 fn drop_outbox_index(db: &sled::Db) -> Result<u64, StoreError> {
     let mut dropped = 0u64;
-    for key in db.scan_prefix(b"xo:").keys() {
+    for key in db.scan_prefix(OUTBOX_INDEX).keys() {
         db.remove(key?)?;
         dropped += 1;
     }
@@ -620,6 +644,13 @@ fn drop_outbox_index(db: &sled::Db) -> Result<u64, StoreError> {
         tracing::info!(keys = dropped, "dropped the outbox's index by message id");
     }
     Ok(dropped)
+}
+
+/// What layout 1's outbox index keys start with ([`drop_outbox_index`]).
+const OUTBOX_INDEX: &[u8] = b"xo:";
+
+fn is_outbox_index_key(key: &[u8]) -> bool {
+    key.starts_with(OUTBOX_INDEX)
 }
 
 fn read_meta(db: &sled::Db, key: &[u8]) -> Result<u64, StoreError> {
@@ -772,6 +803,8 @@ struct Applied {
     writing: Option<Arc<HeldWrites>>,
     /// The runs, newest first, as the checkpointer last installed them.
     runs: Arc<Vec<Arc<Named>>>,
+    /// Whether sled holds queue keys (from before layout 4), which a removal must hide.
+    sled_holds_queue_keys: bool,
 }
 
 /// Why the store stops once a thread panicked holding [`SledStore::applying`] (the committer
@@ -829,18 +862,6 @@ impl Held {
     }
 }
 
-impl HeldWrites {
-    fn remove(&mut self, key: &[u8]) {
-        match self.0.get(key) {
-            // Nothing below holds it: nothing to hide.
-            Some(Held::Put {
-                over_disk: false, ..
-            }) => drop(self.0.remove(key)),
-            _ => drop(self.0.insert(key.to_vec(), Held::Removed)),
-        }
-    }
-}
-
 /// A source of entries for [`runs::Merged`]: held writes, a run, or sled.
 type Source<'a> = Box<dyn Iterator<Item = std::io::Result<(Vec<u8>, runs::Held)>> + 'a>;
 
@@ -881,12 +902,29 @@ impl Applied {
         }
     }
 
-    /// Whether something below the held writes may hold `key`: the run being written, a
-    /// run's filter (in memory; about 1% of absent keys pass), or sled.
+    /// Whether something below the held writes may hold queue key `key`: the run being
+    /// written, a run's filter (in memory; about 1% of absent keys pass), or sled.
     fn may_be_below(&self, db: &sled::Db, key: &[u8]) -> Result<bool, StoreError> {
         Ok(self.writing.as_ref().is_some_and(|w| w.0.contains_key(key))
             || self.runs.iter().any(|named| named.run.may_hold(key))
-            || db.contains_key(key)?)
+            || (self.sled_holds_queue_keys && db.contains_key(key)?))
+    }
+
+    /// Removes `key`, leaving a removal held only if something below may hold it: a queue
+    /// entry that leaves before the checkpoint, or a key removed again (a retried dequeue),
+    /// leaves nothing in the runs.
+    fn remove(&mut self, db: &sled::Db, key: &[u8]) -> Result<(), StoreError> {
+        let hides_something = match self.held.0.get(key) {
+            Some(Held::Put { over_disk, .. }) => *over_disk,
+            Some(Held::Removed) => true,
+            None => !is_queue_key(key) || self.may_be_below(db, key)?,
+        };
+        if hides_something {
+            self.held.0.insert(key.to_vec(), Held::Removed);
+        } else {
+            self.held.0.remove(key);
+        }
+        Ok(())
     }
 
     fn put(&mut self, db: &sled::Db, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
@@ -1443,7 +1481,7 @@ fn run_checkpoints(
         }
         // Every group in those segments was applied before they were handed over, so the
         // run covers them.
-        match checkpointer.checkpoint(&wal_dir, handover.seq) {
+        match checkpointer.checkpoint(&wal_dir, handover.seq, Merge::IfDue) {
             // Only segments the committer counted are deleted here.
             Ok(freed) => drop(progress.wal_bytes.fetch_sub(freed, Ordering::Relaxed)),
             Err(e) => {
@@ -1479,8 +1517,19 @@ struct Checkpointer {
     log: Arc<LogFiles>,
     messages: Arc<Records>,
     runs: RunSet,
+    /// Set once a merge failed ([`Checkpointer::merge_runs`]).
+    merges_stopped: bool,
     /// sled's files' bytes, fixed since the open ([`SledFiles::bytes`]).
     sled_bytes: u64,
+}
+
+/// Whether a checkpoint merges the runs due a merge.
+#[derive(Clone, Copy, PartialEq)]
+enum Merge {
+    IfDue,
+    /// At open: a merge that fails, and fails again at every open, must not keep the store
+    /// from opening. The first checkpoint after the open merges.
+    Not,
 }
 
 impl Checkpointer {
@@ -1492,9 +1541,14 @@ impl Checkpointer {
     /// 2. The log's and message files are synced.
     /// 3. The writes become a run (synced, linked in, its folder synced), installed under
     ///    the lock. Writes applied since step 1 stay held for the next checkpoint.
-    /// 4. Runs due a merge are merged ([`Checkpointer::merge_runs`]).
+    /// 4. With `merge`, runs due a merge are merged ([`Checkpointer::merge_runs`]).
     /// 5. The segments go.
-    fn checkpoint(&mut self, wal_dir: &Path, through: u64) -> Result<u64, StoreError> {
+    fn checkpoint(
+        &mut self,
+        wal_dir: &Path,
+        through: u64,
+        merge: Merge,
+    ) -> Result<u64, StoreError> {
         let writing = {
             let mut applied = self.lock()?;
             if applied.writing.is_some() {
@@ -1503,6 +1557,12 @@ impl Checkpointer {
                      write-ahead log"
                         .into(),
                 ));
+            }
+            // A group half applied (the store stops on it, just after this lock is let go)
+            // stays out of the runs: its segment stays, and the restart's replay completes
+            // it.
+            if applied.failed {
+                return Err(StoreError::Engine(APPLY_FAILED.into()));
             }
             let writing = Arc::new(std::mem::take(&mut applied.held));
             applied.writing = Some(writing.clone());
@@ -1516,13 +1576,19 @@ impl Checkpointer {
             // On failure the writes stay where readers find them; the caller stops the
             // store, and the reopen takes in a run that was linked before the failure.
             self.runs.add(number, entries)?;
+            if let Some(run) = self.runs.runs().first() {
+                let (keys, bytes) = (run.run.keys(), run.run.bytes());
+                tracing::debug!(checkpoint = number, keys, bytes, "wrote a run");
+            }
         }
         {
             let mut applied = self.lock()?;
             applied.runs = self.runs.runs();
             applied.writing = None;
         }
-        self.merge_runs()?;
+        if merge == Merge::IfDue {
+            self.merge_runs()?;
+        }
         let freed = wal::remove_through(wal_dir, through)
             .map_err(|e| StoreError::Engine(format!("deleting write-ahead log segments: {e}")))?;
         self.note_bytes();
@@ -1532,8 +1598,29 @@ impl Checkpointer {
     /// Merges runs while some are due ([`RunSet::compact`]) and installs the result.
     /// Readers keep the runs they took meanwhile: a merged run's file is deleted, but
     /// stays readable through the handles they hold.
+    ///
+    /// A merge that fails (a full disk, a damaged block in an old run) stops merging until a
+    /// restart, not the store: every write is still in a run, only reads slow down as runs
+    /// pile up. The set is opened again, as it refuses writes after a failure. Only an error
+    /// in that reopen, or in installing it, stops the store.
     fn merge_runs(&mut self) -> Result<(), StoreError> {
-        if self.runs.compact()? > 0 {
+        if self.merges_stopped {
+            return Ok(());
+        }
+        let merged = match self.runs.compact() {
+            Ok(merges) => merges > 0,
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    "merging runs failed; no more merges until a restart, and reads slow down \
+                     as runs pile up"
+                );
+                self.merges_stopped = true;
+                self.runs = self.runs.reopen()?;
+                true
+            }
+        };
+        if merged {
             self.lock()?.runs = self.runs.runs();
             self.note_bytes();
         }
@@ -1945,7 +2032,7 @@ mod tests {
         assert_eq!(store.log_size().unwrap(), 16 * 40);
     }
 
-    /// A group reaches sled key by key, log entries (`l…`) well before the log size
+    /// A group is applied key by key, log entries (`l…`) well before the log size
     /// (`slog`), and after its transactions are answered. A reader that finds entry `n` must
     /// also find a log size above `n`: it never sees part of a group. A writer reading right
     /// after its answer finds its message.
@@ -2004,10 +2091,10 @@ mod tests {
         assert!(probes > 0);
     }
 
-    /// Once an apply failed part way, sled holds part of a group: every read fails and says
-    /// to restart, rather than answer from half a group.
+    /// Once an apply failed part way, what readers see holds part of a group: every read
+    /// fails and says to restart, rather than answer from half a group.
     #[tokio::test]
-    async fn reads_fail_once_sled_holds_part_of_a_group() {
+    async fn reads_fail_once_part_of_a_group_is_applied() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
         let id = writer_message_id(1, 1);
@@ -2248,8 +2335,8 @@ mod tests {
         crash(committer);
     }
 
-    /// A run that cannot be written (its folder gone) stops the store; its writes stay where
-    /// readers find them, its segments stay, and the reopen replays them.
+    /// A run that cannot be written (something in the way of its file) stops the store; its
+    /// writes stay where readers find them, its segments stay, and the reopen replays them.
     #[test]
     fn a_run_that_cannot_be_written_stops_the_store_and_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
@@ -2262,7 +2349,11 @@ mod tests {
         };
         commit_group(&mut committer, (0..5).map(enqueue));
         let queued = keys_under(&committer, &prefix);
-        std::fs::remove_dir_all(dir.path().join("runs")).unwrap();
+        let in_the_way =
+            dir.path()
+                .join("runs")
+                .join(format!("{:020}-{:020}{}", 1, 1, runs::TEMPORARY_SUFFIX));
+        std::fs::create_dir(&in_the_way).unwrap();
         committer.rotate();
         let started = Instant::now();
         let why = loop {
@@ -2277,12 +2368,256 @@ mod tests {
         assert_eq!(keys_under(&committer, &prefix), queued, "still readable");
         assert!(committer.build(enqueue(5), &mut Group::default()).is_err());
         crash(committer);
+        std::fs::remove_dir(&in_the_way).unwrap();
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
         assert_eq!(store.replayed_groups(), 1);
         let reopened: Vec<Vec<u8>> = (store.queue(&outbox, 10).unwrap().into_iter())
             .map(|(k, _)| k.0)
             .collect();
         assert_eq!(reopened, queued);
+    }
+
+    /// Copies the current segment's records (not a spare's zeros after them, which a segment
+    /// that is not the last may not hold) into `kept`.
+    fn keep_current_segment(committer: &Committer, kept: &Path) {
+        let name = format!("{:016x}.wal", committer.segment.seq());
+        let bytes = std::fs::read(committer.wal_dir.join(&name)).unwrap();
+        std::fs::write(
+            kept.join(&name),
+            &bytes[..committer.segment.bytes() as usize],
+        )
+        .unwrap();
+    }
+
+    fn dequeue_tx(key: &[u8]) -> Tx {
+        Tx {
+            ops: vec![Op::Dequeue(QueueKey(key.to_vec()))],
+            receipts: None,
+        }
+    }
+
+    /// The runs' entries under `prefix`, every run, removals as `None` (not merged).
+    fn raw_run_entries(committer: &Committer, prefix: &[u8]) -> Vec<(Vec<u8>, runs::Held)> {
+        let runs = committer.applying.read().unwrap().runs.clone();
+        runs.iter()
+            .flat_map(|r| r.run.scan(prefix).map(Result::unwrap).collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// Every segment ever written, replayed over runs that have merged entries with their
+    /// removals (a superset of what a crash before any segment deletion leaves): the entries
+    /// stay gone, and no run holds their values again, so later merges cannot bring them back.
+    #[test]
+    fn replaying_every_segment_over_merged_runs_brings_no_entry_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let outbox = Queue::Outbox("kh".parse().unwrap());
+        let prefix = queue_prefix(&outbox);
+        let enqueue = |i: u64| {
+            let id = MessageId::new_v7(90_000 + i, [7; 10]);
+            enqueue_message(&outbox, pb::Priority::Routine, &id)
+        };
+        commit_group(&mut committer, (0..3).map(enqueue));
+        let first = keys_under(&committer, &prefix);
+        assert_eq!(first.len(), 3);
+        keep_current_segment(&committer, kept.path());
+        checkpoint_current_segment(&mut committer); // run 1: three values
+        commit_group(&mut committer, first[..2].iter().map(|k| dequeue_tx(k)));
+        keep_current_segment(&committer, kept.path());
+        checkpoint_current_segment(&mut committer); // run 2: two removals
+        for i in 3..5 {
+            commit_group(&mut committer, [enqueue(i)]);
+            keep_current_segment(&committer, kept.path());
+            checkpoint_current_segment(&mut committer); // runs 3, 4: the four merge
+        }
+        assert_eq!(committer.applying.read().unwrap().runs.len(), 1, "merged");
+        let gone = &first[..2];
+        assert!(
+            raw_run_entries(&committer, &prefix)
+                .iter()
+                .all(|(k, _)| !gone.contains(k)),
+            "values and removals dropped together"
+        );
+        let before = keys_under(&committer, &prefix);
+        crash(committer);
+        // As if no checkpoint had deleted its segments.
+        let wal_dir = dir.path().join("wal");
+        for entry in std::fs::read_dir(kept.path()).unwrap() {
+            let entry = entry.unwrap();
+            let to = wal_dir.join(entry.file_name());
+            if !to.exists() {
+                std::fs::copy(entry.path(), to).unwrap();
+            }
+        }
+        let (mut committer, replayed) = recover(dir.path(), 16 << 20).unwrap();
+        assert_eq!(replayed, 4);
+        assert_eq!(keys_under(&committer, &prefix), before);
+        assert!(
+            raw_run_entries(&committer, &prefix)
+                .iter()
+                .all(|(k, held)| !(gone.contains(k) && held.is_some())),
+            "a removed entry's value written to a run again"
+        );
+        // Later merges keep them gone.
+        for i in 5..9 {
+            commit_group(&mut committer, [enqueue(i)]);
+            checkpoint_current_segment(&mut committer);
+        }
+        let after = keys_under(&committer, &prefix);
+        assert!(after.iter().all(|k| !gone.contains(k)));
+        assert!(before.iter().all(|k| after.contains(k)));
+        crash(committer);
+    }
+
+    /// A second Dequeue of an entry that left before any checkpoint (a retry) has nothing
+    /// to hide: it must not leave a removal in the runs, which no merge would ever drop and
+    /// which every scan of the queue would step over.
+    #[test]
+    fn a_second_dequeue_of_an_entry_gone_before_a_checkpoint_leaves_no_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let outbox = Queue::Outbox("kh".parse().unwrap());
+        let prefix = queue_prefix(&outbox);
+        let enqueue = |i: u64| {
+            let id = MessageId::new_v7(91_000 + i, [8; 10]);
+            enqueue_message(&outbox, pb::Priority::Routine, &id)
+        };
+        commit_group(&mut committer, [enqueue(0)]);
+        let key = keys_under(&committer, &prefix)[0].clone();
+        commit_group(&mut committer, [dequeue_tx(&key)]);
+        checkpoint_current_segment(&mut committer);
+        commit_group(&mut committer, [dequeue_tx(&key)]); // the retry
+        checkpoint_current_segment(&mut committer);
+        for i in 1..4 {
+            commit_group(&mut committer, [enqueue(i)]);
+            checkpoint_current_segment(&mut committer);
+        }
+        let removals: Vec<_> = raw_run_entries(&committer, &prefix)
+            .into_iter()
+            .filter(|(_, held)| held.is_none())
+            .collect();
+        assert!(
+            removals.is_empty(),
+            "{} removals hiding nothing",
+            removals.len()
+        );
+        crash(committer);
+    }
+
+    /// A layout-4 store restored without its runs must be refused: the log's size, the
+    /// sequence numbers and the message count are in the runs, and sled's older values would
+    /// let the next commit write over log entry 0.
+    #[test]
+    fn a_store_restored_without_its_runs_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        commit_group(
+            &mut committer,
+            [Tx {
+                ops: vec![Op::Log(vec![1]), Op::Log(vec![2])],
+                receipts: None,
+            }],
+        );
+        checkpoint_current_segment(&mut committer);
+        crash(committer);
+        std::fs::remove_dir_all(dir.path().join("runs")).unwrap();
+        match SledStore::open(dir.path(), 16 << 20) {
+            Err(_) => {}
+            Ok(store) => panic!(
+                "opened without runs/, log size {} (files hold 2)",
+                store.log_size().unwrap()
+            ),
+        }
+    }
+
+    /// A queue entry sled holds from layout 3, taken off at layout 4: its removal hides a
+    /// value no run holds, so no merge may drop it, and the entry stays gone through merges
+    /// and a reopen.
+    #[test]
+    fn an_entry_sled_holds_from_layout_3_stays_gone_through_merges() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Queue::Outbox("kh".parse().unwrap());
+        let prefix = queue_prefix(&outbox);
+        let routine = 255 - (pb::Priority::Routine as i32).clamp(1, 254) as u8;
+        let old = [prefix.as_slice(), &[routine], &5u64.to_be_bytes()].concat();
+        {
+            // As a binary of layout 3 leaves a store after a checkpoint moved the entry.
+            let db = open_sled(dir.path(), 16 << 20).unwrap();
+            db.insert(META_FORMAT, 3u64.to_be_bytes().as_slice())
+                .unwrap();
+            db.insert(META_SEQ, 6u64.to_be_bytes().as_slice()).unwrap();
+            let id = MessageId::new_v7(92_000, [9; 10]);
+            let entry = QueueEntry::message(&id).encode_to_vec();
+            db.insert(old.as_slice(), entry).unwrap();
+            db.flush().unwrap();
+        }
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        assert_eq!(keys_under(&committer, &prefix), std::slice::from_ref(&old));
+        commit_group(&mut committer, [dequeue_tx(&old)]);
+        checkpoint_current_segment(&mut committer);
+        for i in 1..8 {
+            let id = MessageId::new_v7(92_000 + i, [9; 10]);
+            commit_group(
+                &mut committer,
+                [enqueue_message(&outbox, pb::Priority::Routine, &id)],
+            );
+            checkpoint_current_segment(&mut committer);
+        }
+        assert!(!keys_under(&committer, &prefix).contains(&old));
+        assert!(
+            raw_run_entries(&committer, &prefix)
+                .iter()
+                .any(|(k, held)| *k == old && held.is_none()),
+            "the removal over sled's value was dropped by a merge"
+        );
+        crash(committer);
+        let (committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        assert!(!keys_under(&committer, &prefix).contains(&old));
+        crash(committer);
+    }
+
+    /// A merge that fails (here a damaged block in the oldest run, which no read touches)
+    /// stops merging, not the store: commits and checkpoints go on as runs pile up, and the
+    /// store opens again, since an open does not merge.
+    #[test]
+    fn a_merge_that_fails_stops_merging_not_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let insert = |i: u64| {
+            let id = MessageId::new_v7(70_000 + i, [1; 10]);
+            let stored = StoredMessage {
+                envelope_hash: vec![i as u8; 1024],
+                ..Default::default()
+            };
+            Tx {
+                ops: vec![Op::InsertMessage(id, stored)],
+                receipts: None,
+            }
+        };
+        commit_group(&mut committer, (0..40).map(insert));
+        checkpoint_current_segment(&mut committer);
+        let oldest = committer.applying.read().unwrap().runs[0].clone();
+        assert!(oldest.run.bytes() > 20_000);
+        let path = dir.path().join("runs").join(format!("{:020}-{:020}", 1, 1));
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0xff; 8], 3 * 4096 + 100).unwrap();
+        drop((file, oldest));
+        for i in 40..50 {
+            commit_group(&mut committer, [insert(i)]);
+            checkpoint_current_segment(&mut committer);
+        }
+        assert_eq!(committer.progress.poisoned(), None);
+        let runs = committer.applying.read().unwrap().runs.len();
+        assert_eq!(runs, 11, "no merge since the failed one");
+        let id = |i: u64| MessageId::new_v7(70_000 + i, [1; 10]);
+        crash(committer);
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert!(store.message(&id(49)).unwrap().is_some());
+        assert!(
+            store.message(&id(0)).unwrap().is_some(),
+            "an undamaged block"
+        );
     }
 
     /// A clean close writes the held writes as a run: the store reopens with nothing to
@@ -2388,7 +2723,10 @@ mod tests {
         }
         db.insert(b"r-never-written-again", b"x".as_slice())
             .unwrap();
-        let mut applied = Applied::default();
+        let mut applied = Applied {
+            sled_holds_queue_keys: true,
+            ..Applied::default()
+        };
         let (mut checkpoints, mut merged_runs) = (0, 0);
         for step in 0..4_000u64 {
             let value = step.to_be_bytes().to_vec();
@@ -2401,7 +2739,7 @@ mod tests {
                 }
                 6..=9 => {
                     let k = index_key(next(12));
-                    applied.held.remove(&k);
+                    applied.remove(&db, &k).unwrap();
                     truth.remove(&k);
                     k
                 }
@@ -2414,7 +2752,7 @@ mod tests {
                 }
                 13..=15 => {
                     let k = entries[next(entries.len() as u64) as usize].clone();
-                    applied.held.remove(&k);
+                    applied.remove(&db, &k).unwrap();
                     truth.remove(&k);
                     k
                 }
@@ -2481,7 +2819,10 @@ mod tests {
         let db = open_sled(dir.path(), 16 << 20).unwrap();
         let mut set = RunSet::open(&dir.path().join("runs"), false).unwrap();
         db.insert(b"qa", b"old".as_slice()).unwrap();
-        let mut applied = Applied::default();
+        let mut applied = Applied {
+            sled_holds_queue_keys: true,
+            ..Applied::default()
+        };
         applied.put(&db, b"qc", b"in a run").unwrap();
         take_held(&mut applied);
         install_run(&mut applied, &mut set);
@@ -2490,7 +2831,7 @@ mod tests {
         }
         assert_eq!(applied.get(&db, b"qa").unwrap(), Some(b"new".to_vec()));
         for key in [b"qa", b"qb", b"qc"] {
-            applied.held.remove(key);
+            applied.remove(&db, key).unwrap();
         }
         let held: Vec<&[u8]> = applied.held.0.keys().map(Vec::as_slice).collect();
         assert_eq!(
@@ -2506,6 +2847,9 @@ mod tests {
         assert_eq!(set.runs()[0].run.get(b"qb").unwrap(), None);
         assert!(applied.scan(&db, b"q", 10).unwrap().is_empty());
         assert_eq!(applied.get(&db, b"qc").unwrap(), None);
+        // Removed again (a retried dequeue): nothing to hide, nothing held.
+        applied.remove(&db, b"qb").unwrap();
+        assert!(applied.held.0.is_empty());
     }
 
     /// Readers scanning a queue while the checkpointer writes the held writes as runs and
@@ -2649,7 +2993,7 @@ mod tests {
     }
 
     /// A thread that panics holding the applied state (the checkpointer moving held queue
-    /// keys, the committer applying a group) may leave a key neither held nor in sled.
+    /// keys, the committer applying a group) may leave the held writes or the runs half changed.
     /// Nothing is built over it: a group built before is answered, its log record being
     /// durable, and comes back at the next open; what comes after fails, saying to restart.
     #[test]
@@ -2946,7 +3290,7 @@ mod tests {
     }
 
     /// Hands the current segment to the checkpointer and waits until it is deleted, that
-    /// is, until sled and the files beside it are durable through it.
+    /// is, until a run and the files beside it hold it durably.
     fn checkpoint_current_segment(committer: &mut Committer) {
         let seq = committer.segment.seq();
         committer.rotate();
@@ -2961,15 +3305,15 @@ mod tests {
         }
     }
 
-    /// The keys under `prefix` as readers see them: the queue keys held in memory over
-    /// sled's.
+    /// The keys under `prefix` as readers see them.
     fn keys_under(committer: &Committer, prefix: &[u8]) -> Vec<Vec<u8>> {
         let applied = committer.applying.read().unwrap();
         let pairs = applied.scan(&committer.db, prefix, usize::MAX);
         pairs.unwrap().into_iter().map(|(k, _)| k).collect()
     }
 
-    /// A crash: the committer stops without closing, and sled is not made durable.
+    /// A crash: the committer stops without closing, and what is held is not written as a
+    /// run.
     fn crash(committer: Committer) {
         let Committer {
             db,
@@ -3055,7 +3399,7 @@ mod tests {
         }
     }
 
-    /// Event keys come back whole from the write-ahead log when sled never got them: in
+    /// Event keys come back whole from the write-ahead log when no run got them: in
     /// one group, a transaction names a message in two entries around another message's,
     /// and a second transaction names it again.
     #[test]
@@ -3078,9 +3422,9 @@ mod tests {
                 };
                 committer.build(tx, &mut group).unwrap();
             }
-            // Logged, not applied: only a replay puts it in sled.
+            // Logged, not applied: only a replay applies it.
             committer.log(group.writes).unwrap();
-            assert!(committer.db.scan_prefix(b"e").next().is_none());
+            assert!(keys_under(&committer, b"e").is_empty());
             crash(committer);
         }
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
@@ -3388,6 +3732,10 @@ mod tests {
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
         assert!(store.replayed_groups() > 0, "nothing replayed");
         assert_eq!(store.db.scan_prefix(b"xo").count(), 0, "index keys left");
+        assert!(
+            stored_under(&store, b"xo").is_empty(),
+            "a replayed index key of layout 1 reached the held writes or a run"
+        );
         assert_eq!(read_meta(&store.db, META_FORMAT).unwrap(), FORMAT);
         let queued: Vec<Vec<u8>> = store
             .queue(&kh, 10)
@@ -3542,7 +3890,7 @@ mod tests {
         }
     }
 
-    /// Transactions in one group see each other's writes before any reaches sled: a
+    /// Transactions in one group see each other's writes before any is applied: a
     /// duplicate insert, a removal of a message queued earlier in the group, a receipt
     /// stored twice, and the log tree across them.
     #[test]
@@ -3786,14 +4134,14 @@ mod tests {
         assert_eq!(store.log_entry(0).unwrap(), Some(vec![0; 20]));
     }
 
-    /// Every key and value sled holds, then every log entry and the log's root, to compare
-    /// two stores.
     /// The keys and values under `prefix` as readers see them.
     fn stored_under(store: &SledStore, prefix: &[u8]) -> Vec<KeyValue> {
         let whole = store.whole_groups().unwrap();
         whole.scan(&store.db, prefix, usize::MAX).unwrap()
     }
 
+    /// Every key and value readers see, then every log entry and the log's root, to compare
+    /// two stores.
     fn contents(store: &SledStore) -> Vec<(Vec<u8>, Vec<u8>)> {
         // As every reader does: an answered commit's group may still be being applied.
         let mut contents = stored_under(store, b"");
@@ -3901,10 +4249,10 @@ mod tests {
         unreachable!("the child runs until it is killed")
     }
 
-    /// A process killed with SIGKILL mid-commit loses sled's unflushed buffers; reopening
+    /// A process killed with SIGKILL mid-commit loses what it held in memory; reopening
     /// replays the write-ahead log and holds exactly every acknowledged commit: messages,
     /// receipts naming their log index, queue removals, and a log tree that matches its
-    /// entries. Replaying over a sled that a crashed replay left half done, and a torn last
+    /// entries. Replaying over a run that a crashed open wrote half way into the replay, and a torn last
     /// record, give the same store; a damaged record refuses to open.
     #[test]
     fn a_store_killed_mid_commit_reopens_with_every_acknowledged_commit() {
