@@ -805,6 +805,7 @@ struct Applied {
     runs: Arc<Vec<Arc<Named>>>,
     /// Whether sled holds queue keys (from before layout 4), which a removal must hide.
     sled_holds_queue_keys: bool,
+    queue_starts: QueueStarts,
 }
 
 /// Why the store stops once a thread panicked holding [`SledStore::applying`] (the committer
@@ -933,6 +934,9 @@ impl Applied {
             Some(Held::Removed) => true,
             None => !is_queue_key(key) || self.may_be_below(db, key)?,
         };
+        if is_put_once(key) {
+            self.queue_starts.lower_to(key);
+        }
         let value = value.to_vec();
         self.held
             .0
@@ -949,31 +953,107 @@ impl Applied {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
+        Ok(self.scan_from(db, prefix, prefix, limit)?.0)
+    }
+
+    /// [`Applied::scan`] from key `from` on (at least `prefix`); also returns the last key
+    /// the merge stepped on, removals included.
+    fn scan_from(
+        &self,
+        db: &sled::Db,
+        prefix: &[u8],
+        from: &[u8],
+        limit: usize,
+    ) -> Result<(Vec<KeyValue>, Option<Vec<u8>>), StoreError> {
+        let from = from.max(prefix);
         let mut sources: Vec<Source<'_>> = Vec::with_capacity(self.runs.len() + 3);
         for map in self.maps() {
-            let under = map.0.range(prefix.to_vec()..);
+            let under = map.0.range(from.to_vec()..);
             let under = under.take_while(move |(k, _)| k.starts_with(prefix));
             sources.push(Box::new(
                 under.map(|(k, held)| Ok((k.clone(), held.value().map(<[u8]>::to_vec)))),
             ));
         }
         for named in self.runs.iter() {
-            sources.push(Box::new(named.run.scan(prefix)));
+            sources.push(Box::new(named.run.scan_from(prefix, from)));
         }
-        sources.push(Box::new(db.scan_prefix(prefix).map(|kv| {
+        let in_sled = db.range(from..).take_while(move |kv| match kv {
+            Ok((k, _)) => k.starts_with(prefix),
+            Err(_) => true,
+        });
+        sources.push(Box::new(in_sled.map(|kv| {
             kv.map(|(k, v)| (k.to_vec(), Some(v.to_vec())))
                 .map_err(std::io::Error::other)
         })));
-        let mut out = Vec::new();
+        let (mut out, mut last) = (Vec::new(), None);
         for entry in runs::Merged::new(sources) {
             if out.len() >= limit {
                 break;
             }
-            if let (key, Some(value)) = entry.map_err(run_read_error)? {
-                out.push((key, value));
+            let (key, held) = entry.map_err(run_read_error)?;
+            if let Some(value) = held {
+                out.push((key.clone(), value));
+            }
+            last = Some(key);
+        }
+        Ok((out, last))
+    }
+
+    /// A queue's first `limit` entries as [`Applied::scan`] reads them, from where its last
+    /// scan found the first live entry ([`QueueStarts`]).
+    fn queue(
+        &self,
+        db: &sled::Db,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let start = self.queue_starts.start(prefix);
+        let from = start.as_deref().unwrap_or(prefix);
+        let (entries, last) = self.scan_from(db, prefix, from, limit)?;
+        // Nothing live from `from` up to the first entry, or, with none, up to and
+        // including the last key stepped on. Set while this reader's guard holds writers
+        // back.
+        let next = match (entries.first(), last) {
+            (Some((first, _)), _) => Some(first.clone()),
+            (None, Some(last)) => Some([last.as_slice(), &[0]].concat()),
+            (None, None) => None,
+        };
+        if let Some(next) = next.filter(|next| Some(next) != start.as_ref()) {
+            self.queue_starts.set(prefix, next);
+        }
+        Ok(entries)
+    }
+}
+
+/// Per queue (by key prefix), a key below which the queue holds nothing live: where its
+/// next scan starts. An entry's removal stays in the runs, hiding its value, until one merge
+/// takes both; the entries at the head of a draining queue are such removals, and without
+/// this every scan would step over all of them (a drain quadratic in its length). Set by
+/// queue scans, each under the read guard; lowered by every put of a queue entry below it,
+/// under the write guard ([`Applied::put`]). Removals only take entries away, and a
+/// checkpoint or a merge changes nothing readers see, so neither moves it.
+#[derive(Default)]
+struct QueueStarts(Mutex<HashMap<Vec<u8>, Vec<u8>>>);
+
+impl QueueStarts {
+    fn start(&self, prefix: &[u8]) -> Option<Vec<u8>> {
+        self.0.lock().ok()?.get(prefix).cloned()
+    }
+
+    fn set(&self, prefix: &[u8], start: Vec<u8>) {
+        if let Ok(mut starts) = self.0.lock() {
+            starts.insert(prefix.to_vec(), start);
+        }
+    }
+
+    /// Lowers the start of the queue `key` is an entry of to `key`, if it is above it.
+    fn lower_to(&mut self, key: &[u8]) {
+        let starts = self.0.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (prefix, start) in starts.iter_mut() {
+            if key.starts_with(prefix) && key < start.as_slice() {
+                *start = key.to_vec();
             }
         }
-        Ok(out)
     }
 }
 
@@ -1763,7 +1843,7 @@ impl Store for SledStore {
     ) -> Result<Vec<(QueueKey, QueueEntry)>, StoreError> {
         let whole = self.whole_groups()?;
         whole
-            .scan(&self.db, &queue_prefix(queue), limit)?
+            .queue(&self.db, &queue_prefix(queue), limit)?
             .into_iter()
             .map(|(k, v)| {
                 let entry = QueueEntry::decode(v.as_slice())
@@ -2710,16 +2790,19 @@ mod tests {
             state % n
         };
         let index_key = |k: u64| vec![b'x', b'0' + k as u8];
-        let entry_key = |seq: u64| [b"q".as_slice(), &seq.to_be_bytes()].concat();
+        // A priority band, then a sequence number: a new entry of a higher band sorts
+        // ahead of older ones, below where a queue scan last found its first entry.
+        let entry_key =
+            |band: u8, seq: u64| [b"q".as_slice(), &[band], &seq.to_be_bytes()].concat();
         let mut truth = BTreeMap::new();
         let mut entries = Vec::new();
         for k in 0..6 {
             let value = vec![b's', k as u8];
             db.insert(index_key(k), value.clone()).unwrap();
             truth.insert(index_key(k), value.clone());
-            db.insert(entry_key(k), value.clone()).unwrap();
-            truth.insert(entry_key(k), value);
-            entries.push(entry_key(k));
+            db.insert(entry_key(2, k), value.clone()).unwrap();
+            truth.insert(entry_key(2, k), value);
+            entries.push(entry_key(2, k));
         }
         db.insert(b"r-never-written-again", b"x".as_slice())
             .unwrap();
@@ -2744,7 +2827,7 @@ mod tests {
                     k
                 }
                 10..=12 => {
-                    let k = entry_key(100 + step);
+                    let k = entry_key(1 + next(3) as u8, 100 + step);
                     applied.put(&db, &k, &value).unwrap();
                     truth.insert(k.clone(), value);
                     entries.push(k.clone());
@@ -2784,14 +2867,20 @@ mod tests {
             let limit = next(5) as usize;
             let first = applied.scan(&db, b"q", limit).unwrap();
             assert_eq!(first, all[..limit.min(entries_live(&all))], "step {step}");
+            // As a queue's reader sees it, from where the last such read started.
+            let limit = next(5) as usize;
+            let first = applied.queue(&db, b"q", limit).unwrap();
+            assert_eq!(first, all[..limit.min(entries_live(&all))], "step {step}");
         }
         assert!(
             checkpoints > 100 && merged_runs > 10,
             "{checkpoints} {merged_runs}"
         );
-        if applied.writing.is_none() {
-            take_held(&mut applied);
+        // The writes being written, then those held since.
+        if applied.writing.is_some() {
+            install_run(&mut applied, &mut set);
         }
+        take_held(&mut applied);
         install_run(&mut applied, &mut set);
         assert!(set.runs().len() <= 8, "{} runs", set.runs().len());
         drop(set);
