@@ -27,8 +27,8 @@
 //!
 //! Key layout (all integers big-endian, so byte order is the queue order):
 //! ```text
-//! m ‖ id(16)                         StoredMessage of at most BESIDE_FROM bytes
-//! v ‖ id(16)                         number(8) of a longer one's record in `messages/`
+//! m ‖ id(16)                         StoredMessage (written before layout 4 only)
+//! v ‖ id(16)                         number(8) of its record in `messages/`
 //! r ‖ id(16) ‖ seq(8)                pb::Receipt, or 0x00 ‖ u32be(len) ‖ pb::Receipt ‖
 //!                                    index(8)…: the log entries naming message `id` of the
 //!                                    transaction that stored it, in place of its `e` key
@@ -50,11 +50,11 @@
 //! n ‖ level(1) ‖ index(8)            RFC 6962 perfect-subtree hash (level 0: leaf hashes)
 //! ```
 //!
-//! Messages never change once stored and are read by id. A large one is kept beside the
-//! runs, as a numbered record in `messages/` (`records.rs`), the runs holding only its
-//! number (`v`): in sled, its bytes were copied by every later insert into its B-tree leaf;
-//! in runs, they would be copied by every merge. A small one stays in the runs
-//! (docs/performance.md).
+//! Messages never change once stored and are read by id. Each is kept beside the runs, as a
+//! numbered record in `messages/` (`records.rs`), the runs holding only its number (`v`):
+//! in sled, a message's bytes were copied by every later insert into its B-tree leaf; in
+//! runs, they would be copied by every merge (docs/performance.md, "Runs instead of
+//! sled"). Layouts before 4 kept messages of at most 4 KiB in sled (`m`), still read.
 //! A group names a message's record with `M ‖ number(8)`, routed to `messages/` as the
 //! log's keys are to `log/`.
 
@@ -99,8 +99,9 @@ const META_LOG: &[u8] = b"slog";
 const META_SEQ: &[u8] = b"sseq";
 /// How many message records `messages/` holds.
 const META_MESSAGES: &[u8] = b"smsg";
-/// A message whose encoding is longer than this is kept in `messages/`, not in runs (module
-/// docs). A 1 KiB alert encodes to about 1.3 KiB.
+/// Before layout 4, a message whose encoding was at most this long was kept in sled, not
+/// in `messages/` (module docs).
+#[cfg(test)]
 const BESIDE_FROM: usize = 4 << 10;
 /// Longest message the store takes, and so the longest record read back (anything longer
 /// is a damaged `ends` file). Above what any gRPC call may carry (64 MiB).
@@ -1372,14 +1373,10 @@ impl Committer {
                             self.max_message
                         )));
                     }
-                    if encoded.len() <= BESIDE_FROM {
-                        writes.push((key, Some(encoded)));
-                    } else {
-                        writes.push((number_key, Some(next_message.to_be_bytes().to_vec())));
-                        let record = message_record_key(next_message).to_vec();
-                        writes.push((record, Some(encoded)));
-                        next_message += 1;
-                    }
+                    writes.push((number_key, Some(next_message.to_be_bytes().to_vec())));
+                    let record = message_record_key(next_message).to_vec();
+                    writes.push((record, Some(encoded)));
+                    next_message += 1;
                 }
                 Op::PutReceipt(id, receipt) => {
                     let prefix = receipt_prefix(&id);
@@ -1800,11 +1797,6 @@ impl Store for SledStore {
     fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError> {
         let whole = self.whole_groups()?;
         let corrupt = || StoreError::Corrupt(format!("message {id}"));
-        if let Some(v) = whole.get(&self.db, &message_key(id))? {
-            return StoredMessage::decode(v.as_slice())
-                .map(Some)
-                .map_err(|_| corrupt());
-        }
         let encoded = match whole.get(&self.db, &message_number_key(id))? {
             Some(number) => {
                 let number =
@@ -1816,7 +1808,11 @@ impl Store for SledStore {
                     .get(number)
                     .map_err(|e| log_read_error(e, format!("message {id}, record {number}")))?
             }
-            None => return Ok(None),
+            // Kept in sled by a layout before 4, if at all.
+            None => match whole.get(&self.db, &message_key(id))? {
+                Some(encoded) => encoded,
+                None => return Ok(None),
+            },
         };
         StoredMessage::decode(encoded.as_slice())
             .map(Some)
@@ -2657,21 +2653,20 @@ mod tests {
         crash(committer);
     }
 
-    /// A merge that fails (here a damaged block in the oldest run, which no read touches)
-    /// stops merging, not the store: commits and checkpoints go on as runs pile up, and the
-    /// store opens again, since an open does not merge.
+    /// A merge that fails (here a damaged block of metadata in the oldest run, which no
+    /// read touches) stops merging, not the store: commits and checkpoints go on as runs
+    /// pile up, and the store opens again, since an open does not merge.
     #[test]
     fn a_merge_that_fails_stops_merging_not_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
         let insert = |i: u64| {
             let id = MessageId::new_v7(70_000 + i, [1; 10]);
-            let stored = StoredMessage {
-                envelope_hash: vec![i as u8; 1024],
-                ..Default::default()
-            };
+            let stored = StoredMessage::default();
+            // A kilobyte of metadata each, to fill the first run's blocks.
+            let meta = Op::PutMeta(format!("filler-{i}"), vec![i as u8; 1024]);
             Tx {
-                ops: vec![Op::InsertMessage(id, stored)],
+                ops: vec![Op::InsertMessage(id, stored), meta],
                 receipts: None,
             }
         };
@@ -3424,7 +3419,6 @@ mod tests {
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
         let message = |i: u8| {
             let id = MessageId::new_v7(5_000 + u64::from(i), [i; 10]);
-            // Every third one long enough to go beside sled.
             let stored = StoredMessage {
                 sender_org: format!("org-{i}"),
                 envelope_hash: vec![i; if i.is_multiple_of(3) { BESIDE_FROM } else { 32 }],
@@ -3656,10 +3650,11 @@ mod tests {
         }
     }
 
-    /// A message longer than [`BESIDE_FROM`] goes to `messages/`, a shorter one stays in
-    /// sled; both read back, through a reopen, and either's id is taken for good.
+    /// Every message goes to `messages/`, small or large; both read back, through a reopen,
+    /// and either's id is taken for good. Messages that a layout before 4 kept in sled
+    /// (small ones, and before layout 1 large ones too) are still read, their ids taken.
     #[tokio::test]
-    async fn large_messages_go_beside_sled_small_ones_stay_in_it() {
+    async fn messages_go_beside_the_runs_and_those_sled_holds_are_still_read() {
         let dir = tempfile::tempdir().unwrap();
         let stored = |body: usize| StoredMessage {
             envelope: Some(pb::Envelope {
@@ -3671,7 +3666,6 @@ mod tests {
             ..Default::default()
         };
         let (small, large) = (stored(1024), stored(BESIDE_FROM));
-        assert!(small.encoded_len() <= BESIDE_FROM && large.encoded_len() > BESIDE_FROM);
         let (small_id, large_id) = (
             MessageId::new_v7(7_000, [1; 10]),
             MessageId::new_v7(7_001, [2; 10]),
@@ -3701,31 +3695,37 @@ mod tests {
             }
             let whole = store.whole_groups().unwrap();
             let holds = |key: Vec<u8>| whole.contains(&store.db, &key).unwrap();
-            assert!(holds(message_key(&small_id)));
-            assert!(!holds(message_number_key(&small_id)));
+            assert!(!holds(message_key(&small_id)));
             assert!(!holds(message_key(&large_id)));
-            assert_eq!(whole.read_meta(&store.db, META_MESSAGES).unwrap(), 1);
+            assert!(holds(message_number_key(&small_id)));
+            assert_eq!(whole.read_meta(&store.db, META_MESSAGES).unwrap(), 2);
             drop(whole);
-            assert_eq!(store.messages.get(0).unwrap(), large.encode_to_vec());
+            assert_eq!(store.messages.get(0).unwrap(), small.encode_to_vec());
+            assert_eq!(store.messages.get(1).unwrap(), large.encode_to_vec());
         }
 
-        // A store from before `messages/` holds large messages in sled: still read, and
-        // their ids still taken.
-        let earlier = MessageId::new_v7(6_000, [3; 10]);
+        // Messages in sled, as layouts before 4 kept small ones and layouts before 1 large
+        // ones: still read, and their ids still taken.
+        let (earlier_small, earlier_big) = (
+            MessageId::new_v7(6_000, [3; 10]),
+            MessageId::new_v7(6_001, [4; 10]),
+        );
         let big = stored(64 << 10);
         {
             let store = SledStore::open(dir.path(), 16 << 20).unwrap();
-            store
-                .db
-                .insert(message_key(&earlier), big.encode_to_vec())
-                .unwrap();
+            for (id, msg) in [(earlier_small, &small), (earlier_big, &big)] {
+                let encoded = msg.encode_to_vec();
+                store.db.insert(message_key(&id), encoded).unwrap();
+            }
         }
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
-        assert_eq!(store.message(&earlier).unwrap(), Some(big.clone()));
-        assert_eq!(
-            store.commit(insert(earlier, &big)).await.unwrap(),
-            TxOutcome::Exists(earlier)
-        );
+        for (id, msg) in [(earlier_small, &small), (earlier_big, &big)] {
+            assert_eq!(store.message(&id).unwrap().as_ref(), Some(msg));
+            assert_eq!(
+                store.commit(insert(id, msg)).await.unwrap(),
+                TxOutcome::Exists(id)
+            );
+        }
     }
 
     /// Every open records the store's layout; a layout later than this binary's is
@@ -4037,7 +4037,7 @@ mod tests {
         );
         assert!(keys_under(&committer, &inbox_index_key(&ahtd(), id.as_bytes())).is_empty());
         let (db, applied) = (&committer.db, committer.applying.read().unwrap());
-        assert!(applied.get(db, &message_key(&id)).unwrap().is_some());
+        assert!(applied.get(db, &message_number_key(&id)).unwrap().is_some());
         let receipts = applied.scan(db, &receipt_prefix(&id), usize::MAX).unwrap();
         assert_eq!(receipts.len(), 1, "receipt twice");
         assert_eq!(applied.read_meta(db, META_LOG).unwrap(), 3);
