@@ -8,10 +8,11 @@
 //! ends      u64 big-endian at 8·i: where record i ends in `entries` (it starts where i−1 ends)
 //! ```
 //!
-//! Records are written as sled is: after the group's write-ahead log record is synced, by
-//! [`Records::write`], which replay calls again at the same offsets. Every checkpoint syncs
-//! the files before it deletes the segments that hold their writes. Bytes past the count
-//! sled keeps are ignored, and overwritten by the next appends. Callers check a number
+//! Records are written as a group's other writes are applied: after the group's
+//! write-ahead log record is synced, by [`Records::write`], which replay calls again at the
+//! same offsets. Every checkpoint syncs the files before it deletes the segments that hold
+//! their writes. Bytes past the count the store keeps are ignored, and overwritten by the
+//! next appends. Callers check a number
 //! against that count before reading it, and the store checks at open that the files hold
 //! at least that many records ([`Records::check_holds`]).
 

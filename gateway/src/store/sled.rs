@@ -27,7 +27,7 @@
 //!
 //! Key layout (all integers big-endian, so byte order is the queue order):
 //! ```text
-//! m ‖ id(16)                         StoredMessage (written before layout 4 only)
+//! m ‖ id(16)                         StoredMessage (no longer written; see below)
 //! v ‖ id(16)                         number(8) of its record in `messages/`
 //! r ‖ id(16) ‖ seq(8)                pb::Receipt, or 0x00 ‖ u32be(len) ‖ pb::Receipt ‖
 //!                                    index(8)…: the log entries naming message `id` of the
@@ -54,7 +54,9 @@
 //! numbered record in `messages/` (`records.rs`), the runs holding only its number (`v`):
 //! in sled, a message's bytes were copied by every later insert into its B-tree leaf; in
 //! runs, they would be copied by every merge (docs/performance.md, "Runs instead of
-//! sled"). Layouts before 4 kept messages of at most 4 KiB in sled (`m`), still read.
+//! sled"). Earlier layouts kept messages of at most 4 KiB inline (`m`): in sled, and in
+//! runs for the first builds of layout 4 (b0852f2 to 40d01b9). They are read wherever they
+//! are.
 //! A group names a message's record with `M ‖ number(8)`, routed to `messages/` as the
 //! log's keys are to `log/`.
 
@@ -108,7 +110,7 @@ const BESIDE_FROM: usize = 4 << 10;
 const MAX_MESSAGE: u64 = 256 << 20;
 /// The store's layout, recorded at every open. A store recorded with a later layout than
 /// this binary's is refused.
-/// - 1: messages over [`BESIDE_FROM`] are in `messages/`, which a binary from before it
+/// - 1: messages over 4 KiB are in `messages/`, which a binary from before it
 ///   does not read.
 /// - 2: outbox entries are not indexed by message id; a binary of layout 1 looks a settled
 ///   one up by id, finds nothing, and would send it again for ever. An event key's value
@@ -1008,6 +1010,9 @@ impl Applied {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let start = self.queue_starts.start(prefix);
         let from = start.as_deref().unwrap_or(prefix);
         let (entries, last) = self.scan_from(db, prefix, from, limit)?;
@@ -2693,6 +2698,234 @@ mod tests {
             store.message(&id(0)).unwrap().is_some(),
             "an undamaged block"
         );
+    }
+
+    /// A read through the queue's start always equals a plain scan. Checked after:
+    /// - a Flash put below the start;
+    /// - a first deferral that sorts ahead of an earlier-deferred Routine entry, while the start
+    ///   is inside band 255;
+    /// - `limit == 0`;
+    /// - a drained queue, then a new put;
+    /// - checkpoints and merges.
+    #[test]
+    fn queue_starts_never_hide_an_entry_put_below_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let outbox = Queue::Outbox("kh".parse().unwrap());
+        let prefix = queue_prefix(&outbox);
+        let id = |i: u64| MessageId::new_v7(12_000 + i, [7; 10]);
+        let tx = |ops: Vec<Op>| Tx {
+            ops,
+            receipts: None,
+        };
+        let take_off = |keys: &[Vec<u8>]| {
+            tx(keys
+                .iter()
+                .map(|k| Op::Dequeue(QueueKey(k.clone())))
+                .collect())
+        };
+        let read = |committer: &Committer, limit: usize| -> Vec<Vec<u8>> {
+            let applied = committer.applying.read().unwrap();
+            let entries = applied.queue(&committer.db, &prefix, limit).unwrap();
+            entries.into_iter().map(|(k, _)| k).collect()
+        };
+        let check = |committer: &Committer, what: &str| {
+            for limit in [0, 1, 3, usize::MAX] {
+                let all = keys_under(committer, &prefix);
+                assert_eq!(
+                    read(committer, limit),
+                    all[..limit.min(all.len())],
+                    "{what}, {limit}"
+                );
+            }
+        };
+        let routine = |i| enqueue_message(&outbox, pb::Priority::Routine, &id(i));
+
+        commit_group(&mut committer, (0..10).map(routine));
+        checkpoint_current_segment(&mut committer);
+        let first = keys_under(&committer, &prefix);
+        // Half taken off and checkpointed: their removals sit ahead of the start, in a run.
+        commit_group(&mut committer, [take_off(&first[..5])]);
+        checkpoint_current_segment(&mut committer);
+        check(&committer, "after the head left");
+        assert_eq!(read(&committer, 1), first[5..6]);
+
+        // A Flash entry sorts below the start: lowered, seen first.
+        commit_group(
+            &mut committer,
+            [enqueue_message(&outbox, pb::Priority::Flash, &id(10))],
+        );
+        check(&committer, "a Flash put below the start");
+        let flash = read(&committer, 1)[0].clone();
+        assert!(flash < first[5]);
+
+        // Only a deferred Routine entry is left live: the start goes into band 255.
+        commit_group(
+            &mut committer,
+            [tx(vec![Op::Defer(QueueKey(first[5].clone()))])],
+        );
+        commit_group(&mut committer, [take_off(&first[6..])]);
+        commit_group(&mut committer, [take_off(std::slice::from_ref(&flash))]);
+        check(&committer, "only a deferred entry left");
+        let deferred_routine = read(&committer, 1)[0].clone();
+        assert_eq!(deferred_routine[prefix.len()], 255);
+
+        // A Flash entry enqueued and deferred in the same transaction. The group leaves only the
+        // deferred key, [255, 252, seq], and it sorts below the start at [255, 254, ..]. The key
+        // the enqueue takes is computed from the committer's next sequence number.
+        let enqueued = [
+            prefix.clone(),
+            vec![252],
+            committer.next_seq.to_be_bytes().to_vec(),
+        ]
+        .concat();
+        commit_group(
+            &mut committer,
+            [tx(vec![
+                Op::Enqueue(
+                    outbox.clone(),
+                    pb::Priority::Flash,
+                    QueueEntry::message(&id(11)),
+                ),
+                Op::Defer(QueueKey(enqueued)),
+            ])],
+        );
+        check(&committer, "a first deferral below the start in band 255");
+        let live = keys_under(&committer, &prefix);
+        assert_eq!(live.len(), 2);
+        assert_eq!(live[1], deferred_routine);
+
+        // Drained: the start passes the last key stepped on; a new Routine entry is still seen.
+        commit_group(&mut committer, [take_off(&live)]);
+        assert!(read(&committer, 5).is_empty());
+        checkpoint_current_segment(&mut committer);
+        assert!(read(&committer, 5).is_empty());
+        commit_group(&mut committer, [routine(12)]);
+        check(&committer, "a put after the queue drained");
+
+        // Merges drop removals with their values; nothing is hidden or shown by it.
+        for i in 13..24 {
+            commit_group(&mut committer, [routine(i)]);
+            checkpoint_current_segment(&mut committer);
+            check(&committer, "through merges");
+            let head = read(&committer, 1);
+            commit_group(&mut committer, [take_off(&head)]);
+            check(&committer, "after taking the head off");
+        }
+        crash(committer);
+    }
+
+    /// Readers move the starts on two threads, with random limits, while commits put ever
+    /// higher priorities and take entries off. After each acknowledged commit, a read through
+    /// the starts equals a plain scan.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_moving_queue_starts_never_hide_an_acknowledged_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path(), 16 << 20).unwrap());
+        let outbox = Queue::Outbox("kh".parse().unwrap());
+        let prefix = queue_prefix(&outbox);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (1..=2u64)
+            .map(|seed| {
+                let (store, outbox, stop) = (store.clone(), outbox.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut n = seed;
+                    while !stop.load(Ordering::Relaxed) {
+                        n = n
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        store.queue(&outbox, (n >> 61) as usize).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let plain = |limit: usize| -> Vec<Vec<u8>> {
+            let whole = store.whole_groups().unwrap();
+            let scanned = whole.scan(&store.db, &prefix, limit).unwrap();
+            scanned.into_iter().map(|(k, _)| k).collect()
+        };
+        let priorities = [
+            pb::Priority::Routine,
+            pb::Priority::Urgent,
+            pb::Priority::Flash,
+        ];
+        for i in 0..3_000u64 {
+            let id = MessageId::new_v7(20_000 + i, [3; 10]);
+            let priority = priorities[(i * 7 % 3) as usize];
+            store
+                .commit(enqueue_message(&outbox, priority, &id))
+                .await
+                .unwrap();
+            if i % 3 == 0 {
+                // Taken off at the head or part way down, so that removals sit on both sides.
+                let keys = plain(4);
+                let key = keys[(i as usize / 3) % keys.len()].clone();
+                let tx = Tx {
+                    ops: vec![Op::Dequeue(QueueKey(key))],
+                    receipts: None,
+                };
+                store.commit(tx).await.unwrap();
+            }
+            for limit in [1, 5] {
+                let through: Vec<Vec<u8>> = (store.queue(&outbox, limit).unwrap().into_iter())
+                    .map(|(k, _)| k.0)
+                    .collect();
+                assert_eq!(through, plain(limit), "commit {i}, limit {limit}");
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for reader in readers {
+            reader.join().unwrap();
+        }
+    }
+
+    /// Layout 4 before 066e72e put small messages as `m` keys into the held writes, and so
+    /// into runs. Such a message is still read, and its id is still taken.
+    #[tokio::test]
+    async fn a_message_a_run_holds_inline_is_still_read_and_its_id_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = MessageId::new_v7(40_000, [8; 10]);
+        let stored = StoredMessage {
+            sender_org: "org-inline".into(),
+            ..Default::default()
+        };
+        {
+            let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+            {
+                // As 40d01b9's build and apply wrote it: into the held writes.
+                let mut applied = committer.applying.write().unwrap();
+                let db = committer.db.clone();
+                applied
+                    .put(&db, &message_key(&id), &stored.encode_to_vec())
+                    .unwrap();
+            }
+            commit_group(
+                &mut committer,
+                [Tx {
+                    ops: vec![Op::Log(b"x".to_vec())],
+                    receipts: None,
+                }],
+            );
+            checkpoint_current_segment(&mut committer);
+            let applied = committer.applying.read().unwrap();
+            assert!(
+                applied.held.0.is_empty() && !applied.runs.is_empty(),
+                "in a run"
+            );
+            assert!(
+                !committer.db.contains_key(message_key(&id)).unwrap(),
+                "not in sled"
+            );
+            drop(applied);
+            crash(committer);
+        }
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(store.message(&id).unwrap(), Some(stored.clone()));
+        let again = Tx {
+            ops: vec![Op::InsertMessage(id, stored)],
+            receipts: None,
+        };
+        assert_eq!(store.commit(again).await.unwrap(), TxOutcome::Exists(id));
     }
 
     /// A clean close writes the held writes as a run: the store reopens with nothing to
