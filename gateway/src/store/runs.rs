@@ -304,15 +304,15 @@ impl Run {
     }
 
     /// [`Run::scan`]'s entries from key `from` on (at least `prefix`).
-    pub(crate) fn scan_from<'a>(&'a self, prefix: &'a [u8], from: &'a [u8]) -> Scan<'a> {
+    pub(crate) fn scan_from<'a>(&'a self, prefix: &'a [u8], from: &[u8]) -> Scan<'a> {
         let p = self.filter.prefix_bytes as usize;
         let refused = p > 0 && prefix.len() >= p && !self.filter.may_hold(key_hash(&prefix[..p]));
-        let from = from.max(prefix);
+        let from = from.max(prefix).to_vec();
         Scan {
             run: self,
             prefix,
+            next_block: self.block_for(&from).unwrap_or(0),
             from,
-            next_block: self.block_for(from).unwrap_or(0),
             entries: Vec::new().into_iter(),
             done: refused,
         }
@@ -419,7 +419,7 @@ impl Parsed {
 pub(crate) struct Scan<'a> {
     run: &'a Run,
     prefix: &'a [u8],
-    from: &'a [u8],
+    from: Vec<u8>,
     next_block: usize,
     entries: std::vec::IntoIter<(Vec<u8>, Held)>,
     done: bool,
@@ -431,7 +431,7 @@ impl Iterator for Scan<'_> {
     fn next(&mut self) -> Option<Self::Item> {
         while !self.done {
             for (key, held) in self.entries.by_ref() {
-                if key.as_slice() < self.from {
+                if key < self.from {
                     continue;
                 }
                 if !key.starts_with(self.prefix) {

@@ -956,29 +956,28 @@ impl Applied {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
-        Ok(self.scan_from(db, prefix, prefix, limit)?.0)
+        self.scan_from(db, prefix, prefix, limit)
     }
 
-    /// [`Applied::scan`] from key `from` on (at least `prefix`); also returns the last key
-    /// the merge stepped on, removals included.
-    fn scan_from(
-        &self,
-        db: &sled::Db,
-        prefix: &[u8],
+    /// What [`Applied::scan`] merges, from key `from` on (at least `prefix`): the held
+    /// writes, the run being written, the runs (newest first), then sled.
+    fn sources<'a>(
+        &'a self,
+        db: &'a sled::Db,
+        prefix: &'a [u8],
         from: &[u8],
-        limit: usize,
-    ) -> Result<(Vec<KeyValue>, Option<Vec<u8>>), StoreError> {
-        let from = from.max(prefix);
-        let mut sources: Vec<Source<'_>> = Vec::with_capacity(self.runs.len() + 3);
+    ) -> runs::Merged<Source<'a>> {
+        let from = from.max(prefix).to_vec();
+        let mut sources: Vec<Source<'a>> = Vec::with_capacity(self.runs.len() + 3);
         for map in self.maps() {
-            let under = map.0.range(from.to_vec()..);
+            let under = map.0.range(from.clone()..);
             let under = under.take_while(move |(k, _)| k.starts_with(prefix));
             sources.push(Box::new(
                 under.map(|(k, held)| Ok((k.clone(), held.value().map(<[u8]>::to_vec)))),
             ));
         }
         for named in self.runs.iter() {
-            sources.push(Box::new(named.run.scan_from(prefix, from)));
+            sources.push(Box::new(named.run.scan_from(prefix, &from)));
         }
         let in_sled = db.range(from..).take_while(move |kv| match kv {
             Ok((k, _)) => k.starts_with(prefix),
@@ -988,22 +987,31 @@ impl Applied {
             kv.map(|(k, v)| (k.to_vec(), Some(v.to_vec())))
                 .map_err(std::io::Error::other)
         })));
-        let (mut out, mut last) = (Vec::new(), None);
-        for entry in runs::Merged::new(sources) {
+        runs::Merged::new(sources)
+    }
+
+    /// [`Applied::scan`] from key `from` on (at least `prefix`).
+    fn scan_from(
+        &self,
+        db: &sled::Db,
+        prefix: &[u8],
+        from: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.sources(db, prefix, from) {
             if out.len() >= limit {
                 break;
             }
-            let (key, held) = entry.map_err(run_read_error)?;
-            if let Some(value) = held {
-                out.push((key.clone(), value));
+            if let (key, Some(value)) = entry.map_err(run_read_error)? {
+                out.push((key, value));
             }
-            last = Some(key);
         }
-        Ok((out, last))
+        Ok(out)
     }
 
-    /// A queue's first `limit` entries as [`Applied::scan`] reads them, from where its last
-    /// scan found the first live entry ([`QueueStarts`]).
+    /// A queue's first `limit` entries as [`Applied::scan`] reads them, each priority band
+    /// read from where the last scan found its first live entry ([`QueueStarts`]).
     fn queue(
         &self,
         db: &sled::Db,
@@ -1013,51 +1021,97 @@ impl Applied {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let start = self.queue_starts.start(prefix);
-        let from = start.as_deref().unwrap_or(prefix);
-        let (entries, last) = self.scan_from(db, prefix, from, limit)?;
-        // Nothing live from `from` up to the first entry, or, with none, up to and
-        // including the last key stepped on. Set while this reader's guard holds writers
-        // back.
-        let next = match (entries.first(), last) {
-            (Some((first, _)), _) => Some(first.clone()),
-            (None, Some(last)) => Some([last.as_slice(), &[0]].concat()),
-            (None, None) => None,
-        };
-        if let Some(next) = next.filter(|next| Some(next) != start.as_ref()) {
-            self.queue_starts.set(prefix, next);
+        let starts = self.queue_starts.bands(prefix);
+        let band_of = |key: &[u8]| key.get(prefix.len()).copied();
+        let mut out = Vec::new();
+        // Per band walked, a start for the next scan: its first live entry, or, while none
+        // was found, past the last key stepped on. A band is entered at its first key, or
+        // at its start, below which it holds nothing live.
+        let mut learned = BandStarts::new();
+        let mut found_live = std::collections::BTreeSet::new();
+        let mut from = prefix.to_vec();
+        'jump: loop {
+            let mut band = None;
+            for entry in self.sources(db, prefix, &from) {
+                if out.len() >= limit {
+                    break 'jump;
+                }
+                let (key, held) = entry.map_err(run_read_error)?;
+                let Some(b) = band_of(&key) else {
+                    continue; // the prefix alone: not an entry's key
+                };
+                if band != Some(b) {
+                    band = Some(b);
+                    if let Some(start) = starts.get(&b).filter(|s| s.as_slice() > key.as_slice()) {
+                        from = start.clone();
+                        continue 'jump;
+                    }
+                }
+                match held {
+                    Some(value) => {
+                        if found_live.insert(b) {
+                            learned.insert(b, key.clone());
+                        }
+                        out.push((key, value));
+                    }
+                    None if !found_live.contains(&b) => {
+                        learned.insert(b, [key.as_slice(), &[0]].concat());
+                    }
+                    None => {}
+                }
+            }
+            break;
         }
-        Ok(entries)
+        // Set while this reader's guard holds writers back.
+        self.queue_starts.learn(prefix, learned);
+        Ok(out)
     }
 }
 
-/// Per queue (by key prefix), a key below which the queue holds nothing live: where its
-/// next scan starts. An entry's removal stays in the runs, hiding its value, until one merge
-/// takes both; the entries at the head of a draining queue are such removals, and without
-/// this every scan would step over all of them (a drain quadratic in its length). Set by
-/// queue scans, each under the read guard; lowered by every put of a queue entry below it,
-/// under the write guard ([`Applied::put`]). Removals only take entries away, and a
-/// checkpoint or a merge changes nothing readers see, so neither moves it.
+/// Per queue (by key prefix) and per priority band (the byte after it), a key below which
+/// the band holds nothing live: where the next scan of that band starts. An entry's removal
+/// stays in the runs, hiding its value, until one merge takes both; the entries at the head
+/// of a draining queue are such removals, and without this every scan would step over all
+/// of them (a drain quadratic in its length). Per band, so that entries of a higher
+/// priority coming and going (receipts, at Urgent, in a two-way drain) do not send the
+/// scans of the lower bands back to their start. Set by queue scans, each under the read
+/// guard; lowered by every put of a queue entry below its band's start, under the write
+/// guard ([`Applied::put`]). Removals only take entries away, and a checkpoint or a merge
+/// changes nothing readers see, so neither moves a start.
 #[derive(Default)]
-struct QueueStarts(Mutex<HashMap<Vec<u8>, Vec<u8>>>);
+struct QueueStarts(Mutex<HashMap<Vec<u8>, BandStarts>>);
+
+/// A queue's starts, by priority band.
+type BandStarts = BTreeMap<u8, Vec<u8>>;
 
 impl QueueStarts {
-    fn start(&self, prefix: &[u8]) -> Option<Vec<u8>> {
-        self.0.lock().ok()?.get(prefix).cloned()
+    fn bands(&self, prefix: &[u8]) -> BandStarts {
+        let starts = self.0.lock().ok();
+        starts
+            .and_then(|s| s.get(prefix).cloned())
+            .unwrap_or_default()
     }
 
-    fn set(&self, prefix: &[u8], start: Vec<u8>) {
+    fn learn(&self, prefix: &[u8], learned: BandStarts) {
+        if learned.is_empty() {
+            return;
+        }
         if let Ok(mut starts) = self.0.lock() {
-            starts.insert(prefix.to_vec(), start);
+            starts.entry(prefix.to_vec()).or_default().extend(learned);
         }
     }
 
-    /// Lowers the start of the queue `key` is an entry of to `key`, if it is above it.
+    /// Lowers the start of `key`'s band in its queue to `key`, if it is above it.
     fn lower_to(&mut self, key: &[u8]) {
         let starts = self.0.get_mut().unwrap_or_else(|p| p.into_inner());
-        for (prefix, start) in starts.iter_mut() {
-            if key.starts_with(prefix) && key < start.as_slice() {
-                *start = key.to_vec();
+        for (prefix, bands) in starts.iter_mut() {
+            let band = key
+                .strip_prefix(prefix.as_slice())
+                .and_then(|rest| rest.first());
+            if let Some(start) = band.and_then(|band| bands.get_mut(band)) {
+                if key < start.as_slice() {
+                    *start = key.to_vec();
+                }
             }
         }
     }
@@ -2926,6 +2980,57 @@ mod tests {
             receipts: None,
         };
         assert_eq!(store.commit(again).await.unwrap(), TxOutcome::Exists(id));
+    }
+
+    /// Entries of a higher priority coming and going (receipts, at Urgent, in a two-way
+    /// drain) leave the start of the Routine band where it was: scans go on skipping the
+    /// removals at that band's head.
+    #[test]
+    fn an_urgent_entry_leaves_the_routine_bands_start_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let outbox = Queue::Outbox("kh".parse().unwrap());
+        let prefix = queue_prefix(&outbox);
+        let id = |i: u64| MessageId::new_v7(13_000 + i, [6; 10]);
+        let take_off = |keys: &[Vec<u8>]| Tx {
+            ops: keys
+                .iter()
+                .map(|k| Op::Dequeue(QueueKey(k.clone())))
+                .collect(),
+            receipts: None,
+        };
+        let read = |committer: &Committer, limit: usize| -> Vec<Vec<u8>> {
+            let applied = committer.applying.read().unwrap();
+            let entries = applied.queue(&committer.db, &prefix, limit).unwrap();
+            entries.into_iter().map(|(k, _)| k).collect()
+        };
+        let routine_start = |committer: &Committer| -> Option<Vec<u8>> {
+            let applied = committer.applying.read().unwrap();
+            let band = 255 - pb::Priority::Routine as u8;
+            applied.queue_starts.bands(&prefix).get(&band).cloned()
+        };
+        let routine = |i| enqueue_message(&outbox, pb::Priority::Routine, &id(i));
+        commit_group(&mut committer, (0..10).map(routine));
+        checkpoint_current_segment(&mut committer);
+        let first = keys_under(&committer, &prefix);
+        commit_group(&mut committer, [take_off(&first[..6])]);
+        checkpoint_current_segment(&mut committer);
+        assert_eq!(read(&committer, 2), first[6..8]);
+        assert_eq!(routine_start(&committer).as_ref(), Some(&first[6]));
+
+        let urgent = enqueue_message(&outbox, pb::Priority::Urgent, &id(10));
+        commit_group(&mut committer, [urgent]);
+        assert_eq!(
+            routine_start(&committer).as_ref(),
+            Some(&first[6]),
+            "the urgent entry moved the routine band's start"
+        );
+        let seen = read(&committer, 2);
+        assert_eq!(seen[1], first[6], "the urgent entry first");
+        commit_group(&mut committer, [take_off(&seen[..1])]);
+        assert_eq!(read(&committer, 2), first[6..8]);
+        assert_eq!(routine_start(&committer).as_ref(), Some(&first[6]));
+        crash(committer);
     }
 
     /// A clean close writes the held writes as a run: the store reopens with nothing to
