@@ -261,15 +261,23 @@ impl Run {
         self.bytes
     }
 
-    /// Whether the run may name `key`: its filter, in memory, without reading a block
-    /// (about 1% of absent keys pass).
-    pub(crate) fn may_hold(&self, key: &[u8]) -> bool {
-        self.filter.may_hold(key_hash(key))
+    /// Whether the run may name the probe's key: its filter, in memory, without reading a
+    /// block (about 1% of absent keys pass).
+    pub(crate) fn may_hold(&self, probe: &Probe<'_>) -> bool {
+        self.filter.may_hold(probe.hash)
     }
 
-    /// What the run holds for `key`: `None` if it does not name it.
+    /// What the run holds for `key`: `None` if it does not name it (the store looks keys up
+    /// with [`Run::get_probed`]).
+    #[cfg(test)]
     pub(crate) fn get(&self, key: &[u8]) -> std::io::Result<Option<Held>> {
-        if !self.filter.may_hold(key_hash(key)) {
+        self.get_probed(&Probe::new(key))
+    }
+
+    /// [`Run::get`] with the key's hash computed once for every run looked in.
+    pub(crate) fn get_probed(&self, probe: &Probe<'_>) -> std::io::Result<Option<Held>> {
+        let key = probe.key;
+        if !self.filter.may_hold(probe.hash) {
             return Ok(None);
         }
         let Some(at) = self.block_for(key) else {
@@ -611,6 +619,21 @@ impl Filter {
             bits,
             words,
         })
+    }
+}
+
+/// A key looked up in several runs, with its filter hash computed once.
+pub(crate) struct Probe<'a> {
+    key: &'a [u8],
+    hash: u64,
+}
+
+impl<'a> Probe<'a> {
+    pub(crate) fn new(key: &'a [u8]) -> Self {
+        Self {
+            key,
+            hash: key_hash(key),
+        }
     }
 }
 

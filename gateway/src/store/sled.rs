@@ -255,7 +255,7 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
             runs_dir.display()
         )));
     }
-    let runs = RunSet::open(&runs_dir, false)
+    let mut runs = RunSet::open(&runs_dir, false)
         .map_err(|e| log_read_error(e, format!("the runs in {}", runs_dir.display())))?
         .with_put_once(is_put_once);
     // The directory entries of sled's files and of the four folders must survive a power
@@ -332,7 +332,6 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     // anything in sled.
     let sled_holds_queue_keys =
         db.scan_prefix(b"q").next().is_some() || db.scan_prefix(b"x").next().is_some();
-    let mut runs = runs;
     runs.set_nothing_below(!sled_holds_queue_keys);
     applying
         .write()
@@ -656,13 +655,18 @@ fn is_outbox_index_key(key: &[u8]) -> bool {
     key.starts_with(OUTBOX_INDEX)
 }
 
+/// A metadata counter as sled holds it (the layout and its mark), 0 if never written.
 fn read_meta(db: &sled::Db, key: &[u8]) -> Result<u64, StoreError> {
-    match db.get(key)? {
-        None => Ok(0),
-        Some(v) => Ok(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
-            StoreError::Corrupt(String::from_utf8_lossy(key).into())
-        })?)),
-    }
+    meta_number(key, db.get(key)?.as_deref())
+}
+
+/// A metadata counter's value, 0 if never written.
+fn meta_number(key: &[u8], value: Option<&[u8]>) -> Result<u64, StoreError> {
+    let Some(value) = value else { return Ok(0) };
+    let bytes = value
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(String::from_utf8_lossy(key).into()))?;
+    Ok(u64::from_be_bytes(bytes))
 }
 
 fn sync_dir(path: &Path) -> std::io::Result<()> {
@@ -882,8 +886,9 @@ impl Applied {
                 return Ok(held.value().map(<[u8]>::to_vec));
             }
         }
+        let probe = runs::Probe::new(key);
         for named in self.runs.iter() {
-            let found = named.run.get(key).map_err(run_read_error)?;
+            let found = named.run.get_probed(&probe).map_err(run_read_error)?;
             if let Some(held) = found {
                 return Ok(held);
             }
@@ -898,19 +903,17 @@ impl Applied {
 
     /// A metadata counter (`s…`), 0 if never written.
     fn read_meta(&self, db: &sled::Db, key: &[u8]) -> Result<u64, StoreError> {
-        match self.get(db, key)? {
-            None => Ok(0),
-            Some(v) => Ok(u64::from_be_bytes(v.as_slice().try_into().map_err(
-                |_| StoreError::Corrupt(String::from_utf8_lossy(key).into()),
-            )?)),
-        }
+        meta_number(key, self.get(db, key)?.as_deref())
     }
 
     /// Whether something below the held writes may hold queue key `key`: the run being
     /// written, a run's filter (in memory; about 1% of absent keys pass), or sled.
     fn may_be_below(&self, db: &sled::Db, key: &[u8]) -> Result<bool, StoreError> {
         Ok(self.writing.as_ref().is_some_and(|w| w.0.contains_key(key))
-            || self.runs.iter().any(|named| named.run.may_hold(key))
+            || {
+                let probe = runs::Probe::new(key);
+                self.runs.iter().any(|named| named.run.may_hold(&probe))
+            }
             || (self.sled_holds_queue_keys && db.contains_key(key)?))
     }
 
@@ -1569,9 +1572,7 @@ impl SledFiles {
     /// file, and the log's and message files. sled's own flush ends in `sync_file_range`,
     /// which a power cut does not respect, and it does not sync blob files.
     fn make_durable(&self) -> Result<(), StoreError> {
-        let names = blob_names(&self.blob_dir)?;
-        let (_, added) = sync_new_files(&self.blob_dir, names, &HashMap::new())?;
-        if added {
+        if sync_files(&self.blob_dir, blob_names(&self.blob_dir)?)? {
             sync_dir(&self.blob_dir)?;
         }
         self.db.flush()?;
@@ -1583,8 +1584,7 @@ impl SledFiles {
 
     /// sled's log and blob files' bytes, which stay as they are once the open is done.
     fn bytes(&self) -> Result<u64, StoreError> {
-        let blobs: u64 = blob_sizes(&self.blob_dir)?.values().sum();
-        Ok(self.log_file.metadata()?.len() + blobs)
+        Ok(self.log_file.metadata()?.len() + blob_bytes(&self.blob_dir)?)
     }
 }
 
@@ -1787,53 +1787,33 @@ fn blob_names(dir: &Path) -> std::io::Result<Vec<std::ffi::OsString>> {
     }
 }
 
-/// sled's blob files by name, with their sizes.
-type BlobSizes = HashMap<std::ffi::OsString, u64>;
-
-/// The blob files and their sizes.
-fn blob_sizes(dir: &Path) -> std::io::Result<BlobSizes> {
-    let mut sizes = HashMap::new();
+/// The bytes of sled's blob files.
+fn blob_bytes(dir: &Path) -> std::io::Result<u64> {
+    let mut bytes = 0;
     for name in blob_names(dir)? {
         match std::fs::metadata(dir.join(&name)) {
-            Ok(meta) => {
-                sizes.insert(name, meta.len());
-            }
+            Ok(meta) => bytes += meta.len(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(sizes)
+    Ok(bytes)
 }
 
-/// `fdatasync`s the files `names` of `dir` that are not in `synced`; returns the names
-/// still there with their sizes, and whether the folder changed. sled deletes a blob once
-/// its page is rewritten, possibly after the folder was listed: such a file has nothing to
-/// keep and is skipped (it used to fail the sync and poison the store).
-fn sync_new_files(
-    dir: &Path,
-    names: Vec<std::ffi::OsString>,
-    synced: &HashMap<std::ffi::OsString, u64>,
-) -> std::io::Result<(HashMap<std::ffi::OsString, u64>, bool)> {
-    let mut present = HashMap::new();
-    let mut changed = false;
+/// `fdatasync`s the files `names` of `dir`; returns whether it synced any. sled deletes a
+/// blob once its page is rewritten, possibly after the folder was listed: such a file has
+/// nothing to keep and is skipped (it used to fail the sync and poison the store).
+fn sync_files(dir: &Path, names: Vec<std::ffi::OsString>) -> std::io::Result<bool> {
+    let mut synced = false;
     for name in names {
-        let size = match synced.get(&name) {
-            Some(size) => *size,
-            None => {
-                changed = true;
-                match File::open(dir.join(&name)) {
-                    Ok(file) => {
-                        file.sync_data()?;
-                        file.metadata()?.len()
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-        };
-        present.insert(name, size);
+        match File::open(dir.join(&name)) {
+            Ok(file) => file.sync_data()?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        }
+        synced = true;
     }
-    Ok((present, changed))
+    Ok(synced)
 }
 
 impl Store for SledStore {
@@ -2039,12 +2019,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("1"), b"blob").unwrap();
         let listed = vec!["1".into(), "2".into()]; // "2" was deleted after the listing
-        let (present, changed) = sync_new_files(dir.path(), listed, &HashMap::new()).unwrap();
-        assert!(changed);
-        assert_eq!(present, HashMap::from([("1".into(), 4)]));
-        // Nothing new: nothing to sync, no change.
-        let (_, changed) = sync_new_files(dir.path(), vec!["1".into()], &present).unwrap();
-        assert!(!changed);
+        assert!(sync_files(dir.path(), listed).unwrap());
+        // Only a deleted one: nothing synced.
+        assert!(!sync_files(dir.path(), vec!["2".into()]).unwrap());
     }
 
     /// A second open of a store that is open elsewhere waits, then says so and names the
@@ -2321,12 +2298,8 @@ mod tests {
     fn queue_keys_reach_a_run_only_if_still_there_at_a_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
-        let outbox = Queue::Outbox("kh".parse().unwrap());
-        let prefix = queue_prefix(&outbox);
-        let enqueue = |i: u64| {
-            let id = MessageId::new_v7(7_000 + i, [6; 10]);
-            enqueue_message(&outbox, pb::Priority::Routine, &id)
-        };
+        let (outbox, prefix) = kh_outbox();
+        let enqueue = routine_to(&outbox, 7_000, 6);
         let dequeue = |key: &Vec<u8>| Tx {
             ops: vec![Op::Dequeue(QueueKey(key.clone()))],
             receipts: None,
@@ -2418,8 +2391,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let wal_dir = dir.path().join("wal");
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
-        let outbox = Queue::Outbox("kh".parse().unwrap());
-        let prefix = queue_prefix(&outbox);
+        let (outbox, prefix) = kh_outbox();
         let id = |i: u64| MessageId::new_v7(50_000 + i, [3; 10]);
         let submit = |i: u64| Tx {
             ops: vec![
@@ -2476,12 +2448,8 @@ mod tests {
     fn a_run_that_cannot_be_written_stops_the_store_and_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
-        let outbox = Queue::Outbox("kh".parse().unwrap());
-        let prefix = queue_prefix(&outbox);
-        let enqueue = |i: u64| {
-            let id = MessageId::new_v7(60_000 + i, [2; 10]);
-            enqueue_message(&outbox, pb::Priority::Routine, &id)
-        };
+        let (outbox, prefix) = kh_outbox();
+        let enqueue = routine_to(&outbox, 60_000, 2);
         commit_group(&mut committer, (0..5).map(enqueue));
         let queued = keys_under(&committer, &prefix);
         let in_the_way =
@@ -2547,12 +2515,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kept = tempfile::tempdir().unwrap();
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
-        let outbox = Queue::Outbox("kh".parse().unwrap());
-        let prefix = queue_prefix(&outbox);
-        let enqueue = |i: u64| {
-            let id = MessageId::new_v7(90_000 + i, [7; 10]);
-            enqueue_message(&outbox, pb::Priority::Routine, &id)
-        };
+        let (outbox, prefix) = kh_outbox();
+        let enqueue = routine_to(&outbox, 90_000, 7);
         commit_group(&mut committer, (0..3).map(enqueue));
         let first = keys_under(&committer, &prefix);
         assert_eq!(first.len(), 3);
@@ -2612,12 +2576,8 @@ mod tests {
     fn a_second_dequeue_of_an_entry_gone_before_a_checkpoint_leaves_no_removal() {
         let dir = tempfile::tempdir().unwrap();
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
-        let outbox = Queue::Outbox("kh".parse().unwrap());
-        let prefix = queue_prefix(&outbox);
-        let enqueue = |i: u64| {
-            let id = MessageId::new_v7(91_000 + i, [8; 10]);
-            enqueue_message(&outbox, pb::Priority::Routine, &id)
-        };
+        let (outbox, prefix) = kh_outbox();
+        let enqueue = routine_to(&outbox, 91_000, 8);
         commit_group(&mut committer, [enqueue(0)]);
         let key = keys_under(&committer, &prefix)[0].clone();
         commit_group(&mut committer, [dequeue_tx(&key)]);
@@ -2672,8 +2632,7 @@ mod tests {
     #[test]
     fn an_entry_sled_holds_from_layout_3_stays_gone_through_merges() {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = Queue::Outbox("kh".parse().unwrap());
-        let prefix = queue_prefix(&outbox);
+        let (outbox, prefix) = kh_outbox();
         let routine = 255 - (pb::Priority::Routine as i32).clamp(1, 254) as u8;
         let old = [prefix.as_slice(), &[routine], &5u64.to_be_bytes()].concat();
         {
@@ -2765,8 +2724,7 @@ mod tests {
     fn queue_starts_never_hide_an_entry_put_below_them() {
         let dir = tempfile::tempdir().unwrap();
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
-        let outbox = Queue::Outbox("kh".parse().unwrap());
-        let prefix = queue_prefix(&outbox);
+        let (outbox, prefix) = kh_outbox();
         let id = |i: u64| MessageId::new_v7(12_000 + i, [7; 10]);
         let tx = |ops: Vec<Op>| Tx {
             ops,
@@ -2876,8 +2834,7 @@ mod tests {
     async fn readers_moving_queue_starts_never_hide_an_acknowledged_entry() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SledStore::open(dir.path(), 16 << 20).unwrap());
-        let outbox = Queue::Outbox("kh".parse().unwrap());
-        let prefix = queue_prefix(&outbox);
+        let (outbox, prefix) = kh_outbox();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let readers: Vec<_> = (1..=2u64)
             .map(|seed| {
@@ -2989,8 +2946,7 @@ mod tests {
     fn an_urgent_entry_leaves_the_routine_bands_start_alone() {
         let dir = tempfile::tempdir().unwrap();
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
-        let outbox = Queue::Outbox("kh".parse().unwrap());
-        let prefix = queue_prefix(&outbox);
+        let (outbox, prefix) = kh_outbox();
         let id = |i: u64| MessageId::new_v7(13_000 + i, [6; 10]);
         let take_off = |keys: &[Vec<u8>]| Tx {
             ops: keys
@@ -3285,8 +3241,7 @@ mod tests {
         use std::sync::atomic::AtomicBool;
         let dir = tempfile::tempdir().unwrap();
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
-        let outbox = Queue::Outbox("kh".parse().unwrap());
-        let prefix = queue_prefix(&outbox);
+        let (outbox, prefix) = kh_outbox();
         // Where each entry stands, by key, as its groups are answered.
         #[derive(Clone, Copy, PartialEq, Debug)]
         enum Stage {
@@ -3422,12 +3377,8 @@ mod tests {
     fn a_panic_holding_the_applied_state_stops_the_store_until_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
-        let outbox = Queue::Outbox("kh".parse().unwrap());
-        let prefix = queue_prefix(&outbox);
-        let enqueue = |i: u64| {
-            let id = MessageId::new_v7(30_000 + i, [4; 10]);
-            enqueue_message(&outbox, pb::Priority::Routine, &id)
-        };
+        let (outbox, prefix) = kh_outbox();
+        let enqueue = routine_to(&outbox, 30_000, 4);
         commit_group(&mut committer, [enqueue(0)]);
         let mut built = Group::default();
         let outcome = committer.build(enqueue(1), &mut built);
@@ -3489,8 +3440,7 @@ mod tests {
     fn a_power_cut_after_a_checkpoint_is_rebuilt_from_the_write_ahead_log() {
         let dir = tempfile::tempdir().unwrap();
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
-        let outbox = Queue::Outbox("kh".parse().unwrap());
-        let prefix = queue_prefix(&outbox);
+        let (outbox, prefix) = kh_outbox();
         let id = |i: u64| MessageId::new_v7(40_000 + i, [5; 10]);
         let submit = |i: u64| {
             let stored = StoredMessage {
@@ -3687,6 +3637,22 @@ mod tests {
             order,
             vec![(ids[1], false), (ids[2], false), (ids[0], true)]
         );
+    }
+
+    /// The outbox towards KH, and its keys' prefix.
+    fn kh_outbox() -> (Queue, Vec<u8>) {
+        let outbox = Queue::Outbox("kh".parse().unwrap());
+        let prefix = queue_prefix(&outbox);
+        (outbox, prefix)
+    }
+
+    /// Transactions that queue, at ROUTINE, message `base + i` (random part `[seed; 10]`)
+    /// on `queue`.
+    fn routine_to(queue: &Queue, base: u64, seed: u8) -> impl Fn(u64) -> Tx + Copy + '_ {
+        move |i| {
+            let id = MessageId::new_v7(base + i, [seed; 10]);
+            enqueue_message(queue, pb::Priority::Routine, &id)
+        }
     }
 
     /// A transaction that queues message `id` on `queue`.
