@@ -959,7 +959,16 @@ impl Applied {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
-        self.scan_from(db, prefix, prefix, limit)
+        let mut out = Vec::new();
+        for entry in self.sources(db, prefix, prefix) {
+            if out.len() >= limit {
+                break;
+            }
+            if let (key, Some(value)) = entry.map_err(run_read_error)? {
+                out.push((key, value));
+            }
+        }
+        Ok(out)
     }
 
     /// What [`Applied::scan`] merges, from key `from` on (at least `prefix`): the held
@@ -991,26 +1000,6 @@ impl Applied {
                 .map_err(std::io::Error::other)
         })));
         runs::Merged::new(sources)
-    }
-
-    /// [`Applied::scan`] from key `from` on (at least `prefix`).
-    fn scan_from(
-        &self,
-        db: &sled::Db,
-        prefix: &[u8],
-        from: &[u8],
-        limit: usize,
-    ) -> Result<Vec<KeyValue>, StoreError> {
-        let mut out = Vec::new();
-        for entry in self.sources(db, prefix, from) {
-            if out.len() >= limit {
-                break;
-            }
-            if let (key, Some(value)) = entry.map_err(run_read_error)? {
-                out.push((key, value));
-            }
-        }
-        Ok(out)
     }
 
     /// A queue's first `limit` entries as [`Applied::scan`] reads them, each priority band
