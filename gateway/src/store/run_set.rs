@@ -9,6 +9,13 @@
 //! bring back. Checkpoints are numbered from 1 without gaps, so an open that finds one
 //! missing refuses the folder: a run lost from it would silently take its keys back to
 //! older values.
+//!
+//! The newest runs, or all of them, cannot be told missing from the names alone. So each
+//! checkpoint's number is also recorded beside the folder, in `<folder>.last` (for the
+//! store, `runs.last`): 20 digits and a newline, written whole (a temporary file, synced,
+//! renamed, the parent folder synced) after the run it names is linked in. An open refuses
+//! a folder whose runs end before the record, and a folder that holds runs but no record.
+//! The record can only lag, by the one run a crash linked before it was written.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -47,10 +54,28 @@ pub(crate) struct Named {
 }
 
 impl RunSet {
-    /// Opens the runs in `dir`, deleting unfinished writes and runs a finished merge holds.
+    /// Opens the runs in `dir`, deleting unfinished writes and runs a finished merge holds,
+    /// and refusing a folder whose newest runs are gone ([module docs](self)): one with no
+    /// record of its last checkpoint is taken only if this open makes it.
     /// `nothing_below`: no other store under the runs holds keys their removals hide.
     pub(crate) fn open(dir: &Path, nothing_below: bool) -> std::io::Result<Self> {
+        let new = !dir.try_exists()?;
+        Self::open_recorded(dir, nothing_below, new)
+    }
+
+    /// [`RunSet::open`] for a folder written before checkpoints were recorded beside it: a
+    /// missing record is written from the runs found.
+    pub(crate) fn adopt(dir: &Path, nothing_below: bool) -> std::io::Result<Self> {
+        Self::open_recorded(dir, nothing_below, true)
+    }
+
+    fn open_recorded(
+        dir: &Path,
+        nothing_below: bool,
+        unrecorded_is_whole: bool,
+    ) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
+        let recorded = read_record(dir)?;
         let mut found = Vec::new();
         let mut deleted = false;
         for entry in std::fs::read_dir(dir)? {
@@ -106,6 +131,32 @@ impl RunSet {
                 ));
             }
             expected = named.last + 1;
+        }
+        let last = runs.first().map_or(0, |r| r.last);
+        match recorded {
+            Some(recorded) if last < recorded => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{} records checkpoint {recorded}, but the runs in {} end at \
+                         checkpoint {last}: the newest runs were lost",
+                        record_path(dir).display(),
+                        dir.display()
+                    ),
+                ))
+            }
+            Some(_) => {}
+            None if unrecorded_is_whole => write_record(dir, last)?,
+            None => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{} is missing: nothing tells whether the newest runs in {} are there",
+                        record_path(dir).display(),
+                        dir.display()
+                    ),
+                ))
+            }
         }
         if deleted {
             std::fs::File::open(dir)?.sync_all()?;
@@ -190,6 +241,7 @@ impl RunSet {
         let path = self.dir.join(name(number, number));
         runs::write(&path, entries)?;
         let named = open_named(&path, number, number)?;
+        write_record(&self.dir, number)?;
         let mut runs = Vec::with_capacity(self.runs.len() + 1);
         runs.push(Arc::new(named));
         runs.extend(self.runs.iter().cloned());
@@ -260,6 +312,60 @@ fn due(sizes: &[u64]) -> Option<std::ops::Range<usize>> {
         }
         (end - start >= MERGE_AT).then_some(start..end)
     })
+}
+
+/// Where the last checkpoint of the runs in `dir` is recorded: `<dir>.last`, beside it.
+pub(crate) fn record_path(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_owned();
+    name.push(".last");
+    dir.with_file_name(name)
+}
+
+/// Bytes of a record: 20 digits and a newline.
+const RECORD_LEN: usize = 21;
+
+/// The checkpoint recorded for the runs in `dir`, `None` if no record is there; a record
+/// that is not [`RECORD_LEN`] bytes of digits and a newline is an error.
+fn read_record(dir: &Path) -> std::io::Result<Option<u64>> {
+    let path = record_path(dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let number = match bytes.split_last() {
+        Some((b'\n', digits)) if bytes.len() == RECORD_LEN => std::str::from_utf8(digits)
+            .ok()
+            .filter(|d| d.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|d| d.parse().ok()),
+        _ => None,
+    };
+    number.map(Some).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{} is damaged: it is not a checkpoint number",
+                path.display()
+            ),
+        )
+    })
+}
+
+/// Records `number` as the last checkpoint of the runs in `dir`, whole or not at all: a
+/// temporary file, synced, renamed over the record, and the parent folder synced.
+fn write_record(dir: &Path, number: u64) -> std::io::Result<()> {
+    let path = record_path(dir);
+    let mut temporary = path.clone().into_os_string();
+    temporary.push(runs::TEMPORARY_SUFFIX);
+    let temporary = PathBuf::from(temporary);
+    {
+        let mut file = std::fs::File::create(&temporary)?;
+        std::io::Write::write_all(&mut file, format!("{number:020}\n").as_bytes())?;
+        file.sync_data()?;
+    }
+    std::fs::rename(&temporary, &path)?;
+    let parent = path.parent().filter(|d| !d.as_os_str().is_empty());
+    std::fs::File::open(parent.unwrap_or(Path::new(".")))?.sync_all()
 }
 
 fn open_named(path: &Path, first: u64, last: u64) -> std::io::Result<Named> {
@@ -340,6 +446,11 @@ mod tests {
         (set, applied)
     }
 
+    /// The folder of runs in `dir`, whose record is written beside it, in `dir` too.
+    fn runs_in(dir: &tempfile::TempDir) -> PathBuf {
+        dir.path().join("runs")
+    }
+
     fn files(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
@@ -352,7 +463,7 @@ mod tests {
     #[test]
     fn four_small_runs_in_a_row_become_one_and_read_the_same() {
         let dir = tempfile::tempdir().unwrap();
-        let mut set = RunSet::open(dir.path(), true).unwrap();
+        let mut set = RunSet::open(&runs_in(&dir), true).unwrap();
         let mut applied = Map::new();
         for n in 1..=3 {
             add(&mut set, n, &mut applied);
@@ -360,7 +471,7 @@ mod tests {
         }
         add(&mut set, 4, &mut applied);
         assert_eq!(set.compact().unwrap(), 1);
-        assert_eq!(files(dir.path()), vec![name(1, 4)]);
+        assert_eq!(files(&runs_in(&dir)), vec![name(1, 4)]);
         assert_eq!(contents(&set), live(&applied));
         assert_eq!(set.last_checkpoint(), 4);
         let err = set.add(4, [Ok((b"a", Some(b"b")))]).unwrap_err();
@@ -376,7 +487,7 @@ mod tests {
         );
         assert_eq!(merged.get(&key(4)).unwrap(), Some(Some(vec![4; 30])));
         drop(set);
-        let set = RunSet::open(dir.path(), true).unwrap();
+        let set = RunSet::open(&runs_in(&dir), true).unwrap();
         assert_eq!(contents(&set), live(&applied));
     }
 
@@ -385,7 +496,7 @@ mod tests {
     #[test]
     fn over_another_store_a_merge_keeps_its_removals() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut set, _) = four_checkpoints(dir.path(), false);
+        let (mut set, _) = four_checkpoints(&runs_in(&dir), false);
         assert_eq!(set.compact().unwrap(), 1);
         let merged = &set.runs()[0].run;
         assert_eq!(
@@ -400,7 +511,7 @@ mod tests {
     #[test]
     fn a_merge_drops_a_put_once_keys_removal_with_its_value() {
         let dir = tempfile::tempdir().unwrap();
-        let (set, applied) = four_checkpoints(dir.path(), false);
+        let (set, applied) = four_checkpoints(&runs_in(&dir), false);
         let mut set = set.with_put_once(|key| key != self::key(2).as_slice());
         assert_eq!(set.compact().unwrap(), 1);
         let merged = &set.runs()[0].run;
@@ -416,7 +527,7 @@ mod tests {
     #[test]
     fn many_checkpoints_keep_few_runs_and_every_value() {
         let dir = tempfile::tempdir().unwrap();
-        let mut set = RunSet::open(dir.path(), true).unwrap();
+        let mut set = RunSet::open(&runs_in(&dir), true).unwrap();
         let mut applied = Map::new();
         let mut most = 0;
         for n in 1..=200 {
@@ -426,7 +537,7 @@ mod tests {
         }
         assert!(most <= MERGE_AT * 2, "{most} runs at once");
         assert_eq!(contents(&set), live(&applied));
-        assert_eq!(files(dir.path()).len(), set.runs().len());
+        assert_eq!(files(&runs_in(&dir)).len(), set.runs().len());
     }
 
     /// A crash after a merge's run was renamed into place, before its inputs were deleted:
@@ -436,25 +547,25 @@ mod tests {
     fn an_open_after_a_merge_cut_short_deletes_the_merged_runs() {
         let dir = tempfile::tempdir().unwrap();
         let aside = tempfile::tempdir().unwrap();
-        let (mut set, applied) = four_checkpoints(dir.path(), true);
-        let inputs = files(dir.path());
+        let (mut set, applied) = four_checkpoints(&runs_in(&dir), true);
+        let inputs = files(&runs_in(&dir));
         for f in &inputs {
-            std::fs::copy(dir.path().join(f), aside.path().join(f)).unwrap();
+            std::fs::copy(runs_in(&dir).join(f), aside.path().join(f)).unwrap();
         }
         set.compact().unwrap();
         drop(set);
         for f in &inputs {
-            std::fs::copy(aside.path().join(f), dir.path().join(f)).unwrap();
+            std::fs::copy(aside.path().join(f), runs_in(&dir).join(f)).unwrap();
         }
         std::fs::write(
-            dir.path().join(format!("{}.tmp", name(5, 5))),
+            runs_in(&dir).join(format!("{}.tmp", name(5, 5))),
             b"half a run",
         )
         .unwrap();
-        assert_eq!(files(dir.path()).len(), 6);
+        assert_eq!(files(&runs_in(&dir)).len(), 6);
 
-        let set = RunSet::open(dir.path(), true).unwrap();
-        assert_eq!(files(dir.path()), vec![name(1, 4)]);
+        let set = RunSet::open(&runs_in(&dir), true).unwrap();
+        assert_eq!(files(&runs_in(&dir)), vec![name(1, 4)]);
         assert_eq!(set.runs().len(), 1);
         assert_eq!(contents(&set), live(&applied));
         assert!(!contents(&set).contains_key(&key(1)), "key 1 stays removed");
@@ -463,7 +574,7 @@ mod tests {
     #[test]
     fn readers_keep_the_runs_they_took_while_a_merge_replaces_them() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut set, applied) = four_checkpoints(dir.path(), true);
+        let (mut set, applied) = four_checkpoints(&runs_in(&dir), true);
         let taken = set.runs();
         set.compact().unwrap();
         assert_eq!(taken.len(), 4);
@@ -477,16 +588,18 @@ mod tests {
     #[test]
     fn a_file_that_is_not_a_run_or_runs_that_overlap_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("notes.txt"), b"").unwrap();
-        let err = RunSet::open(dir.path(), true).unwrap_err();
+        std::fs::create_dir(runs_in(&dir)).unwrap();
+        std::fs::write(runs_in(&dir).join("notes.txt"), b"").unwrap();
+        let err = RunSet::open(&runs_in(&dir), true).unwrap_err();
         assert!(err.to_string().contains("not a run"), "{err}");
 
         let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(runs_in(&dir)).unwrap();
         for (first, last) in [(1, 4), (3, 6)] {
-            let path = dir.path().join(name(first, last));
+            let path = runs_in(&dir).join(name(first, last));
             runs::write(&path, [Ok((b"a", Some(b"b")))]).unwrap();
         }
-        let err = RunSet::open(dir.path(), true).unwrap_err();
+        let err = RunSet::open(&runs_in(&dir), true).unwrap_err();
         assert!(err.to_string().contains("overlaps"), "{err}");
     }
 
@@ -537,11 +650,11 @@ mod tests {
     #[test]
     fn after_a_failed_write_the_set_takes_no_more_until_reopened() {
         let dir = tempfile::tempdir().unwrap();
-        let mut set = RunSet::open(dir.path(), true).unwrap();
+        let mut set = RunSet::open(&runs_in(&dir), true).unwrap();
         let mut applied = Map::new();
         add(&mut set, 1, &mut applied);
         // A file where checkpoint 2's run goes: its link fails.
-        std::fs::write(dir.path().join(name(2, 2)), b"in the way").unwrap();
+        std::fs::write(runs_in(&dir).join(name(2, 2)), b"in the way").unwrap();
         let entries = writes(2);
         let tried = set.add(
             2,
@@ -555,8 +668,8 @@ mod tests {
         assert!(set.compact().is_err());
         assert_eq!(contents(&set), live(&applied), "reads go on");
 
-        std::fs::remove_file(dir.path().join(name(2, 2))).unwrap();
-        let mut set = RunSet::open(dir.path(), true).unwrap();
+        std::fs::remove_file(runs_in(&dir).join(name(2, 2))).unwrap();
+        let mut set = RunSet::open(&runs_in(&dir), true).unwrap();
         add(&mut set, 2, &mut applied);
         assert_eq!(contents(&set), live(&applied));
     }
@@ -567,17 +680,119 @@ mod tests {
     fn a_folder_missing_a_run_is_refused() {
         for lost in [1, 2] {
             let dir = tempfile::tempdir().unwrap();
-            let mut set = RunSet::open(dir.path(), true).unwrap();
+            let mut set = RunSet::open(&runs_in(&dir), true).unwrap();
             let mut applied = Map::new();
             for n in 1..=3 {
                 add(&mut set, n, &mut applied);
             }
             drop(set);
-            std::fs::remove_file(dir.path().join(name(lost, lost))).unwrap();
-            let err = RunSet::open(dir.path(), true).unwrap_err();
+            std::fs::remove_file(runs_in(&dir).join(name(lost, lost))).unwrap();
+            let err = RunSet::open(&runs_in(&dir), true).unwrap_err();
             assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
             let said = format!("lacks the run of checkpoint {lost}");
             assert!(err.to_string().contains(&said), "{err}");
+        }
+    }
+
+    /// A restore that missed the newest runs, or all of them, would read the keys they
+    /// wrote at older values, with no gap in the names to show it: the record beside the
+    /// folder does.
+    #[test]
+    fn a_folder_whose_newest_runs_are_gone_is_refused() {
+        // The newest run, every run, the folder itself.
+        for (lost, ends_at) in [(vec![name(5, 5)], 4), (vec![name(5, 5), name(1, 4)], 0)] {
+            for folder_too in [false, true] {
+                let dir = tempfile::tempdir().unwrap();
+                let (mut set, mut applied) = four_checkpoints(&runs_in(&dir), true);
+                set.compact().unwrap();
+                add(&mut set, 5, &mut applied);
+                assert_eq!(files(&runs_in(&dir)), vec![name(1, 4), name(5, 5)]);
+                drop(set);
+                for f in &lost {
+                    std::fs::remove_file(runs_in(&dir).join(f)).unwrap();
+                }
+                if folder_too && ends_at == 0 {
+                    std::fs::remove_dir(runs_in(&dir)).unwrap();
+                }
+                let err = RunSet::open(&runs_in(&dir), true).unwrap_err();
+                assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+                let said = "records checkpoint 5, but the runs in";
+                assert!(err.to_string().contains(said), "{err}");
+                let said = format!("end at checkpoint {ends_at}: the newest runs were lost");
+                assert!(err.to_string().contains(&said), "{err}");
+                let err = RunSet::adopt(&runs_in(&dir), true).unwrap_err();
+                assert!(err.to_string().contains(&said), "never adopted over: {err}");
+            }
+        }
+    }
+
+    /// Runs and no record: a record deleted, or a folder from before records. Only
+    /// `adopt`, for the latter, takes the runs as whole, and records them.
+    #[test]
+    fn runs_without_a_record_are_refused_unless_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (set, applied) = four_checkpoints(&runs_in(&dir), true);
+        drop(set);
+        let record = record_path(&runs_in(&dir));
+        assert_eq!(record, dir.path().join("runs.last"));
+        std::fs::remove_file(&record).unwrap();
+        let err = RunSet::open(&runs_in(&dir), true).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("runs.last is missing"), "{err}");
+
+        let set = RunSet::adopt(&runs_in(&dir), true).unwrap();
+        assert_eq!(read_record(&runs_in(&dir)).unwrap(), Some(4));
+        assert_eq!(contents(&set), live(&applied));
+        drop(set);
+        std::fs::remove_file(runs_in(&dir).join(name(4, 4))).unwrap();
+        let err = RunSet::open(&runs_in(&dir), true).unwrap_err();
+        assert!(err.to_string().contains("newest runs were lost"), "{err}");
+
+        // An existing folder without runs or a record is not taken as new either.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(runs_in(&dir)).unwrap();
+        assert!(RunSet::open(&runs_in(&dir), true).is_err());
+        assert!(RunSet::adopt(&runs_in(&dir), true).is_ok());
+        assert_eq!(read_record(&runs_in(&dir)).unwrap(), Some(0));
+    }
+
+    /// A crash after a run was linked in, before its record was written: the record lags by
+    /// that run, which the open takes, and the next checkpoint records its own number.
+    #[test]
+    fn a_record_one_run_behind_is_a_crash_between_them_and_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let (set, mut applied) = four_checkpoints(&runs_in(&dir), true);
+        drop(set);
+        write_record(&runs_in(&dir), 3).unwrap();
+        let mut set = RunSet::open(&runs_in(&dir), true).unwrap();
+        assert_eq!(set.last_checkpoint(), 4);
+        assert_eq!(contents(&set), live(&applied));
+        add(&mut set, 5, &mut applied);
+        assert_eq!(read_record(&runs_in(&dir)).unwrap(), Some(5));
+        assert!(
+            !files(dir.path()).iter().any(|f| f.ends_with(".tmp")),
+            "no temporary record left"
+        );
+    }
+
+    #[test]
+    fn a_damaged_record_is_refused() {
+        for damaged in [
+            &b""[..],
+            b"4\n",
+            b"00000000000000000004",
+            b"0000000000000000000x\n",
+            b"00000000000000000004\n\n",
+            b"+0000000000000000004\n",
+            b"99999999999999999999\n",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let (set, _) = four_checkpoints(&runs_in(&dir), true);
+            drop(set);
+            std::fs::write(record_path(&runs_in(&dir)), damaged).unwrap();
+            let err = RunSet::open(&runs_in(&dir), true).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{damaged:?}");
+            assert!(err.to_string().contains("damaged"), "{damaged:?}: {err}");
         }
     }
 

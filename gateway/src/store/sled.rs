@@ -119,7 +119,13 @@ const MAX_MESSAGE: u64 = 256 << 20;
 ///   ([`receipt_record`]), which layout 2 reads as a damaged receipt.
 /// - 4: checkpoints write runs (`runs/`), which hold every write since the upgrade; sled
 ///   holds only what was written before it, and a binary of layout 3 would miss the rest.
-const FORMAT: u64 = 4;
+/// - 5: the last checkpoint is recorded beside the runs (`runs.last`, `run_set.rs`), and
+///   a store without the record is refused. A binary of layout 4 would write runs without
+///   recording them, and the next open would refuse the store as one that lost them.
+const FORMAT: u64 = 5;
+/// The first layout that records the runs' last checkpoint: an open of an earlier one
+/// writes the record from the runs it finds ([`RunSet::adopt`]).
+const RECORDED_FROM: u64 = 5;
 const META_FORMAT: &[u8] = b"sfmt";
 /// Recorded with the layout by an open that upgrades, removed once the open made sled
 /// durable after its last migration: present at an open, it says the last one stopped in
@@ -247,16 +253,26 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     let log = Arc::new(LogFiles::open(&path.join("log"))?);
     let messages = Arc::new(Records::open(&path.join("messages"), MAX_MESSAGE)?);
     let runs_dir = path.join("runs");
+    let restore = "Restore the whole store from one backup: sled, runs/, runs.last, log/, \
+                   messages/ and wal/ together";
     if read_meta(&db, META_FORMAT)? >= 4 && !runs_dir.exists() {
         return Err(StoreError::Corrupt(format!(
             "{} is missing: the store's layout keeps every write since its upgrade there. \
-             Restore the whole store from one backup: sled, runs/, log/, messages/ and wal/ \
-             together",
+             {restore}",
             runs_dir.display()
         )));
     }
-    let mut runs = RunSet::open(&runs_dir, false)
-        .map_err(|e| log_read_error(e, format!("the runs in {}", runs_dir.display())))?
+    let runs = if read_meta(&db, META_FORMAT)? < RECORDED_FROM {
+        RunSet::adopt(&runs_dir, false)
+    } else {
+        RunSet::open(&runs_dir, false)
+    };
+    let mut runs = runs
+        .map_err(|e| match e.kind() {
+            // The error names the folder, and what was lost or damaged in it.
+            std::io::ErrorKind::InvalidData => StoreError::Corrupt(format!("{e}. {restore}")),
+            _ => log_read_error(e, format!("the runs in {}", runs_dir.display())),
+        })?
         .with_put_once(is_put_once);
     // The directory entries of sled's files and of the four folders must survive a power
     // cut too.
@@ -275,8 +291,6 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
         sled_holds_queue_keys: true,
         ..Applied::default()
     }));
-    let restore = "Restore the whole store from one backup: sled, runs/, log/, messages/ and \
-                   wal/ together";
     let (last_segment, replayed_groups) = {
         let mut applied = applying
             .write()
@@ -2613,6 +2627,94 @@ mod tests {
                 store.log_size().unwrap()
             ),
         }
+    }
+
+    /// A store restored with its newest runs missing, or with `runs/` emptied, must be
+    /// refused, not opened at the log size an older run holds: the next commit would write
+    /// over log entries that auditors may hold signed checkpoints of. Likewise a store whose
+    /// record of its last checkpoint is gone. A store of layout 4, from before the record,
+    /// opens and is given one.
+    #[test]
+    fn a_store_that_lost_its_newest_runs_or_their_record_is_refused() {
+        let two_checkpoints = |dir: &Path| {
+            let (mut committer, _) = recover(dir, 16 << 20).unwrap();
+            for entries in [[1, 2], [3, 4]] {
+                let ops = entries.iter().map(|&e| Op::Log(vec![e])).collect();
+                commit_group(
+                    &mut committer,
+                    [Tx {
+                        ops,
+                        receipts: None,
+                    }],
+                );
+                checkpoint_current_segment(&mut committer);
+            }
+            crash(committer);
+        };
+        let newest_run = |dir: &Path| {
+            let mut names: Vec<_> = std::fs::read_dir(dir.join("runs"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            names.sort();
+            names.pop().unwrap()
+        };
+        type Loss = fn(&Path, PathBuf);
+        let losses: [(&str, Loss, &str); 3] = [
+            (
+                "the newest run",
+                |_, newest| std::fs::remove_file(newest).unwrap(),
+                "the newest runs were lost",
+            ),
+            (
+                "every run",
+                |dir, _| {
+                    std::fs::remove_dir_all(dir.join("runs")).unwrap();
+                    std::fs::create_dir(dir.join("runs")).unwrap();
+                },
+                "end at checkpoint 0: the newest runs were lost",
+            ),
+            (
+                "the record",
+                |dir, _| std::fs::remove_file(dir.join("runs.last")).unwrap(),
+                "runs.last is missing",
+            ),
+        ];
+        for (lost, lose, said) in losses {
+            let dir = tempfile::tempdir().unwrap();
+            two_checkpoints(dir.path());
+            lose(dir.path(), newest_run(dir.path()));
+            match SledStore::open(dir.path(), 16 << 20) {
+                Err(StoreError::Corrupt(e)) => {
+                    assert!(e.contains(said), "{lost}: {e}");
+                    assert!(e.contains("Restore the whole store"), "{lost}: {e}");
+                }
+                Err(e) => panic!("{lost}: {e}"),
+                Ok(store) => panic!(
+                    "{lost}: opened at log size {} (files hold 4)",
+                    store.log_size().unwrap()
+                ),
+            }
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        two_checkpoints(dir.path());
+        std::fs::remove_file(dir.path().join("runs.last")).unwrap();
+        {
+            let db = open_sled(dir.path(), 16 << 20).unwrap();
+            db.insert(META_FORMAT, 4u64.to_be_bytes().as_slice())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(store.log_size().unwrap(), 4);
+        assert_eq!(read_meta(&store.db, META_FORMAT).unwrap(), FORMAT);
+        drop(store);
+        std::fs::remove_file(newest_run(dir.path())).unwrap();
+        assert!(
+            SledStore::open(dir.path(), 16 << 20).is_err(),
+            "the record written at the upgrade guards the runs from then on"
+        );
     }
 
     /// A queue entry sled holds from layout 3, taken off at layout 4: its removal hides a
