@@ -15,7 +15,8 @@
 //! store, `runs.last`): 20 digits and a newline, written whole (a temporary file, synced,
 //! renamed, the parent folder synced) after the run it names is linked in. An open refuses
 //! a folder whose runs end before the record, and a folder that holds runs but no record.
-//! The record can only lag, by the one run a crash linked before it was written.
+//! The record may lag: by the one run a crash linked before it was written, or by more
+//! after a binary of layout 4 wrote runs. An open brings it up to the runs it takes.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -74,11 +75,16 @@ impl RunSet {
         nothing_below: bool,
         unrecorded_is_whole: bool,
     ) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        let exists = dir.try_exists()?;
         let recorded = read_record(dir)?;
         let mut found = Vec::new();
         let mut deleted = false;
-        for entry in std::fs::read_dir(dir)? {
+        let entries = if exists {
+            std::fs::read_dir(dir)?.collect()
+        } else {
+            Vec::new()
+        };
+        for entry in entries {
             let entry = entry?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
@@ -145,9 +151,7 @@ impl RunSet {
                     ),
                 ))
             }
-            Some(_) => {}
-            None if unrecorded_is_whole => write_record(dir, last)?,
-            None => {
+            None if !unrecorded_is_whole => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     format!(
@@ -157,6 +161,29 @@ impl RunSet {
                     ),
                 ))
             }
+            _ => {}
+        }
+        if !exists {
+            std::fs::create_dir_all(dir)?;
+        }
+        // A crash inside `write_record` leaves its temporary file.
+        match std::fs::remove_file(record_temporary(dir)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        // A record behind the runs is brought up to them, so that it guards the runs this
+        // open took: one run behind after a crash between the run and its record, more after
+        // a binary of layout 4 wrote runs.
+        if recorded != Some(last) {
+            if recorded.is_some_and(|recorded| recorded + 1 < last) {
+                tracing::warn!(
+                    recorded = recorded.unwrap_or(0),
+                    last,
+                    "the runs' record was more than one checkpoint behind them; brought up to \
+                     date"
+                );
+            }
+            write_record(dir, last)?;
         }
         if deleted {
             std::fs::File::open(dir)?.sync_all()?;
@@ -173,7 +200,7 @@ impl RunSet {
     /// The same folder opened again, as [`RunSet::open`] reads it now: how a set that refuses
     /// writes after a failure ([`RunSet::add`]) is replaced.
     pub(crate) fn reopen(&self) -> std::io::Result<Self> {
-        let set = Self::open(&self.dir, self.nothing_below)?;
+        let set = Self::open_recorded(&self.dir, self.nothing_below, false)?;
         Ok(set.with_put_once(self.put_once))
     }
 
@@ -321,6 +348,30 @@ pub(crate) fn record_path(dir: &Path) -> PathBuf {
     dir.with_file_name(name)
 }
 
+/// Where [`write_record`] writes the record before renaming it into place.
+fn record_temporary(dir: &Path) -> PathBuf {
+    let mut path = record_path(dir).into_os_string();
+    path.push(runs::TEMPORARY_SUFFIX);
+    PathBuf::from(path)
+}
+
+/// Whether the folder `dir` or its record shows checkpoints written: a run there, or a
+/// record past 0. A store whose index of everything else is new must not hold any.
+pub(crate) fn written(dir: &Path) -> std::io::Result<bool> {
+    if read_record(dir)?.is_some_and(|last| last > 0) {
+        return Ok(true);
+    }
+    if !dir.try_exists()? {
+        return Ok(false);
+    }
+    for entry in std::fs::read_dir(dir)? {
+        if parse_name(&entry?.file_name().to_string_lossy()).is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Bytes of a record: 20 digits and a newline.
 const RECORD_LEN: usize = 21;
 
@@ -331,7 +382,10 @@ fn read_record(dir: &Path) -> std::io::Result<Option<u64>> {
     let bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
+        Err(e) => {
+            let what = format!("reading {}: {e}", path.display());
+            return Err(std::io::Error::new(e.kind(), what));
+        }
     };
     let number = match bytes.split_last() {
         Some((b'\n', digits)) if bytes.len() == RECORD_LEN => std::str::from_utf8(digits)
@@ -354,10 +408,7 @@ fn read_record(dir: &Path) -> std::io::Result<Option<u64>> {
 /// Records `number` as the last checkpoint of the runs in `dir`, whole or not at all: a
 /// temporary file, synced, renamed over the record, and the parent folder synced.
 fn write_record(dir: &Path, number: u64) -> std::io::Result<()> {
-    let path = record_path(dir);
-    let mut temporary = path.clone().into_os_string();
-    temporary.push(runs::TEMPORARY_SUFFIX);
-    let temporary = PathBuf::from(temporary);
+    let (path, temporary) = (record_path(dir), record_temporary(dir));
     {
         let mut file = std::fs::File::create(&temporary)?;
         std::io::Write::write_all(&mut file, format!("{number:020}\n").as_bytes())?;
@@ -700,29 +751,36 @@ mod tests {
     #[test]
     fn a_folder_whose_newest_runs_are_gone_is_refused() {
         // The newest run, every run, the folder itself.
-        for (lost, ends_at) in [(vec![name(5, 5)], 4), (vec![name(5, 5), name(1, 4)], 0)] {
-            for folder_too in [false, true] {
-                let dir = tempfile::tempdir().unwrap();
-                let (mut set, mut applied) = four_checkpoints(&runs_in(&dir), true);
-                set.compact().unwrap();
-                add(&mut set, 5, &mut applied);
-                assert_eq!(files(&runs_in(&dir)), vec![name(1, 4), name(5, 5)]);
-                drop(set);
-                for f in &lost {
-                    std::fs::remove_file(runs_in(&dir).join(f)).unwrap();
-                }
-                if folder_too && ends_at == 0 {
-                    std::fs::remove_dir(runs_in(&dir)).unwrap();
-                }
-                let err = RunSet::open(&runs_in(&dir), true).unwrap_err();
-                assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
-                let said = "records checkpoint 5, but the runs in";
-                assert!(err.to_string().contains(said), "{err}");
-                let said = format!("end at checkpoint {ends_at}: the newest runs were lost");
-                assert!(err.to_string().contains(&said), "{err}");
-                let err = RunSet::adopt(&runs_in(&dir), true).unwrap_err();
-                assert!(err.to_string().contains(&said), "never adopted over: {err}");
+        let newest = vec![name(5, 5)];
+        let every = vec![name(5, 5), name(1, 4)];
+        for (lost, folder_gone, ends_at) in
+            [(&newest, false, 4), (&every, false, 0), (&every, true, 0)]
+        {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut set, mut applied) = four_checkpoints(&runs_in(&dir), true);
+            set.compact().unwrap();
+            add(&mut set, 5, &mut applied);
+            assert_eq!(files(&runs_in(&dir)), vec![name(1, 4), name(5, 5)]);
+            drop(set);
+            for f in lost {
+                std::fs::remove_file(runs_in(&dir).join(f)).unwrap();
             }
+            if folder_gone {
+                std::fs::remove_dir(runs_in(&dir)).unwrap();
+            }
+            let err = RunSet::open(&runs_in(&dir), true).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+            let said = "records checkpoint 5, but the runs in";
+            assert!(err.to_string().contains(said), "{err}");
+            let said = format!("end at checkpoint {ends_at}: the newest runs were lost");
+            assert!(err.to_string().contains(&said), "{err}");
+            let err = RunSet::adopt(&runs_in(&dir), true).unwrap_err();
+            assert!(err.to_string().contains(&said), "never adopted over: {err}");
+            assert_eq!(
+                runs_in(&dir).exists(),
+                !folder_gone,
+                "a refusal makes nothing"
+            );
         }
     }
 
@@ -756,23 +814,48 @@ mod tests {
         assert_eq!(read_record(&runs_in(&dir)).unwrap(), Some(0));
     }
 
-    /// A crash after a run was linked in, before its record was written: the record lags by
-    /// that run, which the open takes, and the next checkpoint records its own number.
+    /// A crash after a run was linked in, before its record was written, leaves the record
+    /// one run behind; a binary of layout 4 writing runs leaves it further behind. The open
+    /// takes the runs and brings the record up to them, so that it guards them from then on.
     #[test]
-    fn a_record_one_run_behind_is_a_crash_between_them_and_is_taken() {
+    fn a_record_behind_the_runs_is_brought_up_to_them() {
+        for behind in [1, 3] {
+            let dir = tempfile::tempdir().unwrap();
+            let (set, mut applied) = four_checkpoints(&runs_in(&dir), true);
+            drop(set);
+            write_record(&runs_in(&dir), 4 - behind).unwrap();
+            std::fs::write(record_temporary(&runs_in(&dir)), b"0000").unwrap();
+            let mut set = RunSet::open(&runs_in(&dir), true).unwrap();
+            assert_eq!(set.last_checkpoint(), 4);
+            assert_eq!(
+                read_record(&runs_in(&dir)).unwrap(),
+                Some(4),
+                "{behind} behind"
+            );
+            assert_eq!(contents(&set), live(&applied));
+            assert!(
+                !files(dir.path()).iter().any(|f| f.ends_with(".tmp")),
+                "a crashed write's temporary record is deleted"
+            );
+            add(&mut set, 5, &mut applied);
+            assert_eq!(read_record(&runs_in(&dir)).unwrap(), Some(5));
+            drop(set);
+            std::fs::remove_file(runs_in(&dir).join(name(5, 5))).unwrap();
+            assert!(RunSet::open(&runs_in(&dir), true).is_err());
+        }
+    }
+
+    /// A set reopened after a failed write reads the folder strictly: gone, it is refused,
+    /// not taken as new.
+    #[test]
+    fn a_reopen_never_takes_a_folder_as_new() {
         let dir = tempfile::tempdir().unwrap();
-        let (set, mut applied) = four_checkpoints(&runs_in(&dir), true);
-        drop(set);
-        write_record(&runs_in(&dir), 3).unwrap();
-        let mut set = RunSet::open(&runs_in(&dir), true).unwrap();
-        assert_eq!(set.last_checkpoint(), 4);
-        assert_eq!(contents(&set), live(&applied));
-        add(&mut set, 5, &mut applied);
-        assert_eq!(read_record(&runs_in(&dir)).unwrap(), Some(5));
-        assert!(
-            !files(dir.path()).iter().any(|f| f.ends_with(".tmp")),
-            "no temporary record left"
-        );
+        let (set, _) = four_checkpoints(&runs_in(&dir), true);
+        std::fs::remove_dir_all(runs_in(&dir)).unwrap();
+        std::fs::remove_file(record_path(&runs_in(&dir))).unwrap();
+        let err = set.reopen().unwrap_err();
+        assert!(err.to_string().contains("runs.last is missing"), "{err}");
+        assert!(!runs_in(&dir).exists());
     }
 
     #[test]

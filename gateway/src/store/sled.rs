@@ -77,7 +77,7 @@ use tokio::sync::oneshot;
 
 use super::log_files::{self, LogFiles};
 use super::records::Records;
-use super::run_set::{Named, RunSet};
+use super::run_set::{self, Named, RunSet};
 use super::runs;
 use super::wal::{self, Segment, WalError, WalGroup, WalWrite};
 use super::{
@@ -255,6 +255,21 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     let runs_dir = path.join("runs");
     let restore = "Restore the whole store from one backup: sled, runs/, runs.last, log/, \
                    messages/ and wal/ together";
+    // sled makes new files where its own are missing: a store that lost them (or kept only
+    // the other folders from a backup) would open as new, at log size 0, and the next
+    // commit would write over the log's first entries.
+    let written_beside = || -> Result<bool, StoreError> {
+        let runs = run_set::written(&runs_dir)
+            .map_err(|e| log_read_error(e, format!("the runs in {}", runs_dir.display())))?;
+        Ok(runs || log.bytes()? > 0 || messages.bytes()? > 0)
+    };
+    if db.is_empty() && written_beside()? {
+        return Err(StoreError::Corrupt(format!(
+            "sled's files in {} are missing or new, but the folders beside them hold the \
+             store's writes. {restore}",
+            path.display()
+        )));
+    }
     if read_meta(&db, META_FORMAT)? >= 4 && !runs_dir.exists() {
         return Err(StoreError::Corrupt(format!(
             "{} is missing: the store's layout keeps every write since its upgrade there. \
@@ -2660,7 +2675,7 @@ mod tests {
             names.pop().unwrap()
         };
         type Loss = fn(&Path, PathBuf);
-        let losses: [(&str, Loss, &str); 3] = [
+        let losses: [(&str, Loss, &str); 4] = [
             (
                 "the newest run",
                 |_, newest| std::fs::remove_file(newest).unwrap(),
@@ -2678,6 +2693,24 @@ mod tests {
                 "the record",
                 |dir, _| std::fs::remove_file(dir.join("runs.last")).unwrap(),
                 "runs.last is missing",
+            ),
+            (
+                "sled's files",
+                |dir, _| {
+                    let beside = ["runs", "runs.last", "log", "messages", "wal"];
+                    for entry in std::fs::read_dir(dir).unwrap() {
+                        let path = entry.unwrap().path();
+                        if beside.iter().any(|b| path.ends_with(b)) {
+                            continue;
+                        }
+                        if path.is_dir() {
+                            std::fs::remove_dir_all(path).unwrap();
+                        } else {
+                            std::fs::remove_file(path).unwrap();
+                        }
+                    }
+                },
+                "sled's files in",
             ),
         ];
         for (lost, lose, said) in losses {
@@ -2711,10 +2744,11 @@ mod tests {
         assert_eq!(read_meta(&store.db, META_FORMAT).unwrap(), FORMAT);
         drop(store);
         std::fs::remove_file(newest_run(dir.path())).unwrap();
-        assert!(
-            SledStore::open(dir.path(), 16 << 20).is_err(),
-            "the record written at the upgrade guards the runs from then on"
-        );
+        match SledStore::open(dir.path(), 16 << 20) {
+            Err(StoreError::Corrupt(e)) => assert!(e.contains("newest runs were lost"), "{e}"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("the record written at the upgrade guards the runs from then on"),
+        }
     }
 
     /// A queue entry sled holds from layout 3, taken off at layout 4: its removal hides a
