@@ -78,7 +78,6 @@ impl RunSet {
         let exists = dir.try_exists()?;
         let recorded = read_record(dir)?;
         let mut found = Vec::new();
-        let mut deleted = false;
         let entries = if exists {
             std::fs::read_dir(dir)?.collect()
         } else {
@@ -92,7 +91,6 @@ impl RunSet {
                 Some(span) => found.push((span, entry.path())),
                 None if name.ends_with(runs::TEMPORARY_SUFFIX) => {
                     std::fs::remove_file(entry.path())?;
-                    deleted = true;
                 }
                 None => {
                     return Err(std::io::Error::new(
@@ -110,7 +108,6 @@ impl RunSet {
             let overlaps = runs.iter().any(|r| r.first <= last && first <= r.last);
             if held_by_another {
                 std::fs::remove_file(&path)?;
-                deleted = true;
                 continue;
             }
             if overlaps {
@@ -166,6 +163,10 @@ impl RunSet {
         if !exists {
             std::fs::create_dir_all(dir)?;
         }
+        // Before the record can name them: a run linked just before a crash may not be in
+        // the folder durably yet, and a catch-up must not record it ahead of its link.
+        // Deletions above are made durable too.
+        std::fs::File::open(dir)?.sync_all()?;
         // A crash inside `write_record` leaves its temporary file.
         match std::fs::remove_file(record_temporary(dir)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -184,9 +185,6 @@ impl RunSet {
                 );
             }
             write_record(dir, last)?;
-        }
-        if deleted {
-            std::fs::File::open(dir)?.sync_all()?;
         }
         Ok(Self {
             dir: dir.to_owned(),

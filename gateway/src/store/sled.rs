@@ -257,16 +257,26 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
                    messages/ and wal/ together";
     // sled makes new files where its own are missing: a store that lost them (or kept only
     // the other folders from a backup) would open as new, at log size 0, and the next
-    // commit would write over the log's first entries.
-    let written_beside = || -> Result<bool, StoreError> {
-        let runs = run_set::written(&runs_dir)
-            .map_err(|e| log_read_error(e, format!("the runs in {}", runs_dir.display())))?;
-        Ok(runs || log.bytes()? > 0 || messages.bytes()? > 0)
+    // commit would write over the log's first entries. Runs are written from layout 4 on,
+    // so sled must record layout 4 or later beside them. Files in `log/` or `messages/` are
+    // written at each commit, and need an index in sled unless the write-ahead log holds
+    // everything since the store was made: its first segment, which the first checkpoint
+    // deletes, is still there (binaries before 797925f did not make a new store's sled
+    // durable before its first checkpoint).
+    let runs_written = run_set::written(&runs_dir)
+        .map_err(|e| log_read_error(e, format!("the runs in {}", runs_dir.display())))?;
+    let sled_empty = db.iter().next().transpose()?.is_none();
+    let wal_whole = || -> Result<bool, StoreError> {
+        Ok(wal::segments(&wal_dir)?.first().is_some_and(|s| s.0 == 1))
     };
-    if db.is_empty() && written_beside()? {
+    let files_written =
+        || -> Result<bool, StoreError> { Ok(log.bytes()? > 0 || messages.bytes()? > 0) };
+    if (read_meta(&db, META_FORMAT)? < 4 && runs_written)
+        || (sled_empty && files_written()? && !wal_whole()?)
+    {
         return Err(StoreError::Corrupt(format!(
-            "sled's files in {} are missing or new, but the folders beside them hold the \
-             store's writes. {restore}",
+            "sled's files in {} are missing, new, or older than the folders beside them, \
+             which hold the store's writes. {restore}",
             path.display()
         )));
     }
@@ -2644,6 +2654,22 @@ mod tests {
         }
     }
 
+    /// Deletes sled's files from the store in `dir`, and nothing beside them.
+    fn lose_sled(dir: &Path) {
+        let beside = ["runs", "runs.last", "log", "messages", "wal"];
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if beside.iter().any(|b| path.ends_with(b)) {
+                continue;
+            }
+            if path.is_dir() {
+                std::fs::remove_dir_all(path).unwrap();
+            } else {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+    }
+
     /// A store restored with its newest runs missing, or with `runs/` emptied, must be
     /// refused, not opened at the log size an older run holds: the next commit would write
     /// over log entries that auditors may hold signed checkpoints of. Likewise a store whose
@@ -2675,7 +2701,7 @@ mod tests {
             names.pop().unwrap()
         };
         type Loss = fn(&Path, PathBuf);
-        let losses: [(&str, Loss, &str); 4] = [
+        let losses: [(&str, Loss, &str); 5] = [
             (
                 "the newest run",
                 |_, newest| std::fs::remove_file(newest).unwrap(),
@@ -2694,23 +2720,16 @@ mod tests {
                 |dir, _| std::fs::remove_file(dir.join("runs.last")).unwrap(),
                 "runs.last is missing",
             ),
+            ("sled's files", |dir, _| lose_sled(dir), "sled's files in"),
             (
-                "sled's files",
+                "sled's files since layout 4 (an older backup of them)",
                 |dir, _| {
-                    let beside = ["runs", "runs.last", "log", "messages", "wal"];
-                    for entry in std::fs::read_dir(dir).unwrap() {
-                        let path = entry.unwrap().path();
-                        if beside.iter().any(|b| path.ends_with(b)) {
-                            continue;
-                        }
-                        if path.is_dir() {
-                            std::fs::remove_dir_all(path).unwrap();
-                        } else {
-                            std::fs::remove_file(path).unwrap();
-                        }
-                    }
+                    let db = open_sled(dir, 16 << 20).unwrap();
+                    db.insert(META_FORMAT, 3u64.to_be_bytes().as_slice())
+                        .unwrap();
+                    db.flush().unwrap();
                 },
-                "sled's files in",
+                "older than the folders beside them",
             ),
         ];
         for (lost, lose, said) in losses {
@@ -2749,6 +2768,53 @@ mod tests {
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("the record written at the upgrade guards the runs from then on"),
         }
+    }
+
+    /// sled's files are what hold the store's layout and index: lost, sled makes new ones.
+    /// A store whose other folders hold writes is then refused, unless its write-ahead log
+    /// still holds everything since the store was made (its first segment is there), as a
+    /// store made by a binary before 797925f and killed before its first checkpoint may be.
+    /// A store whose first open stopped before recording its layout opens.
+    #[test]
+    fn a_store_that_lost_sled_is_refused_unless_its_log_holds_everything() {
+        let log_tx = |entries: &[u8]| Tx {
+            ops: entries.iter().map(|&e| Op::Log(vec![e])).collect(),
+            receipts: None,
+        };
+        // Only the log's and message files kept: nothing in the runs says writes were made.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        commit_group(&mut committer, [log_tx(&[1, 2])]);
+        checkpoint_current_segment(&mut committer);
+        crash(committer);
+        lose_sled(dir.path());
+        std::fs::remove_dir_all(dir.path().join("runs")).unwrap();
+        std::fs::remove_file(dir.path().join("runs.last")).unwrap();
+        match SledStore::open(dir.path(), 16 << 20) {
+            Err(StoreError::Corrupt(e)) => assert!(e.contains("sled's files in"), "{e}"),
+            Err(e) => panic!("{e}"),
+            Ok(store) => panic!("opened at log size {}", store.log_size().unwrap()),
+        }
+
+        // No checkpoint yet: the first segment holds every commit, and the replay rebuilds
+        // the index.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        commit_group(&mut committer, [log_tx(&[1, 2, 3])]);
+        crash(committer);
+        lose_sled(dir.path());
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(store.log_size().unwrap(), 3);
+        assert_eq!(store.log_entry(2).unwrap(), Some(vec![3]));
+        drop(store);
+
+        // A first open stopped after it recorded the runs' checkpoint 0, before the layout.
+        let dir = tempfile::tempdir().unwrap();
+        drop(RunSet::adopt(&dir.path().join("runs"), false).unwrap());
+        drop(LogFiles::open(&dir.path().join("log")).unwrap());
+        drop(Records::open(&dir.path().join("messages"), MAX_MESSAGE).unwrap());
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(store.log_size().unwrap(), 0);
     }
 
     /// A queue entry sled holds from layout 3, taken off at layout 4: its removal hides a
@@ -4518,12 +4584,17 @@ mod tests {
                 // Straight into sled, past the log; the close's checkpoint flushes them.
                 // (Opening sled alone here raced its I/O threads for the lock at reopen.)
                 let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+                // Such stores kept everything in sled, and recorded no layout.
+                for (key, value) in stored_under(&store, b"") {
+                    store.db.insert(key, value).unwrap();
+                }
                 for (key, value) in &earlier_layout {
                     store.db.insert(key, value.as_slice()).unwrap();
                 }
-                // Such stores recorded no layout.
                 store.db.remove(META_FORMAT).unwrap();
             }
+            std::fs::remove_dir_all(dir.path().join("runs")).unwrap();
+            std::fs::remove_file(dir.path().join("runs.last")).unwrap();
             if !files_written {
                 std::fs::remove_dir_all(dir.path().join("log")).unwrap();
             }
