@@ -103,6 +103,22 @@ pub(crate) async fn run<S: Store>(dir: &Path, open: impl Fn(&Path) -> S) {
         assert_eq!(store.log_size().unwrap(), 3);
         assert_eq!(store.queue(&kh, 10).unwrap().len(), 3);
 
+        // One transaction inserting a message twice is refused whole: nothing is stored,
+        // not even a second, unreachable copy of the message.
+        let (id4, m4) = msg(4);
+        let twice = Tx {
+            ops: vec![
+                Op::InsertMessage(id4, m4.clone()),
+                Op::Log(id4.as_bytes().to_vec()),
+                Op::InsertMessage(id4, m4.clone()),
+            ],
+            receipts: None,
+        };
+        let err = store.commit(twice).await.unwrap_err();
+        assert!(err.to_string().contains("inserts message"), "{err}");
+        assert_eq!(store.message(&id4).unwrap(), None);
+        assert_eq!(store.log_size().unwrap(), 3);
+
         // The receipt made inside the commit carries the log index it was given.
         let receipts = store.receipts(&id2).unwrap();
         assert_eq!(receipts.len(), 1);

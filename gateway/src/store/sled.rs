@@ -1455,6 +1455,12 @@ impl Committer {
                     if view.contains_key(&key)? || view.contains_key(&number_key)? {
                         return Ok(TxOutcome::Exists(id));
                     }
+                    // The view holds the group's earlier transactions, not this one's writes.
+                    if writes.iter().any(|(written, _)| *written == number_key) {
+                        return Err(StoreError::Engine(format!(
+                            "a transaction inserts message {id} twice"
+                        )));
+                    }
                     let encoded = msg.encode_to_vec();
                     if encoded.len() as u64 > self.max_message {
                         return Err(StoreError::Engine(format!(
