@@ -37,6 +37,7 @@ pub struct Builder {
     limits: BTreeMap<String, String>,
     checkpoint_interval_ms: Option<u64>,
     forwarder_batch: Option<usize>,
+    forwarder_batch_bytes: Option<usize>,
 }
 
 /// How often gateways of a [`LocalNet`] publish checkpoints unless told otherwise: often,
@@ -77,6 +78,13 @@ impl Builder {
     /// gateway's default unless told).
     pub fn forwarder_batch(mut self, batch: usize) -> Self {
         self.forwarder_batch = Some(batch);
+        self
+    }
+
+    /// How many bytes of envelopes every gateway's forwarder puts in one batch before it
+    /// closes it (the gateway's default unless told).
+    pub fn forwarder_batch_bytes(mut self, bytes: usize) -> Self {
+        self.forwarder_batch_bytes = Some(bytes);
         self
     }
 
@@ -146,7 +154,15 @@ impl Builder {
             let every = self
                 .checkpoint_interval_ms
                 .unwrap_or(TEST_CHECKPOINT_INTERVAL_MS);
-            let config = net.write_config(cc, limits, every, self.forwarder_batch)?;
+            let forwarder: String = [
+                self.forwarder_batch.map(|b| format!("batch = {b}\n")),
+                self.forwarder_batch_bytes
+                    .map(|b| format!("batch_bytes = {b}\n")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let config = net.write_config(cc, limits, every, &forwarder)?;
             let c = net.countries.get_mut(cc).context("country")?;
             c.config = Some(config);
         }
@@ -196,7 +212,7 @@ impl LocalNet {
         cc: &str,
         limits: &str,
         checkpoint_ms: u64,
-        batch: Option<usize>,
+        forwarder: &str,
     ) -> anyhow::Result<Config> {
         let me = self.country(cc)?;
         let pki = self.root.join("pki");
@@ -205,11 +221,10 @@ impl LocalNet {
              receipt_key = \"pki/{cc}/gateway/keys.json\"\nlog_key = \"pki/{cc}/gateway/log-key.json\"\n\
              witness_key = \"pki/{cc}/gateway/witness-key.json\"\ndirectory_trust = \"pki/directory-trust.json\"\npolicy = \"{cc}-policy.toml\"\ndirectories = [{dirs}]\n\n\
              [tls]\nroot = \"pki/{cc}/ca.pem\"\ncert = \"pki/{cc}/gateway/cert.pem\"\nkey = \"pki/{cc}/gateway/key.pem\"\ncrls = [\"pki/{cc}/crl.pem\"]\n\n\
-             [forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 1000\n{batch}\n[log]\ncheckpoint_interval_ms = {checkpoint_ms}\n",
+             [forwarder]\ninitial_backoff_ms = 50\nmax_backoff_ms = 1000\n{forwarder}\n[log]\ncheckpoint_interval_ms = {checkpoint_ms}\n",
             id = me.files.gateway_id,
             c = me.addrs.0,
             p = me.addrs.1,
-            batch = batch.map_or(String::new(), |b| format!("batch = {b}\n")),
             dirs = self.countries.keys().map(|k| format!("\"pki/{k}/directory.signed.json\"")).collect::<Vec<_>>().join(", "),
         );
         if !limits.is_empty() {

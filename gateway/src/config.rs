@@ -38,6 +38,7 @@
 //!
 //! [forwarder]                                      # all optional
 //! batch = 64
+//! batch_bytes = 8388608
 //! initial_backoff_ms = 200
 //! max_backoff_ms = 30000
 //! ```
@@ -151,6 +152,10 @@ impl Default for LogConfig {
 pub struct ForwarderConfig {
     /// Most items sent in one Deliver call.
     pub batch: usize,
+    /// A Deliver call's envelopes stop at the first to reach this many bytes together (one
+    /// goes, whatever its size): 64 envelopes of 1 MiB made one 64 MiB call, held whole at
+    /// both ends, and nothing else moved on the link until it was settled.
+    pub batch_bytes: usize,
     /// First retry delay after a failure; doubles up to `max_backoff_ms`, with jitter.
     pub initial_backoff_ms: u64,
     pub max_backoff_ms: u64,
@@ -160,6 +165,7 @@ impl Default for ForwarderConfig {
     fn default() -> Self {
         Self {
             batch: 64,
+            batch_bytes: 8 << 20,
             initial_backoff_ms: 200,
             max_backoff_ms: 30_000,
         }
@@ -321,6 +327,9 @@ impl Config {
         let peer_listen = parse_addr("peer_listen", &raw.peer_listen, &mut problems);
         if raw.forwarder.batch == 0 {
             problems.push("forwarder.batch: must be at least 1".into());
+        }
+        if raw.forwarder.batch_bytes == 0 {
+            problems.push("forwarder.batch_bytes: must be at least 1".into());
         }
         if raw.forwarder.initial_backoff_ms == 0
             || raw.forwarder.max_backoff_ms < raw.forwarder.initial_backoff_ms

@@ -187,8 +187,9 @@ async fn drain_once(
     let now = pipeline.now();
     let mut sent: Vec<Sent> = Vec::new();
     let mut items = Vec::new();
+    let mut envelope_bytes = 0;
     for (key, entry) in entries {
-        if items.len() == cfg.batch {
+        if items.len() == cfg.batch || envelope_bytes >= cfg.batch_bytes {
             break;
         }
         // Deferred entries sort last, and wait out their own backoff together: resent in
@@ -232,6 +233,7 @@ async fn drain_once(
                     hash: msg.envelope_hash,
                     attached,
                 });
+                envelope_bytes += env.encoded_len();
                 pb::peer_item::Item::Envelope(env)
             }
         };
@@ -893,6 +895,7 @@ mod tests {
             batch,
             initial_backoff_ms,
             max_backoff_ms,
+            ..ForwarderConfig::default()
         }
     }
 

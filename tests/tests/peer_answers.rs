@@ -46,6 +46,8 @@ struct Script {
     /// Every item offered, in order: whether it was a receipt, the message it names, and
     /// when.
     offered: Vec<(bool, MessageId, std::time::Instant)>,
+    /// Per Deliver call, the encoded size of each envelope it carried.
+    calls: Vec<Vec<usize>>,
 }
 
 #[derive(Clone)]
@@ -74,6 +76,11 @@ impl StandIn {
             .filter(|(r, o, _)| !r && o == id)
             .map(|(.., at)| *at)
             .collect()
+    }
+
+    /// Per Deliver call so far, the encoded size of each envelope it carried.
+    fn calls(&self) -> Vec<Vec<usize>> {
+        self.script.lock().unwrap().calls.clone()
     }
 
     /// When each message's receipt was offered.
@@ -168,8 +175,14 @@ impl pb::peer_link_server::PeerLink for StandIn {
         &self,
         req: Request<pb::DeliverRequest>,
     ) -> Result<Response<pb::DeliverResponse>, Status> {
+        let req = req.into_inner();
+        let envelopes = req.items.iter().filter_map(|i| match &i.item {
+            Some(pb::peer_item::Item::Envelope(e)) => Some(e.encoded_len()),
+            _ => None,
+        });
+        let call = envelopes.collect();
+        self.script.lock().unwrap().calls.push(call);
         let results = req
-            .into_inner()
             .items
             .into_iter()
             .map(|i| self.result(i.item.unwrap()))
@@ -245,6 +258,7 @@ async fn stand_in_for_kh(
             envelopes,
             envelope_of,
             offered: Vec::new(),
+            calls: Vec::new(),
         })),
     };
     let listener = accord_client::localnet::bind_again(addr).await.unwrap();
@@ -350,6 +364,41 @@ fn offers_within(span: Duration) -> usize {
         gap = (gap * 2).min(Duration::from_millis(500));
     }
     offers
+}
+
+/// A batch closes at the first envelope that brings it to `batch_bytes`, as it does at
+/// `batch` items: a backlog of large envelopes goes in calls of bounded size, in order,
+/// each envelope once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stops_at_its_bytes_as_well_as_at_its_count() {
+    let mut net = accord_tests::vn_and_kh()
+        .forwarder_batch_bytes(2_000)
+        .start()
+        .await
+        .unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let queued = queued_while_kh_is_down(&mut net, &mut c02, 12).await;
+    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::Take, HashMap::new()).await;
+    outbox_empties(&net).await;
+    assert_eq!(stand_in.envelopes_offered(), queued, "in order, each once");
+    let calls: Vec<_> = stand_in
+        .calls()
+        .into_iter()
+        .filter(|c| !c.is_empty())
+        .collect();
+    let one = calls[0][0];
+    assert!(one < 2_000, "an alert's envelope is {one} bytes");
+    for call in &calls {
+        let (last, before) = call.split_last().unwrap();
+        let before: usize = before.iter().sum();
+        assert!(before < 2_000, "{calls:?}");
+        assert!(
+            before + last >= 2_000 || call == calls.last().unwrap(),
+            "{calls:?}"
+        );
+    }
+    assert!(calls.len() >= 12 * one / (2_000 + one), "{calls:?}");
+    net.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
