@@ -2755,6 +2755,26 @@ mod tests {
             }
         }
 
+        // A crash between a run and its record: the store opens, and its record guards that
+        // run from then on.
+        let dir = tempfile::tempdir().unwrap();
+        two_checkpoints(dir.path());
+        let newest = newest_run(dir.path());
+        let last: u64 = newest.file_name().unwrap().to_str().unwrap()[21..]
+            .parse()
+            .unwrap();
+        std::fs::write(dir.path().join("runs.last"), format!("{:020}\n", last - 1)).unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(store.log_size().unwrap(), 4);
+        drop(store);
+        let recorded = std::fs::read_to_string(dir.path().join("runs.last")).unwrap();
+        assert!(
+            recorded.trim().parse::<u64>().unwrap() >= last,
+            "{recorded}"
+        );
+        std::fs::remove_file(newest_run(dir.path())).unwrap();
+        assert!(SledStore::open(dir.path(), 16 << 20).is_err());
+
         let dir = tempfile::tempdir().unwrap();
         two_checkpoints(dir.path());
         std::fs::remove_file(dir.path().join("runs.last")).unwrap();
