@@ -403,6 +403,9 @@ root = "r.pem"
 cert = "c.pem"
 key = "k.pem"
 crls = ["crl.pem"]
+[forwarder]
+batch = 0
+batch_bytes = 0
 [[peers]]
 gateway = "spiffe://kh.accord/gateway/pp"
 address = "bad"
@@ -420,6 +423,8 @@ crls = ["kh-crl.pem"]
             "peers[0].root",
             "tls.crls[0]",
             "peers[0].crls[0]",
+            "forwarder.batch:",
+            "forwarder.batch_bytes:",
         ] {
             assert!(s.contains(key), "{key} missing from: {s}");
         }
