@@ -1036,7 +1036,7 @@ impl Applied {
         });
         sources.push(Box::new(in_sled.map(|kv| {
             kv.map(|(k, v)| (k.to_vec(), Some(v.to_vec())))
-                .map_err(std::io::Error::other)
+                .map_err(|e| std::io::Error::other(format!("sled, under the runs: {e}")))
         })));
         runs::Merged::new(sources)
     }
