@@ -38,7 +38,7 @@
 //!
 //! [forwarder]                                      # all optional
 //! batch = 64
-//! batch_bytes = 8388608
+//! batch_bytes = 2097152
 //! initial_backoff_ms = 200
 //! max_backoff_ms = 30000
 //! ```
@@ -165,7 +165,7 @@ impl Default for ForwarderConfig {
     fn default() -> Self {
         Self {
             batch: 64,
-            batch_bytes: 8 << 20,
+            batch_bytes: 2 << 20,
             initial_backoff_ms: 200,
             max_backoff_ms: 30_000,
         }
