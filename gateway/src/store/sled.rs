@@ -247,7 +247,10 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     // log. An open that stops half way upgrades again next time: before the layout is
     // recorded, by its number; after, by the mark recorded with it, which goes once all is
     // durable.
-    let upgrading = read_meta(&db, META_FORMAT)? < FORMAT || read_meta(&db, META_UPGRADING)? != 0;
+    // The layout the store was last opened at: nothing below records a new one before
+    // `record_format`.
+    let format = read_meta(&db, META_FORMAT)?;
+    let upgrading = format < FORMAT || read_meta(&db, META_UPGRADING)? != 0;
     let wal_dir = path.join("wal");
     std::fs::create_dir_all(&wal_dir)?;
     let log = Arc::new(LogFiles::open(&path.join("log"))?);
@@ -271,23 +274,21 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     };
     let files_written =
         || -> Result<bool, StoreError> { Ok(log.bytes()? > 0 || messages.bytes()? > 0) };
-    if (read_meta(&db, META_FORMAT)? < 4 && runs_written)
-        || (sled_empty && files_written()? && !wal_whole()?)
-    {
+    if (format < 4 && runs_written) || (sled_empty && files_written()? && !wal_whole()?) {
         return Err(StoreError::Corrupt(format!(
             "sled's files in {} are missing, new, or older than the folders beside them, \
              which hold the store's writes. {restore}",
             path.display()
         )));
     }
-    if read_meta(&db, META_FORMAT)? >= 4 && !runs_dir.exists() {
+    if format >= 4 && !runs_dir.exists() {
         return Err(StoreError::Corrupt(format!(
             "{} is missing: the store's layout keeps every write since its upgrade there. \
              {restore}",
             runs_dir.display()
         )));
     }
-    let runs = if read_meta(&db, META_FORMAT)? < RECORDED_FROM {
+    let runs = if format < RECORDED_FROM {
         RunSet::adopt(&runs_dir, false)
     } else {
         RunSet::open(&runs_dir, false)
@@ -2527,10 +2528,26 @@ mod tests {
     }
 
     fn dequeue_tx(key: &[u8]) -> Tx {
+        dequeue_all(&[key.to_vec()])
+    }
+
+    /// One transaction taking every entry of `keys` off its queue.
+    fn dequeue_all(keys: &[Vec<u8>]) -> Tx {
         Tx {
-            ops: vec![Op::Dequeue(QueueKey(key.to_vec()))],
+            ops: keys
+                .iter()
+                .map(|k| Op::Dequeue(QueueKey(k.clone())))
+                .collect(),
             receipts: None,
         }
+    }
+
+    /// The keys of the first `limit` entries of the queue under `prefix`, read as the store's
+    /// queue reads are (through the queue's starts).
+    fn queue_keys(committer: &Committer, prefix: &[u8], limit: usize) -> Vec<Vec<u8>> {
+        let applied = committer.applying.read().unwrap();
+        let entries = applied.queue(&committer.db, prefix, limit).unwrap();
+        entries.into_iter().map(|(k, _)| k).collect()
     }
 
     /// The runs' entries under `prefix`, every run, removals as `None` (not merged).
@@ -2947,17 +2964,7 @@ mod tests {
             ops,
             receipts: None,
         };
-        let take_off = |keys: &[Vec<u8>]| {
-            tx(keys
-                .iter()
-                .map(|k| Op::Dequeue(QueueKey(k.clone())))
-                .collect())
-        };
-        let read = |committer: &Committer, limit: usize| -> Vec<Vec<u8>> {
-            let applied = committer.applying.read().unwrap();
-            let entries = applied.queue(&committer.db, &prefix, limit).unwrap();
-            entries.into_iter().map(|(k, _)| k).collect()
-        };
+        let read = |committer: &Committer, limit| queue_keys(committer, &prefix, limit);
         let check = |committer: &Committer, what: &str| {
             for limit in [0, 1, 3, usize::MAX] {
                 let all = keys_under(committer, &prefix);
@@ -2974,7 +2981,7 @@ mod tests {
         checkpoint_current_segment(&mut committer);
         let first = keys_under(&committer, &prefix);
         // Half taken off and checkpointed: their removals sit ahead of the start, in a run.
-        commit_group(&mut committer, [take_off(&first[..5])]);
+        commit_group(&mut committer, [dequeue_all(&first[..5])]);
         checkpoint_current_segment(&mut committer);
         check(&committer, "after the head left");
         assert_eq!(read(&committer, 1), first[5..6]);
@@ -2993,8 +3000,8 @@ mod tests {
             &mut committer,
             [tx(vec![Op::Defer(QueueKey(first[5].clone()))])],
         );
-        commit_group(&mut committer, [take_off(&first[6..])]);
-        commit_group(&mut committer, [take_off(std::slice::from_ref(&flash))]);
+        commit_group(&mut committer, [dequeue_all(&first[6..])]);
+        commit_group(&mut committer, [dequeue_all(std::slice::from_ref(&flash))]);
         check(&committer, "only a deferred entry left");
         let deferred_routine = read(&committer, 1)[0].clone();
         assert_eq!(deferred_routine[prefix.len()], 255);
@@ -3025,7 +3032,7 @@ mod tests {
         assert_eq!(live[1], deferred_routine);
 
         // Drained: the start passes the last key stepped on; a new Routine entry is still seen.
-        commit_group(&mut committer, [take_off(&live)]);
+        commit_group(&mut committer, [dequeue_all(&live)]);
         assert!(read(&committer, 5).is_empty());
         checkpoint_current_segment(&mut committer);
         assert!(read(&committer, 5).is_empty());
@@ -3038,7 +3045,7 @@ mod tests {
             checkpoint_current_segment(&mut committer);
             check(&committer, "through merges");
             let head = read(&committer, 1);
-            commit_group(&mut committer, [take_off(&head)]);
+            commit_group(&mut committer, [dequeue_all(&head)]);
             check(&committer, "after taking the head off");
         }
         crash(committer);
@@ -3165,18 +3172,7 @@ mod tests {
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
         let (outbox, prefix) = kh_outbox();
         let id = |i: u64| MessageId::new_v7(13_000 + i, [6; 10]);
-        let take_off = |keys: &[Vec<u8>]| Tx {
-            ops: keys
-                .iter()
-                .map(|k| Op::Dequeue(QueueKey(k.clone())))
-                .collect(),
-            receipts: None,
-        };
-        let read = |committer: &Committer, limit: usize| -> Vec<Vec<u8>> {
-            let applied = committer.applying.read().unwrap();
-            let entries = applied.queue(&committer.db, &prefix, limit).unwrap();
-            entries.into_iter().map(|(k, _)| k).collect()
-        };
+        let read = |committer: &Committer, limit| queue_keys(committer, &prefix, limit);
         let routine_start = |committer: &Committer| -> Option<Vec<u8>> {
             let applied = committer.applying.read().unwrap();
             let band = 255 - pb::Priority::Routine as u8;
@@ -3186,7 +3182,7 @@ mod tests {
         commit_group(&mut committer, (0..10).map(routine));
         checkpoint_current_segment(&mut committer);
         let first = keys_under(&committer, &prefix);
-        commit_group(&mut committer, [take_off(&first[..6])]);
+        commit_group(&mut committer, [dequeue_all(&first[..6])]);
         checkpoint_current_segment(&mut committer);
         assert_eq!(read(&committer, 2), first[6..8]);
         assert_eq!(routine_start(&committer).as_ref(), Some(&first[6]));
@@ -3200,7 +3196,7 @@ mod tests {
         );
         let seen = read(&committer, 2);
         assert_eq!(seen[1], first[6], "the urgent entry first");
-        commit_group(&mut committer, [take_off(&seen[..1])]);
+        commit_group(&mut committer, [dequeue_all(&seen[..1])]);
         assert_eq!(read(&committer, 2), first[6..8]);
         assert_eq!(routine_start(&committer).as_ref(), Some(&first[6]));
         crash(committer);
