@@ -2542,6 +2542,23 @@ mod tests {
         }
     }
 
+    /// Ten entries queued by `enqueue` (0 to 9) and checkpointed, then the first `n` of them
+    /// taken off and checkpointed: their removals sit in a run at the queue's head. The ten
+    /// keys.
+    fn head_taken_off(
+        committer: &mut Committer,
+        enqueue: impl Fn(u64) -> Tx,
+        prefix: &[u8],
+        n: usize,
+    ) -> Vec<Vec<u8>> {
+        commit_group(committer, (0..10).map(enqueue));
+        checkpoint_current_segment(committer);
+        let keys = keys_under(committer, prefix);
+        commit_group(committer, [dequeue_all(&keys[..n])]);
+        checkpoint_current_segment(committer);
+        keys
+    }
+
     /// The keys of the first `limit` entries of the queue under `prefix`, read as the store's
     /// queue reads are (through the queue's starts).
     fn queue_keys(committer: &Committer, prefix: &[u8], limit: usize) -> Vec<Vec<u8>> {
@@ -2975,14 +2992,10 @@ mod tests {
                 );
             }
         };
-        let routine = |i| enqueue_message(&outbox, pb::Priority::Routine, &id(i));
+        let routine = routine_to(&outbox, 12_000, 7);
 
-        commit_group(&mut committer, (0..10).map(routine));
-        checkpoint_current_segment(&mut committer);
-        let first = keys_under(&committer, &prefix);
         // Half taken off and checkpointed: their removals sit ahead of the start, in a run.
-        commit_group(&mut committer, [dequeue_all(&first[..5])]);
-        checkpoint_current_segment(&mut committer);
+        let first = head_taken_off(&mut committer, routine, &prefix, 5);
         check(&committer, "after the head left");
         assert_eq!(read(&committer, 1), first[5..6]);
 
@@ -3178,12 +3191,7 @@ mod tests {
             let band = 255 - pb::Priority::Routine as u8;
             applied.queue_starts.bands(&prefix).get(&band).cloned()
         };
-        let routine = |i| enqueue_message(&outbox, pb::Priority::Routine, &id(i));
-        commit_group(&mut committer, (0..10).map(routine));
-        checkpoint_current_segment(&mut committer);
-        let first = keys_under(&committer, &prefix);
-        commit_group(&mut committer, [dequeue_all(&first[..6])]);
-        checkpoint_current_segment(&mut committer);
+        let first = head_taken_off(&mut committer, routine_to(&outbox, 13_000, 6), &prefix, 6);
         assert_eq!(read(&committer, 2), first[6..8]);
         assert_eq!(routine_start(&committer).as_ref(), Some(&first[6]));
 
