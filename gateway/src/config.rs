@@ -109,7 +109,8 @@ pub struct Limits {
     pub max_ciphertext_bytes: usize,
     /// Disk the store may use before submissions are refused with RESOURCE_EXHAUSTED.
     pub queue_quota_bytes: u64,
-    /// sled page cache size.
+    /// Memory for the store's reads: the blocks of its runs read lately, and sled's page
+    /// cache, which only a store made before layout 4 fills (up to this much each).
     pub store_cache_bytes: u64,
     /// Most attachment bytes (plaintext, all attachments together) one envelope may carry.
     pub max_attachment_bytes: u64,

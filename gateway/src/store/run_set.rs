@@ -21,7 +21,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::runs::{self, Run};
+use super::runs::{self, BlockCache, Run};
 
 /// The fewest runs a merge takes ([`due`]): a key is rewritten about once for each
 /// fourfold growth of the data written after it, and the runs stay a few per size.
@@ -44,6 +44,8 @@ pub(crate) struct RunSet {
     /// not, so nothing more is written until the set is opened again, which reads the
     /// folder as it is (a merge's leftover inputs deleted, an added run taken in).
     broken: Option<String>,
+    /// The blocks the runs' reads took lately, shared by every run of the set.
+    cache: Arc<BlockCache>,
 }
 
 /// A run and the checkpoints it holds.
@@ -61,19 +63,20 @@ impl RunSet {
     /// `nothing_below`: no other store under the runs holds keys their removals hide.
     pub(crate) fn open(dir: &Path, nothing_below: bool) -> std::io::Result<Self> {
         let new = !dir.try_exists()?;
-        Self::open_recorded(dir, nothing_below, new)
+        Self::open_recorded(dir, nothing_below, new, &BlockCache::new(0))
     }
 
     /// [`RunSet::open`] for a folder written before checkpoints were recorded beside it: a
     /// missing record is written from the runs found.
     pub(crate) fn adopt(dir: &Path, nothing_below: bool) -> std::io::Result<Self> {
-        Self::open_recorded(dir, nothing_below, true)
+        Self::open_recorded(dir, nothing_below, true, &BlockCache::new(0))
     }
 
     fn open_recorded(
         dir: &Path,
         nothing_below: bool,
         unrecorded_is_whole: bool,
+        cache: &Arc<BlockCache>,
     ) -> std::io::Result<Self> {
         let exists = dir.try_exists()?;
         let recorded = read_record(dir)?;
@@ -116,7 +119,7 @@ impl RunSet {
                     format!("{} overlaps another run", path.display()),
                 ));
             }
-            runs.push(Arc::new(open_named(&path, first, last)?));
+            runs.push(Arc::new(open_named(&path, first, last, cache)?));
         }
         // Oldest to newest, each run starts where the one before it ended.
         let mut expected = 1;
@@ -192,13 +195,14 @@ impl RunSet {
             nothing_below,
             put_once: |_| false,
             broken: None,
+            cache: cache.clone(),
         })
     }
 
     /// The same folder opened again, as [`RunSet::open`] reads it now: how a set that refuses
     /// writes after a failure ([`RunSet::add`]) is replaced.
     pub(crate) fn reopen(&self) -> std::io::Result<Self> {
-        let set = Self::open_recorded(&self.dir, self.nothing_below, false)?;
+        let set = Self::open_recorded(&self.dir, self.nothing_below, false, &self.cache)?;
         Ok(set.with_put_once(self.put_once))
     }
 
@@ -211,6 +215,14 @@ impl RunSet {
     /// finds such a key's removal over its value drops both ([`runs::compact`]).
     pub(crate) fn with_put_once(mut self, put_once: fn(&[u8]) -> bool) -> Self {
         self.put_once = put_once;
+        self
+    }
+
+    /// Keeps up to `bytes` of the blocks the runs' reads take in memory, for reads that come
+    /// back to them ([`BlockCache`]); none until this is called. A set opened again
+    /// ([`RunSet::reopen`]) shares the cache.
+    pub(crate) fn with_cache_bytes(self, bytes: usize) -> Self {
+        self.cache.set_budget(bytes);
         self
     }
 
@@ -265,7 +277,7 @@ impl RunSet {
         }
         let path = self.dir.join(name(number, number));
         runs::write(&path, entries)?;
-        let named = open_named(&path, number, number)?;
+        let named = open_named(&path, number, number, &self.cache)?;
         write_record(&self.dir, number)?;
         let mut runs = Vec::with_capacity(self.runs.len() + 1);
         runs.push(Arc::new(named));
@@ -299,7 +311,7 @@ impl RunSet {
         let nothing_below = self.nothing_below && window.end == self.runs.len();
         let path = self.dir.join(name(first, last));
         runs::compact(&path, &inputs, nothing_below, self.put_once)?;
-        let merged = Arc::new(open_named(&path, first, last)?);
+        let merged = Arc::new(open_named(&path, first, last, &self.cache)?);
         let gone: Vec<PathBuf> = replaced
             .iter()
             .map(|r| self.dir.join(name(r.first, r.last)))
@@ -417,8 +429,13 @@ fn write_record(dir: &Path, number: u64) -> std::io::Result<()> {
     std::fs::File::open(parent.unwrap_or(Path::new(".")))?.sync_all()
 }
 
-fn open_named(path: &Path, first: u64, last: u64) -> std::io::Result<Named> {
-    let run = Run::open(path)?;
+fn open_named(
+    path: &Path,
+    first: u64,
+    last: u64,
+    cache: &Arc<BlockCache>,
+) -> std::io::Result<Named> {
+    let run = Run::open(path, cache)?;
     Ok(Named { run, first, last })
 }
 

@@ -18,10 +18,13 @@
 //! opened is whole, and its checksums, with each block's keys checked against the index,
 //! catch what the disk damaged since.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write as _};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// A block closes once its entries reach this many bytes (an entry is never split).
 const BLOCK_BYTES: usize = 4 << 10;
@@ -168,9 +171,14 @@ fn write_file<K: AsRef<[u8]>, V: AsRef<[u8]>>(
     Ok(keys)
 }
 
-/// An open run: its blocks' first keys and its filter in memory, its entries on disk.
+/// An open run: its blocks' first keys and its filter in memory, its entries on disk, and
+/// the blocks read lately in its set's [`BlockCache`].
 #[derive(Debug)]
 pub(crate) struct Run {
+    /// Names this open of the run in the cache: never given to another open, so that a
+    /// cached block is only ever one this open read and checked.
+    id: u64,
+    cache: Arc<BlockCache>,
     file: File,
     path: PathBuf,
     blocks: Vec<Block>,
@@ -188,8 +196,9 @@ struct Block {
 }
 
 impl Run {
-    /// Opens a run [`write`] wrote, checking its footer.
-    pub(crate) fn open(path: &Path) -> std::io::Result<Self> {
+    /// Opens a run [`write`] wrote, checking its footer; the blocks its reads take are kept
+    /// in `cache`.
+    pub(crate) fn open(path: &Path, cache: &Arc<BlockCache>) -> std::io::Result<Self> {
         let file = File::open(path)?;
         let size = file.metadata()?.len();
         let damaged = |what: &str| invalid(&format!("run {}: {what}", path.display()));
@@ -241,7 +250,10 @@ impl Run {
             return Err(damaged("index does not cover the blocks"));
         }
         let filter = Filter::decode(filter).ok_or_else(|| damaged("filter"))?;
+        static OPENS: AtomicU64 = AtomicU64::new(0);
         Ok(Self {
+            id: OPENS.fetch_add(1, Ordering::Relaxed),
+            cache: cache.clone(),
             file,
             path: path.to_owned(),
             blocks,
@@ -254,6 +266,12 @@ impl Run {
     /// How many keys the run holds.
     pub(crate) fn keys(&self) -> u64 {
         self.keys
+    }
+
+    /// The bytes of blocks its set's cache holds, this run's and others'.
+    #[cfg(test)]
+    pub(crate) fn cached_bytes(&self) -> usize {
+        self.cache.bytes()
     }
 
     /// The run file's size.
@@ -284,22 +302,22 @@ impl Run {
             // Below the first block's first key: that block is read all the same, for the
             // reason below.
             if !self.blocks.is_empty() {
-                self.read_block(0)?;
+                self.cached_block(0)?;
             }
             return Ok(None);
         };
-        let block = self.read_block(at)?;
-        for entry in &block.entries {
-            if block.key(entry) >= key {
-                return Ok((block.key(entry) == key).then(|| block.held(entry)));
-            }
+        let block = self.cached_block(at)?;
+        // The block's keys ascend (checked when it was read).
+        let found = block.entries.partition_point(|e| block.key(e) < key);
+        if let Some(entry) = block.entries.get(found) {
+            return Ok((block.key(entry) == key).then(|| block.held(entry)));
         }
         // Past the block's last key, and the filter let it through: a false positive, or
         // an index that puts the next block's first key too high. Reading the next block
         // checks its first key against the index, so the second fails rather than hide a
         // key the run holds. (One read more for about 1% of absent keys.)
         if at + 1 < self.blocks.len() {
-            self.read_block(at + 1)?;
+            self.cached_block(at + 1)?;
         }
         Ok(None)
     }
@@ -319,10 +337,25 @@ impl Run {
         Scan {
             run: self,
             prefix,
-            next_block: self.block_for(&from).unwrap_or(0),
+            next_block: if refused {
+                self.blocks.len()
+            } else {
+                self.block_for(&from).unwrap_or(0)
+            },
             from,
-            entries: Vec::new().into_iter(),
+            block: None,
+            at: 0,
+            cached: true,
             done: refused,
+        }
+    }
+
+    /// Every entry of the run, in key order, removals included, read past the cache: a
+    /// merge reads each block once, and would only push out the blocks readers use.
+    pub(crate) fn entries(&self) -> Scan<'_> {
+        Scan {
+            cached: false,
+            ..self.scan(b"")
         }
     }
 
@@ -332,6 +365,17 @@ impl Run {
             .blocks
             .partition_point(|b| b.first_key.as_slice() <= key);
         after.checked_sub(1)
+    }
+
+    /// Block `at` as [`Run::read_block`] returns it, from the cache if a read of this open
+    /// put it there.
+    fn cached_block(&self, at: usize) -> std::io::Result<Arc<Parsed>> {
+        if let Some(block) = self.cache.get(self.id, at) {
+            return Ok(block);
+        }
+        let block = Arc::new(self.read_block(at)?);
+        self.cache.insert(self.id, at, &block);
+        Ok(block)
     }
 
     /// Block `at`'s entries, checked: its checksum, then its keys against the index (the
@@ -415,21 +459,24 @@ impl Parsed {
         entry.value.clone().map(|v| self.bytes[v].to_vec())
     }
 
-    fn into_owned(self) -> Vec<(Vec<u8>, Held)> {
-        let entries = self.entries.iter();
-        entries
-            .map(|e| (self.key(e).to_vec(), self.held(e)))
-            .collect()
+    /// The memory the block takes while cached.
+    fn weight(&self) -> usize {
+        self.bytes.capacity() + self.entries.capacity() * std::mem::size_of::<Entry>()
     }
 }
 
-/// Entries under a prefix, block by block ([`Run::scan`]).
+/// Entries under a prefix, block by block ([`Run::scan`]); only those returned are copied
+/// out of their block.
 pub(crate) struct Scan<'a> {
     run: &'a Run,
     prefix: &'a [u8],
     from: Vec<u8>,
     next_block: usize,
-    entries: std::vec::IntoIter<(Vec<u8>, Held)>,
+    /// The block being read, and the index of its next entry.
+    block: Option<Arc<Parsed>>,
+    at: usize,
+    /// Whether blocks are taken from, and kept in, the run's cache ([`Run::entries`]).
+    cached: bool,
     done: bool,
 }
 
@@ -438,22 +485,34 @@ impl Iterator for Scan<'_> {
 
     fn next(&mut self) -> Option<Self::Item> {
         while !self.done {
-            for (key, held) in self.entries.by_ref() {
-                if key < self.from {
-                    continue;
+            if let Some(block) = &self.block {
+                if let Some(entry) = block.entries.get(self.at) {
+                    self.at += 1;
+                    let key = block.key(entry);
+                    if !key.starts_with(self.prefix) {
+                        self.done = true;
+                        return None;
+                    }
+                    return Some(Ok((key.to_vec(), block.held(entry))));
                 }
-                if !key.starts_with(self.prefix) {
-                    self.done = true;
-                    return None;
-                }
-                return Some(Ok((key, held)));
             }
             if self.next_block >= self.run.blocks.len() {
                 self.done = true;
                 return None;
             }
-            match self.run.read_block(self.next_block) {
-                Ok(block) => self.entries = block.into_owned().into_iter(),
+            let read = if self.cached {
+                self.run.cached_block(self.next_block)
+            } else {
+                self.run.read_block(self.next_block).map(Arc::new)
+            };
+            match read {
+                Ok(block) => {
+                    // The block's keys ascend (checked when it was read).
+                    self.at = block
+                        .entries
+                        .partition_point(|e| block.key(e) < &self.from[..]);
+                    self.block = Some(block);
+                }
                 Err(e) => {
                     self.done = true;
                     return Some(Err(e));
@@ -462,6 +521,139 @@ impl Iterator for Scan<'_> {
             self.next_block += 1;
         }
         None
+    }
+}
+
+/// Blocks read from runs lately, checked and parsed, shared by the runs of a set and
+/// bounded in bytes: the least recently used go first. A message's records are read
+/// again within moments of their checkpoint (its receipts as they arrive, the message as
+/// it is forwarded and opened), each time from the same block. Blocks are named by the
+/// open of their run, never by its file: a block damaged on disk after it was cached is
+/// served as it was read and checked, until it is pushed out and read again.
+pub(crate) struct BlockCache {
+    lru: Mutex<Lru>,
+}
+
+impl std::fmt::Debug for BlockCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockCache").finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Lru {
+    /// The most bytes of blocks held.
+    budget: usize,
+    bytes: usize,
+    clock: u64,
+    blocks: HashMap<(u64, usize), (Arc<Parsed>, u64)>,
+    /// The cached blocks by their last use, oldest first.
+    by_use: BTreeMap<u64, (u64, usize)>,
+}
+
+impl BlockCache {
+    /// A cache holding at most `budget` bytes of blocks (0: none is kept).
+    pub(crate) fn new(budget: usize) -> Arc<Self> {
+        let cache = Arc::new(Self {
+            lru: Mutex::default(),
+        });
+        cache.set_budget(budget);
+        cache
+    }
+
+    /// Holds at most `budget` bytes of blocks from now on, the least recently used pushed
+    /// out at once if it holds more.
+    pub(crate) fn set_budget(&self, budget: usize) {
+        let mut lru = self.lru();
+        lru.budget = budget;
+        lru.evict();
+    }
+
+    /// The bytes of blocks held.
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        self.lru().bytes
+    }
+
+    fn lru(&self) -> std::sync::MutexGuard<'_, Lru> {
+        // A panic while it was held leaves at worst a block that the order of use lost,
+        // freed with its run: the cache is still right.
+        self.lru
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, run: u64, at: usize) -> Option<Arc<Parsed>> {
+        let mut lru = self.lru();
+        lru.clock += 1;
+        let now = lru.clock;
+        let (block, used) = lru.blocks.get_mut(&(run, at))?;
+        let (block, before) = (block.clone(), std::mem::replace(used, now));
+        lru.by_use.remove(&before);
+        lru.by_use.insert(now, (run, at));
+        Some(block)
+    }
+
+    fn insert(&self, run: u64, at: usize, block: &Arc<Parsed>) {
+        let weight = block.weight();
+        let mut lru = self.lru();
+        // A block of more than an eighth of the budget (an entry larger than a block) would
+        // push out many others for one read.
+        if weight > lru.budget / 8 {
+            return;
+        }
+        lru.clock += 1;
+        let now = lru.clock;
+        if let Some((twice, used)) = lru.blocks.insert((run, at), (block.clone(), now)) {
+            // Read by two readers at once: the first copy goes.
+            lru.by_use.remove(&used);
+            lru.bytes -= twice.weight();
+        }
+        lru.by_use.insert(now, (run, at));
+        lru.bytes += weight;
+        lru.evict();
+    }
+
+    /// Drops a closed run's blocks.
+    fn forget(&self, run: u64, blocks: usize) {
+        let mut lru = self.lru();
+        let lru = &mut *lru;
+        if blocks <= lru.blocks.len() {
+            for at in 0..blocks {
+                if let Some((gone, used)) = lru.blocks.remove(&(run, at)) {
+                    lru.by_use.remove(&used);
+                    lru.bytes -= gone.weight();
+                }
+            }
+        } else {
+            lru.blocks.retain(|&(r, _), (gone, used)| {
+                if r == run {
+                    lru.by_use.remove(used);
+                    lru.bytes -= gone.weight();
+                }
+                r != run
+            });
+        }
+    }
+}
+
+impl Lru {
+    /// Pushes out the least recently used blocks until those left fit the budget.
+    fn evict(&mut self) {
+        while self.bytes > self.budget {
+            let Some((_, oldest)) = self.by_use.pop_first() else {
+                break;
+            };
+            if let Some((gone, _)) = self.blocks.remove(&oldest) {
+                self.bytes -= gone.weight();
+            }
+        }
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        self.cache.forget(self.id, self.blocks.len());
     }
 }
 
@@ -550,7 +742,7 @@ pub(crate) fn compact(
     nothing_below: bool,
     put_once: fn(&[u8]) -> bool,
 ) -> std::io::Result<u64> {
-    let mut merged = Merged::new(runs.iter().map(|run| run.scan(b"")));
+    let mut merged = Merged::new(runs.iter().map(|run| run.entries()));
     let kept = std::iter::from_fn(|| loop {
         let entry = merged.next()?;
         let has_nothing_to_hide = matches!(&entry, Ok((key, None))
@@ -718,6 +910,11 @@ mod tests {
         }
     }
 
+    /// Opens a run with a cache of its own.
+    fn open_run(path: &Path) -> std::io::Result<Run> {
+        Run::open(path, &BlockCache::new(1 << 20))
+    }
+
     fn write_map(path: &Path, map: &BTreeMap<Vec<u8>, Held>) {
         let entries = map.iter().map(|(k, v)| Ok((k.as_slice(), v.as_deref())));
         assert_eq!(write(path, entries).unwrap(), map.len() as u64);
@@ -730,7 +927,7 @@ mod tests {
             !temporary_path(&path).exists(),
             "linked into place, the temporary name gone"
         );
-        Run::open(&path).unwrap()
+        open_run(&path).unwrap()
     }
 
     fn sample(seed: u64, keys: usize) -> BTreeMap<Vec<u8>, Held> {
@@ -747,10 +944,28 @@ mod tests {
     fn a_run_answers_every_key_and_prefix_as_the_map_it_was_written_from() {
         let dir = tempfile::tempdir().unwrap();
         let map = sample(0x5eed, 5_000);
-        let run = written(dir.path(), &map);
+        drop(written(dir.path(), &map));
+        // No cache, one that holds a few blocks, one that holds them all.
+        for budget in [0, 64 << 10, 4 << 20] {
+            let cache = BlockCache::new(budget);
+            let run = Run::open(&dir.path().join("run-1"), &cache).unwrap();
+            answers_as(&run, &map);
+            assert!(cache.bytes() <= budget, "{} of {budget}", cache.bytes());
+            // Everything again, from a cache now full.
+            answers_as(&run, &map);
+            assert!(cache.bytes() <= budget, "{} of {budget}", cache.bytes());
+            if budget == 4 << 20 {
+                assert!(cache.bytes() > 0, "blocks kept");
+            }
+            drop(run);
+            assert_eq!(cache.bytes(), 0, "a closed run's blocks go");
+        }
+    }
+
+    fn answers_as(run: &Run, map: &BTreeMap<Vec<u8>, Held>) {
         assert!(run.blocks.len() > 50, "many blocks: {}", run.blocks.len());
         assert_eq!(run.keys(), 5_000);
-        for (key, held) in &map {
+        for (key, held) in map {
             assert_eq!(run.get(key).unwrap().as_ref(), Some(held), "{key:?}");
         }
         let mut rng = Rng(7);
@@ -769,9 +984,58 @@ mod tests {
                 .collect();
             let scanned: Vec<_> = run.scan(&prefix).map(Result::unwrap).collect();
             assert_eq!(scanned, expected, "prefix {prefix:?}");
+            // From a key inside the prefix's entries, often inside a block.
+            if let Some((from, _)) = expected.get(expected.len() / 2) {
+                let scanned: Vec<_> = run.scan_from(&prefix, from).map(Result::unwrap).collect();
+                assert_eq!(
+                    scanned,
+                    expected[expected.len() / 2..],
+                    "{prefix:?} from {from:?}"
+                );
+            }
         }
         let everything: Vec<_> = run.scan(b"").map(Result::unwrap).collect();
         assert_eq!(everything.len(), map.len());
+        let entries: Vec<_> = run.entries().map(Result::unwrap).collect();
+        assert_eq!(entries, everything);
+    }
+
+    #[test]
+    fn reads_keep_their_blocks_in_the_cache_and_a_merges_reads_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, two) = (sample(0xcace, 2_000), sample(0xcaf0, 2_000));
+        let (path_one, path_two) = (dir.path().join("one"), dir.path().join("two"));
+        write_map(&path_one, &one);
+        write_map(&path_two, &two);
+        let cache = BlockCache::new(4 << 20);
+        let (run_one, run_two) = (
+            Run::open(&path_one, &cache).unwrap(),
+            Run::open(&path_two, &cache).unwrap(),
+        );
+        assert_eq!(run_one.entries().count(), one.len());
+        assert_eq!(cache.bytes(), 0, "a merge's reads pass the cache by");
+        // Two runs' blocks of the same places, side by side in one cache.
+        for ((k1, v1), (k2, v2)) in one.iter().zip(&two) {
+            assert_eq!(run_one.get(k1).unwrap().as_ref(), Some(v1));
+            assert_eq!(run_two.get(k2).unwrap().as_ref(), Some(v2));
+        }
+        assert!(cache.bytes() > 0);
+        // Once cached, a block is not read again: damage on disk since goes unseen by this
+        // open, and is caught by the next.
+        let in_second = run_one.blocks[1].first_key.clone();
+        let file = OpenOptions::new().write(true).open(&path_one).unwrap();
+        file.write_all_at(&[0xff], run_one.blocks[1].offset + 10)
+            .unwrap();
+        assert_eq!(
+            run_one.get(&in_second).unwrap().as_ref(),
+            Some(&one[&in_second])
+        );
+        let err = open_run(&path_one).unwrap().get(&in_second).unwrap_err();
+        assert!(err.to_string().contains("damaged"), "{err}");
+        drop(run_two);
+        assert!(cache.bytes() > 0, "the other run's blocks stay");
+        drop(run_one);
+        assert_eq!(cache.bytes(), 0);
     }
 
     #[test]
@@ -858,20 +1122,20 @@ mod tests {
         let whole = std::fs::read(&path).unwrap();
 
         std::fs::write(&path, &whole[..whole.len() - 1]).unwrap();
-        let err = Run::open(&path).unwrap_err();
+        let err = open_run(&path).unwrap_err();
         assert!(err.to_string().contains("tail"), "{err}");
 
         let mut flipped = whole.clone();
         let in_footer = whole.len() - TAIL_BYTES as usize - 20;
         flipped[in_footer] ^= 1;
         std::fs::write(&path, &flipped).unwrap();
-        let err = Run::open(&path).unwrap_err();
+        let err = open_run(&path).unwrap_err();
         assert!(err.to_string().contains("footer checksum"), "{err}");
 
         std::fs::write(&path, &whole[..3]).unwrap();
-        assert!(Run::open(&path).is_err());
+        assert!(open_run(&path).is_err());
         std::fs::write(&path, &whole).unwrap();
-        assert_eq!(Run::open(&path).unwrap().keys(), 500);
+        assert_eq!(open_run(&path).unwrap().keys(), 500);
     }
 
     /// Four generations of writes over one key space, each a run; merged newest first,
@@ -894,7 +1158,7 @@ mod tests {
             let path = dir.path().join(format!("run-{generation}"));
             let entries = writes.iter().map(|(k, v)| Ok((k.as_slice(), v.as_deref())));
             write(&path, entries).unwrap();
-            runs.push(Run::open(&path).unwrap());
+            runs.push(open_run(&path).unwrap());
         }
         runs.reverse();
         let newest_first: Vec<&Run> = runs.iter().collect();
@@ -921,12 +1185,12 @@ mod tests {
             compact(&above, &newest_first, false, |_| false).unwrap(),
             applied.len() as u64
         );
-        let above = Run::open(&above).unwrap();
+        let above = open_run(&above).unwrap();
         let read: Vec<_> = above.scan(b"").map(Result::unwrap).collect();
         assert_eq!(read, expected);
         let bottom = dir.path().join("bottom");
         compact(&bottom, &newest_first, true, |_| false).unwrap();
-        let bottom = Run::open(&bottom).unwrap();
+        let bottom = open_run(&bottom).unwrap();
         let read: Vec<_> = bottom.scan(b"").map(Result::unwrap).collect();
         let live: Vec<_> = expected.into_iter().filter(|(_, v)| v.is_some()).collect();
         assert!(live.len() < applied.len(), "some keys end removed");
@@ -950,7 +1214,7 @@ mod tests {
             .unwrap();
         let newer = dir.path().join("newer");
         write(&newer, [Ok((&b"a"[..], Some(&b"1"[..])))]).unwrap();
-        let newer = Run::open(&newer).unwrap();
+        let newer = open_run(&newer).unwrap();
         let merged: Vec<_> = Merged::new([newer.scan(b""), run.scan(b"")]).collect();
         assert!(merged.last().unwrap().is_err());
         let before: Vec<_> = merged[..merged.len() - 1]
@@ -1053,7 +1317,7 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(hex, GOLDEN_RUN);
-        let run = Run::open(&path).unwrap();
+        let run = open_run(&path).unwrap();
         assert_eq!(run.get(b"k1").unwrap(), Some(Some(b"v".to_vec())));
         assert_eq!(run.get(b"k2").unwrap(), Some(None));
     }
@@ -1082,7 +1346,7 @@ mod tests {
             .map(|b| format!("{b:02x}"))
             .collect();
         assert_eq!(filter, GOLDEN_PREFIX_FILTER);
-        let run = Run::open(&path).unwrap();
+        let run = open_run(&path).unwrap();
         assert_eq!(run.scan(&message).count(), 2);
     }
 
@@ -1105,7 +1369,7 @@ mod tests {
     /// against `map`: `Ok(true)` if all read right, `Ok(false)` if an error was met (with
     /// nothing read wrong before it), `Err` describing a wrong answer.
     fn read_against(path: &Path, map: &BTreeMap<Vec<u8>, Held>) -> Result<bool, String> {
-        let Ok(run) = Run::open(path) else {
+        let Ok(run) = open_run(path) else {
             return Ok(false);
         };
         if run.keys() != map.len() as u64 {
@@ -1163,7 +1427,7 @@ mod tests {
         let map = three_block_sample();
         let good = dir.path().join("good");
         write_map(&good, &map);
-        assert!(Run::open(&good).unwrap().blocks.len() >= 3);
+        assert!(open_run(&good).unwrap().blocks.len() >= 3);
         let whole = std::fs::read(&good).unwrap();
         let bad = dir.path().join("bad");
         let mut failed = 0;
@@ -1207,7 +1471,7 @@ mod tests {
         let path = dir.path().join("run");
         write_map(&path, &map);
         let whole = std::fs::read(&path).unwrap();
-        let run = Run::open(&path).unwrap();
+        let run = open_run(&path).unwrap();
         let (second, third) = (&run.blocks[1], &run.blocks[2]);
 
         // Block 1's first key a byte larger, still below block 2's.
@@ -1217,7 +1481,7 @@ mod tests {
             index[at + first.len() - 1] += 1;
         });
         assert_eq!(read_against(&path, &map), Ok(false));
-        let err = Run::open(&path).unwrap().get(&first).unwrap_err();
+        let err = open_run(&path).unwrap().get(&first).unwrap_err();
         assert!(err.to_string().contains("out of place"), "{err}");
 
         // The same with the first block's, which no block before it covers.
@@ -1227,7 +1491,7 @@ mod tests {
             let at = index.windows(first.len()).position(|w| w == first).unwrap();
             index[at + first.len() - 1] += 1;
         });
-        let err = Run::open(&path).unwrap().get(&first).unwrap_err();
+        let err = open_run(&path).unwrap().get(&first).unwrap_err();
         assert!(err.to_string().contains("out of place"), "{err}");
 
         // Two blocks swapped, each under the other's checksum-correct bytes.
@@ -1254,7 +1518,7 @@ mod tests {
         let err = write(&path, [Ok((&b"a"[..], Some(&b"2"[..])))]).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
         assert!(!temporary_path(&path).exists());
-        let run = Run::open(&path).unwrap();
+        let run = open_run(&path).unwrap();
         assert_eq!(run.get(b"a").unwrap(), Some(Some(b"1".to_vec())));
     }
 

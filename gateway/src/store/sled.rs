@@ -208,8 +208,9 @@ impl std::fmt::Debug for SledStore {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store at `path`, sled with a bounded page cache, replaying
-    /// whatever the write-ahead log holds beyond the last checkpoint.
+    /// Opens (or creates) the store at `path`, replaying whatever the write-ahead log holds
+    /// beyond the last checkpoint. `cache_bytes` bounds the runs' blocks kept in memory for
+    /// reads, and sled's page cache, which only a store made before layout 4 fills.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let (committer, replayed_groups) = recover(path, cache_bytes)?;
         let (db, progress) = (committer.db.clone(), committer.progress.clone());
@@ -299,7 +300,8 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
             std::io::ErrorKind::InvalidData => StoreError::Corrupt(format!("{e}. {restore}")),
             _ => log_read_error(e, format!("the runs in {}", runs_dir.display())),
         })?
-        .with_put_once(is_put_once);
+        .with_put_once(is_put_once)
+        .with_cache_bytes(usize::try_from(cache_bytes).unwrap_or(usize::MAX));
     // The directory entries of sled's files and of the four folders must survive a power
     // cut too.
     sync_dir(path)?;
@@ -373,10 +375,21 @@ fn recover(path: &Path, cache_bytes: u64) -> Result<(Committer, u64), StoreError
     let sled_holds_queue_keys =
         db.scan_prefix(b"q").next().is_some() || db.scan_prefix(b"x").next().is_some();
     runs.set_nothing_below(!sled_holds_queue_keys);
-    applying
-        .write()
-        .map_err(|_| StoreError::Engine(PANICKED.into()))?
-        .sled_holds_queue_keys = sled_holds_queue_keys;
+    let mut sled_keys = db.iter().keys();
+    let sled_holds_only_layout = loop {
+        match sled_keys.next().transpose()? {
+            Some(key) if &*key == META_FORMAT => {}
+            Some(_) => break false,
+            None => break true,
+        }
+    };
+    {
+        let mut applied = applying
+            .write()
+            .map_err(|_| StoreError::Engine(PANICKED.into()))?;
+        applied.sled_holds_queue_keys = sled_holds_queue_keys;
+        applied.sled_holds_only_layout = sled_holds_only_layout;
+    }
     if replayed_groups > 0 {
         tracing::info!(
             groups = replayed_groups,
@@ -458,7 +471,9 @@ fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
     loop {
         match sled::Config::new()
             .path(path)
-            .cache_capacity(cache_bytes)
+            // sled asserts at least 256 bytes; a bound below keeps no run's blocks, and
+            // gives sled the least it takes.
+            .cache_capacity(cache_bytes.max(256))
             .flush_every_ms(None)
             .open()
         {
@@ -852,6 +867,9 @@ struct Applied {
     runs: Arc<Vec<Arc<Named>>>,
     /// Whether sled holds queue keys (from before layout 4), which a removal must hide.
     sled_holds_queue_keys: bool,
+    /// Whether sled holds nothing but the layout number, which reads never ask it for (a
+    /// store made at layout 4 or later): reads then pass it by.
+    sled_holds_only_layout: bool,
     queue_starts: QueueStarts,
 }
 
@@ -932,6 +950,9 @@ impl Applied {
             if let Some(held) = found {
                 return Ok(held);
             }
+        }
+        if self.sled_holds_only_layout {
+            return Ok(None);
         }
         Ok(db.get(key)?.map(|v| v.to_vec()))
     }
@@ -1031,14 +1052,16 @@ impl Applied {
         for named in self.runs.iter() {
             sources.push(Box::new(named.run.scan_from(prefix, &from)));
         }
-        let in_sled = db.range(from..).take_while(move |kv| match kv {
-            Ok((k, _)) => k.starts_with(prefix),
-            Err(_) => true,
-        });
-        sources.push(Box::new(in_sled.map(|kv| {
-            kv.map(|(k, v)| (k.to_vec(), Some(v.to_vec())))
-                .map_err(|e| std::io::Error::other(format!("sled, under the runs: {e}")))
-        })));
+        if !self.sled_holds_only_layout {
+            let in_sled = db.range(from..).take_while(move |kv| match kv {
+                Ok((k, _)) => k.starts_with(prefix),
+                Err(_) => true,
+            });
+            sources.push(Box::new(in_sled.map(|kv| {
+                kv.map(|(k, v)| (k.to_vec(), Some(v.to_vec())))
+                    .map_err(|e| std::io::Error::other(format!("sled, under the runs: {e}")))
+            })));
+        }
         runs::Merged::new(sources)
     }
 
@@ -3260,6 +3283,37 @@ mod tests {
         assert_eq!(left, [before[0].clone(), before[2].clone()]);
     }
 
+    /// The store's cache bound sizes the runs' block cache: reads of what a run holds keep
+    /// its blocks there, and a bound of 0 keeps none.
+    #[tokio::test]
+    async fn reads_keep_the_runs_blocks_within_the_stores_cache_bound() {
+        let ids: Vec<MessageId> = (0..50)
+            .map(|i| MessageId::new_v7(8_000 + i, [6; 10]))
+            .collect();
+        for cache_bytes in [0, 1 << 20] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let store = SledStore::open(dir.path(), cache_bytes).unwrap();
+                for id in &ids {
+                    let tx = Tx {
+                        ops: vec![Op::InsertMessage(*id, StoredMessage::default())],
+                        receipts: None,
+                    };
+                    store.commit(tx).await.unwrap();
+                }
+            }
+            let store = SledStore::open(dir.path(), cache_bytes).unwrap();
+            for id in &ids {
+                assert_eq!(store.message(id).unwrap(), Some(StoredMessage::default()));
+            }
+            let whole = store.whole_groups().unwrap();
+            assert_eq!(whole.runs.len(), 1, "the close wrote a run");
+            let cached = whole.runs[0].run.cached_bytes();
+            assert!(cached as u64 <= cache_bytes, "{cached} of {cache_bytes}");
+            assert_eq!(cached > 0, cache_bytes > 0, "{cached} of {cache_bytes}");
+        }
+    }
+
     /// A checkpoint as the checkpointer makes one, in two steps that readers may see between:
     /// the held writes become the ones being written; then they become a run, merged with
     /// others when due, and installed.
@@ -4102,6 +4156,7 @@ mod tests {
     fn a_damaged_receipt_record_fails_cleanly() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        read_sled_too(&store);
         let id = MessageId::new_v7(1_000, [4; 10]);
         let key = [receipt_prefix(&id), 1u64.to_be_bytes().to_vec()].concat();
         let receipt = pb::Receipt {
@@ -4224,6 +4279,10 @@ mod tests {
             assert!(!holds(message_key(&large_id)));
             assert!(holds(message_number_key(&small_id)));
             assert_eq!(whole.read_meta(&store.db, META_MESSAGES).unwrap(), 2);
+            assert!(
+                whole.sled_holds_only_layout,
+                "a store made at this layout: reads pass sled by"
+            );
             drop(whole);
             assert_eq!(store.messages.get(0).unwrap(), small.encode_to_vec());
             assert_eq!(store.messages.get(1).unwrap(), large.encode_to_vec());
@@ -4244,6 +4303,7 @@ mod tests {
             }
         }
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert!(!store.whole_groups().unwrap().sled_holds_only_layout);
         for (id, msg) in [(earlier_small, &small), (earlier_big, &big)] {
             assert_eq!(store.message(&id).unwrap().as_ref(), Some(msg));
             assert_eq!(
@@ -4378,6 +4438,7 @@ mod tests {
     fn a_damaged_event_index_fails_cleanly() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        read_sled_too(&store);
         let id = MessageId::new_v7(1_000, [4; 10]);
         let key = event_key(&id, 7);
         let out_of_order = [9u64, 8].map(u64::to_be_bytes).concat();
@@ -4440,6 +4501,7 @@ mod tests {
     async fn damaged_message_files_and_numbers_fail_cleanly() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        read_sled_too(&store);
         let ids: Vec<_> = (0..5u8)
             .map(|i| MessageId::new_v7(9_000 + u64::from(i), [i; 10]))
             .collect();
@@ -4754,6 +4816,12 @@ mod tests {
     }
 
     /// The keys and values under `prefix` as readers see them.
+    /// Lets reads see what a test writes straight into sled, as they do in a store made
+    /// before layout 4.
+    fn read_sled_too(store: &SledStore) {
+        store.applying.write().unwrap().sled_holds_only_layout = false;
+    }
+
     fn stored_under(store: &SledStore, prefix: &[u8]) -> Vec<KeyValue> {
         let whole = store.whole_groups().unwrap();
         whole.scan(&store.db, prefix, usize::MAX).unwrap()
@@ -4762,8 +4830,10 @@ mod tests {
     /// Every key and value readers see, then every log entry and the log's root, to compare
     /// two stores.
     fn contents(store: &SledStore) -> Vec<(Vec<u8>, Vec<u8>)> {
-        // As every reader does: an answered commit's group may still be being applied.
+        // As every reader does: an answered commit's group may still be being applied. The
+        // layout is sled's alone, and a store of an earlier layout reads sled under its keys.
         let mut contents = stored_under(store, b"");
+        contents.retain(|(k, _)| k != META_FORMAT);
         let numbers: Vec<u64> = contents
             .iter()
             .filter(|(k, _)| k.first() == Some(&b'v'))
