@@ -526,6 +526,41 @@ mod tests {
         names
     }
 
+    /// The set's cache holds what reads take, never what a merge reads; a set opened again
+    /// shares it; closed runs, merged away or replaced by a reopen, leave it.
+    #[test]
+    fn the_runs_share_the_sets_cache_through_merges_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let (set, applied) = four_checkpoints(&runs_in(&dir), true);
+        let mut set = set.with_cache_bytes(1 << 20);
+        assert_eq!(set.cache.bytes(), 0);
+        // Held, as a reader may, so that they stay open through the merge.
+        let merged_away = set.runs();
+        assert_eq!(set.compact().unwrap(), 1);
+        assert_eq!(set.cache.bytes(), 0, "a merge's reads pass the cache by");
+        drop(merged_away);
+        assert_eq!(contents(&set), live(&applied));
+        let after_reads = set.cache.bytes();
+        assert!(after_reads > 0);
+        let again = set.reopen().unwrap();
+        assert!(Arc::ptr_eq(&again.cache, &set.cache));
+        assert_eq!(contents(&again), live(&applied));
+        assert_eq!(
+            set.cache.bytes(),
+            2 * after_reads,
+            "each open's blocks, apart"
+        );
+        drop(set);
+        assert_eq!(
+            again.cache.bytes(),
+            after_reads,
+            "the closed runs' blocks gone"
+        );
+        let cache = again.cache.clone();
+        drop(again);
+        assert_eq!(cache.bytes(), 0);
+    }
+
     #[test]
     fn four_small_runs_in_a_row_become_one_and_read_the_same() {
         let dir = tempfile::tempdir().unwrap();

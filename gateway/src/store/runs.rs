@@ -16,7 +16,8 @@
 //! within and across blocks. A run is written under a temporary name, synced, then linked
 //! into place (never over another run) and its folder synced ([`write`]): a run that can be
 //! opened is whole, and its checksums, with each block's keys checked against the index,
-//! catch what the disk damaged since.
+//! catch what the disk damaged since, each time a block is read from the file: a block
+//! kept in the [`BlockCache`] is checked once, when it is read.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -529,7 +530,10 @@ impl Iterator for Scan<'_> {
 /// again within moments of their checkpoint (its receipts as they arrive, the message as
 /// it is forwarded and opened), each time from the same block. Blocks are named by the
 /// open of their run, never by its file: a block damaged on disk after it was cached is
-/// served as it was read and checked, until it is pushed out and read again.
+/// served as it was read and checked, until it is pushed out and read again. The budget
+/// counts each block's bytes and entry spans; the cache's own bookkeeping (about 100 bytes
+/// a block) and blocks that a scan in progress still holds after they were pushed out come
+/// on top.
 pub(crate) struct BlockCache {
     lru: Mutex<Lru>,
 }
@@ -571,7 +575,7 @@ impl BlockCache {
 
     /// The bytes of blocks held.
     #[cfg(test)]
-    fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.lru().bytes
     }
 
@@ -998,6 +1002,62 @@ mod tests {
         assert_eq!(everything.len(), map.len());
         let entries: Vec<_> = run.entries().map(Result::unwrap).collect();
         assert_eq!(entries, everything);
+    }
+
+    /// A block of one entry whose value is `len` bytes, and the weight the cache gives it.
+    fn block_of(len: usize) -> (Arc<Parsed>, usize) {
+        let mut bytes = Vec::new();
+        put_bytes(&mut bytes, b"k").unwrap();
+        bytes.push(0);
+        put_bytes(&mut bytes, &vec![7; len]).unwrap();
+        let block = Parsed::parse(bytes).unwrap();
+        let weight = block.weight();
+        (Arc::new(block), weight)
+    }
+
+    #[test]
+    fn the_cache_keeps_the_blocks_used_last_within_its_budget() {
+        let (block, weight) = block_of(1000);
+        let cache = BlockCache::new(8 * weight);
+        for at in 0..8 {
+            cache.insert(1, at, &block);
+        }
+        assert_eq!(cache.bytes(), 8 * weight);
+        // Read by two readers at once: counted once.
+        cache.insert(1, 7, &block);
+        assert_eq!(cache.bytes(), 8 * weight);
+        // Block 0, used again, outlives block 1, which goes first.
+        assert!(cache.get(1, 0).is_some());
+        cache.insert(1, 8, &block);
+        assert_eq!(cache.bytes(), 8 * weight);
+        assert!(cache.get(1, 0).is_some(), "used last but one");
+        assert!(cache.get(1, 1).is_none(), "used least lately");
+        // More than an eighth of the budget: not kept, nothing pushed out for it.
+        let (large, large_weight) = block_of(2000);
+        assert!(large_weight > weight);
+        cache.insert(1, 9, &large);
+        assert!(cache.get(1, 9).is_none());
+        assert_eq!(cache.bytes(), 8 * weight);
+        // Another run's blocks stay when one run's go.
+        cache.insert(2, 0, &block);
+        assert!(cache.get(2, 0).is_some());
+        cache.set_budget(2 * weight);
+        assert_eq!(
+            cache.bytes(),
+            2 * weight,
+            "pushed out down to the new budget"
+        );
+        assert!(
+            cache.get(2, 0).is_some() && cache.get(1, 0).is_some(),
+            "the two used last"
+        );
+        // Either way of forgetting: block by block, or over the cache when it holds fewer
+        // blocks than the run has.
+        cache.forget(1, 1);
+        assert_eq!(cache.bytes(), weight);
+        assert!(cache.get(2, 0).is_some());
+        cache.forget(2, 1_000);
+        assert_eq!(cache.bytes(), 0);
     }
 
     #[test]

@@ -1815,7 +1815,10 @@ impl Checkpointer {
             }
         };
         if merged {
-            self.lock()?.runs = self.runs.runs();
+            let replaced = std::mem::replace(&mut self.lock()?.runs, self.runs.runs());
+            // Runs the merge replaced close here, once no reader holds them, and their blocks
+            // leave the cache: after the lock is released, not under it.
+            drop(replaced);
             self.note_bytes();
         }
         Ok(())
@@ -4815,13 +4818,13 @@ mod tests {
         assert_eq!(store.log_entry(0).unwrap(), Some(vec![0; 20]));
     }
 
-    /// The keys and values under `prefix` as readers see them.
     /// Lets reads see what a test writes straight into sled, as they do in a store made
     /// before layout 4.
     fn read_sled_too(store: &SledStore) {
         store.applying.write().unwrap().sled_holds_only_layout = false;
     }
 
+    /// The keys and values under `prefix` as readers see them.
     fn stored_under(store: &SledStore, prefix: &[u8]) -> Vec<KeyValue> {
         let whole = store.whole_groups().unwrap();
         whole.scan(&store.db, prefix, usize::MAX).unwrap()
