@@ -10,8 +10,11 @@
 //!
 //! Records are written as a group's other writes are applied: after the group's
 //! write-ahead log record is synced, by [`Records::write`], which replay calls again at the
-//! same offsets. Every checkpoint syncs the files before it deletes the segments that hold
-//! their writes. Bytes past the count the store keeps are ignored, and overwritten by the
+//! same offsets. A group that holds a large message record writes its records before its
+//! log record instead, and syncs `entries`; the log record names them by length and
+//! checksum, and a replay reads them back ([`Records::read_written`]) and writes them
+//! again, `ends` included. Every checkpoint syncs the files before it deletes the segments
+//! that hold or name their writes. Bytes past the count the store keeps are ignored, and overwritten by the
 //! next appends. Callers check a number
 //! against that count before reading it, and the store checks at open that the files hold
 //! at least that many records ([`Records::check_holds`]).
@@ -19,6 +22,8 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+
+use super::wal::WrittenFirst;
 
 /// The two files of a folder of records (module docs).
 #[derive(Debug)]
@@ -120,6 +125,54 @@ impl Records {
             return Err(short("entries", count));
         }
         Ok(())
+    }
+
+    /// Records `first.0`, `first.0 + 1`, … as [`Records::write`] put them, by the lengths
+    /// and checksums given (from the log records that name them), whether or not `ends`
+    /// holds them yet: record `first.0` starts where the one before it ends. A record that
+    /// is short or does not match its checksum is damage.
+    pub(crate) fn read_written(
+        &self,
+        named: &[(u64, WrittenFirst)],
+    ) -> std::io::Result<Vec<Vec<u8>>> {
+        let Some(&(first, _)) = named.first() else {
+            return Ok(Vec::new());
+        };
+        let mut at = match first {
+            0 => 0,
+            i => self.end(i - 1)?,
+        };
+        let mut read = Vec::with_capacity(named.len());
+        for (n, (number, written)) in named.iter().enumerate() {
+            if Some(*number) != first.checked_add(n as u64) {
+                return Err(invalid("records to read back are not contiguous"));
+            }
+            if written.len > self.max {
+                return Err(invalid(
+                    "a record named by the write-ahead log is over the limit",
+                ));
+            }
+            let mut record = vec![0; written.len as usize];
+            self.entries.read_exact_at(&mut record, at)?;
+            if crc32fast::hash(&record) != written.crc {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "message record {number}, written before its write-ahead log record, \
+                         does not match the checksum that record names"
+                    ),
+                ));
+            }
+            at += written.len;
+            read.push(record);
+        }
+        Ok(read)
+    }
+
+    /// `fdatasync` of the records' file, not of `ends` (what a group writes before its
+    /// log record must be durable before it; the replay rewrites `ends`).
+    pub(crate) fn sync_entries(&self) -> std::io::Result<()> {
+        self.entries.sync_data()
     }
 
     /// `fdatasync` of both files.

@@ -79,7 +79,7 @@ use super::log_files::{self, LogFiles};
 use super::records::Records;
 use super::run_set::{self, Named, RunSet};
 use super::runs;
-use super::wal::{self, Segment, WalError, WalGroup, WalWrite};
+use super::wal::{self, Segment, WalError, WalGroup, WalWrite, WrittenFirst};
 use super::{
     Commit, Op, Queue, QueueEntry, QueueKey, Store, StoreError, StoredMessage, Tx, TxOutcome,
 };
@@ -105,6 +105,11 @@ const META_MESSAGES: &[u8] = b"smsg";
 /// in `messages/` (module docs).
 #[cfg(test)]
 const BESIDE_FROM: usize = 4 << 10;
+/// A group that holds a message record at least this long writes its message records
+/// first, syncs them, and logs only their lengths and checksums: a large body is then
+/// written once, not in the write-ahead log and again in `messages/` (docs/store-next.md,
+/// "Large bodies written once"). Smaller ones are not worth a second `fdatasync`.
+const WRITTEN_FIRST_FROM: usize = 64 << 10;
 /// Longest message the store takes, and so the longest record read back (anything longer
 /// is a damaged `ends` file). Above what any gRPC call may carry (64 MiB).
 const MAX_MESSAGE: u64 = 256 << 20;
@@ -122,7 +127,11 @@ const MAX_MESSAGE: u64 = 256 << 20;
 /// - 5: the last checkpoint is recorded beside the runs (`runs.last`, `run_set.rs`), and
 ///   a store without the record is refused. A binary of layout 4 would write runs without
 ///   recording them, and the next open would refuse the store as one that lost them.
-const FORMAT: u64 = 5;
+/// - 6: a group holding a message record of [`WRITTEN_FIRST_FROM`] bytes or more writes its
+///   message records before its write-ahead log record, which names them
+///   ([`WrittenFirst`]); a binary of layout 5 would read such a write as the removal of a
+///   message record.
+const FORMAT: u64 = 6;
 /// The first layout that records the runs' last checkpoint: an open of an earlier one
 /// writes the record from the runs it finds ([`RunSet::adopt`]).
 const RECORDED_FROM: u64 = 5;
@@ -572,6 +581,7 @@ fn apply(
     replay: Replay,
 ) -> Result<(), StoreError> {
     let (mut entries, mut nodes, mut records) = (Vec::new(), Vec::new(), Vec::new());
+    let mut written_first = Vec::new();
     for write in &group.writes {
         match (file_write(&write.key), &write.value) {
             (Some(FileWrite::Entry(index)), Some(value)) => entries.push((index, value.as_slice())),
@@ -580,6 +590,14 @@ fn apply(
             }
             (Some(FileWrite::Message(number)), Some(value)) => {
                 records.push((number, value.as_slice()))
+            }
+            // Written and synced before the log record: a commit finds it in place, a
+            // replay reads it back, checked against the record's checksum, and writes it
+            // again with its place in `ends`.
+            (Some(FileWrite::Message(number)), None) if write.written_first.is_some() => {
+                if replay == Replay::Yes {
+                    written_first.push((number, write.written_first.unwrap_or_default()));
+                }
             }
             (Some(_), None) => {
                 return Err(StoreError::Corrupt(
@@ -599,6 +617,14 @@ fn apply(
             }
         }
     }
+    let read_back = messages.read_written(&written_first)?;
+    records.extend(
+        written_first
+            .iter()
+            .map(|(number, _)| *number)
+            .zip(read_back.iter().map(Vec::as_slice)),
+    );
+    records.sort_unstable_by_key(|(number, _)| *number);
     messages.write(&records)?;
     Ok(log.write(&entries, &mut nodes)?)
 }
@@ -665,6 +691,7 @@ fn move_log_out_of_sled(files: &SledFiles) -> Result<(), StoreError> {
             batch.writes.push(WalWrite {
                 key: key.to_vec(),
                 value: Some(value.to_vec()),
+                written_first: None,
             });
             if batch.writes.len() == 4096 {
                 let batch = std::mem::take(&mut batch);
@@ -1367,10 +1394,24 @@ impl Committer {
         if writes.is_empty() {
             return Ok(None);
         }
+        let written_first = self
+            .write_records_first(&writes)
+            .map_err(|e| format!("writing message records before their log record: {e}"))?;
         let group = WalGroup {
             writes: writes
                 .into_iter()
-                .map(|(key, value)| WalWrite { key, value })
+                .map(|(key, value)| match (&value, file_write(&key)) {
+                    (Some(record), Some(FileWrite::Message(_))) if written_first => WalWrite {
+                        written_first: Some(WrittenFirst::of(record)),
+                        key,
+                        value: None,
+                    },
+                    _ => WalWrite {
+                        key,
+                        value,
+                        written_first: None,
+                    },
+                })
                 .collect(),
         };
         let appended = self
@@ -1381,6 +1422,33 @@ impl Committer {
             .wal_bytes
             .fetch_add(appended, Ordering::Relaxed);
         Ok(Some(group))
+    }
+
+    /// Writes the group's message records to their files and syncs them, if one of them is
+    /// [`WRITTEN_FIRST_FROM`] bytes or more; says whether it did. They go where [`apply`]
+    /// would put them (the groups before are applied), past the count the store keeps until
+    /// the group is applied: a crash before the log record leaves them unread.
+    fn write_records_first(&self, writes: &GroupWrites) -> std::io::Result<bool> {
+        let records: Vec<(u64, &[u8])> = writes
+            .iter()
+            .filter_map(|(key, value)| match (file_write(key), value) {
+                (Some(FileWrite::Message(number)), Some(record)) => Some((number, &record[..])),
+                _ => None,
+            })
+            .collect();
+        if !records.iter().any(|(_, r)| r.len() >= WRITTEN_FIRST_FROM) {
+            return Ok(false);
+        }
+        self.messages.write(&records)?;
+        self.messages.sync_entries()?;
+        // For the quota, as the log's bytes count: until the next checkpoint measures the
+        // files (one that measures between the write and this counts them twice until the
+        // one after).
+        let bytes: usize = records.iter().map(|(_, r)| r.len() + 8).sum();
+        self.progress
+            .stored_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// Starts a new segment and hands the full one to the checkpointer, once it is big or
@@ -3286,6 +3354,135 @@ mod tests {
         assert_eq!(left, [before[0].clone(), before[2].clone()]);
     }
 
+    /// A message for the tests of large bodies: `len` bytes of ciphertext.
+    fn body_of(i: u8, len: usize) -> (MessageId, StoredMessage) {
+        let stored = StoredMessage {
+            envelope: Some(pb::Envelope {
+                header: vec![i; 40],
+                ciphertext: vec![i; len],
+                signature: vec![i; 64],
+            }),
+            ..Default::default()
+        };
+        (MessageId::new_v7(50_000 + u64::from(i), [i; 10]), stored)
+    }
+
+    fn insert_body(i: u8, len: usize) -> Tx {
+        let (id, stored) = body_of(i, len);
+        Tx {
+            ops: vec![Op::InsertMessage(id, stored)],
+            receipts: None,
+        }
+    }
+
+    /// A group holding a large message record writes its message records once, to the
+    /// message files and synced, before its log record, which names them; a replay reads
+    /// them back, even when `ends` lost their places (it is synced only at checkpoints).
+    #[test]
+    fn a_large_body_is_written_once_and_replayed_from_the_message_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let large = WRITTEN_FIRST_FROM;
+        let bodies = [(0, 100), (1, 100), (2, large), (3, 4 * large)];
+        {
+            let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+            let start = committer.segment.bytes();
+            commit_group(&mut committer, [insert_body(0, 100)]);
+            let small = committer.segment.bytes() - start;
+            assert!(
+                small > 100,
+                "a small group's record holds its body: {small} bytes"
+            );
+            // A small record and a large one: both written first, both named.
+            commit_group(&mut committer, [insert_body(1, 100), insert_body(2, large)]);
+            commit_group(&mut committer, [insert_body(3, 4 * large)]);
+            let logged = committer.segment.bytes() - start - small;
+            assert!(
+                logged < 2 << 10,
+                "the log names the large groups' records: {logged} bytes"
+            );
+            crash(committer);
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("messages").join("ends"))
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(store.replayed_groups(), 3);
+        for (i, len) in bodies {
+            let (id, stored) = body_of(i, len);
+            assert_eq!(store.message(&id).unwrap(), Some(stored), "message {i}");
+        }
+    }
+
+    /// A record written before its log record that the disk damaged or cut since is
+    /// refused at the replay as damage, never read as another message or skipped.
+    #[test]
+    fn a_large_body_damaged_after_its_log_record_is_refused_at_replay() {
+        for cut in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+                commit_group(&mut committer, [insert_body(0, 100)]);
+                commit_group(&mut committer, [insert_body(1, WRITTEN_FIRST_FROM)]);
+                crash(committer);
+            }
+            let entries = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.path().join("messages").join("entries"))
+                .unwrap();
+            let len = entries.metadata().unwrap().len();
+            if cut {
+                entries.set_len(len - 10).unwrap();
+            } else {
+                entries.write_all_at(&[0xee], len - 1_000).unwrap();
+            }
+            match SledStore::open(dir.path(), 16 << 20) {
+                Err(StoreError::Corrupt(why)) => {
+                    assert!(why.contains("replaying the write-ahead log"), "{why}")
+                }
+                Err(other) => panic!("cut {cut}: {other}"),
+                Ok(_) => panic!("cut {cut}: a damaged record was replayed"),
+            }
+        }
+    }
+
+    /// Records written first whose log record never was (a crash in between) lie past the
+    /// store's count: unread, and written over by the next commit.
+    #[test]
+    fn large_bodies_written_before_a_crash_that_lost_their_log_record_are_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+            let mut group = Group::default();
+            committer
+                .build(insert_body(1, 2 * WRITTEN_FIRST_FROM), &mut group)
+                .unwrap();
+            assert!(committer.write_records_first(&group.writes).unwrap());
+            crash(committer);
+        }
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(store.message(&body_of(1, 0).0).unwrap(), None);
+        assert_eq!(
+            store
+                .whole_groups()
+                .unwrap()
+                .read_meta(&store.db, META_MESSAGES)
+                .unwrap(),
+            0
+        );
+        drop(store);
+        {
+            let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+            commit_group(&mut committer, [insert_body(2, WRITTEN_FIRST_FROM)]);
+            crash(committer);
+        }
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        let (id, stored) = body_of(2, WRITTEN_FIRST_FROM);
+        assert_eq!(store.message(&id).unwrap(), Some(stored));
+    }
+
     /// The store's cache bound sizes the runs' block cache: reads of what a run holds keep
     /// its blocks there, and a bound of 0 keeps none.
     #[tokio::test]
@@ -4401,6 +4598,7 @@ mod tests {
                 writes: vec![WalWrite {
                     key: index(&in_wal),
                     value: Some(keys[1].clone()),
+                    written_first: None,
                 }],
             };
             committer.segment.append(&unapplied).unwrap();

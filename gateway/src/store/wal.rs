@@ -8,7 +8,9 @@
 //! ```
 //! where the payload, `len` bytes (never 0), is a `WalGroup` in protobuf. A record holds a
 //! group's writes as they reach sled: absolute values, so replaying a record twice, or over
-//! a sled that already holds it, leaves the same state. A segment may be made from a
+//! a sled that already holds it, leaves the same state. A group that holds a large message
+//! record writes its message records to their files first, synced, and its log record
+//! names them ([`WrittenFirst`]) instead of holding them. A segment may be made from a
 //! spare, a file of zeros written and synced in advance: records are written over its
 //! zeros from the start, and zeros that fill the rest of the last segment end it. A full
 //! segment is cut to its records before the next is made, so that in any other segment
@@ -28,13 +30,37 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 
-/// One key's new value (`None`: removed).
+/// One key's new value (`None`: removed, unless `written_first` names it).
 #[derive(Clone, PartialEq, prost::Message)]
 pub(crate) struct WalWrite {
     #[prost(bytes = "vec", tag = "1")]
     pub key: Vec<u8>,
     #[prost(bytes = "vec", optional, tag = "2")]
     pub value: Option<Vec<u8>>,
+    /// A message record written to the message files, and synced, before this record:
+    /// named here instead of held (`value` is then `None`).
+    #[prost(message, optional, tag = "3")]
+    pub written_first: Option<WrittenFirst>,
+}
+
+/// A message record the log's record names instead of holding: its length and checksum,
+/// which a replay checks against what the message files hold.
+#[derive(Clone, Copy, PartialEq, prost::Message)]
+pub(crate) struct WrittenFirst {
+    #[prost(uint64, tag = "1")]
+    pub len: u64,
+    /// CRC-32 (IEEE) of the record.
+    #[prost(fixed32, tag = "2")]
+    pub crc: u32,
+}
+
+impl WrittenFirst {
+    pub(crate) fn of(record: &[u8]) -> Self {
+        Self {
+            len: record.len() as u64,
+            crc: crc32fast::hash(record),
+        }
+    }
 }
 
 /// The writes of one commit group, applied to sled together (see `sled.rs`).
@@ -336,10 +362,12 @@ mod tests {
                 WalWrite {
                     key: vec![b'k', n],
                     value: Some(vec![n; 100 + n as usize]),
+                    written_first: None,
                 },
                 WalWrite {
                     key: vec![b'x', n],
                     value: None,
+                    written_first: None,
                 },
             ],
         }
