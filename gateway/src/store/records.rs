@@ -30,8 +30,16 @@ use super::wal::WrittenFirst;
 pub(crate) struct Records {
     pub(super) entries: File,
     pub(super) ends: File,
+    /// `entries` opened a second time, synced by [`Records::sync_entries`] alone: the
+    /// kernel reports a failed write-back once per open file, to the first sync that asks.
+    /// The committer's sync of records written before their log record, and the
+    /// checkpointer's of everything, must each hear of it.
+    entries_written_first: File,
     /// Longest record read back: anything longer is a damaged `ends` file.
     max: u64,
+    /// The length of `entries` at the last [`Records::sync_entries`].
+    #[cfg(test)]
+    pub(super) synced_first: std::sync::atomic::AtomicU64,
 }
 
 impl Records {
@@ -49,7 +57,10 @@ impl Records {
         let records = Self {
             entries: open("entries")?,
             ends: open("ends")?,
+            entries_written_first: open("entries")?,
             max,
+            #[cfg(test)]
+            synced_first: Default::default(),
         };
         File::open(dir)?.sync_all()?;
         Ok(records)
@@ -172,7 +183,13 @@ impl Records {
     /// `fdatasync` of the records' file, not of `ends` (what a group writes before its
     /// log record must be durable before it; the replay rewrites `ends`).
     pub(crate) fn sync_entries(&self) -> std::io::Result<()> {
-        self.entries.sync_data()
+        self.entries_written_first.sync_data()?;
+        #[cfg(test)]
+        self.synced_first.store(
+            self.entries.metadata()?.len(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(())
     }
 
     /// `fdatasync` of both files.

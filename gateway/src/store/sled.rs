@@ -594,11 +594,11 @@ fn apply(
             // Written and synced before the log record: a commit finds it in place, a
             // replay reads it back, checked against the record's checksum, and writes it
             // again with its place in `ends`.
-            (Some(FileWrite::Message(number)), None) if write.written_first.is_some() => {
-                if replay == Replay::Yes {
-                    written_first.push((number, write.written_first.unwrap_or_default()));
-                }
-            }
+            (Some(FileWrite::Message(number)), None) => match write.written_first {
+                Some(named) if replay == Replay::Yes => written_first.push((number, named)),
+                Some(_) => {}
+                None => return Err(StoreError::Corrupt("a removal of a message record".into())),
+            },
             (Some(_), None) => {
                 return Err(StoreError::Corrupt(
                     "a removal of a log entry, tree node or message record".into(),
@@ -624,6 +624,7 @@ fn apply(
             .map(|(number, _)| *number)
             .zip(read_back.iter().map(Vec::as_slice)),
     );
+    // A group's records are all written first or all held (`Committer::log`): in order.
     records.sort_unstable_by_key(|(number, _)| *number);
     messages.write(&records)?;
     Ok(log.write(&entries, &mut nodes)?)
@@ -1442,8 +1443,8 @@ impl Committer {
         self.messages.write(&records)?;
         self.messages.sync_entries()?;
         // For the quota, as the log's bytes count: until the next checkpoint measures the
-        // files (one that measures between the write and this counts them twice until the
-        // one after).
+        // files. One that measures around this write counts them twice, or not at all,
+        // until the one after (a second later at most under load).
         let bytes: usize = records.iter().map(|(_, r)| r.len() + 8).sum();
         self.progress
             .stored_bytes
@@ -3392,9 +3393,18 @@ mod tests {
                 small > 100,
                 "a small group's record holds its body: {small} bytes"
             );
-            // A small record and a large one: both written first, both named.
+            // A small record and a large one: both written first, synced, both named.
+            let synced = |committer: &Committer| {
+                let records = &committer.messages;
+                let len = records.entries.metadata().unwrap().len();
+                (records.synced_first.load(Ordering::Relaxed), len)
+            };
             commit_group(&mut committer, [insert_body(1, 100), insert_body(2, large)]);
+            let (synced_at, len) = synced(&committer);
+            assert_eq!(synced_at, len, "synced before the log record");
             commit_group(&mut committer, [insert_body(3, 4 * large)]);
+            let (synced_at, len) = synced(&committer);
+            assert_eq!(synced_at, len, "synced before the log record");
             let logged = committer.segment.bytes() - start - small;
             assert!(
                 logged < 2 << 10,
@@ -3413,6 +3423,57 @@ mod tests {
         for (i, len) in bodies {
             let (id, stored) = body_of(i, len);
             assert_eq!(store.message(&id).unwrap(), Some(stored), "message {i}");
+        }
+    }
+
+    /// The threshold is on a record's encoded bytes: one byte under it, a group is logged
+    /// whole; at it, its records are written first.
+    #[test]
+    fn records_are_written_first_from_the_threshold_on() {
+        let encoded_at = |i: u8, bytes: usize| -> Tx {
+            let mut len = bytes - 200;
+            while body_of(i, len).1.encoded_len() < bytes {
+                len += 1;
+            }
+            assert_eq!(body_of(i, len).1.encoded_len(), bytes);
+            insert_body(i, len)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let start = committer.segment.bytes();
+        commit_group(&mut committer, [encoded_at(1, WRITTEN_FIRST_FROM - 1)]);
+        let under = committer.segment.bytes() - start;
+        assert!(
+            under as usize > WRITTEN_FIRST_FROM,
+            "logged whole: {under} bytes"
+        );
+        commit_group(&mut committer, [encoded_at(2, WRITTEN_FIRST_FROM)]);
+        let at = committer.segment.bytes() - start - under;
+        assert!(at < 1 << 10, "named: {at} bytes");
+        crash(committer);
+    }
+
+    /// A log record that removes a message record, named nowhere, is damage.
+    #[test]
+    fn a_logged_removal_of_a_message_record_is_refused_at_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+            commit_group(&mut committer, [insert_body(0, 100)]);
+            let removal = WalGroup {
+                writes: vec![WalWrite {
+                    key: message_record_key(1).to_vec(),
+                    value: None,
+                    written_first: None,
+                }],
+            };
+            committer.segment.append(&removal).unwrap();
+            crash(committer);
+        }
+        match SledStore::open(dir.path(), 16 << 20) {
+            Err(StoreError::Corrupt(why)) => assert!(why.contains("removal"), "{why}"),
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("a removal of a message record was replayed"),
         }
     }
 

@@ -7,10 +7,10 @@
 //! len: u32 LE ‖ crc32(payload): u32 LE ‖ crc32(len ‖ crc32(payload)): u32 LE ‖ payload
 //! ```
 //! where the payload, `len` bytes (never 0), is a `WalGroup` in protobuf. A record holds a
-//! group's writes as they reach sled: absolute values, so replaying a record twice, or over
-//! a sled that already holds it, leaves the same state. A group that holds a large message
-//! record writes its message records to their files first, synced, and its log record
-//! names them ([`WrittenFirst`]) instead of holding them. A segment may be made from a
+//! group's writes as they reach the store: absolute values, so replaying a record twice, or
+//! over files that already hold it, leaves the same state. A group that holds a large
+//! message record writes its message records to their files first, synced, and its log
+//! record names them by length and checksum ([`WrittenFirst`]) instead of holding them. A segment may be made from a
 //! spare, a file of zeros written and synced in advance: records are written over its
 //! zeros from the start, and zeros that fill the rest of the last segment end it. A full
 //! segment is cut to its records before the next is made, so that in any other segment
