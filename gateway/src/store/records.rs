@@ -222,7 +222,28 @@ pub(super) fn invalid(what: &str) -> std::io::Error {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Seek as _, SeekFrom};
+
     use super::*;
+
+    /// The committer's sync goes through an open of its own: a failed write-back is then
+    /// reported to it and to the checkpointer's sync alike (one open file, one report).
+    #[test]
+    fn records_written_first_are_synced_through_an_open_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = Records::open(dir.path(), 1 << 20).unwrap();
+        records.write(&[(0, b"a record".as_slice())]).unwrap();
+        let mut first = &records.entries_written_first;
+        first.seek(SeekFrom::Start(3)).unwrap();
+        let mut entries = &records.entries;
+        assert_eq!(
+            entries.stream_position().unwrap(),
+            0,
+            "two open file descriptions, not one shared"
+        );
+        records.sync_entries().unwrap();
+        assert_eq!(records.get(0).unwrap(), b"a record");
+    }
 
     #[test]
     fn records_read_back_and_rewrite_in_place() {

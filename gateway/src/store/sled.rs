@@ -6,8 +6,11 @@
 //! page rewrites were a quarter of a gateway's CPU. From layout 4 on, nothing writes to
 //! sled but the migrations at open. A group commit is:
 //! 1. build each transaction's writes, reading through the group's earlier writes;
-//! 2. append the group's writes to the write-ahead log (`wal.rs`) and `fdatasync` it;
-//! 3. with readers held back, answer the group's transactions, then apply the writes: to
+//! 2. if one of the group's message records is large ([`WRITTEN_FIRST_FROM`]), write its
+//!    message records to `messages/` and `fdatasync` them, so that the log names them
+//!    instead of holding them;
+//! 3. append the group's writes to the write-ahead log (`wal.rs`) and `fdatasync` it;
+//! 4. with readers held back, answer the group's transactions, then apply the writes: to
 //!    the log's and message files, and every other key to a map in memory
 //!    ([`HeldWrites`]), which readers see over the runs and sled.
 //!
@@ -19,8 +22,9 @@
 //! the folder `run_set.rs` keeps), merges runs when due, then deletes the segments the runs
 //! now hold. Queue entries that leave before the checkpoint never reach a run. On open,
 //! whatever segments remain are replayed over the runs: their records hold absolute
-//! values, so a replay over runs that hold some of them is safe; it is then written as a
-//! run before the store answers.
+//! values (or name message records written and synced before them, read back and
+//! checked), so a replay over runs that hold some of them is safe; it is then written as
+//! a run before the store answers.
 //!
 //! One thread owns the write side, which also gives log indexes and queue sequence numbers
 //! a single order.
@@ -583,6 +587,16 @@ fn apply(
     let (mut entries, mut nodes, mut records) = (Vec::new(), Vec::new(), Vec::new());
     let mut written_first = Vec::new();
     for write in &group.writes {
+        let names_a_record = matches!(
+            (file_write(&write.key), &write.value),
+            (Some(FileWrite::Message(_)), None)
+        );
+        if write.written_first.is_some() && !names_a_record {
+            return Err(StoreError::Corrupt(
+                "a write-ahead log write names a record it holds too, or one of another kind"
+                    .into(),
+            ));
+        }
         match (file_write(&write.key), &write.value) {
             (Some(FileWrite::Entry(index)), Some(value)) => entries.push((index, value.as_slice())),
             (Some(FileWrite::Node(position)), Some(value)) => {
@@ -1415,6 +1429,15 @@ impl Committer {
                 })
                 .collect(),
         };
+        #[cfg(test)]
+        if written_first {
+            let synced = self.messages.synced_first.load(Ordering::Relaxed);
+            let len = self.messages.entries.metadata().map_or(0, |m| m.len());
+            assert_eq!(
+                synced, len,
+                "records written first are synced before the log record"
+            );
+        }
         let appended = self
             .segment
             .append(&group)
@@ -1444,7 +1467,7 @@ impl Committer {
         self.messages.sync_entries()?;
         // For the quota, as the log's bytes count: until the next checkpoint measures the
         // files. One that measures around this write counts them twice, or not at all,
-        // until the one after (a second later at most under load).
+        // until the one after.
         let bytes: usize = records.iter().map(|(_, r)| r.len() + 8).sum();
         self.progress
             .stored_bytes
