@@ -226,6 +226,45 @@ mod tests {
 
     use super::*;
 
+    /// What a log record names must follow on from what is on file, one record after the
+    /// other, each within the limit and matching its checksum.
+    #[test]
+    fn records_named_out_of_order_over_the_limit_or_unlike_their_checksum_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = Records::open(dir.path(), 64).unwrap();
+        let (a, b) = (b"first".as_slice(), b"second".as_slice());
+        records.write(&[(0, a), (1, b)]).unwrap();
+        let named = |r: &[u8]| WrittenFirst::of(r);
+        assert_eq!(
+            records
+                .read_written(&[(0, named(a)), (1, named(b))])
+                .unwrap(),
+            [a.to_vec(), b.to_vec()]
+        );
+        assert_eq!(
+            records.read_written(&[(1, named(b))]).unwrap(),
+            [b.to_vec()]
+        );
+        for (refused, why) in [
+            (vec![(0, named(a)), (2, named(b))], "not contiguous"),
+            (
+                vec![(0, WrittenFirst { len: 65, crc: 0 })],
+                "over the limit",
+            ),
+            (vec![(0, named(b))], "checksum"),
+            (vec![(1, WrittenFirst { len: 7, crc: 0 })], "short"),
+        ] {
+            let err = records.read_written(&refused).unwrap_err();
+            assert!(
+                matches!(
+                    err.kind(),
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+                ),
+                "{why}: {err}"
+            );
+        }
+    }
+
     /// The committer's sync goes through an open of its own: a failed write-back is then
     /// reported to it and to the checkpointer's sync alike (one open file, one report).
     #[test]

@@ -168,6 +168,9 @@ struct Progress {
     stored_bytes: AtomicU64,
     /// Write-ahead log segments not yet deleted.
     wal_bytes: AtomicU64,
+    /// Message records written before their log records ([`WRITTEN_FIRST_FROM`]) that no
+    /// checkpoint has counted in `stored_bytes` yet.
+    written_first_bytes: AtomicU64,
     /// Set after a failed write or sync: what is on disk is unknown, so every later commit
     /// fails until a restart replays the log.
     poisoned: Mutex<Option<String>>,
@@ -1465,12 +1468,10 @@ impl Committer {
         }
         self.messages.write(&records)?;
         self.messages.sync_entries()?;
-        // For the quota, as the log's bytes count: until the next checkpoint measures the
-        // files. One that measures around this write counts them twice, or not at all,
-        // until the one after.
+        // For the quota, as the log's bytes count, until a checkpoint measures the files.
         let bytes: usize = records.iter().map(|(_, r)| r.len() + 8).sum();
         self.progress
-            .stored_bytes
+            .written_first_bytes
             .fetch_add(bytes as u64, Ordering::Relaxed);
         Ok(true)
     }
@@ -1923,11 +1924,18 @@ impl Checkpointer {
     }
 
     fn note_bytes(&self) {
+        // Records written first before this point are in the files measured below; those
+        // written after stay counted apart. Some may be counted twice until the next
+        // checkpoint, none missed.
+        let written_first = self.progress.written_first_bytes.load(Ordering::Relaxed);
         // The quota figure only: a failed stat keeps the previous one.
         if let (Ok(log), Ok(messages)) = (self.log.bytes(), self.messages.bytes()) {
             let runs: u64 = self.runs.runs().iter().map(|r| r.run.bytes()).sum();
             let bytes = self.sled_bytes + runs + log + messages;
             self.progress.stored_bytes.store(bytes, Ordering::Relaxed);
+            self.progress
+                .written_first_bytes
+                .fetch_sub(written_first, Ordering::Relaxed);
         }
     }
 }
@@ -2056,8 +2064,10 @@ impl Store for SledStore {
     }
 
     fn disk_usage(&self) -> Result<u64, StoreError> {
-        let stored = self.progress.stored_bytes.load(Ordering::Relaxed);
-        Ok(stored + self.progress.wal_bytes.load(Ordering::Relaxed))
+        let progress = &self.progress;
+        let stored = progress.stored_bytes.load(Ordering::Relaxed);
+        let written_first = progress.written_first_bytes.load(Ordering::Relaxed);
+        Ok(stored + written_first + progress.wal_bytes.load(Ordering::Relaxed))
     }
 
     fn log_node(&self, level: u32, index: u64) -> Result<Option<Hash>, StoreError> {
