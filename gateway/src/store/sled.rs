@@ -590,17 +590,15 @@ fn apply(
     let (mut entries, mut nodes, mut records) = (Vec::new(), Vec::new(), Vec::new());
     let mut written_first = Vec::new();
     for write in &group.writes {
-        let names_a_record = matches!(
-            (file_write(&write.key), &write.value),
-            (Some(FileWrite::Message(_)), None)
-        );
+        let target = file_write(&write.key);
+        let names_a_record = matches!((&target, &write.value), (Some(FileWrite::Message(_)), None));
         if write.written_first.is_some() && !names_a_record {
             return Err(StoreError::Corrupt(
                 "a write-ahead log write names a record it holds too, or one of another kind"
                     .into(),
             ));
         }
-        match (file_write(&write.key), &write.value) {
+        match (target, &write.value) {
             (Some(FileWrite::Entry(index)), Some(value)) => entries.push((index, value.as_slice())),
             (Some(FileWrite::Node(position)), Some(value)) => {
                 nodes.push((position, value.as_slice()))
@@ -2951,11 +2949,8 @@ mod tests {
         assert_eq!(read_meta(&store.db, META_FORMAT).unwrap(), FORMAT);
         drop(store);
         std::fs::remove_file(newest_run(dir.path())).unwrap();
-        match SledStore::open(dir.path(), 16 << 20) {
-            Err(StoreError::Corrupt(e)) => assert!(e.contains("newest runs were lost"), "{e}"),
-            Err(e) => panic!("{e}"),
-            Ok(_) => panic!("the record written at the upgrade guards the runs from then on"),
-        }
+        // The record written at the upgrade guards the runs from then on.
+        refused_as_damaged(dir.path(), "newest runs were lost");
     }
 
     /// sled's files are what hold the store's layout and index: lost, sled makes new ones.
@@ -2978,11 +2973,7 @@ mod tests {
         lose_sled(dir.path());
         std::fs::remove_dir_all(dir.path().join("runs")).unwrap();
         std::fs::remove_file(dir.path().join("runs.last")).unwrap();
-        match SledStore::open(dir.path(), 16 << 20) {
-            Err(StoreError::Corrupt(e)) => assert!(e.contains("sled's files in"), "{e}"),
-            Err(e) => panic!("{e}"),
-            Ok(store) => panic!("opened at log size {}", store.log_size().unwrap()),
-        }
+        refused_as_damaged(dir.path(), "sled's files in");
 
         // No checkpoint yet: the first segment holds every commit, and the replay rebuilds
         // the index.
@@ -3486,27 +3477,48 @@ mod tests {
         crash(committer);
     }
 
-    /// A log record that removes a message record, named nowhere, is damage.
+    /// A log record that removes a message record, named nowhere, is damage; so is a
+    /// written-first mark on a write that holds its record too, or on another kind of key.
     #[test]
-    fn a_logged_removal_of_a_message_record_is_refused_at_replay() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
-            commit_group(&mut committer, [insert_body(0, 100)]);
-            let removal = WalGroup {
-                writes: vec![WalWrite {
+    fn a_logged_removal_or_a_misplaced_mark_is_refused_at_replay() {
+        let named = Some(WrittenFirst::of(b"a record"));
+        for (write, says) in [
+            (
+                WalWrite {
                     key: message_record_key(1).to_vec(),
                     value: None,
                     written_first: None,
-                }],
-            };
-            committer.segment.append(&removal).unwrap();
-            crash(committer);
-        }
-        match SledStore::open(dir.path(), 16 << 20) {
-            Err(StoreError::Corrupt(why)) => assert!(why.contains("removal"), "{why}"),
-            Err(other) => panic!("{other}"),
-            Ok(_) => panic!("a removal of a message record was replayed"),
+                },
+                "removal",
+            ),
+            (
+                WalWrite {
+                    key: message_record_key(1).to_vec(),
+                    value: Some(b"a record".to_vec()),
+                    written_first: named,
+                },
+                "names a record",
+            ),
+            (
+                WalWrite {
+                    key: log_key(1).to_vec(),
+                    value: None,
+                    written_first: named,
+                },
+                "names a record",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+                commit_group(&mut committer, [insert_body(0, 100)]);
+                let group = WalGroup {
+                    writes: vec![write],
+                };
+                committer.segment.append(&group).unwrap();
+                crash(committer);
+            }
+            refused_as_damaged(dir.path(), says);
         }
     }
 
@@ -3532,13 +3544,7 @@ mod tests {
             } else {
                 entries.write_all_at(&[0xee], len - 1_000).unwrap();
             }
-            match SledStore::open(dir.path(), 16 << 20) {
-                Err(StoreError::Corrupt(why)) => {
-                    assert!(why.contains("replaying the write-ahead log"), "{why}")
-                }
-                Err(other) => panic!("cut {cut}: {other}"),
-                Ok(_) => panic!("cut {cut}: a damaged record was replayed"),
-            }
+            refused_as_damaged(dir.path(), "replaying the write-ahead log");
         }
     }
 
@@ -4516,12 +4522,8 @@ mod tests {
         commit(&mut committer, 1);
         crash(committer);
         std::fs::remove_dir_all(dir.path().join("messages")).unwrap();
-        match SledStore::open(dir.path(), 16 << 20) {
-            Err(StoreError::Corrupt(why)) => {
-                assert!(why.contains("Restore the whole store"), "{why}")
-            }
-            other => panic!("opened without its messages: {:?}", other.map(|_| ())),
-        }
+        // Opened without its messages: refused.
+        refused_as_damaged(dir.path(), "Restore the whole store");
     }
 
     /// Every message goes to `messages/`, small or large; both read back, through a reopen,
@@ -4852,12 +4854,7 @@ mod tests {
             let path = copy.path().join("messages").join(file);
             let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
             f.set_len(8).unwrap();
-            match SledStore::open(copy.path(), 16 << 20) {
-                Err(StoreError::Corrupt(why)) => {
-                    assert!(why.contains("message files"), "{why}")
-                }
-                other => panic!("messages/{file} cut short: {:?}", other.map(|_| ())),
-            }
+            refused_as_damaged(copy.path(), "message files");
         }
     }
 
@@ -5081,10 +5078,7 @@ mod tests {
         // Files cut short (a restore without them, a lost write) are refused at open.
         for file in ["ends", "nodes", "entries"] {
             let copy = damaged_copy(file, &|f| f.set_len(8).unwrap());
-            match SledStore::open(copy.path(), 16 << 20) {
-                Err(StoreError::Corrupt(why)) => assert!(why.contains(file), "{why}"),
-                other => panic!("{file} cut short: {:?}", other.map(|_| ())),
-            }
+            refused_as_damaged(copy.path(), file);
         }
         let copy = tempfile::tempdir().unwrap();
         copy_dir(dir.path(), copy.path());
@@ -5108,6 +5102,19 @@ mod tests {
         assert!(matches!(store.log_entry(1), Err(StoreError::Corrupt(_))));
         assert!(matches!(store.log_entry(2), Err(StoreError::Corrupt(_))));
         assert_eq!(store.log_entry(0).unwrap(), Some(vec![0; 20]));
+    }
+
+    /// Opens the store in `dir`, which must be refused as damaged, saying `says`.
+    #[track_caller]
+    fn refused_as_damaged(dir: &Path, says: &str) {
+        match SledStore::open(dir, 16 << 20) {
+            Err(StoreError::Corrupt(why)) => assert!(why.contains(says), "{why}"),
+            Err(other) => panic!("refused, but not as damage: {other}"),
+            Ok(store) => panic!(
+                "opened at log size {:?}; expected a refusal saying {says:?}",
+                store.log_size()
+            ),
+        }
     }
 
     /// Lets reads see what a test writes straight into sled, as they do in a store made
