@@ -639,8 +639,8 @@ fn apply(
             .map(|(number, _)| *number)
             .zip(read_back.iter().map(Vec::as_slice)),
     );
-    // A group's records are all written first or all held (`Committer::log`): in order.
-    records.sort_unstable_by_key(|(number, _)| *number);
+    // A group's records are all written first or all held (`Committer::log`), so either
+    // list is in order alone; `Records::write` refuses a mix, which no group holds.
     messages.write(&records)?;
     Ok(log.write(&entries, &mut nodes)?)
 }
