@@ -1715,7 +1715,7 @@ fn thread_cpu_ns() -> Option<u64> {
 /// message of the bench's size and one log entry, the core of what a submit writes.
 async fn store_limit(opts: &Options, root: &Path) -> anyhow::Result<Rate> {
     use accord_gateway::store::sled::SledStore;
-    use accord_gateway::store::{Op, StoredMessage};
+    use accord_gateway::store::{MessageHead, Op, StoredMessage};
 
     let dir = root.join("store-limit");
     let store = Arc::new(SledStore::open(&dir, 64 << 20)?);
@@ -1744,8 +1744,10 @@ async fn store_limit(opts: &Options, root: &Path) -> anyhow::Result<Rate> {
                             id,
                             StoredMessage {
                                 envelope: Some(envelope.clone()),
-                                envelope_hash: vec![4; 32],
-                                ..Default::default()
+                                head: MessageHead {
+                                    envelope_hash: vec![4; 32],
+                                    ..Default::default()
+                                },
                             },
                         ),
                         Op::Log(vec![5; 120]),

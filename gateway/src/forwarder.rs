@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::config::ForwarderConfig;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::service::{RETRY_QUOTA_FULL, RETRY_STORAGE_ERROR};
-use crate::store::{Op, Queue, QueueEntry, QueueKey, StoreError, StoredMessage, Tx};
+use crate::store::{MessageHead, Op, Queue, QueueEntry, QueueKey, StoreError, Tx};
 
 /// An outbox entry in a batch on its way to the peer, kept to settle it on the answer.
 struct Sent {
@@ -214,23 +214,23 @@ async fn drain_once(
                     progressed = true;
                     continue;
                 };
-                if now >= msg.expires_at_ms {
-                    expire_unsent(pipeline, key, id, &msg).await?;
-                    pushes.forget(&msg.envelope_hash);
+                if now >= msg.head.expires_at_ms {
+                    expire_unsent(pipeline, key, id, &msg.head).await?;
+                    pushes.forget(&msg.head.envelope_hash);
                     progressed = true;
                     continue;
                 }
                 // Its chunks are on their way to the peer (or the push is backing off):
                 // delivered once they are there.
-                if pushes.holds_back(&msg.envelope_hash) {
+                if pushes.holds_back(&msg.head.envelope_hash) {
                     continue;
                 }
-                let attached = msg.lists_attachments();
+                let attached = msg.head.lists_attachments();
                 let Some(env) = msg.envelope.take() else {
                     continue;
                 };
                 envelope = Some(SentEnvelope {
-                    hash: msg.envelope_hash,
+                    hash: msg.head.envelope_hash,
                     attached,
                 });
                 envelope_bytes += env.encoded_len();
@@ -328,7 +328,7 @@ async fn drain_once(
             let Some(r) = result.receipt else {
                 // Refused without a receipt: the sender must still learn how it ended.
                 tracing::error!(peer = %peer, message_id = %id, reason = ?peer_text(&result.refused), "peer refused an envelope without a receipt");
-                let Some(msg) = pipeline.store.message(&id)? else {
+                let Some(msg) = pipeline.store.message_head(&id)? else {
                     settle(pipeline, key).await?;
                     settled += 1;
                     continue;
@@ -650,7 +650,7 @@ async fn expire_unsent(
     pipeline: &Arc<Pipeline>,
     key: QueueKey,
     id: MessageId,
-    msg: &StoredMessage,
+    msg: &MessageHead,
 ) -> Result<(), ForwardError> {
     let tx = pipeline
         .retire(id, msg, pb::RejectReason::Expired, Op::Dequeue(key))
@@ -744,7 +744,10 @@ fn start_push(
     let Ok(Some(msg)) = pipeline.store.message(&id) else {
         return false;
     };
-    let (Some(env), Ok(hash)) = (msg.envelope, EnvelopeHash::from_slice(&msg.envelope_hash)) else {
+    let (Some(env), Ok(hash)) = (
+        msg.envelope,
+        EnvelopeHash::from_slice(&msg.head.envelope_hash),
+    ) else {
         return false;
     };
     let Ok(header) = pb::Header::decode(env.header.as_slice()) else {

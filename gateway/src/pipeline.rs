@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::store::{
-    Op, Queue, QueueEntry, QueueKey, Store, StoreError, StoredMessage, Tx, TxOutcome,
+    MessageHead, Op, Queue, QueueEntry, QueueKey, Store, StoreError, StoredMessage, Tx, TxOutcome,
 };
 
 /// Why the pipeline refused or failed a request. [`crate::service`] maps it to a status.
@@ -452,7 +452,10 @@ impl Pipeline {
         hash: &EnvelopeHash,
         stage: Stage,
     ) -> Result<pb::Receipt, PipelineError> {
-        let stored = self.store.message(id)?.ok_or(PipelineError::NotFound)?;
+        let stored = self
+            .store
+            .message_head(id)?
+            .ok_or(PipelineError::NotFound)?;
         if stored.envelope_hash != hash.0 {
             return Err(PipelineError::Conflict);
         }
@@ -576,7 +579,7 @@ impl Pipeline {
         queue: Queue,
     ) -> Result<pb::Receipt, PipelineError> {
         let (id, hash) = (env.id(), env.hash());
-        if self.store.message(&id)?.is_some() {
+        if self.store.message_head(&id)?.is_some() {
             return self.repeat(&id, &hash, Stage::Accepted).await;
         }
         // A full store says so before it asks for chunks it could not keep.
@@ -675,7 +678,7 @@ impl Pipeline {
         env: VerifiedEnvelope,
     ) -> Result<pb::Receipt, PipelineError> {
         let (id, hash, recipient) = (env.id(), env.hash(), env.recipient().clone());
-        if self.store.message(&id)?.is_some() {
+        if self.store.message_head(&id)?.is_some() {
             return match self.repeat(&id, &hash, Stage::Received).await {
                 Err(PipelineError::Conflict) => {
                     self.reject_from_peer(peer, header, hash, RejectReason::Conflict)
@@ -824,7 +827,7 @@ impl Pipeline {
         // are not its business, not even whether their ids exist.
         let stored = self
             .store
-            .message(&v.message_id)?
+            .message_head(&v.message_id)?
             .filter(|m| {
                 m.envelope_hash == v.envelope_hash.0
                     && m.recipient_org
@@ -941,7 +944,7 @@ impl Pipeline {
         let _ending = EndingGuard::take(&self.endings_in_flight, v.message_id)?;
         let stored = self
             .store
-            .message(&v.message_id)?
+            .message_head(&v.message_id)?
             .ok_or(PipelineError::NotFound)?;
         if stored.recipient_org != caller.to_string() {
             return Err(PipelineError::NotFound);
@@ -1061,8 +1064,8 @@ impl Pipeline {
             let Some(msg) = self.store.message(&id)? else {
                 continue;
             };
-            if now >= msg.expires_at_ms {
-                self.expire(&org, id, &msg).await?;
+            if now >= msg.head.expires_at_ms {
+                self.expire(&org, id, &msg.head).await?;
                 continue;
             }
             bytes += msg.envelope.as_ref().map_or(0, |e| {
@@ -1071,12 +1074,12 @@ impl Pipeline {
             if !items.is_empty() && bytes > MAX_FETCH_BYTES {
                 break; // the rest waits for the next fetch
             }
-            let received = self.own_receipt(&id, &msg.envelope_hash, Stage::Received)?;
+            let received = self.own_receipt(&id, &msg.head.envelope_hash, Stage::Received)?;
             items.push((
                 key,
                 pb::InboxItem {
                     envelope: msg.envelope,
-                    envelope_hash: msg.envelope_hash,
+                    envelope_hash: msg.head.envelope_hash,
                     received,
                 },
             ));
@@ -1088,7 +1091,7 @@ impl Pipeline {
         self: &Arc<Self>,
         org: &OrgId,
         id: MessageId,
-        msg: &StoredMessage,
+        msg: &MessageHead,
     ) -> Result<(), PipelineError> {
         // An ack being committed ends it first; one committed since the inbox was read
         // ended it already. Either way it is not expired too.
@@ -1117,7 +1120,7 @@ impl Pipeline {
     pub(crate) fn retire(
         self: &Arc<Self>,
         id: MessageId,
-        msg: &StoredMessage,
+        msg: &MessageHead,
         reason: RejectReason,
         dequeue: Op,
     ) -> Result<Tx, PipelineError> {
@@ -1164,7 +1167,10 @@ impl Pipeline {
         caller: &SpiffeId,
         id: &MessageId,
     ) -> Result<pb::StatusResponse, PipelineError> {
-        let msg = self.store.message(id)?.ok_or(PipelineError::NotFound)?;
+        let msg = self
+            .store
+            .message_head(id)?
+            .ok_or(PipelineError::NotFound)?;
         let me = caller.to_string();
         if msg.sender_org != me && msg.recipient_org != me {
             return Err(PipelineError::NotFound);
@@ -1178,7 +1184,7 @@ impl Pipeline {
 
 /// How the message's delivery ended, if one of its receipts `held` says so: DELIVERED or
 /// REJECTED.
-fn final_stage(held: &[pb::Receipt], stored: &StoredMessage) -> Option<Stage> {
+fn final_stage(held: &[pb::Receipt], stored: &MessageHead) -> Option<Stage> {
     held.iter().find_map(|r| {
         let body = pb::ReceiptBody::decode(r.body.as_slice()).ok()?;
         if body.envelope_hash != stored.envelope_hash {
@@ -1194,11 +1200,14 @@ fn final_stage(held: &[pb::Receipt], stored: &StoredMessage) -> Option<Stage> {
 fn stored(env: &VerifiedEnvelope, now: i64) -> StoredMessage {
     StoredMessage {
         envelope: Some(env.to_wire()),
-        envelope_hash: env.hash().0.to_vec(),
-        sender_org: env.sender().to_string(),
-        recipient_org: env.recipient().to_string(),
-        stored_at_ms: now,
-        expires_at_ms: env.expires_at(),
+        head: MessageHead {
+            envelope_hash: env.hash().0.to_vec(),
+            sender_org: env.sender().to_string(),
+            recipient_org: env.recipient().to_string(),
+            stored_at_ms: now,
+            expires_at_ms: env.expires_at(),
+            no_attachments: env.attachments().is_empty(),
+        },
     }
 }
 

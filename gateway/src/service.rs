@@ -509,7 +509,7 @@ impl PeerLink for PeerLinkService {
         let msg = self
             .pipeline
             .store
-            .message(&id)
+            .message_head(&id)
             .map_err(PipelineError::from)?
             .ok_or_else(|| Status::not_found("no such message"))?;
         let cc = who.id.country().to_string();

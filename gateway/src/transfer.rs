@@ -19,7 +19,7 @@ use accord_proto::pb::{self, RejectReason};
 
 use crate::attachments::{ChunkError, ChunkStore, Staged};
 use crate::pipeline::{Pipeline, PipelineError};
-use crate::store::{StoreError, StoredMessage};
+use crate::store::{MessageHead, StoreError};
 
 /// Who uploads or asks: an organisation of this country, or a peer gateway.
 #[derive(Clone, Copy, Debug)]
@@ -129,7 +129,7 @@ impl Pipeline {
 
     /// Drops the chunks of a message whose delivery ended here, if its envelope lists any:
     /// most list none, and they cost no trip to the blocking pool.
-    pub(crate) async fn drop_attachments_of(&self, msg: &StoredMessage) {
+    pub(crate) async fn drop_attachments_of(&self, msg: &MessageHead) {
         if !msg.lists_attachments() {
             return;
         }
@@ -176,7 +176,7 @@ impl Pipeline {
             .cloned()
             .ok_or(ChunkError::NoSuchAttachment(a))?;
         let hash = env.hash();
-        if let Some(stored) = self.store.message(&env.id())? {
+        if let Some(stored) = self.store.message_head(&env.id())? {
             if stored.envelope_hash != hash.0 {
                 return Err(PipelineError::Conflict);
             }
@@ -306,7 +306,7 @@ impl Pipeline {
         }
         let id = MessageId::from_slice(&staged.message_id)
             .map_err(|_| StoreError::Corrupt(format!("{hash}/meta")))?;
-        match self.store.message(&id)? {
+        match self.store.message_head(&id)? {
             Some(m) if m.envelope_hash == hash.0 => {}
             _ => return Err(PipelineError::NotFound),
         }
@@ -334,7 +334,7 @@ impl Pipeline {
             let Ok(id) = MessageId::from_slice(&s.message_id) else {
                 return false;
             };
-            match me.store.message(&id) {
+            match me.store.message_head(&id) {
                 Ok(Some(m)) => m.envelope_hash == hash.0,
                 Ok(None) => false,
                 Err(_) => true,

@@ -466,10 +466,12 @@ impl Pipeline {
     pub async fn evidence(&self, id: &MessageId) -> Result<pb::EvidenceBundle, PipelineError> {
         let msg = self.store.message(id)?.ok_or(PipelineError::NotFound)?;
         let sender: accord_proto::ids::OrgId = msg
+            .head
             .sender_org
             .parse()
             .map_err(|_| StoreError::Corrupt(id.to_string()))?;
         let recipient: accord_proto::ids::OrgId = msg
+            .head
             .recipient_org
             .parse()
             .map_err(|_| StoreError::Corrupt(id.to_string()))?;

@@ -94,11 +94,22 @@ impl QueueEntry {
     }
 }
 
-/// A message as this gateway keeps it: the sender's bytes, untouched, and its hash.
-#[derive(Clone, PartialEq, prost::Message)]
+/// A message as this gateway keeps it: the sender's bytes, untouched, and what the gateway
+/// notes of it.
+///
+/// Stored as one protobuf record: the envelope under tag 1, then the head's fields under
+/// tags 2 to 6, in that order. Whatever needs only the head reads the record's tail and
+/// leaves the envelope's bytes on disk ([`Store::message_head`], [`envelope_field_len`]).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct StoredMessage {
-    #[prost(message, optional, tag = "1")]
     pub envelope: Option<pb::Envelope>,
+    pub head: MessageHead,
+}
+
+/// What the gateway notes of a stored message besides its envelope: enough to check a
+/// receipt, an ending or a status against it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MessageHead {
     #[prost(bytes = "vec", tag = "2")]
     pub envelope_hash: Vec<u8>,
     #[prost(string, tag = "3")]
@@ -109,19 +120,84 @@ pub struct StoredMessage {
     pub stored_at_ms: i64,
     #[prost(int64, tag = "6")]
     pub expires_at_ms: i64,
+    /// Set when the envelope's signed header lists no attachments. Records written before
+    /// this field was do not say, so unset means "maybe" (see
+    /// [`MessageHead::lists_attachments`]).
+    #[prost(bool, tag = "7")]
+    pub no_attachments: bool,
 }
 
-impl StoredMessage {
-    /// Whether the envelope's signed header lists attachments. Chunks are only ever taken
-    /// for an attachment the header lists, so a message for which this is false has none
-    /// here. True when the header cannot be read: then only a look at the disk tells.
+impl MessageHead {
+    /// Whether the message may have chunks here. Chunks are only ever taken for an
+    /// attachment the header lists, so a message for which this is false has none, and
+    /// ending its delivery costs no look at the disk.
     pub fn lists_attachments(&self) -> bool {
+        !self.no_attachments
+    }
+}
+
+/// The key of a stored message's envelope field: tag 1, length-delimited.
+pub(crate) const ENVELOPE_KEY: u8 = (1 << 3) | 2;
+
+impl StoredMessage {
+    /// The stored record (type docs).
+    pub fn encode_to_vec(&self) -> Vec<u8> {
         use prost::Message as _;
-        self.envelope.as_ref().is_none_or(|env| {
-            pb::Header::decode(env.header.as_slice()).map_or(true, |h| !h.attachments.is_empty())
+        let mut record = Vec::with_capacity(self.encoded_len());
+        if let Some(env) = &self.envelope {
+            record.push(ENVELOPE_KEY);
+            env.encode_length_delimited(&mut record)
+                .expect("a Vec grows as needed");
+        }
+        self.head
+            .encode(&mut record)
+            .expect("a Vec grows as needed");
+        record
+    }
+
+    /// The length of the stored record.
+    pub fn encoded_len(&self) -> usize {
+        use prost::Message as _;
+        let envelope = self.envelope.as_ref().map_or(0, |env| {
+            let len = env.encoded_len();
+            1 + prost::length_delimiter_len(len) + len
+        });
+        envelope + self.head.encoded_len()
+    }
+
+    /// Reads a stored record back.
+    pub fn decode(record: &[u8]) -> Result<Self, prost::DecodeError> {
+        use prost::Message as _;
+        /// The envelope's field alone: decoding it passes over the head's.
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct EnvelopeField {
+            #[prost(message, optional, tag = "1")]
+            envelope: Option<pb::Envelope>,
+        }
+        Ok(Self {
+            envelope: EnvelopeField::decode(record)?.envelope,
+            head: MessageHead::decode(record)?,
         })
     }
 }
+
+/// How many bytes a stored record's envelope field takes, from the record's first bytes
+/// (its key and length, at most [`ENVELOPE_LEAD`] bytes): what a reader of the head skips.
+/// `Some(0)` when the record does not start with an envelope; `None` when `lead` is too
+/// short to tell or does not encode a length.
+pub(crate) fn envelope_field_len(lead: &[u8]) -> Option<u64> {
+    match lead.split_first() {
+        Some((&ENVELOPE_KEY, mut rest)) => {
+            let len = prost::decode_length_delimiter(&mut rest).ok()?;
+            let field = len.checked_add(1 + prost::length_delimiter_len(len))?;
+            u64::try_from(field).ok()
+        }
+        _ => Some(0),
+    }
+}
+
+/// The most bytes [`envelope_field_len`] needs: the key, and a length of up to ten bytes.
+pub(crate) const ENVELOPE_LEAD: usize = 11;
 
 /// One change inside a transaction.
 #[derive(Debug)]
@@ -195,6 +271,12 @@ pub trait Store: Send + Sync + 'static {
     /// retries meets [`TxOutcome::Exists`]).
     fn commit(&self, tx: Tx) -> Commit;
     fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError>;
+    /// A message's head, without reading its envelope where the engine can avoid it: what
+    /// checks of receipts, endings and statuses read, so that they cost the same for a
+    /// 1 MiB message as for a 1 KiB one.
+    fn message_head(&self, id: &MessageId) -> Result<Option<MessageHead>, StoreError> {
+        Ok(self.message(id)?.map(|m| m.head))
+    }
     /// Every receipt stored for a message, in the order they were stored.
     fn receipts(&self, id: &MessageId) -> Result<Vec<pb::Receipt>, StoreError>;
     /// Up to `limit` entries of a queue, highest priority first, then oldest first; deferred
@@ -230,37 +312,130 @@ mod tests {
 
     use super::*;
 
-    fn with_header(header: Vec<u8>) -> StoredMessage {
+    /// A stored message as layouts up to 6 declared it, one derived protobuf message.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct LayoutSix {
+        #[prost(message, optional, tag = "1")]
+        envelope: Option<pb::Envelope>,
+        #[prost(bytes = "vec", tag = "2")]
+        envelope_hash: Vec<u8>,
+        #[prost(string, tag = "3")]
+        sender_org: String,
+        #[prost(string, tag = "4")]
+        recipient_org: String,
+        #[prost(int64, tag = "5")]
+        stored_at_ms: i64,
+        #[prost(int64, tag = "6")]
+        expires_at_ms: i64,
+    }
+
+    fn stored(ciphertext: usize, no_attachments: bool) -> StoredMessage {
         StoredMessage {
             envelope: Some(pb::Envelope {
-                header,
-                ciphertext: vec![1; 16],
-                signature: vec![2; 64],
+                header: vec![1; 40],
+                ciphertext: vec![2; ciphertext],
+                signature: vec![3; 64],
             }),
-            ..Default::default()
+            head: MessageHead {
+                envelope_hash: vec![4; 32],
+                sender_org: "spiffe://vn.accord/org/c02".into(),
+                recipient_org: "spiffe://kh.accord/org/ahtd".into(),
+                stored_at_ms: 5,
+                expires_at_ms: -6,
+                no_attachments,
+            },
         }
     }
 
+    fn layout_six(m: &StoredMessage) -> LayoutSix {
+        LayoutSix {
+            envelope: m.envelope.clone(),
+            envelope_hash: m.head.envelope_hash.clone(),
+            sender_org: m.head.sender_org.clone(),
+            recipient_org: m.head.recipient_org.clone(),
+            stored_at_ms: m.head.stored_at_ms,
+            expires_at_ms: m.head.expires_at_ms,
+        }
+    }
+
+    /// Records on file stay readable both ways: the record is byte for byte what the
+    /// derived message wrote, the new field aside, and an older binary reads past it.
     #[test]
-    fn only_a_header_that_lists_no_attachments_says_there_are_none() {
-        let plain = pb::Header {
-            message_id: vec![7; 16],
-            ..Default::default()
-        };
-        assert!(!with_header(plain.encode_to_vec()).lists_attachments());
+    fn a_stored_record_is_the_layout_six_record_with_one_more_field() {
+        for len in [0, 1, 127, 128, 70_000, 1 << 20] {
+            let with_chunks = stored(len, false);
+            let record = with_chunks.encode_to_vec();
+            assert_eq!(record.len(), with_chunks.encoded_len());
+            assert_eq!(record, layout_six(&with_chunks).encode_to_vec(), "{len}");
+            assert_eq!(StoredMessage::decode(&record).unwrap(), with_chunks);
 
-        let attached = pb::Header {
-            attachments: vec![pb::AttachmentDigest {
-                size: 1,
-                chunk_size: 65536,
-                chunks_root: vec![3; 32],
-            }],
-            ..plain
-        };
-        assert!(with_header(attached.encode_to_vec()).lists_attachments());
+            let without = stored(len, true);
+            let record = without.encode_to_vec();
+            assert_eq!(record.len(), without.encoded_len());
+            assert_eq!(
+                LayoutSix::decode(record.as_slice()).unwrap(),
+                layout_six(&without)
+            );
+            assert_eq!(StoredMessage::decode(&record).unwrap(), without);
+        }
+        // Written before the field was: it may have chunks, and the disk is looked at.
+        let old = layout_six(&stored(10, true)).encode_to_vec();
+        let read = StoredMessage::decode(&old).unwrap();
+        assert!(read.head.lists_attachments());
+        assert_eq!(read.envelope, stored(10, true).envelope);
+        let empty = StoredMessage::default();
+        assert!(StoredMessage::decode(&empty.encode_to_vec()).unwrap() == empty);
+    }
 
-        // Whatever cannot be read is assumed to have chunks: the disk is looked at.
-        assert!(with_header(vec![0xff; 9]).lists_attachments());
-        assert!(StoredMessage::default().lists_attachments());
+    /// What a reader of the head skips is exactly the envelope's field: the rest of the
+    /// record decodes to the same head as the whole record.
+    #[test]
+    fn the_head_reads_from_what_follows_the_envelope_field() {
+        for len in [0, 100, 5_000, 1 << 20] {
+            let m = stored(len, true);
+            let record = m.encode_to_vec();
+            let lead = &record[..ENVELOPE_LEAD.min(record.len())];
+            let skip = envelope_field_len(lead).unwrap() as usize;
+            assert_eq!(skip, m.encoded_len() - m.head.encoded_len());
+            assert_eq!(MessageHead::decode(&record[skip..]).unwrap(), m.head);
+            assert_eq!(MessageHead::decode(record.as_slice()).unwrap(), m.head);
+        }
+        // No envelope first: nothing to skip.
+        let bare = StoredMessage {
+            envelope: None,
+            ..stored(0, false)
+        };
+        assert_eq!(envelope_field_len(&bare.encode_to_vec()), Some(0));
+        assert_eq!(envelope_field_len(&[]), Some(0));
+    }
+
+    #[test]
+    fn a_lead_that_does_not_encode_a_length_is_refused() {
+        // Cut inside the length.
+        assert_eq!(envelope_field_len(&[ENVELOPE_KEY, 0x80, 0x80]), None);
+        assert_eq!(envelope_field_len(&[ENVELOPE_KEY]), None);
+        // Eleven bytes of continuation: no varint that long.
+        assert_eq!(
+            envelope_field_len(&[
+                ENVELOPE_KEY,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0xff
+            ]),
+            None
+        );
+        // The largest length a varint holds, which no record can reach, still adds up.
+        let mut huge = vec![ENVELOPE_KEY];
+        huge.extend([0xff; 9]);
+        huge.push(0x01);
+        let skip = envelope_field_len(&huge);
+        assert!(skip.is_none() || skip > Some(1 << 40), "{skip:?}");
     }
 }

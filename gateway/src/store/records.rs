@@ -97,6 +97,46 @@ impl Records {
 
     /// Record `number`, which the caller knows is below the count.
     pub(crate) fn get(&self, number: u64) -> std::io::Result<Vec<u8>> {
+        let (start, end) = self.span(number)?;
+        self.read(start, end)
+    }
+
+    /// Record `number` (below the count) without a leading part the caller has no use
+    /// for: `skip` is given the record's first `lead` bytes and says how many bytes from
+    /// the start to leave unread (`None`: the record is damaged). A record of up to
+    /// [`Records::WHOLE_UP_TO`] bytes is read whole, in one read, and given back whole:
+    /// the caller's decoding must take the record either way.
+    pub(crate) fn get_past(
+        &self,
+        number: u64,
+        lead: usize,
+        skip: impl FnOnce(&[u8]) -> Option<u64>,
+    ) -> std::io::Result<Vec<u8>> {
+        let (start, end) = self.span(number)?;
+        if end - start <= Self::WHOLE_UP_TO {
+            return self.read(start, end);
+        }
+        let mut first = vec![0; lead.min((end - start) as usize)];
+        self.entries.read_exact_at(&mut first, start)?;
+        let past = skip(&first)
+            .and_then(|skipped| start.checked_add(skipped))
+            .filter(|&past| past <= end)
+            .ok_or_else(|| invalid("a record's leading part runs past its end"))?;
+        self.read(past, end)
+    }
+
+    /// Records up to this long are read whole by [`Records::get_past`]: a second read
+    /// would cost more than the bytes it saves.
+    pub(crate) const WHOLE_UP_TO: u64 = 4096;
+
+    fn read(&self, start: u64, end: u64) -> std::io::Result<Vec<u8>> {
+        let mut record = vec![0; (end - start) as usize];
+        self.entries.read_exact_at(&mut record, start)?;
+        Ok(record)
+    }
+
+    /// Where record `number` starts and ends in `entries`, checked against the limit.
+    fn span(&self, number: u64) -> std::io::Result<(u64, u64)> {
         // Where the record starts and ends are adjacent in `ends`: one read for both.
         let (start, end) = match number {
             0 => (0, self.end(0)?),
@@ -112,9 +152,7 @@ impl Records {
         if end < start || end - start > self.max {
             return Err(invalid("an `ends` file is damaged"));
         }
-        let mut record = vec![0; (end - start) as usize];
-        self.entries.read_exact_at(&mut record, start)?;
-        Ok(record)
+        Ok((start, end))
     }
 
     fn end(&self, number: u64) -> std::io::Result<u64> {
@@ -225,6 +263,32 @@ mod tests {
     use std::io::{Seek as _, SeekFrom};
 
     use super::*;
+
+    /// A record longer than what is read whole is read from where `skip` says, after a
+    /// read of its lead alone; a shorter one is read whole, without asking; a skip past
+    /// the record's end, or none, is damage.
+    #[test]
+    fn a_record_is_read_past_its_leading_part_when_it_is_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = Records::open(dir.path(), 1 << 20).unwrap();
+        let long: Vec<u8> = (0..5_000u32).map(|i| i as u8).collect();
+        let short = vec![7; Records::WHOLE_UP_TO as usize];
+        records.write(&[(0, &short), (1, &long)]).unwrap();
+
+        let whole = records.get_past(0, 11, |_| panic!("a short record is read whole"));
+        assert_eq!(whole.unwrap(), short);
+        let tail = records.get_past(1, 11, |lead| {
+            assert_eq!(lead, &long[..11]);
+            Some(4_990)
+        });
+        assert_eq!(tail.unwrap(), &long[4_990..]);
+        assert_eq!(records.get_past(1, 11, |_| Some(5_000)).unwrap(), b"");
+        for skip in [Some(5_001), Some(u64::MAX), None] {
+            let err = records.get_past(1, 11, |_| skip).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{skip:?}");
+        }
+        assert_eq!(records.get(1).unwrap(), long);
+    }
 
     /// What a log record names must follow on from what is on file, one record after the
     /// other, each within the limit and matching its checksum.

@@ -62,7 +62,9 @@
 //! runs for the first builds of layout 4 (b0852f2 to 40d01b9). They are read wherever they
 //! are.
 //! A group names a message's record with `M ‖ number(8)`, routed to `messages/` as the
-//! log's keys are to `log/`.
+//! log's keys are to `log/`. A record holds the envelope first, then the message's head
+//! (`StoredMessage`): reading a head alone (`Store::message_head`), for a receipt, an
+//! ending or a status, reads the envelope's key and length and then what follows it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -85,7 +87,8 @@ use super::run_set::{self, Named, RunSet};
 use super::runs;
 use super::wal::{self, Segment, WalError, WalGroup, WalWrite, WrittenFirst};
 use super::{
-    Commit, Op, Queue, QueueEntry, QueueKey, Store, StoreError, StoredMessage, Tx, TxOutcome,
+    envelope_field_len, Commit, MessageHead, Op, Queue, QueueEntry, QueueKey, Store, StoreError,
+    StoredMessage, Tx, TxOutcome, ENVELOPE_LEAD,
 };
 
 /// Most transactions one sync covers; bounds the latency of the first in a group.
@@ -505,6 +508,31 @@ fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
 }
 
 impl SledStore {
+    /// A message's record as `read` takes it from `messages/` by its number, or whole
+    /// from sled where a layout before 4 kept it; `None` for an unknown id.
+    fn message_record(
+        &self,
+        id: &MessageId,
+        read: impl FnOnce(&Records, u64) -> std::io::Result<Vec<u8>>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let whole = self.whole_groups()?;
+        let corrupt = || StoreError::Corrupt(format!("message {id}"));
+        match whole.get(&self.db, &message_number_key(id))? {
+            Some(number) => {
+                let number =
+                    u64::from_be_bytes(number.as_slice().try_into().map_err(|_| corrupt())?);
+                if number >= whole.read_meta(&self.db, META_MESSAGES)? {
+                    return Err(corrupt());
+                }
+                read(&self.messages, number)
+                    .map(Some)
+                    .map_err(|e| log_read_error(e, format!("message {id}, record {number}")))
+            }
+            // Kept in sled by a layout before 4, if at all.
+            None => whole.get(&self.db, &message_key(id)),
+        }
+    }
+
     /// Waits for the group being applied, if any, so that what follows sees whole groups.
     fn whole_groups(&self) -> Result<RwLockReadGuard<'_, Applied>, StoreError> {
         let applied = self
@@ -1993,28 +2021,26 @@ impl Store for SledStore {
     }
 
     fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError> {
-        let whole = self.whole_groups()?;
-        let corrupt = || StoreError::Corrupt(format!("message {id}"));
-        let encoded = match whole.get(&self.db, &message_number_key(id))? {
-            Some(number) => {
-                let number =
-                    u64::from_be_bytes(number.as_slice().try_into().map_err(|_| corrupt())?);
-                if number >= whole.read_meta(&self.db, META_MESSAGES)? {
-                    return Err(corrupt());
-                }
-                self.messages
-                    .get(number)
-                    .map_err(|e| log_read_error(e, format!("message {id}, record {number}")))?
-            }
-            // Kept in sled by a layout before 4, if at all.
-            None => match whole.get(&self.db, &message_key(id))? {
-                Some(encoded) => encoded,
-                None => return Ok(None),
-            },
+        let Some(encoded) = self.message_record(id, |messages, number| messages.get(number))?
+        else {
+            return Ok(None);
         };
-        StoredMessage::decode(encoded.as_slice())
+        StoredMessage::decode(&encoded)
             .map(Some)
-            .map_err(|_| corrupt())
+            .map_err(|_| StoreError::Corrupt(format!("message {id}")))
+    }
+
+    fn message_head(&self, id: &MessageId) -> Result<Option<MessageHead>, StoreError> {
+        // The envelope comes first in the record: its bytes stay on disk.
+        let Some(encoded) = self.message_record(id, |messages, number| {
+            messages.get_past(number, ENVELOPE_LEAD, envelope_field_len)
+        })?
+        else {
+            return Ok(None);
+        };
+        MessageHead::decode(encoded.as_slice())
+            .map(Some)
+            .map_err(|_| StoreError::Corrupt(format!("message {id}")))
     }
 
     fn receipts(&self, id: &MessageId) -> Result<Vec<pb::Receipt>, StoreError> {
@@ -3253,7 +3279,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let id = MessageId::new_v7(40_000, [8; 10]);
         let stored = StoredMessage {
-            sender_org: "org-inline".into(),
+            head: MessageHead {
+                sender_org: "org-inline".into(),
+                ..Default::default()
+            },
             ..Default::default()
         };
         {
@@ -4019,7 +4048,10 @@ mod tests {
         let id = |i: u64| MessageId::new_v7(40_000 + i, [5; 10]);
         let submit = |i: u64| {
             let stored = StoredMessage {
-                envelope_hash: vec![i as u8; 32],
+                head: MessageHead {
+                    envelope_hash: vec![i as u8; 32],
+                    ..Default::default()
+                },
                 ..Default::default()
             };
             Tx {
@@ -4299,9 +4331,12 @@ mod tests {
         let message = |i: u8| {
             let id = MessageId::new_v7(5_000 + u64::from(i), [i; 10]);
             let stored = StoredMessage {
-                sender_org: format!("org-{i}"),
-                envelope_hash: vec![i; if i.is_multiple_of(3) { BESIDE_FROM } else { 32 }],
-                stored_at_ms: i64::from(i),
+                head: MessageHead {
+                    sender_org: format!("org-{i}"),
+                    envelope_hash: vec![i; if i.is_multiple_of(3) { BESIDE_FROM } else { 32 }],
+                    stored_at_ms: i64::from(i),
+                    ..Default::default()
+                },
                 ..Default::default()
             };
             (id, stored)
@@ -4507,7 +4542,10 @@ mod tests {
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
         let commit = |committer: &mut Committer, i: u64| {
             let stored = StoredMessage {
-                envelope_hash: vec![1; BESIDE_FROM + 1],
+                head: MessageHead {
+                    envelope_hash: vec![1; BESIDE_FROM + 1],
+                    ..Default::default()
+                },
                 ..Default::default()
             };
             let id = MessageId::new_v7(3_000 + i, [0; 10]);
@@ -4538,8 +4576,10 @@ mod tests {
                 ciphertext: vec![2; body],
                 signature: vec![3; 64],
             }),
-            recipient_org: "org".into(),
-            ..Default::default()
+            head: MessageHead {
+                recipient_org: "org".into(),
+                ..Default::default()
+            },
         };
         let (small, large) = (stored(1024), stored(BESIDE_FROM));
         let (small_id, large_id) = (
@@ -4766,7 +4806,10 @@ mod tests {
         let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
         committer.max_message = 64 << 10;
         let message = |body: usize| StoredMessage {
-            envelope_hash: vec![7; body],
+            head: MessageHead {
+                envelope_hash: vec![7; body],
+                ..Default::default()
+            },
             ..Default::default()
         };
         let insert = |i: u64, body| Tx {
@@ -4805,7 +4848,10 @@ mod tests {
         let mut record_len = 0;
         for (i, id) in ids.iter().enumerate() {
             let stored = StoredMessage {
-                envelope_hash: vec![i as u8; BESIDE_FROM],
+                head: MessageHead {
+                    envelope_hash: vec![i as u8; BESIDE_FROM],
+                    ..Default::default()
+                },
                 ..Default::default()
             };
             record_len = stored.encoded_len() as u64;
@@ -4819,7 +4865,10 @@ mod tests {
         // Record 5 on file but past the count, as a crash before its group was logged
         // leaves it: sled naming it is damage, not a message.
         let leftover = StoredMessage {
-            sender_org: "a message never committed".into(),
+            head: MessageHead {
+                sender_org: "a message never committed".into(),
+                ..Default::default()
+            },
             ..Default::default()
         }
         .encode_to_vec();
@@ -4829,12 +4878,17 @@ mod tests {
             .db
             .insert(message_number_key(&stray), 5u64.to_be_bytes().as_slice())
             .unwrap();
-        assert!(matches!(store.message(&stray), Err(StoreError::Corrupt(_))));
+        let corrupt = |id| {
+            let (whole, head) = (store.message(id), store.message_head(id));
+            assert!(matches!(whole, Err(StoreError::Corrupt(_))), "{whole:?}");
+            assert!(matches!(head, Err(StoreError::Corrupt(_))), "{head:?}");
+        };
+        corrupt(&stray);
         store
             .db
             .insert(message_number_key(&stray), [0u8; 3].as_slice())
             .unwrap();
-        assert!(matches!(store.message(&stray), Err(StoreError::Corrupt(_))));
+        corrupt(&stray);
         store.db.remove(message_number_key(&stray)).unwrap();
         // Record 2 overwritten with bytes that are no message.
         store
@@ -4842,10 +4896,41 @@ mod tests {
             .entries
             .write_all_at(&[0xff; 34], 2 * record_len)
             .unwrap();
-        assert!(matches!(
-            store.message(&ids[2]),
-            Err(StoreError::Corrupt(_))
-        ));
+        corrupt(&ids[2]);
+        // Record 3 made to start with an envelope longer than the whole record (its
+        // length's varint, 2 bytes, needs a record over the read-whole size), and record
+        // 1 with a length cut short: a head is not read from past either's end.
+        assert!(record_len > Records::WHOLE_UP_TO);
+        use crate::store::ENVELOPE_KEY;
+        let past_the_end = [
+            ENVELOPE_KEY,
+            0x80 | (BESIDE_FROM as u8 & 0x7f),
+            1 + (BESIDE_FROM >> 7) as u8,
+        ];
+        store
+            .messages
+            .entries
+            .write_all_at(&past_the_end, 3 * record_len)
+            .unwrap();
+        corrupt(&ids[3]);
+        store
+            .messages
+            .entries
+            .write_all_at(
+                &[ENVELOPE_KEY; 1]
+                    .iter()
+                    .chain(&[0x80; 10])
+                    .copied()
+                    .collect::<Vec<_>>(),
+                record_len,
+            )
+            .unwrap();
+        corrupt(&ids[1]);
+        // The others still read, whole and by their heads.
+        for id in [ids[0], ids[4]] {
+            let head = store.message_head(&id).unwrap().unwrap();
+            assert_eq!(Some(head), store.message(&id).unwrap().map(|m| m.head));
+        }
         drop(store);
 
         for file in ["ends", "entries"] {
