@@ -225,10 +225,13 @@ async fn drain_once(
                 if pushes.holds_back(&msg.head.envelope_hash) {
                     continue;
                 }
-                let attached = msg.head.lists_attachments();
                 let Some(env) = msg.envelope.take() else {
                     continue;
                 };
+                // Records from before the head said so: the header in hand tells.
+                let attached = msg.head.lists_attachments()
+                    && pb::Header::decode(env.header.as_slice())
+                        .map_or(true, |h| !h.attachments.is_empty());
                 envelope = Some(SentEnvelope {
                     hash: msg.head.envelope_hash,
                     attached,

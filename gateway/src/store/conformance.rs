@@ -25,7 +25,8 @@ fn msg(n: u8) -> (MessageId, StoredMessage) {
             recipient_org: "spiffe://kh.accord/org/ahtd".into(),
             stored_at_ms: n as i64,
             expires_at_ms: i64::MAX,
-            ..Default::default()
+            // Both ways on both read paths (1 and 3 long, 2 short).
+            no_attachments: n >= 2,
         },
     };
     (id, m)

@@ -187,9 +187,12 @@ impl StoredMessage {
 /// short to tell or does not encode a length.
 pub(crate) fn envelope_field_len(lead: &[u8]) -> Option<u64> {
     match lead.split_first() {
-        Some((&ENVELOPE_KEY, mut rest)) => {
+        Some((&ENVELOPE_KEY, after_key)) => {
+            let mut rest = after_key;
             let len = prost::decode_length_delimiter(&mut rest).ok()?;
-            let field = len.checked_add(1 + prost::length_delimiter_len(len))?;
+            // The bytes the length took as written (a decoder takes it padded, too).
+            let len_bytes = after_key.len() - rest.len();
+            let field = len.checked_add(1 + len_bytes)?;
             u64::try_from(field).ok()
         }
         _ => Some(0),
@@ -273,7 +276,9 @@ pub trait Store: Send + Sync + 'static {
     fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError>;
     /// A message's head, without reading its envelope where the engine can avoid it: what
     /// checks of receipts, endings and statuses read, so that they cost the same for a
-    /// 1 MiB message as for a 1 KiB one.
+    /// 1 MiB message as for a 1 KiB one. A head can read where [`Store::message`] finds
+    /// the envelope damaged: the envelope is checked where it is used (a fetch, the
+    /// forwarder, an evidence bundle), not by every check of a receipt.
     fn message_head(&self, id: &MessageId) -> Result<Option<MessageHead>, StoreError> {
         Ok(self.message(id)?.map(|m| m.head))
     }
@@ -378,6 +383,17 @@ mod tests {
             );
             assert_eq!(StoredMessage::decode(&record).unwrap(), without);
         }
+        // An empty envelope is still written, and none is not, as the derived message did.
+        for envelope in [Some(pb::Envelope::default()), None] {
+            let m = StoredMessage {
+                envelope,
+                ..stored(0, false)
+            };
+            let record = m.encode_to_vec();
+            assert_eq!(record, layout_six(&m).encode_to_vec(), "{:?}", m.envelope);
+            assert_eq!(record.len(), m.encoded_len());
+            assert_eq!(StoredMessage::decode(&record).unwrap(), m);
+        }
         // Written before the field was: it may have chunks, and the disk is looked at.
         let old = layout_six(&stored(10, true)).encode_to_vec();
         let read = StoredMessage::decode(&old).unwrap();
@@ -430,6 +446,14 @@ mod tests {
                 0xff
             ]),
             None
+        );
+        // A length written in more bytes than it needs (which decoders take) is skipped
+        // as written: 5, in two bytes.
+        let padded = [ENVELOPE_KEY, 0x85, 0x00, 1, 2, 3, 4, 5, 0x28, 0x07];
+        assert_eq!(envelope_field_len(&padded), Some(8));
+        assert_eq!(
+            MessageHead::decode(&padded[8..]).unwrap(),
+            MessageHead::decode(padded.as_slice()).unwrap()
         );
         // The largest length a varint holds, which no record can reach, still adds up.
         let mut huge = vec![ENVELOPE_KEY];

@@ -40,6 +40,9 @@ pub(crate) struct Records {
     /// The length of `entries` at the last [`Records::sync_entries`].
     #[cfg(test)]
     pub(super) synced_first: std::sync::atomic::AtomicU64,
+    /// Bytes read from `entries` by [`Records::get`] and [`Records::get_past`].
+    #[cfg(test)]
+    pub(super) bytes_read: std::sync::atomic::AtomicU64,
 }
 
 impl Records {
@@ -61,6 +64,8 @@ impl Records {
             max,
             #[cfg(test)]
             synced_first: Default::default(),
+            #[cfg(test)]
+            bytes_read: Default::default(),
         };
         File::open(dir)?.sync_all()?;
         Ok(records)
@@ -118,6 +123,9 @@ impl Records {
         }
         let mut first = vec![0; lead.min((end - start) as usize)];
         self.entries.read_exact_at(&mut first, start)?;
+        #[cfg(test)]
+        self.bytes_read
+            .fetch_add(first.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let past = skip(&first)
             .and_then(|skipped| start.checked_add(skipped))
             .filter(|&past| past <= end)
@@ -132,6 +140,9 @@ impl Records {
     fn read(&self, start: u64, end: u64) -> std::io::Result<Vec<u8>> {
         let mut record = vec![0; (end - start) as usize];
         self.entries.read_exact_at(&mut record, start)?;
+        #[cfg(test)]
+        self.bytes_read
+            .fetch_add(end - start, std::sync::atomic::Ordering::Relaxed);
         Ok(record)
     }
 
@@ -273,7 +284,12 @@ mod tests {
         let records = Records::open(dir.path(), 1 << 20).unwrap();
         let long: Vec<u8> = (0..5_000u32).map(|i| i as u8).collect();
         let short = vec![7; Records::WHOLE_UP_TO as usize];
-        records.write(&[(0, &short), (1, &long)]).unwrap();
+        let just_over = vec![8; Records::WHOLE_UP_TO as usize + 1];
+        records
+            .write(&[(0, &short), (1, &long), (2, &just_over)])
+            .unwrap();
+        let past = records.get_past(2, 11, |_| Some(Records::WHOLE_UP_TO));
+        assert_eq!(past.unwrap(), [8]);
 
         let whole = records.get_past(0, 11, |_| panic!("a short record is read whole"));
         assert_eq!(whole.unwrap(), short);

@@ -4835,6 +4835,45 @@ mod tests {
         crash(committer);
     }
 
+    /// A head leaves a long record's envelope unread: it costs a few dozen bytes of reads
+    /// where the whole message costs all of them, and it reads even where the envelope
+    /// is damaged (which only the whole read notices).
+    #[tokio::test]
+    async fn a_head_leaves_the_envelope_of_a_long_record_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 16 << 20).unwrap();
+        let (id, mut stored) = body_of(1, 100_000);
+        stored.head.sender_org = "spiffe://vn.accord/org/c02".into();
+        stored.head.no_attachments = true;
+        let record_len = stored.encoded_len() as u64;
+        let insert = Tx {
+            ops: vec![Op::InsertMessage(id, stored.clone())],
+            receipts: None,
+        };
+        store.commit(insert).await.unwrap();
+        let read = || store.messages.bytes_read.load(Ordering::Relaxed);
+
+        let before = read();
+        assert_eq!(
+            store.message_head(&id).unwrap().as_ref(),
+            Some(&stored.head)
+        );
+        let for_head = read() - before;
+        assert!(for_head < 100, "{for_head} bytes read for a head");
+        assert_eq!(store.message(&id).unwrap().as_ref(), Some(&stored));
+        assert_eq!(read() - before - for_head, record_len);
+
+        // The envelope's first inner key given a wire type no field has.
+        let len = stored.envelope.as_ref().unwrap().encoded_len();
+        let inner = 1 + prost::length_delimiter_len(len) as u64;
+        store.messages.entries.write_all_at(&[0x0f], inner).unwrap();
+        assert!(matches!(store.message(&id), Err(StoreError::Corrupt(_))));
+        assert_eq!(
+            store.message_head(&id).unwrap().as_ref(),
+            Some(&stored.head)
+        );
+    }
+
     /// Message files cut short are refused at open, naming them; a number sled holds past
     /// the files' count, or a record that does not decode, fail the read, not answer.
     #[tokio::test]
