@@ -98,8 +98,10 @@ impl QueueEntry {
 /// notes of it.
 ///
 /// Stored as one protobuf record: the envelope under tag 1, then the head's fields under
-/// tags 2 to 6, in that order. Whatever needs only the head reads the record's tail and
+/// tags 2 to 7, in that order. Whatever needs only the head reads the record's tail and
 /// leaves the envelope's bytes on disk ([`Store::message_head`], [`envelope_field_len`]).
+/// It trusts the envelope field's length as the disk gives it back: records carry no
+/// checksum of their own, and only a read of the whole envelope checks its framing.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StoredMessage {
     pub envelope: Option<pb::Envelope>,
@@ -423,6 +425,37 @@ mod tests {
         };
         assert_eq!(envelope_field_len(&bare.encode_to_vec()), Some(0));
         assert_eq!(envelope_field_len(&[]), Some(0));
+    }
+
+    /// Whatever a damaged byte makes of a record's first bytes (the envelope's key and
+    /// length), a record that still decodes whole has the head a read past its lead
+    /// finds: the skip is the decoder's own.
+    #[test]
+    fn a_head_read_past_the_lead_agrees_with_the_whole_record() {
+        let (mut agreed, mut whole_refused) = (0, 0);
+        for len in [300, 5_000] {
+            let record = stored(len, true).encode_to_vec();
+            for at in 0..16 {
+                for value in 0..=u8::MAX {
+                    let mut damaged = record.clone();
+                    damaged[at] = value;
+                    let Ok(whole) = StoredMessage::decode(&damaged) else {
+                        whole_refused += 1;
+                        continue;
+                    };
+                    let lead = &damaged[..ENVELOPE_LEAD];
+                    let skip = envelope_field_len(lead).expect("a record that decodes");
+                    let head = MessageHead::decode(&damaged[skip as usize..]);
+                    assert_eq!(head.as_ref(), Ok(&whole.head), "byte {at} = {value:#x}");
+                    agreed += 1;
+                }
+            }
+        }
+        // Both kinds of case were met.
+        assert!(
+            agreed > 1_000 && whole_refused > 100,
+            "{agreed} / {whole_refused}"
+        );
     }
 
     #[test]
