@@ -1721,9 +1721,9 @@ async fn store_limit(opts: &Options, root: &Path) -> anyhow::Result<Rate> {
     let store = Arc::new(SledStore::open(&dir, 64 << 20)?);
     let per_writer = opts.messages.div_ceil(opts.senders);
     let envelope = pb::Envelope {
-        header: vec![1; 200],
-        ciphertext: vec![2; opts.body_bytes + 48],
-        signature: vec![3; 64],
+        header: vec![1; 200].into(),
+        ciphertext: vec![2; opts.body_bytes + 48].into(),
+        signature: vec![3; 64].into(),
     };
     let start = Instant::now();
     let mut writers = tokio::task::JoinSet::new();

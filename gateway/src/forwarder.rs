@@ -230,7 +230,7 @@ async fn drain_once(
                 };
                 // Records from before the head said so: the header in hand tells.
                 let attached = msg.head.lists_attachments()
-                    && pb::Header::decode(env.header.as_slice())
+                    && pb::Header::decode(&env.header[..])
                         .map_or(true, |h| !h.attachments.is_empty());
                 envelope = Some(SentEnvelope {
                     hash: msg.head.envelope_hash,
@@ -753,7 +753,7 @@ fn start_push(
     ) else {
         return false;
     };
-    let Ok(header) = pb::Header::decode(env.header.as_slice()) else {
+    let Ok(header) = pb::Header::decode(&env.header[..]) else {
         return false;
     };
     if header.attachments.is_empty() {

@@ -187,7 +187,7 @@ async fn nothing_acknowledged_is_lost_when_the_gateway_is_killed_with_sigkill() 
             let env = envelope_for(phase * 100 + i);
             let mut c = client.clone();
             in_flight.spawn(async move {
-                let header = pb::Header::decode(env.header.as_slice()).unwrap();
+                let header = pb::Header::decode(&env.header[..]).unwrap();
                 let id = MessageId::from_slice(&header.message_id).unwrap();
                 c.submit(pb::SubmitRequest {
                     envelope: Some(env),
@@ -283,7 +283,7 @@ async fn nothing_acknowledged_is_lost_when_the_gateway_is_killed_with_sigkill() 
             .items;
         for item in items {
             let env = item.envelope.unwrap();
-            let header = pb::Header::decode(env.header.as_slice()).unwrap();
+            let header = pb::Header::decode(&env.header[..]).unwrap();
             let id = MessageId::from_slice(&header.message_id).unwrap();
             assert!(arrived.insert(id), "{id} arrived twice");
             let body = pb::ReceiptBody {

@@ -12,6 +12,7 @@
 //! a [`VerifiedEnvelope`] only through [`SealedEnvelope::verify`], which checks the header,
 //! the sender's key in the directory and the signature. The header bytes are never re-encoded.
 
+use prost::bytes::Bytes;
 use prost::Message;
 
 use zeroize::Zeroizing;
@@ -113,7 +114,7 @@ fn malformed(what: impl Into<String>) -> EnvelopeError {
 
 /// The sender's header bytes. Obtained only from a sealed envelope; never re-encoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HeaderBytes(Vec<u8>);
+pub struct HeaderBytes(Bytes);
 
 impl HeaderBytes {
     pub fn as_bytes(&self) -> &[u8] {
@@ -125,8 +126,8 @@ impl HeaderBytes {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SealedEnvelope {
     header: HeaderBytes,
-    ciphertext: Vec<u8>,
-    signature: Vec<u8>,
+    ciphertext: Bytes,
+    signature: Bytes,
     /// Computed once on construction: every later use (receipts, log, dedupe) reads it.
     hash: EnvelopeHash,
 }
@@ -150,7 +151,7 @@ impl SealedEnvelope {
         ))
     }
 
-    fn new(header: HeaderBytes, ciphertext: Vec<u8>, signature: Vec<u8>) -> Self {
+    fn new(header: HeaderBytes, ciphertext: Bytes, signature: Bytes) -> Self {
         let (h, c, s) = (&header.0, &ciphertext, &signature);
         let hash = EnvelopeHash(crypto::sha256(&[
             &len_be(h),
@@ -553,9 +554,9 @@ impl Sealer {
             ],
         );
         Ok(SealedEnvelope::new(
-            HeaderBytes(header_bytes),
-            ciphertext,
-            signature.to_vec(),
+            HeaderBytes(header_bytes.into()),
+            ciphertext.into(),
+            Bytes::copy_from_slice(&signature),
         ))
     }
 }

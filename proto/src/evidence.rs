@@ -333,7 +333,7 @@ fn check_envelope(
         report.push("the bundle carries the envelope", Err("no envelope".into()));
         return None;
     };
-    let header = pb::Header::decode(env.header.as_slice()).ok();
+    let header = pb::Header::decode(&env.header[..]).ok();
     let created_at = header.as_ref().map_or(0, |h| h.created_at_ms);
     let result = SealedEnvelope::from_wire(env.clone(), &Limits::default())
         .and_then(|s| s.verify(directories, created_at));

@@ -717,7 +717,7 @@ fn build(name: &str, description: &str, input: &CaseInput, r_in: &ReceiptInput) 
         seal_with_ephemeral_ikm(h.to_pb(), &body, &recipient.public_key(), &signer, &ikm_e)
             .expect("seal");
     let wire = sealed.to_wire();
-    let header = pb::Header::decode(wire.header.as_slice()).expect("sealed header decodes");
+    let header = pb::Header::decode(&wire.header[..]).expect("sealed header decodes");
     let hash = sealed.hash();
 
     let r_body = pb::ReceiptBody {

@@ -312,7 +312,7 @@ async fn an_inbox_item_carries_its_gateways_received_receipt() {
         let body = pb::ReceiptBody::decode(receipt.body.as_slice()).unwrap();
         assert_eq!(body.stage, Stage::Received as i32);
         assert_eq!(body.signer, kh_gateway);
-        let header = item.envelope.as_ref().unwrap().header.as_slice();
+        let header = item.envelope.as_ref().unwrap().header.as_ref();
         assert_eq!(
             body.message_id,
             pb::Header::decode(header).unwrap().message_id

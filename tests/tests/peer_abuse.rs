@@ -291,7 +291,9 @@ async fn a_bad_envelope_reusing_a_message_id_does_not_touch_that_messages_chain(
     let got = accord_tests::fetch_n(&mut c02, 1).await.unwrap();
     // The "peer" replays its bytes with a flipped ciphertext byte under the same id.
     let mut forged = got[0].envelope.to_wire();
-    forged.ciphertext[0] ^= 1;
+    let mut ciphertext = forged.ciphertext.to_vec();
+    ciphertext[0] ^= 1;
+    forged.ciphertext = ciphertext.into();
     let mut kh = accord_tests::peer_link_as(&net, "kh", "vn").unwrap();
     let resp = kh
         .deliver(pb::DeliverRequest {

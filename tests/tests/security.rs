@@ -107,8 +107,9 @@ async fn a_tampered_envelope_is_refused_with_invalid_argument() {
     .unwrap();
     let wire = fetch_n(&mut kh, 1).await.unwrap()[0].envelope.to_wire();
     let mut tampered = wire.clone();
-    let last = tampered.ciphertext.len() - 1;
-    tampered.ciphertext[last] ^= 1;
+    let mut ciphertext = tampered.ciphertext.to_vec();
+    *ciphertext.last_mut().unwrap() ^= 1;
+    tampered.ciphertext = ciphertext.into();
     let err = c02
         .exchange()
         .submit(pb::SubmitRequest {
@@ -119,7 +120,7 @@ async fn a_tampered_envelope_is_refused_with_invalid_argument() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     assert!(err.message().contains("BAD_SIGNATURE"), "{err}");
     let mut oversize = wire;
-    oversize.ciphertext = vec![0; 5 << 20];
+    oversize.ciphertext = vec![0; 5 << 20].into();
     let err = c02
         .exchange()
         .submit(pb::SubmitRequest {

@@ -14,10 +14,10 @@ fn msg(n: u8) -> (MessageId, StoredMessage) {
     let id = MessageId::new_v7(1_000 + n as u64, [n; 10]);
     let m = StoredMessage {
         envelope: Some(pb::Envelope {
-            header: vec![n; 10],
+            header: vec![n; 10].into(),
             // Odd messages longer than what is read whole for a head.
-            ciphertext: vec![n; if n % 2 == 1 { 10_000 } else { 2_000 }],
-            signature: vec![n; 64],
+            ciphertext: vec![n; if n % 2 == 1 { 10_000 } else { 2_000 }].into(),
+            signature: vec![n; 64].into(),
         }),
         head: MessageHead {
             envelope_hash: vec![n; 32],

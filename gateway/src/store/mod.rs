@@ -167,8 +167,9 @@ impl StoredMessage {
         envelope + self.head.encoded_len()
     }
 
-    /// Reads a stored record back.
-    pub fn decode(record: &[u8]) -> Result<Self, prost::DecodeError> {
+    /// Reads a stored record back. The envelope's parts share `record`'s buffer.
+    pub fn decode(record: impl Into<prost::bytes::Bytes>) -> Result<Self, prost::DecodeError> {
+        let record = record.into();
         use prost::Message as _;
         /// The envelope's field alone: decoding it passes over the head's.
         #[derive(Clone, PartialEq, prost::Message)]
@@ -177,8 +178,8 @@ impl StoredMessage {
             envelope: Option<pb::Envelope>,
         }
         Ok(Self {
+            head: MessageHead::decode(&record[..])?,
             envelope: EnvelopeField::decode(record)?.envelope,
-            head: MessageHead::decode(record)?,
         })
     }
 }
@@ -339,9 +340,9 @@ mod tests {
     fn stored(ciphertext: usize, no_attachments: bool) -> StoredMessage {
         StoredMessage {
             envelope: Some(pb::Envelope {
-                header: vec![1; 40],
-                ciphertext: vec![2; ciphertext],
-                signature: vec![3; 64],
+                header: vec![1; 40].into(),
+                ciphertext: vec![2; ciphertext].into(),
+                signature: vec![3; 64].into(),
             }),
             head: MessageHead {
                 envelope_hash: vec![4; 32],
@@ -374,7 +375,7 @@ mod tests {
             let record = with_chunks.encode_to_vec();
             assert_eq!(record.len(), with_chunks.encoded_len());
             assert_eq!(record, layout_six(&with_chunks).encode_to_vec(), "{len}");
-            assert_eq!(StoredMessage::decode(&record).unwrap(), with_chunks);
+            assert_eq!(StoredMessage::decode(record.clone()).unwrap(), with_chunks);
 
             let without = stored(len, true);
             let record = without.encode_to_vec();
@@ -383,7 +384,7 @@ mod tests {
                 LayoutSix::decode(record.as_slice()).unwrap(),
                 layout_six(&without)
             );
-            assert_eq!(StoredMessage::decode(&record).unwrap(), without);
+            assert_eq!(StoredMessage::decode(record.clone()).unwrap(), without);
         }
         // An empty envelope is still written, and none is not, as the derived message did.
         for envelope in [Some(pb::Envelope::default()), None] {
@@ -394,15 +395,31 @@ mod tests {
             let record = m.encode_to_vec();
             assert_eq!(record, layout_six(&m).encode_to_vec(), "{:?}", m.envelope);
             assert_eq!(record.len(), m.encoded_len());
-            assert_eq!(StoredMessage::decode(&record).unwrap(), m);
+            assert_eq!(StoredMessage::decode(record.clone()).unwrap(), m);
         }
         // Written before the field was: it may have chunks, and the disk is looked at.
         let old = layout_six(&stored(10, true)).encode_to_vec();
-        let read = StoredMessage::decode(&old).unwrap();
+        let read = StoredMessage::decode(old).unwrap();
         assert!(read.head.lists_attachments());
         assert_eq!(read.envelope, stored(10, true).envelope);
         let empty = StoredMessage::default();
-        assert!(StoredMessage::decode(&empty.encode_to_vec()).unwrap() == empty);
+        assert!(StoredMessage::decode(empty.encode_to_vec()).unwrap() == empty);
+    }
+
+    /// A body read back is not copied again: the envelope's parts point into the record.
+    #[test]
+    fn a_decoded_envelope_shares_the_records_buffer() {
+        let record = prost::bytes::Bytes::from(stored(70_000, true).encode_to_vec());
+        let env = StoredMessage::decode(record.clone())
+            .unwrap()
+            .envelope
+            .unwrap();
+        let within = |part: &[u8]| {
+            let at = part.as_ptr() as usize;
+            let start = record.as_ptr() as usize;
+            at >= start && at + part.len() <= start + record.len()
+        };
+        assert!(within(&env.header) && within(&env.ciphertext) && within(&env.signature));
     }
 
     /// What a reader of the head skips is exactly the envelope's field: the rest of the
@@ -439,7 +456,7 @@ mod tests {
                 for value in 0..=u8::MAX {
                     let mut damaged = record.clone();
                     damaged[at] = value;
-                    let Ok(whole) = StoredMessage::decode(&damaged) else {
+                    let Ok(whole) = StoredMessage::decode(damaged.clone()) else {
                         whole_refused += 1;
                         continue;
                     };

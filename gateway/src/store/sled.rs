@@ -2025,7 +2025,7 @@ impl Store for SledStore {
         else {
             return Ok(None);
         };
-        StoredMessage::decode(&encoded)
+        StoredMessage::decode(encoded)
             .map(Some)
             .map_err(|_| StoreError::Corrupt(format!("message {id}")))
     }
@@ -2239,9 +2239,9 @@ mod tests {
         for i in 0..20u64 {
             let id = MessageId::new_v7(1_000 + i, [i as u8; 10]);
             let envelope = pb::Envelope {
-                header: vec![1; 100],
-                ciphertext: vec![i as u8; 200 << 10],
-                signature: vec![3; 64],
+                header: vec![1; 100].into(),
+                ciphertext: vec![i as u8; 200 << 10].into(),
+                signature: vec![3; 64].into(),
             };
             let msg = StoredMessage {
                 envelope: Some(envelope),
@@ -2294,9 +2294,9 @@ mod tests {
                 for i in 0..40u64 {
                     let id = writer_message_id(w, i);
                     let envelope = pb::Envelope {
-                        header: vec![1; 100],
-                        ciphertext: vec![w as u8; 64 << 10],
-                        signature: vec![3; 64],
+                        header: vec![1; 100].into(),
+                        ciphertext: vec![w as u8; 64 << 10].into(),
+                        signature: vec![3; 64].into(),
                     };
                     let entry = QueueEntry::message(&id);
                     store
@@ -3412,9 +3412,9 @@ mod tests {
     fn body_of(i: u8, len: usize) -> (MessageId, StoredMessage) {
         let stored = StoredMessage {
             envelope: Some(pb::Envelope {
-                header: vec![i; 40],
-                ciphertext: vec![i; len],
-                signature: vec![i; 64],
+                header: vec![i; 40].into(),
+                ciphertext: vec![i; len].into(),
+                signature: vec![i; 64].into(),
             }),
             ..Default::default()
         };
@@ -4572,9 +4572,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let stored = |body: usize| StoredMessage {
             envelope: Some(pb::Envelope {
-                header: vec![1; 40],
-                ciphertext: vec![2; body],
-                signature: vec![3; 64],
+                header: vec![1; 40].into(),
+                ciphertext: vec![2; body].into(),
+                signature: vec![3; 64].into(),
             }),
             head: MessageHead {
                 recipient_org: "org".into(),
@@ -5329,9 +5329,9 @@ mod tests {
                                     id,
                                     StoredMessage {
                                         envelope: Some(pb::Envelope {
-                                            header: vec![1; 100],
-                                            ciphertext: vec![w as u8; body],
-                                            signature: vec![3; 64],
+                                            header: vec![1; 100].into(),
+                                            ciphertext: vec![w as u8; body].into(),
+                                            signature: vec![3; 64].into(),
                                         }),
                                         ..Default::default()
                                     },

@@ -129,7 +129,9 @@ fn any_flipped_byte_of_header_ciphertext_or_signature_is_refused() {
                 1 => &mut t.ciphertext,
                 _ => &mut t.signature,
             };
-            bytes[i] ^= 0x01;
+            let mut flipped = bytes.to_vec();
+            flipped[i] ^= 0x01;
+            *bytes = flipped.into();
             let res = SealedEnvelope::from_wire(t, &Limits::default())
                 .and_then(|s| s.verify(&f.directories, NOW));
             assert!(res.is_err(), "part {part} byte {i} accepted");
@@ -165,9 +167,9 @@ fn a_commitment_mismatch_is_refused_even_when_signed() {
         &[&len_be(&hb), &hb, &crypto::sha256(&[&ct])],
     );
     let wire = pb::Envelope {
-        header: hb,
-        ciphertext: ct,
-        signature: sig.to_vec(),
+        header: hb.into(),
+        ciphertext: ct.into(),
+        signature: sig.to_vec().into(),
     };
     let env = SealedEnvelope::from_wire(wire, &Limits::default())
         .unwrap()
@@ -235,7 +237,7 @@ fn oversize_parts_are_refused_before_parsing() {
         SealedEnvelope::from_wire(wire.clone(), &limits),
         Err(EnvelopeError::TooLarge("ciphertext"))
     );
-    wire.header = vec![0; 5000];
+    wire.header = vec![0; 5000].into();
     assert_eq!(
         SealedEnvelope::from_wire(wire, &Limits::default()),
         Err(EnvelopeError::TooLarge("header"))
@@ -295,9 +297,9 @@ fn malformed_headers_are_refused() {
         assert!(matches!(res, Err(EnvelopeError::Malformed(_))), "{res:?}");
     }
     let garbage = pb::Envelope {
-        header: vec![0xff; 40],
-        ciphertext: vec![],
-        signature: vec![0; 64],
+        header: vec![0xff; 40].into(),
+        ciphertext: Default::default(),
+        signature: vec![0; 64].into(),
     };
     assert!(matches!(
         SealedEnvelope::from_wire(garbage, &Limits::default())
@@ -333,9 +335,9 @@ fn a_header_with_duplicate_or_unknown_fields_is_refused_though_signed() {
     let f = fixture();
     let good = sealed(&f).to_wire();
     // Field 3 (case_ref) again, then an unknown field 99: prost would accept both.
-    let mut extra = good.header.clone();
+    let mut extra = good.header.to_vec();
     extra.extend_from_slice(&[0x1a, 0x05, b'O', b'T', b'H', b'E', b'R']);
-    let mut unknown = good.header.clone();
+    let mut unknown = good.header.to_vec();
     unknown.extend_from_slice(&[0x98, 0x06, 0x01]);
     for header in [extra, unknown] {
         let sig = f.sender.sign(
@@ -347,9 +349,9 @@ fn a_header_with_duplicate_or_unknown_fields_is_refused_though_signed() {
             ],
         );
         let wire = pb::Envelope {
-            header,
+            header: header.into(),
             ciphertext: good.ciphertext.clone(),
-            signature: sig.to_vec(),
+            signature: sig.to_vec().into(),
         };
         let res = SealedEnvelope::from_wire(wire, &Limits::default())
             .unwrap()
