@@ -151,6 +151,17 @@ async fn files_cross_the_border_in_chunks_and_arrive_intact() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Both gateways noted, from the signed header, that this message lists attachments,
+    // and that an alert lists none: ending the alert's delivery looks at no chunks.
+    let alert = accord_tests::alert_received_at_kh(&net, &mut vn, "no files")
+        .await
+        .unwrap();
+    for cc in ["vn", "kh"] {
+        let store = &net.gateway(cc).unwrap().pipeline.store;
+        let head = |id| store.message_head(id).unwrap().expect("stored");
+        assert!(head(&sent.id).lists_attachments(), "{cc}");
+        assert!(!head(&alert.id).lists_attachments(), "{cc}");
+    }
     net.shutdown().await;
 }
 
