@@ -40,7 +40,8 @@ pub(crate) struct Records {
     /// The length of `entries` at the last [`Records::sync_entries`].
     #[cfg(test)]
     pub(super) synced_first: std::sync::atomic::AtomicU64,
-    /// Bytes read from `entries` by [`Records::get`] and [`Records::get_past`].
+    /// Bytes read from `entries` by [`Records::get`], [`Records::get_past`] and
+    /// [`Records::read_written`].
     #[cfg(test)]
     pub(super) bytes_read: std::sync::atomic::AtomicU64,
 }
@@ -212,8 +213,10 @@ impl Records {
                     "a record named by the write-ahead log is over the limit",
                 ));
             }
-            let mut record = vec![0; written.len as usize];
-            self.entries.read_exact_at(&mut record, at)?;
+            let end = at
+                .checked_add(written.len)
+                .ok_or_else(|| invalid("a file offset is past 2^64 bytes"))?;
+            let record = self.read(at, end)?;
             if crc32fast::hash(&record) != written.crc {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
@@ -223,7 +226,7 @@ impl Records {
                     ),
                 ));
             }
-            at += written.len;
+            at = end;
             read.push(record);
         }
         Ok(read)
