@@ -38,6 +38,7 @@ pub struct Builder {
     checkpoint_interval_ms: Option<u64>,
     forwarder_batch: Option<usize>,
     forwarder_batch_bytes: Option<usize>,
+    forwarder_in_flight: Option<usize>,
 }
 
 /// How often gateways of a [`LocalNet`] publish checkpoints unless told otherwise: often,
@@ -85,6 +86,13 @@ impl Builder {
     /// closes it (the gateway's default unless told).
     pub fn forwarder_batch_bytes(mut self, bytes: usize) -> Self {
         self.forwarder_batch_bytes = Some(bytes);
+        self
+    }
+
+    /// How many Deliver calls every gateway's forwarder keeps out at once (the gateway's
+    /// default unless told).
+    pub fn forwarder_in_flight(mut self, calls: usize) -> Self {
+        self.forwarder_in_flight = Some(calls);
         self
     }
 
@@ -158,6 +166,8 @@ impl Builder {
                 self.forwarder_batch.map(|b| format!("batch = {b}\n")),
                 self.forwarder_batch_bytes
                     .map(|b| format!("batch_bytes = {b}\n")),
+                self.forwarder_in_flight
+                    .map(|n| format!("in_flight = {n}\n")),
             ]
             .into_iter()
             .flatten()

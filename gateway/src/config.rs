@@ -39,6 +39,7 @@
 //! [forwarder]                                      # all optional
 //! batch = 64
 //! batch_bytes = 2097152
+//! in_flight = 2
 //! initial_backoff_ms = 200
 //! max_backoff_ms = 30000
 //! ```
@@ -147,6 +148,10 @@ impl Default for LogConfig {
     }
 }
 
+/// Most Deliver calls a forwarder may keep out at once: each holds its envelopes in memory
+/// at both ends, `batch_bytes` and the one envelope that closed the batch.
+pub const MAX_IN_FLIGHT: usize = 8;
+
 /// How outboxes drain towards peers.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -157,6 +162,12 @@ pub struct ForwarderConfig {
     /// goes, whatever its size): 64 envelopes of 1 MiB made one 64 MiB call, held whole at
     /// both ends, and nothing else moved on the link until it was settled.
     pub batch_bytes: usize,
+    /// Most Deliver calls out on a peer link at once. A further call goes only while the one
+    /// before it is full (more entries wait behind it) and the link's last answer moved
+    /// entries, so that the peer stores one batch while the next travels; a link that keeps
+    /// up, or that failed, sends one at a time. Calls out together may be stored by the
+    /// peer in either order.
+    pub in_flight: usize,
     /// First retry delay after a failure; doubles up to `max_backoff_ms`, with jitter.
     pub initial_backoff_ms: u64,
     pub max_backoff_ms: u64,
@@ -167,6 +178,7 @@ impl Default for ForwarderConfig {
         Self {
             batch: 64,
             batch_bytes: 2 << 20,
+            in_flight: 2,
             initial_backoff_ms: 200,
             max_backoff_ms: 30_000,
         }
@@ -326,11 +338,19 @@ impl Config {
         }
         let client_listen = parse_addr("client_listen", &raw.client_listen, &mut problems);
         let peer_listen = parse_addr("peer_listen", &raw.peer_listen, &mut problems);
-        if raw.forwarder.batch == 0 {
-            problems.push("forwarder.batch: must be at least 1".into());
+        if !(1..=crate::service::MAX_BATCH).contains(&raw.forwarder.batch) {
+            problems.push(format!(
+                "forwarder.batch: must be between 1 and {} (the most a peer takes in one call)",
+                crate::service::MAX_BATCH
+            ));
         }
         if raw.forwarder.batch_bytes == 0 {
             problems.push("forwarder.batch_bytes: must be at least 1".into());
+        }
+        if !(1..=MAX_IN_FLIGHT).contains(&raw.forwarder.in_flight) {
+            problems.push(format!(
+                "forwarder.in_flight: must be between 1 and {MAX_IN_FLIGHT}"
+            ));
         }
         if raw.forwarder.initial_backoff_ms == 0
             || raw.forwarder.max_backoff_ms < raw.forwarder.initial_backoff_ms
@@ -407,6 +427,7 @@ crls = ["crl.pem"]
 [forwarder]
 batch = 0
 batch_bytes = 0
+in_flight = 0
 [[peers]]
 gateway = "spiffe://kh.accord/gateway/pp"
 address = "bad"
@@ -426,10 +447,37 @@ crls = ["kh-crl.pem"]
             "peers[0].crls[0]",
             "forwarder.batch:",
             "forwarder.batch_bytes:",
+            "forwarder.in_flight:",
         ] {
             assert!(s.contains(key), "{key} missing from: {s}");
         }
         assert!(s.starts_with("/nonexistent/gw.toml"));
+        // Above the bounds as well as below: more items than a peer takes in one call, more
+        // calls out than allowed.
+        let over = text
+            .replace("batch = 0", "batch = 257")
+            .replace("in_flight = 0", "in_flight = 9");
+        let s = Config::parse(&over, Path::new("/x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            s.contains("forwarder.batch: must be between 1 and 256"),
+            "{s}"
+        );
+        assert!(
+            s.contains("forwarder.in_flight: must be between 1 and 8"),
+            "{s}"
+        );
+        let within = text
+            .replace("batch = 0", "batch = 256")
+            .replace("in_flight = 0", "in_flight = 8");
+        let s = Config::parse(&within, Path::new("/x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !s.contains("forwarder.batch:") && !s.contains("in_flight"),
+            "{s}"
+        );
     }
 }
 

@@ -3,6 +3,7 @@
 //! never drops an entry before the peer answered it. The receiving side is idempotent by message id, so a batch resent after a lost answer
 //! delivers nothing twice.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,49 +65,73 @@ fn jitter() -> f64 {
         .unwrap_or(0.5)
 }
 
+/// How long a stopping forwarder waits for the peer to answer the calls it has out.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Runs until `shutdown` turns true.
 pub async fn run(
     pipeline: Arc<Pipeline>,
     peer: SpiffeId,
-    mut client: PeerLinkClient<tonic::transport::Channel>,
+    client: PeerLinkClient<tonic::transport::Channel>,
     cfg: ForwarderConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let queue = Queue::Outbox(peer.country().clone());
     let signal = pipeline.outbox_signal(peer.country());
+    let mut link = Link {
+        queue: Queue::Outbox(peer.country().clone()),
+        pipeline,
+        peer,
+        client,
+        cfg,
+        offered: None,
+        pushes: Arc::new(Pushes::default()),
+        retries: Retries::default(),
+        flights: VecDeque::new(),
+        working: false,
+    };
     // Failed rounds in a row (the link, our store), and rounds in a row the peer's store
     // took nothing: two backoffs, so that a link that failed for a while does not make the
     // first "quota full" after it wait the longest, nor the other way round.
     let (mut attempt, mut full_attempt) = (0u32, 0u32);
-    let mut offered = None;
-    let pushes = Arc::new(Pushes::default());
-    let mut retries = Retries::default();
     loop {
         if *shutdown.borrow() {
+            // Calls still out are answered and settled first, within a grace: a peer's
+            // answer lost here leaves its envelopes unsettled until the next start. Past
+            // the grace, the calls are dropped and their entries go again then.
+            if tokio::time::timeout(SHUTDOWN_GRACE, link.land_all())
+                .await
+                .is_err()
+            {
+                tracing::warn!(peer = %link.peer, "calls to the peer still out at shutdown: sent again at the next start");
+            }
             return;
         }
         let notified = signal.notified();
-        let drained = drain_once(
-            &pipeline,
-            &peer,
-            &queue,
-            &mut client,
-            &cfg,
-            &mut offered,
-            &pushes,
-            &mut retries,
-        );
-        let round = drained.await;
-        if round.is_ok() {
-            attempt = 0;
+        let round = link.step().await;
+        if matches!(round, Ok(Round::BackOff) | Err(_)) {
+            // The link waits: first every call still out is answered and settled.
+            link.land_all().await;
+        }
+        match &round {
+            Ok(Round::Sent) | Err(_) => {}
+            Ok(r) => {
+                attempt = 0;
+                if *r == Round::Again {
+                    full_attempt = 0;
+                }
+            }
         }
         let delay = match round {
-            Ok(Round::Idle) => {
+            // Nothing to send and no call out.
+            Ok(Round::Idle) if link.flights.is_empty() => {
                 // New entries, or the first held one due again, or a look every second.
-                let wait = retries.next_due().map_or(Duration::from_secs(1), |due| {
-                    due.saturating_duration_since(tokio::time::Instant::now())
-                        .min(Duration::from_secs(1))
-                });
+                let wait = link
+                    .retries
+                    .next_due()
+                    .map_or(Duration::from_secs(1), |due| {
+                        due.saturating_duration_since(tokio::time::Instant::now())
+                            .min(Duration::from_secs(1))
+                    });
                 tokio::select! {
                     _ = notified => {}
                     _ = tokio::time::sleep(wait) => {}
@@ -114,24 +139,22 @@ pub async fn run(
                 }
                 continue;
             }
-            Ok(Round::Again) => {
-                full_attempt = 0;
-                continue;
-            }
-            Ok(Round::ReadOn) => continue,
             Ok(Round::BackOff) => {
                 // The peer's store takes no envelope now (its quota, a storage error): the
                 // link waits out its backoff, longer each time until an envelope goes
                 // through. New entries do not cut it short: the full store would refuse
                 // them too, FLASH alerts included. Held entries coming due wait as well.
-                let d = backoff(&cfg, full_attempt, jitter());
-                tracing::warn!(peer = %peer, held = retries.held(), retry_in_ms = d.as_millis() as u64, "peer's store takes no envelope now");
+                let d = backoff(&link.cfg, full_attempt, jitter());
+                tracing::warn!(peer = %link.peer, held = link.retries.held(), retry_in_ms = d.as_millis() as u64, "peer's store takes no envelope now");
                 full_attempt = full_attempt.saturating_add(1);
                 d
             }
+            // A batch went out, entries moved, a full batch was held back, or calls are
+            // still out: go on at once.
+            Ok(Round::Sent | Round::Again | Round::ReadOn | Round::Idle) => continue,
             Err(e) => {
-                let d = backoff(&cfg, attempt, jitter());
-                tracing::warn!(peer = %peer, error = %e, retry_in_ms = d.as_millis() as u64, "forwarding failed");
+                let d = backoff(&link.cfg, attempt, jitter());
+                tracing::warn!(peer = %link.peer, error = %e, retry_in_ms = d.as_millis() as u64, "forwarding failed");
                 attempt = attempt.saturating_add(1);
                 d
             }
@@ -143,9 +166,12 @@ pub async fn run(
     }
 }
 
-/// What one round of [`drain_once`] came to, which decides when the next one runs.
+/// What one step of [`Link::step`] came to, which decides when the next one runs.
 #[derive(Debug, PartialEq, Eq)]
 enum Round {
+    /// A batch went out, and the link may take another: read on at once. Whether the link
+    /// works is known when it is answered.
+    Sent,
     /// Nothing more to send now (or all of it held back): wait for new entries or the
     /// first held one due again.
     Idle,
@@ -161,252 +187,406 @@ enum Round {
     BackOff,
 }
 
-/// Sends one batch and settles what the peer answered.
-#[allow(clippy::too_many_arguments)] // the forwarder's state, threaded through one round
-async fn drain_once(
-    pipeline: &Arc<Pipeline>,
-    peer: &SpiffeId,
-    queue: &Queue,
-    client: &mut PeerLinkClient<tonic::transport::Channel>,
-    cfg: &ForwarderConfig,
-    offered: &mut Option<pb::SignedDirectory>,
-    pushes: &Arc<Pushes>,
-    retries: &mut Retries,
-) -> Result<Round, ForwardError> {
-    // Entries waiting for their chunks to reach the peer, or held back after the peer asked
-    // to retry them, are skipped, so read past them: a batch of others still goes.
-    let limit = cfg.batch + pushes.waiting() + retries.held();
-    let entries = pipeline.store.queue(queue, limit)?;
-    retries.keep_only(&entries, limit);
-    // Whether this round settled anything before delivering (an expiry, a vanished
-    // message): if all it has left waits for attachment pushes, the caller waits too.
-    let mut progressed = false;
-    if entries.is_empty() {
-        return Ok(Round::Idle);
+/// One peer's forwarder: its outbox, and what it keeps from one batch to the next.
+struct Link {
+    pipeline: Arc<Pipeline>,
+    peer: SpiffeId,
+    queue: Queue,
+    client: PeerLinkClient<tonic::transport::Channel>,
+    cfg: ForwarderConfig,
+    /// The directory last offered to the peer.
+    offered: Option<pb::SignedDirectory>,
+    pushes: Arc<Pushes>,
+    retries: Retries,
+    /// Deliver calls out on the link, oldest first; at most `cfg.in_flight`.
+    flights: VecDeque<Flight>,
+    /// The last call answered moved entries, so the link works and more than one call
+    /// may go out. From the start, after a quiet spell, and after a failure or a peer that
+    /// took nothing, one call at a time tries it: a full or unreachable peer gets one batch
+    /// per backoff.
+    working: bool,
+}
+
+/// A Deliver call out on the link. It runs in a task of its own, so that the next batch is
+/// read and sent while the peer stores this one. Dropped (the forwarder stopping), the call
+/// is cancelled: its entries stay in the outbox and go again, and the peer takes each
+/// message once.
+struct Flight {
+    sent: Vec<Sent>,
+    /// The batch stopped at its count or its bytes: more entries may wait behind it.
+    full: bool,
+    /// Entries were settled while the batch was read (an expiry, a vanished message).
+    progressed: bool,
+    answer: tokio::task::JoinHandle<Result<pb::DeliverResponse, tonic::Status>>,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        self.answer.abort();
     }
-    let now = pipeline.now();
-    let mut sent: Vec<Sent> = Vec::new();
-    let mut items = Vec::new();
-    let mut envelope_bytes = 0;
-    for (key, entry) in entries {
-        if items.len() == cfg.batch || envelope_bytes >= cfg.batch_bytes {
-            break;
-        }
-        // Deferred entries sort last, and wait out their own backoff together: resent in
-        // every round that has room, they would go again with every new entry.
-        if entry.deferred && !retries.deferred_due() {
-            break;
-        }
-        // Before anything is read: a held envelope's expiry is noticed once its hold ends
-        // (at most `max_backoff_ms` late), a deferred one's when a round has room for it.
-        if retries.holds_back(&key) {
-            continue;
-        }
-        let id = MessageId::from_slice(&entry.message_id)
-            .map_err(|_| StoreError::Corrupt("outbox entry".into()))?;
-        let mut envelope = None;
-        let item = match &entry.receipt {
-            Some(r) => pb::peer_item::Item::Receipt(r.clone()),
-            None => {
-                let msg = pipeline.store.message(&id)?;
-                let Some(mut msg) = msg else {
-                    settle(pipeline, key).await?;
-                    progressed = true;
-                    continue;
-                };
-                if now >= msg.head.expires_at_ms {
-                    expire_unsent(pipeline, key, id, &msg.head).await?;
-                    pushes.forget(&msg.head.envelope_hash);
-                    progressed = true;
-                    continue;
-                }
-                // Its chunks are on their way to the peer (or the push is backing off):
-                // delivered once they are there.
-                if pushes.holds_back(&msg.head.envelope_hash) {
-                    continue;
-                }
-                let Some(env) = msg.envelope.take() else {
-                    continue;
-                };
-                // Records from before the head said so: the header in hand tells.
-                let attached = msg.head.lists_attachments()
-                    && pb::Header::decode(&env.header[..])
-                        .map_or(true, |h| !h.attachments.is_empty());
-                envelope = Some(SentEnvelope {
-                    hash: msg.head.envelope_hash,
-                    attached,
-                });
-                envelope_bytes += env.encoded_len();
-                pb::peer_item::Item::Envelope(env)
-            }
-        };
-        items.push(pb::PeerItem { item: Some(item) });
-        sent.push(Sent {
-            key,
-            entry,
-            id,
-            envelope,
-        });
-    }
-    if items.is_empty() {
-        return Ok(if progressed {
-            Round::Again
+}
+
+/// A batch read off the outbox, not sent yet.
+struct Batch {
+    sent: Vec<Sent>,
+    items: Vec<pb::PeerItem>,
+    full: bool,
+    progressed: bool,
+}
+
+impl Link {
+    /// Sends the next batch while the link has room for another call, or else settles the
+    /// oldest call out.
+    async fn step(&mut self) -> Result<Round, ForwardError> {
+        // More than one call goes out only on a link known to work, and only behind a full
+        // one: a batch that is not full leaves nothing behind it.
+        let most = if self.working {
+            self.cfg.in_flight.max(1)
         } else {
-            Round::Idle
+            1
+        };
+        let room = self.flights.len() < most && self.flights.back().is_none_or(|f| f.full);
+        let mut progressed = false;
+        if room {
+            let batch = self.read().await?;
+            if !batch.items.is_empty() {
+                self.send(batch).await;
+                return Ok(Round::Sent);
+            }
+            if self.flights.is_empty() {
+                if batch.progressed {
+                    return Ok(Round::Again);
+                }
+                // The link goes quiet: after it, one call tries it again first.
+                self.working = false;
+                return Ok(Round::Idle);
+            }
+            progressed = batch.progressed;
+        }
+        let flight = self
+            .flights
+            .pop_front()
+            .expect("no room for a call means one is out");
+        // Entries the read settled (expired, vanished) count as moved too.
+        Ok(match self.land(flight).await? {
+            Round::Idle if progressed => Round::Again,
+            round => round,
+        })
+    }
+
+    /// Settles every call still out, logging what fails: the link is about to wait, and
+    /// afterwards one call tries it first.
+    async fn land_all(&mut self) {
+        while let Some(flight) = self.flights.pop_front() {
+            if let Err(e) = self.land(flight).await {
+                tracing::warn!(peer = %self.peer, error = %e, "forwarding failed");
+            }
+        }
+        self.working = false;
+    }
+
+    /// Reads the next batch off the outbox, past the entries of calls out, those held back
+    /// and those waiting for their chunks; settles entries that expired or whose message
+    /// is gone.
+    async fn read(&mut self) -> Result<Batch, ForwardError> {
+        let (pipeline, cfg, pushes) = (&self.pipeline, &self.cfg, &self.pushes);
+        let out: std::collections::HashSet<&QueueKey> = self
+            .flights
+            .iter()
+            .flat_map(|f| f.sent.iter().map(|s| &s.key))
+            .collect();
+        // Entries waiting for their chunks to reach the peer, held back after the peer
+        // asked to retry them, or out in a call, are skipped, so read past them: a batch of
+        // others still goes.
+        let limit = cfg.batch + pushes.waiting() + self.retries.held() + out.len();
+        let entries = pipeline.store.queue(&self.queue, limit)?;
+        self.retries.keep_only(&entries, limit);
+        let mut batch = Batch {
+            sent: Vec::new(),
+            items: Vec::new(),
+            full: false,
+            progressed: false,
+        };
+        let now = pipeline.now();
+        let mut envelope_bytes = 0;
+        for (key, entry) in entries {
+            if batch.items.len() == cfg.batch || envelope_bytes >= cfg.batch_bytes {
+                batch.full = true;
+                break;
+            }
+            if out.contains(&key) {
+                continue;
+            }
+            // Deferred entries sort last, and wait out their own backoff together: resent
+            // in every round that has room, they would go again with every new entry.
+            if entry.deferred && !self.retries.deferred_due() {
+                break;
+            }
+            // Before anything is read: a held envelope's expiry is noticed once its hold
+            // ends (at most `max_backoff_ms` late), a deferred one's when a round has room
+            // for it.
+            if self.retries.holds_back(&key) {
+                continue;
+            }
+            let id = MessageId::from_slice(&entry.message_id)
+                .map_err(|_| StoreError::Corrupt("outbox entry".into()))?;
+            let mut envelope = None;
+            let item = match &entry.receipt {
+                Some(r) => pb::peer_item::Item::Receipt(r.clone()),
+                None => {
+                    let msg = pipeline.store.message(&id)?;
+                    let Some(mut msg) = msg else {
+                        settle(pipeline, key).await?;
+                        batch.progressed = true;
+                        continue;
+                    };
+                    if now >= msg.head.expires_at_ms {
+                        expire_unsent(pipeline, key, id, &msg.head).await?;
+                        pushes.forget(&msg.head.envelope_hash);
+                        batch.progressed = true;
+                        continue;
+                    }
+                    // Its chunks are on their way to the peer (or the push is backing off):
+                    // delivered once they are there.
+                    if pushes.holds_back(&msg.head.envelope_hash) {
+                        continue;
+                    }
+                    let Some(env) = msg.envelope.take() else {
+                        continue;
+                    };
+                    // Records from before the head said so: the header in hand tells.
+                    let attached = msg.head.lists_attachments()
+                        && pb::Header::decode(&env.header[..])
+                            .map_or(true, |h| !h.attachments.is_empty());
+                    envelope = Some(SentEnvelope {
+                        hash: msg.head.envelope_hash,
+                        attached,
+                    });
+                    envelope_bytes += env.encoded_len();
+                    pb::peer_item::Item::Envelope(env)
+                }
+            };
+            batch.items.push(pb::PeerItem { item: Some(item) });
+            batch.sent.push(Sent {
+                key,
+                entry,
+                id,
+                envelope,
+            });
+        }
+        // The last entry read may have closed the batch.
+        batch.full |= batch.items.len() == cfg.batch || envelope_bytes >= cfg.batch_bytes;
+        Ok(batch)
+    }
+
+    /// Puts `batch` on the link in a call of its own.
+    async fn send(&mut self, batch: Batch) {
+        // Envelopes may be signed under keys of a directory version the peer has not seen
+        // yet (a rotation): offer it first, or the peer would reject them as UNKNOWN_SENDER
+        // for good.
+        let own = self.pipeline.own_signed_directory();
+        if own != self.offered {
+            match self
+                .pipeline
+                .exchange_directories(&self.peer, &mut self.client)
+                .await
+            {
+                Ok(_) => {
+                    self.offered = own;
+                    // What the peer could not check (receipts signed under keys it did not
+                    // hold yet) may pass now: held entries go again from the next round.
+                    self.retries.release_all();
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %self.peer, error = %e, "directory not exchanged before delivery")
+                }
+            }
+        }
+        let mut client = self.client.clone();
+        let request = pb::DeliverRequest { items: batch.items };
+        let answer =
+            tokio::spawn(async move { client.deliver(request).await.map(|r| r.into_inner()) });
+        self.flights.push_back(Flight {
+            sent: batch.sent,
+            full: batch.full,
+            progressed: batch.progressed,
+            answer,
         });
     }
-    // Envelopes may be signed under keys of a directory version the peer has not seen yet
-    // (a rotation): offer it first, or the peer would reject them as UNKNOWN_SENDER for good.
-    let own = pipeline.own_signed_directory();
-    if own != *offered {
-        match pipeline.exchange_directories(peer, client).await {
-            Ok(_) => {
-                *offered = own;
-                // What the peer could not check (receipts signed under keys it did not
-                // hold yet) may pass now: held entries go again from the next round.
-                retries.release_all();
+
+    /// Waits for the peer's answer to `flight` and settles it. An answer that moved
+    /// entries shows the link works; a failure, or a peer that took nothing, that it does
+    /// not.
+    async fn land(&mut self, flight: Flight) -> Result<Round, ForwardError> {
+        let round = self.answered(flight).await;
+        match round {
+            Ok(Round::Again) => self.working = true,
+            Ok(Round::BackOff) | Err(_) => self.working = false,
+            _ => {}
+        }
+        round
+    }
+
+    async fn answered(&mut self, mut flight: Flight) -> Result<Round, ForwardError> {
+        let answer = (&mut flight.answer).await;
+        let sent = std::mem::take(&mut flight.sent);
+        let response = match answer {
+            Ok(Ok(response)) => response,
+            Ok(Err(s)) => {
+                return Err(ForwardError::Unavailable(format!(
+                    "{:?}: {:?}",
+                    s.code(),
+                    peer_text(s.message())
+                )))
             }
             Err(e) => {
-                tracing::warn!(peer = %peer, error = %e, "directory not exchanged before delivery")
+                return Err(ForwardError::Unavailable(format!(
+                    "delivery call ended: {e}"
+                )))
             }
-        }
+        };
+        self.settle_answer(sent, flight.progressed, response).await
     }
-    let response = client
-        .deliver(pb::DeliverRequest { items })
-        .await
-        .map_err(|s| {
-            ForwardError::Unavailable(format!("{:?}: {:?}", s.code(), peer_text(s.message())))
-        })?
-        .into_inner();
-    if response.results.len() != sent.len() {
-        return Err(ForwardError::Unavailable(
-            "peer answered a different number of items".into(),
-        ));
-    }
-    // Every entry the peer answered is settled in one transaction: one durable commit per
-    // batch, not one per envelope.
-    let mut settled = 0;
-    let mut put_off = PutOffs::default();
-    // Whether a deferred entry left the outbox (the peer takes them again), and whether an
-    // envelope did (the peer's store takes envelopes).
-    let (mut settled_deferred, mut envelopes_went) = (false, false);
-    let mut batch_ops = Vec::new();
-    // Envelopes whose delivery through this gateway ended: their chunks go after the commit.
-    let mut ended = Vec::new();
-    let mut fault = None;
-    for (
-        Sent {
-            key,
-            entry,
-            id,
-            envelope,
-        },
-        result,
-    ) in sent.into_iter().zip(response.results)
-    {
-        if !result.retry_reason.is_empty() {
-            tracing::info!(peer = %peer, message_id = %id, reason = ?peer_text(&result.retry_reason), "peer asks to retry");
-            // An envelope whose chunks the peer lacks is held back by its push, which wakes
-            // the outbox when they are there.
-            let pushing = result.retry_reason == crate::transfer::CHUNKS_MISSING
-                && entry.receipt.is_none()
-                && start_push(pipeline, client.clone(), peer, id, pushes, cfg);
-            let peer_wide =
-                [RETRY_QUOTA_FULL, RETRY_STORAGE_ERROR].contains(&result.retry_reason.as_str());
-            let what = if pushing {
-                PutOff::Held
-            } else {
-                retries.put_off(key, &entry, peer_wide, cfg, &mut batch_ops)
-            };
-            put_off.count(what, peer_wide);
-            continue;
+
+    /// Settles what the peer answered to the entries `sent` in one call.
+    async fn settle_answer(
+        &mut self,
+        sent: Vec<Sent>,
+        progressed: bool,
+        response: pb::DeliverResponse,
+    ) -> Result<Round, ForwardError> {
+        let (pipeline, peer, cfg, pushes) = (&self.pipeline, &self.peer, &self.cfg, &self.pushes);
+        let retries = &mut self.retries;
+        if response.results.len() != sent.len() {
+            return Err(ForwardError::Unavailable(
+                "peer answered a different number of items".into(),
+            ));
         }
-        if envelope.is_none() && !result.refused.is_empty() {
-            // Sending it again would be refused again: it leaves the outbox, and the
-            // refusal is on record here as well as at the peer.
-            tracing::error!(peer = %peer, message_id = %id, reason = ?peer_text(&result.refused), "peer refused a receipt for good");
-        }
-        let mut ops = vec![];
-        if let Some(envelope) = envelope {
-            let Some(r) = result.receipt else {
-                // Refused without a receipt: the sender must still learn how it ended.
-                tracing::error!(peer = %peer, message_id = %id, reason = ?peer_text(&result.refused), "peer refused an envelope without a receipt");
-                let Some(msg) = pipeline.store.message_head(&id)? else {
-                    settle(pipeline, key).await?;
+        // Every entry the peer answered is settled in one transaction: one durable commit per
+        // batch, not one per envelope.
+        let mut settled = 0;
+        let mut put_off = PutOffs::default();
+        // Whether a deferred entry left the outbox (the peer takes them again), and whether an
+        // envelope did (the peer's store takes envelopes).
+        let (mut settled_deferred, mut envelopes_went) = (false, false);
+        let mut batch_ops = Vec::new();
+        // Envelopes whose delivery through this gateway ended: their chunks go after the commit.
+        let mut ended = Vec::new();
+        let mut fault = None;
+        for (
+            Sent {
+                key,
+                entry,
+                id,
+                envelope,
+            },
+            result,
+        ) in sent.into_iter().zip(response.results)
+        {
+            if !result.retry_reason.is_empty() {
+                tracing::info!(peer = %peer, message_id = %id, reason = ?peer_text(&result.retry_reason), "peer asks to retry");
+                // An envelope whose chunks the peer lacks is held back by its push, which wakes
+                // the outbox when they are there.
+                let pushing = result.retry_reason == crate::transfer::CHUNKS_MISSING
+                    && entry.receipt.is_none()
+                    && start_push(pipeline, self.client.clone(), peer, id, pushes, cfg);
+                let peer_wide =
+                    [RETRY_QUOTA_FULL, RETRY_STORAGE_ERROR].contains(&result.retry_reason.as_str());
+                let what = if pushing {
+                    PutOff::Held
+                } else {
+                    retries.put_off(key, &entry, peer_wide, cfg, &mut batch_ops)
+                };
+                put_off.count(what, peer_wide);
+                continue;
+            }
+            if envelope.is_none() && !result.refused.is_empty() {
+                // Sending it again would be refused again: it leaves the outbox, and the
+                // refusal is on record here as well as at the peer.
+                tracing::error!(peer = %peer, message_id = %id, reason = ?peer_text(&result.refused), "peer refused a receipt for good");
+            }
+            let mut ops = vec![];
+            if let Some(envelope) = envelope {
+                let Some(r) = result.receipt else {
+                    // Refused without a receipt: the sender must still learn how it ended.
+                    tracing::error!(peer = %peer, message_id = %id, reason = ?peer_text(&result.refused), "peer refused an envelope without a receipt");
+                    let Some(msg) = pipeline.store.message_head(&id)? else {
+                        settle(pipeline, key).await?;
+                        settled += 1;
+                        continue;
+                    };
+                    let tx = pipeline
+                        .retire(id, &msg, pb::RejectReason::RefusedByPeer, Op::Dequeue(key))
+                        .map_err(|e| ForwardError::Store(StoreError::Engine(e.to_string())))?;
+                    pipeline.store.commit(tx).await?;
+                    pipeline.drop_attachments_of(&msg).await;
+                    pushes.forget(&msg.envelope_hash);
                     settled += 1;
                     continue;
                 };
-                let tx = pipeline
-                    .retire(id, &msg, pb::RejectReason::RefusedByPeer, Op::Dequeue(key))
-                    .map_err(|e| ForwardError::Store(StoreError::Engine(e.to_string())))?;
-                pipeline.store.commit(tx).await?;
-                pipeline.drop_attachments_of(&msg).await;
-                pushes.forget(&msg.envelope_hash);
-                settled += 1;
-                continue;
-            };
-            match check_peer_receipt(pipeline, peer, &id, &envelope.hash, &r) {
-                Ok((event, v)) => {
-                    ended.push((v.envelope_hash, envelope.attached));
-                    ops.push(Op::PutReceipt(id, r.clone()));
-                    ops.push(Op::Log(
-                        pb::LogEntry {
-                            event: event as i32,
-                            message_id: id.as_bytes().to_vec(),
-                            envelope_hash: v.envelope_hash.0.to_vec(),
-                            actor: peer.to_string(),
-                            at_ms: pipeline.now(),
-                            reason: 0,
-                            receipt_hash: receipt::receipt_hash(&r).to_vec(),
-                        }
-                        .encode_to_vec(),
-                    ));
-                }
-                Err(e) => {
-                    // Keep the entry: a peer answering with a bad receipt is a fault to fix,
-                    // not a reason to lose the message. Each receipt is checked on its own,
-                    // so the rest of the batch settles; this one is put off as if the peer
-                    // had asked to retry it, and the link backs off.
-                    tracing::error!(peer = %peer, message_id = %id, error = %e, "peer answered with a receipt that does not verify");
-                    fault.get_or_insert(ForwardError::Unavailable(format!(
-                        "bad receipt from peer: {e}"
-                    )));
-                    let what = retries.put_off(key, &entry, false, cfg, &mut batch_ops);
-                    put_off.count(what, false);
-                    continue;
+                match check_peer_receipt(pipeline, peer, &id, &envelope.hash, &r) {
+                    Ok((event, v)) => {
+                        ended.push((v.envelope_hash, envelope.attached));
+                        ops.push(Op::PutReceipt(id, r.clone()));
+                        ops.push(Op::Log(
+                            pb::LogEntry {
+                                event: event as i32,
+                                message_id: id.as_bytes().to_vec(),
+                                envelope_hash: v.envelope_hash.0.to_vec(),
+                                actor: peer.to_string(),
+                                at_ms: pipeline.now(),
+                                reason: 0,
+                                receipt_hash: receipt::receipt_hash(&r).to_vec(),
+                            }
+                            .encode_to_vec(),
+                        ));
+                    }
+                    Err(e) => {
+                        // Keep the entry: a peer answering with a bad receipt is a fault to fix,
+                        // not a reason to lose the message. Each receipt is checked on its own,
+                        // so the rest of the batch settles; this one is put off as if the peer
+                        // had asked to retry it, and the link backs off.
+                        tracing::error!(peer = %peer, message_id = %id, error = %e, "peer answered with a receipt that does not verify");
+                        fault.get_or_insert(ForwardError::Unavailable(format!(
+                            "bad receipt from peer: {e}"
+                        )));
+                        let what = retries.put_off(key, &entry, false, cfg, &mut batch_ops);
+                        put_off.count(what, false);
+                        continue;
+                    }
                 }
             }
+            batch_ops.extend(ops);
+            batch_ops.push(Op::Dequeue(key));
+            settled += 1;
+            settled_deferred |= entry.deferred;
+            envelopes_went |= entry.receipt.is_none();
         }
-        batch_ops.extend(ops);
-        batch_ops.push(Op::Dequeue(key));
-        settled += 1;
-        settled_deferred |= entry.deferred;
-        envelopes_went |= entry.receipt.is_none();
-    }
-    if !batch_ops.is_empty() {
-        pipeline
-            .store
-            .commit(Tx {
-                ops: batch_ops,
-                receipts: None,
-            })
-            .await?;
-    }
-    for (hash, attached) in ended {
-        if attached {
-            pipeline.drop_attachments(hash).await;
+        if !batch_ops.is_empty() {
+            pipeline
+                .store
+                .commit(Tx {
+                    ops: batch_ops,
+                    receipts: None,
+                })
+                .await?;
         }
-        pushes.forget(&hash.0);
-    }
-    retries.deferred_answered(
-        settled_deferred,
-        put_off.deferred > 0,
-        put_off.deferred_again > 0,
-        cfg,
-    );
-    match fault {
-        Some(e) => Err(e),
-        None => Ok(put_off.outcome(settled > 0 || progressed, envelopes_went, cfg.batch)),
+        for (hash, attached) in ended {
+            if attached {
+                pipeline.drop_attachments(hash).await;
+            }
+            pushes.forget(&hash.0);
+        }
+        retries.deferred_answered(
+            settled_deferred,
+            put_off.deferred > 0,
+            put_off.deferred_again > 0,
+            cfg,
+        );
+        match fault {
+            Some(e) => Err(e),
+            None => Ok(put_off.outcome(settled > 0 || progressed, envelopes_went, cfg.batch)),
+        }
     }
 }
 

@@ -391,6 +391,7 @@ pub async fn start(
         let result = tonic::transport::Server::builder()
             .max_connection_age(MAX_CONNECTION_AGE)
             .max_connection_age_grace(MAX_CONNECTION_AGE_GRACE)
+            .max_concurrent_streams(PEER_STREAMS)
             .add_service(health_service)
             .add_service(peer_link)
             .serve_with_incoming_shutdown(incoming, stop)
@@ -479,6 +480,11 @@ pub async fn start(
 const MAX_CONNECTION_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 /// How long calls in flight (a subscription, say) may run on after that.
 const MAX_CONNECTION_AGE_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
+/// Most calls a peer may have open at once on one connection (HTTP/2 streams): its
+/// forwarder's Deliver calls (at most `forwarder.in_flight`, 8), two attachment pushes,
+/// witnessing, directories and proofs, with room to spare. A peer's further calls on the
+/// connection wait for one to end.
+const PEER_STREAMS: u32 = 32;
 
 /// How often reloadable files are checked for changes.
 const RELOAD_POLL: std::time::Duration = std::time::Duration::from_secs(1);

@@ -48,6 +48,24 @@ struct Script {
     offered: Vec<(bool, MessageId, std::time::Instant)>,
     /// Per Deliver call, the encoded size of each envelope it carried.
     calls: Vec<Vec<usize>>,
+    /// How long each Deliver call takes before it is answered.
+    delay: Duration,
+    /// The Deliver call (counted from 1, as they arrive) answered UNAVAILABLE after its
+    /// delay, its items not looked at.
+    fail_call: Option<usize>,
+    /// Deliver calls being answered now, and the most there were at once.
+    out: usize,
+    /// Directory exchanges being answered now, each refused after `offer_delay`.
+    exchanging: usize,
+    offer_delay: Duration,
+    most_out: usize,
+    /// Each Deliver call answered: when it came, when it was answered, and whether it
+    /// answered an envelope "quota full".
+    answered: Vec<(std::time::Instant, std::time::Instant, bool)>,
+    /// Envelopes answered `Take` so far, and how many it takes before its store is full
+    /// (then it answers them `QuotaFull`).
+    taken: Vec<MessageId>,
+    quota: usize,
 }
 
 #[derive(Clone)]
@@ -76,6 +94,45 @@ impl StandIn {
             .filter(|(r, o, _)| !r && o == id)
             .map(|(.., at)| *at)
             .collect()
+    }
+
+    /// Answers each Deliver call after `delay`, and the `fail_call`th UNAVAILABLE.
+    fn slow(&self, delay: Duration, fail_call: Option<usize>) {
+        let mut s = self.script.lock().unwrap();
+        s.delay = delay;
+        s.fail_call = fail_call;
+    }
+
+    /// Takes `n` envelopes more, then answers them "quota full".
+    fn quota(&self, n: usize) {
+        let mut s = self.script.lock().unwrap();
+        s.quota = s.taken.len().saturating_add(n);
+    }
+
+    /// The envelopes it answered `Take`, in that order.
+    fn envelopes_taken(&self) -> Vec<MessageId> {
+        self.script.lock().unwrap().taken.clone()
+    }
+
+    /// Each Deliver call answered: when it came, when it was answered, and whether it
+    /// answered "quota full".
+    fn answered(&self) -> Vec<(std::time::Instant, std::time::Instant, bool)> {
+        self.script.lock().unwrap().answered.clone()
+    }
+
+    /// Refuses each directory offer after `delay`.
+    fn slow_offers(&self, delay: Duration) {
+        self.script.lock().unwrap().offer_delay = delay;
+    }
+
+    /// Directory exchanges it is answering now.
+    fn exchanging(&self) -> usize {
+        self.script.lock().unwrap().exchanging
+    }
+
+    /// The most Deliver calls it was answering at once.
+    fn most_out(&self) -> usize {
+        self.script.lock().unwrap().most_out
     }
 
     /// Per Deliver call so far, the encoded size of each envelope it carried.
@@ -126,7 +183,14 @@ impl StandIn {
             if receipt {
                 s.receipts
             } else {
-                s.envelope_of.get(&id).copied().unwrap_or(s.envelopes)
+                match s.envelope_of.get(&id).copied().unwrap_or(s.envelopes) {
+                    Answer::Take if s.taken.len() >= s.quota => Answer::QuotaFull,
+                    Answer::Take => {
+                        s.taken.push(id);
+                        Answer::Take
+                    }
+                    other => other,
+                }
             }
         };
         match (answer, envelope) {
@@ -181,12 +245,29 @@ impl pb::peer_link_server::PeerLink for StandIn {
             _ => None,
         });
         let call = envelopes.collect();
-        self.script.lock().unwrap().calls.push(call);
-        let results = req
+        let (delay, fail) = {
+            let mut s = self.script.lock().unwrap();
+            s.calls.push(call);
+            s.out += 1;
+            s.most_out = s.most_out.max(s.out);
+            (s.delay, s.fail_call == Some(s.calls.len()))
+        };
+        let came = std::time::Instant::now();
+        tokio::time::sleep(delay).await;
+        self.script.lock().unwrap().out -= 1;
+        if fail {
+            return Err(Status::unavailable("the stand-in drops this call"));
+        }
+        let results: Vec<pb::PeerResult> = req
             .items
             .into_iter()
             .map(|i| self.result(i.item.unwrap()))
             .collect();
+        let full = results
+            .iter()
+            .any(|r| r.retry_reason == accord_gateway::service::RETRY_QUOTA_FULL);
+        let answered = (came, std::time::Instant::now(), full);
+        self.script.lock().unwrap().answered.push(answered);
         Ok(Response::new(pb::DeliverResponse { results }))
     }
     async fn witness(
@@ -205,6 +286,13 @@ impl pb::peer_link_server::PeerLink for StandIn {
         &self,
         _: Request<pb::ExchangeDirectoriesRequest>,
     ) -> Result<Response<pb::ExchangeDirectoriesResponse>, Status> {
+        let delay = {
+            let mut s = self.script.lock().unwrap();
+            s.exchanging += 1;
+            s.offer_delay
+        };
+        tokio::time::sleep(delay).await;
+        self.script.lock().unwrap().exchanging -= 1;
         Err(Status::unimplemented("stand-in"))
     }
     async fn put_chunks(
@@ -259,6 +347,15 @@ async fn stand_in_for_kh(
             envelope_of,
             offered: Vec::new(),
             calls: Vec::new(),
+            delay: Duration::ZERO,
+            fail_call: None,
+            out: 0,
+            exchanging: 0,
+            offer_delay: Duration::ZERO,
+            most_out: 0,
+            answered: Vec::new(),
+            taken: Vec::new(),
+            quota: usize::MAX,
         })),
     };
     let listener = accord_client::localnet::bind_again(addr).await.unwrap();
@@ -367,12 +464,13 @@ fn offers_within(span: Duration) -> usize {
 }
 
 /// A batch closes at the first envelope that brings it to `batch_bytes`, as it does at
-/// `batch` items: a backlog of large envelopes goes in calls of bounded size, in order,
-/// each envelope once.
+/// `batch` items: a backlog of large envelopes goes in calls of bounded size, each envelope
+/// once, and with one call out at a time in the outbox's order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_stops_at_its_bytes_as_well_as_at_its_count() {
     let mut net = accord_tests::vn_and_kh()
         .forwarder_batch_bytes(2_000)
+        .forwarder_in_flight(1)
         .start()
         .await
         .unwrap();
@@ -381,6 +479,7 @@ async fn a_batch_stops_at_its_bytes_as_well_as_at_its_count() {
     let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::Take, HashMap::new()).await;
     outbox_empties(&net).await;
     assert_eq!(stand_in.envelopes_offered(), queued, "in order, each once");
+    assert_eq!(stand_in.most_out(), 1);
     let calls: Vec<_> = stand_in
         .calls()
         .into_iter()
@@ -398,6 +497,149 @@ async fn a_batch_stops_at_its_bytes_as_well_as_at_its_count() {
         );
     }
     assert!(calls.len() >= 12 * one / (2_000 + one), "{calls:?}");
+    net.shutdown().await;
+}
+
+fn sorted(mut ids: Vec<MessageId>) -> Vec<MessageId> {
+    ids.sort();
+    ids
+}
+
+/// VN queues `n` alerts for KH while it is down; then a stand-in that answers each Deliver
+/// call after `delay` (the `fail_call`th UNAVAILABLE) takes them from a forwarder that keeps
+/// up to `in_flight` calls of 4 out. Returns once VN's outbox is empty.
+async fn drained_by_a_slow_stand_in(
+    n: usize,
+    in_flight: usize,
+    delay: Duration,
+    fail_call: Option<usize>,
+) -> (StandIn, Vec<MessageId>) {
+    let mut net = accord_tests::vn_and_kh()
+        .forwarder_batch(4)
+        .forwarder_in_flight(in_flight)
+        .start()
+        .await
+        .unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let queued = queued_while_kh_is_down(&mut net, &mut c02, n).await;
+    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::Take, HashMap::new()).await;
+    stand_in.slow(delay, fail_call);
+    outbox_empties(&net).await;
+    net.shutdown().await;
+    (stand_in, queued)
+}
+
+/// While a full batch is out, the next goes before the peer answers it, up to
+/// `forwarder.in_flight` calls at once; each envelope is taken once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_batches_go_while_the_one_before_is_answered_up_to_in_flight() {
+    for in_flight in [1, 2, 3] {
+        let (stand_in, queued) =
+            drained_by_a_slow_stand_in(20, in_flight, Duration::from_millis(150), None).await;
+        assert_eq!(stand_in.most_out(), in_flight, "in_flight = {in_flight}");
+        assert_eq!(
+            sorted(stand_in.envelopes_offered()),
+            sorted(queued),
+            "each once"
+        );
+        let calls = stand_in.calls();
+        assert!(calls.iter().all(|c| c.len() <= 4), "{calls:?}");
+    }
+}
+
+/// A call that fails while another is out: the other is still settled, and the failed
+/// call's entries stay in the outbox and go again. Nothing is lost, nothing taken twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_fails_beside_another_loses_nothing_and_repeats_nothing_taken() {
+    // The first call goes alone (the link is not known to work yet); the second and third
+    // are out together, and whichever arrives second fails.
+    let (stand_in, queued) =
+        drained_by_a_slow_stand_in(20, 2, Duration::from_millis(150), Some(2)).await;
+    assert_eq!(stand_in.most_out(), 2);
+    // The stand-in looked at no item of the failed call: each envelope it took, once.
+    assert_eq!(sorted(stand_in.envelopes_offered()), sorted(queued));
+    let calls = stand_in.calls();
+    assert_eq!(calls[1].len(), 4, "the failed call was a full batch");
+    assert_eq!(
+        calls.iter().map(Vec::len).sum::<usize>(),
+        20 + 4,
+        "{calls:?}"
+    );
+}
+
+/// A gateway told to stop just as it sends a call waits for the peer's answer and settles
+/// it: what the peer took is not offered again after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_settles_the_call_it_has_out() {
+    let mut net = net().await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let queued = queued_while_kh_is_down(&mut net, &mut c02, 3).await;
+    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::Take, HashMap::new()).await;
+    // The stand-in answers the directory offer before each call, and the call, slowly;
+    // the stop comes during the offer, so the call goes out after it.
+    stand_in.slow(Duration::from_millis(700), None);
+    stand_in.slow_offers(Duration::from_millis(700));
+    for _ in 0..200 {
+        if stand_in.exchanging() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stand_in.exchanging(), 1, "the offer is out");
+    net.stop_gateway("vn").await.unwrap();
+    assert_eq!(sorted(stand_in.envelopes_taken()), sorted(queued.clone()));
+    net.start_gateway("vn").await.unwrap();
+    assert_eq!(vn_outbox(&net), (0, 0), "settled before the stop");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stand_in.envelopes_offered().len(), 3, "none offered again");
+    net.shutdown().await;
+}
+
+/// A link that worked, then finds the peer's store full, goes back to one call at a time,
+/// one per backoff: two calls out at once would offer the full store twice as much.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_working_link_that_finds_the_peer_full_goes_back_to_one_call_per_backoff() {
+    let mut net = accord_tests::vn_and_kh()
+        .forwarder_batch(4)
+        .forwarder_in_flight(2)
+        .start()
+        .await
+        .unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let queued = queued_while_kh_is_down(&mut net, &mut c02, 40).await;
+    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::Take, HashMap::new()).await;
+    // The first call goes alone and is taken; the two out together next fill the store.
+    stand_in.slow(Duration::from_millis(100), None);
+    stand_in.quota(8);
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    assert_eq!(stand_in.most_out(), 2, "the link worked first");
+    let answered = stand_in.answered();
+    let full_at = answered
+        .iter()
+        .filter(|(.., full)| *full)
+        .map(|(_, at, _)| *at)
+        .min()
+        .expect("the store filled");
+    // Calls that came after the first "quota full": the first may have gone before it was
+    // settled; from then on one at a time, each after the one before was answered.
+    let after: Vec<_> = answered
+        .iter()
+        .filter(|(came, ..)| *came > full_at)
+        .collect();
+    assert!(after.len() >= 4, "{} calls", after.len());
+    for pair in after[1..].windows(2) {
+        assert!(pair[1].0 >= pair[0].1, "two calls out at once: {pair:?}");
+    }
+    let span = after[after.len() - 1].0 - after[1].0;
+    assert!(
+        after.len() - 1 <= offers_within(span),
+        "{} calls in {span:?}",
+        after.len()
+    );
+    // Nothing was lost: once the store takes them, every envelope goes, each taken once.
+    stand_in.quota(usize::MAX);
+    outbox_empties(&net).await;
+    assert_eq!(sorted(stand_in.envelopes_taken()), sorted(queued));
     net.shutdown().await;
 }
 
