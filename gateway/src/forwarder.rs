@@ -341,9 +341,11 @@ impl Link {
                         continue;
                     };
                     if now >= msg.head.expires_at_ms {
-                        expire_unsent(pipeline, key, id, &msg.head).await?;
-                        pushes.forget(&msg.head.envelope_hash);
-                        batch.progressed = true;
+                        let reason = pb::RejectReason::Expired;
+                        if retire_unsent(pipeline, key, id, &msg.head, reason).await? {
+                            pushes.forget(&msg.head.envelope_hash);
+                            batch.progressed = true;
+                        }
                         continue;
                     }
                     // Its chunks are on their way to the peer (or the push is backing off):
@@ -515,13 +517,11 @@ impl Link {
                         settled += 1;
                         continue;
                     };
-                    let tx = pipeline
-                        .retire(id, &msg, pb::RejectReason::RefusedByPeer, Op::Dequeue(key))
-                        .map_err(|e| ForwardError::Store(StoreError::Engine(e.to_string())))?;
-                    pipeline.store.commit(tx).await?;
-                    pipeline.drop_attachments_of(&msg).await;
-                    pushes.forget(&msg.envelope_hash);
-                    settled += 1;
+                    let reason = pb::RejectReason::RefusedByPeer;
+                    if retire_unsent(pipeline, key, id, &msg, reason).await? {
+                        pushes.forget(&msg.envelope_hash);
+                        settled += 1;
+                    }
                     continue;
                 };
                 match check_peer_receipt(pipeline, peer, &id, &envelope.hash, &r) {
@@ -828,20 +828,32 @@ async fn settle(pipeline: &Pipeline, key: QueueKey) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// An envelope that expired before it left: its sender gets a rejected receipt from us.
-async fn expire_unsent(
+/// An envelope the peer will not have from us (it expired before it left, or the peer
+/// refused it without a receipt): its sender gets a rejected receipt from us, unless its
+/// delivery ended already ([`Pipeline::retire_unsent`]). Whether the entry left the outbox;
+/// false while another ending of the message commits (the next round looks again).
+async fn retire_unsent(
     pipeline: &Arc<Pipeline>,
     key: QueueKey,
     id: MessageId,
     msg: &MessageHead,
-) -> Result<(), ForwardError> {
-    let tx = pipeline
-        .retire(id, msg, pb::RejectReason::Expired, Op::Dequeue(key))
-        .map_err(|e| ForwardError::Store(StoreError::Engine(e.to_string())))?;
-    pipeline.store.commit(tx).await?;
-    tracing::info!(message_id = %id, "expired before forwarding");
-    pipeline.drop_attachments_of(msg).await;
-    Ok(())
+    reason: pb::RejectReason,
+) -> Result<bool, ForwardError> {
+    match pipeline
+        .retire_unsent(id, msg, reason, Op::Dequeue(key))
+        .await
+    {
+        Ok(retired) => {
+            if retired {
+                tracing::info!(message_id = %id, ?reason, "retired before the peer took it");
+            }
+            pipeline.drop_attachments_of(msg).await;
+            Ok(true)
+        }
+        Err(PipelineError::EndingInProgress) => Ok(false),
+        Err(PipelineError::Store(e)) => Err(e.into()),
+        Err(e) => Err(StoreError::Engine(e.to_string()).into()),
+    }
 }
 
 /// Attachment pushes towards one peer. Each runs in its own task, two at a time, so a large

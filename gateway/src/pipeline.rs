@@ -1113,6 +1113,35 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Retires an envelope of ours still in the outbox towards its peer ([`Self::retire`]),
+    /// unless its delivery ended already: a peer whose answer was lost (a dropped link, a
+    /// stop past the forwarder's grace) may have taken and delivered it, and its DELIVERED
+    /// or REJECTED receipt come back since. Then the outbox entry only leaves (`dequeue`),
+    /// and no second, contrary ending is signed. Whether it was retired;
+    /// `EndingInProgress` while another ending of it commits.
+    pub(crate) async fn retire_unsent(
+        self: &Arc<Self>,
+        id: MessageId,
+        msg: &MessageHead,
+        reason: RejectReason,
+        dequeue: Op,
+    ) -> Result<bool, PipelineError> {
+        let _ending = EndingGuard::take(&self.endings_in_flight, id)?;
+        if let Some(ended) = final_stage(&self.store.receipts(&id)?, msg) {
+            tracing::info!(message_id = %id, stage = ?ended, "ended already: leaves the outbox without a second ending");
+            self.store
+                .commit(Tx {
+                    ops: vec![dequeue],
+                    receipts: None,
+                })
+                .await?;
+            return Ok(false);
+        }
+        let tx = self.retire(id, msg, reason, dequeue)?;
+        self.store.commit(tx).await?;
+        Ok(true)
+    }
+
     /// The one transaction that retires an envelope this gateway will not deliver (expired,
     /// or refused by the peer): an EXPIRED or REJECTED log entry, a REJECTED receipt with
     /// `reason` naming it, and, when the sender is abroad, that receipt's entry in the outbox

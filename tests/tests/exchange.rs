@@ -501,6 +501,61 @@ async fn an_envelope_that_expires_in_the_queue_is_not_delivered_and_its_sender_g
     net.shutdown().await;
 }
 
+/// An envelope still in VN's outbox (the peer's answer was lost, say) that KH delivered
+/// meanwhile is not retired as expired when its time runs out: its DELIVERED receipt came
+/// back, so the entry only leaves the outbox, and the sender's chain holds one ending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_delivered_while_its_entry_waited_is_not_expired_beside_it() {
+    let mut net = two_countries().await;
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    let to = net.org_id("kh", "ahtd").unwrap();
+    let short = SendOptions {
+        ttl_ms: 2_000,
+        ..SendOptions::new("C11")
+    };
+    let sent = vn
+        .send(&to, &alert("answered, answer lost"), &short)
+        .await
+        .unwrap();
+    let mut kh = net.client("kh", "ahtd").await.unwrap();
+    let got = fetch_n(&mut kh, 1).await.unwrap();
+    kh.ack(&got[0]).await.unwrap();
+    wait_stage(&mut vn, &sent.id, Stage::Delivered)
+        .await
+        .unwrap();
+    // KH goes away, and VN's outbox holds the envelope again, as after a lost answer.
+    net.stop_gateway("kh").await.unwrap();
+    let pipeline = net.gateway("vn").unwrap().pipeline.clone();
+    let outbox = Queue::Outbox("kh".parse().unwrap());
+    let again = accord_gateway::store::Op::Enqueue(
+        outbox.clone(),
+        pb::Priority::Routine,
+        accord_gateway::store::QueueEntry::message(&sent.id),
+    );
+    pipeline
+        .store
+        .commit(accord_gateway::store::Tx {
+            ops: vec![again],
+            receipts: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(pipeline.store.queue(&outbox, 10).unwrap().len(), 1);
+    // Past its expiry, the forwarder takes it off the outbox without a second ending.
+    for _ in 0..100 {
+        if pipeline.store.queue(&outbox, 10).unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(pipeline.store.queue(&outbox, 10).unwrap().is_empty());
+    let (_, chain) = vn.status(&sent.id).await.unwrap();
+    let stages: Vec<Stage> = chain.iter().map(|r| r.stage()).collect();
+    assert!(stages.contains(&Stage::Delivered), "{stages:?}");
+    assert!(!stages.contains(&Stage::Rejected), "{stages:?}");
+    net.shutdown().await;
+}
+
 /// The store's quota (`queue_quota_bytes`) refuses new envelopes with RESOURCE_EXHAUSTED and
 /// the `quota-full` key once the store outgrows it, and loses nothing it accepted before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
