@@ -39,6 +39,7 @@ pub struct Builder {
     forwarder_batch: Option<usize>,
     forwarder_batch_bytes: Option<usize>,
     forwarder_in_flight: Option<usize>,
+    forwarder_call_timeout_ms: Option<u64>,
 }
 
 /// How often gateways of a [`LocalNet`] publish checkpoints unless told otherwise: often,
@@ -93,6 +94,13 @@ impl Builder {
     /// default unless told).
     pub fn forwarder_in_flight(mut self, calls: usize) -> Self {
         self.forwarder_in_flight = Some(calls);
+        self
+    }
+
+    /// How long every gateway's forwarder waits for a peer to answer a call (the gateway's
+    /// default unless told).
+    pub fn forwarder_call_timeout_ms(mut self, ms: u64) -> Self {
+        self.forwarder_call_timeout_ms = Some(ms);
         self
     }
 
@@ -168,6 +176,8 @@ impl Builder {
                     .map(|b| format!("batch_bytes = {b}\n")),
                 self.forwarder_in_flight
                     .map(|n| format!("in_flight = {n}\n")),
+                self.forwarder_call_timeout_ms
+                    .map(|ms| format!("call_timeout_ms = {ms}\n")),
             ]
             .into_iter()
             .flatten()

@@ -40,6 +40,7 @@
 //! batch = 64
 //! batch_bytes = 2097152
 //! in_flight = 2
+//! call_timeout_ms = 60000
 //! initial_backoff_ms = 200
 //! max_backoff_ms = 30000
 //! ```
@@ -168,6 +169,10 @@ pub struct ForwarderConfig {
     /// up, or that failed, sends one at a time. Calls out together may be stored by the
     /// peer in either order.
     pub in_flight: usize,
+    /// How long a Deliver call may go unanswered, plus a second per MiB it carries; then it
+    /// counts as failed (its entries go again after a backoff). A peer that stops answering
+    /// with its connection open would otherwise hold the link until TCP gives up.
+    pub call_timeout_ms: u64,
     /// First retry delay after a failure; doubles up to `max_backoff_ms`, with jitter.
     pub initial_backoff_ms: u64,
     pub max_backoff_ms: u64,
@@ -179,6 +184,7 @@ impl Default for ForwarderConfig {
             batch: 64,
             batch_bytes: 2 << 20,
             in_flight: 2,
+            call_timeout_ms: 60_000,
             initial_backoff_ms: 200,
             max_backoff_ms: 30_000,
         }
@@ -352,6 +358,9 @@ impl Config {
                 "forwarder.in_flight: must be between 1 and {MAX_IN_FLIGHT}"
             ));
         }
+        if raw.forwarder.call_timeout_ms == 0 {
+            problems.push("forwarder.call_timeout_ms: must be at least 1".into());
+        }
         if raw.forwarder.initial_backoff_ms == 0
             || raw.forwarder.max_backoff_ms < raw.forwarder.initial_backoff_ms
         {
@@ -428,6 +437,7 @@ crls = ["crl.pem"]
 batch = 0
 batch_bytes = 0
 in_flight = 0
+call_timeout_ms = 0
 [[peers]]
 gateway = "spiffe://kh.accord/gateway/pp"
 address = "bad"
@@ -448,6 +458,7 @@ crls = ["kh-crl.pem"]
             "forwarder.batch:",
             "forwarder.batch_bytes:",
             "forwarder.in_flight:",
+            "forwarder.call_timeout_ms:",
         ] {
             assert!(s.contains(key), "{key} missing from: {s}");
         }

@@ -65,6 +65,12 @@ fn jitter() -> f64 {
         .unwrap_or(0.5)
 }
 
+/// How long a Deliver call carrying `bytes` of envelopes may go unanswered:
+/// `call_timeout_ms`, plus a second per MiB.
+fn call_limit(cfg: &ForwarderConfig, bytes: usize) -> Duration {
+    Duration::from_millis(cfg.call_timeout_ms) + Duration::from_secs((bytes >> 20) as u64)
+}
+
 /// How long a stopping forwarder waits for the peer to answer the calls it has out.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -230,6 +236,8 @@ impl Drop for Flight {
 struct Batch {
     sent: Vec<Sent>,
     items: Vec<pb::PeerItem>,
+    /// Its envelopes' encoded bytes.
+    bytes: usize,
     full: bool,
     progressed: bool,
 }
@@ -304,6 +312,7 @@ impl Link {
         let mut batch = Batch {
             sent: Vec::new(),
             items: Vec::new(),
+            bytes: 0,
             full: false,
             progressed: false,
         };
@@ -378,6 +387,7 @@ impl Link {
         }
         // The last entry read may have closed the batch.
         batch.full |= batch.items.len() == cfg.batch || envelope_bytes >= cfg.batch_bytes;
+        batch.bytes = envelope_bytes;
         Ok(batch)
     }
 
@@ -406,8 +416,16 @@ impl Link {
         }
         let mut client = self.client.clone();
         let request = pb::DeliverRequest { items: batch.items };
-        let answer =
-            tokio::spawn(async move { client.deliver(request).await.map(|r| r.into_inner()) });
+        let limit = call_limit(&self.cfg, batch.bytes);
+        let answer = tokio::spawn(async move {
+            match tokio::time::timeout(limit, client.deliver(request)).await {
+                Ok(answer) => answer.map(tonic::Response::into_inner),
+                Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer within {} ms",
+                    limit.as_millis()
+                ))),
+            }
+        });
         self.flights.push_back(Flight {
             sent: batch.sent,
             full: batch.full,
@@ -1300,6 +1318,17 @@ mod tests {
         assert_eq!(round(&[DeferredAgain; 4], 0, false, false), Round::Idle);
         assert_eq!(round(&[Held, DeferredAgain], 0, false, false), Round::Idle);
         assert_eq!(round(&[], 0, false, false), Round::Idle);
+    }
+
+    #[test]
+    fn a_calls_time_limit_grows_by_a_second_per_mib_it_carries() {
+        let cfg = ForwarderConfig {
+            call_timeout_ms: 500,
+            ..ForwarderConfig::default()
+        };
+        assert_eq!(call_limit(&cfg, 0), Duration::from_millis(500));
+        assert_eq!(call_limit(&cfg, (1 << 20) - 1), Duration::from_millis(500));
+        assert_eq!(call_limit(&cfg, 3 << 20), Duration::from_millis(3_500));
     }
 
     #[test]

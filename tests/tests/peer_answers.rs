@@ -53,6 +53,8 @@ struct Script {
     /// The Deliver call (counted from 1, as they arrive) answered UNAVAILABLE after its
     /// delay, its items not looked at.
     fail_call: Option<usize>,
+    /// The Deliver call (counted from 1, as they arrive) never answered.
+    hang_call: Option<usize>,
     /// Deliver calls being answered now, and the most there were at once.
     out: usize,
     /// Directory exchanges being answered now, each refused after `offer_delay`.
@@ -123,6 +125,11 @@ impl StandIn {
     /// Refuses each directory offer after `delay`.
     fn slow_offers(&self, delay: Duration) {
         self.script.lock().unwrap().offer_delay = delay;
+    }
+
+    /// Never answers the `n`th Deliver call (counted from 1).
+    fn hang(&self, n: usize) {
+        self.script.lock().unwrap().hang_call = Some(n);
     }
 
     /// Directory exchanges it is answering now.
@@ -250,7 +257,13 @@ impl pb::peer_link_server::PeerLink for StandIn {
             s.calls.push(call);
             s.out += 1;
             s.most_out = s.most_out.max(s.out);
-            (s.delay, s.fail_call == Some(s.calls.len()))
+            let hang = s.hang_call == Some(s.calls.len());
+            let delay = if hang {
+                Duration::from_secs(3600)
+            } else {
+                s.delay
+            };
+            (delay, s.fail_call == Some(s.calls.len()))
         };
         let came = std::time::Instant::now();
         tokio::time::sleep(delay).await;
@@ -349,6 +362,7 @@ async fn stand_in_for_kh(
             calls: Vec::new(),
             delay: Duration::ZERO,
             fail_call: None,
+            hang_call: None,
             out: 0,
             exchanging: 0,
             offer_delay: Duration::ZERO,
@@ -592,6 +606,28 @@ async fn a_stopping_gateway_settles_the_call_it_has_out() {
     assert_eq!(vn_outbox(&net), (0, 0), "settled before the stop");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(stand_in.envelopes_offered().len(), 3, "none offered again");
+    net.shutdown().await;
+}
+
+/// A call the peer never answers, its connection open, counts as failed after
+/// `call_timeout_ms`: the link does not hang on it, and its entries go again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_the_peer_never_answers_fails_after_its_timeout_and_goes_again() {
+    let mut net = accord_tests::vn_and_kh()
+        .forwarder_call_timeout_ms(300)
+        .start()
+        .await
+        .unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let queued = queued_while_kh_is_down(&mut net, &mut c02, 3).await;
+    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::Take, HashMap::new()).await;
+    stand_in.hang(1);
+    outbox_empties(&net).await;
+    assert_eq!(sorted(stand_in.envelopes_taken()), sorted(queued));
+    assert!(
+        stand_in.calls().len() >= 2,
+        "the unanswered call went again"
+    );
     net.shutdown().await;
 }
 
