@@ -110,6 +110,7 @@ pub async fn run(
             {
                 tracing::warn!(peer = %link.peer, "calls to the peer still out at shutdown: sent again at the next start");
             }
+            link.pushes.stop().await;
             return;
         }
         let notified = signal.notified();
@@ -879,6 +880,8 @@ async fn retire_unsent(
 struct Pushes {
     state: std::sync::Mutex<std::collections::HashMap<Vec<u8>, PushState>>,
     slots: tokio::sync::Semaphore,
+    /// The push tasks, stopped with the forwarder ([`Pushes::stop`]).
+    tasks: std::sync::Mutex<tokio::task::JoinSet<()>>,
 }
 
 impl Default for Pushes {
@@ -886,6 +889,7 @@ impl Default for Pushes {
         Self {
             state: Default::default(),
             slots: tokio::sync::Semaphore::new(2),
+            tasks: Default::default(),
         }
     }
 }
@@ -923,6 +927,21 @@ impl Pushes {
     }
     fn forget(&self, hash: &[u8]) {
         self.lock().remove(hash);
+    }
+
+    /// Runs a push in a task of the set [`Pushes::stop`] ends.
+    fn spawn(&self, push: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        // Pushes that ended stay in the set until they are reaped here.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(push);
+    }
+
+    /// Stops every push still running, so that nothing of a stopped forwarder holds the
+    /// store; the next start pushes what the peer still lacks when it asks again.
+    async fn stop(&self) {
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        tasks.shutdown().await;
     }
 }
 
@@ -980,46 +999,49 @@ fn start_push(
         s.attempts = s.attempts.saturating_add(1);
         s.attempts
     };
-    let (pipeline, pushes, peer, cfg) =
-        (pipeline.clone(), pushes.clone(), peer.clone(), cfg.clone());
-    tokio::spawn(async move {
-        let mut done = PushDone {
-            pushes: &pushes,
-            hash: hash.0.to_vec(),
-            // Until it succeeds, the next push waits: a panic or a failure backs off.
-            retry_after: Some(backoff(&cfg, attempts, jitter())),
-        };
-        let Ok(_slot) = pushes.slots.acquire().await else {
-            return;
-        };
-        // A peer that stops reading must not hold a slot for ever: a minute, plus a second
-        // per MiB.
-        let bytes: u64 = header.attachments.iter().map(|d| d.size).sum();
-        let limit = Duration::from_secs(60 + (bytes >> 20));
-        let pushed = tokio::time::timeout(
-            limit,
-            push_attachments(&pipeline, &mut client, &env, &header, hash),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(ForwardError::Unavailable(
-                "attachment push timed out".into(),
-            ))
-        });
-        match pushed {
-            Ok(()) => {
-                // Delivered again at once; a second request for the same chunks waits.
-                done.retry_after = (attempts > 1).then(|| backoff(&cfg, attempts, jitter()));
-                tracing::info!(peer = %peer, message_id = %id, "attachment chunks pushed");
-                drop(done);
-                pipeline.outbox_signal(peer.country()).notify_one();
-            }
-            Err(e) => {
-                let wait = done.retry_after.unwrap_or_default();
-                tracing::warn!(peer = %peer, message_id = %id, error = %e, retry_in_ms = wait.as_millis() as u64, "attachment push failed");
+    let push = {
+        let (pipeline, pushes, peer, cfg) =
+            (pipeline.clone(), pushes.clone(), peer.clone(), cfg.clone());
+        async move {
+            let mut done = PushDone {
+                pushes: &pushes,
+                hash: hash.0.to_vec(),
+                // Until it succeeds, the next push waits: a panic or a failure backs off.
+                retry_after: Some(backoff(&cfg, attempts, jitter())),
+            };
+            let Ok(_slot) = pushes.slots.acquire().await else {
+                return;
+            };
+            // A peer that stops reading must not hold a slot for ever: a minute, plus a second
+            // per MiB.
+            let bytes: u64 = header.attachments.iter().map(|d| d.size).sum();
+            let limit = Duration::from_secs(60 + (bytes >> 20));
+            let pushed = tokio::time::timeout(
+                limit,
+                push_attachments(&pipeline, &mut client, &env, &header, hash),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(ForwardError::Unavailable(
+                    "attachment push timed out".into(),
+                ))
+            });
+            match pushed {
+                Ok(()) => {
+                    // Delivered again at once; a second request for the same chunks waits.
+                    done.retry_after = (attempts > 1).then(|| backoff(&cfg, attempts, jitter()));
+                    tracing::info!(peer = %peer, message_id = %id, "attachment chunks pushed");
+                    drop(done);
+                    pipeline.outbox_signal(peer.country()).notify_one();
+                }
+                Err(e) => {
+                    let wait = done.retry_after.unwrap_or_default();
+                    tracing::warn!(peer = %peer, message_id = %id, error = %e, retry_in_ms = wait.as_millis() as u64, "attachment push failed");
+                }
             }
         }
-    });
+    };
+    pushes.spawn(push);
     true
 }
 

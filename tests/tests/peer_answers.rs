@@ -36,6 +36,8 @@ enum Answer {
     Take,
     /// For an envelope, a RECEIVED receipt that claims KH's key but is signed with another.
     Forge,
+    /// `retry_reason`: the peer lacks the envelope's attachment chunks.
+    ChunksMissing,
 }
 
 struct Script {
@@ -57,6 +59,8 @@ struct Script {
     hang_call: Option<usize>,
     /// Deliver calls being answered now, and the most there were at once.
     out: usize,
+    /// Questions about held chunks asked so far; none is ever answered.
+    chunk_states: usize,
     /// Directory exchanges being answered now, each refused after `offer_delay`.
     exchanging: usize,
     offer_delay: Duration,
@@ -205,6 +209,10 @@ impl StandIn {
                 retry_reason: "signer not known yet".into(),
                 ..Default::default()
             },
+            (Answer::ChunksMissing, _) => pb::PeerResult {
+                retry_reason: accord_gateway::transfer::CHUNKS_MISSING.into(),
+                ..Default::default()
+            },
             (Answer::QuotaFull, _) => pb::PeerResult {
                 retry_reason: accord_gateway::service::RETRY_QUOTA_FULL.into(),
                 ..Default::default()
@@ -318,6 +326,8 @@ impl pb::peer_link_server::PeerLink for StandIn {
         &self,
         _: Request<pb::ChunkStateRequest>,
     ) -> Result<Response<pb::ChunkState>, Status> {
+        self.script.lock().unwrap().chunk_states += 1;
+        tokio::time::sleep(Duration::from_secs(3600)).await;
         Err(Status::unimplemented("stand-in"))
     }
 }
@@ -364,6 +374,7 @@ async fn stand_in_for_kh(
             fail_call: None,
             hang_call: None,
             out: 0,
+            chunk_states: 0,
             exchanging: 0,
             offer_delay: Duration::ZERO,
             most_out: 0,
@@ -579,6 +590,59 @@ async fn a_call_that_fails_beside_another_loses_nothing_and_repeats_nothing_take
         20 + 4,
         "{calls:?}"
     );
+}
+
+/// A gateway stopping while it pushes an envelope's attachment chunks stops the push too:
+/// nothing of it keeps the store open, and the gateway starts again at once in the same
+/// process (a store still open is waited for, then refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_stops_its_attachment_pushes() {
+    let mut net = net().await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    net.stop_gateway("kh").await.unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let scan = files.path().join("scan.pdf");
+    std::fs::write(&scan, vec![7u8; 100_000]).unwrap();
+    let outbox = accord_client::attach::Outbox::open(&net.org_dir("vn", "c02").unwrap()).unwrap();
+    let letter = pb::Body {
+        form: Some(pb::body::Form::Correspondence(pb::Correspondence {
+            text: "with a scan".into(),
+            attachments: vec![],
+        })),
+    };
+    let progress: accord_client::attach::ProgressFn = Arc::new(|_: &_| {});
+    c02.send_files(
+        &net.org_id("kh", "ahtd").unwrap(),
+        &letter,
+        &SendOptions::new("P1"),
+        &[(scan, "application/pdf".to_owned())],
+        &outbox,
+        progress,
+    )
+    .await
+    .unwrap();
+    // The stand-in lacks the chunks, and never answers what it holds: the push hangs.
+    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::ChunksMissing, HashMap::new()).await;
+    for _ in 0..200 {
+        if stand_in.script.lock().unwrap().chunk_states > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        stand_in.script.lock().unwrap().chunk_states,
+        1,
+        "a push is out"
+    );
+    let stopped = std::time::Instant::now();
+    net.stop_gateway("vn").await.unwrap();
+    net.start_gateway("vn").await.unwrap();
+    assert!(
+        stopped.elapsed() < Duration::from_secs(2),
+        "restarted after {:?}",
+        stopped.elapsed()
+    );
+    net.shutdown().await;
 }
 
 /// A gateway told to stop just as it sends a call waits for the peer's answer and settles
