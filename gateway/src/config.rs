@@ -149,6 +149,10 @@ impl Default for LogConfig {
     }
 }
 
+/// The most envelope bytes a forwarder's call may gather before it closes: a peer holds a
+/// whole call in memory while it answers it.
+pub const MAX_BATCH_BYTES: usize = 64 << 20;
+
 /// Most Deliver calls a forwarder may keep out at once: each holds its envelopes in memory
 /// at both ends, `batch_bytes` and the one envelope that closed the batch.
 pub const MAX_IN_FLIGHT: usize = 8;
@@ -350,16 +354,18 @@ impl Config {
                 crate::service::MAX_BATCH
             ));
         }
-        if raw.forwarder.batch_bytes == 0 {
-            problems.push("forwarder.batch_bytes: must be at least 1".into());
+        if !(1..=MAX_BATCH_BYTES).contains(&raw.forwarder.batch_bytes) {
+            problems.push(format!(
+                "forwarder.batch_bytes: must be between 1 and {MAX_BATCH_BYTES} (64 MiB)"
+            ));
         }
         if !(1..=MAX_IN_FLIGHT).contains(&raw.forwarder.in_flight) {
             problems.push(format!(
                 "forwarder.in_flight: must be between 1 and {MAX_IN_FLIGHT}"
             ));
         }
-        if raw.forwarder.call_timeout_ms == 0 {
-            problems.push("forwarder.call_timeout_ms: must be at least 1".into());
+        if raw.forwarder.call_timeout_ms < 100 {
+            problems.push("forwarder.call_timeout_ms: must be at least 100".into());
         }
         if raw.forwarder.initial_backoff_ms == 0
             || raw.forwarder.max_backoff_ms < raw.forwarder.initial_backoff_ms
@@ -467,7 +473,9 @@ crls = ["kh-crl.pem"]
         // calls out than allowed.
         let over = text
             .replace("batch = 0", "batch = 257")
-            .replace("in_flight = 0", "in_flight = 9");
+            .replace("batch_bytes = 0", "batch_bytes = 67108865")
+            .replace("in_flight = 0", "in_flight = 9")
+            .replace("call_timeout_ms = 0", "call_timeout_ms = 99");
         let s = Config::parse(&over, Path::new("/x.toml"))
             .unwrap_err()
             .to_string();
@@ -479,16 +487,21 @@ crls = ["kh-crl.pem"]
             s.contains("forwarder.in_flight: must be between 1 and 8"),
             "{s}"
         );
+        for problem in [
+            "forwarder.batch_bytes: must be between",
+            "forwarder.call_timeout_ms: must be at least 100",
+        ] {
+            assert!(s.contains(problem), "{s}");
+        }
         let within = text
             .replace("batch = 0", "batch = 256")
-            .replace("in_flight = 0", "in_flight = 8");
+            .replace("batch_bytes = 0", "batch_bytes = 67108864")
+            .replace("in_flight = 0", "in_flight = 8")
+            .replace("call_timeout_ms = 0", "call_timeout_ms = 100");
         let s = Config::parse(&within, Path::new("/x.toml"))
             .unwrap_err()
             .to_string();
-        assert!(
-            !s.contains("forwarder.batch:") && !s.contains("in_flight"),
-            "{s}"
-        );
+        assert!(!s.contains("forwarder."), "{s}");
     }
 }
 

@@ -214,6 +214,18 @@ struct Link {
     working: bool,
 }
 
+impl Drop for Link {
+    /// However the forwarder ends (stopped, aborted, a panic), no push of it runs on
+    /// holding the store.
+    fn drop(&mut self) {
+        self.pushes
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .abort_all();
+    }
+}
+
 /// A Deliver call out on the link. It runs in a task of its own, so that the next batch is
 /// read and sent while the peer stores this one. Dropped (the forwarder stopping), the call
 /// is cancelled: its entries stay in the outbox and go again, and the peer takes each
@@ -399,11 +411,14 @@ impl Link {
         // for good.
         let own = self.pipeline.own_signed_directory();
         if own != self.offered {
-            match self
+            let offer = self
                 .pipeline
-                .exchange_directories(&self.peer, &mut self.client)
+                .exchange_directories(&self.peer, &mut self.client);
+            // A peer that never answers holds the link no longer than an unanswered call.
+            let answer = tokio::time::timeout(call_limit(&self.cfg, 0), offer)
                 .await
-            {
+                .unwrap_or_else(|_| Err(PipelineError::Unavailable("no answer".into())));
+            match answer {
                 Ok(_) => {
                     self.offered = own;
                     // What the peer could not check (receipts signed under keys it did not

@@ -509,8 +509,9 @@ async fn an_envelope_delivered_while_its_entry_waited_is_not_expired_beside_it()
     let mut net = two_countries().await;
     let mut vn = net.client("vn", "c02").await.unwrap();
     let to = net.org_id("kh", "ahtd").unwrap();
+    // Long enough for KH to deliver it first on a loaded machine.
     let short = SendOptions {
-        ttl_ms: 2_000,
+        ttl_ms: 4_000,
         ..SendOptions::new("C11")
     };
     let sent = vn
@@ -542,7 +543,7 @@ async fn an_envelope_delivered_while_its_entry_waited_is_not_expired_beside_it()
         .unwrap();
     assert_eq!(pipeline.store.queue(&outbox, 10).unwrap().len(), 1);
     // Past its expiry, the forwarder takes it off the outbox without a second ending.
-    for _ in 0..100 {
+    for _ in 0..200 {
         if pipeline.store.queue(&outbox, 10).unwrap().is_empty() {
             break;
         }
