@@ -173,9 +173,10 @@ pub struct ForwarderConfig {
     /// up, or that failed, sends one at a time. Calls out together may be stored by the
     /// peer in either order.
     pub in_flight: usize,
-    /// How long a Deliver call may go unanswered, plus a second per MiB it carries; then it
-    /// counts as failed (its entries go again after a backoff). A peer that stops answering
-    /// with its connection open would otherwise hold the link until TCP gives up.
+    /// How long a Deliver call (or the directory offer before it) may go unanswered, plus a
+    /// second per MiB it carries; then it counts as failed (its entries go again after a
+    /// backoff). A peer that stops answering with its connection open would otherwise hold
+    /// the link until TCP gives up. At least 100.
     pub call_timeout_ms: u64,
     /// First retry delay after a failure; doubles up to `max_backoff_ms`, with jitter.
     pub initial_backoff_ms: u64,

@@ -207,10 +207,10 @@ struct Link {
     retries: Retries,
     /// Deliver calls out on the link, oldest first; at most `cfg.in_flight`.
     flights: VecDeque<Flight>,
-    /// The last call answered moved entries, so the link works and more than one call
-    /// may go out. From the start, after a quiet spell, and after a failure or a peer that
-    /// took nothing, one call at a time tries it: a full or unreachable peer gets one batch
-    /// per backoff.
+    /// A call answered lately moved entries, so the link works and more than one call may
+    /// go out. From the start, after a quiet spell, after a failure, and after a peer whose
+    /// store took nothing ("quota full"), one call at a time tries it: a full or
+    /// unreachable peer gets one batch per backoff.
     working: bool,
 }
 

@@ -457,6 +457,29 @@ fn vn_outbox_entries(net: &TestNet) -> Vec<(QueueKey, QueueEntry)> {
         .unwrap()
 }
 
+/// Starts the net `net` builds; VN C02 queues `n` alerts for KH while KH is down, and the
+/// stand-in serves in KH's place, taking everything until told otherwise. The alerts' ids.
+async fn stand_in_after(
+    net: accord_client::localnet::Builder,
+    n: usize,
+) -> (TestNet, StandIn, Vec<MessageId>) {
+    let mut net = net.start().await.unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let queued = queued_while_kh_is_down(&mut net, &mut c02, n).await;
+    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::Take, HashMap::new()).await;
+    (net, stand_in, queued)
+}
+
+/// Waits (up to 4 s) until `done` holds.
+async fn eventually(mut done: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Receipts and envelopes waiting in VN's outbox for KH.
 fn vn_outbox(net: &TestNet) -> (usize, usize) {
     let entries = vn_outbox_entries(net);
@@ -493,15 +516,13 @@ fn offers_within(span: Duration) -> usize {
 /// once, and with one call out at a time in the outbox's order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_stops_at_its_bytes_as_well_as_at_its_count() {
-    let mut net = accord_tests::vn_and_kh()
-        .forwarder_batch_bytes(2_000)
-        .forwarder_in_flight(1)
-        .start()
-        .await
-        .unwrap();
-    let mut c02 = net.client("vn", "c02").await.unwrap();
-    let queued = queued_while_kh_is_down(&mut net, &mut c02, 12).await;
-    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::Take, HashMap::new()).await;
+    let (net, stand_in, queued) = stand_in_after(
+        accord_tests::vn_and_kh()
+            .forwarder_batch_bytes(2_000)
+            .forwarder_in_flight(1),
+        12,
+    )
+    .await;
     outbox_empties(&net).await;
     assert_eq!(stand_in.envelopes_offered(), queued, "in order, each once");
     assert_eq!(stand_in.most_out(), 1);
@@ -539,15 +560,13 @@ async fn drained_by_a_slow_stand_in(
     delay: Duration,
     fail_call: Option<usize>,
 ) -> (StandIn, Vec<MessageId>) {
-    let mut net = accord_tests::vn_and_kh()
-        .forwarder_batch(4)
-        .forwarder_in_flight(in_flight)
-        .start()
-        .await
-        .unwrap();
-    let mut c02 = net.client("vn", "c02").await.unwrap();
-    let queued = queued_while_kh_is_down(&mut net, &mut c02, n).await;
-    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::Take, HashMap::new()).await;
+    let (net, stand_in, queued) = stand_in_after(
+        accord_tests::vn_and_kh()
+            .forwarder_batch(4)
+            .forwarder_in_flight(in_flight),
+        n,
+    )
+    .await;
     stand_in.slow(delay, fail_call);
     outbox_empties(&net).await;
     net.shutdown().await;
@@ -623,12 +642,7 @@ async fn a_stopping_gateway_stops_its_attachment_pushes() {
     .unwrap();
     // The stand-in lacks the chunks, and never answers what it holds: the push hangs.
     let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::ChunksMissing, HashMap::new()).await;
-    for _ in 0..200 {
-        if stand_in.script.lock().unwrap().chunk_states > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(|| stand_in.script.lock().unwrap().chunk_states > 0).await;
     assert_eq!(
         stand_in.script.lock().unwrap().chunk_states,
         1,
@@ -647,24 +661,13 @@ async fn a_stopping_gateway_stops_its_attachment_pushes() {
 async fn a_stopping_gateway_settles_the_call_it_has_out() {
     // Checkpoints far apart: the only directory offers the stand-in sees are the
     // forwarder's, not the witness loop's.
-    let mut net = accord_tests::vn_and_kh()
-        .checkpoint_interval_ms(600_000)
-        .start()
-        .await
-        .unwrap();
-    let mut c02 = net.client("vn", "c02").await.unwrap();
-    let queued = queued_while_kh_is_down(&mut net, &mut c02, 3).await;
-    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::Take, HashMap::new()).await;
+    let (mut net, stand_in, queued) =
+        stand_in_after(accord_tests::vn_and_kh().checkpoint_interval_ms(600_000), 3).await;
     // The stand-in answers the directory offer before each call, and the call, slowly;
     // the stop comes during the offer, so the call goes out after it.
     stand_in.slow(Duration::from_millis(700), None);
     stand_in.slow_offers(Duration::from_millis(700));
-    for _ in 0..200 {
-        if stand_in.exchanging() > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(|| stand_in.exchanging() > 0).await;
     assert_eq!(stand_in.exchanging(), 1, "the offer is out");
     net.stop_gateway("vn").await.unwrap();
     assert_eq!(sorted(stand_in.envelopes_taken()), sorted(queued.clone()));
@@ -679,14 +682,8 @@ async fn a_stopping_gateway_settles_the_call_it_has_out() {
 /// `call_timeout_ms`: the link does not hang on it, and its entries go again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_the_peer_never_answers_fails_after_its_timeout_and_goes_again() {
-    let mut net = accord_tests::vn_and_kh()
-        .forwarder_call_timeout_ms(300)
-        .start()
-        .await
-        .unwrap();
-    let mut c02 = net.client("vn", "c02").await.unwrap();
-    let queued = queued_while_kh_is_down(&mut net, &mut c02, 3).await;
-    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::Take, HashMap::new()).await;
+    let (net, stand_in, queued) =
+        stand_in_after(accord_tests::vn_and_kh().forwarder_call_timeout_ms(300), 3).await;
     stand_in.hang(1);
     outbox_empties(&net).await;
     assert_eq!(sorted(stand_in.envelopes_taken()), sorted(queued));
@@ -701,15 +698,13 @@ async fn a_call_the_peer_never_answers_fails_after_its_timeout_and_goes_again() 
 /// longer than an unanswered call: the envelopes go after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directory_offer_the_peer_never_answers_does_not_hold_the_link() {
-    let mut net = accord_tests::vn_and_kh()
-        .forwarder_call_timeout_ms(300)
-        .checkpoint_interval_ms(600_000)
-        .start()
-        .await
-        .unwrap();
-    let mut c02 = net.client("vn", "c02").await.unwrap();
-    let queued = queued_while_kh_is_down(&mut net, &mut c02, 3).await;
-    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::Take, HashMap::new()).await;
+    let (net, stand_in, queued) = stand_in_after(
+        accord_tests::vn_and_kh()
+            .forwarder_call_timeout_ms(300)
+            .checkpoint_interval_ms(600_000),
+        3,
+    )
+    .await;
     stand_in.slow_offers(Duration::from_secs(3600));
     outbox_empties(&net).await;
     assert_eq!(sorted(stand_in.envelopes_taken()), sorted(queued));
@@ -720,15 +715,13 @@ async fn a_directory_offer_the_peer_never_answers_does_not_hold_the_link() {
 /// one per backoff: two calls out at once would offer the full store twice as much.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_working_link_that_finds_the_peer_full_goes_back_to_one_call_per_backoff() {
-    let mut net = accord_tests::vn_and_kh()
-        .forwarder_batch(4)
-        .forwarder_in_flight(2)
-        .start()
-        .await
-        .unwrap();
-    let mut c02 = net.client("vn", "c02").await.unwrap();
-    let queued = queued_while_kh_is_down(&mut net, &mut c02, 40).await;
-    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::Take, HashMap::new()).await;
+    let (net, stand_in, queued) = stand_in_after(
+        accord_tests::vn_and_kh()
+            .forwarder_batch(4)
+            .forwarder_in_flight(2),
+        40,
+    )
+    .await;
     // The first call goes alone and is taken; the two out together next fill the store.
     stand_in.slow(Duration::from_millis(100), None);
     stand_in.quota(8);
