@@ -501,11 +501,11 @@ async fn an_envelope_that_expires_in_the_queue_is_not_delivered_and_its_sender_g
     net.shutdown().await;
 }
 
-/// An envelope still in VN's outbox (the peer's answer was lost, say) that KH delivered
-/// meanwhile is not retired as expired when its time runs out: its DELIVERED receipt came
-/// back, so the entry only leaves the outbox, and the sender's chain holds one ending.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_envelope_delivered_while_its_entry_waited_is_not_expired_beside_it() {
+/// VN C02 sends KH AHTD an alert with a short life, and AHTD acknowledges it (or refuses
+/// it, `refuse`); then, with KH down, VN's outbox holds the envelope again, as after a lost
+/// answer, until the forwarder takes it off past its expiry. The stages and reasons of the
+/// sender's chain then.
+async fn ended_then_found_in_the_outbox(refuse: bool) -> Vec<(Stage, i32)> {
     let mut net = two_countries().await;
     let mut vn = net.client("vn", "c02").await.unwrap();
     let to = net.org_id("kh", "ahtd").unwrap();
@@ -520,11 +520,15 @@ async fn an_envelope_delivered_while_its_entry_waited_is_not_expired_beside_it()
         .unwrap();
     let mut kh = net.client("kh", "ahtd").await.unwrap();
     let got = fetch_n(&mut kh, 1).await.unwrap();
-    kh.ack(&got[0]).await.unwrap();
-    wait_stage(&mut vn, &sent.id, Stage::Delivered)
-        .await
-        .unwrap();
-    // KH goes away, and VN's outbox holds the envelope again, as after a lost answer.
+    let ending = if refuse {
+        let opened = &got[0].envelope;
+        kh.refuse(&opened.id(), &opened.hash()).await.unwrap();
+        Stage::Rejected
+    } else {
+        kh.ack(&got[0]).await.unwrap();
+        Stage::Delivered
+    };
+    wait_stage(&mut vn, &sent.id, ending).await.unwrap();
     net.stop_gateway("kh").await.unwrap();
     let pipeline = net.gateway("vn").unwrap().pipeline.clone();
     let outbox = Queue::Outbox("kh".parse().unwrap());
@@ -542,7 +546,6 @@ async fn an_envelope_delivered_while_its_entry_waited_is_not_expired_beside_it()
         .await
         .unwrap();
     assert_eq!(pipeline.store.queue(&outbox, 10).unwrap().len(), 1);
-    // Past its expiry, the forwarder takes it off the outbox without a second ending.
     for _ in 0..200 {
         if pipeline.store.queue(&outbox, 10).unwrap().is_empty() {
             break;
@@ -551,10 +554,36 @@ async fn an_envelope_delivered_while_its_entry_waited_is_not_expired_beside_it()
     }
     assert!(pipeline.store.queue(&outbox, 10).unwrap().is_empty());
     let (_, chain) = vn.status(&sent.id).await.unwrap();
-    let stages: Vec<Stage> = chain.iter().map(|r| r.stage()).collect();
-    assert!(stages.contains(&Stage::Delivered), "{stages:?}");
-    assert!(!stages.contains(&Stage::Rejected), "{stages:?}");
     net.shutdown().await;
+    chain.iter().map(|r| (r.stage(), r.body.reason)).collect()
+}
+
+/// An envelope still in VN's outbox that KH delivered meanwhile is not retired as expired
+/// when its time runs out: its DELIVERED receipt came back, so the entry only leaves the
+/// outbox, and the sender's chain holds one ending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_delivered_while_its_entry_waited_is_not_expired_beside_it() {
+    let chain = ended_then_found_in_the_outbox(false).await;
+    let stages: Vec<Stage> = chain.iter().map(|(s, _)| *s).collect();
+    assert!(stages.contains(&Stage::Delivered), "{chain:?}");
+    assert!(!stages.contains(&Stage::Rejected), "{chain:?}");
+}
+
+/// The same for an envelope its recipient refused: a refusal is an ending too, and the
+/// chain holds that one REJECTED, not a second one for its expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_refused_while_its_entry_waited_is_not_expired_beside_it() {
+    let chain = ended_then_found_in_the_outbox(true).await;
+    let rejected: Vec<i32> = chain
+        .iter()
+        .filter(|(s, _)| *s == Stage::Rejected)
+        .map(|(_, reason)| *reason)
+        .collect();
+    assert_eq!(
+        rejected,
+        vec![pb::RejectReason::RefusedByRecipient as i32],
+        "{chain:?}"
+    );
 }
 
 /// The store's quota (`queue_quota_bytes`) refuses new envelopes with RESOURCE_EXHAUSTED and
