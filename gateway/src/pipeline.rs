@@ -1146,7 +1146,7 @@ impl Pipeline {
     /// or refused by the peer): an EXPIRED or REJECTED log entry, a REJECTED receipt with
     /// `reason` naming it, and, when the sender is abroad, that receipt's entry in the outbox
     /// towards the sender's country, all in one durable batch.
-    pub(crate) fn retire(
+    fn retire(
         self: &Arc<Self>,
         id: MessageId,
         msg: &MessageHead,

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use accord_client::org::SendOptions;
-use accord_gateway::store::{Queue, QueueEntry, QueueKey};
+use accord_gateway::store::{Op, Queue, QueueEntry, QueueKey, Tx};
 use accord_proto::crypto::SigningKey;
 use accord_proto::ids::MessageId;
 use accord_proto::pb::{self, Stage};
@@ -844,6 +844,45 @@ async fn what_the_peer_refuses_leaves_the_outbox_and_the_sender_learns_it() {
         stand_in.envelopes_offered(),
         vec![refused.id, unanswered.id]
     );
+    net.shutdown().await;
+}
+
+/// An envelope back in VN's outbox after its delivery ended (a lost answer), then refused
+/// by the peer without a receipt, leaves the outbox without a REJECTED of VN's beside the
+/// DELIVERED the recipient signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_of_an_envelope_whose_delivery_ended_adds_no_second_ending() {
+    let mut net = net().await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let sent = alert_received_at_kh(&net, &mut c02, "delivered, answer lost")
+        .await
+        .unwrap();
+    let mut ahtd = net.client("kh", "ahtd").await.unwrap();
+    let got = fetch_n(&mut ahtd, 1).await.unwrap();
+    ahtd.ack(&got[0]).await.unwrap();
+    wait_stage(&mut c02, &sent.id, Stage::Delivered)
+        .await
+        .unwrap();
+    let stand_in = replace_kh(&mut net, Answer::Take, Answer::Refuse).await;
+    let vn = net.gateway("vn").unwrap().pipeline.clone();
+    let again = Op::Enqueue(
+        Queue::Outbox("kh".parse().unwrap()),
+        pb::Priority::Routine,
+        QueueEntry::message(&sent.id),
+    );
+    vn.store
+        .commit(Tx {
+            ops: vec![again],
+            receipts: None,
+        })
+        .await
+        .unwrap();
+    outbox_empties(&net).await;
+    assert_eq!(stand_in.envelopes_offered(), vec![sent.id], "refused once");
+    let (_, chain) = c02.status(&sent.id).await.unwrap();
+    let stages: Vec<Stage> = chain.iter().map(|r| r.stage()).collect();
+    assert!(stages.contains(&Stage::Delivered), "{stages:?}");
+    assert!(!stages.contains(&Stage::Rejected), "{stages:?}");
     net.shutdown().await;
 }
 
