@@ -362,4 +362,71 @@ pub(crate) async fn run<S: Store>(dir: &Path, open: impl Fn(&Path) -> S) {
         .await;
     assert!(refused.is_err());
     assert_eq!(store.queue(&inbox, 10).unwrap().len(), 1);
+
+    // An outbox entry marked sent keeps its key and its place; the mark outlives a deferral
+    // and a reopen. A gone entry is not brought back, and only outbox entries are marked.
+    let sent = |store: &S| -> Vec<(Vec<u8>, bool, bool)> {
+        let q = store.queue(&kh, 10).unwrap();
+        q.into_iter()
+            .map(|(_, e)| (e.may_have_left(), e))
+            .map(|(left, e)| (e.message_id, e.deferred, left))
+            .collect()
+    };
+    store
+        .commit(Tx {
+            ops: vec![Op::Enqueue(
+                kh.clone(),
+                pb::Priority::Urgent,
+                QueueEntry::message(&id2),
+            )],
+            receipts: None,
+        })
+        .await
+        .unwrap();
+    let k2 = key_of(&store, &id2);
+    let k3 = key_of(&store, &id3);
+    store
+        .commit(Tx {
+            ops: vec![Op::SetSent(k2.clone(), true), Op::SetSent(k2.clone(), true)],
+            receipts: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(key_of(&store, &id2), k2, "marked in place");
+    assert_eq!(
+        sent(&store),
+        vec![(b2.to_vec(), false, true), (b3.to_vec(), true, false)]
+    );
+    store
+        .commit(Tx {
+            ops: vec![
+                Op::Defer(k2),
+                Op::Dequeue(k3.clone()),
+                Op::SetSent(k3, true),
+            ],
+            receipts: None,
+        })
+        .await
+        .unwrap();
+    drop(store);
+    let store = open(dir);
+    assert_eq!(sent(&store), vec![(b2.to_vec(), true, true)]);
+    let k2 = key_of(&store, &id2);
+    store
+        .commit(Tx {
+            ops: vec![Op::SetSent(k2, false)],
+            receipts: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(sent(&store), vec![(b2.to_vec(), true, false)], "cleared");
+    let inbox_key = store.queue(&inbox, 1).unwrap()[0].0.clone();
+    let refused = store
+        .commit(Tx {
+            ops: vec![Op::SetSent(inbox_key, true)],
+            receipts: None,
+        })
+        .await;
+    assert!(refused.is_err());
+    assert!(!store.queue(&inbox, 1).unwrap()[0].1.may_have_left());
 }

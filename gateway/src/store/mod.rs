@@ -74,15 +74,28 @@ pub struct QueueEntry {
     /// Set by [`Op::Defer`]: the entry was put behind every priority at the peer's request.
     #[prost(bool, tag = "3")]
     pub deferred: bool,
+    /// Set on a new entry, and cleared ([`Op::SetSent`]) before its envelope first goes to
+    /// the peer: from then on the peer may hold it, whatever became of the call's answer,
+    /// so only the peer's word ends its delivery. Unset is the safe reading, which entries
+    /// written before the field have ([`Self::may_have_left`]).
+    #[prost(bool, tag = "4")]
+    pub unsent: bool,
 }
 
 impl QueueEntry {
-    /// An entry for a stored message.
+    /// An entry for a stored message, which never went anywhere yet.
     pub fn message(id: &MessageId) -> Self {
         Self {
             message_id: id.as_bytes().to_vec(),
+            unsent: true,
             ..Default::default()
         }
+    }
+
+    /// Whether its envelope may have reached the peer: a call carried it, or the entry is
+    /// older than the mark.
+    pub fn may_have_left(&self) -> bool {
+        !self.unsent
     }
 
     /// An entry carrying a receipt for message `id` to a peer.
@@ -225,6 +238,11 @@ pub enum Op {
     /// (taken off or moved earlier, in this transaction or before); the entry is then read
     /// under a new key, and the old one names nothing.
     Defer(QueueKey),
+    /// Marks an outbox entry as one whose envelope may have reached the peer (true), or
+    /// back as one that never went (false, for a call that never left), in place
+    /// ([`QueueEntry::unsent`]): its order and key stay. Nothing if the entry is gone or
+    /// marked so already.
+    SetSent(QueueKey, bool),
     /// Removes a message's entry from an inbox without knowing its key (idempotent): a
     /// recipient ends a delivery by the message's id. Only inbox entries are indexed by id,
     /// since an index is two more writes for every message that passes through a queue.

@@ -871,6 +871,24 @@ fn deferred_key(key: &[u8], seq: u64) -> Option<Vec<u8>> {
     Some(moved)
 }
 
+/// The outbox entry under `key` as a transaction being built sees it: its own writes first
+/// (what it took off or moved already is gone), then the view.
+fn outbox_entry(
+    writes: &[(Vec<u8>, Option<Vec<u8>>)],
+    view: &View<'_>,
+    key: &[u8],
+) -> Result<Option<QueueEntry>, StoreError> {
+    let value = match writes.iter().rev().find(|(k, _)| k.as_slice() == key) {
+        Some((_, value)) => value.clone(),
+        None => view.get(key)?,
+    };
+    value
+        .map(|v| {
+            QueueEntry::decode(v.as_slice()).map_err(|_| StoreError::Corrupt("outbox entry".into()))
+        })
+        .transpose()
+}
+
 fn queue_prefix(queue: &Queue) -> Vec<u8> {
     let name = match queue {
         Queue::Outbox(cc) => format!("o:{cc}"),
@@ -1650,19 +1668,23 @@ impl Committer {
                             "only outbox entries are deferred".into(),
                         ));
                     };
-                    // This transaction's own writes first: what it took off or moved already
-                    // is gone.
-                    let value = match writes.iter().rev().find(|(k, _)| *k == key) {
-                        Some((_, value)) => value.clone(),
-                        None => view.get(&key)?,
-                    };
-                    if let Some(value) = value {
-                        let mut entry = QueueEntry::decode(value.as_slice())
-                            .map_err(|_| StoreError::Corrupt("outbox entry".into()))?;
+                    if let Some(mut entry) = outbox_entry(&writes, &view, &key)? {
                         entry.deferred = true;
                         next_seq += 1;
                         writes.push((key, None));
                         writes.push((moved, Some(entry.encode_to_vec())));
+                    }
+                }
+                Op::SetSent(QueueKey(key), sent) => {
+                    if !key.starts_with(b"qo:") {
+                        return Err(StoreError::Engine("only outbox entries are sent".into()));
+                    }
+                    match outbox_entry(&writes, &view, &key)? {
+                        Some(mut entry) if entry.unsent == sent => {
+                            entry.unsent = !sent;
+                            writes.push((key, Some(entry.encode_to_vec())));
+                        }
+                        _ => {}
                     }
                 }
                 Op::RemoveFromInbox(org, id) => {
