@@ -101,20 +101,15 @@ pub async fn run(
     let (mut attempt, mut full_attempt) = (0u32, 0u32);
     loop {
         if *shutdown.borrow() {
-            // Calls still out are answered and settled first, within a grace: a peer's
-            // answer lost here leaves its envelopes unsettled until the next start. Past
-            // the grace, the calls are dropped and their entries go again then.
-            if tokio::time::timeout(SHUTDOWN_GRACE, link.land_all())
-                .await
-                .is_err()
-            {
-                tracing::warn!(peer = %link.peer, "calls to the peer still out at shutdown: sent again at the next start");
-            }
-            link.pushes.stop().await;
-            return;
+            break;
         }
         let notified = signal.notified();
-        let round = link.step().await;
+        let round = tokio::select! {
+            round = link.step() => round,
+            // A stop does not wait for the oldest call's answer (up to its limit): every
+            // call out gets the grace below.
+            () = crate::server::wait_for(shutdown.clone()) => break,
+        };
         if matches!(round, Ok(Round::BackOff) | Err(_)) {
             // The link waits: first every call still out is answered and settled.
             link.land_all().await;
@@ -171,6 +166,16 @@ pub async fn run(
             _ = shutdown.changed() => {}
         }
     }
+    // Calls still out are answered and settled first, within a grace: a peer's answer lost
+    // here leaves its envelopes unsettled until the next start. Past the grace, the calls
+    // are dropped and their entries go again then.
+    if tokio::time::timeout(SHUTDOWN_GRACE, link.land_all())
+        .await
+        .is_err()
+    {
+        tracing::warn!(peer = %link.peer, "calls to the peer still out at shutdown: sent again at the next start");
+    }
+    link.pushes.stop().await;
 }
 
 /// What one step of [`Link::step`] came to, which decides when the next one runs.
@@ -237,6 +242,18 @@ struct Flight {
     /// Entries were settled while the batch was read (an expiry, a vanished message).
     progressed: bool,
     answer: tokio::task::JoinHandle<Result<pb::DeliverResponse, tonic::Status>>,
+    /// What the call's task ended with, once it did ([`Flight::done`]).
+    outcome: Option<Result<Result<pb::DeliverResponse, tonic::Status>, tokio::task::JoinError>>,
+}
+
+impl Flight {
+    /// Waits until the call is answered or failed. A wait cancelled (the forwarder told to
+    /// stop) leaves the flight as it was, to be waited for again.
+    async fn done(&mut self) {
+        if self.outcome.is_none() {
+            self.outcome = Some((&mut self.answer).await);
+        }
+    }
 }
 
 impl Drop for Flight {
@@ -284,10 +301,13 @@ impl Link {
             }
             progressed = batch.progressed;
         }
-        let flight = self
+        let oldest = self
             .flights
-            .pop_front()
+            .front_mut()
             .expect("no room for a call means one is out");
+        // Waited for in its place, so that a stop meanwhile still finds it out.
+        oldest.done().await;
+        let flight = self.flights.pop_front().expect("waited for above");
         // Entries the read settled (expired, vanished) count as moved too.
         Ok(match self.land(flight).await? {
             Round::Idle if progressed => Round::Again,
@@ -298,7 +318,9 @@ impl Link {
     /// Settles every call still out, logging what fails: the link is about to wait, and
     /// afterwards one call tries it first.
     async fn land_all(&mut self) {
-        while let Some(flight) = self.flights.pop_front() {
+        while let Some(oldest) = self.flights.front_mut() {
+            oldest.done().await;
+            let flight = self.flights.pop_front().expect("waited for above");
             if let Err(e) = self.land(flight).await {
                 tracing::warn!(peer = %self.peer, error = %e, "forwarding failed");
             }
@@ -447,6 +469,7 @@ impl Link {
             full: batch.full,
             progressed: batch.progressed,
             answer,
+            outcome: None,
         });
     }
 
@@ -464,7 +487,8 @@ impl Link {
     }
 
     async fn answered(&mut self, mut flight: Flight) -> Result<Round, ForwardError> {
-        let answer = (&mut flight.answer).await;
+        flight.done().await;
+        let answer = flight.outcome.take().expect("done");
         let sent = std::mem::take(&mut flight.sent);
         let response = match answer {
             Ok(Ok(response)) => response,

@@ -76,9 +76,21 @@ pub async fn run_until_signal(config: &Config) -> Result<(), StartError> {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
-    gateway.shutdown().await;
+    if tokio::time::timeout(STOP_LIMIT, gateway.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            limit_s = STOP_LIMIT.as_secs(),
+            "stop not done within its limit (a call that does not end): exiting anyway; what was acknowledged is on disk, and the next start replays the store's write-ahead log"
+        );
+    }
     Ok(())
 }
+
+/// How long a stop may take before the process ends anyway: under the service manager's
+/// limit (TimeoutStopSec in deploy/accord-gateway.service), past the forwarder's grace.
+const STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Reads the pinned directory keys (JSON array of `accord.v1.DirectoryTrust`).
 pub fn load_directory_trust(path: &std::path::Path) -> Result<Vec<pb::DirectoryTrust>, StartError> {
@@ -710,7 +722,8 @@ fn max_upload_message(config: &Config) -> usize {
     start.max(chunk) + 64 * 1024
 }
 
-async fn wait_for(mut rx: watch::Receiver<bool>) {
+/// Resolves once `rx` reads true, or its sender is gone: a task's cue to stop.
+pub(crate) async fn wait_for(mut rx: watch::Receiver<bool>) {
     while !*rx.borrow() {
         if rx.changed().await.is_err() {
             return;

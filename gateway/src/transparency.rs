@@ -559,6 +559,9 @@ impl Pipeline {
     }
 }
 
+/// How long the witness loop waits for the peer to answer one call.
+const WITNESS_CALL_LIMIT: Duration = Duration::from_secs(60);
+
 /// Publishes checkpoints and has each one cosigned by `peer`, every `interval`; exchanges
 /// directories with it on the same beat.
 pub async fn witness_loop(
@@ -572,11 +575,31 @@ pub async fn witness_loop(
         if *shutdown.borrow() {
             return;
         }
-        if let Err(e) = pipeline.exchange_directories(&peer, &mut client).await {
-            tracing::warn!(peer = %peer, error = %e, "directory exchange failed this round");
-        }
-        if let Err(e) = pipeline.request_cosignature(&peer, &mut client).await {
-            tracing::warn!(peer = %peer, error = %e, "checkpoint not cosigned this round");
+        // A peer that never answers holds a round no longer than WITNESS_CALL_LIMIT per
+        // call, and a stop not at all.
+        let round = async {
+            let exchange = pipeline.exchange_directories(&peer, &mut client);
+            match tokio::time::timeout(WITNESS_CALL_LIMIT, exchange).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(peer = %peer, error = %e, "directory exchange failed this round")
+                }
+                Err(_) => tracing::warn!(peer = %peer, "directory exchange unanswered this round"),
+            }
+            let cosign = pipeline.request_cosignature(&peer, &mut client);
+            match tokio::time::timeout(WITNESS_CALL_LIMIT, cosign).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(peer = %peer, error = %e, "checkpoint not cosigned this round")
+                }
+                Err(_) => {
+                    tracing::warn!(peer = %peer, "checkpoint cosignature unanswered this round")
+                }
+            }
+        };
+        tokio::select! {
+            () = round => {}
+            () = crate::server::wait_for(shutdown.clone()) => return,
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}

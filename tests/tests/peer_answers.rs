@@ -61,8 +61,7 @@ struct Script {
     out: usize,
     /// Questions about held chunks asked so far; none is ever answered.
     chunk_states: usize,
-    /// Directory exchanges being answered now, each refused after `offer_delay`.
-    exchanging: usize,
+    /// How long each directory exchange takes before it is refused.
     offer_delay: Duration,
     most_out: usize,
     /// Each Deliver call answered: when it came, when it was answered, and whether it
@@ -134,11 +133,6 @@ impl StandIn {
     /// Never answers the `n`th Deliver call (counted from 1).
     fn hang(&self, n: usize) {
         self.script.lock().unwrap().hang_call = Some(n);
-    }
-
-    /// Directory exchanges it is answering now.
-    fn exchanging(&self) -> usize {
-        self.script.lock().unwrap().exchanging
     }
 
     /// The most Deliver calls it was answering at once.
@@ -307,13 +301,8 @@ impl pb::peer_link_server::PeerLink for StandIn {
         &self,
         _: Request<pb::ExchangeDirectoriesRequest>,
     ) -> Result<Response<pb::ExchangeDirectoriesResponse>, Status> {
-        let delay = {
-            let mut s = self.script.lock().unwrap();
-            s.exchanging += 1;
-            s.offer_delay
-        };
+        let delay = self.script.lock().unwrap().offer_delay;
         tokio::time::sleep(delay).await;
-        self.script.lock().unwrap().exchanging -= 1;
         Err(Status::unimplemented("stand-in"))
     }
     async fn put_chunks(
@@ -375,7 +364,6 @@ async fn stand_in_for_kh(
             hang_call: None,
             out: 0,
             chunk_states: 0,
-            exchanging: 0,
             offer_delay: Duration::ZERO,
             most_out: 0,
             answered: Vec::new(),
@@ -655,26 +643,43 @@ async fn a_stopping_gateway_stops_its_attachment_pushes() {
     net.shutdown().await;
 }
 
-/// A gateway told to stop just as it sends a call waits for the peer's answer and settles
-/// it: what the peer took is not offered again after the restart.
+/// A gateway told to stop while a call is out waits for the peer's answer and settles it:
+/// what the peer took is not offered again after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_gateway_settles_the_call_it_has_out() {
-    // Checkpoints far apart: the only directory offers the stand-in sees are the
-    // forwarder's, not the witness loop's.
+    // Checkpoints far apart: the only calls the stand-in sees are the forwarder's.
     let (mut net, stand_in, queued) =
         stand_in_after(accord_tests::vn_and_kh().checkpoint_interval_ms(600_000), 3).await;
-    // The stand-in answers the directory offer before each call, and the call, slowly;
-    // the stop comes during the offer, so the call goes out after it.
+    // The stand-in answers the call slowly; the stop comes while it is out.
     stand_in.slow(Duration::from_millis(700), None);
-    stand_in.slow_offers(Duration::from_millis(700));
-    eventually(|| stand_in.exchanging() > 0).await;
-    assert_eq!(stand_in.exchanging(), 1, "the offer is out");
+    eventually(|| !stand_in.calls().is_empty()).await;
+    assert!(stand_in.answered().is_empty(), "the call is out");
     net.stop_gateway("vn").await.unwrap();
     assert_eq!(sorted(stand_in.envelopes_taken()), sorted(queued.clone()));
     net.start_gateway("vn").await.unwrap();
     assert_eq!(vn_outbox(&net), (0, 0), "settled before the stop");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(stand_in.envelopes_offered().len(), 3, "none offered again");
+    net.shutdown().await;
+}
+
+/// A stop while the peer holds a call unanswered waits for it no longer than the
+/// forwarder's grace (10 s), not the call's own limit (a minute): the entries stay in the
+/// outbox and go at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_waits_for_a_call_the_peer_never_answers_no_longer_than_its_grace() {
+    let (mut net, stand_in, queued) =
+        stand_in_after(accord_tests::vn_and_kh().checkpoint_interval_ms(600_000), 3).await;
+    stand_in.hang(1);
+    eventually(|| !stand_in.calls().is_empty()).await;
+    assert_eq!(stand_in.calls().len(), 1, "the call is out");
+    let stopping = std::time::Instant::now();
+    net.stop_gateway("vn").await.unwrap();
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(20), "the stop took {took:?}");
+    net.start_gateway("vn").await.unwrap();
+    outbox_empties(&net).await;
+    assert_eq!(sorted(stand_in.envelopes_taken()), sorted(queued));
     net.shutdown().await;
 }
 
