@@ -15,7 +15,7 @@ use prost::Message;
 use tokio::sync::watch;
 
 use crate::config::ForwarderConfig;
-use crate::pipeline::{Pipeline, PipelineError};
+use crate::pipeline::{Ending, Pipeline, PipelineError};
 use crate::service::{RETRY_QUOTA_FULL, RETRY_STORAGE_ERROR};
 use crate::store::{MessageHead, Op, Queue, QueueEntry, QueueKey, StoreError, Tx};
 
@@ -385,8 +385,8 @@ impl Link {
                         continue;
                     };
                     if now >= msg.head.expires_at_ms {
-                        let reason = pb::RejectReason::Expired;
-                        if retire_unsent(pipeline, key, id, &msg.head, reason).await? {
+                        let expired = Ending::Retire(pb::RejectReason::Expired);
+                        if end_once(pipeline, key, id, &msg.head, expired).await? {
                             pushes.forget(&msg.head.envelope_hash);
                             batch.progressed = true;
                         }
@@ -575,8 +575,8 @@ impl Link {
                         settled += 1;
                         continue;
                     };
-                    let reason = pb::RejectReason::RefusedByPeer;
-                    if retire_unsent(pipeline, key, id, &msg, reason).await? {
+                    let refused = Ending::Retire(pb::RejectReason::RefusedByPeer);
+                    if end_once(pipeline, key, id, &msg, refused).await? {
                         pushes.forget(&msg.envelope_hash);
                         settled += 1;
                     }
@@ -584,20 +584,36 @@ impl Link {
                 };
                 match check_peer_receipt(pipeline, peer, &id, &envelope.hash, &r) {
                     Ok((event, v)) => {
-                        ended.push((v.envelope_hash, envelope.attached));
-                        ops.push(Op::PutReceipt(id, r.clone()));
-                        ops.push(Op::Log(
-                            pb::LogEntry {
-                                event: event as i32,
-                                message_id: id.as_bytes().to_vec(),
-                                envelope_hash: v.envelope_hash.0.to_vec(),
-                                actor: peer.to_string(),
-                                at_ms: pipeline.now(),
-                                reason: 0,
-                                receipt_hash: receipt::receipt_hash(&r).to_vec(),
+                        let log = pb::LogEntry {
+                            event: event as i32,
+                            message_id: id.as_bytes().to_vec(),
+                            envelope_hash: v.envelope_hash.0.to_vec(),
+                            actor: peer.to_string(),
+                            at_ms: pipeline.now(),
+                            reason: v.body.reason,
+                            receipt_hash: receipt::receipt_hash(&r).to_vec(),
+                        }
+                        .encode_to_vec();
+                        if v.stage() == Stage::Rejected {
+                            // An ending: after a lost answer, the delivery may have ended
+                            // since (the peer delivered it, and its DELIVERED came back).
+                            let Some(msg) = pipeline.store.message_head(&id)? else {
+                                settle(pipeline, key).await?;
+                                settled += 1;
+                                continue;
+                            };
+                            let rejected = Ending::Peer { receipt: r, log };
+                            if end_once(pipeline, key, id, &msg, rejected).await? {
+                                pushes.forget(&msg.envelope_hash);
+                                settled += 1;
+                                settled_deferred |= entry.deferred;
+                                envelopes_went = true;
                             }
-                            .encode_to_vec(),
-                        ));
+                            continue;
+                        }
+                        ended.push((v.envelope_hash, envelope.attached));
+                        ops.push(Op::PutReceipt(id, r));
+                        ops.push(Op::Log(log));
                     }
                     Err(e) => {
                         // Keep the entry: a peer answering with a bad receipt is a fault to fix,
@@ -886,24 +902,27 @@ async fn settle(pipeline: &Pipeline, key: QueueKey) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// An envelope the peer will not have from us (it expired before it left, or the peer
-/// refused it without a receipt): its sender gets a rejected receipt from us, unless its
-/// delivery ended already ([`Pipeline::retire_unsent`]). Whether the entry left the outbox;
-/// false while another ending of the message commits (the next round looks again).
-async fn retire_unsent(
+/// Ends the delivery of an envelope in the outbox, its entry leaving with it, unless its
+/// delivery ended already ([`Pipeline::end_once`]): the peer rejected it, or it will not
+/// have it from us (it expired before it ever left, or the peer refused it without a
+/// receipt) and its sender gets a rejected receipt from us. Whether the entry left the
+/// outbox; false while another ending of the message is decided (the next round looks
+/// again).
+async fn end_once(
     pipeline: &Arc<Pipeline>,
     key: QueueKey,
     id: MessageId,
     msg: &MessageHead,
-    reason: pb::RejectReason,
+    ending: Ending,
 ) -> Result<bool, ForwardError> {
-    match pipeline
-        .retire_unsent(id, msg, reason, Op::Dequeue(key))
-        .await
-    {
-        Ok(retired) => {
-            if retired {
-                tracing::info!(message_id = %id, ?reason, "retired before the peer took it");
+    let what = match &ending {
+        Ending::Retire(reason) => format!("retired before the peer took it ({reason:?})"),
+        Ending::Peer { .. } => "rejected by the peer".to_owned(),
+    };
+    match pipeline.end_once(id, msg, Op::Dequeue(key), ending).await {
+        Ok(ended) => {
+            if ended {
+                tracing::info!(message_id = %id, "{what}");
             }
             pipeline.drop_attachments_of(msg).await;
             Ok(true)

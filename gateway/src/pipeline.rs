@@ -172,7 +172,7 @@ pub struct Pipeline {
     /// Messages whose ending (an ack, an expiry in the inbox, a delivered or rejected
     /// receipt from the peer) is being committed: one at a time per message, so that each
     /// is decided against the one before and a message never ends twice.
-    pub endings_in_flight: Mutex<std::collections::HashSet<MessageId>>,
+    pub endings: Endings,
     /// Peer links, for requests that need a peer's answer (evidence).
     pub peer_clients: HashMap<
         CountryCode,
@@ -203,27 +203,43 @@ fn entry(event: LogEvent, id: Option<&MessageId>, hash: &EnvelopeHash, actor: &s
     )
 }
 
-/// Marks a message's ending as being committed; unmarks it when dropped.
-struct EndingGuard<'a> {
-    set: &'a Mutex<std::collections::HashSet<MessageId>>,
-    id: MessageId,
-}
+/// Messages whose ending is being decided and committed.
+#[derive(Debug, Default)]
+pub struct Endings(Arc<Mutex<std::collections::HashSet<MessageId>>>);
 
-impl<'a> EndingGuard<'a> {
-    fn take(
-        set: &'a Mutex<std::collections::HashSet<MessageId>>,
-        id: MessageId,
-    ) -> Result<Self, PipelineError> {
-        let fresh = set.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
+impl Endings {
+    /// Marks message `id`'s ending as being decided; `EndingInProgress` while another is.
+    fn take(&self, id: MessageId) -> Result<EndingGuard, PipelineError> {
+        let fresh = self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
         if fresh {
-            Ok(Self { set, id })
+            Ok(EndingGuard {
+                set: self.0.clone(),
+                id,
+            })
         } else {
             Err(PipelineError::EndingInProgress)
         }
     }
 }
 
-impl Drop for EndingGuard<'_> {
+/// Marks a message's ending as being decided and committed; unmarks it when dropped. A
+/// commit it guards goes through [`Pipeline::commit_ending`], which holds it until the
+/// commit lands.
+struct EndingGuard {
+    set: Arc<Mutex<std::collections::HashSet<MessageId>>>,
+    id: MessageId,
+}
+
+/// How a message's delivery ends, for [`Pipeline::end_once`].
+pub(crate) enum Ending {
+    /// This gateway retires it: a REJECTED receipt it signs, naming the reason.
+    Retire(RejectReason),
+    /// The peer rejected it: the peer's verified REJECTED receipt, and its encoded
+    /// `pb::LogEntry`.
+    Peer { receipt: pb::Receipt, log: Vec<u8> },
+}
+
+impl Drop for EndingGuard {
     fn drop(&mut self) {
         self.set
             .lock()
@@ -456,6 +472,17 @@ impl Pipeline {
             .store
             .message_head(id)?
             .ok_or(PipelineError::NotFound)?;
+        self.repeat_of(id, &stored, hash, stage)
+    }
+
+    /// [`Self::repeat`] for a message whose stored head is read already.
+    fn repeat_of(
+        &self,
+        id: &MessageId,
+        stored: &MessageHead,
+        hash: &EnvelopeHash,
+        stage: Stage,
+    ) -> Result<pb::Receipt, PipelineError> {
         if stored.envelope_hash != hash.0 {
             return Err(PipelineError::Conflict);
         }
@@ -579,8 +606,8 @@ impl Pipeline {
         queue: Queue,
     ) -> Result<pb::Receipt, PipelineError> {
         let (id, hash) = (env.id(), env.hash());
-        if self.store.message_head(&id)?.is_some() {
-            return self.repeat(&id, &hash, Stage::Accepted).await;
+        if let Some(stored) = self.store.message_head(&id)? {
+            return self.repeat_of(&id, &stored, &hash, Stage::Accepted);
         }
         // A full store says so before it asks for chunks it could not keep.
         self.check_quota()?;
@@ -657,6 +684,31 @@ impl Pipeline {
         // Only the header (at most 4 KiB) is kept to name a refusal, not the ciphertext.
         let header = sealed.header().clone();
         let hash = sealed.hash();
+        let held = match header_id(&header) {
+            Some(id) => self.store.message_head(&id)?.map(|head| (id, head)),
+            None => None,
+        };
+        // The same envelope again from its sender's country (the answer to the first was
+        // lost) gets the receipt it got then, before anything is checked anew: the hash
+        // covers every byte, so it is the envelope verified and kept then. Checked anew, it
+        // could be refused now (expired, a policy or key changed since), and a refusal would
+        // contradict how its delivery went on here, delivered perhaps.
+        // From anyone else, a message held here is not theirs to deliver, and no receipt of
+        // ours answers it: a refusal signed over it would read as a second ending of a
+        // message this gateway sent, received or delivered.
+        if let Some((id, stored)) = held.as_ref().filter(|(_, h)| h.envelope_hash == hash.0) {
+            let from_sender = stored
+                .sender_org
+                .parse::<OrgId>()
+                .is_ok_and(|s| s.country() == peer.country());
+            if !from_sender {
+                tracing::warn!(message_id = %id, envelope_hash = %hash, peer = %peer, "a message held here, sent back by a peer not of its sender's country");
+                return Err(PipelineError::PermissionDenied(
+                    "this envelope is not yours to deliver".into(),
+                ));
+            }
+            return self.repeat_of(id, stored, &hash, Stage::Received);
+        }
         let env = match self.admit_from_peer(peer, sealed) {
             Ok(env) => env,
             Err(reason) => return self.reject_from_peer(peer, &header, hash, reason).await,
@@ -664,22 +716,24 @@ impl Pipeline {
         let span = tracing::info_span!(
             "receive", message_id = %env.id(), envelope_hash = %hash, peer = %peer
         );
-        self.receive_admitted(peer, &header, env)
+        let held = held.map(|(_, stored)| stored);
+        self.receive_admitted(peer, &header, env, held)
             .instrument(span)
             .await
     }
 
     /// An envelope from `peer` that passed [`Self::admit_from_peer`]; `header` names a
-    /// refusal.
+    /// refusal, and `held` is the stored head of a message under its id, read before.
     async fn receive_admitted(
         self: &Arc<Self>,
         peer: &SpiffeId,
         header: &HeaderBytes,
         env: VerifiedEnvelope,
+        held: Option<MessageHead>,
     ) -> Result<pb::Receipt, PipelineError> {
         let (id, hash, recipient) = (env.id(), env.hash(), env.recipient().clone());
-        if self.store.message_head(&id)?.is_some() {
-            return match self.repeat(&id, &hash, Stage::Received).await {
+        if let Some(stored) = held {
+            return match self.repeat_of(&id, &stored, &hash, Stage::Received) {
                 Err(PipelineError::Conflict) => {
                     self.reject_from_peer(peer, header, hash, RejectReason::Conflict)
                         .await
@@ -758,13 +812,10 @@ impl Pipeline {
         reason: RejectReason,
     ) -> Result<pb::Receipt, PipelineError> {
         // A rejected receipt needs the message id; without a parseable one, refuse outright.
-        let id = pb::Header::decode(header.as_bytes())
-            .ok()
-            .and_then(|h| MessageId::from_slice(&h.message_id).ok())
-            .ok_or(PipelineError::Refused {
-                reason,
-                detail: "envelope from peer refused".into(),
-            })?;
+        let id = header_id(header).ok_or(PipelineError::Refused {
+            reason,
+            detail: "envelope from peer refused".into(),
+        })?;
         tracing::warn!(message_id = %id, envelope_hash = %hash, peer = %peer, ?reason, "envelope from peer rejected");
         let ops = vec![Op::Log(
             pb::LogEntry {
@@ -854,14 +905,14 @@ impl Pipeline {
         }
         // Read the ending, decide, commit: one ending of a message at a time (items of one
         // batch are handled concurrently, and KH may expire what its recipient acks).
-        let _ending = EndingGuard::take(&self.endings_in_flight, v.message_id)?;
+        let ending = self.endings.take(v.message_id)?;
         let held = self.store.receipts(&v.message_id)?;
         if held.contains(r) {
             return Ok(()); // a resent receipt: stored and logged once
         }
         // A delivery ends once: a second, different ending (a refusal after a delivery, say)
         // is refused rather than stored beside the first.
-        if let Some(ended) = final_stage(&held, &stored) {
+        if let Some((ended, _)) = final_stage(&held, &stored) {
             return Err(PipelineError::BadReceipt(format!(
                 "the message's delivery already ended as {ended:?}"
             )));
@@ -870,12 +921,14 @@ impl Pipeline {
             Op::PutReceipt(v.message_id, r.clone()),
             receipt_entry(LogEvent::Receipt, &v, self.now()),
         ];
-        self.store
-            .commit(Tx {
+        self.commit_ending(
+            ending,
+            Tx {
                 ops,
                 receipts: None,
-            })
-            .await?;
+            },
+        )
+        .await?;
         tracing::info!(message_id = %v.message_id, stage = ?v.stage(), "receipt from peer stored");
         Ok(())
     }
@@ -941,7 +994,7 @@ impl Pipeline {
             ));
         }
         // Read the ending, decide, commit: one ending of a message at a time.
-        let _ending = EndingGuard::take(&self.endings_in_flight, v.message_id)?;
+        let ending = self.endings.take(v.message_id)?;
         let stored = self
             .store
             .message_head(&v.message_id)?
@@ -955,9 +1008,10 @@ impl Pipeline {
             ));
         }
         match final_stage(&self.store.receipts(&v.message_id)?, &stored) {
-            // Acknowledged before the same way: nothing to redo.
-            Some(s) if s == v.stage() => return Ok(()),
-            Some(s) => {
+            // Acknowledged before the same way: nothing to redo. (An expiry is a REJECTED
+            // too, but not the recipient's refusal.)
+            Some((s, reason)) if s == v.stage() && reason == v.body.reason => return Ok(()),
+            Some((s, _)) => {
                 return Err(PipelineError::FailedPrecondition(format!(
                     "the message's delivery already ended as {s:?}"
                 )))
@@ -993,12 +1047,14 @@ impl Pipeline {
                 QueueEntry::receipt(&v.message_id, r.clone()),
             ));
         }
-        self.store
-            .commit(Tx {
+        self.commit_ending(
+            ending,
+            Tx {
                 ops,
                 receipts: None,
-            })
-            .await?;
+            },
+        )
+        .await?;
         tracing::info!(message_id = %v.message_id, stage = ?v.stage(), "delivery ended by the recipient");
         self.drop_attachments_of(&stored).await;
         if remote {
@@ -1095,15 +1151,13 @@ impl Pipeline {
     ) -> Result<(), PipelineError> {
         // An ack being committed ends it first; one committed since the inbox was read
         // ended it already. Either way it is not expired too.
-        let Ok(_ending) = EndingGuard::take(&self.endings_in_flight, id) else {
-            return Ok(());
-        };
-        if final_stage(&self.store.receipts(&id)?, msg).is_some() {
-            return Ok(());
-        }
         let dequeue = Op::RemoveFromInbox(org.clone(), id);
-        let tx = self.retire(id, msg, RejectReason::Expired, dequeue)?;
-        self.store.commit(tx).await?;
+        let expiry = Ending::Retire(RejectReason::Expired);
+        match self.end_once(id, msg, dequeue, expiry).await {
+            Ok(true) => {}
+            Ok(false) | Err(PipelineError::EndingInProgress) => return Ok(()),
+            Err(e) => return Err(e),
+        }
         tracing::info!(message_id = %id, "expired before delivery");
         self.drop_attachments_of(msg).await;
         // The rejected receipt waits in the outbox towards the sender's country.
@@ -1113,33 +1167,54 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Retires an envelope of ours still in the outbox towards its peer ([`Self::retire`]),
-    /// unless its delivery ended already: a peer whose answer was lost (a dropped link, a
-    /// stop past the forwarder's grace) may have taken and delivered it, and its DELIVERED
-    /// or REJECTED receipt come back since. Then the outbox entry only leaves (`dequeue`),
-    /// and no second, contrary ending is signed. Whether it was retired;
-    /// `EndingInProgress` while another ending of it commits.
-    pub(crate) async fn retire_unsent(
+    /// Ends the delivery of message `id` (`ending`), with its queue entry leaving in the
+    /// same transaction (`dequeue`), unless the delivery ended already: a peer whose answer
+    /// was lost (a dropped link, a stop past the forwarder's grace) may have taken and
+    /// delivered it, and its DELIVERED or REJECTED receipt come back since; or a recipient
+    /// acknowledged it while it expired. Then only `dequeue` commits, and no second,
+    /// contrary ending is signed or stored. Whether `ending` was committed;
+    /// `EndingInProgress` while another ending of it is decided.
+    pub(crate) async fn end_once(
         self: &Arc<Self>,
         id: MessageId,
         msg: &MessageHead,
-        reason: RejectReason,
         dequeue: Op,
+        ending: Ending,
     ) -> Result<bool, PipelineError> {
-        let _ending = EndingGuard::take(&self.endings_in_flight, id)?;
-        if let Some(ended) = final_stage(&self.store.receipts(&id)?, msg) {
-            tracing::info!(message_id = %id, stage = ?ended, "ended already: leaves the outbox without a second ending");
-            self.store
-                .commit(Tx {
-                    ops: vec![dequeue],
-                    receipts: None,
-                })
-                .await?;
+        let guard = self.endings.take(id)?;
+        if let Some((ended, _)) = final_stage(&self.store.receipts(&id)?, msg) {
+            tracing::info!(message_id = %id, stage = ?ended, "ended already: its entry leaves without a second ending");
+            let tx = Tx {
+                ops: vec![dequeue],
+                receipts: None,
+            };
+            self.commit_ending(guard, tx).await?;
             return Ok(false);
         }
-        let tx = self.retire(id, msg, reason, dequeue)?;
-        self.store.commit(tx).await?;
+        let tx = match ending {
+            Ending::Retire(reason) => self.retire(id, msg, reason, dequeue)?,
+            Ending::Peer { receipt, log } => Tx {
+                ops: vec![dequeue, Op::PutReceipt(id, receipt), Op::Log(log)],
+                receipts: None,
+            },
+        };
+        self.commit_ending(guard, tx).await?;
         Ok(true)
+    }
+
+    /// Commits the transaction of an ending decided under `guard`, and holds the guard
+    /// until the commit lands, not only while the caller waits: a caller cancelled
+    /// meanwhile (a client that hung up) leaves the transaction with the store, and no
+    /// other ending of the message may be decided before it shows.
+    async fn commit_ending(&self, guard: EndingGuard, tx: Tx) -> Result<TxOutcome, StoreError> {
+        let commit = self.store.commit(tx);
+        tokio::spawn(async move {
+            let outcome = commit.await;
+            drop(guard);
+            outcome
+        })
+        .await
+        .map_err(|e| StoreError::Engine(format!("an ending's commit stopped: {e}")))?
     }
 
     /// The one transaction that retires an envelope this gateway will not deliver (expired,
@@ -1211,16 +1286,24 @@ impl Pipeline {
     }
 }
 
+/// The message id an envelope's header names, if it parses: before the envelope is verified,
+/// only to look it up or name a refusal.
+fn header_id(header: &HeaderBytes) -> Option<MessageId> {
+    pb::Header::decode(header.as_bytes())
+        .ok()
+        .and_then(|h| MessageId::from_slice(&h.message_id).ok())
+}
+
 /// How the message's delivery ended, if one of its receipts `held` says so: DELIVERED or
-/// REJECTED.
-fn final_stage(held: &[pb::Receipt], stored: &MessageHead) -> Option<Stage> {
+/// REJECTED, and the receipt's reason.
+fn final_stage(held: &[pb::Receipt], stored: &MessageHead) -> Option<(Stage, i32)> {
     held.iter().find_map(|r| {
         let body = pb::ReceiptBody::decode(r.body.as_slice()).ok()?;
         if body.envelope_hash != stored.envelope_hash {
             return None;
         }
         match pb::Stage::try_from(body.stage) {
-            Ok(s @ (Stage::Delivered | Stage::Rejected)) => Some(s),
+            Ok(s @ (Stage::Delivered | Stage::Rejected)) => Some((s, body.reason)),
             _ => None,
         }
     })

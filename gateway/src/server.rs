@@ -324,7 +324,7 @@ pub async fn start(
         checkpoint_lock: tokio::sync::Mutex::new(()),
         witness_lock: tokio::sync::Mutex::new(()),
         witness_alarms: std::sync::atomic::AtomicU64::new(0),
-        endings_in_flight: std::sync::Mutex::new(std::collections::HashSet::new()),
+        endings: Default::default(),
         peer_clients,
     });
 

@@ -758,3 +758,108 @@ async fn a_backlog_is_acknowledged_in_one_call_each_receipt_decided_on_its_own()
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     net.shutdown().await;
 }
+
+/// AHTD's acknowledgement is cancelled once KH's gateway handed its commit to the store (a
+/// client that hung up), and AHTD's refusal of the same message comes right behind it:
+/// the refusal is decided only against the landed acknowledgement, so the message ends
+/// once. Released with the cancelled call instead, the guard let the refusal read the
+/// chain before the acknowledgement landed, and both were stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_acknowledgement_still_holds_off_a_contrary_ending_until_it_lands() {
+    use std::future::Future as _;
+    let net = two_countries().await;
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    let to = net.org_id("kh", "ahtd").unwrap();
+    let mut ahtd = net.client("kh", "ahtd").await.unwrap();
+    let kh = net.gateway("kh").unwrap().pipeline.clone();
+    let caller: accord_proto::ids::SpiffeId = to.to_string().parse().unwrap();
+    for round in 0..5 {
+        let sent = vn
+            .send(&to, &alert("acked, then refused"), &SendOptions::new("C11"))
+            .await
+            .unwrap();
+        let got = fetch_n(&mut ahtd, 1).await.unwrap();
+        let (id, hash) = (got[0].envelope.id(), got[0].envelope.hash());
+        let ending = |stage: Stage, reason: pb::RejectReason| {
+            let body = pb::ReceiptBody {
+                envelope_hash: hash.0.to_vec(),
+                message_id: id.as_bytes().to_vec(),
+                stage: stage as i32,
+                signer: to.to_string(),
+                signer_key_id: ahtd.keys().signing.key_id().to_owned(),
+                at_ms: accord_tests::now_ms(),
+                log_index: 0,
+                reason: reason as i32,
+            };
+            accord_proto::receipt::sign(&body, &ahtd.keys().signing)
+        };
+        let delivered = ending(Stage::Delivered, pb::RejectReason::Unspecified);
+        let refused = ending(Stage::Rejected, pb::RejectReason::RefusedByRecipient);
+        {
+            let mut ack = std::pin::pin!(kh.ack(&caller, &delivered));
+            let polled = std::future::poll_fn(|cx| std::task::Poll::Ready(ack.as_mut().poll(cx)));
+            assert!(polled.await.is_pending(), "the commit waits for its sync");
+        }
+        // The acknowledgement's commit is with the store; its caller is gone.
+        let refusal = kh.ack(&caller, &refused).await;
+        assert!(refusal.is_err(), "round {round}: {refusal:?}");
+        // Its commit lands on its own.
+        let mut endings = Vec::new();
+        for _ in 0..200 {
+            let (_, chain) = ahtd.status(&sent.id).await.unwrap();
+            endings = chain
+                .iter()
+                .map(|r| r.stage())
+                .filter(|s| matches!(s, Stage::Delivered | Stage::Rejected))
+                .collect();
+            if !endings.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(endings, vec![Stage::Delivered], "round {round}");
+    }
+    net.shutdown().await;
+}
+
+/// AHTD opened an alert that then expired in KH's inbox. Its refusal, coming after, is
+/// refused as too late (the delivery ended as expired), not answered as if it were on
+/// record: an expiry is a REJECTED too, but not the recipient's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_after_the_message_expired_in_the_inbox_is_refused_as_too_late() {
+    let net = two_countries().await;
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    let to = net.org_id("kh", "ahtd").unwrap();
+    let mut ahtd = net.client("kh", "ahtd").await.unwrap();
+    let short = SendOptions {
+        ttl_ms: 1_500,
+        ..SendOptions::new("C11")
+    };
+    let sent = vn
+        .send(&to, &alert("opened, then expired"), &short)
+        .await
+        .unwrap();
+    let got = fetch_n(&mut ahtd, 1).await.unwrap();
+    let (id, hash) = (got[0].envelope.id(), got[0].envelope.hash());
+    // Past its expiry, the next look at the inbox retires it.
+    let wait = (got[0].envelope.header().expires_at_ms - accord_tests::now_ms()).max(0) as u64;
+    tokio::time::sleep(Duration::from_millis(wait + 200)).await;
+    assert!(ahtd.fetch(10).await.unwrap().is_empty());
+    let chain = wait_stage(&mut vn, &sent.id, Stage::Rejected)
+        .await
+        .unwrap();
+    let refused = ahtd.refuse(&id, &hash).await;
+    match refused {
+        Err(accord_client::org::ClientError::Gateway(s)) => {
+            assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let reasons: Vec<i32> = chain
+        .iter()
+        .filter(|r| r.stage() == Stage::Rejected)
+        .map(|r| r.body.reason)
+        .collect();
+    assert_eq!(reasons, vec![pb::RejectReason::Expired as i32]);
+    net.shutdown().await;
+}

@@ -339,18 +339,39 @@ async fn a_peer_cannot_relay_envelopes_of_another_country_or_for_another_country
     .await
     .unwrap();
     let got = accord_tests::fetch_n(&mut c02, 1).await.unwrap();
+    // And a genuine LA -> KH envelope, which KH tries to pass off to VN.
+    let mut ahtd = net.client("kh", "ahtd").await.unwrap();
+    dcp.send(
+        &net.org_id("kh", "ahtd").unwrap(),
+        &alert("from la to kh"),
+        &SendOptions::new("P4"),
+    )
+    .await
+    .unwrap();
+    let to_kh = accord_tests::fetch_n(&mut ahtd, 1).await.unwrap();
     let mut kh = accord_tests::peer_link_as(&net, "kh", "vn").unwrap();
     let resp = kh
         .deliver(pb::DeliverRequest {
-            items: vec![pb::PeerItem {
-                item: Some(pb::peer_item::Item::Envelope(got[0].envelope.to_wire())),
-            }],
+            items: [&got[0], &to_kh[0]]
+                .map(|o| pb::PeerItem {
+                    item: Some(pb::peer_item::Item::Envelope(o.envelope.to_wire())),
+                })
+                .into(),
         })
         .await
         .unwrap()
         .into_inner();
+    // VN holds the first: no receipt of VN's answers it, not even a refusal, which would
+    // read as a second ending of a message VN delivered.
+    let held = &resp.results[0];
+    assert!(
+        held.receipt.is_none() && !held.refused.is_empty(),
+        "{held:?}"
+    );
+    // The second is refused with a receipt naming why.
     let body =
-        pb::ReceiptBody::decode(resp.results[0].receipt.as_ref().unwrap().body.as_slice()).unwrap();
+        pb::ReceiptBody::decode(resp.results[1].receipt.as_ref().unwrap().body.as_slice()).unwrap();
+    assert_eq!(body.stage, Stage::Rejected as i32);
     assert_eq!(body.reason, pb::RejectReason::SenderMismatch as i32);
     net.shutdown().await;
 }
@@ -478,6 +499,77 @@ async fn two_endings_of_one_message_in_one_batch_end_it_once() {
         ended[0].wire,
         endings[1 - retried[0]],
         "the ending taken first stays"
+    );
+    net.shutdown().await;
+}
+
+/// VN sends an envelope again that KH took and AHTD acknowledged, as after an answer lost
+/// on the way back, and only once it expired: KH answers with the RECEIVED receipt it gave
+/// the first time, not a refusal as expired, which would contradict the delivery. The same
+/// bytes from a gateway of another country get no receipt of KH's, not even a refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_envelope_kh_holds_gets_its_first_receipt_even_past_its_expiry() {
+    let net = net().await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let mut ahtd = net.client("kh", "ahtd").await.unwrap();
+    // Long enough for AHTD's acknowledgement to beat KH's own expiry on a loaded machine.
+    let short = SendOptions {
+        ttl_ms: 5_000,
+        ..SendOptions::new("C11")
+    };
+    let to = net.org_id("kh", "ahtd").unwrap();
+    let sent = c02.send(&to, &alert("taken"), &short).await.unwrap();
+    let got = accord_tests::fetch_n(&mut ahtd, 1).await.unwrap();
+    ahtd.ack(&got[0]).await.unwrap();
+    let chain = accord_tests::wait_stage(&mut c02, &sent.id, Stage::Delivered)
+        .await
+        .unwrap();
+    let vn = net.gateway("vn").unwrap().pipeline.clone();
+    let envelope = vn
+        .store
+        .message(&sent.id)
+        .unwrap()
+        .unwrap()
+        .envelope
+        .unwrap();
+    let expires = vn
+        .store
+        .message_head(&sent.id)
+        .unwrap()
+        .unwrap()
+        .expires_at_ms;
+    let wait = (expires - accord_tests::now_ms() + 100).max(0) as u64;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+
+    let mut kh = accord_tests::peer_link_as(&net, "vn", "kh").unwrap();
+    let answer = kh
+        .deliver(pb::DeliverRequest {
+            items: vec![pb::PeerItem {
+                item: Some(pb::peer_item::Item::Envelope(envelope.clone())),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = chain.iter().find(|r| r.stage() == Stage::Received).unwrap();
+    let again = answer.results[0].receipt.as_ref().expect("a receipt");
+    assert_eq!(again, &first.wire, "the receipt given the first time");
+
+    let kh_pipeline = net.gateway("kh").unwrap().pipeline.clone();
+    let log_size = kh_pipeline.store.log_size().unwrap();
+    let thai: accord_proto::ids::SpiffeId = "spiffe://th.accord/gateway/bangkok".parse().unwrap();
+    let answer = kh_pipeline.receive(&thai, envelope).await;
+    assert!(
+        matches!(
+            answer,
+            Err(accord_gateway::pipeline::PipelineError::PermissionDenied(_))
+        ),
+        "{answer:?}"
+    );
+    assert_eq!(
+        kh_pipeline.store.log_size().unwrap(),
+        log_size,
+        "nothing kept"
     );
     net.shutdown().await;
 }

@@ -36,6 +36,8 @@ enum Answer {
     Take,
     /// For an envelope, a RECEIVED receipt that claims KH's key but is signed with another.
     Forge,
+    /// For an envelope, a REJECTED receipt (expired) signed with KH's key.
+    Reject,
     /// `retry_reason`: the peer lacks the envelope's attachment chunks.
     ChunksMissing,
 }
@@ -215,19 +217,23 @@ impl StandIn {
                 refused: "the stand-in refuses it".into(),
                 ..Default::default()
             },
-            (Answer::Nothing, _) | (Answer::Take | Answer::Forge, None) => {
+            (Answer::Nothing, _) | (Answer::Take | Answer::Forge | Answer::Reject, None) => {
                 pb::PeerResult::default()
             }
-            (Answer::Take | Answer::Forge, Some(hash)) => {
+            (Answer::Take | Answer::Forge | Answer::Reject, Some(hash)) => {
+                let (stage, reason) = match answer {
+                    Answer::Reject => (Stage::Rejected, pb::RejectReason::Expired),
+                    _ => (Stage::Received, pb::RejectReason::Unspecified),
+                };
                 let body = pb::ReceiptBody {
                     envelope_hash: hash.0.to_vec(),
                     message_id: id.as_bytes().to_vec(),
-                    stage: Stage::Received as i32,
+                    stage: stage as i32,
                     signer: KH_GATEWAY.into(),
                     signer_key_id: self.key.key_id().into(),
                     at_ms: accord_tests::now_ms(),
                     log_index: 0,
-                    reason: 0,
+                    reason: reason as i32,
                 };
                 let key = match answer {
                     Answer::Forge => &SigningKey::generate(self.key.key_id()).unwrap(),
@@ -852,11 +858,10 @@ async fn what_the_peer_refuses_leaves_the_outbox_and_the_sender_learns_it() {
     net.shutdown().await;
 }
 
-/// An envelope back in VN's outbox after its delivery ended (a lost answer), then refused
-/// by the peer without a receipt, leaves the outbox without a REJECTED of VN's beside the
-/// DELIVERED the recipient signed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refusal_of_an_envelope_whose_delivery_ended_adds_no_second_ending() {
+/// VN C02's alert, received and delivered at KH, is back in VN's outbox as after an answer
+/// lost on the way back; the stand-in then in KH's place answers it with `answer`. The
+/// stages of the sender's chain once the entry left the outbox.
+async fn ended_then_answered(answer: Answer) -> Vec<Stage> {
     let mut net = net().await;
     let mut c02 = net.client("vn", "c02").await.unwrap();
     let sent = alert_received_at_kh(&net, &mut c02, "delivered, answer lost")
@@ -868,7 +873,7 @@ async fn a_refusal_of_an_envelope_whose_delivery_ended_adds_no_second_ending() {
     wait_stage(&mut c02, &sent.id, Stage::Delivered)
         .await
         .unwrap();
-    let stand_in = replace_kh(&mut net, Answer::Take, Answer::Refuse).await;
+    let stand_in = replace_kh(&mut net, Answer::Take, answer).await;
     let vn = net.gateway("vn").unwrap().pipeline.clone();
     let again = Op::Enqueue(
         Queue::Outbox("kh".parse().unwrap()),
@@ -883,12 +888,29 @@ async fn a_refusal_of_an_envelope_whose_delivery_ended_adds_no_second_ending() {
         .await
         .unwrap();
     outbox_empties(&net).await;
-    assert_eq!(stand_in.envelopes_offered(), vec![sent.id], "refused once");
+    assert_eq!(stand_in.envelopes_offered(), vec![sent.id], "answered once");
     let (_, chain) = c02.status(&sent.id).await.unwrap();
-    let stages: Vec<Stage> = chain.iter().map(|r| r.stage()).collect();
+    net.shutdown().await;
+    chain.iter().map(|r| r.stage()).collect()
+}
+
+/// The peer refuses (without a receipt) an envelope whose delivery ended: the entry leaves,
+/// and VN signs no REJECTED beside the DELIVERED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_of_an_envelope_whose_delivery_ended_adds_no_second_ending() {
+    let stages = ended_then_answered(Answer::Refuse).await;
     assert!(stages.contains(&Stage::Delivered), "{stages:?}");
     assert!(!stages.contains(&Stage::Rejected), "{stages:?}");
-    net.shutdown().await;
+}
+
+/// The peer answers a REJECTED receipt of its own for an envelope whose delivery ended (as
+/// a gateway that checks expiry before its duplicates would): the entry leaves, and the
+/// peer's rejection is not stored beside the DELIVERED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_rejection_of_an_envelope_whose_delivery_ended_is_not_stored_beside_it() {
+    let stages = ended_then_answered(Answer::Reject).await;
+    assert!(stages.contains(&Stage::Delivered), "{stages:?}");
+    assert!(!stages.contains(&Stage::Rejected), "{stages:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
