@@ -26,6 +26,9 @@ struct Sent {
     id: MessageId,
     /// Set when the entry is an envelope (not a receipt travelling back).
     envelope: Option<SentEnvelope>,
+    /// Whether this call marked the entry as one the peer may hold ([`Op::SetSent`]): no
+    /// call before it reached the peer.
+    marked_here: bool,
 }
 
 /// What settling a sent envelope needs of its stored message, kept from the read that sent
@@ -71,6 +74,12 @@ fn call_limit(cfg: &ForwarderConfig, bytes: usize) -> Duration {
     Duration::from_millis(cfg.call_timeout_ms) + Duration::from_secs((bytes >> 20) as u64)
 }
 
+/// How many rounds of calls ([`Link::mark_ahead`]) are marked, at most, by the commit that
+/// marks a call's entries. At 64 senders, a commit before every call cost about 9% of the
+/// end-to-end throughput and doubled its p50; one for every fifth call, about 5%; one for
+/// every ninth, nothing beyond the noise (docs/performance.md, "A delivery ends once").
+const MARK_AHEAD: usize = 4;
+
 /// How long a stopping forwarder waits for the peer to answer the calls it has out.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -93,6 +102,7 @@ pub async fn run(
         pushes: Arc::new(Pushes::default()),
         retries: Retries::default(),
         flights: VecDeque::new(),
+        premarked: Default::default(),
         working: false,
     };
     // Failed rounds in a row (the link, our store), and rounds in a row the peer's store
@@ -175,6 +185,9 @@ pub async fn run(
     {
         tracing::warn!(peer = %link.peer, "calls to the peer still out at shutdown: sent again at the next start");
     }
+    if let Err(e) = link.unmark_ahead().await {
+        tracing::warn!(peer = %link.peer, error = %e, "entries marked ahead stay marked: the peer's answer will end them");
+    }
     link.pushes.stop().await;
 }
 
@@ -212,6 +225,11 @@ struct Link {
     retries: Retries,
     /// Deliver calls out on the link, oldest first; at most `cfg.in_flight`.
     flights: VecDeque<Flight>,
+    /// Outbox entries marked as ones the peer may hold ahead of the call that will carry
+    /// them ([`Link::send`]), so that most calls need no commit of their own before they
+    /// go; none of them went yet. Unmarked when the link finds the peer unreachable and
+    /// when the forwarder stops.
+    premarked: std::collections::HashSet<QueueKey>,
     /// A call answered lately moved entries, so the link works and more than one call may
     /// go out. From the start, after a quiet spell, after a failure, and after a peer whose
     /// store took nothing ("quota full"), one call at a time tries it: a full or
@@ -384,7 +402,11 @@ impl Link {
                         batch.progressed = true;
                         continue;
                     };
-                    if now >= msg.head.expires_at_ms {
+                    // Expired before it ever left: no one else may hold it, and its sender
+                    // learns now. One that may have reached the peer goes again instead,
+                    // and the peer's answer ends it: the receipt it gave then, or its
+                    // rejection as expired.
+                    if now >= msg.head.expires_at_ms && !entry.may_have_left() {
                         let expired = Ending::Retire(pb::RejectReason::Expired);
                         if end_once(pipeline, key, id, &msg.head, expired).await? {
                             pushes.forget(&msg.head.envelope_hash);
@@ -418,6 +440,7 @@ impl Link {
                 entry,
                 id,
                 envelope,
+                marked_here: false,
             });
         }
         // The last entry read may have closed the batch.
@@ -427,7 +450,7 @@ impl Link {
     }
 
     /// Puts `batch` on the link in a call of its own.
-    async fn send(&mut self, batch: Batch) {
+    async fn send(&mut self, mut batch: Batch) {
         // Envelopes may be signed under keys of a directory version the peer has not seen
         // yet (a rotation): offer it first, or the peer would reject them as UNKNOWN_SENDER
         // for good.
@@ -452,10 +475,38 @@ impl Link {
                 }
             }
         }
+        // Marked before they go: whatever becomes of the answer, the peer may hold them from
+        // now on, and only its word ends their delivery (not this gateway's expiry).
+        let mut unmarked: Vec<Op> = Vec::new();
+        for s in batch.sent.iter_mut() {
+            if self.premarked.remove(&s.key) {
+                s.marked_here = true;
+            } else if s.envelope.is_some() && !s.entry.may_have_left() {
+                (s.entry.unsent, s.marked_here) = (false, true);
+                unmarked.push(Op::SetSent(s.key.clone(), true));
+            }
+        }
+        if !unmarked.is_empty() {
+            // The entries the next calls will likely carry are marked in the same commit.
+            unmarked.extend(self.mark_ahead(&batch.sent));
+        }
+        let store = self.pipeline.store.clone();
         let mut client = self.client.clone();
         let request = pb::DeliverRequest { items: batch.items };
         let limit = call_limit(&self.cfg, batch.bytes);
+        // The marks' sync is waited for in the call's task, while the next batch is read.
         let answer = tokio::spawn(async move {
+            if !unmarked.is_empty() {
+                let marks = Tx {
+                    ops: unmarked,
+                    receipts: None,
+                };
+                if let Err(e) = store.commit(marks).await {
+                    return Err(tonic::Status::unavailable(format!(
+                        "not sent: the entries could not be marked as sent: {e}"
+                    )));
+                }
+            }
             match tokio::time::timeout(limit, client.deliver(request)).await {
                 Ok(answer) => answer.map(tonic::Response::into_inner),
                 Err(_) => Err(tonic::Status::deadline_exceeded(format!(
@@ -471,6 +522,68 @@ impl Link {
             answer,
             outcome: None,
         });
+    }
+
+    /// Marks for up to `MARK_AHEAD × in_flight × batch` envelope entries behind `sending`
+    /// that never went, noted in `premarked`.
+    fn mark_ahead(&mut self, sending: &[Sent]) -> Vec<Op> {
+        let most = MARK_AHEAD * self.cfg.in_flight.max(1) * self.cfg.batch;
+        let room = most.saturating_sub(self.premarked.len());
+        if room == 0 {
+            return Vec::new();
+        }
+        let out: std::collections::HashSet<&QueueKey> = self
+            .flights
+            .iter()
+            .flat_map(|f| f.sent.iter())
+            .chain(sending)
+            .map(|s| &s.key)
+            .collect();
+        let limit = out.len() + self.premarked.len() + self.retries.held() + room;
+        let Ok(entries) = self.pipeline.store.queue(&self.queue, limit) else {
+            return Vec::new();
+        };
+        // Those that left the outbox otherwise, or went behind what is read, are no longer
+        // counted: at worst one stays marked, and the peer's answer ends it.
+        let read: std::collections::HashSet<&QueueKey> = entries.iter().map(|(k, _)| k).collect();
+        self.premarked.retain(|k| read.contains(k));
+        let ahead: Vec<QueueKey> = entries
+            .into_iter()
+            .filter(|(key, entry)| {
+                entry.receipt.is_none()
+                    && !entry.may_have_left()
+                    && !out.contains(key)
+                    && !self.premarked.contains(key)
+                    && !self.retries.holds_back(key)
+            })
+            .map(|(key, _)| key)
+            .take(room)
+            .collect();
+        self.premarked.extend(ahead.iter().cloned());
+        ahead
+            .into_iter()
+            .map(|key| Op::SetSent(key, true))
+            .collect()
+    }
+
+    /// Unmarks the entries marked ahead: none of them went.
+    async fn unmark_ahead(&mut self) -> Result<(), StoreError> {
+        if self.premarked.is_empty() {
+            return Ok(());
+        }
+        let ops = self
+            .premarked
+            .drain()
+            .map(|key| Op::SetSent(key, false))
+            .collect();
+        self.pipeline
+            .store
+            .commit(Tx {
+                ops,
+                receipts: None,
+            })
+            .await?;
+        Ok(())
     }
 
     /// Waits for the peer's answer to `flight` and settles it. An answer that moved
@@ -493,11 +606,20 @@ impl Link {
         let response = match answer {
             Ok(Ok(response)) => response,
             Ok(Err(s)) => {
+                if crate::tls::never_left(&s) {
+                    // Not one byte of it reached the peer: what this call marked is
+                    // unmarked, and may expire here again (a peer down for days holds
+                    // nothing of ours).
+                    // So are the entries marked ahead.
+                    let unmark = sent.iter().filter(|s| s.marked_here);
+                    self.premarked.extend(unmark.map(|s| s.key.clone()));
+                    self.unmark_ahead().await?;
+                }
                 return Err(ForwardError::Unavailable(format!(
                     "{:?}: {:?}",
                     s.code(),
                     peer_text(s.message())
-                )))
+                )));
             }
             Err(e) => {
                 return Err(ForwardError::Unavailable(format!(
@@ -539,6 +661,7 @@ impl Link {
                 entry,
                 id,
                 envelope,
+                marked_here,
             },
             result,
         ) in sent.into_iter().zip(response.results)
@@ -552,6 +675,15 @@ impl Link {
                     && start_push(pipeline, self.client.clone(), peer, id, pushes, cfg);
                 let peer_wide =
                     [RETRY_QUOTA_FULL, RETRY_STORAGE_ERROR].contains(&result.retry_reason.as_str());
+                // A full store, or missing chunks, is the peer's answer before it keeps
+                // anything (one it holds gets its receipt first): if no call reached it
+                // before this one, it holds nothing of this envelope, which may expire here
+                // again. Unmarked before a deferral moves the entry.
+                let not_kept = [RETRY_QUOTA_FULL, crate::transfer::CHUNKS_MISSING]
+                    .contains(&result.retry_reason.as_str());
+                if marked_here && not_kept {
+                    batch_ops.push(Op::SetSent(key.clone(), false));
+                }
                 let what = if pushing {
                     PutOff::Held
                 } else {

@@ -641,26 +641,65 @@ pub fn client_config(
     Ok(config)
 }
 
+/// A connection to a peer that could not be made (TCP, TLS, or no answer within
+/// [`CONNECT_LIMIT`]): a call that fails with it as its cause never left this gateway
+/// ([`never_left`]).
+#[derive(Debug, thiserror::Error)]
+#[error("peer not reached: {0}")]
+pub struct PeerNotReached(#[source] std::io::Error);
+
+/// How long a connection to a peer may take to open, TLS handshake included.
+const CONNECT_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether the call that failed with `status` never left this gateway: its connection to
+/// the peer could not be made, so no byte of the request reached the peer. Anything else
+/// (a connection dropped, a deadline, an error status) may have come after the peer took
+/// the request.
+///
+/// Sound while the channel is as [`channel`] builds it: connected lazily (tonic's reconnect
+/// hands a failed connection's error to the next call instead of sending it), with no
+/// retry layer that could resend a call over a new connection, and no TLS early data
+/// (resumption is off in [`client_config`]).
+pub fn never_left(status: &tonic::Status) -> bool {
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        if e.is::<PeerNotReached>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// A lazily connecting gRPC channel over our own TLS: tonic's built-in TLS would allow
 /// TLS 1.2 and check DNS names, where we check SPIFFE ids.
 pub fn channel(addr: SocketAddr, config: rustls::ClientConfig) -> tonic::transport::Channel {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let service = tower::service_fn(move |_uri: tonic::codegen::http::Uri| {
         let connector = connector.clone();
-        async move {
+        let connect = async move {
             let tcp = tokio::net::TcpStream::connect(addr).await?;
             tcp.set_nodelay(true)?;
             // The name is unused for verification (SPIFFE ids are); an IP sends no SNI.
             let name = ServerName::IpAddress(addr.ip().into());
-            let tls = connector.connect(name, tcp).await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            connector.connect(name, tcp).await
+        };
+        async move {
+            let tls = match tokio::time::timeout(CONNECT_LIMIT, connect).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return Err(PeerNotReached(e)),
+                Err(_) => {
+                    let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "no connection");
+                    return Err(PeerNotReached(e));
+                }
+            };
+            Ok(hyper_util::rt::TokioIo::new(tls))
         }
     });
     // The URI only satisfies the builder; the connector above decides where to go.
     // HTTP/2 pings find a peer gone without closing the connection (a cut link, a host
     // down) within 40 s, idle or not, instead of when TCP gives up.
     tonic::transport::Endpoint::from_static("http://accord.invalid")
-        .connect_timeout(std::time::Duration::from_secs(5))
         .http2_keep_alive_interval(std::time::Duration::from_secs(30))
         .keep_alive_timeout(std::time::Duration::from_secs(10))
         .keep_alive_while_idle(true)

@@ -501,6 +501,38 @@ async fn an_envelope_that_expires_in_the_queue_is_not_delivered_and_its_sender_g
     net.shutdown().await;
 }
 
+/// An envelope that expires while KH stays down is retired by VN, and its sender learns it
+/// without waiting for KH: the forwarder's calls never reached KH (no connection), so
+/// nothing marks the envelope as one KH may hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_that_expires_while_its_peer_stays_down_is_retired_here() {
+    let mut net = two_countries().await;
+    net.stop_gateway("kh").await.unwrap();
+    // VN notices its connection to KH closed: a call on a connection closing under it may
+    // have reached KH, and would rightly leave the envelope to KH's word.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut vn = net.client("vn", "c02").await.unwrap();
+    let to = net.org_id("kh", "ahtd").unwrap();
+    let short = SendOptions {
+        ttl_ms: 1_000,
+        ..SendOptions::new("C11")
+    };
+    let doomed = vn.send(&to, &alert("too late"), &short).await.unwrap();
+    let chain = wait_stage(&mut vn, &doomed.id, Stage::Rejected)
+        .await
+        .unwrap();
+    let rejected = chain.iter().find(|r| r.stage() == Stage::Rejected).unwrap();
+    assert_eq!(rejected.body.reason, pb::RejectReason::Expired as i32);
+    assert_eq!(
+        rejected.signer.to_string(),
+        "spiffe://vn.accord/gateway/hanoi"
+    );
+    let outbox = Queue::Outbox("kh".parse().unwrap());
+    let vn_store = net.gateway("vn").unwrap().pipeline.store.clone();
+    assert!(vn_store.queue(&outbox, 10).unwrap().is_empty());
+    net.shutdown().await;
+}
+
 /// VN C02 sends KH AHTD an alert with a short life, and AHTD acknowledges it (or refuses
 /// it, `refuse`); then, with KH down, VN's outbox holds the envelope again, as after a lost
 /// answer, until the forwarder takes it off past its expiry. The stages and reasons of the

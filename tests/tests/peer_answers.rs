@@ -79,9 +79,24 @@ struct Script {
 struct StandIn {
     key: Arc<SigningKey>,
     script: Arc<Mutex<Script>>,
+    /// Its server, stopped by [`StandIn::stop`].
+    server: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    stopping: Arc<tokio::sync::Notify>,
 }
 
 impl StandIn {
+    /// Stops serving and closes its connections: the peer is down.
+    async fn stop(&self) {
+        self.stopping.notify_one();
+        let server = self.server.lock().unwrap().take();
+        if let Some(server) = server {
+            tokio::time::timeout(Duration::from_secs(10), server)
+                .await
+                .expect("the stand-in stops")
+                .unwrap();
+        }
+    }
+
     fn answer(&self, receipts: Answer, envelopes: Answer) {
         let mut s = self.script.lock().unwrap();
         s.receipts = receipts;
@@ -376,15 +391,21 @@ async fn stand_in_for_kh(
             taken: Vec::new(),
             quota: usize::MAX,
         })),
+        server: Arc::new(Mutex::new(None)),
+        stopping: Arc::new(tokio::sync::Notify::new()),
     };
     let listener = accord_client::localnet::bind_again(addr).await.unwrap();
     let incoming = accord_gateway::listener::incoming(listener, config, "stand-in");
     let service = pb::peer_link_server::PeerLinkServer::new(stand_in.clone());
-    tokio::spawn(
+    let stopping = stand_in.stopping.clone();
+    let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming(incoming),
-    );
+            .serve_with_incoming_shutdown(incoming, stopping.notified())
+            .await
+            .unwrap();
+    });
+    *stand_in.server.lock().unwrap() = Some(server);
     stand_in
 }
 
@@ -1058,5 +1079,181 @@ async fn a_peer_whose_quota_is_full_is_sent_one_batch_per_backoff_and_nothing_is
         wait_stage(&mut c02, id, Stage::Received).await.unwrap();
     }
     outbox_empties(&net).await;
+    net.shutdown().await;
+}
+
+/// An envelope that went to the peer, whose answers told nothing of it yet (the peer asks to
+/// retry it), is not expired by VN when its time runs out: the peer may hold it (an answer
+/// lost would look the same), so it goes again, and the peer's answer ends it. Here the
+/// peer takes it at last; the sender's chain holds its RECEIVED and no REJECTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_that_may_have_reached_the_peer_is_not_expired_here_but_sent_again() {
+    let mut net = net().await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let stand_in = replace_kh(&mut net, Answer::Take, Answer::Retry).await;
+    let short = SendOptions {
+        ttl_ms: 1_000,
+        ..SendOptions::new("C11")
+    };
+    let to = net.org_id("kh", "ahtd").unwrap();
+    let sent = c02.send(&to, &alert("went"), &short).await.unwrap();
+    eventually(|| !stand_in.envelope_offers(&sent.id).is_empty()).await;
+    let vn = net.gateway("vn").unwrap().pipeline.clone();
+    let expires = vn
+        .store
+        .message_head(&sent.id)
+        .unwrap()
+        .unwrap()
+        .expires_at_ms;
+    let left = Duration::from_millis((expires - accord_tests::now_ms()).max(0) as u64);
+    let expired_at = std::time::Instant::now() + left;
+    // Offered again twice past its expiry, and still not ended.
+    let offered_since = || {
+        let offers = stand_in.envelope_offers(&sent.id);
+        offers.iter().filter(|at| **at > expired_at).count()
+    };
+    eventually(|| offered_since() >= 2).await;
+    assert!(
+        offered_since() >= 2,
+        "offered {} times since",
+        offered_since()
+    );
+    let (_, chain) = c02.status(&sent.id).await.unwrap();
+    assert_eq!(
+        accord_client::org::furthest_stage(&chain),
+        Stage::Accepted,
+        "not retired here"
+    );
+    assert_eq!(vn_outbox(&net), (0, 1));
+    stand_in.answer_envelope_of(sent.id, Answer::Take);
+    let chain = wait_stage(&mut c02, &sent.id, Stage::Received)
+        .await
+        .unwrap();
+    assert!(chain.iter().all(|r| r.stage() != Stage::Rejected));
+    outbox_empties(&net).await;
+    net.shutdown().await;
+}
+
+/// A call the peer never answers (its answer lost, as far as VN can tell) leaves its
+/// envelope marked as one the peer may hold; the peer then goes down, and VN's calls find
+/// no connection. Past the envelope's expiry VN does not retire it: only the peer's word
+/// ends it, here its REJECTED once it is back, which the sender's chain then holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_whose_call_went_unanswered_waits_for_the_peer_past_its_expiry() {
+    let mut net = accord_tests::vn_and_kh()
+        .forwarder_call_timeout_ms(300)
+        .checkpoint_interval_ms(600_000)
+        .start()
+        .await
+        .unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let stand_in = replace_kh(&mut net, Answer::Take, Answer::Take).await;
+    stand_in.hang(1);
+    let short = SendOptions {
+        ttl_ms: 1_500,
+        ..SendOptions::new("C11")
+    };
+    let to = net.org_id("kh", "ahtd").unwrap();
+    let sent = c02.send(&to, &alert("unanswered"), &short).await.unwrap();
+    eventually(|| !stand_in.calls().is_empty()).await;
+    // The peer goes down with the call out; the call's own limit runs out at VN, which
+    // cannot tell whether the peer took it. VN restarts: the mark is on disk.
+    stand_in.stop().await;
+    net.stop_gateway("vn").await.unwrap();
+    net.start_gateway("vn").await.unwrap();
+    let vn = net.gateway("vn").unwrap().pipeline.clone();
+    let expires = vn
+        .store
+        .message_head(&sent.id)
+        .unwrap()
+        .unwrap()
+        .expires_at_ms;
+    let past = (expires - accord_tests::now_ms()).max(0) as u64 + 1_500;
+    tokio::time::sleep(Duration::from_millis(past)).await;
+    let (_, chain) = c02.status(&sent.id).await.unwrap();
+    assert_eq!(
+        accord_client::org::furthest_stage(&chain),
+        Stage::Accepted,
+        "not retired here"
+    );
+    assert_eq!(vn_outbox(&net), (0, 1));
+    assert_eq!(stand_in.calls().len(), 1, "the peer was down since");
+    let back = stand_in_for_kh(&net, Answer::Take, Answer::Reject, HashMap::new()).await;
+    let chain = wait_stage(&mut c02, &sent.id, Stage::Rejected)
+        .await
+        .unwrap();
+    let rejected: Vec<_> = chain
+        .iter()
+        .filter(|r| r.stage() == Stage::Rejected)
+        .collect();
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(
+        rejected[0].signer.to_string(),
+        KH_GATEWAY,
+        "the peer's word"
+    );
+    assert_eq!(back.envelopes_offered(), vec![sent.id]);
+    outbox_empties(&net).await;
+    net.shutdown().await;
+}
+
+/// An envelope the peer answered "quota full" the first time it went was not kept there
+/// (a full store says so before it keeps anything): past its expiry VN retires it, as one
+/// that never left, and its sender learns it while the peer is still full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_a_full_peer_did_not_keep_expires_here() {
+    let mut net = net().await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let stand_in = replace_kh(&mut net, Answer::Take, Answer::QuotaFull).await;
+    let short = SendOptions {
+        ttl_ms: 1_000,
+        ..SendOptions::new("C11")
+    };
+    let to = net.org_id("kh", "ahtd").unwrap();
+    let sent = c02.send(&to, &alert("not kept"), &short).await.unwrap();
+    eventually(|| !stand_in.envelope_offers(&sent.id).is_empty()).await;
+    let chain = wait_stage(&mut c02, &sent.id, Stage::Rejected)
+        .await
+        .unwrap();
+    let rejected = chain.iter().find(|r| r.stage() == Stage::Rejected).unwrap();
+    assert_eq!(rejected.body.reason, pb::RejectReason::Expired as i32);
+    assert_eq!(
+        rejected.signer.to_string(),
+        "spiffe://vn.accord/gateway/hanoi"
+    );
+    outbox_empties(&net).await;
+    net.shutdown().await;
+}
+
+/// With one envelope per call, the first call marks the envelopes behind its own as well,
+/// ahead of the calls that will carry them. KH is down: the call never left, and its own
+/// envelope and those marked ahead are unmarked, so each expires at VN and its sender
+/// learns it from VN while KH is still down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envelopes_marked_ahead_of_a_call_that_never_left_expire_here() {
+    let mut net = net_with_batches_of(1).await;
+    net.stop_gateway("kh").await.unwrap();
+    // VN notices its connection to KH closed (see the same wait in exchange.rs).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let short = SendOptions {
+        ttl_ms: 1_000,
+        ..SendOptions::new("C11")
+    };
+    let to = net.org_id("kh", "ahtd").unwrap();
+    let mut sent = Vec::new();
+    for n in 0..3 {
+        let what = alert(&format!("too late {n}"));
+        sent.push(c02.send(&to, &what, &short).await.unwrap().id);
+    }
+    for id in &sent {
+        let chain = wait_stage(&mut c02, id, Stage::Rejected).await.unwrap();
+        let rejected = chain.iter().find(|r| r.stage() == Stage::Rejected).unwrap();
+        assert_eq!(rejected.body.reason, pb::RejectReason::Expired as i32);
+        assert_eq!(
+            rejected.signer.to_string(),
+            "spiffe://vn.accord/gateway/hanoi"
+        );
+    }
     net.shutdown().await;
 }
