@@ -10,7 +10,7 @@ use std::time::Duration;
 use accord_proto::ids::{EnvelopeHash, MessageId, SpiffeId};
 use accord_proto::pb::{self, peer_link_client::PeerLinkClient, LogEvent, Stage};
 use accord_proto::receipt;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use prost::Message;
 use tokio::sync::watch;
 
@@ -103,6 +103,7 @@ pub async fn run(
         retries: Retries::default(),
         flights: VecDeque::new(),
         premarked: Default::default(),
+        marks: None,
         working: false,
     };
     // Failed rounds in a row (the link, our store), and rounds in a row the peer's store
@@ -122,7 +123,10 @@ pub async fn run(
         };
         if matches!(round, Ok(Round::BackOff) | Err(_)) {
             // The link waits: first every call still out is answered and settled.
-            link.land_all().await;
+            tokio::select! {
+                () = link.land_all() => {}
+                () = crate::server::wait_for(shutdown.clone()) => break,
+            }
         }
         match &round {
             Ok(Round::Sent) | Err(_) => {}
@@ -230,6 +234,9 @@ struct Link {
     /// go; none of them went yet. Unmarked when the link finds the peer unreachable and
     /// when the forwarder stops.
     premarked: std::collections::HashSet<QueueKey>,
+    /// The latest commit of marks, whether it landed: a call carrying entries marked ahead
+    /// waits for it.
+    marks: Option<futures::future::Shared<futures::future::BoxFuture<'static, bool>>>,
     /// A call answered lately moved entries, so the link works and more than one call may
     /// go out. From the start, after a quiet spell, after a failure, and after a peer whose
     /// store took nothing ("quota full"), one call at a time tries it: a full or
@@ -478,33 +485,47 @@ impl Link {
         // Marked before they go: whatever becomes of the answer, the peer may hold them from
         // now on, and only its word ends their delivery (not this gateway's expiry).
         let mut unmarked: Vec<Op> = Vec::new();
+        let mut marked_ahead = false;
         for s in batch.sent.iter_mut() {
             if self.premarked.remove(&s.key) {
-                s.marked_here = true;
+                (s.marked_here, marked_ahead) = (true, true);
             } else if s.envelope.is_some() && !s.entry.may_have_left() {
                 (s.entry.unsent, s.marked_here) = (false, true);
                 unmarked.push(Op::SetSent(s.key.clone(), true));
             }
         }
-        if !unmarked.is_empty() {
-            // The entries the next calls will likely carry are marked in the same commit.
-            unmarked.extend(self.mark_ahead(&batch.sent));
-        }
-        let store = self.pipeline.store.clone();
+        let marks = if !unmarked.is_empty() {
+            // On a working link, the entries the next calls will likely carry are marked in
+            // the same commit. It is handed to the store now, before any later commit (an
+            // unmark, the next call's marks): one writer takes commits in the order given.
+            if self.working {
+                unmarked.extend(self.mark_ahead(&batch.sent));
+            }
+            let commit = self.pipeline.store.commit(Tx {
+                ops: unmarked,
+                receipts: None,
+            });
+            let landed = commit.map(|done| done.is_ok()).boxed().shared();
+            self.marks = Some(landed.clone());
+            Some(landed)
+        } else if marked_ahead {
+            // Marked by an earlier commit, which may still be landing: the latest one lands
+            // after it.
+            self.marks.clone()
+        } else {
+            None
+        };
         let mut client = self.client.clone();
         let request = pb::DeliverRequest { items: batch.items };
         let limit = call_limit(&self.cfg, batch.bytes);
-        // The marks' sync is waited for in the call's task, while the next batch is read.
+        // The marks' sync is waited for in the call's task, while the next batch is read:
+        // nothing goes before the marks of what it carries are on disk.
         let answer = tokio::spawn(async move {
-            if !unmarked.is_empty() {
-                let marks = Tx {
-                    ops: unmarked,
-                    receipts: None,
-                };
-                if let Err(e) = store.commit(marks).await {
-                    return Err(tonic::Status::unavailable(format!(
-                        "not sent: the entries could not be marked as sent: {e}"
-                    )));
+            if let Some(marks) = marks {
+                if !marks.await {
+                    return Err(tonic::Status::unavailable(
+                        "not sent: the entries could not be marked as sent",
+                    ));
                 }
             }
             match tokio::time::timeout(limit, client.deliver(request)).await {
@@ -528,10 +549,6 @@ impl Link {
     /// that never went, noted in `premarked`.
     fn mark_ahead(&mut self, sending: &[Sent]) -> Vec<Op> {
         let most = MARK_AHEAD * self.cfg.in_flight.max(1) * self.cfg.batch;
-        let room = most.saturating_sub(self.premarked.len());
-        if room == 0 {
-            return Vec::new();
-        }
         let out: std::collections::HashSet<&QueueKey> = self
             .flights
             .iter()
@@ -539,14 +556,28 @@ impl Link {
             .chain(sending)
             .map(|s| &s.key)
             .collect();
-        let limit = out.len() + self.premarked.len() + self.retries.held() + room;
+        let limit = out.len() + self.retries.held() + most;
         let Ok(entries) = self.pipeline.store.queue(&self.queue, limit) else {
             return Vec::new();
         };
-        // Those that left the outbox otherwise, or went behind what is read, are no longer
-        // counted: at worst one stays marked, and the peer's answer ends it.
+        // Those that went behind what is read (entries of a higher priority came) are
+        // unmarked in the same commit, and no longer counted; so are those that left the
+        // outbox otherwise (for those, the unmark does nothing).
         let read: std::collections::HashSet<&QueueKey> = entries.iter().map(|(k, _)| k).collect();
-        self.premarked.retain(|k| read.contains(k));
+        let behind: Vec<QueueKey> = self
+            .premarked
+            .iter()
+            .filter(|k| !read.contains(k))
+            .cloned()
+            .collect();
+        let mut ops: Vec<Op> = behind
+            .into_iter()
+            .map(|key| {
+                self.premarked.remove(&key);
+                Op::SetSent(key, false)
+            })
+            .collect();
+        let room = most.saturating_sub(self.premarked.len());
         let ahead: Vec<QueueKey> = entries
             .into_iter()
             .filter(|(key, entry)| {
@@ -560,21 +591,20 @@ impl Link {
             .take(room)
             .collect();
         self.premarked.extend(ahead.iter().cloned());
-        ahead
-            .into_iter()
-            .map(|key| Op::SetSent(key, true))
-            .collect()
+        ops.extend(ahead.into_iter().map(|key| Op::SetSent(key, true)));
+        ops
     }
 
-    /// Unmarks the entries marked ahead: none of them went.
+    /// Unmarks the entries marked ahead: none of them went. They stay counted until the
+    /// unmark lands.
     async fn unmark_ahead(&mut self) -> Result<(), StoreError> {
         if self.premarked.is_empty() {
             return Ok(());
         }
         let ops = self
             .premarked
-            .drain()
-            .map(|key| Op::SetSent(key, false))
+            .iter()
+            .map(|key| Op::SetSent(key.clone(), false))
             .collect();
         self.pipeline
             .store
@@ -583,6 +613,7 @@ impl Link {
                 receipts: None,
             })
             .await?;
+        self.premarked.clear();
         Ok(())
     }
 

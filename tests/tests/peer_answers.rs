@@ -1225,12 +1225,11 @@ async fn an_envelope_a_full_peer_did_not_keep_expires_here() {
     net.shutdown().await;
 }
 
-/// With one envelope per call, the first call marks the envelopes behind its own as well,
-/// ahead of the calls that will carry them. KH is down: the call never left, and its own
-/// envelope and those marked ahead are unmarked, so each expires at VN and its sender
-/// learns it from VN while KH is still down.
+/// With one envelope per call and KH down, each call marks its envelope and, finding no
+/// connection, unmarks it (a link that does not work marks nothing ahead): each of the
+/// three expires at VN, and its sender learns it from VN while KH is still down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envelopes_marked_ahead_of_a_call_that_never_left_expire_here() {
+async fn envelopes_behind_calls_that_never_left_expire_here() {
     let mut net = net_with_batches_of(1).await;
     net.stop_gateway("kh").await.unwrap();
     // VN notices its connection to KH closed (see the same wait in exchange.rs).
@@ -1255,5 +1254,55 @@ async fn envelopes_marked_ahead_of_a_call_that_never_left_expire_here() {
             "spiffe://vn.accord/gateway/hanoi"
         );
     }
+    net.shutdown().await;
+}
+
+/// On a working link, the commit that marks a call's envelopes as ones the peer may hold
+/// marks those of the next calls too, before any of them goes. Those no call carried are
+/// unmarked when the forwarder stops: they never went, and may expire here again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envelopes_marked_ahead_that_no_call_carried_are_unmarked_at_a_stop() {
+    use accord_gateway::store::Store as _;
+    let builder = accord_tests::vn_and_kh()
+        .forwarder_batch(1)
+        .checkpoint_interval_ms(600_000);
+    let (mut net, stand_in, queued) = stand_in_after(builder, 6).await;
+    stand_in.slow(Duration::from_millis(800), None);
+    // The first call is answered, so the link works: the next two go (one envelope each,
+    // two calls out), and the three behind them are marked with the first of them.
+    eventually(|| stand_in.calls().len() >= 3).await;
+    let entries = vn_outbox_entries(&net);
+    let marked: Vec<bool> = entries.iter().map(|(_, e)| e.may_have_left()).collect();
+    assert_eq!(marked, vec![true; 5], "marked ahead");
+    net.stop_gateway("vn").await.unwrap();
+    assert_eq!(
+        sorted(stand_in.envelopes_taken()),
+        sorted(queued[..3].to_vec())
+    );
+    let dir = net.data_dir("vn").unwrap();
+    let started = std::time::Instant::now();
+    let store = loop {
+        match accord_gateway::store::sled::SledStore::open(&dir, 16 << 20) {
+            Ok(store) => break store,
+            Err(e) if started.elapsed() > Duration::from_secs(5) => panic!("{e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let left = store
+        .queue(&Queue::Outbox("kh".parse().unwrap()), 10)
+        .unwrap();
+    let ids: Vec<MessageId> = left
+        .iter()
+        .map(|(_, e)| MessageId::from_slice(&e.message_id).unwrap())
+        .collect();
+    assert_eq!(ids, queued[3..].to_vec());
+    assert!(
+        left.iter().all(|(_, e)| !e.may_have_left()),
+        "unmarked at the stop"
+    );
+    drop(store);
+    net.start_gateway("vn").await.unwrap();
+    outbox_empties(&net).await;
+    assert_eq!(sorted(stand_in.envelopes_taken()), sorted(queued));
     net.shutdown().await;
 }
