@@ -35,6 +35,60 @@ pub async fn alert_received_at_kh(
     Ok(sent)
 }
 
+/// Sends the alert `what` from VN C02 (`c02`, its client in `net`) to KH AHTD, to expire
+/// `ttl_ms` from now; what was sent.
+pub async fn short_lived_alert(
+    net: &TestNet,
+    c02: &mut OrgClient,
+    what: &str,
+    ttl_ms: i64,
+) -> anyhow::Result<accord_client::org::Sent> {
+    let short = accord_client::org::SendOptions {
+        ttl_ms,
+        ..accord_client::org::SendOptions::new("C11")
+    };
+    Ok(c02
+        .send(&net.org_id("kh", "ahtd")?, &alert(what), &short)
+        .await?)
+}
+
+/// How long until message `id`, held by `cc`'s gateway in `net`, expires (zero if it did).
+pub fn until_expiry(
+    net: &TestNet,
+    cc: &str,
+    id: &accord_proto::ids::MessageId,
+) -> anyhow::Result<Duration> {
+    let head = net
+        .gateway(cc)?
+        .pipeline
+        .store
+        .message_head(id)?
+        .ok_or_else(|| anyhow::anyhow!("{cc} holds no message {id}"))?;
+    Ok(Duration::from_millis(
+        (head.expires_at_ms - now_ms()).max(0) as u64,
+    ))
+}
+
+/// Waits until `id`'s chain ends with a REJECTED for its expiry signed by VN's own gateway
+/// (retired there, not on the peer's word); the chain.
+pub async fn expired_at_vn(
+    client: &mut OrgClient,
+    id: &accord_proto::ids::MessageId,
+) -> anyhow::Result<Vec<accord_proto::receipt::VerifiedReceipt>> {
+    let chain = wait_stage(client, id, accord_proto::pb::Stage::Rejected).await?;
+    let rejected = chain
+        .iter()
+        .find(|r| r.stage() == accord_proto::pb::Stage::Rejected)
+        .ok_or_else(|| anyhow::anyhow!("no REJECTED"))?;
+    anyhow::ensure!(
+        rejected.body.reason == accord_proto::pb::RejectReason::Expired as i32
+            && rejected.signer.to_string() == "spiffe://vn.accord/gateway/hanoi",
+        "not expired at VN: {:?}",
+        rejected.body
+    );
+    Ok(chain)
+}
+
 /// Polls `id`'s chain of receipts until its furthest stage is `stage` (or fails after
 /// ~15 s); the chain.
 pub async fn wait_stage(

@@ -512,21 +512,12 @@ async fn an_envelope_that_expires_while_its_peer_stays_down_is_retired_here() {
     // have reached KH, and would rightly leave the envelope to KH's word.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut vn = net.client("vn", "c02").await.unwrap();
-    let to = net.org_id("kh", "ahtd").unwrap();
-    let short = SendOptions {
-        ttl_ms: 1_000,
-        ..SendOptions::new("C11")
-    };
-    let doomed = vn.send(&to, &alert("too late"), &short).await.unwrap();
-    let chain = wait_stage(&mut vn, &doomed.id, Stage::Rejected)
+    let doomed = accord_tests::short_lived_alert(&net, &mut vn, "too late", 1_000)
         .await
         .unwrap();
-    let rejected = chain.iter().find(|r| r.stage() == Stage::Rejected).unwrap();
-    assert_eq!(rejected.body.reason, pb::RejectReason::Expired as i32);
-    assert_eq!(
-        rejected.signer.to_string(),
-        "spiffe://vn.accord/gateway/hanoi"
-    );
+    accord_tests::expired_at_vn(&mut vn, &doomed.id)
+        .await
+        .unwrap();
     let outbox = Queue::Outbox("kh".parse().unwrap());
     let vn_store = net.gateway("vn").unwrap().pipeline.store.clone();
     assert!(vn_store.queue(&outbox, 10).unwrap().is_empty());
@@ -861,14 +852,8 @@ async fn a_cancelled_acknowledgement_still_holds_off_a_contrary_ending_until_it_
 async fn a_refusal_after_the_message_expired_in_the_inbox_is_refused_as_too_late() {
     let net = two_countries().await;
     let mut vn = net.client("vn", "c02").await.unwrap();
-    let to = net.org_id("kh", "ahtd").unwrap();
     let mut ahtd = net.client("kh", "ahtd").await.unwrap();
-    let short = SendOptions {
-        ttl_ms: 1_500,
-        ..SendOptions::new("C11")
-    };
-    let sent = vn
-        .send(&to, &alert("opened, then expired"), &short)
+    let sent = accord_tests::short_lived_alert(&net, &mut vn, "opened, then expired", 1_500)
         .await
         .unwrap();
     let got = fetch_n(&mut ahtd, 1).await.unwrap();

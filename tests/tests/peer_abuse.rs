@@ -513,12 +513,9 @@ async fn a_resent_envelope_kh_holds_gets_its_first_receipt_even_past_its_expiry(
     let mut c02 = net.client("vn", "c02").await.unwrap();
     let mut ahtd = net.client("kh", "ahtd").await.unwrap();
     // Long enough for AHTD's acknowledgement to beat KH's own expiry on a loaded machine.
-    let short = SendOptions {
-        ttl_ms: 5_000,
-        ..SendOptions::new("C11")
-    };
-    let to = net.org_id("kh", "ahtd").unwrap();
-    let sent = c02.send(&to, &alert("taken"), &short).await.unwrap();
+    let sent = accord_tests::short_lived_alert(&net, &mut c02, "taken", 5_000)
+        .await
+        .unwrap();
     let got = accord_tests::fetch_n(&mut ahtd, 1).await.unwrap();
     ahtd.ack(&got[0]).await.unwrap();
     let chain = accord_tests::wait_stage(&mut c02, &sent.id, Stage::Delivered)
@@ -532,14 +529,8 @@ async fn a_resent_envelope_kh_holds_gets_its_first_receipt_even_past_its_expiry(
         .unwrap()
         .envelope
         .unwrap();
-    let expires = vn
-        .store
-        .message_head(&sent.id)
-        .unwrap()
-        .unwrap()
-        .expires_at_ms;
-    let wait = (expires - accord_tests::now_ms() + 100).max(0) as u64;
-    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let past = accord_tests::until_expiry(&net, "vn", &sent.id).unwrap();
+    tokio::time::sleep(past + Duration::from_millis(100)).await;
 
     let mut kh = accord_tests::peer_link_as(&net, "vn", "kh").unwrap();
     let answer = kh

@@ -15,7 +15,10 @@ use accord_gateway::store::{Op, Queue, QueueEntry, QueueKey, Tx};
 use accord_proto::crypto::SigningKey;
 use accord_proto::ids::MessageId;
 use accord_proto::pb::{self, Stage};
-use accord_tests::{alert, alert_received_at_kh, fetch_n, wait_stage, TestNet};
+use accord_tests::{
+    alert, alert_received_at_kh, expired_at_vn, fetch_n, short_lived_alert, until_expiry,
+    wait_stage, TestNet,
+};
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
@@ -1091,22 +1094,11 @@ async fn an_envelope_that_may_have_reached_the_peer_is_not_expired_here_but_sent
     let mut net = net().await;
     let mut c02 = net.client("vn", "c02").await.unwrap();
     let stand_in = replace_kh(&mut net, Answer::Take, Answer::Retry).await;
-    let short = SendOptions {
-        ttl_ms: 1_000,
-        ..SendOptions::new("C11")
-    };
-    let to = net.org_id("kh", "ahtd").unwrap();
-    let sent = c02.send(&to, &alert("went"), &short).await.unwrap();
+    let sent = short_lived_alert(&net, &mut c02, "went", 1_000)
+        .await
+        .unwrap();
     eventually(|| !stand_in.envelope_offers(&sent.id).is_empty()).await;
-    let vn = net.gateway("vn").unwrap().pipeline.clone();
-    let expires = vn
-        .store
-        .message_head(&sent.id)
-        .unwrap()
-        .unwrap()
-        .expires_at_ms;
-    let left = Duration::from_millis((expires - accord_tests::now_ms()).max(0) as u64);
-    let expired_at = std::time::Instant::now() + left;
+    let expired_at = std::time::Instant::now() + until_expiry(&net, "vn", &sent.id).unwrap();
     // Offered again twice past its expiry, and still not ended.
     let offered_since = || {
         let offers = stand_in.envelope_offers(&sent.id);
@@ -1149,27 +1141,17 @@ async fn an_envelope_whose_call_went_unanswered_waits_for_the_peer_past_its_expi
     let mut c02 = net.client("vn", "c02").await.unwrap();
     let stand_in = replace_kh(&mut net, Answer::Take, Answer::Take).await;
     stand_in.hang(1);
-    let short = SendOptions {
-        ttl_ms: 1_500,
-        ..SendOptions::new("C11")
-    };
-    let to = net.org_id("kh", "ahtd").unwrap();
-    let sent = c02.send(&to, &alert("unanswered"), &short).await.unwrap();
+    let sent = short_lived_alert(&net, &mut c02, "unanswered", 1_500)
+        .await
+        .unwrap();
     eventually(|| !stand_in.calls().is_empty()).await;
     // The peer goes down with the call out; the call's own limit runs out at VN, which
     // cannot tell whether the peer took it. VN restarts: the mark is on disk.
     stand_in.stop().await;
     net.stop_gateway("vn").await.unwrap();
     net.start_gateway("vn").await.unwrap();
-    let vn = net.gateway("vn").unwrap().pipeline.clone();
-    let expires = vn
-        .store
-        .message_head(&sent.id)
-        .unwrap()
-        .unwrap()
-        .expires_at_ms;
-    let past = (expires - accord_tests::now_ms()).max(0) as u64 + 1_500;
-    tokio::time::sleep(Duration::from_millis(past)).await;
+    let past = until_expiry(&net, "vn", &sent.id).unwrap() + Duration::from_millis(1_500);
+    tokio::time::sleep(past).await;
     let (_, chain) = c02.status(&sent.id).await.unwrap();
     assert_eq!(
         accord_client::org::furthest_stage(&chain),
@@ -1205,22 +1187,11 @@ async fn an_envelope_a_full_peer_did_not_keep_expires_here() {
     let mut net = net().await;
     let mut c02 = net.client("vn", "c02").await.unwrap();
     let stand_in = replace_kh(&mut net, Answer::Take, Answer::QuotaFull).await;
-    let short = SendOptions {
-        ttl_ms: 1_000,
-        ..SendOptions::new("C11")
-    };
-    let to = net.org_id("kh", "ahtd").unwrap();
-    let sent = c02.send(&to, &alert("not kept"), &short).await.unwrap();
-    eventually(|| !stand_in.envelope_offers(&sent.id).is_empty()).await;
-    let chain = wait_stage(&mut c02, &sent.id, Stage::Rejected)
+    let sent = short_lived_alert(&net, &mut c02, "not kept", 1_000)
         .await
         .unwrap();
-    let rejected = chain.iter().find(|r| r.stage() == Stage::Rejected).unwrap();
-    assert_eq!(rejected.body.reason, pb::RejectReason::Expired as i32);
-    assert_eq!(
-        rejected.signer.to_string(),
-        "spiffe://vn.accord/gateway/hanoi"
-    );
+    eventually(|| !stand_in.envelope_offers(&sent.id).is_empty()).await;
+    expired_at_vn(&mut c02, &sent.id).await.unwrap();
     outbox_empties(&net).await;
     net.shutdown().await;
 }
@@ -1235,24 +1206,14 @@ async fn envelopes_behind_calls_that_never_left_expire_here() {
     // VN notices its connection to KH closed (see the same wait in exchange.rs).
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut c02 = net.client("vn", "c02").await.unwrap();
-    let short = SendOptions {
-        ttl_ms: 1_000,
-        ..SendOptions::new("C11")
-    };
-    let to = net.org_id("kh", "ahtd").unwrap();
     let mut sent = Vec::new();
     for n in 0..3 {
-        let what = alert(&format!("too late {n}"));
-        sent.push(c02.send(&to, &what, &short).await.unwrap().id);
+        let what = format!("too late {n}");
+        let alert = short_lived_alert(&net, &mut c02, &what, 1_000).await;
+        sent.push(alert.unwrap().id);
     }
     for id in &sent {
-        let chain = wait_stage(&mut c02, id, Stage::Rejected).await.unwrap();
-        let rejected = chain.iter().find(|r| r.stage() == Stage::Rejected).unwrap();
-        assert_eq!(rejected.body.reason, pb::RejectReason::Expired as i32);
-        assert_eq!(
-            rejected.signer.to_string(),
-            "spiffe://vn.accord/gateway/hanoi"
-        );
+        expired_at_vn(&mut c02, id).await.unwrap();
     }
     net.shutdown().await;
 }
