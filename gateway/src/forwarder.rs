@@ -80,6 +80,9 @@ fn call_limit(cfg: &ForwarderConfig, bytes: usize) -> Duration {
 /// every ninth, nothing beyond the noise (docs/performance.md, "A delivery ends once").
 const MARK_AHEAD: usize = 4;
 
+/// A commit of marks ([`Op::SetSent`]), and whether it landed.
+type Marks = futures::future::Shared<futures::future::BoxFuture<'static, bool>>;
+
 /// How long a stopping forwarder waits for the peer to answer the calls it has out.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -103,7 +106,6 @@ pub async fn run(
         retries: Retries::default(),
         flights: VecDeque::new(),
         premarked: Default::default(),
-        marks: None,
         working: false,
     };
     // Failed rounds in a row (the link, our store), and rounds in a row the peer's store
@@ -126,6 +128,11 @@ pub async fn run(
             tokio::select! {
                 () = link.land_all() => {}
                 () = crate::server::wait_for(shutdown.clone()) => break,
+            }
+            // No call is out: what was marked ahead did not go, and may expire here while
+            // the link waits.
+            if let Err(e) = link.unmark_ahead(Vec::new()).await {
+                tracing::warn!(peer = %link.peer, error = %e, "entries marked ahead stay marked: the peer's answer will end them");
             }
         }
         match &round {
@@ -189,7 +196,7 @@ pub async fn run(
     {
         tracing::warn!(peer = %link.peer, "calls to the peer still out at shutdown: sent again at the next start");
     }
-    if let Err(e) = link.unmark_ahead().await {
+    if let Err(e) = link.unmark_ahead(Vec::new()).await {
         tracing::warn!(peer = %link.peer, error = %e, "entries marked ahead stay marked: the peer's answer will end them");
     }
     link.pushes.stop().await;
@@ -230,13 +237,11 @@ struct Link {
     /// Deliver calls out on the link, oldest first; at most `cfg.in_flight`.
     flights: VecDeque<Flight>,
     /// Outbox entries marked as ones the peer may hold ahead of the call that will carry
-    /// them ([`Link::send`]), so that most calls need no commit of their own before they
-    /// go; none of them went yet. Unmarked when the link finds the peer unreachable and
-    /// when the forwarder stops.
-    premarked: std::collections::HashSet<QueueKey>,
-    /// The latest commit of marks, whether it landed: a call carrying entries marked ahead
-    /// waits for it.
-    marks: Option<futures::future::Shared<futures::future::BoxFuture<'static, bool>>>,
+    /// them ([`Link::send`]), each with the commit that marks it, which that call waits
+    /// for: most calls need no commit of their own before they go. None of them went yet.
+    /// Unmarked when the link finds the peer unreachable, before it backs off, and when
+    /// the forwarder stops.
+    premarked: std::collections::HashMap<QueueKey, Marks>,
     /// A call answered lately moved entries, so the link works and more than one call may
     /// go out. From the start, after a quiet spell, after a failure, and after a peer whose
     /// store took nothing ("quota full"), one call at a time tries it: a full or
@@ -485,44 +490,45 @@ impl Link {
         // Marked before they go: whatever becomes of the answer, the peer may hold them from
         // now on, and only its word ends their delivery (not this gateway's expiry).
         let mut unmarked: Vec<Op> = Vec::new();
-        let mut marked_ahead = false;
+        // The commits this call waits for: its own, and those that marked its entries ahead.
+        let mut marks: Vec<Marks> = Vec::new();
         for s in batch.sent.iter_mut() {
-            if self.premarked.remove(&s.key) {
-                (s.marked_here, marked_ahead) = (true, true);
+            if let Some(marked) = self.premarked.remove(&s.key) {
+                s.marked_here = true;
+                marks.push(marked);
             } else if s.envelope.is_some() && !s.entry.may_have_left() {
                 (s.entry.unsent, s.marked_here) = (false, true);
                 unmarked.push(Op::SetSent(s.key.clone(), true));
             }
         }
-        let marks = if !unmarked.is_empty() {
+        if !unmarked.is_empty() {
             // On a working link, the entries the next calls will likely carry are marked in
             // the same commit. It is handed to the store now, before any later commit (an
             // unmark, the next call's marks): one writer takes commits in the order given.
-            if self.working {
-                unmarked.extend(self.mark_ahead(&batch.sent));
-            }
+            let ahead = if self.working {
+                self.mark_ahead(&batch.sent)
+            } else {
+                Vec::new()
+            };
+            unmarked.extend(ahead.iter().map(|key| Op::SetSent(key.clone(), true)));
             let commit = self.pipeline.store.commit(Tx {
                 ops: unmarked,
                 receipts: None,
             });
-            let landed = commit.map(|done| done.is_ok()).boxed().shared();
-            self.marks = Some(landed.clone());
-            Some(landed)
-        } else if marked_ahead {
-            // Marked by an earlier commit, which may still be landing: the latest one lands
-            // after it.
-            self.marks.clone()
-        } else {
-            None
-        };
+            let landed: Marks = commit.map(|done| done.is_ok()).boxed().shared();
+            for key in ahead {
+                self.premarked.insert(key, landed.clone());
+            }
+            marks.push(landed);
+        }
         let mut client = self.client.clone();
         let request = pb::DeliverRequest { items: batch.items };
         let limit = call_limit(&self.cfg, batch.bytes);
         // The marks' sync is waited for in the call's task, while the next batch is read:
         // nothing goes before the marks of what it carries are on disk.
         let answer = tokio::spawn(async move {
-            if let Some(marks) = marks {
-                if !marks.await {
+            for landed in marks {
+                if !landed.await {
                     return Err(tonic::Status::unavailable(
                         "not sent: the entries could not be marked as sent",
                     ));
@@ -545,9 +551,9 @@ impl Link {
         });
     }
 
-    /// Marks for up to `MARK_AHEAD × in_flight × batch` envelope entries behind `sending`
-    /// that never went, noted in `premarked`.
-    fn mark_ahead(&mut self, sending: &[Sent]) -> Vec<Op> {
+    /// Up to `MARK_AHEAD × in_flight × batch` envelope entries behind `sending` that never
+    /// went, to be marked with `sending`'s own.
+    fn mark_ahead(&mut self, sending: &[Sent]) -> Vec<QueueKey> {
         let most = MARK_AHEAD * self.cfg.in_flight.max(1) * self.cfg.batch;
         let out: std::collections::HashSet<&QueueKey> = self
             .flights
@@ -560,23 +566,12 @@ impl Link {
         let Ok(entries) = self.pipeline.store.queue(&self.queue, limit) else {
             return Vec::new();
         };
-        // Those that went behind what is read (entries of a higher priority came) are
-        // unmarked in the same commit, and no longer counted; so are those that left the
-        // outbox otherwise (for those, the unmark does nothing).
+        // Those that left the outbox otherwise, or went behind what is read (entries of a
+        // higher priority came), are no longer counted. One behind stays marked, and the
+        // peer's answer ends it: unmarked now, it could be carried before the unmark
+        // landed by a call that takes it for marked.
         let read: std::collections::HashSet<&QueueKey> = entries.iter().map(|(k, _)| k).collect();
-        let behind: Vec<QueueKey> = self
-            .premarked
-            .iter()
-            .filter(|k| !read.contains(k))
-            .cloned()
-            .collect();
-        let mut ops: Vec<Op> = behind
-            .into_iter()
-            .map(|key| {
-                self.premarked.remove(&key);
-                Op::SetSent(key, false)
-            })
-            .collect();
+        self.premarked.retain(|k, _| read.contains(k));
         let room = most.saturating_sub(self.premarked.len());
         let ahead: Vec<QueueKey> = entries
             .into_iter()
@@ -584,27 +579,28 @@ impl Link {
                 entry.receipt.is_none()
                     && !entry.may_have_left()
                     && !out.contains(key)
-                    && !self.premarked.contains(key)
+                    && !self.premarked.contains_key(key)
                     && !self.retries.holds_back(key)
             })
             .map(|(key, _)| key)
             .take(room)
             .collect();
-        self.premarked.extend(ahead.iter().cloned());
-        ops.extend(ahead.into_iter().map(|key| Op::SetSent(key, true)));
-        ops
+        ahead
     }
 
-    /// Unmarks the entries marked ahead: none of them went. They stay counted until the
-    /// unmark lands.
-    async fn unmark_ahead(&mut self) -> Result<(), StoreError> {
-        if self.premarked.is_empty() {
+    /// Unmarks the entries marked ahead, and `also`: none of them went. Those marked ahead
+    /// stay counted until the unmark lands, which is after their marks (handed to the store
+    /// before it).
+    async fn unmark_ahead(&mut self, also: Vec<QueueKey>) -> Result<(), StoreError> {
+        if self.premarked.is_empty() && also.is_empty() {
             return Ok(());
         }
         let ops = self
             .premarked
-            .iter()
-            .map(|key| Op::SetSent(key.clone(), false))
+            .keys()
+            .cloned()
+            .chain(also)
+            .map(|key| Op::SetSent(key, false))
             .collect();
         self.pipeline
             .store
@@ -643,8 +639,8 @@ impl Link {
                     // nothing of ours).
                     // So are the entries marked ahead.
                     let unmark = sent.iter().filter(|s| s.marked_here);
-                    self.premarked.extend(unmark.map(|s| s.key.clone()));
-                    self.unmark_ahead().await?;
+                    self.unmark_ahead(unmark.map(|s| s.key.clone()).collect())
+                        .await?;
                 }
                 return Err(ForwardError::Unavailable(format!(
                     "{:?}: {:?}",
