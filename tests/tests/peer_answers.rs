@@ -1267,3 +1267,37 @@ async fn envelopes_marked_ahead_that_no_call_carried_are_unmarked_at_a_stop() {
     assert_eq!(sorted(stand_in.envelopes_taken()), sorted(queued));
     net.shutdown().await;
 }
+
+/// The peer turns full while two calls are out on a working link, with three entries
+/// marked ahead of them: every envelope it did not take expires at VN while it is still
+/// full, those it answered "quota full" on their first call and those marked ahead alike
+/// (each goes once, is answered "quota full", and is unmarked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envelopes_a_peer_turned_full_did_not_take_expire_here() {
+    let mut net = accord_tests::vn_and_kh()
+        .forwarder_batch(1)
+        .checkpoint_interval_ms(600_000)
+        .start()
+        .await
+        .unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    net.stop_gateway("kh").await.unwrap();
+    let mut sent = Vec::new();
+    for n in 0..6 {
+        let what = format!("marked ahead {n}");
+        let alert = short_lived_alert(&net, &mut c02, &what, 4_000).await;
+        sent.push(alert.unwrap().id);
+    }
+    let stand_in = stand_in_for_kh(&net, Answer::Take, Answer::Take, HashMap::new()).await;
+    stand_in.slow(Duration::from_millis(800), None);
+    eventually(|| stand_in.calls().len() >= 3).await;
+    assert_eq!(stand_in.calls().len(), 3, "two calls out behind the first");
+    stand_in.answer(Answer::Take, Answer::QuotaFull);
+    wait_stage(&mut c02, &sent[0], Stage::Received)
+        .await
+        .unwrap();
+    for id in &sent[1..] {
+        expired_at_vn(&mut c02, id).await.unwrap();
+    }
+    net.shutdown().await;
+}
