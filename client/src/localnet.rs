@@ -266,6 +266,16 @@ impl LocalNet {
 
     /// Starts (or restarts) the gateway of `cc` on its original addresses.
     pub async fn start_gateway(&mut self, cc: &str) -> anyhow::Result<()> {
+        self.start_gateway_layered(cc, Box::new(|store| store))
+            .await
+    }
+
+    /// [`Self::start_gateway`], with the store the gateway opens wrapped by `layer`.
+    pub async fn start_gateway_layered(
+        &mut self,
+        cc: &str,
+        layer: server::StoreLayer,
+    ) -> anyhow::Result<()> {
         let c = self
             .countries
             .get_mut(cc)
@@ -276,7 +286,7 @@ impl LocalNet {
             None => (bind_again(c.addrs.0).await?, bind_again(c.addrs.1).await?),
         };
         let config = c.config.as_ref().context("config")?;
-        c.gateway = Some(server::start(config, client, peer, system_clock()).await?);
+        c.gateway = Some(server::start_layered(config, client, peer, system_clock(), layer).await?);
         Ok(())
     }
 

@@ -61,9 +61,10 @@ pub enum PipelineError {
     /// (a peer gateway pushes them), then submits (delivers) again.
     #[error("{}", crate::transfer::CHUNKS_MISSING)]
     ChunksMissing,
-    /// Another ending of the same message (an ack, an expiry, a receipt from the peer) is
-    /// being committed: retry once it is, and this one is checked against it.
-    #[error("another ending of this message is being committed; retry")]
+    /// Another change to the same message (a copy of it arriving from the peer, an ack, an
+    /// expiry, a receipt from the peer) is being decided and committed: retry once it is, and
+    /// this one is checked against it.
+    #[error("another change to this message is being committed; retry")]
     EndingInProgress,
     /// A peer needed for the answer could not be reached; retry later.
     #[error("unavailable: {0}")]
@@ -101,10 +102,11 @@ const DIRECTORY_CATCH_UP_MS: i64 = 10 * 60 * 1000;
 const MAX_FETCH_BYTES: usize = 16 << 20;
 
 /// Whether a receipt signed in a commit is stored under its message id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Keep {
-    /// Stored: the message is ours and the receipt belongs to its chain.
-    Stored,
+    /// Stored: the message is ours and the receipt belongs to its chain. Committed under
+    /// the guard of the change to the message when one is held, and the guard is held
+    /// until the commit lands ([`Pipeline::commit_guarded`]).
+    Stored(Option<EndingGuard>),
     /// Only answered: a refusal of bytes that may reuse another message's id must not join
     /// that message's chain (the log entry records the refusal).
     AnswerOnly,
@@ -170,8 +172,9 @@ pub struct Pipeline {
     /// How many inconsistent peer checkpoints this gateway refused.
     pub witness_alarms: std::sync::atomic::AtomicU64,
     /// Messages whose ending (an ack, an expiry in the inbox, a delivered or rejected
-    /// receipt from the peer) is being committed: one at a time per message, so that each
-    /// is decided against the one before and a message never ends twice.
+    /// receipt from the peer) or whose arrival from a peer is being committed: one at a
+    /// time per message, so that each is decided against the one before, a message never
+    /// ends twice, and a copy of it is never refused while another is being taken in.
     pub endings: Endings,
     /// Peer links, for requests that need a peer's answer (evidence).
     pub peer_clients: HashMap<
@@ -203,12 +206,12 @@ fn entry(event: LogEvent, id: Option<&MessageId>, hash: &EnvelopeHash, actor: &s
     )
 }
 
-/// Messages whose ending is being decided and committed.
+/// Messages whose ending, or whose arrival from a peer, is being decided and committed.
 #[derive(Debug, Default)]
 pub struct Endings(Arc<Mutex<std::collections::HashSet<MessageId>>>);
 
 impl Endings {
-    /// Marks message `id`'s ending as being decided; `EndingInProgress` while another is.
+    /// Marks a change to message `id` as being decided; `EndingInProgress` while another is.
     fn take(&self, id: MessageId) -> Result<EndingGuard, PipelineError> {
         let fresh = self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
         if fresh {
@@ -222,9 +225,9 @@ impl Endings {
     }
 }
 
-/// Marks a message's ending as being decided and committed; unmarks it when dropped. A
-/// commit it guards goes through [`Pipeline::commit_ending`], which holds it until the
-/// commit lands.
+/// Marks a change to a message (its ending, or its arrival) as being decided and committed;
+/// unmarks it when dropped. A commit it guards goes through [`Pipeline::commit_guarded`],
+/// which holds it until the commit lands.
 struct EndingGuard {
     set: Arc<Mutex<std::collections::HashSet<MessageId>>>,
     id: MessageId,
@@ -397,6 +400,10 @@ impl Pipeline {
         reason: RejectReason,
         keep: Keep,
     ) -> Result<Result<pb::Receipt, MessageId>, PipelineError> {
+        let (stored, guard) = match keep {
+            Keep::Stored(guard) => (true, guard),
+            Keep::AnswerOnly => (false, None),
+        };
         let at = self.now();
         let me = self.clone();
         let slot = Arc::new(Mutex::new(None));
@@ -413,22 +420,24 @@ impl Pipeline {
                 })
                 .collect();
             *out.lock().unwrap_or_else(|p| p.into_inner()) = receipts.first().map(|r| r.1.clone());
-            match keep {
-                Keep::Stored => receipts
+            if stored {
+                receipts
                     .into_iter()
                     .map(|(id, r)| Op::PutReceipt(id, r))
-                    .collect(),
-                Keep::AnswerOnly => vec![],
+                    .collect()
+            } else {
+                vec![]
             }
         });
-        match self
-            .store
-            .commit(Tx {
-                ops,
-                receipts: Some(maker),
-            })
-            .await?
-        {
+        let tx = Tx {
+            ops,
+            receipts: Some(maker),
+        };
+        let outcome = match guard {
+            Some(guard) => self.commit_guarded(guard, tx).await?,
+            None => self.store.commit(tx).await?,
+        };
+        match outcome {
             TxOutcome::Exists(id) => Ok(Err(id)),
             TxOutcome::Committed { .. } => {
                 let r = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -662,7 +671,7 @@ impl Pipeline {
                 id,
                 hash,
                 RejectReason::Unspecified,
-                Keep::Stored,
+                Keep::Stored(None),
             )
             .await?
         {
@@ -684,7 +693,14 @@ impl Pipeline {
         // Only the header (at most 4 KiB) is kept to name a refusal, not the ciphertext.
         let header = sealed.header().clone();
         let hash = sealed.hash();
-        let held = match header_id(&header) {
+        let id = header_id(&header);
+        // One copy of a message at a time, from before its head is read until what it
+        // commits has landed: a second copy (the peer resending after an answer lost, a
+        // restart) would read no head while the first one's commit is on its way, and could
+        // be refused (expired since, a key or policy changed) while the first is taken.
+        // It is answered "retry", and then gets the first one's receipt.
+        let guard = id.map(|id| self.endings.take(id)).transpose()?;
+        let held = match id {
             Some(id) => self.store.message_head(&id)?.map(|head| (id, head)),
             None => None,
         };
@@ -717,19 +733,21 @@ impl Pipeline {
             "receive", message_id = %env.id(), envelope_hash = %hash, peer = %peer
         );
         let held = held.map(|(_, stored)| stored);
-        self.receive_admitted(peer, &header, env, held)
+        self.receive_admitted(peer, &header, env, held, guard)
             .instrument(span)
             .await
     }
 
     /// An envelope from `peer` that passed [`Self::admit_from_peer`]; `header` names a
-    /// refusal, and `held` is the stored head of a message under its id, read before.
+    /// refusal, `held` is the stored head of a message under its id, read before, and
+    /// `guard` holds its id since (none when the header named no id).
     async fn receive_admitted(
         self: &Arc<Self>,
         peer: &SpiffeId,
         header: &HeaderBytes,
         env: VerifiedEnvelope,
         held: Option<MessageHead>,
+        guard: Option<EndingGuard>,
     ) -> Result<pb::Receipt, PipelineError> {
         let (id, hash, recipient) = (env.id(), env.hash(), env.recipient().clone());
         if let Some(stored) = held {
@@ -765,7 +783,7 @@ impl Pipeline {
                 id,
                 hash,
                 RejectReason::Unspecified,
-                Keep::Stored,
+                Keep::Stored(guard),
             )
             .await?
         {
@@ -921,7 +939,7 @@ impl Pipeline {
             Op::PutReceipt(v.message_id, r.clone()),
             receipt_entry(LogEvent::Receipt, &v, self.now()),
         ];
-        self.commit_ending(
+        self.commit_guarded(
             ending,
             Tx {
                 ops,
@@ -1047,7 +1065,7 @@ impl Pipeline {
                 QueueEntry::receipt(&v.message_id, r.clone()),
             ));
         }
-        self.commit_ending(
+        self.commit_guarded(
             ending,
             Tx {
                 ops,
@@ -1188,7 +1206,7 @@ impl Pipeline {
                 ops: vec![dequeue],
                 receipts: None,
             };
-            self.commit_ending(guard, tx).await?;
+            self.commit_guarded(guard, tx).await?;
             return Ok(false);
         }
         let tx = match ending {
@@ -1198,15 +1216,15 @@ impl Pipeline {
                 receipts: None,
             },
         };
-        self.commit_ending(guard, tx).await?;
+        self.commit_guarded(guard, tx).await?;
         Ok(true)
     }
 
-    /// Commits the transaction of an ending decided under `guard`, and holds the guard
-    /// until the commit lands, not only while the caller waits: a caller cancelled
-    /// meanwhile (a client that hung up) leaves the transaction with the store, and no
-    /// other ending of the message may be decided before it shows.
-    async fn commit_ending(&self, guard: EndingGuard, tx: Tx) -> Result<TxOutcome, StoreError> {
+    /// Commits the transaction of a change (an ending, an arrival) decided under `guard`,
+    /// and holds the guard until the commit lands, not only while the caller waits: a
+    /// caller cancelled meanwhile (a client or peer that hung up) leaves the transaction
+    /// with the store, and no other change to the message may be decided before it shows.
+    async fn commit_guarded(&self, guard: EndingGuard, tx: Tx) -> Result<TxOutcome, StoreError> {
         let commit = self.store.commit(tx);
         tokio::spawn(async move {
             let outcome = commit.await;
@@ -1214,7 +1232,7 @@ impl Pipeline {
             outcome
         })
         .await
-        .map_err(|e| StoreError::Engine(format!("an ending's commit stopped: {e}")))?
+        .map_err(|e| StoreError::Engine(format!("the task waiting for a commit stopped: {e}")))?
     }
 
     /// The one transaction that retires an envelope this gateway will not deliver (expired,

@@ -211,12 +211,28 @@ impl RunningGateway {
     }
 }
 
+/// Wraps the store a gateway opened, before anything uses it: for tests that make a real
+/// store misbehave (commits that stall) under a running gateway.
+pub type StoreLayer = Box<dyn FnOnce(Arc<dyn Store>) -> Arc<dyn Store> + Send>;
+
 /// Starts a gateway on the given listeners.
 pub async fn start(
     config: &Config,
     client_listener: TcpListener,
     peer_listener: TcpListener,
     clock: Clock,
+) -> Result<RunningGateway, StartError> {
+    let as_opened: StoreLayer = Box::new(|store| store);
+    start_layered(config, client_listener, peer_listener, clock, as_opened).await
+}
+
+/// [`start`], with the store it opens wrapped by `layer`.
+pub async fn start_layered(
+    config: &Config,
+    client_listener: TcpListener,
+    peer_listener: TcpListener,
+    clock: Clock,
+    layer: StoreLayer,
 ) -> Result<RunningGateway, StartError> {
     let creds = Credentials::load(&config.tls_cert, &config.tls_key)?;
     if creds.id != config.identity {
@@ -300,7 +316,7 @@ pub async fn start(
     })?;
     let pipeline = Arc::new(Pipeline {
         identity: config.identity.clone(),
-        store: Arc::new(store),
+        store: layer(Arc::new(store)),
         directories: std::sync::RwLock::new(Arc::new(directories)),
         directory_trust,
         policy: std::sync::RwLock::new(Arc::new(policy)),

@@ -4,7 +4,14 @@
 
 pub use accord_client::localnet::LocalNet as TestNet;
 
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+
+use accord_gateway::store::{
+    Commit, MessageHead, Queue, QueueEntry, QueueKey, Store, StoreError, StoredMessage, Tx,
+};
+use accord_proto::ids::MessageId;
+use accord_proto::log::LogIndex;
 
 use accord_client::org::Opened;
 use accord_client::org::OrgClient;
@@ -244,4 +251,135 @@ pub fn hashes(proof: &[Vec<u8>]) -> anyhow::Result<Vec<accord_proto::merkle::Has
                 .map_err(|_| anyhow::anyhow!("a proof hash is not 32 bytes"))
         })
         .collect()
+}
+
+/// A gateway's store whose commits the test can stall, as a writer stuck on a slow disk
+/// would: while stalled, transactions wait unapplied (reads do not see them) and go to the
+/// store in the order they came once the test resumes it. Wraps a real store
+/// ([`TestNet::start_gateway_layered`]).
+pub struct StalledCommits {
+    inner: Arc<dyn Store>,
+    stall: Mutex<Stall>,
+}
+
+impl std::fmt::Debug for StalledCommits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StalledCommits")
+            .field("waiting", &self.waiting())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Stall {
+    on: bool,
+    waiting: Vec<(Tx, tokio::sync::oneshot::Sender<Commit>)>,
+}
+
+impl StalledCommits {
+    /// Wraps `inner`, its commits going through until [`Self::stall`].
+    pub fn over(inner: Arc<dyn Store>) -> Arc<StalledCommits> {
+        Arc::new(StalledCommits {
+            inner,
+            stall: Default::default(),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, Stall> {
+        self.stall.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commits from now on wait until [`Self::resume`].
+    pub fn stall(&self) {
+        self.state().on = true;
+    }
+
+    /// How many commits wait.
+    pub fn waiting(&self) -> usize {
+        self.state().waiting.len()
+    }
+
+    /// Hands every waiting commit to the store, in order, and lets later ones through.
+    pub fn resume(&self) {
+        let mut state = self.state();
+        state.on = false;
+        for (tx, answer) in state.waiting.drain(..) {
+            let _ = answer.send(self.inner.commit(tx));
+        }
+    }
+}
+
+impl Store for StalledCommits {
+    fn commit(&self, tx: Tx) -> Commit {
+        let mut state = self.state();
+        if !state.on {
+            return self.inner.commit(tx);
+        }
+        let (answer, handed) = tokio::sync::oneshot::channel();
+        state.waiting.push((tx, answer));
+        Box::pin(async move {
+            match handed.await {
+                Ok(commit) => commit.await,
+                Err(_) => Err(StoreError::Closed),
+            }
+        })
+    }
+    fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError> {
+        self.inner.message(id)
+    }
+    fn message_head(&self, id: &MessageId) -> Result<Option<MessageHead>, StoreError> {
+        self.inner.message_head(id)
+    }
+    fn receipts(&self, id: &MessageId) -> Result<Vec<accord_proto::pb::Receipt>, StoreError> {
+        self.inner.receipts(id)
+    }
+    fn queue(
+        &self,
+        queue: &Queue,
+        limit: usize,
+    ) -> Result<Vec<(QueueKey, QueueEntry)>, StoreError> {
+        self.inner.queue(queue, limit)
+    }
+    fn log_size(&self) -> Result<u64, StoreError> {
+        self.inner.log_size()
+    }
+    fn log_entry(&self, index: LogIndex) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.log_entry(index)
+    }
+    fn disk_usage(&self) -> Result<u64, StoreError> {
+        self.inner.disk_usage()
+    }
+    fn log_node(&self, level: u32, index: u64) -> Result<Option<[u8; 32]>, StoreError> {
+        self.inner.log_node(level, index)
+    }
+    fn message_events(&self, id: &MessageId) -> Result<Vec<LogIndex>, StoreError> {
+        self.inner.message_events(id)
+    }
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.meta(key)
+    }
+    fn stopped(&self) -> Option<String> {
+        self.inner.stopped()
+    }
+}
+
+/// Restarts `cc`'s gateway on a store whose commits the test can stall.
+pub async fn restart_with_stalled_commits(
+    net: &mut TestNet,
+    cc: &str,
+) -> anyhow::Result<Arc<StalledCommits>> {
+    net.stop_gateway(cc).await?;
+    let slot = Arc::new(Mutex::new(None));
+    let kept = slot.clone();
+    net.start_gateway_layered(
+        cc,
+        Box::new(move |store| {
+            let stalled = StalledCommits::over(store);
+            *kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(stalled.clone());
+            stalled as Arc<dyn Store>
+        }),
+    )
+    .await?;
+    let stalled = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    stalled.ok_or_else(|| anyhow::anyhow!("the gateway did not open its store"))
 }

@@ -564,3 +564,81 @@ async fn a_resent_envelope_kh_holds_gets_its_first_receipt_even_past_its_expiry(
     );
     net.shutdown().await;
 }
+
+/// KH's disk stalls while it commits the first copy of an envelope, and VN's call gives up
+/// (KH's handler of it is dropped, its commit still with the store). A copy sent again past
+/// its expiry is answered "retry", not checked anew: refused as expired, it would end the
+/// message at VN as REJECTED while KH takes the first copy. Once the commit lands, a copy
+/// gets the first copy's receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_arriving_while_kh_commits_the_first_is_answered_retry_then_its_receipt() {
+    let mut net = accord_tests::vn_and_kh()
+        .forwarder_call_timeout_ms(1_000)
+        .checkpoint_interval_ms(600_000)
+        .start()
+        .await
+        .unwrap();
+    let kh = accord_tests::restart_with_stalled_commits(&mut net, "kh")
+        .await
+        .unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    kh.stall();
+    let sent = accord_tests::short_lived_alert(&net, &mut c02, "slow disk", 1_000)
+        .await
+        .unwrap();
+    let mut waited = Duration::ZERO;
+    while kh.waiting() == 0 {
+        assert!(
+            waited < Duration::from_secs(10),
+            "the first copy never reached KH"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += Duration::from_millis(20);
+    }
+    let vn = net.gateway("vn").unwrap().pipeline.clone();
+    let envelope = vn.store.message(&sent.id).unwrap().unwrap().envelope;
+    let copy = pb::DeliverRequest {
+        items: vec![pb::PeerItem {
+            item: Some(pb::peer_item::Item::Envelope(envelope.unwrap())),
+        }],
+    };
+    // Past its expiry, and past the second that VN's call waits for an answer.
+    let past = accord_tests::until_expiry(&net, "vn", &sent.id).unwrap();
+    tokio::time::sleep(past.max(Duration::from_millis(1_000)) + Duration::from_millis(300)).await;
+    let mut link = accord_tests::peer_link_as(&net, "vn", "kh").unwrap();
+    let request = copy.clone();
+    let mut second = tokio::spawn(async move { link.deliver(request).await });
+    // A copy checked anew waits for its refusal's commit; one answered "retry" does not.
+    let early = tokio::time::timeout(Duration::from_secs(3), &mut second).await;
+    kh.resume();
+    let answer = match early {
+        Ok(answer) => answer,
+        Err(_) => second.await,
+    };
+    let answer = answer.unwrap().unwrap().into_inner();
+    let result = &answer.results[0];
+    assert!(
+        result.receipt.is_none() && result.refused.is_empty() && !result.retry_reason.is_empty(),
+        "answered retry: {result:?}"
+    );
+
+    let chain = accord_tests::wait_stage(&mut c02, &sent.id, Stage::Received)
+        .await
+        .unwrap();
+    let mut link = accord_tests::peer_link_as(&net, "vn", "kh").unwrap();
+    let answer = link.deliver(copy).await.unwrap().into_inner();
+    let first = chain.iter().find(|r| r.stage() == Stage::Received).unwrap();
+    assert_eq!(answer.results[0].receipt.as_ref(), Some(&first.wire));
+    let kh_store = net.gateway("kh").unwrap().pipeline.store.clone();
+    let events: Vec<_> = kh_store
+        .message_events(&sent.id)
+        .unwrap()
+        .into_iter()
+        .map(|i| {
+            let bytes = kh_store.log_entry(i).unwrap().unwrap();
+            pb::LogEntry::decode(bytes.as_slice()).unwrap().event()
+        })
+        .collect();
+    assert_eq!(events, vec![pb::LogEvent::Received], "no refusal at KH");
+    net.shutdown().await;
+}
