@@ -206,21 +206,58 @@ fn entry(event: LogEvent, id: Option<&MessageId>, hash: &EnvelopeHash, actor: &s
     )
 }
 
-/// Messages whose ending, or whose arrival from a peer, is being decided and committed.
+/// Messages whose ending, or whose arrival from a peer, is being decided and committed;
+/// each with what wakes those waiting for it to be.
 #[derive(Debug, Default)]
-pub struct Endings(Arc<Mutex<std::collections::HashSet<MessageId>>>);
+pub struct Endings(Arc<Mutex<HashMap<MessageId, Arc<Notify>>>>);
+
+/// How long a recipient's acknowledgement waits for another change to its message to be
+/// committed (the tail of its arrival's commit, a copy from the peer answered) before it is
+/// answered "retry".
+const ACK_WAITS_FOR_CHANGE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Endings {
     /// Marks a change to message `id` as being decided; `EndingInProgress` while another is.
     fn take(&self, id: MessageId) -> Result<EndingGuard, PipelineError> {
-        let fresh = self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
-        if fresh {
-            Ok(EndingGuard {
-                set: self.0.clone(),
-                id,
-            })
-        } else {
-            Err(PipelineError::EndingInProgress)
+        self.try_take(id)
+            .map_err(|_| PipelineError::EndingInProgress)
+    }
+
+    /// [`Self::take`], waiting up to `limit` for the change being decided to be committed.
+    async fn take_within(
+        &self,
+        id: MessageId,
+        limit: std::time::Duration,
+    ) -> Result<EndingGuard, PipelineError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let released = match self.try_take(id) {
+                Ok(guard) => return Ok(guard),
+                Err(released) => released,
+            };
+            let wait = deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(std::time::Duration::from_millis(10));
+            if wait.is_zero() {
+                return Err(PipelineError::EndingInProgress);
+            }
+            // Woken when the guard goes; looked at again every 10 ms all the same, for a
+            // release between the look above and this wait.
+            let _ = tokio::time::timeout(wait, released.notified()).await;
+        }
+    }
+
+    fn try_take(&self, id: MessageId) -> Result<EndingGuard, Arc<Notify>> {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match held.entry(id) {
+            std::collections::hash_map::Entry::Occupied(taken) => Err(taken.get().clone()),
+            std::collections::hash_map::Entry::Vacant(free) => {
+                free.insert(Arc::default());
+                Ok(EndingGuard {
+                    held: self.0.clone(),
+                    id,
+                })
+            }
         }
     }
 }
@@ -229,7 +266,7 @@ impl Endings {
 /// unmarks it when dropped. A commit it guards goes through [`Pipeline::commit_guarded`],
 /// which holds it until the commit lands.
 struct EndingGuard {
-    set: Arc<Mutex<std::collections::HashSet<MessageId>>>,
+    held: Arc<Mutex<HashMap<MessageId, Arc<Notify>>>>,
     id: MessageId,
 }
 
@@ -244,10 +281,12 @@ pub(crate) enum Ending {
 
 impl Drop for EndingGuard {
     fn drop(&mut self) {
-        self.set
-            .lock()
+        let released = (self.held.lock())
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.id);
+        if let Some(waiting) = released {
+            waiting.notify_waiters();
+        }
     }
 }
 
@@ -1011,8 +1050,11 @@ impl Pipeline {
                 "only the recipient's own delivered receipt, or its refusal, acknowledges".into(),
             ));
         }
-        // Read the ending, decide, commit: one ending of a message at a time.
-        let ending = self.endings.take(v.message_id)?;
+        // Read the ending, decide, commit: one ending of a message at a time. A recipient
+        // quick to acknowledge may find its message's arrival still finishing its commit.
+        let ending = (self.endings)
+            .take_within(v.message_id, ACK_WAITS_FOR_CHANGE)
+            .await?;
         let stored = self
             .store
             .message_head(&v.message_id)?
@@ -1346,5 +1388,47 @@ fn hex_or_none(b: &[u8]) -> String {
         "-".into()
     } else {
         b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// An acknowledgement quick on the heels of its message's arrival waits for the
+    /// arrival's guard to go, rather than failing; past its limit it is told to retry.
+    #[tokio::test(start_paused = true)]
+    async fn a_change_waits_for_the_one_being_committed_within_its_limit() {
+        let endings = Endings::default();
+        let id = MessageId::new_v7(1_000, [7; 10]);
+        let arrival = endings.take(id).unwrap();
+        assert!(matches!(
+            endings.take(id),
+            Err(PipelineError::EndingInProgress)
+        ));
+        let short = endings.take_within(id, Duration::from_millis(50)).await;
+        assert!(matches!(short, Err(PipelineError::EndingInProgress)));
+
+        let landing = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            drop(arrival);
+        });
+        let started = tokio::time::Instant::now();
+        let ack = endings.take_within(id, Duration::from_secs(2)).await;
+        assert!(ack.is_ok(), "taken once the arrival's guard went");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert!(
+            started.elapsed() < Duration::from_millis(400),
+            "taken soon after it went"
+        );
+        landing.await.unwrap();
+        assert!(matches!(
+            endings.take(id),
+            Err(PipelineError::EndingInProgress)
+        ));
+        drop(ack);
+        assert!(endings.take(id).is_ok());
     }
 }
