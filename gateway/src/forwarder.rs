@@ -318,6 +318,12 @@ impl Link {
         if room {
             let batch = self.read().await?;
             if !batch.items.is_empty() {
+                // A store that stopped taking commits may hold on disk an unmark it answered
+                // as failed, replayed at the next start: an entry that reads as marked here
+                // may then read as never sent, and expire here. Nothing goes until a restart.
+                if let Some(why) = self.pipeline.store.stopped() {
+                    return Err(StoreError::Engine(why).into());
+                }
                 self.send(batch).await;
                 return Ok(Round::Sent);
             }

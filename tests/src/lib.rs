@@ -255,7 +255,8 @@ pub fn hashes(proof: &[Vec<u8>]) -> anyhow::Result<Vec<accord_proto::merkle::Has
 
 /// A gateway's store whose commits the test can stall, as a writer stuck on a slow disk
 /// would: while stalled, transactions wait unapplied (reads do not see them) and go to the
-/// store in the order they came once the test resumes it. Wraps a real store
+/// store in the order they came once the test resumes it. Or stop: every later commit
+/// fails, and the store says it stopped, as after a failed write. Wraps a real store
 /// ([`TestNet::start_gateway_layered`]).
 pub struct StalledCommits {
     inner: Arc<dyn Store>,
@@ -273,6 +274,7 @@ impl std::fmt::Debug for StalledCommits {
 #[derive(Default)]
 struct Stall {
     on: bool,
+    stopped: bool,
     waiting: Vec<(Tx, tokio::sync::oneshot::Sender<Commit>)>,
 }
 
@@ -294,6 +296,11 @@ impl StalledCommits {
         self.state().on = true;
     }
 
+    /// Every later commit fails, and the store says it stopped taking commits.
+    pub fn stop(&self) {
+        self.state().stopped = true;
+    }
+
     /// How many commits wait.
     pub fn waiting(&self) -> usize {
         self.state().waiting.len()
@@ -312,6 +319,11 @@ impl StalledCommits {
 impl Store for StalledCommits {
     fn commit(&self, tx: Tx) -> Commit {
         let mut state = self.state();
+        if state.stopped {
+            return Box::pin(async {
+                Err(StoreError::Engine("the test stopped the store".into()))
+            });
+        }
         if !state.on {
             return self.inner.commit(tx);
         }
@@ -359,6 +371,9 @@ impl Store for StalledCommits {
         self.inner.meta(key)
     }
     fn stopped(&self) -> Option<String> {
+        if self.state().stopped {
+            return Some("the test stopped the store".into());
+        }
         self.inner.stopped()
     }
 }

@@ -1301,3 +1301,41 @@ async fn envelopes_a_peer_turned_full_did_not_take_expire_here() {
     }
     net.shutdown().await;
 }
+
+/// A store that stopped taking commits may hold on disk an unmark it answered as failed
+/// (its record written, its sync failed), replayed at the next start: an envelope that
+/// reads as marked in memory may then read as never sent, and expire at VN while KH holds
+/// it. So VN sends nothing while its store is stopped, not even an envelope marked long ago
+/// that goes without a commit of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_store_stopped_taking_commits_sends_nothing() {
+    let mut net = net().await;
+    let vn = accord_tests::restart_with_stalled_commits(&mut net, "vn")
+        .await
+        .unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let stand_in = replace_kh(&mut net, Answer::Take, Answer::Retry).await;
+    let sent = c02
+        .send(
+            &net.org_id("kh", "ahtd").unwrap(),
+            &alert("asked again"),
+            &SendOptions::new("P1"),
+        )
+        .await
+        .unwrap();
+    // Marked with its first call, and kept marked by the peer's "retry": each call after
+    // it goes without a commit.
+    eventually(|| stand_in.envelope_offers(&sent.id).len() >= 2).await;
+    assert!(stand_in.envelope_offers(&sent.id).len() >= 2, "sent again");
+    vn.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let offers = stand_in.envelope_offers(&sent.id).len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        stand_in.envelope_offers(&sent.id).len(),
+        offers,
+        "nothing sent since"
+    );
+    stand_in.stop().await;
+    net.shutdown().await;
+}

@@ -181,11 +181,19 @@ struct Progress {
 
 impl Progress {
     fn poison(&self, why: String) {
-        // Set before it is logged: whoever looks meanwhile is refused.
-        if let Ok(mut p) = self.poisoned.lock() {
-            p.get_or_insert(why.clone());
+        // Set before it is logged: whoever looks meanwhile is refused. Logged once: the
+        // first failure is the one that matters.
+        let first = match self.poisoned.lock() {
+            Ok(mut p) => {
+                let first = p.is_none();
+                p.get_or_insert(why.clone());
+                first
+            }
+            Err(_) => true,
+        };
+        if first {
+            tracing::error!(error = %why, "store write failed; refusing further writes");
         }
-        tracing::error!(error = %why, "store write failed; refusing further writes");
     }
 
     fn poisoned(&self) -> Option<String> {
@@ -1416,6 +1424,12 @@ impl Committer {
 
     fn write_group(&mut self, group: Group) -> Result<(), String> {
         let logged = self.log(group.writes);
+        // Poisoned before the group hears of the failure: its record may still reach the
+        // disk and be replayed, so a caller that saw the error and asks the store whether
+        // it still takes commits (the forwarder, before a call leaves) is told it does not.
+        if let Err(e) = &logged {
+            self.progress.poison(e.clone());
+        }
         // The checkpointer takes it for writing too ([`PANICKED`]). The group's log record is
         // durable (or failed) either way, so it is answered first.
         let (mut applied, panicked) = match self.applying.write() {
@@ -4055,6 +4069,46 @@ mod tests {
         let refused = refused.unwrap_err().to_string();
         assert!(refused.contains("restart"), "{refused}");
         assert!(committer.progress.poisoned().is_some());
+    }
+
+    /// A group whose log record failed may still reach the disk and be replayed: the store
+    /// is poisoned before the group hears of the failure, so that a caller that saw it and
+    /// asks whether the store still takes commits (the forwarder, before a call leaves) is
+    /// told it does not.
+    #[test]
+    fn a_failed_group_is_answered_after_the_store_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut committer, _) = recover(dir.path(), 16 << 20).unwrap();
+        let (outbox, _) = kh_outbox();
+        let enqueue = routine_to(&outbox, 31_000, 4);
+        commit_group(&mut committer, [enqueue(0)]);
+        committer.segment.fail_appends().unwrap();
+        let mut built = Group::default();
+        let outcome = committer.build(enqueue(1), &mut built);
+        let (reply, mut answer) = oneshot::channel();
+        built.waiting.push((reply, outcome));
+
+        // Readers hold the applied state: the group is answered only once they let go.
+        let applying = committer.applying.clone();
+        let reading = applying.read().unwrap();
+        let progress = committer.progress.clone();
+        let writer = std::thread::spawn(move || {
+            committer.write(built);
+            committer
+        });
+        let started = Instant::now();
+        while progress.poisoned().is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "not poisoned before the group is answered"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(answer.try_recv().is_err(), "not answered yet");
+        drop(reading);
+        let committer = writer.join().unwrap();
+        assert!(matches!(answer.try_recv(), Ok(Err(_))));
+        crash(committer);
     }
 
     /// A power cut keeps only what was synced: the runs and the log's files as the last

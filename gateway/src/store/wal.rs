@@ -154,6 +154,14 @@ impl Segment {
         Ok(grown)
     }
 
+    /// Makes every later append fail, as a disk that refuses writes would: for tests of
+    /// what a failed log record does.
+    #[cfg(test)]
+    pub fn fail_appends(&mut self) -> std::io::Result<()> {
+        self.file = File::open("/dev/null")?;
+        Ok(())
+    }
+
     /// Cuts a full segment's file to its records, before the next segment is made: from
     /// then on it is not the last, and its end must be its file's end. Returns the bytes
     /// freed.
