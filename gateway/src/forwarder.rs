@@ -240,7 +240,8 @@ struct Link {
     /// them ([`Link::send`]), each with the commit that marks it, which that call waits
     /// for: most calls need no commit of their own before they go. None of them went yet.
     /// Unmarked when the link finds the peer unreachable, before it backs off, and when
-    /// the forwarder stops.
+    /// the forwarder stops. At most three times `MARK_AHEAD × in_flight × batch` keys
+    /// ([`Link::mark_ahead`]).
     premarked: std::collections::HashMap<QueueKey, Marks>,
     /// A call answered lately moved entries, so the link works and more than one call may
     /// go out. From the start, after a quiet spell, after a failure, and after a peer whose
@@ -572,13 +573,19 @@ impl Link {
         let Ok(entries) = self.pipeline.store.queue(&self.queue, limit) else {
             return Vec::new();
         };
-        // Those that left the outbox otherwise, or went behind what is read (entries of a
-        // higher priority came), are no longer counted. One behind stays marked, and the
-        // peer's answer ends it: unmarked now, it could be carried before the unmark
-        // landed by a call that takes it for marked.
+        // Keys that went behind what is read (entries of a higher priority came: the
+        // receipt of every acknowledgement here, or held entries released) stay in the map,
+        // so that an unmark still takes them back; only those read count against the room
+        // for more. Past twice the most, the ones not read (behind, or gone from the
+        // outbox) are forgotten: they stay marked and the peer's answer ends them. Unmarked
+        // now, one could be carried before the unmark landed by a call that took it for
+        // marked.
         let read: std::collections::HashSet<&QueueKey> = entries.iter().map(|(k, _)| k).collect();
-        self.premarked.retain(|k, _| read.contains(k));
-        let room = most.saturating_sub(self.premarked.len());
+        if self.premarked.len() > 2 * most {
+            self.premarked.retain(|k, _| read.contains(k));
+        }
+        let counted = self.premarked.keys().filter(|k| read.contains(k)).count();
+        let room = most.saturating_sub(counted);
         let ahead: Vec<QueueKey> = entries
             .into_iter()
             .filter(|(key, entry)| {

@@ -1302,6 +1302,65 @@ async fn envelopes_a_peer_turned_full_did_not_take_expire_here() {
     net.shutdown().await;
 }
 
+/// Envelopes marked ahead that FLASH alerts then pushed behind what the forwarder reads are
+/// still taken back when the peer turns full: each that the peer did not take expires at VN
+/// while it is still full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envelopes_marked_ahead_then_pushed_back_by_flash_alerts_expire_here() {
+    let mut net = accord_tests::vn_and_kh()
+        .forwarder_batch(1)
+        .forwarder_in_flight(1)
+        .checkpoint_interval_ms(600_000)
+        .start()
+        .await
+        .unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let stand_in = replace_kh(&mut net, Answer::Take, Answer::Take).await;
+    // Slow enough for the FLASH alerts to come while a1 is out.
+    stand_in.slow(Duration::from_millis(1_500), None);
+    // It takes a0, a1 and the first FLASH alert, then is full.
+    stand_in.quota(3);
+    let mut routine = Vec::new();
+    for n in 0..6 {
+        let what = format!("routine {n}");
+        let alert = short_lived_alert(&net, &mut c02, &what, 6_000).await;
+        routine.push(alert.unwrap().id);
+    }
+    // a0's call finds the link working; a1's marks a2..a5 ahead (4 = 4 rounds × 1 call ×
+    // 1 entry). While a1 is out, FLASH alerts come: they are read first from then on, and
+    // a3..a5 go behind what the next marks ahead read.
+    let marked_ahead = |id: &MessageId| {
+        vn_outbox_entries(&net)
+            .iter()
+            .any(|(_, e)| e.message_id == id.as_bytes() && e.may_have_left())
+    };
+    eventually(|| marked_ahead(&routine[5])).await;
+    assert!(
+        marked_ahead(&routine[5]),
+        "a1's call went, marking a5 ahead"
+    );
+    let to = net.org_id("kh", "ahtd").unwrap();
+    let flash = SendOptions {
+        priority: pb::Priority::Flash,
+        ttl_ms: 6_000,
+        ..SendOptions::new("F1")
+    };
+    let mut urgent = Vec::new();
+    for n in 0..4 {
+        let what = format!("flash {n}");
+        urgent.push(c02.send(&to, &alert(&what), &flash).await.unwrap().id);
+    }
+    for id in [&routine[0], &routine[1], &urgent[0]] {
+        wait_stage(&mut c02, id, Stage::Received).await.unwrap();
+    }
+    // A full peer is offered the head of the outbox once per backoff, and what is behind it
+    // is read (and expires) once what is ahead has left: the FLASH alerts expire first.
+    for id in urgent[1..].iter().chain(&routine[2..]) {
+        expired_at_vn(&mut c02, id).await.unwrap();
+    }
+    net.shutdown().await;
+}
+
 /// A store that stopped taking commits may hold on disk an unmark it answered as failed
 /// (its record written, its sync failed), replayed at the next start: an envelope that
 /// reads as marked in memory may then read as never sent, and expire at VN while KH holds
