@@ -148,6 +148,7 @@ impl Builder {
                     listeners: Some((client, peer)),
                     gateway: None,
                     config: None,
+                    tuning: Default::default(),
                 },
             );
         }
@@ -185,6 +186,7 @@ impl Builder {
             let config = net.write_config(cc, limits, every, &forwarder)?;
             let c = net.countries.get_mut(cc).context("country")?;
             c.config = Some(config);
+            c.tuning = (every, forwarder);
         }
         Ok(net)
     }
@@ -197,6 +199,8 @@ struct Country {
     listeners: Option<(TcpListener, TcpListener)>,
     gateway: Option<RunningGateway>,
     config: Option<Config>,
+    /// The checkpoint interval and `[forwarder]` lines its configuration was written with.
+    tuning: (u64, String),
 }
 
 /// Running gateways of several countries on loopback, with their dev PKI.
@@ -287,6 +291,16 @@ impl LocalNet {
         };
         let config = c.config.as_ref().context("config")?;
         c.gateway = Some(server::start_layered(config, client, peer, system_clock(), layer).await?);
+        Ok(())
+    }
+
+    /// Writes `cc`'s configuration again with the `[limits]` lines `toml`, as an operator
+    /// changing them would: they take effect at its next start.
+    pub fn set_limits(&mut self, cc: &str, toml: &str) -> anyhow::Result<()> {
+        let (every, forwarder) = self.country(cc)?.tuning.clone();
+        let config = self.write_config(cc, toml, every, &forwarder)?;
+        let c = self.countries.get_mut(cc).context("country")?;
+        c.config = Some(config);
         Ok(())
     }
 

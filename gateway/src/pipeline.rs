@@ -728,11 +728,16 @@ impl Pipeline {
         peer: &SpiffeId,
         env: pb::Envelope,
     ) -> Result<pb::Receipt, PipelineError> {
-        let sealed = SealedEnvelope::from_wire(env, &self.limits)?;
-        // Only the header (at most 4 KiB) is kept to name a refusal, not the ciphertext.
-        let header = sealed.header().clone();
+        // Looked up before its ciphertext is held to this gateway's limit: a copy of an
+        // envelope held here gets the receipt it got then, also after an operator lowered
+        // the limit. The call's decoding limit bounds what is hashed meanwhile.
+        let any_ciphertext = Limits {
+            max_ciphertext: usize::MAX,
+            ..self.limits
+        };
+        let sealed = SealedEnvelope::from_wire(env, &any_ciphertext)?;
         let hash = sealed.hash();
-        let id = header_id(&header);
+        let id = header_id(sealed.header());
         // One copy of a message at a time, from before its head is read until what it
         // commits has landed: a second copy (the peer resending after an answer lost, a
         // restart) would read no head while the first one's commit is on its way, and could
@@ -764,6 +769,9 @@ impl Pipeline {
             }
             return self.repeat_of(id, stored, &hash, Stage::Received);
         }
+        sealed.fits(&self.limits)?;
+        // Only the header (at most 4 KiB) is kept to name a refusal, not the ciphertext.
+        let header = sealed.header().clone();
         let env = match self.admit_from_peer(peer, sealed) {
             Ok(env) => env,
             Err(reason) => return self.reject_from_peer(peer, &header, hash, reason).await,

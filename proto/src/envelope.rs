@@ -54,6 +54,18 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    fn check(&self, header: &[u8], ciphertext: &[u8]) -> Result<(), EnvelopeError> {
+        if header.len() > self.max_header {
+            return Err(EnvelopeError::TooLarge("header"));
+        }
+        if ciphertext.len() > self.max_ciphertext {
+            return Err(EnvelopeError::TooLarge("ciphertext"));
+        }
+        Ok(())
+    }
+}
+
 /// Why an envelope is refused. [`EnvelopeError::reason`] gives the wire reason code.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
@@ -135,12 +147,7 @@ pub struct SealedEnvelope {
 impl SealedEnvelope {
     /// Takes an envelope off the wire, refusing oversize parts before anything else.
     pub fn from_wire(env: pb::Envelope, limits: &Limits) -> Result<Self, EnvelopeError> {
-        if env.header.len() > limits.max_header {
-            return Err(EnvelopeError::TooLarge("header"));
-        }
-        if env.ciphertext.len() > limits.max_ciphertext {
-            return Err(EnvelopeError::TooLarge("ciphertext"));
-        }
+        limits.check(&env.header, &env.ciphertext)?;
         if env.signature.len() != SIGNATURE_LEN {
             return Err(malformed("signature must be 64 bytes"));
         }
@@ -167,6 +174,12 @@ impl SealedEnvelope {
             signature,
             hash,
         }
+    }
+
+    /// Whether the envelope is within `limits`: for one taken off the wire under wider
+    /// limits, to be looked up before it is held to the narrower ones.
+    pub fn fits(&self, limits: &Limits) -> Result<(), EnvelopeError> {
+        limits.check(&self.header.0, &self.ciphertext)
     }
 
     /// The sender's header bytes, e.g. to name a refused envelope without keeping it whole.

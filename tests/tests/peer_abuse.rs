@@ -642,3 +642,51 @@ async fn a_copy_arriving_while_kh_commits_the_first_is_answered_retry_then_its_r
     assert_eq!(events, vec![pb::LogEvent::Received], "no refusal at KH");
     net.shutdown().await;
 }
+
+/// An operator lowers KH's limit on an envelope's ciphertext after KH took an envelope over
+/// it. A copy of that envelope (VN sending it again after an answer was lost) still gets
+/// the receipt KH gave it: refused for its size, without a receipt, it would end the
+/// message at VN while KH delivers it. Any other envelope that size is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_an_envelope_kh_took_before_its_limit_was_lowered_gets_its_receipt() {
+    let mut net = net().await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let sent = accord_tests::alert_received_at_kh(&net, &mut c02, "taken, then too large")
+        .await
+        .unwrap();
+    let (_, chain) = c02.status(&sent.id).await.unwrap();
+    let first = chain.iter().find(|r| r.stage() == Stage::Received).unwrap();
+    let vn = net.gateway("vn").unwrap().pipeline.clone();
+    let envelope = vn
+        .store
+        .message(&sent.id)
+        .unwrap()
+        .unwrap()
+        .envelope
+        .unwrap();
+    let smaller = envelope.ciphertext.len() - 1;
+    net.stop_gateway("kh").await.unwrap();
+    net.set_limits("kh", &format!("max_ciphertext_bytes = {smaller}"))
+        .unwrap();
+    net.start_gateway("kh").await.unwrap();
+
+    let mut kh = accord_tests::peer_link_as(&net, "vn", "kh").unwrap();
+    let deliver = |env: pb::Envelope| pb::DeliverRequest {
+        items: vec![pb::PeerItem {
+            item: Some(pb::peer_item::Item::Envelope(env)),
+        }],
+    };
+    let answer = kh.deliver(deliver(envelope.clone())).await.unwrap();
+    let again = &answer.into_inner().results[0];
+    assert_eq!(again.receipt.as_ref(), Some(&first.wire), "{again:?}");
+
+    let mut other = envelope;
+    let mut ciphertext = other.ciphertext.to_vec();
+    ciphertext[0] ^= 1;
+    other.ciphertext = ciphertext.into();
+    let answer = kh.deliver(deliver(other)).await.unwrap();
+    let refused = &answer.into_inner().results[0];
+    assert!(refused.receipt.is_none(), "{refused:?}");
+    assert!(refused.refused.contains("too large"), "{refused:?}");
+    net.shutdown().await;
+}
