@@ -279,13 +279,24 @@ pub async fn start_layered(
         origin,
     };
     let mut peer_clients = std::collections::HashMap::new();
+    let mut forwarder_clients = std::collections::HashMap::new();
     for peer in &config.peers {
         // The shared peer roots (with their CRLs): the verifier checks the chain against the
         // root of the country the certificate names, then demands exactly `peer.gateway`.
         let tls_config = tls::client_config(&creds, peer_roots.clone(), peer.gateway.clone())?;
-        let channel = tls::channel(peer.address, tls_config);
-        let client = PeerLinkClient::new(channel).max_decoding_message_size(64 << 20);
-        peer_clients.insert(peer.gateway.country().clone(), client);
+        let client = |channel| PeerLinkClient::new(channel).max_decoding_message_size(64 << 20);
+        let cc = peer.gateway.country().clone();
+        peer_clients.insert(
+            cc.clone(),
+            client(tls::channel(peer.address, tls_config.clone())),
+        );
+        // The forwarder's calls have a connection of their own, which opens within half a
+        // call's limit: a call waits for one connection attempt at most, its own or a call
+        // beside it's, and when none opened it fails as one that never left before its own
+        // limit runs out (after which the forwarder could not tell whether the peer took it).
+        let call_limit = std::time::Duration::from_millis(config.forwarder.call_timeout_ms);
+        let channel = tls::channel_connecting_within(peer.address, tls_config, call_limit / 2);
+        forwarder_clients.insert(cc, client(channel));
     }
     // Opening the store replays its write-ahead log and may wait up to 3 s for sled's
     // lock, and the chunk store walks its folders: both off the async workers, which may
@@ -469,10 +480,13 @@ pub async fn start_layered(
             .get(peer.gateway.country())
             .cloned()
             .ok_or_else(|| tls::TlsError::NoIdentity("peer client".into()))?;
+        let forwarding = forwarder_clients
+            .remove(peer.gateway.country())
+            .ok_or_else(|| tls::TlsError::NoIdentity("forwarder's peer client".into()))?;
         tasks.spawn(crate::forwarder::run(
             pipeline.clone(),
             peer.gateway.clone(),
-            client.clone(),
+            forwarding,
             config.forwarder.clone(),
             shutdown.subscribe(),
         ));

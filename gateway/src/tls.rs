@@ -674,6 +674,19 @@ pub fn never_left(status: &tonic::Status) -> bool {
 /// A lazily connecting gRPC channel over our own TLS: tonic's built-in TLS would allow
 /// TLS 1.2 and check DNS names, where we check SPIFFE ids.
 pub fn channel(addr: SocketAddr, config: rustls::ClientConfig) -> tonic::transport::Channel {
+    channel_connecting_within(addr, config, CONNECT_LIMIT)
+}
+
+/// [`channel`], whose connections must open within `limit` (at most [`CONNECT_LIMIT`]): for
+/// calls with a shorter limit of their own, so that a connection that never opened still
+/// fails as one ([`PeerNotReached`]) before the call's own limit runs out, which would not
+/// tell whether the peer took the call.
+pub fn channel_connecting_within(
+    addr: SocketAddr,
+    config: rustls::ClientConfig,
+    limit: std::time::Duration,
+) -> tonic::transport::Channel {
+    let limit = limit.min(CONNECT_LIMIT);
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let service = tower::service_fn(move |_uri: tonic::codegen::http::Uri| {
         let connector = connector.clone();
@@ -685,7 +698,7 @@ pub fn channel(addr: SocketAddr, config: rustls::ClientConfig) -> tonic::transpo
             connector.connect(name, tcp).await
         };
         async move {
-            let tls = match tokio::time::timeout(CONNECT_LIMIT, connect).await {
+            let tls = match tokio::time::timeout(limit, connect).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => return Err(PeerNotReached(e)),
                 Err(_) => {

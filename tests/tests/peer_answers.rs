@@ -1387,7 +1387,8 @@ async fn a_gateway_whose_store_stopped_taking_commits_sends_nothing() {
     eventually(|| stand_in.envelope_offers(&sent.id).len() >= 2).await;
     assert!(stand_in.envelope_offers(&sent.id).len() >= 2, "sent again");
     vn.stop();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A call whose marks had landed may still go.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
     let offers = stand_in.envelope_offers(&sent.id).len();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
@@ -1396,5 +1397,36 @@ async fn a_gateway_whose_store_stopped_taking_commits_sends_nothing() {
         "nothing sent since"
     );
     stand_in.stop().await;
+    net.shutdown().await;
+}
+
+/// KH's host takes TCP connections but never answers the TLS handshake (a proxy or host
+/// that hangs), and VN's calls may go unanswered for one second. A connection must open
+/// within half that: every call fails as one that never left, before its own limit runs
+/// out (which would leave its envelope marked as possibly taken), and the envelope expires
+/// at VN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_whose_calls_never_got_a_connection_expires_here_with_a_short_call_limit() {
+    let mut net = accord_tests::vn_and_kh()
+        .forwarder_call_timeout_ms(1_000)
+        .start()
+        .await
+        .unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    net.stop_gateway("kh").await.unwrap();
+    let silent = tokio::net::TcpListener::bind(net.peer_address("kh").unwrap())
+        .await
+        .unwrap();
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            connections.push(tcp);
+        }
+    });
+    let sent = short_lived_alert(&net, &mut c02, "no handshake", 2_000)
+        .await
+        .unwrap();
+    expired_at_vn(&mut c02, &sent.id).await.unwrap();
+    held.abort();
     net.shutdown().await;
 }
