@@ -738,16 +738,22 @@ impl Pipeline {
         let sealed = SealedEnvelope::from_wire(env, &any_ciphertext)?;
         let hash = sealed.hash();
         let id = header_id(sealed.header());
-        // One copy of a message at a time, from before its head is read until what it
-        // commits has landed: a second copy (the peer resending after an answer lost, a
-        // restart) would read no head while the first one's commit is on its way, and could
-        // be refused (expired since, a key or policy changed) while the first is taken.
-        // It is answered "retry", and then gets the first one's receipt.
-        let guard = id.map(|id| self.endings.take(id)).transpose()?;
-        let held = match id {
-            Some(id) => self.store.message_head(&id)?.map(|head| (id, head)),
-            None => None,
+        let head_of = |id: MessageId| -> Result<_, PipelineError> {
+            Ok(self.store.message_head(&id)?.map(|head| (id, head)))
         };
+        let mut held = id.map(head_of).transpose()?.flatten();
+        // A message not held yet is taken in one copy at a time, from before its head is
+        // read again until what the copy commits has landed: a second copy (the peer
+        // resending after an answer lost, a restart) would read no head while the first
+        // one's commit is on its way, and could be refused (expired since, a key or policy
+        // changed) while the first is taken. It is answered "retry", and then gets the
+        // first one's receipt. A message held already needs no guard: its copies only
+        // read it, so copies naming it cannot hold up its acknowledgement or expiry.
+        let mut guard = None;
+        if let (Some(id), None) = (id, &held) {
+            guard = Some(self.endings.take(id)?);
+            held = head_of(id)?;
+        }
         // The same envelope again from its sender's country (the answer to the first was
         // lost) gets the receipt it got then, before anything is checked anew: the hash
         // covers every byte, so it is the envelope verified and kept then. Checked anew, it

@@ -566,14 +566,14 @@ async fn a_resent_envelope_kh_holds_gets_its_first_receipt_even_past_its_expiry(
 }
 
 /// KH's disk stalls while it commits the first copy of an envelope, and VN's call gives up
-/// (KH's handler of it is dropped, its commit still with the store). A copy sent again past
+/// after 1.5 s (KH's handler of it is dropped, its commit still with the store). A copy sent again past
 /// its expiry is answered "retry", not checked anew: refused as expired, it would end the
 /// message at VN as REJECTED while KH takes the first copy. Once the commit lands, a copy
 /// gets the first copy's receipt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_arriving_while_kh_commits_the_first_is_answered_retry_then_its_receipt() {
     let mut net = accord_tests::vn_and_kh()
-        .forwarder_call_timeout_ms(1_000)
+        .forwarder_call_timeout_ms(1_500)
         .checkpoint_interval_ms(600_000)
         .start()
         .await
@@ -583,7 +583,7 @@ async fn a_copy_arriving_while_kh_commits_the_first_is_answered_retry_then_its_r
         .unwrap();
     let mut c02 = net.client("vn", "c02").await.unwrap();
     kh.stall();
-    let sent = accord_tests::short_lived_alert(&net, &mut c02, "slow disk", 1_000)
+    let sent = accord_tests::short_lived_alert(&net, &mut c02, "slow disk", 2_000)
         .await
         .unwrap();
     let mut waited = Duration::ZERO;
@@ -602,9 +602,9 @@ async fn a_copy_arriving_while_kh_commits_the_first_is_answered_retry_then_its_r
             item: Some(pb::peer_item::Item::Envelope(envelope.unwrap())),
         }],
     };
-    // Past its expiry, and past the second that VN's call waits for an answer.
+    // Past its expiry, and past the 1.5 s that VN's call waits for an answer.
     let past = accord_tests::until_expiry(&net, "vn", &sent.id).unwrap();
-    tokio::time::sleep(past.max(Duration::from_millis(1_000)) + Duration::from_millis(300)).await;
+    tokio::time::sleep(past.max(Duration::from_millis(1_500)) + Duration::from_millis(300)).await;
     let mut link = accord_tests::peer_link_as(&net, "vn", "kh").unwrap();
     let request = copy.clone();
     let mut second = tokio::spawn(async move { link.deliver(request).await });
@@ -688,5 +688,72 @@ async fn a_copy_of_an_envelope_kh_took_before_its_limit_was_lowered_gets_its_rec
     let refused = &answer.into_inner().results[0];
     assert!(refused.receipt.is_none(), "{refused:?}");
     assert!(refused.refused.contains("too large"), "{refused:?}");
+    net.shutdown().await;
+}
+
+/// Copies naming a message KH holds, but not carrying its envelope (a peer's junk, or other
+/// bytes under its id), only read the message: they take no guard, so a stream of them
+/// cannot hold up its acknowledgement (or its expiry) while their refusals commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_naming_a_held_message_do_not_hold_up_its_acknowledgement() {
+    let mut net = accord_tests::vn_and_kh()
+        .checkpoint_interval_ms(600_000)
+        .start()
+        .await
+        .unwrap();
+    let kh = accord_tests::restart_with_stalled_commits(&mut net, "kh")
+        .await
+        .unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let mut ahtd = net.client("kh", "ahtd").await.unwrap();
+    let sent = accord_tests::alert_received_at_kh(&net, &mut c02, "held at KH")
+        .await
+        .unwrap();
+    let got = accord_tests::fetch_n(&mut ahtd, 1).await.unwrap();
+    let vn = net.gateway("vn").unwrap().pipeline.clone();
+    let mut junk = vn
+        .store
+        .message(&sent.id)
+        .unwrap()
+        .unwrap()
+        .envelope
+        .unwrap();
+    let mut ciphertext = junk.ciphertext.to_vec();
+    ciphertext[0] ^= 1;
+    junk.ciphertext = ciphertext.into();
+
+    kh.stall();
+    let mut link = accord_tests::peer_link_as(&net, "vn", "kh").unwrap();
+    let junk = tokio::spawn(async move {
+        let items = vec![pb::PeerItem {
+            item: Some(pb::peer_item::Item::Envelope(junk)),
+        }];
+        link.deliver(pb::DeliverRequest { items }).await
+    });
+    let mut waited = Duration::ZERO;
+    while kh.waiting() == 0 {
+        assert!(
+            waited < Duration::from_secs(10),
+            "the junk's refusal never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += Duration::from_millis(20);
+    }
+    // The acknowledgement would wait 2 s for a guard the junk held, then be told to retry.
+    let ack = tokio::spawn(async move { ahtd.ack(&got[0]).await });
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert!(!ack.is_finished(), "the ack waits for its own commit");
+    kh.resume();
+    ack.await.unwrap().unwrap();
+    let refused = junk.await.unwrap().unwrap().into_inner();
+    let receipt = refused.results[0]
+        .receipt
+        .as_ref()
+        .expect("a signed refusal");
+    let body = pb::ReceiptBody::decode(receipt.body.as_slice()).unwrap();
+    assert_eq!(body.stage(), Stage::Rejected);
+    accord_tests::wait_stage(&mut c02, &sent.id, Stage::Delivered)
+        .await
+        .unwrap();
     net.shutdown().await;
 }
