@@ -306,6 +306,15 @@ impl StalledCommits {
         self.state().waiting.len()
     }
 
+    /// Whether a waiting commit inserts message `id`.
+    pub fn waiting_to_insert(&self, id: &MessageId) -> bool {
+        self.state().waiting.iter().any(|(tx, _)| {
+            tx.ops
+                .iter()
+                .any(|op| matches!(op, accord_gateway::store::Op::InsertMessage(m, _) if m == id))
+        })
+    }
+
     /// Hands every waiting commit to the store, in order, and lets later ones through.
     pub fn resume(&self) {
         let mut state = self.state();

@@ -587,7 +587,7 @@ async fn a_copy_arriving_while_kh_commits_the_first_is_answered_retry_then_its_r
         .await
         .unwrap();
     let mut waited = Duration::ZERO;
-    while kh.waiting() == 0 {
+    while !kh.waiting_to_insert(&sent.id) {
         assert!(
             waited < Duration::from_secs(10),
             "the first copy never reached KH"
