@@ -270,6 +270,52 @@ struct EndingGuard {
     id: MessageId,
 }
 
+/// The commit of a change decided under a guard, which holds the guard until the commit
+/// lands, not only while its caller waits. Awaited, it lets go when the store answers.
+/// Dropped before (its caller cancelled: a client or peer that hung up), a task takes over
+/// the wait: the transaction is with the store already, and no other change to the message
+/// may be decided before it shows. No task is spawned on the way that completes.
+struct GuardedCommit {
+    commit: Option<crate::store::Commit>,
+    guard: Option<EndingGuard>,
+}
+
+impl std::future::Future for GuardedCommit {
+    type Output = Result<TxOutcome, StoreError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let Some(commit) = self.commit.as_mut() else {
+            return std::task::Poll::Ready(Err(StoreError::Engine(
+                "a guarded commit polled after it finished".into(),
+            )));
+        };
+        let outcome = std::task::ready!(commit.as_mut().poll(cx));
+        self.commit = None;
+        self.guard = None;
+        std::task::Poll::Ready(outcome)
+    }
+}
+
+impl Drop for GuardedCommit {
+    fn drop(&mut self) {
+        let (Some(commit), Some(guard)) = (self.commit.take(), self.guard.take()) else {
+            return;
+        };
+        // Outside a runtime nothing could wait for it, nor decide another change.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = commit.await {
+                    tracing::error!(error = %e, "a commit whose caller went away failed");
+                }
+                drop(guard);
+            });
+        }
+    }
+}
+
 /// How a message's delivery ends, for [`Pipeline::end_once`].
 pub(crate) enum Ending {
     /// This gateway retires it: a REJECTED receipt it signs, naming the reason.
@@ -738,21 +784,20 @@ impl Pipeline {
         let sealed = SealedEnvelope::from_wire(env, &any_ciphertext)?;
         let hash = sealed.hash();
         let id = header_id(sealed.header());
-        let head_of = |id: MessageId| -> Result<_, PipelineError> {
-            Ok(self.store.message_head(&id)?.map(|head| (id, head)))
+        // One copy of a message at a time is taken in, from before its head is read until
+        // what the copy commits has landed: a second copy (the peer resending after an
+        // answer lost, a restart) would read no head while the first one's commit is on its
+        // way, and could be refused (expired since, a key or policy changed) while the first
+        // is taken. It is answered "retry", and then gets the first one's receipt. A message
+        // held already needs the guard no longer than that read: its copies only read it,
+        // so copies naming it cannot hold up its acknowledgement or expiry.
+        let mut guard = id.map(|id| self.endings.take(id)).transpose()?;
+        let held = match id {
+            Some(id) => self.store.message_head(&id)?.map(|head| (id, head)),
+            None => None,
         };
-        let mut held = id.map(head_of).transpose()?.flatten();
-        // A message not held yet is taken in one copy at a time, from before its head is
-        // read again until what the copy commits has landed: a second copy (the peer
-        // resending after an answer lost, a restart) would read no head while the first
-        // one's commit is on its way, and could be refused (expired since, a key or policy
-        // changed) while the first is taken. It is answered "retry", and then gets the
-        // first one's receipt. A message held already needs no guard: its copies only
-        // read it, so copies naming it cannot hold up its acknowledgement or expiry.
-        let mut guard = None;
-        if let (Some(id), None) = (id, &held) {
-            guard = Some(self.endings.take(id)?);
-            held = head_of(id)?;
+        if held.is_some() {
+            guard = None;
         }
         // The same envelope again from its sender's country (the answer to the first was
         // lost) gets the receipt it got then, before anything is checked anew: the hash
@@ -1277,18 +1322,12 @@ impl Pipeline {
     }
 
     /// Commits the transaction of a change (an ending, an arrival) decided under `guard`,
-    /// and holds the guard until the commit lands, not only while the caller waits: a
-    /// caller cancelled meanwhile (a client or peer that hung up) leaves the transaction
-    /// with the store, and no other change to the message may be decided before it shows.
-    async fn commit_guarded(&self, guard: EndingGuard, tx: Tx) -> Result<TxOutcome, StoreError> {
-        let commit = self.store.commit(tx);
-        tokio::spawn(async move {
-            let outcome = commit.await;
-            drop(guard);
-            outcome
-        })
-        .await
-        .map_err(|e| StoreError::Engine(format!("the task waiting for a commit stopped: {e}")))?
+    /// and holds the guard until the commit lands ([`GuardedCommit`]).
+    fn commit_guarded(&self, guard: EndingGuard, tx: Tx) -> GuardedCommit {
+        GuardedCommit {
+            commit: Some(self.store.commit(tx)),
+            guard: Some(guard),
+        }
     }
 
     /// The one transaction that retires an envelope this gateway will not deliver (expired,
