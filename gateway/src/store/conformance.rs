@@ -429,4 +429,33 @@ pub(crate) async fn run<S: Store>(dir: &Path, open: impl Fn(&Path) -> S) {
         .await;
     assert!(refused.is_err());
     assert!(!store.queue(&inbox, 1).unwrap()[0].1.may_have_left());
+
+    // A transaction is the store's once `commit` is called, and one caller's transactions
+    // apply in the order it called: a mark whose future was dropped still lands, before the
+    // unmark called after it, and an unmark dropped lands after the mark called before it.
+    let k2 = key_of(&store, &id2);
+    let mark = |on: bool| Tx {
+        ops: vec![Op::SetSent(k2.clone(), on)],
+        receipts: None,
+    };
+    drop(store.commit(mark(true)));
+    store.commit(mark(false)).await.unwrap();
+    assert_eq!(
+        sent(&store),
+        vec![(b2.to_vec(), true, false)],
+        "unmarked last"
+    );
+    let marked = store.commit(mark(true));
+    drop(store.commit(mark(false)));
+    marked.await.unwrap();
+    let barrier = Tx {
+        ops: vec![Op::Log(b"after the dropped unmark".to_vec())],
+        receipts: None,
+    };
+    store.commit(barrier).await.unwrap();
+    assert_eq!(
+        sent(&store),
+        vec![(b2.to_vec(), true, false)],
+        "the dropped unmark landed"
+    );
 }

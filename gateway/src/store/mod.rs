@@ -293,6 +293,16 @@ pub trait Store: Send + Sync + 'static {
     /// Applies `tx` atomically; resolves after it is on disk. An `Err` is ambiguous: the
     /// transaction may still be on disk and reappear after a restart (a caller that
     /// retries meets [`TxOutcome::Exists`]).
+    ///
+    /// What callers build on (the forwarder's marks, the guards of endings):
+    /// - `tx` is taken when `commit` is called, not when the future is first polled: a
+    ///   caller that drops the future leaves the transaction with the store, and the
+    ///   transactions of one caller are applied in the order it called `commit`;
+    /// - reads see a transaction only once it is durable, and every read after its answer
+    ///   sees it;
+    /// - a failed transaction that may still reach the disk stops the store first:
+    ///   [`Store::stopped`] says so before the `Err` is answered. Any other `Err` left
+    ///   nothing behind.
     fn commit(&self, tx: Tx) -> Commit;
     fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError>;
     /// A message's head, without reading its envelope where the engine can avoid it: what
