@@ -825,6 +825,15 @@ impl Pipeline {
         let header = sealed.header().clone();
         let env = match self.admit_from_peer(peer, sealed) {
             Ok(env) => env,
+            // Not the calling peer's to deliver (it copied the bytes on the way): a refusal
+            // signed over them would stand beside the receipt the sender's own gateway gets
+            // for the same envelope, here or later. Logged, and refused without a receipt.
+            Err(RejectReason::SenderMismatch) => {
+                let denied = PipelineError::PermissionDenied(
+                    "the envelope's sender is not of your country".into(),
+                );
+                return Err(self.refuse(peer, Some(hash), denied).await);
+            }
             Err(reason) => return self.reject_from_peer(peer, &header, hash, reason).await,
         };
         let span = tracing::info_span!(
