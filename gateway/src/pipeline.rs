@@ -640,8 +640,21 @@ impl Pipeline {
             Err(e) => return Err(self.refuse(caller, None, e.into()).await),
         };
         let hash = sealed.hash();
+        // A copy of an envelope the caller submitted and this gateway accepted (the answer
+        // was lost, a send resumed) gets the receipt it got then, before anything is
+        // checked anew: past its expiry, or after a key or the policy changed, it would be
+        // refused while the first copy travels on.
+        let held = match header_id(sealed.header()) {
+            Some(id) => self.store.message_head(&id)?.map(|head| (id, head)),
+            None => None,
+        };
+        if let Some((id, stored)) = &held {
+            if stored.envelope_hash == hash.0 && stored.sender_org == caller.to_string() {
+                return self.repeat_of(id, stored, &hash, Stage::Accepted);
+            }
+        }
         match self.check_submit(caller, sealed) {
-            Ok(v) => self.accept(v).await,
+            Ok(v) => self.accept(v, held.map(|(_, head)| head)).await,
             Err(e) => Err(self.refuse(caller, Some(hash), e).await),
         }
     }
@@ -683,24 +696,31 @@ impl Pipeline {
         Ok((env, queue))
     }
 
+    /// Accepts a checked envelope; `held` is the stored head of a message under its id,
+    /// read before.
     async fn accept(
         self: &Arc<Self>,
         (env, queue): (VerifiedEnvelope, Queue),
+        held: Option<MessageHead>,
     ) -> Result<pb::Receipt, PipelineError> {
         // Instrumented, not entered: a guard held across an await names this envelope in
         // whatever else runs on the thread meanwhile.
         let span =
             tracing::info_span!("submit", message_id = %env.id(), envelope_hash = %env.hash());
-        self.accept_verified(env, queue).instrument(span).await
+        self.accept_verified(env, queue, held)
+            .instrument(span)
+            .await
     }
 
     async fn accept_verified(
         self: &Arc<Self>,
         env: VerifiedEnvelope,
         queue: Queue,
+        held: Option<MessageHead>,
     ) -> Result<pb::Receipt, PipelineError> {
         let (id, hash) = (env.id(), env.hash());
-        if let Some(stored) = self.store.message_head(&id)? {
+        // Another envelope under its id (a copy of its own was answered before the checks).
+        if let Some(stored) = held {
             return self.repeat_of(&id, &stored, &hash, Stage::Accepted);
         }
         // A full store says so before it asks for chunks it could not keep.
