@@ -294,8 +294,8 @@ impl LocalNet {
         Ok(())
     }
 
-    /// Writes `cc`'s configuration again with the `[limits]` lines `toml`, as an operator
-    /// changing them would: they take effect at its next start.
+    /// Writes `cc`'s configuration again with the `[limits]` lines `toml` (in place of any
+    /// set before), as an operator changing them would: they take effect at its next start.
     pub fn set_limits(&mut self, cc: &str, toml: &str) -> anyhow::Result<()> {
         let (every, forwarder) = self.country(cc)?.tuning.clone();
         let config = self.write_config(cc, toml, every, &forwarder)?;

@@ -275,6 +275,7 @@ struct EndingGuard {
 /// Dropped before (its caller cancelled: a client or peer that hung up), a task takes over
 /// the wait: the transaction is with the store already, and no other change to the message
 /// may be decided before it shows. No task is spawned on the way that completes.
+#[must_use = "a guarded commit holds its message's guard until it is awaited or dropped"]
 struct GuardedCommit {
     commit: Option<crate::store::Commit>,
     guard: Option<EndingGuard>,
@@ -308,7 +309,7 @@ impl Drop for GuardedCommit {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 if let Err(e) = commit.await {
-                    tracing::error!(error = %e, "a commit whose caller went away failed");
+                    tracing::error!(message_id = %guard.id, error = %e, "a commit whose caller went away failed");
                 }
                 drop(guard);
             });
@@ -635,7 +636,12 @@ impl Pipeline {
         caller: &SpiffeId,
         env: pb::Envelope,
     ) -> Result<pb::Receipt, PipelineError> {
-        let sealed = match SealedEnvelope::from_wire(env, &self.limits) {
+        // Held to the ciphertext limit after the lookup below, as in [`Self::receive`].
+        let any_ciphertext = Limits {
+            max_ciphertext: usize::MAX,
+            ..self.limits
+        };
+        let sealed = match SealedEnvelope::from_wire(env, &any_ciphertext) {
             Ok(s) => s,
             Err(e) => return Err(self.refuse(caller, None, e.into()).await),
         };
@@ -644,7 +650,7 @@ impl Pipeline {
         // was lost, a send resumed) gets the receipt it got then, before anything is
         // checked anew: past its expiry, or after a key or the policy changed, it would be
         // refused while the first copy travels on.
-        let held = match header_id(sealed.header()) {
+        let held = match header_names(sealed.header()).0 {
             Some(id) => self.store.message_head(&id)?.map(|head| (id, head)),
             None => None,
         };
@@ -652,6 +658,9 @@ impl Pipeline {
             if stored.envelope_hash == hash.0 && stored.sender_org == caller.to_string() {
                 return self.repeat_of(id, stored, &hash, Stage::Accepted);
             }
+        }
+        if let Err(e) = sealed.fits(&self.limits) {
+            return Err(self.refuse(caller, Some(hash), e.into()).await);
         }
         match self.check_submit(caller, sealed) {
             Ok(v) => self.accept(v, held.map(|(_, head)| head)).await,
@@ -803,7 +812,17 @@ impl Pipeline {
         };
         let sealed = SealedEnvelope::from_wire(env, &any_ciphertext)?;
         let hash = sealed.hash();
-        let id = header_id(sealed.header());
+        let (id, sender) = header_names(sealed.header());
+        // Not the calling peer's to deliver (one that copied the bytes on the way): refused
+        // before anything is checked, without a receipt. A refusal signed over them (expired,
+        // a key not known yet) would stand beside the receipts of the envelope's own
+        // sender's gateway, here or later. Logged.
+        if sender.is_some_and(|s| s.country() != peer.country()) {
+            let denied = PipelineError::PermissionDenied(
+                "the envelope's sender is not of your country".into(),
+            );
+            return Err(self.refuse(peer, Some(hash), denied).await);
+        }
         // One copy of a message at a time is taken in, from before its head is read until
         // what the copy commits has landed: a second copy (the peer resending after an
         // answer lost, a restart) would read no head while the first one's commit is on its
@@ -957,7 +976,7 @@ impl Pipeline {
         reason: RejectReason,
     ) -> Result<pb::Receipt, PipelineError> {
         // A rejected receipt needs the message id; without a parseable one, refuse outright.
-        let id = header_id(header).ok_or(PipelineError::Refused {
+        let id = header_names(header).0.ok_or(PipelineError::Refused {
             reason,
             detail: "envelope from peer refused".into(),
         })?;
@@ -1428,12 +1447,17 @@ impl Pipeline {
     }
 }
 
-/// The message id an envelope's header names, if it parses: before the envelope is verified,
-/// only to look it up or name a refusal.
-fn header_id(header: &HeaderBytes) -> Option<MessageId> {
-    pb::Header::decode(header.as_bytes())
-        .ok()
-        .and_then(|h| MessageId::from_slice(&h.message_id).ok())
+/// The message id and the sender an envelope's header names, where they parse: before the
+/// envelope is verified, only to look it up, to turn away a peer not of the sender's
+/// country, or to name a refusal.
+fn header_names(header: &HeaderBytes) -> (Option<MessageId>, Option<OrgId>) {
+    let Ok(h) = pb::Header::decode(header.as_bytes()) else {
+        return (None, None);
+    };
+    (
+        MessageId::from_slice(&h.message_id).ok(),
+        h.sender_org.parse().ok(),
+    )
 }
 
 /// How the message's delivery ended, if one of its receipts `held` says so: DELIVERED or

@@ -241,6 +241,38 @@ pub fn peer_link_as(
     ))
 }
 
+/// The envelope of message `id` as `cc`'s gateway in `net` keeps it: the bytes a test sends
+/// again, as a peer or a client resending would.
+pub fn stored_envelope(
+    net: &TestNet,
+    cc: &str,
+    id: &MessageId,
+) -> anyhow::Result<accord_proto::pb::Envelope> {
+    let message = net.gateway(cc)?.pipeline.store.message(id)?;
+    message
+        .and_then(|m| m.envelope)
+        .ok_or_else(|| anyhow::anyhow!("{cc} holds no envelope of {id}"))
+}
+
+/// A Deliver call that carries `envelope` alone.
+pub fn deliver_one(envelope: accord_proto::pb::Envelope) -> accord_proto::pb::DeliverRequest {
+    use accord_proto::pb;
+    pb::DeliverRequest {
+        items: vec![pb::PeerItem {
+            item: Some(pb::peer_item::Item::Envelope(envelope)),
+        }],
+    }
+}
+
+/// `envelope` with the first byte of its ciphertext flipped: other bytes under its id and
+/// header, whose signature no longer verifies.
+pub fn tampered(mut envelope: accord_proto::pb::Envelope) -> accord_proto::pb::Envelope {
+    let mut ciphertext = envelope.ciphertext.to_vec();
+    ciphertext[0] ^= 1;
+    envelope.ciphertext = ciphertext.into();
+    envelope
+}
+
 /// Proof hashes as the audit service sends them, as the verifier takes them.
 pub fn hashes(proof: &[Vec<u8>]) -> anyhow::Result<Vec<accord_proto::merkle::Hash>> {
     proof

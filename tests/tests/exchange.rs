@@ -364,23 +364,16 @@ async fn a_duplicate_submit_is_idempotent_and_returns_the_same_receipt() {
 
 /// A copy of an envelope VN accepted, submitted again by its sender past its expiry (the
 /// answer to the first was lost, a send resumed late), gets the receipt it got then, not a
-/// refusal as expired while the first copy travels on. Another organisation submitting the
-/// same bytes is checked anew, and refused.
+/// refusal as expired (or as too large, after the limit was lowered) while the first copy
+/// travels on. Another organisation submitting the same bytes is checked anew, and refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_submitted_again_past_its_expiry_gets_its_first_receipt() {
-    let net = two_countries().await;
+    let mut net = two_countries().await;
     let mut c02 = net.client("vn", "c02").await.unwrap();
     let sent = accord_tests::short_lived_alert(&net, &mut c02, "resumed late", 1_500)
         .await
         .unwrap();
-    let vn = net.gateway("vn").unwrap().pipeline.clone();
-    let wire = vn
-        .store
-        .message(&sent.id)
-        .unwrap()
-        .unwrap()
-        .envelope
-        .unwrap();
+    let wire = accord_tests::stored_envelope(&net, "vn", &sent.id).unwrap();
     let past = accord_tests::until_expiry(&net, "vn", &sent.id).unwrap();
     tokio::time::sleep(past + Duration::from_millis(200)).await;
     let again = c02
@@ -399,12 +392,31 @@ async fn a_copy_submitted_again_past_its_expiry_gets_its_first_receipt() {
     let err = hotline
         .exchange()
         .submit(pb::SubmitRequest {
-            envelope: Some(wire),
+            envelope: Some(wire.clone()),
         })
         .await
         .unwrap_err();
     // Not its own: checked anew, and refused.
     assert!(err.message().contains("EXPIRED"), "{err}");
+
+    // Nor is its sender's copy held to a ciphertext limit lowered since.
+    let smaller = wire.ciphertext.len() - 1;
+    net.stop_gateway("vn").await.unwrap();
+    net.set_limits("vn", &format!("max_ciphertext_bytes = {smaller}"))
+        .unwrap();
+    net.start_gateway("vn").await.unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let again = c02
+        .exchange()
+        .submit(pb::SubmitRequest {
+            envelope: Some(wire),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .accepted
+        .unwrap();
+    assert_eq!(again, sent.accepted.wire);
     net.shutdown().await;
 }
 

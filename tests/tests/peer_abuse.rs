@@ -83,6 +83,25 @@ async fn deliver_receipts(
         .results
 }
 
+/// Has a Thai peer gateway offer `envelope` to `kh`, which refuses it without a receipt
+/// (PermissionDenied); the size of `kh`'s log before.
+async fn offered_by_a_thai_peer(
+    kh: &std::sync::Arc<accord_gateway::pipeline::Pipeline>,
+    envelope: pb::Envelope,
+) -> u64 {
+    let log_size = kh.store.log_size().unwrap();
+    let thai: accord_proto::ids::SpiffeId = "spiffe://th.accord/gateway/bangkok".parse().unwrap();
+    let answer = kh.receive(&thai, envelope).await;
+    assert!(
+        matches!(
+            answer,
+            Err(accord_gateway::pipeline::PipelineError::PermissionDenied(_))
+        ),
+        "{answer:?}"
+    );
+    log_size
+}
+
 async fn net() -> TestNet {
     TestNet::builder()
         .policy("vn", WITH_DOMESTIC)
@@ -290,17 +309,10 @@ async fn a_bad_envelope_reusing_a_message_id_does_not_touch_that_messages_chain(
         .unwrap();
     let got = accord_tests::fetch_n(&mut c02, 1).await.unwrap();
     // The "peer" replays its bytes with a flipped ciphertext byte under the same id.
-    let mut forged = got[0].envelope.to_wire();
-    let mut ciphertext = forged.ciphertext.to_vec();
-    ciphertext[0] ^= 1;
-    forged.ciphertext = ciphertext.into();
+    let forged = accord_tests::tampered(got[0].envelope.to_wire());
     let mut kh = accord_tests::peer_link_as(&net, "kh", "vn").unwrap();
     let resp = kh
-        .deliver(pb::DeliverRequest {
-            items: vec![pb::PeerItem {
-                item: Some(pb::peer_item::Item::Envelope(forged)),
-            }],
-        })
+        .deliver(accord_tests::deliver_one(forged))
         .await
         .unwrap()
         .into_inner();
@@ -523,24 +535,13 @@ async fn a_resent_envelope_kh_holds_gets_its_first_receipt_even_past_its_expiry(
     let chain = accord_tests::wait_stage(&mut c02, &sent.id, Stage::Delivered)
         .await
         .unwrap();
-    let vn = net.gateway("vn").unwrap().pipeline.clone();
-    let envelope = vn
-        .store
-        .message(&sent.id)
-        .unwrap()
-        .unwrap()
-        .envelope
-        .unwrap();
+    let envelope = accord_tests::stored_envelope(&net, "vn", &sent.id).unwrap();
     let past = accord_tests::until_expiry(&net, "vn", &sent.id).unwrap();
     tokio::time::sleep(past + Duration::from_millis(100)).await;
 
     let mut kh = accord_tests::peer_link_as(&net, "vn", "kh").unwrap();
     let answer = kh
-        .deliver(pb::DeliverRequest {
-            items: vec![pb::PeerItem {
-                item: Some(pb::peer_item::Item::Envelope(envelope.clone())),
-            }],
-        })
+        .deliver(accord_tests::deliver_one(envelope.clone()))
         .await
         .unwrap()
         .into_inner();
@@ -549,20 +550,11 @@ async fn a_resent_envelope_kh_holds_gets_its_first_receipt_even_past_its_expiry(
     assert_eq!(again, &first.wire, "the receipt given the first time");
 
     let kh_pipeline = net.gateway("kh").unwrap().pipeline.clone();
-    let log_size = kh_pipeline.store.log_size().unwrap();
-    let thai: accord_proto::ids::SpiffeId = "spiffe://th.accord/gateway/bangkok".parse().unwrap();
-    let answer = kh_pipeline.receive(&thai, envelope).await;
-    assert!(
-        matches!(
-            answer,
-            Err(accord_gateway::pipeline::PipelineError::PermissionDenied(_))
-        ),
-        "{answer:?}"
-    );
+    let log_size = offered_by_a_thai_peer(&kh_pipeline, envelope).await;
     assert_eq!(
         kh_pipeline.store.log_size().unwrap(),
-        log_size,
-        "nothing kept"
+        log_size + 1,
+        "nothing kept, the refusal logged"
     );
     net.shutdown().await;
 }
@@ -582,19 +574,14 @@ async fn a_copy_arriving_while_kh_commits_the_first_is_answered_retry_then_its_r
         .unwrap();
     let mut c02 = net.client("vn", "c02").await.unwrap();
     net.stop_gateway("kh").await.unwrap();
-    let sent = accord_tests::short_lived_alert(&net, &mut c02, "slow disk", 2_000)
+    // Time to stop VN and start KH again before it expires, on a loaded machine.
+    let sent = accord_tests::short_lived_alert(&net, &mut c02, "slow disk", 4_000)
         .await
         .unwrap();
-    let vn = net.gateway("vn").unwrap().pipeline.clone();
-    let envelope = vn.store.message(&sent.id).unwrap().unwrap().envelope;
-    let copy = pb::DeliverRequest {
-        items: vec![pb::PeerItem {
-            item: Some(pb::peer_item::Item::Envelope(envelope.unwrap())),
-        }],
-    };
+    let envelope = accord_tests::stored_envelope(&net, "vn", &sent.id).unwrap();
+    let copy = accord_tests::deliver_one(envelope);
     let past = accord_tests::until_expiry(&net, "vn", &sent.id).unwrap();
     let expiry = tokio::time::Instant::now() + past;
-    drop(vn);
     net.stop_gateway("vn").await.unwrap();
     let kh = accord_tests::restart_with_stalled_commits(&mut net, "kh")
         .await
@@ -673,14 +660,7 @@ async fn a_copy_of_an_envelope_kh_took_before_its_limit_was_lowered_gets_its_rec
         .unwrap();
     let (_, chain) = c02.status(&sent.id).await.unwrap();
     let first = chain.iter().find(|r| r.stage() == Stage::Received).unwrap();
-    let vn = net.gateway("vn").unwrap().pipeline.clone();
-    let envelope = vn
-        .store
-        .message(&sent.id)
-        .unwrap()
-        .unwrap()
-        .envelope
-        .unwrap();
+    let envelope = accord_tests::stored_envelope(&net, "vn", &sent.id).unwrap();
     let smaller = envelope.ciphertext.len() - 1;
     net.stop_gateway("kh").await.unwrap();
     net.set_limits("kh", &format!("max_ciphertext_bytes = {smaller}"))
@@ -688,20 +668,13 @@ async fn a_copy_of_an_envelope_kh_took_before_its_limit_was_lowered_gets_its_rec
     net.start_gateway("kh").await.unwrap();
 
     let mut kh = accord_tests::peer_link_as(&net, "vn", "kh").unwrap();
-    let deliver = |env: pb::Envelope| pb::DeliverRequest {
-        items: vec![pb::PeerItem {
-            item: Some(pb::peer_item::Item::Envelope(env)),
-        }],
-    };
-    let answer = kh.deliver(deliver(envelope.clone())).await.unwrap();
+    let answer = kh.deliver(accord_tests::deliver_one(envelope.clone()));
+    let answer = answer.await.unwrap();
     let again = &answer.into_inner().results[0];
     assert_eq!(again.receipt.as_ref(), Some(&first.wire), "{again:?}");
 
-    let mut other = envelope;
-    let mut ciphertext = other.ciphertext.to_vec();
-    ciphertext[0] ^= 1;
-    other.ciphertext = ciphertext.into();
-    let answer = kh.deliver(deliver(other)).await.unwrap();
+    let other = accord_tests::tampered(envelope);
+    let answer = kh.deliver(accord_tests::deliver_one(other)).await.unwrap();
     let refused = &answer.into_inner().results[0];
     assert!(refused.receipt.is_none(), "{refused:?}");
     assert!(refused.refused.contains("too large"), "{refused:?}");
@@ -727,26 +700,12 @@ async fn copies_naming_a_held_message_do_not_hold_up_its_acknowledgement() {
         .await
         .unwrap();
     let got = accord_tests::fetch_n(&mut ahtd, 1).await.unwrap();
-    let vn = net.gateway("vn").unwrap().pipeline.clone();
-    let mut junk = vn
-        .store
-        .message(&sent.id)
-        .unwrap()
-        .unwrap()
-        .envelope
-        .unwrap();
-    let mut ciphertext = junk.ciphertext.to_vec();
-    ciphertext[0] ^= 1;
-    junk.ciphertext = ciphertext.into();
+    let envelope = accord_tests::stored_envelope(&net, "vn", &sent.id).unwrap();
+    let junk = accord_tests::tampered(envelope);
 
     kh.stall();
     let mut link = accord_tests::peer_link_as(&net, "vn", "kh").unwrap();
-    let junk = tokio::spawn(async move {
-        let items = vec![pb::PeerItem {
-            item: Some(pb::peer_item::Item::Envelope(junk)),
-        }];
-        link.deliver(pb::DeliverRequest { items }).await
-    });
+    let junk = tokio::spawn(async move { link.deliver(accord_tests::deliver_one(junk)).await });
     let mut waited = Duration::ZERO;
     while kh.waiting() == 0 {
         assert!(
@@ -776,45 +735,25 @@ async fn copies_naming_a_held_message_do_not_hold_up_its_acknowledgement() {
 }
 
 /// An envelope KH does not hold yet, offered by a peer not of its sender's country (one
-/// that copied the bytes on the way), is refused without a receipt: a REJECTED signed by KH
-/// over it would stand beside the RECEIVED KH signs when VN delivers it. The refusal is
-/// logged.
+/// that copied the bytes on the way), is refused without a receipt, before it is checked:
+/// a REJECTED signed by KH over it (here, as expired) would stand beside the receipts of
+/// VN's gateway for it. The refusal is logged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_envelope_not_held_yet_from_a_peer_not_of_its_senders_country_gets_no_receipt() {
     let mut net = net().await;
     let mut c02 = net.client("vn", "c02").await.unwrap();
     net.stop_gateway("kh").await.unwrap();
-    let sent = c02
-        .send(
-            &net.org_id("kh", "ahtd").unwrap(),
-            &alert("copied on the way"),
-            &SendOptions::new("P1"),
-        )
+    let sent = accord_tests::short_lived_alert(&net, &mut c02, "copied on the way", 1_500)
         .await
         .unwrap();
-    let vn = net.gateway("vn").unwrap().pipeline.clone();
-    let envelope = vn
-        .store
-        .message(&sent.id)
-        .unwrap()
-        .unwrap()
-        .envelope
-        .unwrap();
-    drop(vn);
+    let envelope = accord_tests::stored_envelope(&net, "vn", &sent.id).unwrap();
+    let past = accord_tests::until_expiry(&net, "vn", &sent.id).unwrap();
     // VN cannot deliver it meanwhile.
     net.stop_gateway("vn").await.unwrap();
     net.start_gateway("kh").await.unwrap();
+    tokio::time::sleep(past + Duration::from_millis(200)).await;
     let kh = net.gateway("kh").unwrap().pipeline.clone();
-    let log_size = kh.store.log_size().unwrap();
-    let thai: accord_proto::ids::SpiffeId = "spiffe://th.accord/gateway/bangkok".parse().unwrap();
-    let answer = kh.receive(&thai, envelope).await;
-    assert!(
-        matches!(
-            answer,
-            Err(accord_gateway::pipeline::PipelineError::PermissionDenied(_))
-        ),
-        "{answer:?}"
-    );
+    let log_size = offered_by_a_thai_peer(&kh, envelope).await;
     assert_eq!(
         kh.store.log_size().unwrap(),
         log_size + 1,
@@ -824,10 +763,12 @@ async fn an_envelope_not_held_yet_from_a_peer_not_of_its_senders_country_gets_no
     let entry = pb::LogEntry::decode(entry.as_slice()).unwrap();
     assert_eq!(entry.reason, pb::RejectReason::SenderMismatch as i32);
     assert!(kh.store.receipts(&sent.id).unwrap().is_empty());
+    assert!(kh.store.message_head(&sent.id).unwrap().is_none());
     drop(kh);
 
+    // It never left VN: VN retires it.
     net.start_gateway("vn").await.unwrap();
-    accord_tests::wait_stage(&mut c02, &sent.id, Stage::Received)
+    accord_tests::expired_at_vn(&mut c02, &sent.id)
         .await
         .unwrap();
     net.shutdown().await;
