@@ -306,6 +306,8 @@ impl std::fmt::Debug for StalledCommits {
 #[derive(Default)]
 struct Stall {
     on: bool,
+    /// Only commits that mark outbox entries as sent stall ([`StalledCommits::stall_marks`]).
+    marks_only: bool,
     stopped: bool,
     waiting: Vec<(Tx, tokio::sync::oneshot::Sender<Commit>)>,
 }
@@ -325,7 +327,16 @@ impl StalledCommits {
 
     /// Commits from now on wait until [`Self::resume`].
     pub fn stall(&self) {
-        self.state().on = true;
+        let mut state = self.state();
+        (state.on, state.marks_only) = (true, false);
+    }
+
+    /// Commits that mark outbox entries as sent (`Op::SetSent(_, true)`) wait from now on
+    /// until [`Self::resume`]; the others go through, ahead of them, which a real store
+    /// never lets happen. Only for tests where no unmark follows a stalled mark.
+    pub fn stall_marks(&self) {
+        let mut state = self.state();
+        (state.on, state.marks_only) = (true, true);
     }
 
     /// Every later commit fails, and the store says it stopped taking commits.
@@ -365,7 +376,12 @@ impl Store for StalledCommits {
                 Err(StoreError::Engine("the test stopped the store".into()))
             });
         }
-        if !state.on {
+        let marks = || {
+            tx.ops
+                .iter()
+                .any(|op| matches!(op, accord_gateway::store::Op::SetSent(_, true)))
+        };
+        if !state.on || (state.marks_only && !marks()) {
             return self.inner.commit(tx);
         }
         let (answer, handed) = tokio::sync::oneshot::channel();

@@ -1430,3 +1430,63 @@ async fn an_envelope_whose_calls_never_got_a_connection_expires_here_with_a_shor
     held.abort();
     net.shutdown().await;
 }
+
+/// A call that carries an envelope marked ahead, by the commit of a call before it, waits
+/// until that commit lands: here VN's commits of marks stall, and neither the call whose
+/// own commit marked e1 (and e2..e5 ahead) nor the call carrying e2 leaves until they land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_carrying_an_envelope_marked_ahead_waits_for_the_commit_that_marked_it() {
+    let mut net = accord_tests::vn_and_kh()
+        .forwarder_batch(1)
+        .forwarder_in_flight(2)
+        .checkpoint_interval_ms(600_000)
+        .start()
+        .await
+        .unwrap();
+    let vn = accord_tests::restart_with_stalled_commits(&mut net, "vn")
+        .await
+        .unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let stand_in = replace_kh(&mut net, Answer::Take, Answer::Take).await;
+    // a0's call is answered after a second: e1..e5 wait behind it meanwhile.
+    stand_in.slow(Duration::from_secs(1), None);
+    let a0 = c02
+        .send(
+            &net.org_id("kh", "ahtd").unwrap(),
+            &alert("a0"),
+            &SendOptions::new("P1"),
+        )
+        .await
+        .unwrap();
+    eventually(|| stand_in.calls().len() == 1).await;
+    let mut sent = Vec::new();
+    for n in 1..=5 {
+        let what = format!("e{n}");
+        let opts = SendOptions::new("P1");
+        let to = net.org_id("kh", "ahtd").unwrap();
+        sent.push(c02.send(&to, &alert(&what), &opts).await.unwrap().id);
+    }
+    stand_in.slow(Duration::ZERO, None);
+    vn.stall_marks();
+    wait_stage(&mut c02, &a0.id, Stage::Received).await.unwrap();
+    // The link works: e1's call marks e1 and, ahead, e2..e5 in one commit, which stalls;
+    // the call carrying e2 goes out beside it with no commit of its own.
+    let mut waited = Duration::ZERO;
+    while vn.waiting() == 0 {
+        assert!(waited < Duration::from_secs(10), "no marks were committed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += Duration::from_millis(20);
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(
+        stand_in.calls().len(),
+        1,
+        "nothing left before its marks landed"
+    );
+    vn.resume();
+    for id in &sent {
+        wait_stage(&mut c02, id, Stage::Received).await.unwrap();
+    }
+    stand_in.stop().await;
+    net.shutdown().await;
+}
