@@ -31,6 +31,8 @@ enum Answer {
     Retry,
     /// `retry_reason` "quota full": the peer's store takes nothing now.
     QuotaFull,
+    /// `retry_reason` "storage error": the peer's store failed, it may have kept it or not.
+    StorageError,
     /// `refused`: never send it again.
     Refuse,
     /// No field set, as a gateway from before `refused` answers a refusal.
@@ -229,6 +231,10 @@ impl StandIn {
             },
             (Answer::QuotaFull, _) => pb::PeerResult {
                 retry_reason: accord_gateway::service::RETRY_QUOTA_FULL.into(),
+                ..Default::default()
+            },
+            (Answer::StorageError, _) => pb::PeerResult {
+                retry_reason: accord_gateway::service::RETRY_STORAGE_ERROR.into(),
                 ..Default::default()
             },
             (Answer::Refuse, _) => pb::PeerResult {
@@ -1487,6 +1493,63 @@ async fn a_call_carrying_an_envelope_marked_ahead_waits_for_the_commit_that_mark
     for id in &sent {
         wait_stage(&mut c02, id, Stage::Received).await.unwrap();
     }
+    stand_in.stop().await;
+    net.shutdown().await;
+}
+
+/// The peer's store fails (it answers "storage error", the link backs off) with entries
+/// marked ahead of the call it answered: before the link waits, they are unmarked, as no
+/// call carried them, and may expire here. The entry the call carried stays marked: the
+/// peer may have kept it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_marked_ahead_are_unmarked_before_the_link_backs_off() {
+    let mut net = accord_tests::vn_and_kh()
+        .forwarder_batch(1)
+        .forwarder_in_flight(1)
+        .checkpoint_interval_ms(600_000)
+        .start()
+        .await
+        .unwrap();
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let stand_in = replace_kh(&mut net, Answer::Take, Answer::Take).await;
+    // a0's call is answered after a second: e1..e5 wait behind it meanwhile.
+    stand_in.slow(Duration::from_secs(1), None);
+    let to = net.org_id("kh", "ahtd").unwrap();
+    let a0 = c02
+        .send(&to, &alert("a0"), &SendOptions::new("P1"))
+        .await
+        .unwrap();
+    eventually(|| stand_in.calls().len() == 1).await;
+    let mut sent = Vec::new();
+    for n in 1..=5 {
+        let what = format!("e{n}");
+        sent.push(
+            c02.send(&to, &alert(&what), &SendOptions::new("P1"))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    stand_in.slow(Duration::ZERO, None);
+    for id in &sent {
+        stand_in.answer_envelope_of(*id, Answer::StorageError);
+    }
+    wait_stage(&mut c02, &a0.id, Stage::Received).await.unwrap();
+    // e1's call marks e1 and, ahead, e2..e5; the peer's store fails on e1.
+    eventually(|| stand_in.envelope_offers(&sent[0]).len() >= 2).await;
+    let left = |id: &MessageId| {
+        vn_outbox_entries(&net)
+            .into_iter()
+            .find(|(_, e)| e.message_id == id.as_bytes())
+            .map(|(_, e)| e.may_have_left())
+    };
+    assert_eq!(left(&sent[0]), Some(true), "e1 went: the peer may hold it");
+    for id in &sent[1..] {
+        assert_eq!(left(id), Some(false), "never carried, unmarked");
+    }
+    assert!(sent[1..]
+        .iter()
+        .all(|id| stand_in.envelope_offers(id).is_empty()));
     stand_in.stop().await;
     net.shutdown().await;
 }
