@@ -1500,12 +1500,14 @@ async fn a_call_carrying_an_envelope_marked_ahead_waits_for_the_commit_that_mark
 /// The peer's store fails (it answers "storage error", the link backs off) with entries
 /// marked ahead of the call it answered: before the link waits, they are unmarked, as no
 /// call carried them, and may expire here. The entry the call carried stays marked: the
-/// peer may have kept it.
+/// peer may have kept it. (The next call hangs, so that nothing else is carried.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_marked_ahead_are_unmarked_before_the_link_backs_off() {
     let mut net = accord_tests::vn_and_kh()
         .forwarder_batch(1)
         .forwarder_in_flight(1)
+        // The hung call gives up in time for the stand-in to stop.
+        .forwarder_call_timeout_ms(2_000)
         .checkpoint_interval_ms(600_000)
         .start()
         .await
@@ -1534,20 +1536,26 @@ async fn entries_marked_ahead_are_unmarked_before_the_link_backs_off() {
     for id in &sent {
         stand_in.answer_envelope_of(*id, Answer::StorageError);
     }
+    // The call after e1's is never answered: the link waits on it, and carries nothing
+    // more (e1 or e2 in it, whichever the backoff holds back).
+    stand_in.hang(3);
     wait_stage(&mut c02, &a0.id, Stage::Received).await.unwrap();
     // e1's call marks e1 and, ahead, e2..e5; the peer's store fails on e1.
-    eventually(|| stand_in.envelope_offers(&sent[0]).len() >= 2).await;
+    eventually(|| stand_in.calls().len() >= 3).await;
     let left = |id: &MessageId| {
         vn_outbox_entries(&net)
             .into_iter()
             .find(|(_, e)| e.message_id == id.as_bytes())
             .map(|(_, e)| e.may_have_left())
     };
+    assert_eq!(stand_in.calls().len(), 3, "the third call hangs");
+    let unmarked = || sent[2..].iter().all(|id| left(id) == Some(false));
+    eventually(unmarked).await;
     assert_eq!(left(&sent[0]), Some(true), "e1 went: the peer may hold it");
-    for id in &sent[1..] {
+    for id in &sent[2..] {
         assert_eq!(left(id), Some(false), "never carried, unmarked");
     }
-    assert!(sent[1..]
+    assert!(sent[2..]
         .iter()
         .all(|id| stand_in.envelope_offers(id).is_empty()));
     stand_in.stop().await;
