@@ -69,6 +69,11 @@ pub enum PipelineError {
     /// A peer needed for the answer could not be reached; retry later.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// A peer's envelope is refused now for a reason that may pass by itself (its sender's
+    /// key not in our directory yet, its creation time ahead of our clock): retry later.
+    /// Refused with a signed receipt now, it could be taken later and signed RECEIVED too.
+    #[error("not acceptable yet, retry: {0}")]
+    NotYet(String),
     /// A peer's receipt is signed by a key our copy of the directory does not hold yet (the
     /// peer's directory change has not reached us): retry once it has.
     #[error("receipt signer not in our directory yet: {0}")]
@@ -873,6 +878,10 @@ impl Pipeline {
                 );
                 return Err(self.refuse(peer, Some(hash), denied).await);
             }
+            Err(reason) if self.may_catch_up(&header, reason) => {
+                tracing::info!(envelope_hash = %hash, peer = %peer, ?reason, "envelope from peer put off: it may be acceptable soon");
+                return Err(PipelineError::NotYet(format!("{reason:?}")));
+            }
             Err(reason) => return self.reject_from_peer(peer, &header, hash, reason).await,
         };
         let span = tracing::info_span!(
@@ -1006,6 +1015,32 @@ impl Pipeline {
         {
             Ok(r) => Ok(r),
             Err(_) => Err(PipelineError::Conflict),
+        }
+    }
+
+    /// Whether a peer's envelope refused for `reason` may be acceptable soon, without
+    /// anything of the peer's changing: its sender's key not in our directory yet (the
+    /// peer offers its directory before each delivery), for an envelope made within ten
+    /// minutes of now either way; or made ahead of our clock by less than ten minutes past
+    /// the allowed skew. Refusing it with a signed receipt, then taking a copy of it sent
+    /// again after that answer was lost, would sign two endings of one envelope. Past
+    /// these windows the refusal is signed: what has not passed by then is taken to stay.
+    fn may_catch_up(&self, header: &HeaderBytes, reason: RejectReason) -> bool {
+        let Ok(h) = pb::Header::decode(header.as_bytes()) else {
+            return false;
+        };
+        let now = self.now();
+        match reason {
+            RejectReason::UnknownSender => {
+                now.saturating_sub(h.created_at_ms).abs() < DIRECTORY_CATCH_UP_MS
+            }
+            RejectReason::ClockSkew => {
+                h.created_at_ms
+                    < now
+                        .saturating_add(accord_proto::envelope::MAX_CLOCK_SKEW_MS)
+                        .saturating_add(DIRECTORY_CATCH_UP_MS)
+            }
+            _ => false,
         }
     }
 

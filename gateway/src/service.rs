@@ -66,7 +66,9 @@ impl From<PipelineError> for Status {
                 "another acknowledgement or ending of this message is being committed; retry",
             ),
             PipelineError::Unavailable(m) => Status::unavailable(m),
-            e @ PipelineError::SignerNotKnownYet(_) => Status::unavailable(e.to_string()),
+            e @ (PipelineError::SignerNotKnownYet(_) | PipelineError::NotYet(_)) => {
+                Status::unavailable(e.to_string())
+            }
             PipelineError::Store(err) => {
                 tracing::error!(error = %err, "store failure");
                 Status::internal("internal storage error; the request was not accepted")
@@ -417,9 +419,9 @@ impl PeerLink for PeerLinkService {
                         Ok(r) => pb::PeerResult { receipt: Some(r), ..Default::default() },
                         Err(PipelineError::QuotaFull) => pb::PeerResult { retry_reason: RETRY_QUOTA_FULL.into(), ..Default::default() },
                         Err(PipelineError::ChunksMissing) => pb::PeerResult { retry_reason: crate::transfer::CHUNKS_MISSING.into(), ..Default::default() },
-                        // Another copy of it is being taken in (or it is ending): the peer
-                        // sends it again, and is answered as that copy was.
-                        Err(e @ PipelineError::EndingInProgress) => pb::PeerResult { retry_reason: e.to_string(), ..Default::default() },
+                        // Another copy of it is being taken in (or it is ending), or it
+                        // may be acceptable soon: the peer sends it again.
+                        Err(e @ (PipelineError::EndingInProgress | PipelineError::NotYet(_))) => pb::PeerResult { retry_reason: e.to_string(), ..Default::default() },
                         Err(PipelineError::Store(e)) => {
                             tracing::error!(error = %e, "store failure on peer delivery");
                             pb::PeerResult { retry_reason: RETRY_STORAGE_ERROR.into(), ..Default::default() }

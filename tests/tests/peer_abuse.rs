@@ -773,3 +773,60 @@ async fn an_envelope_not_held_yet_from_a_peer_not_of_its_senders_country_gets_no
         .unwrap();
     net.shutdown().await;
 }
+
+/// VN's clock runs ahead of KH's by more than the allowed skew: KH refuses an envelope
+/// made a little too far ahead with "retry", not with a signed REJECTED, since it becomes
+/// acceptable as KH's clock catches up (a copy sent again then would be taken, beside the
+/// refusal). One made so far ahead that it is not taken to catch up is refused, signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_made_a_little_ahead_of_kh_clock_is_put_off_not_refused() {
+    let net = net().await;
+    let mut c02 = net.client("vn", "c02").await.unwrap();
+    let template = accord_tests::alert_received_at_kh(&net, &mut c02, "template")
+        .await
+        .unwrap();
+    let stored = accord_tests::stored_envelope(&net, "vn", &template.id).unwrap();
+    let ahtd = net.org_id("kh", "ahtd").unwrap();
+    let made_ahead = |minutes: i64, n: u8| {
+        let mut header = pb::Header::decode(&stored.header[..]).unwrap();
+        let created = accord_tests::now_ms() + minutes * 60_000;
+        header.message_id = accord_proto::ids::MessageId::new_v7(created as u64, [n; 10])
+            .as_bytes()
+            .to_vec();
+        header.created_at_ms = created;
+        header.expires_at_ms = created + 3_600_000;
+        let key = c02
+            .directories()
+            .current_encryption_key(&ahtd, accord_tests::now_ms())
+            .unwrap()
+            .1;
+        let body = alert("from a clock ahead");
+        let sealed = accord_proto::envelope::seal(header, &body, &key, &c02.keys().signing);
+        sealed.unwrap().to_wire()
+    };
+    let mut kh = accord_tests::peer_link_as(&net, "vn", "kh").unwrap();
+    let answer = kh
+        .deliver(accord_tests::deliver_one(made_ahead(8, 1)))
+        .await
+        .unwrap()
+        .into_inner();
+    let put_off = &answer.results[0];
+    assert!(
+        put_off.receipt.is_none() && put_off.refused.is_empty() && !put_off.retry_reason.is_empty(),
+        "{put_off:?}"
+    );
+
+    let answer = kh
+        .deliver(accord_tests::deliver_one(made_ahead(60, 2)))
+        .await
+        .unwrap()
+        .into_inner();
+    let receipt = answer.results[0]
+        .receipt
+        .as_ref()
+        .expect("a signed refusal");
+    let body = pb::ReceiptBody::decode(receipt.body.as_slice()).unwrap();
+    assert_eq!(body.stage(), Stage::Rejected);
+    assert_eq!(body.reason, pb::RejectReason::ClockSkew as i32);
+    net.shutdown().await;
+}
