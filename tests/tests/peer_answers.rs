@@ -1437,14 +1437,27 @@ async fn an_envelope_whose_calls_never_got_a_connection_expires_here_with_a_shor
     net.shutdown().await;
 }
 
-/// A call that carries an envelope marked ahead, by the commit of a call before it, waits
-/// until that commit lands: here VN's commits of marks stall, and neither the call whose
-/// own commit marked e1 (and e2..e5 ahead) nor the call carrying e2 leaves until they land.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_carrying_an_envelope_marked_ahead_waits_for_the_commit_that_marked_it() {
+/// A net for tests of marking ahead, returned while a0's call is still out.
+struct Behind {
+    net: TestNet,
+    /// VN's store, whose commits the test can stall.
+    vn: Arc<accord_tests::StalledCommits>,
+    c02: accord_client::org::OrgClient,
+    stand_in: StandIn,
+    a0: MessageId,
+    /// e1..e5, queued behind a0.
+    sent: Vec<MessageId>,
+}
+
+/// VN (its store's commits in the test's hands) with forwarders of batch 1, `in_flight`
+/// calls and calls limited to `call_timeout_ms`, and the stand-in in KH's place: a0 goes
+/// in a call the stand-in answers after a second, and e1..e5 are queued behind it. The
+/// stand-in answers at once from then on; the link works once a0 is answered.
+async fn five_behind_a_slow_call(in_flight: usize, call_timeout_ms: u64) -> Behind {
     let mut net = accord_tests::vn_and_kh()
         .forwarder_batch(1)
-        .forwarder_in_flight(2)
+        .forwarder_in_flight(in_flight)
+        .forwarder_call_timeout_ms(call_timeout_ms)
         .checkpoint_interval_ms(600_000)
         .start()
         .await
@@ -1454,27 +1467,42 @@ async fn a_call_carrying_an_envelope_marked_ahead_waits_for_the_commit_that_mark
         .unwrap();
     let mut c02 = net.client("vn", "c02").await.unwrap();
     let stand_in = replace_kh(&mut net, Answer::Take, Answer::Take).await;
-    // a0's call is answered after a second: e1..e5 wait behind it meanwhile.
     stand_in.slow(Duration::from_secs(1), None);
-    let a0 = c02
-        .send(
-            &net.org_id("kh", "ahtd").unwrap(),
-            &alert("a0"),
-            &SendOptions::new("P1"),
-        )
-        .await
-        .unwrap();
+    let to = net.org_id("kh", "ahtd").unwrap();
+    let opts = SendOptions::new("P1");
+    let a0 = c02.send(&to, &alert("a0"), &opts).await.unwrap().id;
     eventually(|| stand_in.calls().len() == 1).await;
     let mut sent = Vec::new();
     for n in 1..=5 {
         let what = format!("e{n}");
-        let opts = SendOptions::new("P1");
-        let to = net.org_id("kh", "ahtd").unwrap();
         sent.push(c02.send(&to, &alert(&what), &opts).await.unwrap().id);
     }
     stand_in.slow(Duration::ZERO, None);
+    Behind {
+        net,
+        vn,
+        c02,
+        stand_in,
+        a0,
+        sent,
+    }
+}
+
+/// A call that carries an envelope marked ahead, by the commit of a call before it, waits
+/// until that commit lands: here VN's commits of marks stall, and neither the call whose
+/// own commit marked e1 (and e2..e5 ahead) nor the call carrying e2 leaves until they land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_carrying_an_envelope_marked_ahead_waits_for_the_commit_that_marked_it() {
+    let Behind {
+        net,
+        vn,
+        mut c02,
+        stand_in,
+        a0,
+        sent,
+    } = five_behind_a_slow_call(2, 60_000).await;
     vn.stall_marks();
-    wait_stage(&mut c02, &a0.id, Stage::Received).await.unwrap();
+    wait_stage(&mut c02, &a0, Stage::Received).await.unwrap();
     // The link works: e1's call marks e1 and, ahead, e2..e5 in one commit, which stalls;
     // the call carrying e2 goes out beside it with no commit of its own.
     let mut waited = Duration::ZERO;
@@ -1503,43 +1531,22 @@ async fn a_call_carrying_an_envelope_marked_ahead_waits_for_the_commit_that_mark
 /// peer may have kept it. (The next call hangs, so that nothing else is carried.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_marked_ahead_are_unmarked_before_the_link_backs_off() {
-    let mut net = accord_tests::vn_and_kh()
-        .forwarder_batch(1)
-        .forwarder_in_flight(1)
-        // The hung call gives up in time for the stand-in to stop.
-        .forwarder_call_timeout_ms(2_000)
-        .checkpoint_interval_ms(600_000)
-        .start()
-        .await
-        .unwrap();
-    let mut c02 = net.client("vn", "c02").await.unwrap();
-    let stand_in = replace_kh(&mut net, Answer::Take, Answer::Take).await;
-    // a0's call is answered after a second: e1..e5 wait behind it meanwhile.
-    stand_in.slow(Duration::from_secs(1), None);
-    let to = net.org_id("kh", "ahtd").unwrap();
-    let a0 = c02
-        .send(&to, &alert("a0"), &SendOptions::new("P1"))
-        .await
-        .unwrap();
-    eventually(|| stand_in.calls().len() == 1).await;
-    let mut sent = Vec::new();
-    for n in 1..=5 {
-        let what = format!("e{n}");
-        sent.push(
-            c02.send(&to, &alert(&what), &SendOptions::new("P1"))
-                .await
-                .unwrap()
-                .id,
-        );
-    }
-    stand_in.slow(Duration::ZERO, None);
+    // The hung call below gives up in time for the stand-in to stop.
+    let Behind {
+        net,
+        vn: _,
+        mut c02,
+        stand_in,
+        a0,
+        sent,
+    } = five_behind_a_slow_call(1, 2_000).await;
     for id in &sent {
         stand_in.answer_envelope_of(*id, Answer::StorageError);
     }
     // The call after e1's is never answered: the link waits on it, and carries nothing
     // more (e1 or e2 in it, whichever the backoff holds back).
     stand_in.hang(3);
-    wait_stage(&mut c02, &a0.id, Stage::Received).await.unwrap();
+    wait_stage(&mut c02, &a0, Stage::Received).await.unwrap();
     // e1's call marks e1 and, ahead, e2..e5; the peer's store fails on e1.
     eventually(|| stand_in.calls().len() >= 3).await;
     let left = |id: &MessageId| {
