@@ -635,18 +635,25 @@ impl Pipeline {
         err
     }
 
+    /// The limits an envelope (a client's or a peer's) is taken off the wire with, to be
+    /// looked up: its ciphertext is held to this gateway's limit only after
+    /// ([`SealedEnvelope::fits`]), so that a copy of one held here gets the receipt it got
+    /// then, also after an operator lowered the limit. The call's decoding limit bounds
+    /// what is hashed meanwhile.
+    fn lookup_limits(&self) -> Limits {
+        Limits {
+            max_ciphertext: usize::MAX,
+            ..self.limits
+        }
+    }
+
     /// Client submit: the caller must be the envelope's sender. Answers the accepted receipt.
     pub async fn submit(
         self: &Arc<Self>,
         caller: &SpiffeId,
         env: pb::Envelope,
     ) -> Result<pb::Receipt, PipelineError> {
-        // Held to the ciphertext limit after the lookup below, as in [`Self::receive`].
-        let any_ciphertext = Limits {
-            max_ciphertext: usize::MAX,
-            ..self.limits
-        };
-        let sealed = match SealedEnvelope::from_wire(env, &any_ciphertext) {
+        let sealed = match SealedEnvelope::from_wire(env, &self.lookup_limits()) {
             Ok(s) => s,
             Err(e) => return Err(self.refuse(caller, None, e.into()).await),
         };
@@ -808,14 +815,7 @@ impl Pipeline {
         peer: &SpiffeId,
         env: pb::Envelope,
     ) -> Result<pb::Receipt, PipelineError> {
-        // Looked up before its ciphertext is held to this gateway's limit: a copy of an
-        // envelope held here gets the receipt it got then, also after an operator lowered
-        // the limit. The call's decoding limit bounds what is hashed meanwhile.
-        let any_ciphertext = Limits {
-            max_ciphertext: usize::MAX,
-            ..self.limits
-        };
-        let sealed = SealedEnvelope::from_wire(env, &any_ciphertext)?;
+        let sealed = SealedEnvelope::from_wire(env, &self.lookup_limits())?;
         let hash = sealed.hash();
         let (id, sender) = header_names(sealed.header());
         // Not the calling peer's to deliver (one that copied the bytes on the way): refused
